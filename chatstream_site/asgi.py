@@ -1,0 +1,36 @@
+"""The ASGI application of every HTTP role; ``CHATSTREAM_ROLE`` picks what it serves.
+
+gateway -> the gateway app (proxy in front of everything); broker -> Channels (WebSocket consumers, plus
+the health views over HTTP); api (and no role) -> Django (DRF, admin, health views).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatstream_site.settings")
+
+from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
+from django.conf import settings
+from django.core.asgi import get_asgi_application
+
+django_application = get_asgi_application()  # sets Django up before anything imports models
+
+from chatstream_site.roles import heartbeat_start  # noqa: E402
+from messaging.routing import websocket_urlpatterns  # noqa: E402
+
+application: object
+if settings.ROLE == "gateway":
+    from gateway.app import GatewayApp
+
+    application = GatewayApp()
+elif settings.ROLE == "broker":
+    application = ProtocolTypeRouter({
+        "http": django_application,
+        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+    })
+else:
+    application = django_application
+
+heartbeat_start()

@@ -1,0 +1,69 @@
+"""``manage.py role <role> [--instance N]``: check the servers, then exec the role's real server process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from chatstream_site.health import mongodb_check, redis_check
+from chatstream_site.registry import ROLES
+from chatstream_site.roles import role_port
+
+
+def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
+    """Block until Redis (and MongoDB) answer, or raise CommandError naming the variable to fix."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        problems = []
+        if (reason := redis_check()) is not None:
+            problems.append(f"{reason}; check REDIS_URL={settings.REDIS_URL}")
+        if need_mongodb and (reason := mongodb_check(timeout_ms=1000)) is not None:
+            problems.append(f"{reason}; check MONGODB_URI={settings.MONGODB_URI}")
+        if not problems:
+            return
+        if time.monotonic() >= deadline:
+            raise CommandError(
+                "cannot start: " + " | ".join(problems)
+                + f" (waited {wait_s:.0f}s; `make run` starts local servers, or set the URL in .env)"
+            )
+        time.sleep(0.5)
+
+
+class Command(BaseCommand):
+    help = "Start one instance of a ChatStream role (gateway, broker, api, storage, storage-beat)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("role", choices=ROLES)
+        parser.add_argument("--instance", type=int, default=1, help="instance number, picks the port")
+        parser.add_argument("--port", type=int, default=None, help="override the derived port")
+
+    def handle(self, *args: Any, role: str, instance: int, port: int | None, **options: Any) -> None:
+        port = port or role_port(role, instance)
+        wait_for_servers(need_mongodb=role != "gateway", wait_s=settings.STARTUP_WAIT_S)
+        os.environ.update(
+            CHATSTREAM_ROLE=role, CHATSTREAM_INSTANCE=str(instance), CHATSTREAM_INSTANCE_PORT=str(port)
+        )
+        bindir = os.path.dirname(sys.executable)
+        if role in ("gateway", "broker", "api"):
+            argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port),
+                    "--proxy-headers", "chatstream_site.asgi:application"]
+        elif role == "storage":
+            # solo pool: one drain at a time per process, and SIGKILL of the worker kills the work itself,
+            # which is what the fault tests exercise; scale out by adding worker processes.
+            argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "worker", "-Q", "storage",
+                    "--pool", "solo", "-n", f"storage{instance}@%h", "--loglevel", "INFO"]
+        else:
+            schedule = settings.BASE_DIR / "var" / "celerybeat-schedule"
+            schedule.parent.mkdir(exist_ok=True)
+            argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "beat",
+                    "--schedule", str(schedule), "--loglevel", "INFO"]
+        if not os.path.exists(argv[0]) and shutil.which(os.path.basename(argv[0])) is None:
+            raise CommandError(f"{argv[0]} not found: run `make bootstrap` (installs requirements.txt)")
+        sys.stdout.flush()
+        os.execv(argv[0], argv)  # noqa: S606 - replace ourselves with the server: one process per role

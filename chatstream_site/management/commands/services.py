@@ -1,0 +1,41 @@
+"""``manage.py services [--json]``: the live registry (DESIGN.md §9)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from chatstream_site.registry import instances_list
+
+
+class Command(BaseCommand):
+    help = "Print the live service registry (a table, or JSON with --json)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--json", dest="as_json", action="store_true", help="print a JSON list for machines")
+        parser.add_argument("--role", default=None, help="only this role")
+
+    def handle(self, *args: Any, as_json: bool = False, role: str | None = None, **options: Any) -> None:
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            found = instances_list(client, role=role)
+        except redis.RedisError as exc:
+            raise CommandError(f"cannot read the registry: Redis unreachable ({exc}); "
+                               f"check REDIS_URL={settings.REDIS_URL}") from None
+        if as_json:
+            self.stdout.write(json.dumps([asdict(i) for i in found], indent=2))
+            return
+        if not found:
+            self.stdout.write("no live instances (is `make run` running? same REDIS_URL?)")
+            return
+        rows = [("ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN")]
+        rows += [(i.role, i.id, i.url, i.started_at, i.last_seen) for i in found]
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        for r in rows:
+            self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+

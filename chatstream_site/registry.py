@@ -1,0 +1,142 @@
+"""Service discovery: every instance is a Redis key with a TTL, refreshed by a heartbeat.
+
+Key ``cs:registry:{role}:{id}`` holds ``{"role", "id", "url", "started_at", "last_seen"}`` as JSON and
+expires after ``REGISTRY_TTL_S``. A heartbeat rewrites it every ``REGISTRY_HEARTBEAT_S``; a clean shutdown
+deletes it; a SIGKILLed instance simply stops refreshing and is gone within the TTL. No process of its own
+to run or to fail, and readers need nothing but a Redis connection.
+
+The heartbeat is a daemon thread with a synchronous client, so it works the same under daphne, Celery
+worker and Celery beat, and never runs on an event loop.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "cs:registry:"
+ROLES = ("gateway", "broker", "api", "storage", "storage-beat")
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    role: str
+    id: str
+    url: str
+    started_at: str
+    last_seen: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _key(role: str, instance_id: str) -> str:
+    return f"{KEY_PREFIX}{role}:{instance_id}"
+
+
+def _parse(raw: bytes | str | None) -> Instance | None:
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        return Instance(**{field: str(data[field]) for field in Instance.__dataclass_fields__})
+    except (ValueError, KeyError, TypeError):
+        logger.warning("registry: ignoring a malformed entry %r", raw)
+        return None
+
+
+def instance_register(client: redis.Redis, *, instance: Instance, ttl_s: int) -> None:
+    """Write (or refresh) ``instance`` with a TTL. Side effect: one SET with EX."""
+    client.set(_key(instance.role, instance.id), instance.to_json(), ex=ttl_s)
+
+
+def instance_deregister(client: redis.Redis, *, role: str, instance_id: str) -> None:
+    """Remove an instance at once (clean shutdown)."""
+    client.delete(_key(role, instance_id))
+
+
+def instances_list(client: redis.Redis, *, role: str | None = None) -> list[Instance]:
+    """Live instances, sorted by role then id. Reads with SCAN (never KEYS) and one MGET."""
+    pattern = f"{KEY_PREFIX}{role}:*" if role else f"{KEY_PREFIX}*"
+    keys = sorted(client.scan_iter(match=pattern, count=500))
+    if not keys:
+        return []
+    found = [_parse(raw) for raw in client.mget(keys)]
+    return sorted((i for i in found if i is not None), key=lambda i: (i.role, i.id))
+
+
+async def instances_list_async(client: redis.asyncio.Redis, *, role: str | None = None) -> list[Instance]:
+    """The same as :func:`instances_list`, on an asyncio client (for the gateway's event loop)."""
+    pattern = f"{KEY_PREFIX}{role}:*" if role else f"{KEY_PREFIX}*"
+    keys = sorted([k async for k in client.scan_iter(match=pattern, count=500)])
+    if not keys:
+        return []
+    found = [_parse(raw) for raw in await client.mget(keys)]
+    return sorted((i for i in found if i is not None), key=lambda i: (i.role, i.id))
+
+
+class Heartbeat:
+    """Registers one instance, refreshes it from a daemon thread, deregisters on stop or interpreter exit.
+
+    A failed refresh (Redis restarting) is logged and retried at the next beat; the instance reappears as
+    soon as Redis answers again.
+    """
+
+    def __init__(self, *, redis_url: str, role: str, instance_id: str, url: str,
+                 interval_s: float, ttl_s: int) -> None:
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._role = role
+        self._id = instance_id
+        self._url = url
+        self._started_at = _now()
+        self._interval_s = interval_s
+        self._ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"registry-{role}", daemon=True)
+
+    @property
+    def instance_id(self) -> str:
+        return self._id
+
+    def _beat(self) -> None:
+        instance = Instance(role=self._role, id=self._id, url=self._url,
+                            started_at=self._started_at, last_seen=_now())
+        instance_register(self._client, instance=instance, ttl_s=self._ttl_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._beat()
+            except redis.RedisError as exc:
+                logger.warning("registry heartbeat of %s failed: %s", self._id, exc)
+            self._stop.wait(self._interval_s)
+
+    def start(self) -> None:
+        """Register now (raises if Redis is unreachable), then keep the entry alive in the background."""
+        self._beat()
+        self._thread.start()
+        atexit.register(self.stop)
+        logger.info("registered %s %s at %s (ttl %ss)", self._role, self._id, self._url, self._ttl_s)
+
+    def stop(self) -> None:
+        """Stop refreshing and delete the entry; safe to call twice."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            instance_deregister(self._client, role=self._role, instance_id=self._id)
+            logger.info("deregistered %s %s", self._role, self._id)
+        except redis.RedisError as exc:  # it will expire by itself within the TTL
+            logger.warning("deregistering %s failed (%s); it expires within %ss", self._id, exc, self._ttl_s)

@@ -1,0 +1,63 @@
+"""Process roles: which port an instance listens on and how it joins the registry.
+
+``python manage.py role <role> --instance N`` (see ``chatstream_site/management/commands/role.py``) exports
+``CHATSTREAM_ROLE``, ``CHATSTREAM_INSTANCE`` and ``CHATSTREAM_INSTANCE_PORT`` before it execs the real server
+(daphne or Celery); the server process then calls :func:`heartbeat_start` once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+
+from django.conf import settings
+
+from chatstream_site.registry import ROLES, Heartbeat
+
+# Offsets from CHATSTREAM_PORT_BASE: instance N of a role listens on base + offset + N
+# (brokers 8101.., api 8111.., storage health 8121.., beat health 8131.. with the default base).
+PORT_OFFSETS = {"broker": 0, "api": 10, "storage": 20, "storage-beat": 30}
+
+_heartbeat: Heartbeat | None = None
+
+
+def role_port(role: str, instance: int) -> int:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    if role == "gateway":
+        return int(settings.GATEWAY_PORT)
+    return int(settings.PORT_BASE) + PORT_OFFSETS[role] + instance
+
+
+def heartbeat_start() -> Heartbeat | None:
+    """Register this process in the registry if it was started as a role; idempotent.
+
+    Precondition: ``CHATSTREAM_ROLE`` and ``CHATSTREAM_INSTANCE_PORT`` are set (by the ``role`` command);
+    otherwise (tests, shells, ``manage.py`` commands) nothing happens. Side effect: one Redis write now,
+    then a daemon thread refreshing it.
+    """
+    global _heartbeat
+    role = os.environ.get("CHATSTREAM_ROLE", "")
+    port = os.environ.get("CHATSTREAM_INSTANCE_PORT", "")
+    if _heartbeat is not None or not role or not port:
+        return _heartbeat
+    instance = os.environ.get("CHATSTREAM_INSTANCE", "1")
+    # A random suffix makes a restarted instance a new registration, so nobody mistakes it for the old one.
+    instance_id = f"{role}-{instance}-{socket.gethostname()}-{secrets.token_hex(3)}"
+    host = os.environ.get("CHATSTREAM_INSTANCE_HOST", "127.0.0.1")
+    _heartbeat = Heartbeat(
+        redis_url=settings.REDIS_URL,
+        role=role,
+        instance_id=instance_id,
+        url=f"http://{host}:{port}",
+        interval_s=settings.REGISTRY_HEARTBEAT_S,
+        ttl_s=settings.REGISTRY_TTL_S,
+    )
+    _heartbeat.start()
+    return _heartbeat
+
+
+def heartbeat_stop() -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

@@ -1,0 +1,189 @@
+"""ChatStream settings: one module for every role, read from the environment.
+
+Every variable is documented with its default in ``.env.example``. ``.env`` at the project root is read
+first (real environment variables win), so ``make run`` works with the file bootstrap writes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+from chatstream_site.env import (
+    ConfigError,
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    env_url,
+    load_dotenv,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+# CHATSTREAM_DOTENV names another file; set it empty to read none (the test suite does).
+_dotenv = os.environ.get("CHATSTREAM_DOTENV", str(BASE_DIR / ".env"))
+if _dotenv:
+    load_dotenv(Path(_dotenv))
+
+DEBUG = env_bool("DEBUG", False)
+if DEBUG:
+    SECRET_KEY = env_str("SECRET_KEY", "insecure-dev-only-key-do-not-use-in-production")
+else:
+    SECRET_KEY = env_str("SECRET_KEY", required=True)
+    if len(SECRET_KEY) < 32:
+        raise ConfigError("SECRET_KEY is too short: use at least 32 random characters outside DEBUG")
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "chatstream_site",
+    "storage",
+    "messaging",
+    "api",
+    "gateway",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatstream_site.urls"
+ASGI_APPLICATION = "chatstream_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Django's own tables only (staff accounts, sessions): SQLite by default, PostgreSQL by URL.
+DATABASE_URL = env_url(
+    "DATABASE_URL",
+    f"sqlite:///{BASE_DIR / 'var' / 'django.sqlite3'}",
+    schemes=("sqlite", "postgres", "postgresql", "pgsql"),
+)
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# ------------------------------------------------------------------ external servers
+
+REDIS_URL = env_url("REDIS_URL", "redis://127.0.0.1:6379/0", schemes=("redis", "rediss"))
+FERRETDB_PORT = env_int("CHATSTREAM_FERRETDB_PORT", 27117, minimum=1, maximum=65535)
+MONGODB_URI = env_url(
+    "MONGODB_URI", f"mongodb://127.0.0.1:{FERRETDB_PORT}/chatstream", schemes=("mongodb", "mongodb+srv")
+)
+# Short on purpose: a role that cannot reach its servers should say so within seconds, not hang.
+MONGODB_TIMEOUT_MS = env_int("CHATSTREAM_MONGODB_TIMEOUT_MS", 3000, minimum=100)
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "cs:cache",
+    }
+}
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            "prefix": "cs:chl",
+            # DESIGN.md §10: the defaults (capacity 100) silently dropped ~1/5 of deliveries under load.
+            "capacity": env_int("CHATSTREAM_CHANNEL_CAPACITY", 1000, minimum=10),
+            "expiry": 60,
+        },
+    }
+}
+
+# ------------------------------------------------------------------ roles and the registry
+
+ROLE = env_str("CHATSTREAM_ROLE", "")
+# Loopback by default: nothing but the gateway should be reachable from outside (containers set 0.0.0.0).
+BIND_HOST = env_str("CHATSTREAM_BIND", "127.0.0.1")
+GATEWAY_HOST = env_str("CHATSTREAM_GATEWAY_HOST", "127.0.0.1")
+GATEWAY_PORT = env_int("CHATSTREAM_GATEWAY_PORT", 8000, minimum=1, maximum=65535)
+# Internal instances listen on PORT_BASE + offset (see chatstream_site/roles.py); 8100 keeps them clear of
+# the gateway's 8000 and of the usual 8080/8443.
+PORT_BASE = env_int("CHATSTREAM_PORT_BASE", 8100, minimum=1024, maximum=65000)
+# A heartbeat every 2 s with a 6 s TTL: a SIGKILLed instance leaves the registry within 6 s, and two missed
+# heartbeats (a GC pause, a busy core) are tolerated before a live one is dropped.
+REGISTRY_HEARTBEAT_S = env_float("CHATSTREAM_REGISTRY_HEARTBEAT", 2.0, minimum=0.1)
+REGISTRY_TTL_S = env_int("CHATSTREAM_REGISTRY_TTL", 6, minimum=1)
+if REGISTRY_TTL_S <= REGISTRY_HEARTBEAT_S:
+    raise ConfigError("CHATSTREAM_REGISTRY_TTL must be longer than CHATSTREAM_REGISTRY_HEARTBEAT")
+# How long a role waits for Redis/MongoDB at start before it gives up with a message.
+STARTUP_WAIT_S = env_float("CHATSTREAM_STARTUP_WAIT", 15.0, minimum=0.0)
+
+# ------------------------------------------------------------------ streams and storage
+
+PARTITIONS = env_int("CHATSTREAM_PARTITIONS", 16, minimum=1, maximum=1024)
+FLUSH_INTERVAL_S = env_float("CHATSTREAM_FLUSH_INTERVAL", 2.0, minimum=0.1)
+BATCH_SIZE = env_int("CHATSTREAM_BATCH_SIZE", 500, minimum=1)
+
+# ------------------------------------------------------------------ Celery
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_DEFAULT_QUEUE = "storage"
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # Longer than any drain (a batch is bounded by BATCH_SIZE and takes well under a minute), so a slow
+    # drain is never redelivered to a second worker while the first still runs.
+    "visibility_timeout": env_int("CHATSTREAM_CELERY_VISIBILITY_TIMEOUT", 600, minimum=30),
+    "global_keyprefix": "cs:celery:",
+}
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.http import HttpRequest, JsonResponse
+from django.urls import path
+
+from chatstream_site.health import healthz_view, readyz_view
+
+urlpatterns = [
+    path("healthz", healthz_view),
+    path("readyz", readyz_view),
+    path("admin/", admin.site.urls),
+]
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """JSON 404 everywhere (DESIGN.md §9 error body), so API clients never have to parse HTML."""
+    return JsonResponse(
+        {"error": {"code": "not_found", "message": f"no route for {request.path}", "details": {}}}, status=404
+    )
+
+
+def server_error(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(
+        {"error": {"code": "internal", "message": "internal error; it has been logged", "details": {}}},
+        status=500,
+    )
+
+
+handler404 = not_found
+handler500 = server_error

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Idempotent bootstrap for ChatStream (standard library only: it runs before the venv exists).
+
+Subcommands
+-----------
+``install``   create ``.venv``, install ``requirements.txt`` (skipped when unchanged), and make sure the
+              binaries the local cluster and the tests need exist: ``redis-server`` (Debian package) and,
+              unless ``MONGODB_URI`` is set, FerretDB v1 built from the Go module proxy into ``.tools/bin``.
+``procfile``  print the honcho Procfile of the local cluster on stdout. Redis and FerretDB get a line of
+              their own only when nothing answers at their address yet, so a server the user already runs
+              is reused and never stopped by us.
+
+Every failure ends with a line saying what to install or set. Second runs reuse everything the first
+one installed (a stamp file per step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+TOOLS = ROOT / ".tools"
+VAR = ROOT / "var"
+FERRETDB_VERSION = os.environ.get("CHATSTREAM_FERRETDB_VERSION", "v1.24.2")
+FERRETDB_BIN = TOOLS / "bin" / "ferretdb"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_FERRETDB_PORT = 27117
+
+
+class BootstrapError(SystemExit):
+    """Exit with a message that says what to do; never a traceback."""
+
+    def __init__(self, what: str, todo: str) -> None:
+        super().__init__(f"bootstrap: {what}\n  -> {todo}")
+
+
+def log(msg: str) -> None:
+    print(f"bootstrap: {msg}", file=sys.stderr, flush=True)
+
+
+def read_dotenv() -> dict[str, str]:
+    """The values of ``.env`` (if any), overridden by the real environment, as settings see them."""
+    values: dict[str, str] = {}
+    path = ROOT / ".env"
+    if path.exists():
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip().strip("'\"")
+    values.update(os.environ)
+    return values
+
+
+def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def redis_address(env: dict[str, str]) -> tuple[str, int]:
+    url = urllib.parse.urlparse(env.get("REDIS_URL") or DEFAULT_REDIS_URL)
+    if url.scheme not in ("redis", "rediss") or not url.hostname:
+        raise BootstrapError(f"REDIS_URL={env.get('REDIS_URL')!r} is not a redis:// URL",
+                             "set REDIS_URL like redis://127.0.0.1:6379/0 (see .env.example)")
+    return url.hostname, url.port or 6379
+
+
+def ferretdb_port(env: dict[str, str]) -> int:
+    raw = env.get("CHATSTREAM_FERRETDB_PORT") or str(DEFAULT_FERRETDB_PORT)
+    if not raw.isdigit():
+        raise BootstrapError(f"CHATSTREAM_FERRETDB_PORT={raw!r} is not a port number", "set it to e.g. 27117")
+    return int(raw)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+# ---------------------------------------------------------------- install steps
+
+
+def ensure_dotenv() -> None:
+    """Create ``.env`` with a fresh SECRET_KEY on first run, so ``make run`` needs no manual step."""
+    path = ROOT / ".env"
+    if path.exists():
+        return
+    import secrets
+
+    path.write_text(
+        "# Written by scripts/bootstrap.py on first run; see .env.example for every variable.\n"
+        f"SECRET_KEY={secrets.token_urlsafe(50)}\n"
+    )
+    log("wrote .env with a generated SECRET_KEY")
+
+
+def ensure_venv() -> None:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        log("creating .venv")
+        if sys.version_info[:2] != (3, 11):
+            log(f"warning: ChatStream is tested on Python 3.11, this is {sys.version.split()[0]}")
+        r = subprocess.run([sys.executable, "-m", "venv", str(VENV)])
+        if r.returncode != 0:
+            raise BootstrapError("could not create .venv", "install python3-venv (apt-get install python3-venv)")
+    req = ROOT / "requirements.txt"
+    digest = hashlib.sha256(req.read_bytes()).hexdigest()
+    stamp = VENV / ".requirements.sha256"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    log("installing requirements.txt into .venv (first run takes a minute)")
+    cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", str(req)]
+    if subprocess.run(cmd).returncode != 0:
+        raise BootstrapError("pip install -r requirements.txt failed (output above)",
+                             "check network access to PyPI, then run the command again")
+    stamp.write_text(digest)
+
+
+def apt_install(package: str) -> bool:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    log(f"installing Debian package {package}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    stamp = VAR / ".apt-updated"
+    if not stamp.exists():
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        VAR.mkdir(exist_ok=True)
+        stamp.touch()
+    r = subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env,
+                       stdout=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
+def ensure_redis_binary(env: dict[str, str], *, required: bool) -> None:
+    """``redis-server`` on PATH; needed when no Redis answers, and always by the tests."""
+    if shutil.which("redis-server"):
+        return
+    host, port = redis_address(env)
+    if not required and reachable(host, port):
+        return
+    if not apt_install("redis-server") or not shutil.which("redis-server"):
+        raise BootstrapError("redis-server is not installed and could not be installed",
+                             "run `sudo apt-get install redis-server`, or set REDIS_URL to a running Redis")
+
+
+def ensure_ferretdb_binary(env: dict[str, str], *, required: bool) -> None:
+    """FerretDB v1 (SQLite backend) in ``.tools/bin``, built from the Go module proxy.
+
+    ``go install github.com/FerretDB/FerretDB/cmd/ferretdb@v1.24.2`` builds, but the binary panics at start
+    ("Invalid build/version/version.txt"): the release's version.txt is generated by its own task runner and
+    is not in the module. So we copy the module source, write version.txt, and ``go build`` it: same code,
+    same toolchain, no other download.
+    """
+    if FERRETDB_BIN.exists():
+        return
+    if not required and env.get("MONGODB_URI"):
+        return
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    if not go:
+        raise BootstrapError("FerretDB is needed (no MONGODB_URI set) and Go is not installed",
+                             "install Go >= 1.22 (apt-get install golang), or set MONGODB_URI to a MongoDB")
+    module = f"github.com/FerretDB/FerretDB@{FERRETDB_VERSION}"
+    log(f"building FerretDB {FERRETDB_VERSION} into .tools/bin (first run only, about 2 minutes)")
+    r = subprocess.run([go, "mod", "download", "-json", module], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BootstrapError(f"go mod download {module} failed: {r.stderr.strip() or r.stdout.strip()}",
+                             "check access to the Go module proxy, or set MONGODB_URI to a MongoDB")
+    import json
+
+    src_dir = Path(json.loads(r.stdout)["Dir"])
+    work = TOOLS / "src" / "ferretdb"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(src_dir, work)
+    for path in work.rglob("*"):
+        path.chmod(path.stat().st_mode | 0o200)
+    (work / "build" / "version" / "version.txt").write_text(FERRETDB_VERSION + "\n")
+    r2 = subprocess.run([go, "build", "-trimpath", "-o", str(FERRETDB_BIN), "./cmd/ferretdb"], cwd=work)
+    if r2.returncode != 0 or not FERRETDB_BIN.exists():
+        raise BootstrapError("building FerretDB failed (output above)",
+                             "set CHATSTREAM_FERRETDB_VERSION to another v1 release, or MONGODB_URI to a MongoDB")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def cmd_install() -> None:
+    env = read_dotenv()
+    VAR.mkdir(exist_ok=True)
+    ensure_dotenv()
+    ensure_venv()
+    testing = os.environ.get("CHATSTREAM_BOOTSTRAP_FOR_TESTS") == "1"
+    ensure_redis_binary(env, required=testing)
+    ensure_ferretdb_binary(env, required=testing)
+
+
+# ---------------------------------------------------------------- procfile
+
+
+def cmd_procfile() -> None:
+    """Print the Procfile for ``make run``; server lines only for servers we must start."""
+    env = read_dotenv()
+    lines: list[str] = []
+    rhost, rport = redis_address(env)
+    if not reachable(rhost, rport):
+        if not is_loopback(rhost):
+            raise BootstrapError(f"Redis at {rhost}:{rport} (REDIS_URL) is not reachable",
+                                 "start it, or unset REDIS_URL to let ChatStream run one on 127.0.0.1")
+        (VAR / "redis").mkdir(parents=True, exist_ok=True)
+        # AOF with fsync every second: accepted messages survive a Redis restart (docs/architecture.md).
+        lines.append(
+            f"redis: exec redis-server --bind {rhost} --port {rport} --dir {VAR / 'redis'} "
+            "--appendonly yes --appendfsync everysec --save '' --protected-mode yes"
+        )
+    if not env.get("MONGODB_URI"):
+        port = ferretdb_port(env)
+        if not reachable("127.0.0.1", port):
+            (VAR / "ferretdb").mkdir(parents=True, exist_ok=True)
+            (VAR / "ferretdb-state").mkdir(parents=True, exist_ok=True)
+            lines.append(
+                f"ferretdb: exec {FERRETDB_BIN} --handler=sqlite --sqlite-url=file:{VAR / 'ferretdb'}/ "
+                f"--listen-addr=127.0.0.1:{port} --state-dir={VAR / 'ferretdb-state'} "
+                "--telemetry=disable --log-level=warn --debug-addr=-"
+            )
+    py = "exec .venv/bin/python manage.py role"
+    lines += [
+        f"gateway: {py} gateway",
+        f"broker1: {py} broker --instance 1",
+        f"broker2: {py} broker --instance 2",
+        f"api1: {py} api --instance 1",
+        f"api2: {py} api --instance 2",
+        f"storage1: {py} storage --instance 1",
+        f"storage2: {py} storage --instance 2",
+        f"beat: {py} storage-beat",
+    ]
+    print("\n".join(lines))
+
+
+def main(argv: list[str]) -> None:
+    commands = {"install": cmd_install, "procfile": cmd_procfile}
+    if len(argv) != 1 or argv[0] not in commands:
+        raise SystemExit(f"usage: bootstrap.py {{{','.join(commands)}}}")
+    os.chdir(ROOT)
+    commands[argv[0]]()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,126 @@
+"""Private Redis and FerretDB servers for a test session, on free loopback ports.
+
+Each pytest session (and each benchmark run) gets its own servers with data in a temporary folder, so
+runs never see each other's keys and a developer's `make run` keeps working beside `make test`.
+Precondition: `scripts/bootstrap.py install` put `redis-server` on PATH and FerretDB in .tools/bin.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FERRETDB_BIN = ROOT / ".tools" / "bin" / "ferretdb"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, *, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    argv: list[str]
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, *, timeout_s: float = 20.0) -> None:
+        log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                     start_new_session=True)
+        wait_port(self.port, timeout_s=timeout_s, proc=self.proc)
+
+    def stop(self, *, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def redis_server(workdir: Path, *, port: int | None = None) -> Server:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server not found: run `python3 scripts/bootstrap.py install` "
+                           "or `apt-get install redis-server`")
+    port = port or free_port()
+    data = workdir / f"redis-{port}"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "everysec"]
+    return Server("redis", port, argv, data)
+
+
+def ferretdb_server(workdir: Path, *, port: int | None = None) -> Server:
+    if not FERRETDB_BIN.exists():
+        raise RuntimeError("FerretDB not found in .tools/bin: run `python3 scripts/bootstrap.py install`")
+    port = port or free_port()
+    data = workdir / f"ferretdb-{port}"
+    (data / "db").mkdir(parents=True, exist_ok=True)
+    (data / "state").mkdir(parents=True, exist_ok=True)
+    argv = [str(FERRETDB_BIN), "--handler=sqlite", f"--sqlite-url=file:{data / 'db'}/",
+            f"--listen-addr=127.0.0.1:{port}", f"--state-dir={data / 'state'}", "--telemetry=disable",
+            "--log-level=warn", "--debug-addr=-"]
+    return Server("ferretdb", port, argv, data)
+
+
+@dataclass
+class Servers:
+    """The servers of one session and the URLs the code under test should use."""
+
+    workdir: Path
+    redis: Server
+    mongodb: Server | None
+    redis_url: str
+    mongodb_uri: str
+
+    def env(self) -> dict[str, str]:
+        return {"REDIS_URL": self.redis_url, "MONGODB_URI": self.mongodb_uri}
+
+    def stop(self) -> None:
+        self.redis.stop()
+        if self.mongodb is not None:
+            self.mongodb.stop()
+
+
+def servers_start(workdir: Path) -> Servers:
+    """Start Redis and FerretDB (or use ``CHATSTREAM_TEST_MONGODB_URI`` for a real MongoDB)."""
+    redis = redis_server(workdir)
+    redis.start()
+    external = os.environ.get("CHATSTREAM_TEST_MONGODB_URI")
+    if external:
+        return Servers(workdir, redis, None, f"redis://127.0.0.1:{redis.port}/0", external)
+    mongo = ferretdb_server(workdir)
+    mongo.start()
+    return Servers(workdir, redis, mongo, f"redis://127.0.0.1:{redis.port}/0",
+                   f"mongodb://127.0.0.1:{mongo.port}/chatstream_test")

@@ -1,0 +1,70 @@
+"""The local cluster as `make run` starts it: every role up, discovery live, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import Cluster, manage, tagged_pids, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+def registry(cluster: Cluster) -> list[dict[str, str]]:
+    result = manage("services", "--json", env=cluster.env)
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout))
+
+
+def test_make_run_cluster_registers_every_role_and_forgets_a_killed_broker(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        live = registry(cluster)
+        assert Counter(i["role"] for i in live) == {
+            "gateway": 1, "broker": 2, "api": 2, "storage": 2, "storage-beat": 1
+        }, live
+        for entry in live:
+            assert set(entry) >= {"role", "id", "url", "started_at", "last_seen"}
+            # Every role answers its own health endpoints on the URL it registered.
+            assert httpx.get(f"{entry['url']}/healthz", timeout=5).status_code == 200, entry
+            assert httpx.get(f"{entry['url']}/readyz", timeout=10).json()["status"] == "ready", entry
+
+        # The gateway routes /admin/ to an api instance (Django answers with its login redirect).
+        assert httpx.get(f"{cluster.url}/admin/", timeout=10).status_code == 302
+        missing = httpx.get(f"{cluster.url}/api/no-such-thing", timeout=10)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+        ttl = int(os.environ["CHATSTREAM_REGISTRY_TTL"])
+        broker = next(i for i in live if i["role"] == "broker" and i["id"].startswith("broker-1-"))
+        (pid,) = cluster.role_pids("broker", "1")
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: broker["id"] not in {i["id"] for i in registry(cluster)},
+                   timeout_s=ttl + 3, what="the killed broker to leave the registry")
+        # Gone because its TTL ran out, not because anyone deregistered it.
+        assert time.monotonic() - killed_at <= ttl + 3
+    finally:
+        cluster.stop()
+    assert tagged_pids(cluster.tag) == [], f"processes left behind:\n{cluster.log_tail()}"
+
+
+def test_ctrl_c_deregisters_every_instance(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        assert len(registry(cluster)) == 8
+    finally:
+        cluster.stop()
+    assert tagged_pids(cluster.tag) == []
+    # A clean stop deregisters at once, well before any TTL could have run out.
+    assert registry(cluster) == [], cluster.log_tail()
