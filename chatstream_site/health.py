@@ -109,7 +109,7 @@ def health_server_start(*, port: int, extra_routes: dict[str, Route] | None = No
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base
+        def log_message(self, format: str, *args: object) -> None:
             logger.debug("health %s", format % args)
 
     server = ThreadingHTTPServer((settings.BIND_HOST, port), Handler)

@@ -156,6 +156,16 @@ if REGISTRY_TTL_S <= REGISTRY_HEARTBEAT_S:
 # How long a role waits for Redis/MongoDB at start before it gives up with a message.
 STARTUP_WAIT_S = env_float("CHATSTREAM_STARTUP_WAIT", 15.0, minimum=0.0)
 
+# ------------------------------------------------------------------ identity
+
+JWT_SIGNING_KEY = env_str("JWT_SIGNING_KEY", SECRET_KEY)
+JWT_ALGORITHM = "HS256"  # pinned: never taken from a token's header
+# 10 minutes: short enough that a leaked access token is soon useless, long enough that a client refreshes
+# only a few times an hour. Refresh tokens rotate on every use.
+JWT_ACCESS_TTL_S = env_int("JWT_ACCESS_TTL", 600, minimum=30, maximum=900)
+JWT_REFRESH_TTL_S = env_int("JWT_REFRESH_TTL", 14 * 24 * 3600, minimum=60)
+WS_TICKET_TTL_S = env_int("CHATSTREAM_WS_TICKET_TTL", 30, minimum=1, maximum=30)
+
 # ------------------------------------------------------------------ streams and storage
 
 PARTITIONS = env_int("CHATSTREAM_PARTITIONS", 16, minimum=1, maximum=1024)

@@ -1,0 +1,106 @@
+"""JWT access/refresh tokens and single-use WebSocket tickets: the identity contract of every role.
+
+* Tokens are HS256-signed with ``JWT_SIGNING_KEY`` and the algorithm is pinned on decode, so ``alg: none``
+  and tokens signed with another key or algorithm are refused. Claims: ``sub`` (user id), ``username``,
+  ``typ`` (``access`` or ``refresh``), ``jti``, ``iat``, ``exp``, ``iss``.
+* A WebSocket ticket is an opaque random string stored in Redis (``cs:ticket:<ticket>``) for at most
+  ``WS_TICKET_TTL_S`` and consumed with GETDEL, so it works exactly once, on any broker.
+
+Refresh rotation and the revocation list build on :func:`token_decode` (a ``jti`` per token).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+import jwt
+import redis
+import redis.asyncio
+from django.conf import settings
+
+from chatstream_site.errors import Unauthenticated
+
+TokenType = Literal["access", "refresh"]
+ISSUER = "chatstream"
+TICKET_PREFIX = "cs:ticket:"
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    user_id: str
+    username: str
+    type: TokenType
+    jti: str
+    issued_at: int
+    expires_at: int
+
+
+def token_issue(*, user_id: str, username: str, type: TokenType, now: float | None = None) -> str:
+    """Sign a token of ``type`` for the user. Pure: no I/O."""
+    issued = int(now if now is not None else time.time())
+    ttl = settings.JWT_ACCESS_TTL_S if type == "access" else settings.JWT_REFRESH_TTL_S
+    payload = {
+        "sub": user_id, "username": username, "typ": type, "jti": uuid.uuid4().hex,
+        "iat": issued, "exp": issued + ttl, "iss": ISSUER,
+    }
+    return jwt.encode(payload, settings.JWT_SIGNING_KEY, algorithm=settings.JWT_ALGORITHM)
+
+
+def token_decode(token: str, *, expected_type: TokenType) -> Claims:
+    """Verify signature (pinned algorithm), expiry, issuer and type; raise :class:`Unauthenticated` with why."""
+    try:
+        payload = jwt.decode(
+            token, settings.JWT_SIGNING_KEY, algorithms=[settings.JWT_ALGORITHM], issuer=ISSUER,
+            options={"require": ["sub", "typ", "jti", "iat", "exp", "iss"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("token expired; refresh it", code="token_expired") from None
+    except jwt.InvalidTokenError as exc:
+        raise Unauthenticated(f"invalid token ({exc})", code="token_invalid") from None
+    if payload.get("typ") != expected_type:
+        raise Unauthenticated(f"expected an {expected_type} token", code="token_invalid")
+    return Claims(user_id=str(payload["sub"]), username=str(payload.get("username", "")), type=expected_type,
+                  jti=str(payload["jti"]), issued_at=int(payload["iat"]), expires_at=int(payload["exp"]))
+
+
+@dataclass(frozen=True, slots=True)
+class TicketOwner:
+    user_id: str
+    username: str
+
+
+def _ticket_value(*, user_id: str, username: str) -> str:
+    return json.dumps({"user_id": user_id, "username": username})
+
+
+def _ticket_owner(raw: bytes | str | None) -> TicketOwner | None:
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return TicketOwner(user_id=str(data["user_id"]), username=str(data["username"]))
+
+
+def ws_ticket_issue(client: redis.Redis, *, user_id: str, username: str) -> str:
+    """Store a fresh single-use ticket for the user. Side effect: one Redis SET with EX."""
+    ticket = secrets.token_urlsafe(32)
+    client.set(TICKET_PREFIX + ticket, _ticket_value(user_id=user_id, username=username),
+               ex=settings.WS_TICKET_TTL_S)
+    return ticket
+
+
+async def ws_ticket_consume(client: redis.asyncio.Redis, *, ticket: str) -> TicketOwner | None:
+    """The ticket's owner, or None if unknown, expired or already used. Side effect: deletes it (GETDEL)."""
+    if not ticket or len(ticket) > 128:
+        return None
+    return _ticket_owner(await client.getdel(TICKET_PREFIX + ticket))
+
+
+def ws_ticket_consume_sync(client: redis.Redis, *, ticket: str) -> TicketOwner | None:
+    if not ticket or len(ticket) > 128:
+        return None
+    return _ticket_owner(client.getdel(TICKET_PREFIX + ticket))

@@ -1,0 +1,160 @@
+"""Redis Streams as the bus: partitions, keys, the atomic append, and the entry format.
+
+Layout (DESIGN.md §3, docs/adr/0002): ``CHATSTREAM_PARTITIONS`` streams ``cs:{pNN}:events``; a conversation
+lives in partition ``crc32(conversation_id) % PARTITIONS`` for ever. Every key of a partition carries the
+hash tag ``{pNN}``, so on a Redis Cluster the stream, its seq counters and its dedup keys share one slot and
+the append script may touch them all.
+
+An entry is one durable conversation event with the fields
+
+``t``  event type: ``message.new``, ``message.edited``, ``message.deleted`` (these take a seq) or
+       ``read.updated`` (seq ``0``: it moves a cursor, it is not a conversation event),
+``c``  conversation id, ``s`` its per-conversation seq (decimal), ``d`` the event's JSON payload,
+``v``  format version (``1``).
+
+The seq is given inside the script (HINCRBY then XADD, atomically), so stream order equals seq order within
+a conversation and seqs are gap-free. ``message.new`` is deduplicated on ``(sender, client_msg_id)``: a
+retry returns the first attempt's ``(message_id, seq)`` and appends nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio
+from django.conf import settings
+
+EventType = Literal["message.new", "message.edited", "message.deleted", "read.updated"]
+SEQUENCED: frozenset[str] = frozenset({"message.new", "message.edited", "message.deleted"})
+FORMAT_VERSION = "1"
+# How long a (sender, client_msg_id) is remembered: a client retrying after a day is a new message.
+DEDUP_TTL_S = 24 * 3600
+
+
+def partition_of(conversation_id: str) -> int:
+    """Stable across processes, machines and Python versions (``hash()`` is salted; crc32 is not)."""
+    return zlib.crc32(conversation_id.encode()) % int(settings.PARTITIONS)
+
+
+def tag(partition: int) -> str:
+    return f"{{p{partition:02d}}}"
+
+
+def stream_key(partition: int) -> str:
+    return f"cs:{tag(partition)}:events"
+
+
+def seq_key(partition: int) -> str:
+    """Hash: conversation id -> last accepted seq."""
+    return f"cs:{tag(partition)}:seq"
+
+
+def dedup_key(partition: int, *, sender_id: str, client_msg_id: str) -> str:
+    return f"cs:{tag(partition)}:dedup:{sender_id}:{client_msg_id}"
+
+
+# KEYS[1] stream, KEYS[2] seq hash, KEYS[3] dedup key ("" when the event is not deduplicated)
+# ARGV[1] type, ARGV[2] conversation id, ARGV[3] payload JSON, ARGV[4] message id, ARGV[5] dedup TTL,
+# ARGV[6] "1" if the event takes a seq
+# -> {message_id, seq, entry_id, duplicate(0/1)}
+_APPEND_LUA = """
+if KEYS[3] ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local sep = string.find(seen, ':', 1, true)
+    return {string.sub(seen, 1, sep - 1), tonumber(string.sub(seen, sep + 1)), '', 1}
+  end
+end
+local seq = 0
+if ARGV[6] == '1' then
+  seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+end
+local id = redis.call('XADD', KEYS[1], '*', 't', ARGV[1], 'c', ARGV[2], 's', tostring(seq), 'd', ARGV[3], 'v', '1')
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[4] .. ':' .. seq, 'EX', tonumber(ARGV[5]))
+end
+return {ARGV[4], seq, id, 0}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    message_id: str
+    seq: int
+    entry_id: str  # "" for a duplicate
+    partition: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A decoded stream entry."""
+
+    entry_id: str
+    type: str
+    conversation_id: str
+    seq: int
+    data: dict[str, Any]
+
+
+class MalformedEntry(ValueError):
+    """An entry that cannot be decoded (a poison entry for the drain)."""
+
+
+async def event_append(
+    client: redis.asyncio.Redis,
+    *,
+    type: EventType,
+    conversation_id: str,
+    payload: dict[str, Any],
+    message_id: str,
+    dedup: tuple[str, str] | None = None,
+) -> Appended:
+    """Append one event to its conversation's partition stream, atomically with its seq.
+
+    ``dedup`` is ``(sender_id, client_msg_id)`` for ``message.new``. Precondition: the caller validated and
+    authorized the event. Side effects: HINCRBY + XADD (+ SET of the dedup key), in one script.
+    """
+    partition = partition_of(conversation_id)
+    keys = [
+        stream_key(partition),
+        seq_key(partition),
+        dedup_key(partition, sender_id=dedup[0], client_msg_id=dedup[1]) if dedup else "",
+    ]
+    args = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
+            "1" if type in SEQUENCED else "0"]
+    script = client.register_script(_APPEND_LUA)
+    result = await script(keys=keys, args=args)
+    msg_id, seq, entry_id, duplicate = result
+    return Appended(
+        message_id=_str(msg_id), seq=int(seq), entry_id=_str(entry_id), partition=partition,
+        duplicate=bool(int(duplicate)),
+    )
+
+
+def event_decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
+    """Decode one XREAD/XREADGROUP entry; raise :class:`MalformedEntry` if it is not a v1 event."""
+    try:
+        f = {_str(k): _str(v) for k, v in fields.items()}
+        if f.get("v") != FORMAT_VERSION:
+            raise MalformedEntry(f"unknown entry format version {f.get('v')!r}")
+        data = json.loads(f["d"])
+        if not isinstance(data, dict):
+            raise MalformedEntry("payload is not a JSON object")
+        return Event(entry_id=_str(entry_id), type=f["t"], conversation_id=f["c"], seq=int(f["s"]), data=data)
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, MalformedEntry):
+            raise
+        raise MalformedEntry(f"undecodable entry {_str(entry_id)}: {exc}") from None
+
+
+async def last_accepted_seq(client: redis.asyncio.Redis, *, conversation_id: str) -> int:
+    raw = await client.hget(seq_key(partition_of(conversation_id)), conversation_id)
+    return int(raw) if raw is not None else 0
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

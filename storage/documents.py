@@ -1,0 +1,103 @@
+"""The MongoDB data model (DESIGN.md §5): the seed's five collections, plus what the behaviour needs.
+
+Ids are strings everywhere outside this module (``str(ObjectId)`` for users, chats and conversations; a
+32-hex uuid for messages, chosen by the write path before the message reaches Redis, so the drain can
+upsert by it and a redelivered stream entry changes nothing).
+
+Only queries both MongoDB and FerretDB v1 support: no transactions, no ``$text``, simple aggregations.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import mongoengine as me
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class User(me.Document):
+    username = me.StringField(required=True, min_length=3, max_length=32)
+    # Lower-cased copy: uniqueness and lookups ignore case ("Alice" and "alice" are one user).
+    username_key = me.StringField(required=True, unique=True)
+    email = me.EmailField(required=True, unique=True)
+    password = me.StringField(required=True)  # a Django hasher string, never the password
+    contacts = me.ListField(me.ObjectIdField())
+    status = me.StringField(default="offline", max_length=64)
+    last_seen = me.DateTimeField()
+    created_at = me.DateTimeField(default=utcnow)
+
+    meta = {"collection": "users", "indexes": ["username_key", "email"]}
+
+
+class SingleChat(me.Document):
+    # member1 < member2 (as strings), so one unordered pair has exactly one document.
+    member1 = me.ObjectIdField(required=True)
+    member2 = me.ObjectIdField(required=True)
+    created_at = me.DateTimeField(default=utcnow)
+    updated_at = me.DateTimeField(default=utcnow)
+
+    meta = {
+        "collection": "single_chats",
+        "indexes": [{"fields": ["member1", "member2"], "unique": True}, "member2"],
+    }
+
+
+class GroupChat(me.Document):
+    name = me.StringField(required=True, min_length=1, max_length=100)
+    admins = me.ListField(me.ObjectIdField())
+    members = me.ListField(me.ObjectIdField())
+    created_at = me.DateTimeField(default=utcnow)
+    updated_at = me.DateTimeField(default=utcnow)
+
+    meta = {"collection": "group_chats", "indexes": ["members"]}
+
+
+class LastMessage(me.EmbeddedDocument):
+    id = me.StringField(required=True)
+    seq = me.IntField(required=True)
+    sender_id = me.StringField(required=True)
+    content = me.StringField()
+    timestamp = me.DateTimeField()
+    deleted = me.BooleanField(default=False)
+
+
+class Conversation(me.Document):
+    type = me.StringField(required=True, choices=("single", "group"))
+    room_id = me.ObjectIdField(required=True)  # -> single_chats._id or group_chats._id
+    # Denormalised from the room: "my conversations" and membership checks read one index.
+    members = me.ListField(me.ObjectIdField())
+    last_message = me.EmbeddedDocumentField(LastMessage, db_field="lastMessage")
+    last_seq = me.IntField(default=0)  # highest persisted event seq of this conversation
+    # user id -> highest seq that user has read; 1:1 chats also mirror it into messages.read_status.
+    read_cursors = me.MapField(me.IntField(), default=dict)
+    created_at = me.DateTimeField(default=utcnow)
+    updated_at = me.DateTimeField(default=utcnow)
+
+    meta = {
+        "collection": "conversations",
+        "indexes": [{"fields": ["room_id"], "unique": True}, ("members", "-updated_at")],
+    }
+
+
+class Message(me.Document):
+    id = me.StringField(primary_key=True)  # uuid4 hex from the write path
+    conversation_id = me.ObjectIdField(required=True)
+    seq = me.IntField(required=True, min_value=1)
+    sender_id = me.ObjectIdField(required=True)
+    client_msg_id = me.StringField(max_length=64)
+    content = me.StringField(required=True)
+    timestamp = me.DateTimeField(required=True)
+    edited_at = me.DateTimeField()
+    deleted = me.BooleanField(default=False)  # tombstone: content is emptied, the seq stays
+    read_status = me.StringField(default="sent", choices=("sent", "read"))  # meaningful for 1:1
+
+    meta = {
+        "collection": "messages",
+        "indexes": [
+            {"fields": ["conversation_id", "seq"], "unique": True},
+            ("sender_id", "timestamp"),
+        ],
+    }
