@@ -124,7 +124,7 @@ async def event_append(
         seq_key(partition),
         dedup_key(partition, sender_id=dedup[0], client_msg_id=dedup[1]) if dedup else "",
     ]
-    args = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
+    args: list[str | int] = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
             "1" if type in SEQUENCED else "0"]
     script = client.register_script(_APPEND_LUA)
     result = await script(keys=keys, args=args)
