@@ -12,6 +12,13 @@ An entry is one durable conversation event with the fields
 ``c``  conversation id, ``s`` its per-conversation seq (decimal), ``d`` the event's JSON payload,
 ``v``  format version (``1``).
 
+Payloads (``d``; ids are strings, times ISO-8601 UTC with milliseconds):
+
+``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id}``
+``message.edited``   ``{id, conversation_id, content, edited_at, editor_id}`` (``id`` is the message's)
+``message.deleted``  ``{id, conversation_id, deleted_at, deleter_id}``
+``read.updated``     ``{conversation_id, user_id, seq}`` (``seq``: the reader's new cursor)
+
 The seq is given inside the script (HINCRBY then XADD, atomically), so stream order equals seq order within
 a conversation and seqs are gap-free. ``message.new`` is deduplicated on ``(sender, client_msg_id)``: a
 retry returns the first attempt's ``(message_id, seq)`` and appends nothing.
