@@ -31,6 +31,9 @@ elif settings.ROLE == "broker":
         "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
     })
 else:
-    application = django_application
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+    # daphne serves no files itself: the admin's and the API docs page's assets come from the apps.
+    application = ASGIStaticFilesHandler(django_application)
 
 heartbeat_start()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
-from django.urls import path
+from django.urls import include, path
 
 from chatstream_site.health import healthz_view, readyz_view
 
@@ -10,6 +10,7 @@ urlpatterns = [
     path("healthz", healthz_view),
     path("readyz", readyz_view),
     path("admin/", admin.site.urls),
+    path("api/v1/", include("api.urls")),
 ]
 
 

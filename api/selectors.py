@@ -1,0 +1,217 @@
+"""Reads of the REST API (no side effects): users, contacts, groups, conversations and message history.
+
+Membership is checked against MongoDB's denormalised ``conversations.members`` (one indexed read); a
+conversation the caller is not in looks exactly like one that does not exist (404, no existence leak).
+The accepted truth of a conversation (its last seq, read cursors) is in Redis; MongoDB holds what the
+storage pipeline has persisted so far, a few seconds behind at most.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from bson import ObjectId
+
+from api.clients import sync_redis
+from chatstream_site.errors import NotFound
+from messaging.services import read_cursor_key
+from messaging.streams import partition_of, seq_key
+from storage.documents import Conversation, GroupChat, Message, User
+
+OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+HISTORY_MAX_LIMIT = 200
+USER_SEARCH_LIMIT = 20
+
+
+def object_id_or_404(value: str, *, what: str) -> ObjectId:
+    """An id from a URL or body: a malformed one is simply unknown (404), never a query error."""
+    if not isinstance(value, str) or not OBJECT_ID_RE.match(value):
+        raise NotFound(f"no such {what}", details={"id": str(value)[:64]})
+    return ObjectId(value)
+
+
+# ------------------------------------------------------------------ users
+
+
+def user_get(*, user_id: str) -> User:
+    user = User.objects(id=object_id_or_404(user_id, what="user")).first()
+    if user is None:
+        raise NotFound("no such user", details={"id": user_id})
+    return user
+
+
+def user_by_username(*, username: str) -> User:
+    """The user with this username (case-insensitive). Raises NotFound."""
+    user = User.objects(username_key=username.lower()).first()
+    if user is None:
+        raise NotFound("no such user", details={"username": username})
+    return user
+
+
+def user_search(*, username: str, limit: int = USER_SEARCH_LIMIT) -> list[User]:
+    """Users whose username starts with ``username`` (case-insensitive), the exact match first.
+    The prefix is escaped: a regex from the request never reaches the database as a pattern."""
+    key = username.lower()
+    pattern = "^" + re.escape(key)
+    found = list(User.objects(username_key__regex=pattern).only("id", "username", "username_key", "status",
+                                                                   "last_seen").order_by("username_key")
+                 .limit(limit))
+    return sorted(found, key=lambda u: (u.username_key != key, u.username_key))
+
+
+def contact_list(*, user_id: str) -> list[User]:
+    me = user_get(user_id=user_id)
+    if not me.contacts:
+        return []
+    by_id = {u.id: u for u in User.objects(id__in=list(me.contacts)).only("id", "username", "status", "last_seen")}
+    return [by_id[c] for c in me.contacts if c in by_id]
+
+
+def users_by_id(*, ids: list[ObjectId]) -> dict[str, User]:
+    if not ids:
+        return {}
+    return {str(u.id): u for u in User.objects(id__in=list(set(ids))).only("id", "username", "status")}
+
+
+# ------------------------------------------------------------------ groups and conversations
+
+
+def group_get_for_member(*, user_id: str, group_id: str) -> GroupChat:
+    """The group, if the caller is a member. Raises NotFound otherwise (or if it does not exist)."""
+    oid = object_id_or_404(group_id, what="group")
+    group = GroupChat.objects(id=oid, members=ObjectId(user_id)).first()
+    if group is None:
+        raise NotFound("no such group", details={"group_id": group_id})
+    return group
+
+
+def conversation_get_for_member(*, user_id: str, conversation_id: str) -> Conversation:
+    oid = object_id_or_404(conversation_id, what="conversation")
+    conversation = Conversation.objects(id=oid, members=ObjectId(user_id)).first()
+    if conversation is None:
+        raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+    return conversation
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    conversation: Conversation
+    last_seq: int  # last accepted seq (Redis), at least the last persisted one
+    read_seq: int  # the caller's read cursor
+    unread: int  # persisted messages of others, not deleted, above the cursor
+    title: str  # the group's name, or the other member's username
+    peer: User | None  # the other member of a 1:1 chat
+    group: GroupChat | None
+
+
+def _accepted_and_cursors(conversations: list[Conversation], *, user_id: str) -> list[tuple[int, int]]:
+    """One Redis round trip: (last accepted seq, read cursor) per conversation (same keys as
+    ``messaging.streams.last_accepted_seq`` and ``messaging.services.read_mark``)."""
+    pipe = sync_redis().pipeline(transaction=False)
+    for conv in conversations:
+        cid = str(conv.id)
+        pipe.hget(seq_key(partition_of(cid)), cid)
+        pipe.hget(read_cursor_key(cid), user_id)
+    raw = pipe.execute()
+    return [(int(raw[i] or 0), int(raw[i + 1] or 0)) for i in range(0, len(raw), 2)]
+
+
+def unread_count(*, conversation_id: ObjectId, user_id: str, after_seq: int) -> int:
+    """Messages of others above ``after_seq`` that are not deleted (an index range on (conversation, seq))."""
+    return int(Message.objects(conversation_id=conversation_id, seq__gt=after_seq, sender_id__ne=ObjectId(user_id),
+                               deleted__ne=True).count())
+
+
+def conversation_list_for_user(*, user_id: str, limit: int = 100, offset: int = 0) -> list[ConversationSummary]:
+    """The caller's conversations, most recently active first (``updated_at``, then newest created).
+
+    ``unread`` is counted only where the cursor is behind the last seq, so a fully read conversation costs
+    no query.
+    """
+    conversations = list(Conversation.objects(members=ObjectId(user_id))
+                         .order_by("-updated_at", "-id").skip(offset).limit(limit))
+    if not conversations:
+        return []
+    states = _accepted_and_cursors(conversations, user_id=user_id)
+    peer_ids = [next((m for m in c.members if str(m) != user_id), c.members[0]) for c in conversations
+                if c.type == "single" and c.members]
+    peers = users_by_id(ids=peer_ids)
+    groups = {g.id: g for g in GroupChat.objects(id__in=[c.room_id for c in conversations if c.type == "group"])
+              .only("id", "name", "admins", "members")}
+    out = []
+    for conv, (accepted, redis_cursor) in zip(conversations, states, strict=True):
+        last_seq = max(accepted, conv.last_seq or 0)
+        read_seq = max(redis_cursor, int((conv.read_cursors or {}).get(user_id, 0)))
+        unread = unread_count(conversation_id=conv.id, user_id=user_id, after_seq=read_seq) \
+            if last_seq > read_seq else 0
+        peer = group = None
+        if conv.type == "single":
+            other = next((str(m) for m in conv.members if str(m) != user_id), user_id)
+            peer = peers.get(other)
+            title = peer.username if peer is not None else ""
+        else:
+            group = groups.get(conv.room_id)
+            title = group.name if group is not None else ""
+        out.append(ConversationSummary(conversation=conv, last_seq=last_seq, read_seq=read_seq, unread=unread,
+                                       title=title, peer=peer, group=group))
+    return out
+
+
+def conversation_summary_for_member(*, user_id: str, conversation_id: str) -> ConversationSummary:
+    conversation = conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
+    (accepted, redis_cursor), = _accepted_and_cursors([conversation], user_id=user_id)
+    last_seq = max(accepted, conversation.last_seq or 0)
+    read_seq = max(redis_cursor, int((conversation.read_cursors or {}).get(user_id, 0)))
+    unread = unread_count(conversation_id=conversation.id, user_id=user_id, after_seq=read_seq) \
+        if last_seq > read_seq else 0
+    peer = group = None
+    title = ""
+    if conversation.type == "single":
+        other = next((m for m in conversation.members if str(m) != user_id), None)
+        peer = User.objects(id=other).only("id", "username", "status").first() if other else None
+        title = peer.username if peer is not None else ""
+    else:
+        group = GroupChat.objects(id=conversation.room_id).first()
+        title = group.name if group is not None else ""
+    return ConversationSummary(conversation=conversation, last_seq=last_seq, read_seq=read_seq, unread=unread,
+                               title=title, peer=peer, group=group)
+
+
+# ------------------------------------------------------------------ history
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    messages: list[Message]  # ascending seq
+    has_more: bool  # more messages exist beyond the page in the direction of travel
+
+
+def message_history_get(*, user_id: str, conversation_id: str, before_seq: int | None = None,
+                        after_seq: int | None = None, limit: int = 50) -> HistoryPage:
+    """A page of persisted messages ordered by ``seq`` (ascending in the page).
+
+    * neither bound: the newest ``limit`` messages;
+    * ``before_seq``: the ``limit`` messages just below it (paging back in time);
+    * ``after_seq``: the ``limit`` messages just above it (catching up, paging forward);
+    * both: those strictly between, oldest first.
+
+    Deleted messages are included as tombstones (their seq keeps the order gap-free to the client).
+    Raises NotFound if the caller is not a member.
+    """
+    conversation = conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
+    limit = max(1, min(limit, HISTORY_MAX_LIMIT))
+    query: dict[str, Any] = {}
+    if before_seq is not None:
+        query["seq__lt"] = before_seq
+    if after_seq is not None:
+        query["seq__gt"] = after_seq
+    base = Message.objects(conversation_id=conversation.id, **query)
+    backwards = after_seq is None  # newest-first read, then reversed
+    rows = list(base.order_by("-seq" if backwards else "seq").limit(limit + 1))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    if backwards:
+        rows.reverse()
+    return HistoryPage(messages=rows, has_more=has_more)
