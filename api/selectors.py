@@ -55,9 +55,10 @@ def user_search(*, username: str, limit: int = USER_SEARCH_LIMIT) -> list[User]:
     The prefix is escaped: a regex from the request never reaches the database as a pattern."""
     key = username.lower()
     pattern = "^" + re.escape(key)
-    found = list(User.objects(username_key__regex=pattern).only("id", "username", "username_key", "status",
-                                                                   "last_seen").order_by("username_key")
-                 .limit(limit))
+    # A plain $regex string: mongoengine's __regex adds flags FerretDB v1 refuses ("invalid flag: u").
+    query = User.objects(__raw__={"username_key": {"$regex": pattern}})
+    found = list(query.only("id", "username", "username_key", "status", "last_seen")
+                 .order_by("username_key").limit(limit))
     return sorted(found, key=lambda u: (u.username_key != key, u.username_key))
 
 
