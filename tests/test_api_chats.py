@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -143,8 +144,9 @@ def test_group_create_validation() -> None:
     unknown = alice.client.post("/api/v1/chats/group", {"name": "X", "members": ["ghost-1", "ghost-2"]},
                                 format="json")
     assert unknown.status_code == 404 and unknown.json()["error"]["details"]["usernames"] == ["ghost-1", "ghost-2"]
-    for body in ({"name": "X", "members": "not-a-list"}, {"name": ["X"]}, {"members": []},
-                 {"name": "X", "members": [{"$ne": None}]}):
+    bodies: list[dict[str, Any]] = [{"name": "X", "members": "not-a-list"}, {"name": ["X"]}, {"members": []},
+                                    {"name": "X", "members": [{"$ne": None}]}]
+    for body in bodies:
         response = alice.client.post("/api/v1/chats/group", body, format="json")
         assert response.status_code == 400, (body, response.content)
     alone = alice.client.post("/api/v1/chats/group", {"name": "Just me"}, format="json")
