@@ -20,7 +20,7 @@ from api.auth import request_user
 from api.ratelimit import client_ip, rate_limit
 from api.serializers import iso
 from api.tokens import Claims
-from chatstream_site.errors import NotFound
+from chatstream_site.errors import NotFound, ValidationFailed
 from messaging.services import MESSAGE_ID_RE, Accepted
 from storage.documents import Conversation, GroupChat, Message, User
 
@@ -29,6 +29,19 @@ def _valid(serializer_class: type[serializers.Serializer], data: Any) -> dict[st
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return dict(serializer.validated_data)
+
+
+# ``format`` picks a renderer (``?format=api`` is the browsable API); any other unknown query parameter is a
+# client mistake worth hearing about (a misspelt ``befor_seq`` would otherwise silently page from the end).
+_RENDERER_PARAMS = frozenset({"format"})
+
+
+def _valid_query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
+    unknown = sorted(set(request.query_params) - set(serializer_class().fields) - _RENDERER_PARAMS)
+    if unknown:
+        raise ValidationFailed(f"unknown query parameter: {unknown[0][:64]}",
+                               details={"unknown": [u[:64] for u in unknown[:10]]})
+    return _valid(serializer_class, request.query_params)
 
 
 # ------------------------------------------------------------------ renderers of answers
@@ -175,7 +188,7 @@ class UsersView(APIView):
     @extend_schema(parameters=[s.UserSearchQuery], responses={200: s.UserListOut}, tags=["users"],
                    summary="Look users up by username (exact match first, then by prefix)")
     def get(self, request: Request) -> Response:
-        query = _valid(s.UserSearchQuery, request.query_params)
+        query = _valid_query(s.UserSearchQuery, request)
         return Response({"results": [user_out(u) for u in selectors.user_search(username=query["username"])]})
 
 
@@ -286,7 +299,7 @@ class ConversationsView(APIView):
                    operation_id="conversations_list",
                    summary="My conversations, most recently active first")
     def get(self, request: Request) -> Response:
-        query = _valid(s.ListQuery, request.query_params)
+        query = _valid_query(s.ListQuery, request)
         summaries = selectors.conversation_list_for_user(user_id=request_user(request).id, limit=query["limit"],
                                                          offset=query["offset"])
         return Response({"results": [conversation_out(x) for x in summaries]})
@@ -304,7 +317,7 @@ class MessagesView(APIView):
     @extend_schema(parameters=[s.HistoryQuery], responses={200: s.HistoryOut}, tags=["conversations"],
                    summary="A page of history ordered by seq (before_seq pages back, after_seq forward)")
     def get(self, request: Request, conversation_id: str) -> Response:
-        query = _valid(s.HistoryQuery, request.query_params)
+        query = _valid_query(s.HistoryQuery, request)
         page = selectors.message_history_get(
             user_id=request_user(request).id, conversation_id=conversation_id, before_seq=query.get("before_seq"),
             after_seq=query.get("after_seq"), limit=query["limit"])

@@ -1,0 +1,61 @@
+"""Property-based run of the whole REST API against its own OpenAPI schema (schemathesis over WSGI, in
+process): no input may cause a 500, and every answer must match the schema (status, content type, body).
+
+Bounded on purpose (a few examples per operation, positive and negative data) so it takes well under a
+few minutes on a shared 2-core machine; the real servers (Redis, FerretDB) answer behind the views.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis
+import pytest
+import schemathesis
+from django.core.wsgi import get_wsgi_application
+from drf_spectacular.generators import SchemaGenerator
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests import api_support
+from tests.api_support import Account, account
+
+generous_rates = api_support.generous_rates
+MAX_EXAMPLES = 25
+
+schema = schemathesis.openapi.from_wsgi("/api/v1/schema?format=json", get_wsgi_application())
+
+
+@pytest.fixture(scope="module")
+def fuzz_user(servers: Any) -> Account:
+    return account("fuzz")
+
+
+@schema.parametrize()
+@hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+def test_api_answers_every_input_without_5xx_and_as_documented(case: Any, fuzz_user: Account,
+                                                               generous_rates: None) -> None:
+    case.call_and_validate(
+        headers={"Authorization": f"Bearer {fuzz_user.access}"},
+        checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                response_schema_conformance, negative_data_rejection],
+    )
+
+
+def test_schema_is_openapi_3_with_every_contract_path() -> None:
+    document = SchemaGenerator().get_schema(request=None, public=True)
+    assert document["openapi"].startswith("3.")
+    paths = set(document["paths"])
+    for required in ("/api/v1/auth/register", "/api/v1/auth/login", "/api/v1/auth/refresh", "/api/v1/auth/logout",
+                     "/api/v1/auth/ws-ticket", "/api/v1/users/me", "/api/v1/users", "/api/v1/chats/single",
+                     "/api/v1/chats/group", "/api/v1/chats/group/{group_id}/members",
+                     "/api/v1/chats/group/{group_id}/admins", "/api/v1/conversations",
+                     "/api/v1/conversations/{conversation_id}/messages", "/api/v1/messages/{message_id}",
+                     "/api/v1/conversations/{conversation_id}/read"):
+        assert required in paths, required
