@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
@@ -21,6 +22,7 @@ from messaging.streams import partition_of, seq_key
 from storage.documents import Conversation, GroupChat, Message, User
 
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+MESSAGE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 HISTORY_MAX_LIMIT = 200
 USER_SEARCH_LIMIT = 20
 
@@ -216,3 +218,86 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     if backwards:
         rows.reverse()
     return HistoryPage(messages=rows, has_more=has_more)
+
+
+# ------------------------------------------------------------------ staff (Django admin) reads
+
+
+@dataclass(frozen=True, slots=True)
+class AdminPage:
+    rows: list[Any]
+    page: int
+    has_next: bool
+
+
+def admin_messages(*, conversation_id: str = "", sender: str = "", date_from: datetime | None = None,
+                   date_to: datetime | None = None, search: str = "", page: int = 1,
+                   per_page: int = 50) -> AdminPage:
+    """Messages for staff, newest first, filtered by conversation, sender (username or id), time range and a
+    case-insensitive substring of the content (``$regex`` of the escaped text: FerretDB v1 has no ``$text``).
+    Unknown filter values simply match nothing."""
+    raw: dict[str, Any] = {}
+    if conversation_id:
+        raw["conversation_id"] = ObjectId(conversation_id) if OBJECT_ID_RE.match(conversation_id) else None
+    if sender:
+        if OBJECT_ID_RE.match(sender):
+            raw["sender_id"] = ObjectId(sender)
+        else:
+            user = User.objects(username_key=sender.lower()).only("id").first()
+            raw["sender_id"] = user.id if user is not None else None
+    if date_from or date_to:
+        raw["timestamp"] = {**({"$gte": date_from} if date_from else {}), **({"$lt": date_to} if date_to else {})}
+    if search:
+        raw["content"] = {"$regex": re.escape(search), "$options": "i"}
+    page = max(1, page)
+    rows = list(Message.objects(__raw__=raw).order_by("-timestamp", "-seq").skip((page - 1) * per_page)
+                .limit(per_page + 1))
+    return AdminPage(rows=rows[:per_page], page=page, has_next=len(rows) > per_page)
+
+
+def admin_users(*, search: str = "", page: int = 1, per_page: int = 50) -> AdminPage:
+    raw: dict[str, Any] = {"username_key": {"$regex": "^" + re.escape(search.lower())}} if search else {}
+    page = max(1, page)
+    rows = list(User.objects(__raw__=raw).order_by("username_key").skip((page - 1) * per_page).limit(per_page + 1))
+    return AdminPage(rows=rows[:per_page], page=page, has_next=len(rows) > per_page)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConversation:
+    conversation: Conversation
+    title: str
+    last_accepted_seq: int  # Redis: the seq the write path last gave out
+    last_persisted_seq: int  # MongoDB: the last event the storage pipeline applied
+
+    @property
+    def behind(self) -> int:
+        return max(0, self.last_accepted_seq - self.last_persisted_seq)
+
+
+def admin_conversations(*, conversation_id: str = "", page: int = 1, per_page: int = 50) -> tuple[
+        list[AdminConversation], bool]:
+    """Conversations for staff, newest activity first, each with its accepted and persisted seq."""
+    raw: dict[str, Any] = {}
+    if conversation_id:
+        raw["_id"] = ObjectId(conversation_id) if OBJECT_ID_RE.match(conversation_id) else None
+    page = max(1, page)
+    rows = list(Conversation.objects(__raw__=raw).order_by("-updated_at", "-id").skip((page - 1) * per_page)
+                .limit(per_page + 1))
+    has_next = len(rows) > per_page
+    rows = rows[:per_page]
+    pipe = sync_redis().pipeline(transaction=False)
+    for conv in rows:
+        pipe.hget(seq_key(partition_of(str(conv.id))), str(conv.id))
+    accepted = [int(x or 0) for x in pipe.execute()] if rows else []
+    groups = {g.id: g.name for g in GroupChat.objects(id__in=[c.room_id for c in rows if c.type == "group"])
+              .only("id", "name")}
+    names = users_by_id(ids=[m for c in rows if c.type == "single" for m in c.members])
+    out = []
+    for conv, seq in zip(rows, accepted, strict=True):
+        if conv.type == "group":
+            title = groups.get(conv.room_id, "(group gone)")
+        else:
+            title = " & ".join(names[str(m)].username for m in conv.members if str(m) in names)
+        out.append(AdminConversation(conversation=conv, title=title, last_accepted_seq=seq,
+                                     last_persisted_seq=int(conv.last_seq or 0)))
+    return out, has_next

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import mongoengine
+import redis.asyncio
 from bson import ObjectId
 from django.conf import settings
 from django.contrib.auth.hashers import check_password, make_password
@@ -27,8 +28,9 @@ from api.selectors import group_get_for_member, object_id_or_404, user_by_userna
 from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging import services as messaging
+from messaging import streams
 from messaging.services import Accepted, membership_invalidate_sync
-from storage.documents import Conversation, GroupChat, SingleChat, User, utcnow
+from storage.documents import Conversation, GroupChat, Message, SingleChat, User, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -336,3 +338,39 @@ def message_delete(*, user_id: str, message_id: str) -> Accepted:
 def conversation_read_mark(*, user_id: str, conversation_id: str, seq: int) -> int:
     """Move the caller's read cursor forward (never back); return the cursor now in force."""
     return run_async(lambda c: messaging.read_mark(c, user_id=user_id, conversation_id=conversation_id, seq=seq))
+
+
+# ------------------------------------------------------------------ staff moderation
+
+
+def message_tombstone_by_staff(*, message_id: str, staff_username: str) -> int:
+    """Delete a message on behalf of staff; return the seq of the ``message.deleted`` event.
+
+    The event goes through the conversation's stream like a sender's delete (live clients see it, the
+    storage pipeline applies it, later edits are refused); the MongoDB document is tombstoned at once too,
+    so the admin shows the result without waiting for the drain (both writes are idempotent).
+    Raises NotFound. The caller logs the action (``api.admin`` writes a Django LogEntry).
+    """
+    if not messaging.MESSAGE_ID_RE.match(message_id):
+        raise NotFound("no such message", details={"message_id": message_id[:64]})
+    message = Message.objects(id=message_id).only("id", "conversation_id", "deleted").first()
+    if message is None:
+        raise NotFound("no such message", details={"message_id": message_id})
+    conversation_id = str(message.conversation_id)
+    payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": messaging._now_iso(),
+               "deleter_id": f"staff:{staff_username}"}
+
+    async def append(client: redis.asyncio.Redis) -> int:
+        appended = await streams.event_append(client, type="message.deleted", conversation_id=conversation_id,
+                                              payload=payload, message_id=message_id)
+        key = messaging.message_meta_key(message_id)
+        # The sender's later edits and deletes are refused, as after their own delete.
+        await client.hset(key, mapping={"c": conversation_id, "u": "", "x": "1"})
+        await client.expire(key, settings.RESUME_WINDOW_S + 3600)
+        return appended.seq
+
+    seq = run_async(append)
+    Message.objects(id=message_id).update_one(set__deleted=True, set__content="")
+    logger.info("staff %s deleted message %s of conversation %s (event seq %s)", staff_username, message_id,
+                conversation_id, seq)
+    return seq
