@@ -121,34 +121,38 @@ def _accepted_and_cursors(conversations: list[Conversation], *, user_id: str) ->
     return [(int(raw[i] or 0), int(raw[i + 1] or 0)) for i in range(0, len(raw), 2)]
 
 
-def unread_count(*, conversation_id: ObjectId, user_id: str, after_seq: int) -> int:
-    """Messages of others above ``after_seq`` that are not deleted (an index range on (conversation, seq))."""
-    return int(Message.objects(conversation_id=conversation_id, seq__gt=after_seq, sender_id__ne=ObjectId(user_id),
-                               deleted__ne=True).count())
+def unread_counts(*, user_id: str, after: dict[ObjectId, int]) -> dict[ObjectId, int]:
+    """Per conversation, the messages of others above the given read cursor that are not deleted.
 
-
-def conversation_list_for_user(*, user_id: str, limit: int = 100, offset: int = 0) -> list[ConversationSummary]:
-    """The caller's conversations, most recently active first (``updated_at``, then newest created).
-
-    ``unread`` is counted only where the cursor is behind the last seq, so a fully read conversation costs
-    no query.
+    One aggregation for all conversations (``$or`` of ``(conversation_id, seq > cursor)``): MongoDB serves
+    each clause from the ``(conversation_id, seq)`` index; FerretDB v1, which pushes no such filter down,
+    scans the collection once per request instead of once per conversation.
     """
-    conversations = list(Conversation.objects(members=ObjectId(user_id))
-                         .order_by("-updated_at", "-id").skip(offset).limit(limit))
-    if not conversations:
-        return []
+    if not after:
+        return {}
+    pipeline = [
+        {"$match": {"$or": [{"conversation_id": cid, "seq": {"$gt": seq}} for cid, seq in after.items()],
+                    "sender_id": {"$ne": ObjectId(user_id)}, "deleted": {"$ne": True}}},
+        {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}},
+    ]
+    return {row["_id"]: int(row["n"]) for row in Message._get_collection().aggregate(pipeline)}
+
+
+def _summaries(conversations: list[Conversation], *, user_id: str) -> list[ConversationSummary]:
     states = _accepted_and_cursors(conversations, user_id=user_id)
-    peer_ids = [next((m for m in c.members if str(m) != user_id), c.members[0]) for c in conversations
-                if c.type == "single" and c.members]
+    peer_ids = [m for c in conversations if c.type == "single" for m in c.members if str(m) != user_id]
     peers = users_by_id(ids=peer_ids)
     groups = {g.id: g for g in GroupChat.objects(id__in=[c.room_id for c in conversations if c.type == "group"])
-              .only("id", "name", "admins", "members")}
-    out = []
+              .only("id", "name", "admins", "members")} if any(c.type == "group" for c in conversations) else {}
+    cursors: dict[ObjectId, tuple[int, int]] = {}
     for conv, (accepted, redis_cursor) in zip(conversations, states, strict=True):
-        last_seq = max(accepted, conv.last_seq or 0)
         read_seq = max(redis_cursor, int((conv.read_cursors or {}).get(user_id, 0)))
-        unread = unread_count(conversation_id=conv.id, user_id=user_id, after_seq=read_seq) \
-            if last_seq > read_seq else 0
+        cursors[conv.id] = (max(accepted, conv.last_seq or 0), read_seq)
+    # Only conversations whose cursor is behind need counting: a fully read one costs nothing.
+    unread = unread_counts(user_id=user_id, after={cid: read for cid, (last, read) in cursors.items() if last > read})
+    out = []
+    for conv in conversations:
+        last_seq, read_seq = cursors[conv.id]
         peer = group = None
         if conv.type == "single":
             other = next((str(m) for m in conv.members if str(m) != user_id), user_id)
@@ -157,29 +161,23 @@ def conversation_list_for_user(*, user_id: str, limit: int = 100, offset: int = 
         else:
             group = groups.get(conv.room_id)
             title = group.name if group is not None else ""
-        out.append(ConversationSummary(conversation=conv, last_seq=last_seq, read_seq=read_seq, unread=unread,
-                                       title=title, peer=peer, group=group))
+        out.append(ConversationSummary(conversation=conv, last_seq=last_seq, read_seq=read_seq,
+                                       unread=unread.get(conv.id, 0), title=title, peer=peer, group=group))
     return out
+
+
+def conversation_list_for_user(*, user_id: str, limit: int = 100, offset: int = 0) -> list[ConversationSummary]:
+    """The caller's conversations, most recently active first (``updated_at``, then newest created), each
+    with its last seq, the caller's read cursor and unread count. Four queries whatever the page size:
+    conversations, peers, groups, one unread aggregation (plus one Redis pipeline)."""
+    conversations = list(Conversation.objects(members=ObjectId(user_id))
+                         .order_by("-updated_at", "-id").skip(offset).limit(limit))
+    return _summaries(conversations, user_id=user_id) if conversations else []
 
 
 def conversation_summary_for_member(*, user_id: str, conversation_id: str) -> ConversationSummary:
     conversation = conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
-    (accepted, redis_cursor), = _accepted_and_cursors([conversation], user_id=user_id)
-    last_seq = max(accepted, conversation.last_seq or 0)
-    read_seq = max(redis_cursor, int((conversation.read_cursors or {}).get(user_id, 0)))
-    unread = unread_count(conversation_id=conversation.id, user_id=user_id, after_seq=read_seq) \
-        if last_seq > read_seq else 0
-    peer = group = None
-    title = ""
-    if conversation.type == "single":
-        other = next((m for m in conversation.members if str(m) != user_id), None)
-        peer = User.objects(id=other).only("id", "username", "status").first() if other else None
-        title = peer.username if peer is not None else ""
-    else:
-        group = GroupChat.objects(id=conversation.room_id).first()
-        title = group.name if group is not None else ""
-    return ConversationSummary(conversation=conversation, last_seq=last_seq, read_seq=read_seq, unread=unread,
-                               title=title, peer=peer, group=group)
+    return _summaries([conversation], user_id=user_id)[0]
 
 
 # ------------------------------------------------------------------ history

@@ -7,6 +7,7 @@ first (real environment variables win), so ``make run`` works with the file boot
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -205,6 +206,12 @@ API_RATE_LOGIN_IP = env_str("CHATSTREAM_RATE_LOGIN_IP", "30/m")
 API_RATE_LOGIN_USER = env_str("CHATSTREAM_RATE_LOGIN_USER", "10/m")
 API_RATE_REGISTER_IP = env_str("CHATSTREAM_RATE_REGISTER_IP", "20/h")
 API_RATE_REGISTER_USER = env_str("CHATSTREAM_RATE_REGISTER_USER", "5/h")
+for _name, _rate in (("CHATSTREAM_RATE_LOGIN_IP", API_RATE_LOGIN_IP),
+                     ("CHATSTREAM_RATE_LOGIN_USER", API_RATE_LOGIN_USER),
+                     ("CHATSTREAM_RATE_REGISTER_IP", API_RATE_REGISTER_IP),
+                     ("CHATSTREAM_RATE_REGISTER_USER", API_RATE_REGISTER_USER)):
+    if not re.fullmatch(r"[1-9][0-9]*/[0-9]*[smhd]", _rate):
+        raise ConfigError(f"{_name}={_rate!r} is not a rate: use N/s, N/m, N/h or N/d (e.g. 10/m)")
 # Peers whose X-Forwarded-For is believed (the gateway, which replaces any client-sent one).
 TRUSTED_PROXIES = env_list("CHATSTREAM_TRUSTED_PROXIES", ["127.0.0.1", "::1"])
 
