@@ -59,3 +59,22 @@ def test_schema_is_openapi_3_with_every_contract_path() -> None:
                      "/api/v1/conversations/{conversation_id}/messages", "/api/v1/messages/{message_id}",
                      "/api/v1/conversations/{conversation_id}/read"):
         assert required in paths, required
+
+
+def test_docs_page_schema_and_browsable_api(servers: Any) -> None:
+    from tests.api_support import anonymous
+
+    client = anonymous()
+    docs = client.get("/api/v1/docs")
+    assert docs.status_code == 200 and b"swagger" in docs.content.lower()
+    assert client.get("/api/v1/redoc").status_code == 200
+    schema_yaml = client.get("/api/v1/schema")
+    assert schema_yaml.status_code == 200 and b"openapi: 3" in schema_yaml.content
+    # The browsable API renders HTML (with its raw-data form) for a browser.
+    form = client.get("/api/v1/auth/login", HTTP_ACCEPT="text/html")
+    assert form["Content-Type"].startswith("text/html") and b"_content" in form.content
+    user = account("browser")
+    page = user.client.get("/api/v1/conversations", HTTP_ACCEPT="text/html")
+    assert page.status_code == 200 and page["Content-Type"].startswith("text/html")
+    missing = client.get("/api/v1/no-such-route")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
