@@ -235,11 +235,14 @@ def _admin_group(*, user_id: str, group_id: str) -> GroupChat:
     return group
 
 
-def _members_changed(group: GroupChat) -> None:
-    """Mirror the group's members into its conversation, then drop the cached membership (brokers and the
-    write path re-read it). The group document is written first: it is the truth a repair copies from."""
-    fresh = GroupChat.objects(id=group.id).only("members").get()
-    Conversation.objects(room_id=group.id).update_one(set__members=list(fresh.members))
+def _members_changed(group: GroupChat, *, added: ObjectId | None = None, removed: ObjectId | None = None) -> None:
+    """Mirror one membership change into the group's conversation, then drop the cached membership (brokers
+    and the write path re-read it). Atomic ``$addToSet``/``$pull``, never a read-then-set, so concurrent
+    changes cannot overwrite each other. The group document was written first: it is the truth."""
+    if added is not None:
+        Conversation.objects(room_id=group.id).update_one(add_to_set__members=added, set__updated_at=utcnow())
+    if removed is not None:
+        Conversation.objects(room_id=group.id).update_one(pull__members=removed)
     conversation = Conversation.objects(room_id=group.id).only("id").first()
     if conversation is not None:
         membership_invalidate_sync(sync_redis(), conversation_id=str(conversation.id))
@@ -267,7 +270,7 @@ def group_member_add(*, user_id: str, group_id: str, username: str) -> User:
                                                                            set__updated_at=utcnow())
     if not added:
         raise Conflict("already a member", details={"user_id": str(new.id)})
-    _members_changed(group)
+    _members_changed(group, added=new.id)
     return new
 
 
@@ -293,7 +296,7 @@ def _member_drop(group: GroupChat, member: ObjectId) -> None:
     fresh = GroupChat.objects(id=group.id).only("admins", "members").get()
     if not fresh.admins and fresh.members:
         GroupChat.objects(id=group.id).update_one(push__admins=fresh.members[0])
-    _members_changed(group)
+    _members_changed(group, removed=member)
 
 
 def group_member_remove(*, user_id: str, group_id: str, member_id: str) -> None:
