@@ -197,6 +197,8 @@ def chat_single_get_or_create(*, user_id: str, username: str) -> tuple[Conversat
             chat = SingleChat.objects(member1=ObjectId(first), member2=ObjectId(second)).get()
     conversation = _conversation_for_room(type="single", room_id=chat.id,
                                           members=[ObjectId(first), ObjectId(second)])
+    if created:
+        _membership_notify(conversation_id=str(conversation.id), user_ids=[first, second])
     return conversation, created
 
 
@@ -218,6 +220,7 @@ def group_create(*, creator_id: str, name: str, usernames: list[str]) -> tuple[G
     members = [creator, *(oid for oid in found.values() if oid != creator)]
     group = GroupChat(name=name, admins=[creator], members=members).save()
     conversation = _conversation_for_room(type="group", room_id=group.id, members=members)
+    _membership_notify(conversation_id=str(conversation.id), user_ids=[str(m) for m in members])
     return group, conversation
 
 
@@ -235,6 +238,17 @@ def _admin_group(*, user_id: str, group_id: str) -> GroupChat:
     return group
 
 
+def _membership_notify(*, conversation_id: str, user_ids: list[str]) -> None:
+    """Drop the cached members of a conversation and, where the real-time layer offers it
+    (``messaging.services.membership_changed_sync``, issue 4), tell the brokers which users joined or left,
+    so their open connections start or stop receiving the conversation at once."""
+    changed = getattr(messaging, "membership_changed_sync", None)
+    if changed is not None:
+        changed(sync_redis(), user_ids=user_ids, conversation_id=conversation_id)
+    else:
+        membership_invalidate_sync(sync_redis(), conversation_id=conversation_id)
+
+
 def _members_changed(group: GroupChat, *, added: ObjectId | None = None, removed: ObjectId | None = None) -> None:
     """Mirror one membership change into the group's conversation, then drop the cached membership (brokers
     and the write path re-read it). Atomic ``$addToSet``/``$pull``, never a read-then-set, so concurrent
@@ -245,7 +259,8 @@ def _members_changed(group: GroupChat, *, added: ObjectId | None = None, removed
         Conversation.objects(room_id=group.id).update_one(pull__members=removed)
     conversation = Conversation.objects(room_id=group.id).only("id").first()
     if conversation is not None:
-        membership_invalidate_sync(sync_redis(), conversation_id=str(conversation.id))
+        _membership_notify(conversation_id=str(conversation.id),
+                           user_ids=[str(u) for u in (added, removed) if u is not None])
 
 
 def group_rename(*, user_id: str, group_id: str, name: str) -> GroupChat:
