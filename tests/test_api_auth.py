@@ -191,3 +191,14 @@ def test_register_is_rate_limited_per_ip(settings) -> None:
 
 def test_access_token_lifetime_is_at_most_15_minutes() -> None:
     assert settings.JWT_ACCESS_TTL_S <= 900
+
+
+def test_client_ip_believes_x_forwarded_for_only_from_trusted_proxies() -> None:
+    from types import SimpleNamespace
+
+    from api.ratelimit import client_ip
+
+    via_gateway = SimpleNamespace(META={"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "spoof, 2001:db8::7"})
+    direct = SimpleNamespace(META={"REMOTE_ADDR": "2001:db8::9", "HTTP_X_FORWARDED_FOR": "2001:db8::7"})
+    assert client_ip(via_gateway) == "2001:db8::7"
+    assert client_ip(direct) == "2001:db8::9"
