@@ -85,7 +85,9 @@ def test_history_pages_in_both_directions_and_at_the_edges() -> None:
     assert [m["seq"] for m in back["results"]] == list(range(21, 71)) and back["has_more"] is True
     last = alice.client.get(url, {"limit": 50, "before_seq": 21}).json()
     assert [m["seq"] for m in last["results"]] == list(range(1, 21)) and last["has_more"] is False
-    # Before the first message: an empty page, not an error.
+    # Beyond the newest: the newest page. Before the first message: an empty page, not an error.
+    beyond = alice.client.get(url, {"limit": 50, "before_seq": 10**6}).json()
+    assert [m["seq"] for m in beyond["results"]] == list(range(71, 121))
     assert alice.client.get(url, {"before_seq": 1}).json() == {"results": [], "has_more": False}
 
     forward = alice.client.get(url, {"limit": 50, "after_seq": 0}).json()
