@@ -23,6 +23,11 @@ def drain_lock_key(partition: int) -> str:
     return f"cs:{tag(partition)}:drain:lock"
 
 
+def drain_lease_key(partition: int) -> str:
+    """SET NX PX with a token: a drain is reading or writing this partition right now (mutual exclusion)."""
+    return f"cs:{tag(partition)}:drain:lease"
+
+
 def failures_key(partition: int) -> str:
     """Hash entry id -> failed attempts, and ``<entry id>:why`` -> the last reason."""
     return f"cs:{tag(partition)}:drain:failures"

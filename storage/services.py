@@ -11,8 +11,10 @@ raises ``KeyError`` instead of ``BulkWriteError``; the raw reply's ``writeErrors
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from storage.keys import (
     GROUP,
     RATE_BUCKET_S,
     RATE_WINDOW_S,
+    drain_lease_key,
     drain_lock_key,
     failures_key,
     maintenance_key,
@@ -51,6 +54,8 @@ TRANSIENT_MONGO = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTim
 DUPLICATE_KEY = 11000
 
 _groups_ready: set[str] = set()
+# Delete the lease only if it is still ours (it may have expired and been taken by another drain).
+_LEASE_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 # ------------------------------------------------------------------ the trigger
@@ -111,6 +116,7 @@ class DrainResult:
     dead_lettered: int = 0
     deferred: int = 0  # left pending for a later attempt (their write failed, or an edit came first)
     more: bool = False  # more is waiting: the caller should drain again
+    busy: bool = False  # another drain holds the partition's lease: nothing was done
     duration_s: float = 0.0
 
 
@@ -320,6 +326,7 @@ def _update(collection: str, ops: list[dict[str, Any]], owners: list[Any]) -> li
     Raises the transient pymongo errors (the server is away)."""
     db = get_db()
     failed: list[tuple[Any, str, bool]] = []
+    retried: set[int] = set()
     start = 0
     while start < len(ops):
         reply = db.command("update", collection, updates=ops[start:], ordered=True)
@@ -329,6 +336,12 @@ def _update(collection: str, ops: list[dict[str, Any]], owners: list[Any]) -> li
         err = errors[0]
         at = start + int(err["index"])
         code = int(err.get("code", 0))
+        if code == DUPLICATE_KEY and ops[at].get("upsert") and at not in retried:
+            # Two drains upserted the same new document at once (a reclaim raced a slow worker) and the
+            # loser's insert collided: once more, it now matches the winner's document and does nothing.
+            retried.add(at)
+            start = at
+            continue
         failed.append((owners[at], f"{collection} write error {code}: {err.get('errmsg', '')}"[:500],
                        code == DUPLICATE_KEY))
         start = at + 1
@@ -356,6 +369,27 @@ def partition_drain(
     started = time.monotonic()
     r = client or redis_sync()
     result = DrainResult(partition=partition)
+    token = secrets.token_hex(8)
+    try:
+        # One drain per partition at a time. Correctness does not need it on MongoDB (every write is keyed
+        # and guarded), but FerretDB v1 applies an update as read-modify-write without isolation, so two
+        # concurrent drains could lose each other's $max or edit (seen in the fault test). The lease lasts
+        # DRAIN_RECLAIM_IDLE_S: a drain that held it that long is presumed dead, like its pending entries.
+        if not r.set(drain_lease_key(partition), token, nx=True, px=int(settings.DRAIN_RECLAIM_IDLE_S * 1000)):
+            result.busy = True
+            return result
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Retryable(f"redis unavailable: {exc}") from exc
+    try:
+        return _drain_leased(r, partition=partition, batch_size=batch_size, consumer=consumer, result=result,
+                             started=started)
+    finally:
+        with contextlib.suppress(redis.RedisError):  # if Redis is away, the lease expires by itself
+            r.register_script(_LEASE_RELEASE_LUA)(keys=[drain_lease_key(partition)], args=[token])
+
+
+def _drain_leased(r: redis.Redis, *, partition: int, batch_size: int, consumer: str, result: DrainResult,
+                  started: float) -> DrainResult:
     try:
         group_ensure(partition=partition, client=r)
         items, result.reclaimed = _read_batch(r, partition=partition, consumer=consumer, batch_size=batch_size)

@@ -38,7 +38,7 @@ def partition_drain_task(*, partition: int) -> int:
         services.drain_release(partition=partition)
         raise
     services.drain_release(partition=partition)
-    if result.more:
+    if result.more and not result.busy:  # a busy partition's running drain queues its own successor
         services.drain_enqueue(partition=partition)
     return result.persisted
 

@@ -86,11 +86,12 @@ def test_drain_applies_every_event_type_in_seq_order_and_redelivery_changes_noth
     assert conv["lastMessage"]["id"] == ids[4] and conv["lastMessage"]["content"] == "last one, edited"
     assert backlog(r, PARTITION) == 0
 
-    # Redelivery: every entry of this conversation appended again, as a worker dying before XACK would
-    # leave them, plus an older read cursor. Nothing may change, in particular no edit is undone.
+    # Redelivery, in the worst order: every entry of this conversation appended again newest first (as
+    # reclaims and concurrent drains could interleave them), plus an older read cursor. Nothing may change:
+    # no older edit wins, no delete is undone, lastMessage and last_seq do not move back.
     key = stream_key(PARTITION)
     entries: Any = r.xrange(key)
-    for _eid, fields in entries:
+    for _eid, fields in reversed(entries):
         if fields[b"c"].decode() == cid:
             r.xadd(key, fields)
     append_events(servers.redis_url, [read_event(cid, bob, 2)])
