@@ -101,6 +101,10 @@ def partitions_state(*, partitions: list[int] | None = None, client: redis.Redis
         candidates = [row["pending_min"]] if row["pending_min"] else []
         if not isinstance(nxt, Exception) and nxt:
             candidates.append(_s(nxt[0][0]))
+        elif not isinstance(nxt, Exception):
+            # Nothing after last-delivered-id: nothing undelivered, whatever the group's lag says (after a
+            # restart Redis 7.0 restores the group's entries-read inexactly, and the lag overcounts).
+            row["undelivered"] = 0
         stats = row["stats"]
         states.append(PartitionState(
             partition=row["partition"], appended=row["appended"], undelivered=int(row["undelivered"]),

@@ -273,6 +273,11 @@ def test_two_workers_draining_one_partition_concurrently_write_each_message_once
     client.close()
 
 
+def _last_delivered(r: Redis) -> str:
+    groups: Any = r.xinfo_groups(stream_key(PARTITION))
+    return next(g["last-delivered-id"].decode() for g in groups if g["name"] == GROUP.encode())
+
+
 def test_redis_crash_with_aof_keeps_streams_groups_pending_entries_and_seqs(rig: Rig) -> None:
     cid, sender = conversation_in(PARTITION), str(ObjectId())
     worker = rig.worker("storage-1")
@@ -296,7 +301,12 @@ def test_redis_crash_with_aof_keeps_streams_groups_pending_entries_and_seqs(rig:
     rig.redis.stop(sig=signal.SIGKILL)
     rig.redis.start()
     after = rig.state()
-    assert (after.pending, after.undelivered, after.appended) == (30, 71, 201), after
+    assert (after.pending, after.appended) == (30, 201), after
+    undelivered = r.xrange(stream_key(PARTITION), min=f"({_last_delivered(r)}", count=1000)
+    assert len(undelivered) == 71
+    # Redis 7.0 restores the group's entries-read counter inexactly: its lag (our backlog figure) may
+    # overcount until the group has read to the end, never undercount.
+    assert after.undelivered >= 71
     again = append_events(rig.redis_url, [probe])[0]  # a client retrying a send accepted before the crash
     assert again.duplicate and (again.message_id, again.seq) == (accepted.message_id, accepted.seq)
     third = send_messages(rig.redis_url, cid, sender, 1, prefix="third")
