@@ -220,3 +220,24 @@ def test_metrics_report_backlog_lag_and_rate_per_partition(servers: Servers, r: 
             f'{float(state_before.persisted + 4)}') in text
     assert "chatstream_storage_persisted_per_second" in text and "chatstream_storage_deadletters" in text
     assert r.exists(DEADLETTERS) in (0, 1)
+
+
+@pytest.mark.django_db
+def test_staff_see_the_pipeline_and_retry_a_dead_letter_in_the_admin(admin_client: Any, client: Any,
+                                                                     servers: Servers, r: redis.Redis) -> None:
+    cid = conversation_in(PARTITION)
+    garbage_id = r.xadd(stream_key(PARTITION), {"t": "message.new", "v": "1", "c": cid, "s": "1", "d": "nope"})
+    drain_until_empty(PARTITION)
+    letter = next(d for d in deadletters_list(limit=1000) if d.entry_id == garbage_id.decode())
+
+    assert client.get("/admin/storage/").status_code == 302  # anonymous: to the login page
+    page = admin_client.get("/admin/storage/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Storage pipeline" in html and letter.id in html and "drain lag" in html
+    done = admin_client.post(f"/admin/storage/deadletters/{letter.id}/retry")
+    assert done.status_code == 302
+    assert letter.id not in {d.id for d in deadletters_list(limit=1000)}
+    back: Any = r.xrange(stream_key(PARTITION), min=garbage_id)
+    assert any(f[b"d"] == b"nope" and f[b"c"] == cid.encode() for _, f in back)
+    assert admin_client.post("/admin/storage/deadletters/0-1/discard").status_code == 302
