@@ -621,6 +621,9 @@ def drain_all(*, batch_size: int, consumer: str, max_batches: int = 100_000,
         for _ in range(max_batches):
             res = partition_drain(partition=p, batch_size=batch_size, consumer=consumer)
             total += res.persisted
+            if res.busy:  # a worker is on it right now: wait for its lease rather than skip the partition
+                time.sleep(0.2)
+                continue
             if not res.more:
                 break
     return total

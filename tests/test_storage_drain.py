@@ -255,3 +255,16 @@ def test_staff_see_the_pipeline_and_retry_a_dead_letter_in_the_admin(admin_clien
     back: Any = r.xrange(stream_key(PARTITION), min=garbage_id)
     assert any(f[b"d"] == b"nope" and f[b"c"] == cid.encode() for _, f in back)
     assert admin_client.post("/admin/storage/deadletters/0-1/discard").status_code == 302
+
+
+def test_drain_command_empties_the_partitions_it_is_given(servers: Servers, r: redis.Redis) -> None:
+    partition = 13
+    cid = conversation_in(partition)
+    sent = send_messages(servers.redis_url, cid, str(ObjectId()), 7)
+    done = manage("drain", "--partition", str(partition))
+    assert done.returncode == 0, done.stderr
+    assert "persisted" in done.stdout
+    assert backlog(r, partition) == 0
+    assert {m["_id"] for m in get_db().messages.find({"conversation_id": ObjectId(cid)})} == \
+        {a.message_id for a in sent}
+    assert manage("drain", "--partition", "99").returncode != 0
