@@ -395,11 +395,14 @@ def partition_drain(
 ) -> DrainResult:
     """Persist one batch (at most ``batch_size`` entries) of ``partition``'s stream, then acknowledge it.
 
-    Preconditions: MongoDB is connected (``storage.mongo.mongo_connect``). Side effects: reads as
-    ``consumer`` of group ``storage`` (creating it if missing; taking over entries idle on dead consumers);
-    one ``update`` command on ``messages`` and one on ``conversations``; XADD of dead letters; XACK of what
-    is persisted or dead-lettered; failure counters; stats. Raises :class:`Retryable` when MongoDB or Redis
-    is away: nothing was acknowledged, and the batch is handed back to be taken by the next drain.
+    Preconditions: MongoDB is connected (``storage.mongo.mongo_connect``). Side effects: takes the
+    partition's drain lease (returns ``busy`` at once if another drain holds it); reads as ``consumer`` of
+    group ``storage`` (creating it if missing; taking over entries idle on dead consumers); one ``insert``
+    of new messages, one ``update`` of edits/deletes/read marks, one ``update`` of conversations; XADD of
+    dead letters; XACK of what is persisted or dead-lettered; failure counters; stats; one log line.
+    Raises :class:`Retryable` when MongoDB or Redis is away: nothing was acknowledged, and the batch is
+    handed back to be taken by the next drain. Any other error leaves the batch pending: it is reclaimed
+    after ``DRAIN_RECLAIM_IDLE_S`` and dead-lettered after ``DRAIN_MAX_DELIVERIES`` such failures.
     """
     started = time.monotonic()
     r = client or redis_sync()
