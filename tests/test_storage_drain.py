@@ -268,3 +268,43 @@ def test_drain_command_empties_the_partitions_it_is_given(servers: Servers, r: r
     assert {m["_id"] for m in get_db().messages.find({"conversation_id": ObjectId(cid)})} == \
         {a.message_id for a in sent}
     assert manage("drain", "--partition", "99").returncode != 0
+
+
+def test_an_entry_whose_workers_keep_dying_is_dead_lettered(servers: Servers, r: redis.Redis, settings: Any) -> None:
+    settings.DRAIN_RECLAIM_IDLE_S = 0.05
+    settings.DRAIN_MAX_DELIVERIES = 4
+    partition = 14
+    cid = conversation_in(partition)
+    services.group_ensure(partition=partition)
+    drain_until_empty(partition)
+    killer = send_messages(servers.redis_url, cid, str(ObjectId()), 1, prefix="kills-its-worker")[0]
+    key = stream_key(partition)
+    r.xreadgroup(GROUP, "victim", {key: ">"}, count=1)
+    # Four workers took it and died before acking (XCLAIM sets the delivery count as XAUTOCLAIM would).
+    r.xclaim(key, GROUP, "victim", 0, [killer.entry_id], retrycount=4)
+    import time
+
+    time.sleep(0.06)
+    res = services.partition_drain(partition=partition, batch_size=50, consumer="test-consumer")
+    assert res.dead_lettered == 1 and res.reclaimed == 1
+    letter = next(d for d in deadletters_list(limit=1000) if d.entry_id == killer.entry_id)
+    assert "delivered 5 times" in letter.reason
+    assert backlog(r, partition) == 0
+
+
+def test_the_tick_enqueues_a_drain_only_for_partitions_with_a_backlog(servers: Servers, r: redis.Redis) -> None:
+    for p in range(16):
+        services.group_ensure(partition=p)
+        drain_until_empty(p)
+        r.delete(drain_lock_key(p))
+    partition = 2
+    send_messages(servers.redis_url, conversation_in(partition), str(ObjectId()), 3)
+    # (Other tests may have left entries pending on a "dead" consumer: those partitions have a backlog too.)
+    expected = {s.partition for s in partitions_state() if s.backlog > 0}
+    assert partition in expected
+    assert set(services.drain_tick(client=r)) == expected
+    assert services.drain_tick(client=r) == []  # already queued: deduplicated
+    assert r.ttl(drain_lock_key(partition)) > 0  # and the lock expires should the drain never run
+    for p in expected:
+        services.drain_release(partition=p)
+    drain_until_empty(partition)
