@@ -3,6 +3,7 @@ private Redis and FerretDB servers of each test, so stopping and killing them di
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -319,3 +320,37 @@ def test_redis_crash_with_aof_keeps_streams_groups_pending_entries_and_seqs(rig:
     except AssertionError:
         raise AssertionError(rig.logs()) from None
     assert_exactly_once(rig, cid, [x.message_id for x in first + second + [accepted] + third])
+
+
+def test_make_run_cluster_persists_accepted_messages_and_serves_storage_metrics(tmp_path: Path,
+                                                                                servers: Any) -> None:
+    """The storage roles exactly as `make run` starts them (two workers and beat under honcho) drain what
+    the write path's primitive appends, and each worker serves /metrics on its registered URL."""
+    from tests.procs import Cluster, manage
+
+    cluster = Cluster(tmp_path, CHATSTREAM_FLUSH_INTERVAL="0.5")
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        cid, sender = conversation_in(4), str(ObjectId())
+        sent = send_messages(servers.redis_url, cid, sender, 120, concurrency=10)
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(servers.mongodb_uri)
+        try:
+            messages = client.get_default_database().messages
+            wait_until(lambda: messages.count_documents({"conversation_id": ObjectId(cid)}) == 120,
+                       timeout_s=120, interval_s=0.5, what="the cluster to persist the messages")
+            assert {m["_id"] for m in messages.find({"conversation_id": ObjectId(cid)})} == \
+                {a.message_id for a in sent}
+        finally:
+            client.close()
+        listed = manage("services", "--json", env=cluster.env)
+        storage_urls = [i["url"] for i in json.loads(listed.stdout) if i["role"] == "storage"]
+        assert len(storage_urls) == 2
+        for url in storage_urls:
+            text = wait_until(functools.partial(_get, f"{url}/metrics"), timeout_s=30, what=f"{url}/metrics")
+            assert 'chatstream_storage_backlog{partition="4"}' in text
+            assert "chatstream_storage_persisted_per_second" in text
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{cluster.log_tail(80)}") from None
+    finally:
+        cluster.stop()
