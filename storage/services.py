@@ -82,6 +82,14 @@ def drain_enqueue(*, partition: int, client: redis.Redis | None = None) -> bool:
     return True
 
 
+async def drain_enqueue_async(*, partition: int) -> bool:
+    """:func:`drain_enqueue` for an event loop (the brokers' size trigger): the Redis call and the Celery
+    publish block, so they run in a worker thread."""
+    from asgiref.sync import sync_to_async
+
+    return bool(await sync_to_async(drain_enqueue, thread_sensitive=False)(partition=partition))
+
+
 def drain_release(*, partition: int, backoff_s: int = 0, client: redis.Redis | None = None) -> None:
     """End of a drain: free the partition's lock, or keep it ``backoff_s`` more seconds (after an outage)."""
     r = client or redis_sync()

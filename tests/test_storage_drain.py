@@ -3,6 +3,7 @@ poison entries and dead letters, trimming, the enqueue lock and the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -208,6 +209,10 @@ def test_drain_enqueue_is_deduplicated_per_partition(r: redis.Redis) -> None:
     assert services.drain_enqueue(partition=partition + 1) in (True, False)  # another partition: its own lock
     services.drain_release(partition=partition)
     assert services.drain_enqueue(partition=partition) is True
+    services.drain_release(partition=partition)
+    # The same from an event loop (the brokers' size trigger).
+    assert asyncio.run(services.drain_enqueue_async(partition=partition)) is True
+    assert asyncio.run(services.drain_enqueue_async(partition=partition)) is False
     services.drain_release(partition=partition)
     r.delete(drain_lock_key(partition + 1))
 

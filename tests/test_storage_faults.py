@@ -145,8 +145,8 @@ def test_sigkilled_worker_mid_batch_is_reclaimed_by_another_and_every_message_la
               CHATSTREAM_BATCH_SIZE="100")
     try:
         wait_until(lambda: rig.state().backlog == 0, timeout_s=180, interval_s=0.5, what="the backlog to drain")
-    except AssertionError:
-        raise AssertionError(rig.logs()) from None
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{rig.logs()}") from None
     assert_exactly_once(rig, cid, [x.message_id for x in first + more])
     lines = [json.loads(line.split("storage.drain ", 1)[1]) for line in rig.log("storage-b").splitlines()
              if "storage.drain {" in line]
@@ -185,8 +185,8 @@ def test_mongodb_outage_acks_nothing_unpersisted_and_the_backlog_drains_after(ri
     try:
         wait_until(lambda: rig.state().backlog == 0, timeout_s=180, interval_s=0.5,
                    what="the backlog to drain after the outage")
-    except AssertionError:
-        raise AssertionError(rig.logs()) from None
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{rig.logs()}") from None
     assert_exactly_once(rig, cid, [x.message_id for x in sent + during])
     assert "unavailable" in rig.log("storage-1")
 
@@ -317,8 +317,8 @@ def test_redis_crash_with_aof_keeps_streams_groups_pending_entries_and_seqs(rig:
     rig.beat()
     try:
         wait_until(lambda: rig.state().backlog == 0, timeout_s=180, interval_s=0.5, what="the backlog to drain")
-    except AssertionError:
-        raise AssertionError(rig.logs()) from None
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{rig.logs()}") from None
     assert_exactly_once(rig, cid, [x.message_id for x in first + second + [accepted] + third])
 
 
