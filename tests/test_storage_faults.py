@@ -200,6 +200,7 @@ from django.conf import settings
 from storage.services import partition_drain
 partition, consumer, stop_key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 r = redis.Redis.from_url(settings.REDIS_URL)
+r.set(f"test:ready:{consumer}", "1")
 persisted = batches = 0
 from storage.selectors import partitions_state
 for _ in range(20000):  # bounded
@@ -234,6 +235,8 @@ def test_two_workers_draining_one_partition_concurrently_write_each_message_once
             for c in db.conversations.find({"_id": {"$in": [ObjectId(x) for x in convs]}}):
                 seen[str(c["_id"])].append(int(c.get("last_seq", 0)))
 
+    wait_until(lambda: r.exists("test:ready:drainer-0", "test:ready:drainer-1") == 2, timeout_s=60,
+               what="both drainers to start")  # so both take part from the first message on
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     sent: dict[str, list[str]] = {cid: [] for cid in convs}
