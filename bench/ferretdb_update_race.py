@@ -20,9 +20,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pymongo  # noqa: E402
+import pymongo
 
-from tests.servers import ferretdb_server  # noqa: E402
+from tests.servers import ferretdb_server
 
 
 def main() -> None:
