@@ -56,6 +56,9 @@ DUPLICATE_KEY = 11000
 
 _groups_ready: set[str] = set()
 # Delete the lease only if it is still ours (it may have expired and been taken by another drain).
+# Extend the lease only if it is still ours; 0 means another drain took the partition over.
+_LEASE_RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
+                    "end return 0")
 _LEASE_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
@@ -428,14 +431,14 @@ def partition_drain(
         raise Retryable(f"redis unavailable: {exc}") from exc
     try:
         return _drain_leased(r, partition=partition, batch_size=batch_size, consumer=consumer, result=result,
-                             started=started)
+                             started=started, token=token)
     finally:
         with contextlib.suppress(redis.RedisError):  # if Redis is away, the lease expires by itself
             r.register_script(_LEASE_RELEASE_LUA)(keys=[drain_lease_key(partition)], args=[token])
 
 
 def _drain_leased(r: redis.Redis, *, partition: int, batch_size: int, consumer: str, result: DrainResult,
-                  started: float) -> DrainResult:
+                  started: float, token: str) -> DrainResult:
     try:
         group_ensure(partition=partition, client=r)
         items, result.reclaimed = _read_batch(r, partition=partition, consumer=consumer, batch_size=batch_size)
@@ -448,6 +451,12 @@ def _drain_leased(r: redis.Redis, *, partition: int, batch_size: int, consumer: 
     for item in items:
         _parse(item)
     live = [i for i in items if i.event is not None]
+    lease_ms = int(settings.DRAIN_RECLAIM_IDLE_S * 1000)
+    if not r.register_script(_LEASE_RENEW_LUA)(keys=[drain_lease_key(partition)], args=[token, lease_ms]):
+        # We stalled past the lease and another drain owns the partition now: write nothing (our entries stay
+        # pending and are reclaimed by it), so two drains never write one document at once.
+        result.busy = True
+        return result
     try:
         db = get_db()
         read_convs = list({i.conversation for i in live if i.event and i.event.type == "read.updated"})

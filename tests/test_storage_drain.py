@@ -313,3 +313,28 @@ def test_the_tick_enqueues_a_drain_only_for_partitions_with_a_backlog(servers: S
     for p in expected:
         services.drain_release(partition=p)
     drain_until_empty(partition)
+
+
+def test_a_drain_that_lost_its_lease_writes_nothing(servers: Servers, r: redis.Redis, monkeypatch: Any) -> None:
+    from storage.keys import drain_lease_key
+
+    partition = 12
+    services.group_ensure(partition=partition)
+    drain_until_empty(partition)
+    cid = conversation_in(partition)
+    sent = send_messages(servers.redis_url, cid, str(ObjectId()), 3)
+    real_parse = services._parse
+
+    def stall_then_parse(item: Any) -> None:  # as if this drain stalled and another took the partition over
+        r.set(drain_lease_key(partition), "someone-else", px=60_000)
+        real_parse(item)
+
+    monkeypatch.setattr(services, "_parse", stall_then_parse)
+    res = services.partition_drain(partition=partition, batch_size=50, consumer="stalled")
+    assert res.busy and res.read == 3 and res.persisted == 0
+    assert get_db().messages.count_documents({"conversation_id": ObjectId(cid)}) == 0
+    assert partitions_state(partitions=[partition])[0].pending == 3  # left for the new owner to reclaim
+    assert r.get(drain_lease_key(partition)) == b"someone-else"  # and its lease left alone
+    monkeypatch.undo()
+    r.delete(drain_lease_key(partition))
+    r.xack(stream_key(partition), GROUP, *[a.entry_id for a in sent])  # tidy: the session's streams are shared
