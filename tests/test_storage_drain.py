@@ -199,6 +199,7 @@ def test_trim_keeps_unacknowledged_and_recent_entries(servers: Servers, r: redis
     left = {e[0].decode() for e in r.xrange(key)}
     assert not ({a.entry_id for a in acked} & left)
     assert {a.entry_id for a in unacked} <= left
+    r.xack(key, GROUP, *[a.entry_id for a in unacked])  # tidy: the session's streams are shared
 
 
 def test_drain_enqueue_is_deduplicated_per_partition(r: redis.Redis) -> None:
