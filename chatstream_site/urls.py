@@ -9,6 +9,7 @@ from chatstream_site.health import healthz_view, readyz_view
 urlpatterns = [
     path("healthz", healthz_view),
     path("readyz", readyz_view),
+    path("admin/storage/", include("storage.urls")),  # staff pages of the storage pipeline
     path("admin/", admin.site.urls),
     path("api/v1/", include("api.urls")),
 ]
