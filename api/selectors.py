@@ -8,6 +8,7 @@ storage pipeline has persisted so far, a few seconds behind at most.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -121,21 +122,41 @@ def _accepted_and_cursors(conversations: list[Conversation], *, user_id: str) ->
     return [(int(raw[i] or 0), int(raw[i + 1] or 0)) for i in range(0, len(raw), 2)]
 
 
+@functools.cache
+def _is_ferretdb() -> bool:
+    """FerretDB names itself in buildInfo; it evaluates filters over whole collections (no index use)."""
+    info = Message._get_db().command("buildInfo")
+    return "ferretdbVersion" in info
+
+
 def unread_counts(*, user_id: str, after: dict[ObjectId, int]) -> dict[ObjectId, int]:
     """Per conversation, the messages of others above the given read cursor that are not deleted.
 
-    One aggregation for all conversations (``$or`` of ``(conversation_id, seq > cursor)``): MongoDB serves
-    each clause from the ``(conversation_id, seq)`` index; FerretDB v1, which pushes no such filter down,
-    scans the collection once per request instead of once per conversation.
+    MongoDB: one aggregation, ``$or`` of ``(conversation_id, seq > cursor)`` clauses, each served by the
+    ``(conversation_id, seq)`` index. FerretDB v1 pushes none of that down and evaluates a 500-clause
+    ``$or`` per document (minutes on 100k messages), so there one plain scan with ``$in`` returns
+    ``(conversation_id, seq)`` pairs and the cursors are applied here.
     """
     if not after:
         return {}
-    pipeline = [
-        {"$match": {"$or": [{"conversation_id": cid, "seq": {"$gt": seq}} for cid, seq in after.items()],
-                    "sender_id": {"$ne": ObjectId(user_id)}, "deleted": {"$ne": True}}},
-        {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}},
-    ]
-    return {row["_id"]: int(row["n"]) for row in Message._get_collection().aggregate(pipeline)}
+    me = ObjectId(user_id)
+    collection = Message._get_collection()
+    if not _is_ferretdb():
+        pipeline = [
+            {"$match": {"$or": [{"conversation_id": cid, "seq": {"$gt": seq}} for cid, seq in after.items()],
+                        "sender_id": {"$ne": me}, "deleted": {"$ne": True}}},
+            {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}},
+        ]
+        return {row["_id"]: int(row["n"]) for row in collection.aggregate(pipeline)}
+    counts: dict[ObjectId, int] = {}
+    rows = collection.find({"conversation_id": {"$in": list(after)}, "seq": {"$gt": min(after.values())},
+                            "sender_id": {"$ne": me}, "deleted": {"$ne": True}},
+                           projection={"_id": 0, "conversation_id": 1, "seq": 1})
+    for row in rows:
+        cid = row["conversation_id"]
+        if row["seq"] > after.get(cid, row["seq"]):
+            counts[cid] = counts.get(cid, 0) + 1
+    return counts
 
 
 def _summaries(conversations: list[Conversation], *, user_id: str) -> list[ConversationSummary]:

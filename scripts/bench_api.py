@@ -101,14 +101,18 @@ def run(args: argparse.Namespace) -> None:
             response = call()  # type: ignore[operator]
             out.append((time.perf_counter() - t0) * 1000)
             assert response.status_code == 200, response.content
+            print(f"  {out[-1]:.0f} ms", flush=True)
         return out
 
     url = f"/api/v1/conversations/{cid}/messages"
     timed(lambda: reader.client.get(url, {"limit": 50}), 2)  # warm up
+    print("history, newest page:", flush=True)
     newest = timed(lambda: reader.client.get(url, {"limit": 50}), args.runs)
+    print("history, random before_seq:", flush=True)
     rng = random.Random(7)  # noqa: S311 - reproducible page choice, not a secret
     older = timed(lambda: reader.client.get(url, {"limit": 50, "before_seq": rng.randint(51, args.messages)}),
                   args.runs)
+    print("conversations:", flush=True)
     fresh(lister)
     page = client.get("/api/v1/conversations", {"limit": 500}).json()["results"]
     assert len(page) == args.conversations and all(c["unread"] == 3 for c in page)
