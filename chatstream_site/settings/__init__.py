@@ -196,6 +196,9 @@ GATEWAY_ALLOWED_ORIGINS = env_list("CHATSTREAM_GATEWAY_ALLOWED_ORIGINS", [])
 GATEWAY_ADMIN_NETWORKS = env_list(
     "CHATSTREAM_GATEWAY_ADMIN_NETWORKS", ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
 )
+# Addresses of load balancers in front of the gateway whose X-Forwarded-For is believed (comma-separated
+# IPs or networks). Empty: the TCP peer is the client, and X-Forwarded-For from clients is ignored.
+GATEWAY_TRUSTED_PROXIES = env_list("CHATSTREAM_GATEWAY_TRUSTED_PROXIES", [])
 # Request bodies are buffered (so a failed connect can be retried elsewhere): 10 MiB bounds the memory.
 GATEWAY_MAX_BODY = env_int("CHATSTREAM_GATEWAY_MAX_BODY", 10 * 1024 * 1024, minimum=1024)
 for _name in ("GATEWAY_RATE_IP", "GATEWAY_RATE_USER", "GATEWAY_RATE_SENSITIVE", "GATEWAY_RATE_WS_IP",
