@@ -82,12 +82,12 @@ def test_client_identity_headers_are_stripped() -> None:
 def test_public_routes_are_listed_in_one_place_and_everything_else_is_protected() -> None:
     assert set(public_paths()) >= {"/healthz", "/readyz", "/", "/static/", "/api/v1/auth/register",
                                    "/api/v1/auth/login", "/api/v1/auth/refresh"}
-    assert route_match("/api/v1/auth/login").auth == "public"  # type: ignore[union-attr]
-    assert route_match("/api/v1/auth/login/extra").auth == "jwt"  # type: ignore[union-attr]
-    assert route_match("/api/v1/auth/ws-ticket").auth == "jwt"  # type: ignore[union-attr]
-    assert route_match("/api/v1/conversations").auth == "jwt"  # type: ignore[union-attr]
-    assert route_match("/ws/").auth == "ticket"  # type: ignore[union-attr]
-    assert route_match("/admin/login/").target == "api"  # type: ignore[union-attr]
+    assert route_match("/api/v1/auth/login").auth == "public"
+    assert route_match("/api/v1/auth/login/extra").auth == "jwt"
+    assert route_match("/api/v1/auth/ws-ticket").auth == "jwt"
+    assert route_match("/api/v1/conversations").auth == "jwt"
+    assert route_match("/ws/").auth == "ticket"
+    assert route_match("/admin/login/").target == "api"
     assert route_match("/etc/passwd") is None
 
 
@@ -217,8 +217,8 @@ def test_least_outstanding_requests_and_open_connections_are_counted_separately(
         async with upstreams.holding(a, kind="http"), upstreams.holding(a, kind="http"):
             assert {await upstreams.pick(role="api", kind="http") for _ in range(6)} == {b}
             # WebSockets are balanced by open connections only: a has none, so both are candidates.
-            assert {(await upstreams.pick(role="api", kind="ws")).id for _ in range(6)} == {a.id, b.id}  # type: ignore[union-attr]
-        assert {(await upstreams.pick(role="api", kind="http")).id for _ in range(6)} == {a.id, b.id}  # type: ignore[union-attr]
+            assert {(await upstreams.pick(role="api", kind="ws")).id for _ in range(6)} == {a.id, b.id}
+        assert {(await upstreams.pick(role="api", kind="http")).id for _ in range(6)} == {a.id, b.id}
 
     asyncio.run(scenario())
 
