@@ -9,8 +9,9 @@ The stack, outermost first (each layer in ``gateway/middleware.py`` or ``gateway
 5. authentication — JWT for ``jwt`` routes, the single-use ticket for ``/ws/`` (401, or close 4001);
 6. rate limit per user — keyed on the verified user;
 7. route authorization — unknown routes 404, admin only from the admin networks (403);
-8. router — the gateway's own routes (``/healthz``, ``/readyz``, ``/``), else load balancer (least
-   outstanding, registry-driven) → circuit breaker per instance → proxy (HTTP or WebSocket).
+8. router — the gateway's own routes (``/healthz``, ``/readyz``, the web client at ``/`` and ``/app/``),
+   else load balancer (least outstanding, registry-driven) → circuit breaker per instance → proxy (HTTP or
+   WebSocket).
 
 Routes and which of them are public are in ``gateway/routes.py``; the identity passed upstream is
 specified in ``gateway/identity.py``.
@@ -25,7 +26,7 @@ import redis.asyncio
 from django.conf import settings
 
 from chatstream_site.registry import ROLES
-from gateway.asgi import ASGIApp, Receive, Scope, Send, send_response, state_of
+from gateway.asgi import ASGIApp, Receive, Scope, Send, send_error, send_response, state_of
 from gateway.middleware import (
     AccessLogLayer,
     AuthenticationLayer,
@@ -38,6 +39,7 @@ from gateway.middleware import (
 from gateway.proxy import HttpProxy, WebSocketProxy
 from gateway.ratelimit import RateLimiter
 from gateway.upstreams import Upstreams
+from gateway.webclient import webclient_file, webclient_headers
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,15 @@ class Router:
             await send_response(send, status=200, body=b'{"status":"ok","role":"gateway"}')
         elif route.path == "/readyz":
             await self.readyz(send)
-        else:
-            await send_response(send, status=200, body=INDEX_HTML, content_type=b"text/html; charset=utf-8",
-                                headers=[(b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'")])
+        else:  # the web client: "/" and "/app/<file>"
+            found = webclient_file(scope["path"]) if scope["method"] in ("GET", "HEAD") else None
+            if found is None:
+                state_of(scope).reason = "not_found"
+                await send_error(send, status=404, code="not_found", message=f"no route for {scope['path']}")
+                return
+            content_type, body = found
+            await send_response(send, status=200, body=body, content_type=content_type.encode(),
+                                headers=webclient_headers(content_type))
 
     async def readyz(self, send: Send) -> None:
         live = await self.upstreams.instances()
@@ -119,8 +127,3 @@ class GatewayApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-
-INDEX_HTML = b"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ChatStream</title>
-<meta name="viewport" content="width=device-width,initial-scale=1"></head>
-<body><h1>ChatStream</h1><p>The gateway is up. <a href="/readyz">Readiness</a> &middot;
-<a href="/api/v1/">API</a></p></body></html>"""

@@ -35,7 +35,8 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("/healthz", "gateway", "public", exact=True),
     Route("/readyz", "gateway", "public", exact=True),
-    Route("/", "gateway", "public", exact=True),  # the web client
+    Route("/", "gateway", "public", exact=True),  # the web client's page ...
+    Route("/app/", "gateway", "public"),  # ... and its files (gateway/webclient.py)
     Route("/static/", "api", "public"),
     Route("/api/v1/auth/register", "api", "public", exact=True, sensitive=True),
     Route("/api/v1/auth/login", "api", "public", exact=True, sensitive=True),

@@ -211,6 +211,12 @@ for _name in ("GATEWAY_RATE_IP", "GATEWAY_RATE_USER", "GATEWAY_RATE_SENSITIVE", 
 PARTITIONS = env_int("CHATSTREAM_PARTITIONS", 16, minimum=1, maximum=1024)
 FLUSH_INTERVAL_S = env_float("CHATSTREAM_FLUSH_INTERVAL", 2.0, minimum=0.1)
 BATCH_SIZE = env_int("CHATSTREAM_BATCH_SIZE", 500, minimum=1)
+# Stream entries stay in Redis at least this long after they are persisted, so a reconnecting client
+# resumes from Redis (fast) for a day of absence and from MongoDB beyond that (never a hole).
+RESUME_WINDOW_S = env_int("CHATSTREAM_RESUME_WINDOW", 24 * 3600, minimum=60)
+# 4,000 characters: a long chat message (Discord allows 2,000, Slack 40,000 but folds them); a frame with it
+# stays far below the 64 KiB WebSocket frame limit even when every character is 4 UTF-8 bytes.
+MESSAGE_MAX_CHARS = env_int("CHATSTREAM_MESSAGE_MAX_CHARS", 4000, minimum=1, maximum=15000)
 
 # ------------------------------------------------------------------ Celery
 

@@ -1,0 +1,269 @@
+"""The one write path of conversation events (Zulip style): WebSocket consumers and DRF views both call it.
+
+Each function validates, authorizes (membership from a Redis cache filled from MongoDB on a miss, never a
+blocking MongoDB call on the event loop), then appends one durable event to the conversation's partition
+stream (``messaging/streams.py``). It returns only after Redis accepted the entry: that is what "accepted"
+means to clients (DESIGN.md §4). Fan-out to connected clients and persistence happen downstream, from the
+stream; nothing here talks to a socket.
+
+All functions are coroutines taking an asyncio Redis client; sync callers (DRF views) use
+``asgiref.sync.async_to_sync``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from chatstream_site.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from messaging import streams
+
+CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+MESSAGE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# A membership answer is cached this long; API writes that change membership invalidate it at once, so the
+# TTL only bounds the staleness after a write that bypassed the services (a manual database edit).
+MEMBERSHIP_TTL_S = 3600
+# "Not a conversation" answers are cached briefly: enough to absorb a client hammering a bad id.
+MEMBERSHIP_MISS_TTL_S = 30
+_NO_MEMBERS = "-"  # the cached set of a conversation that does not exist
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def membership_key(conversation_id: str) -> str:
+    return f"cs:members:{conversation_id}"
+
+
+def message_meta_key(message_id: str) -> str:
+    """Hash ``{c: conversation id, u: sender id}`` of a message accepted recently (before it is in MongoDB)."""
+    return f"cs:msgmeta:{message_id}"
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _require_object_id(value: Any, *, field: str) -> str:
+    if not isinstance(value, str) or not OBJECT_ID_RE.match(value):
+        raise ValidationFailed(f"{field} must be a 24-character hex id", details={"field": field})
+    return value
+
+
+def _require_content(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValidationFailed("content must be a string", details={"field": "content"})
+    if not value.strip():
+        raise ValidationFailed("content must not be empty", details={"field": "content"})
+    if len(value) > settings.MESSAGE_MAX_CHARS:
+        raise PayloadTooLarge(
+            f"content is {len(value)} characters; the limit is {settings.MESSAGE_MAX_CHARS}",
+            details={"field": "content", "limit": settings.MESSAGE_MAX_CHARS},
+        )
+    return value
+
+
+def _require_client_msg_id(value: Any) -> str:
+    if not isinstance(value, str) or not CLIENT_MSG_ID_RE.match(value):
+        raise ValidationFailed("client_msg_id must be 1-64 characters of A-Z a-z 0-9 _ . : -",
+                               details={"field": "client_msg_id"})
+    return value
+
+
+# ------------------------------------------------------------------ membership
+
+
+def _members_from_db(conversation_id: str) -> list[str] | None:
+    from storage.documents import Conversation
+
+    conversation = Conversation.objects(id=conversation_id).only("members").first()
+    if conversation is None:
+        return None
+    return [str(m) for m in conversation.members]
+
+
+async def conversation_members(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
+    """Member ids of a conversation (None if it does not exist). Cached in Redis; a miss reads MongoDB
+    in a worker thread. Side effect: fills the cache."""
+    key = membership_key(conversation_id)
+    cached = await client.smembers(key)
+    if cached:
+        members = {m.decode() if isinstance(m, bytes) else str(m) for m in cached}
+        return None if members == {_NO_MEMBERS} else members - {_NO_MEMBERS}
+    found = await sync_to_async(_members_from_db, thread_sensitive=False)(conversation_id)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.delete(key)
+        pipe.sadd(key, *(found or [_NO_MEMBERS]))
+        pipe.expire(key, MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S)
+        await pipe.execute()
+    return set(found) if found is not None else None
+
+
+async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conversation_id: str) -> None:
+    """Raise NotFound for an unknown conversation and for one the user is not in (no existence leak)."""
+    members = await conversation_members(client, conversation_id=conversation_id)
+    if members is None or user_id not in members:
+        raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+
+
+async def membership_invalidate(client: redis.asyncio.Redis, *, conversation_id: str) -> None:
+    """Forget the cached members; call after any change of a conversation's members."""
+    await client.delete(membership_key(conversation_id))
+
+
+def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
+    """The same for sync code (DRF services) with a sync ``redis.Redis`` client."""
+    client.delete(membership_key(conversation_id))
+
+
+# ------------------------------------------------------------------ the write path
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What the sender is told once Redis accepted the event (the ``ack``)."""
+
+    message_id: str
+    conversation_id: str
+    seq: int
+    duplicate: bool
+    event: dict[str, Any]  # the payload appended (for a duplicate, the retried request's view)
+
+
+async def message_send(
+    client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, client_msg_id: Any, content: Any
+) -> Accepted:
+    """Accept a new message. Retrying with the same ``client_msg_id`` returns the first ``(id, seq)``.
+
+    Raises ValidationFailed, PayloadTooLarge, NotFound. Side effects: appends ``message.new`` to the
+    partition stream and remembers the message's sender for edits made before it reaches MongoDB.
+    """
+    conversation_id = _require_object_id(conversation_id, field="conversation_id")
+    client_msg_id = _require_client_msg_id(client_msg_id)
+    content = _require_content(content)
+    await membership_require(client, user_id=user_id, conversation_id=conversation_id)
+    payload = {
+        "id": uuid.uuid4().hex, "conversation_id": conversation_id, "sender_id": user_id,
+        "content": content, "timestamp": _now_iso(), "client_msg_id": client_msg_id,
+    }
+    appended = await streams.event_append(
+        client, type="message.new", conversation_id=conversation_id, payload=payload,
+        message_id=payload["id"], dedup=(user_id, client_msg_id),
+    )
+    if not appended.duplicate:
+        key = message_meta_key(appended.message_id)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping={"c": conversation_id, "u": user_id})
+            pipe.expire(key, settings.RESUME_WINDOW_S + 3600)
+            await pipe.execute()
+    return Accepted(message_id=appended.message_id, conversation_id=conversation_id, seq=appended.seq,
+                    duplicate=appended.duplicate, event={**payload, "id": appended.message_id, "seq": appended.seq})
+
+
+def _message_owner_from_db(message_id: str) -> tuple[str, str, bool] | None:
+    from storage.documents import Message
+
+    message = Message.objects(id=message_id).only("conversation_id", "sender_id", "deleted").first()
+    if message is None:
+        return None
+    return str(message.conversation_id), str(message.sender_id), bool(message.deleted)
+
+
+async def _message_owner(client: redis.asyncio.Redis, *, message_id: Any) -> tuple[str, str]:
+    if not isinstance(message_id, str) or not MESSAGE_ID_RE.match(message_id):
+        raise ValidationFailed("message_id must be a 32-character hex id", details={"field": "message_id"})
+    meta = await client.hgetall(message_meta_key(message_id))
+    if meta:
+        decoded = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                   for k, v in meta.items()}
+        if decoded.get("x") == "1":
+            raise NotFound("message was deleted", details={"message_id": message_id})
+        return decoded["c"], decoded["u"]
+    found = await sync_to_async(_message_owner_from_db, thread_sensitive=False)(message_id)
+    if found is None or found[2]:
+        raise NotFound("no such message", details={"message_id": message_id})
+    return found[0], found[1]
+
+
+async def _sender_only(client: redis.asyncio.Redis, *, user_id: str, message_id: Any) -> str:
+    conversation_id, sender_id = await _message_owner(client, message_id=message_id)
+    await membership_require(client, user_id=user_id, conversation_id=conversation_id)
+    if sender_id != user_id:
+        raise Forbidden("only the sender may change a message", details={"message_id": message_id})
+    return conversation_id
+
+
+async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id: Any, content: Any) -> Accepted:
+    """Replace a message's content (sender only). Appends ``message.edited`` after the message it edits."""
+    content = _require_content(content)
+    conversation_id = await _sender_only(client, user_id=user_id, message_id=message_id)
+    payload = {"id": message_id, "conversation_id": conversation_id, "content": content,
+               "edited_at": _now_iso(), "editor_id": user_id}
+    appended = await streams.event_append(client, type="message.edited", conversation_id=conversation_id,
+                                          payload=payload, message_id=message_id)
+    return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
+                    event={**payload, "seq": appended.seq})
+
+
+async def message_delete(client: redis.asyncio.Redis, *, user_id: str, message_id: Any) -> Accepted:
+    """Tombstone a message (sender only). Appends ``message.deleted``; later edits are refused."""
+    conversation_id = await _sender_only(client, user_id=user_id, message_id=message_id)
+    payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": _now_iso(),
+               "deleter_id": user_id}
+    appended = await streams.event_append(client, type="message.deleted", conversation_id=conversation_id,
+                                          payload=payload, message_id=message_id)
+    key = message_meta_key(message_id)
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.hset(key, mapping={"c": conversation_id, "u": user_id, "x": "1"})
+        pipe.expire(key, settings.RESUME_WINDOW_S + 3600)
+        await pipe.execute()
+    return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
+                    event={**payload, "seq": appended.seq})
+
+
+def read_cursor_key(conversation_id: str) -> str:
+    """Hash user id -> read seq, in the conversation's partition slot."""
+    return f"cs:{streams.tag(streams.partition_of(conversation_id))}:read:{conversation_id}"
+
+
+# KEYS[1] read-cursor hash, KEYS[2] stream, KEYS[3] seq hash; ARGV[1] user, ARGV[2] seq, ARGV[3] conversation,
+# ARGV[4] payload -> the cursor after the call (moved only forward, and never past the last accepted seq)
+_READ_LUA = """
+local last = tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0')
+local want = tonumber(ARGV[2])
+if want > last then want = last end
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if want <= current then return current end
+redis.call('HSET', KEYS[1], ARGV[1], want)
+local payload = string.gsub(ARGV[4], '"seq":0', '"seq":' .. want, 1)
+redis.call('XADD', KEYS[2], '*', 't', 'read.updated', 'c', ARGV[3], 's', '0', 'd', payload, 'v', '1')
+return want
+"""
+
+
+async def read_mark(client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, seq: Any) -> int:
+    """Move the user's read cursor forward to ``seq`` (clamped to the last accepted seq); return the cursor.
+
+    A cursor never moves back: a smaller ``seq`` changes nothing and appends nothing. Side effect, when it
+    moves: appends ``read.updated`` to the partition stream.
+    """
+    conversation_id = _require_object_id(conversation_id, field="conversation_id")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ValidationFailed("seq must be a non-negative integer", details={"field": "seq"})
+    await membership_require(client, user_id=user_id, conversation_id=conversation_id)
+    partition = streams.partition_of(conversation_id)
+    payload = f'{{"conversation_id":"{conversation_id}","user_id":"{user_id}","seq":0}}'
+    script = client.register_script(_READ_LUA)
+    cursor = await script(
+        keys=[read_cursor_key(conversation_id), streams.stream_key(partition), streams.seq_key(partition)],
+        args=[user_id, seq, conversation_id, payload],
+    )
+    return int(cursor)

@@ -1,0 +1,140 @@
+"""The write path (messaging.services) against the session's real Redis and FerretDB."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio
+from bson import ObjectId
+
+from chatstream_site.errors import DomainError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from messaging import services
+from messaging.streams import event_decode, partition_of, stream_key
+from storage.documents import Conversation
+from tests.servers import Servers
+
+ALICE, BOB, EVE = (str(ObjectId()) for _ in range(3))
+
+
+@pytest.fixture
+def conversation(servers: Servers) -> str:
+    conv = Conversation(type="single", room_id=ObjectId(), members=[ObjectId(ALICE), ObjectId(BOB)]).save()
+    return str(conv.id)
+
+
+def run(servers: Servers, body: Callable[[redis.asyncio.Redis], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        client = redis.asyncio.Redis.from_url(servers.redis_url)
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def test_send_is_acked_with_seq_and_deduplicated(servers: Servers, conversation: str) -> None:
+    async def body(c: redis.asyncio.Redis) -> None:
+        first = await services.message_send(c, user_id=ALICE, conversation_id=conversation,
+                                            client_msg_id="m-1", content="hello")
+        again = await services.message_send(c, user_id=ALICE, conversation_id=conversation,
+                                            client_msg_id="m-1", content="hello")
+        other = await services.message_send(c, user_id=BOB, conversation_id=conversation,
+                                            client_msg_id="m-1", content="hi")
+        assert (first.seq, again.seq, other.seq) == (1, 1, 2)
+        assert again.duplicate and again.message_id == first.message_id
+        entries = await c.xrange(stream_key(partition_of(conversation)))
+        events = [event_decode(i, f) for i, f in entries]
+        assert [(e.type, e.seq) for e in events if e.conversation_id == conversation] == [
+            ("message.new", 1), ("message.new", 2)]
+
+    run(servers, body)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"conversation_id": {"$gt": ""}}, ValidationFailed),
+        ({"conversation_id": "not-an-id"}, ValidationFailed),
+        ({"client_msg_id": ""}, ValidationFailed),
+        ({"client_msg_id": 5}, ValidationFailed),
+        ({"content": ["x"]}, ValidationFailed),
+        ({"content": "   "}, ValidationFailed),
+        ({"content": "x" * 4001}, PayloadTooLarge),
+    ],
+)
+def test_bad_input_is_refused_and_nothing_is_appended(servers: Servers, conversation: str,
+                                                      kwargs: dict[str, Any], error: type[DomainError]) -> None:
+    async def body(c: redis.asyncio.Redis) -> None:
+        args = {"conversation_id": conversation, "client_msg_id": uuid.uuid4().hex, "content": "ok", **kwargs}
+        with pytest.raises(error):
+            await services.message_send(c, user_id=ALICE, **args)
+        entries = await c.xrange(stream_key(partition_of(conversation)))
+        assert [e for e in entries if event_decode(*e).conversation_id == conversation] == []
+
+    run(servers, body)
+
+
+def test_strangers_and_unknown_conversations_look_the_same(servers: Servers, conversation: str) -> None:
+    async def body(c: redis.asyncio.Redis) -> None:
+        with pytest.raises(NotFound):
+            await services.message_send(c, user_id=EVE, conversation_id=conversation, client_msg_id="a",
+                                        content="let me in")
+        with pytest.raises(NotFound):
+            await services.message_send(c, user_id=ALICE, conversation_id=str(ObjectId()), client_msg_id="a",
+                                        content="anyone?")
+
+    run(servers, body)
+
+
+def test_membership_cache_is_invalidated(servers: Servers, conversation: str) -> None:
+    async def body(c: redis.asyncio.Redis) -> None:
+        assert await services.conversation_members(c, conversation_id=conversation) == {ALICE, BOB}
+        Conversation.objects(id=conversation).update_one(push__members=ObjectId(EVE))
+        assert EVE not in (await services.conversation_members(c, conversation_id=conversation) or set())
+        await services.membership_invalidate(c, conversation_id=conversation)
+        await services.message_send(c, user_id=EVE, conversation_id=conversation, client_msg_id="e",
+                                    content="joined")
+
+    run(servers, body)
+
+
+def test_edit_and_delete_are_for_the_sender_only(servers: Servers, conversation: str) -> None:
+    async def body(c: redis.asyncio.Redis) -> None:
+        sent = await services.message_send(c, user_id=ALICE, conversation_id=conversation, client_msg_id="x",
+                                           content="tpyo")
+        with pytest.raises(Forbidden):
+            await services.message_edit(c, user_id=BOB, message_id=sent.message_id, content="hacked")
+        edited = await services.message_edit(c, user_id=ALICE, message_id=sent.message_id, content="typo")
+        assert edited.seq == sent.seq + 1 and edited.event["content"] == "typo"
+        deleted = await services.message_delete(c, user_id=ALICE, message_id=sent.message_id)
+        assert deleted.seq == edited.seq + 1
+        with pytest.raises(NotFound):
+            await services.message_edit(c, user_id=ALICE, message_id=sent.message_id, content="again")
+        with pytest.raises(ValidationFailed):
+            await services.message_delete(c, user_id=ALICE, message_id={"$ne": None})
+
+    run(servers, body)
+
+
+def test_read_cursor_moves_forward_only_and_is_clamped(servers: Servers, conversation: str) -> None:
+    async def body(c: redis.asyncio.Redis) -> None:
+        for i in range(3):
+            await services.message_send(c, user_id=BOB, conversation_id=conversation, client_msg_id=f"r{i}",
+                                        content=str(i))
+        assert await services.read_mark(c, user_id=ALICE, conversation_id=conversation, seq=2) == 2
+        assert await services.read_mark(c, user_id=ALICE, conversation_id=conversation, seq=1) == 2
+        assert await services.read_mark(c, user_id=ALICE, conversation_id=conversation, seq=99) == 3
+        entries = await c.xrange(stream_key(partition_of(conversation)))
+        decoded = [event_decode(i, f) for i, f in entries]
+        reads = [e.data for e in decoded if e.type == "read.updated" and e.conversation_id == conversation]
+        assert reads == [{"conversation_id": conversation, "user_id": ALICE, "seq": 2},
+                         {"conversation_id": conversation, "user_id": ALICE, "seq": 3}]
+        with pytest.raises(ValidationFailed):
+            await services.read_mark(c, user_id=ALICE, conversation_id=conversation, seq=True)
+
+    run(servers, body)
