@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection
 
 from gateway.asgi import (
     CLOSE_FORBIDDEN,
+    CLOSE_RATE_LIMITED,
     CLOSE_TRY_AGAIN,
     CLOSE_UPSTREAM_LOST,
     Receive,
@@ -40,6 +41,7 @@ from gateway.asgi import (
     ws_refuse,
 )
 from gateway.identity import identity_headers, identity_strip
+from gateway.ratelimit import TokenBucket
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
 
 logger = logging.getLogger(__name__)
@@ -303,11 +305,23 @@ class WebSocketProxy:
 
     @staticmethod
     async def _pump(upstream: ClientConnection, receive: Receive, send: Send, *, state: RequestState) -> None:
+        bucket = TokenBucket(rate=settings.GATEWAY_WS_FRAME_RATE, burst=settings.GATEWAY_WS_FRAME_BURST)
+        client_gone = False  # once the client side ended, nothing more is sent to it
+
         async def client_to_upstream() -> None:
+            nonlocal client_gone
             while True:
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
+                    client_gone = True
                     await upstream.close(code=_client_close_code(message.get("code")))
+                    return
+                if not bucket.take():
+                    client_gone = True
+                    state.reason = "frame_rate_limited"
+                    await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
+                                "reason": "too many frames; slow down"})
+                    await upstream.close(code=CLOSE_RATE_LIMITED, reason="client sent too many frames")
                     return
                 if message.get("text") is not None:
                     await upstream.send(message["text"])
@@ -327,7 +341,8 @@ class WebSocketProxy:
                 code = received.code if received.code not in (1005, 1006, 1015) else 1000
                 reason = received.reason
             state.reason = state.reason or ("upstream_lost" if received is None else "")
-            await send({"type": "websocket.close", "code": code, "reason": reason})
+            if not client_gone:
+                await send({"type": "websocket.close", "code": code, "reason": reason})
 
         tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
         try:

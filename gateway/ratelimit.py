@@ -100,3 +100,24 @@ class RateLimiter:
         retry_after = max(1, math.ceil(window - now))
         return Usage(count=int(count), limit=limit, should_limit=int(count) > limit, retry_after_s=retry_after,
                      shared=shared)
+
+
+class TokenBucket:
+    """A per-connection frame budget: ``rate`` tokens a second, at most ``burst`` saved. In-process only
+    (a WebSocket lives on one gateway process), so no Redis round trip per frame."""
+
+    def __init__(self, *, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        """Spend one token if there is one. Pure apart from the bucket's own state."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True

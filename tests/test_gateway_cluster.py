@@ -160,7 +160,8 @@ def test_every_api_instance_down_answers_503_with_retry_after_at_once(servers: S
 @pytest.fixture()
 def limited_fleet(servers: Servers, tmp_path: Path) -> Iterator[tuple[Fleet, Proc, Proc, Proc, Proc]]:
     fleet = Fleet(servers, tmp_path, db=8, CHATSTREAM_GATEWAY_RATE_IP="6/h", CHATSTREAM_GATEWAY_RATE_USER="3/h",
-                  CHATSTREAM_GATEWAY_RATE_WS_IP="3/h", CHATSTREAM_GATEWAY_RATE_WS_USER="2/h")
+                  CHATSTREAM_GATEWAY_RATE_WS_IP="3/h", CHATSTREAM_GATEWAY_RATE_WS_USER="2/h",
+                  CHATSTREAM_GATEWAY_WS_FRAME_RATE="1", CHATSTREAM_GATEWAY_WS_FRAME_BURST="5")
     try:
         api, broker = fleet.stand_in("api", 1), fleet.stand_in("broker", 1)
         gw_a, gw_b = fleet.gateway("gateway-a"), fleet.gateway("gateway-b")
@@ -240,6 +241,28 @@ def test_websocket_handshakes_are_limited_per_ip_and_per_user(limited_fleet: Any
     before = stats(broker)["ws_handshakes"]
     asyncio.run(scenario())
     assert stats(broker)["ws_handshakes"] == before + 2
+
+
+def test_a_websocket_flooding_frames_is_closed_with_4008(limited_fleet: Any) -> None:
+    fleet, gw_a, _gw_b, _api, broker = limited_fleet
+    ticket = ws_ticket_issue(redis.Redis.from_url(fleet.redis_url), user_id="u-flood", username="f")
+
+    async def scenario() -> tuple[int, int]:
+        async with connect(f"ws://127.0.0.1:{gw_a.port}/ws/?ticket={ticket}", local_addr=("127.0.0.11", 0)) as ws:
+            await ws.recv()  # ready
+            sent = 0
+            with pytest.raises(ConnectionClosed) as closed:
+                for _ in range(50):  # a burst of 5 is allowed at 1 frame/s: the 6th or so is refused
+                    await ws.send("flood")
+                    sent += 1
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None
+            return closed.value.rcvd.code, sent
+
+    code, _sent = asyncio.run(scenario())
+    assert code == 4008
+    wait_until(lambda: stats(broker)["ws_open"] == 0, timeout_s=10, what="the broker side to be closed too")
 
 
 def test_limits_fail_open_to_per_process_counts_when_redis_is_down(servers: Servers, tmp_path: Path) -> None:

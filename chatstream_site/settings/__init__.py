@@ -190,6 +190,11 @@ GATEWAY_RATE_SENSITIVE = env_str("CHATSTREAM_GATEWAY_RATE_SENSITIVE", "30/m")
 # after a broker restart, 20/m per user stops a reconnect loop.
 GATEWAY_RATE_WS_IP = env_str("CHATSTREAM_GATEWAY_RATE_WS_IP", "60/m")
 GATEWAY_RATE_WS_USER = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER", "20/m")
+# Frames a client may send on one WebSocket: a person types well under 10 frames/s (the web client sends
+# typing at most every 2.5 s), a reconnect sends a few resume frames at once; 20/s sustained with bursts of
+# 60 never touches a real client and stops a flood at the edge (close 4008).
+GATEWAY_WS_FRAME_RATE = env_float("CHATSTREAM_GATEWAY_WS_FRAME_RATE", 20.0, minimum=0.1)
+GATEWAY_WS_FRAME_BURST = env_int("CHATSTREAM_GATEWAY_WS_FRAME_BURST", 60, minimum=1)
 # WebSocket Origins allowed besides those whose host is in ALLOWED_HOSTS (full origins, e.g. https://app.example).
 GATEWAY_ALLOWED_ORIGINS = env_list("CHATSTREAM_GATEWAY_ALLOWED_ORIGINS", [])
 # Who may reach Django admin through the gateway (route authorization), as networks.
