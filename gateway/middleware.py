@@ -211,6 +211,9 @@ class IpRateLimitLayer:
             return
         state = state_of(scope)
         state.route = route_match(scope["path"])
+        if state.route is not None and not state.route.limited:
+            await self.app(scope, receive, send)
+            return
         ip = ip_key(client_ip(scope))
         checks: list[tuple[str, str]]
         if scope["type"] == "websocket":

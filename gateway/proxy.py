@@ -84,13 +84,17 @@ def _target(instance_url: str, scope: Scope, *, websocket: bool, drop_query: fro
     return f"{base}{path}" + (f"?{query}" if query else "")
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete: nothing to answer."""
+
+
 async def _read_body(receive: Receive, *, limit: int) -> bytes | None:
-    """The whole request body, or None if it exceeds ``limit`` bytes."""
+    """The whole request body, or None if it exceeds ``limit`` bytes; raises ClientGone if the client left."""
     body = bytearray()
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError  # the client left; nothing to answer
+            raise ClientGone
         body += message.get("body", b"")
         if len(body) > limit:
             return None
@@ -155,7 +159,12 @@ class HttpProxy:
         state = state_of(scope)
         assert state.route is not None  # the route authorization layer answered 404 otherwise
         role = state.route.target
-        body = await _read_body(receive, limit=settings.GATEWAY_MAX_BODY)
+        try:
+            body = await _read_body(receive, limit=settings.GATEWAY_MAX_BODY)
+        except ClientGone:
+            state.reason = "client_gone"
+            state.status = 499  # nginx's "client closed request", for the access log only
+            return
         if body is None:
             state.reason = "too_large"
             await send_error(send, status=413, code="too_large",

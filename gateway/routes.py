@@ -26,6 +26,9 @@ class Route:
     exact: bool = False
     # A stricter per-IP limit for routes that guess passwords or mint tokens (the ratelimit layer).
     sensitive: bool = False
+    # Health probes are never rate limited: a load balancer's probe refused with 429 would take the gateway
+    # out of rotation for being probed.
+    limited: bool = True
 
     def matches(self, path: str) -> bool:
         return path == self.path if self.exact else path.startswith(self.path)
@@ -33,8 +36,8 @@ class Route:
 
 # Order matters: the first match wins, so exact public auth routes come before the protected /api/ prefix.
 ROUTES: tuple[Route, ...] = (
-    Route("/healthz", "gateway", "public", exact=True),
-    Route("/readyz", "gateway", "public", exact=True),
+    Route("/healthz", "gateway", "public", exact=True, limited=False),
+    Route("/readyz", "gateway", "public", exact=True, limited=False),
     Route("/", "gateway", "public", exact=True),  # the web client's page ...
     Route("/app/", "gateway", "public"),  # ... and its files (gateway/webclient.py)
     Route("/static/", "api", "public"),

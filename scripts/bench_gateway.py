@@ -7,8 +7,9 @@ stand-in broker (``tests/gateway_upstream.py``) and one gateway (``manage.py rol
 alternates direct and proxied runs and prints the median of ``--runs`` of each:
 
 * HTTP: ``GET /api/v1/bench-missing`` with a valid access token (Django answers its small JSON 404; through
-  the gateway the request also passes rate limiting, JWT validation and identity signing). requests/s and
-  latency p50/p99 with ``--concurrency`` keep-alive connections.
+  the gateway the request also passes rate limiting, JWT validation and identity signing). With 1
+  connection (the added latency per proxied request: p50 through the gateway minus p50 direct) and with
+  ``--concurrency`` keep-alive connections (requests/s).
 * WebSocket: ``--ws-clients`` connections each sending a frame and waiting for the relayed frame (one round
   trip at a time per connection), direct to the broker and through the gateway: round trips/s, p50, p99.
 
@@ -167,15 +168,19 @@ def main() -> None:
             # Straight to the broker, without identity: the stand-in accepts it (a real broker would not).
             return [f"ws://127.0.0.1:{broker.port}/ws/" for _ in range(args.ws_clients)]
 
-        rows: dict[str, list[Result]] = {"http direct": [], "http gateway": [], "ws direct": [], "ws gateway": []}
+        load_before = os.getloadavg()[0]
+        rows: dict[str, list[Result]] = {"http c=1 direct": [], "http c=1 gateway": [],
+                                         f"http c={args.concurrency} direct": [],
+                                         f"http c={args.concurrency} gateway": [],
+                                         "ws direct": [], "ws gateway": []}
         # Warm up both paths (connection pools, imports, Django's first request).
         asyncio.run(http_load(port=api.port, path=path, token=token, concurrency=4, seconds=1))
         asyncio.run(http_load(port=gateway.port, path=path, token=token, concurrency=4, seconds=1))
         for _ in range(args.runs):
-            rows["http direct"].append(asyncio.run(http_load(port=api.port, path=path, token=token,
-                                                             concurrency=args.concurrency, seconds=args.seconds)))
-            rows["http gateway"].append(asyncio.run(http_load(port=gateway.port, path=path, token=token,
-                                                              concurrency=args.concurrency, seconds=args.seconds)))
+            for concurrency in (1, args.concurrency):
+                for name, port in (("direct", api.port), ("gateway", gateway.port)):
+                    rows[f"http c={concurrency} {name}"].append(asyncio.run(http_load(
+                        port=port, path=path, token=token, concurrency=concurrency, seconds=args.seconds)))
             rows["ws direct"].append(asyncio.run(ws_load(urls=asyncio.run(ws_urls(False)), seconds=args.seconds)))
             rows["ws gateway"].append(asyncio.run(ws_load(urls=asyncio.run(ws_urls(True)), seconds=args.seconds)))
 
@@ -185,15 +190,18 @@ def main() -> None:
         print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.python_implementation()} "
               f"{platform.python_version()}, {platform.platform()}")
         print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+        # The machine is shared: a load average well above the core count means other work competed.
+        print(f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
         print(f"gateway server: {server_name(gateway.log())}; medians of {args.runs} runs of {args.seconds:.0f}s")
         print("| path | rate (/s) | p50 ms | p99 ms | errors |")
         print("| --- | --- | --- | --- | --- |")
         for name, results in rows.items():
             print(f"| {name} | {median(results, 'rate'):.0f} | {median(results, 'p50_ms'):.2f} | "
                   f"{median(results, 'p99_ms'):.2f} | {sum(r.errors for r in results)} |")
-        http_ratio = median(rows["http gateway"], "rate") / max(median(rows["http direct"], "rate"), 1)
+        c = args.concurrency
+        http_ratio = median(rows[f"http c={c} gateway"], "rate") / max(median(rows[f"http c={c} direct"], "rate"), 1)
         ws_ratio = median(rows["ws gateway"], "rate") / max(median(rows["ws direct"], "rate"), 1)
-        added = median(rows["http gateway"], "p50_ms") - median(rows["http direct"], "p50_ms")
+        added = median(rows["http c=1 gateway"], "p50_ms") - median(rows["http c=1 direct"], "p50_ms")
         print(json.dumps({"http_gateway_over_direct": round(http_ratio, 2), "http_added_p50_ms": round(added, 2),
                           "ws_gateway_over_direct": round(ws_ratio, 2)}))
     finally:

@@ -190,6 +190,7 @@ def test_the_n_plus_first_request_is_429_and_two_gateways_share_the_limit(limite
             assert 1 <= int(refused.headers["retry-after"]) <= 3600
             assert refused.json()["error"]["code"] == "rate_limited"
             assert refused.json()["error"]["details"]["retry_after"] == int(refused.headers["retry-after"])
+            assert client.get(f"{gateway.url}/healthz").status_code == 200  # probes are never limited
     with client_from("127.0.0.3") as other:  # another address has its own budget
         assert other.get(f"{gw_a.url}/").status_code == 200
 
