@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -207,6 +208,7 @@ def main() -> None:
     finally:
         fleet.stop()
         servers.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def server_name(log: str) -> str:

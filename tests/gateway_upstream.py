@@ -5,6 +5,7 @@ Run as ``daphne -p PORT tests.gateway_upstream:app`` with ``CHATSTREAM_ROLE`` (a
 ``CHATSTREAM_INSTANCE_PORT`` set. It serves:
 
 * ``GET /__upstream/stats``: ``{"instance", "http", "ws_handshakes", "ws_open"}`` — counters of what arrived;
+* a path ending in ``/__sleep?s=N``: the echo below, after N seconds (a slow upstream);
 * any other HTTP request: JSON echo of method, path, query, the forwarding/identity headers, and the
   identity :func:`gateway.identity.identity_verify` accepts;
 * WebSocket on any path: accepts, sends ``{"type": "ready", "instance", "identity"}``, then for each text
@@ -45,6 +46,8 @@ async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
+    if scope["path"].endswith("/__sleep"):  # a slow upstream: answers after ?s= seconds
+        await asyncio.sleep(float(scope["query_string"].decode().partition("s=")[2] or "1"))
     if scope["path"] == "/__upstream/stats":
         answer: dict[str, Any] = {"instance": INSTANCE, **STATS}
     else:

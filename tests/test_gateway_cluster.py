@@ -294,7 +294,8 @@ def test_limits_fail_open_to_per_process_counts_when_redis_is_down(servers: Serv
 
 @pytest.fixture(scope="module")
 def edge_fleet(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    fleet = Fleet(servers, tmp_path_factory.mktemp("edge"), db=7, CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32")
+    fleet = Fleet(servers, tmp_path_factory.mktemp("edge"), db=7, CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32",
+                  CHATSTREAM_GATEWAY_READ_TIMEOUT="2")
     try:
         procs: dict[str, Proc] = {"api": fleet.stand_in("api", 1), "broker1": fleet.stand_in("broker", 1),
                  "broker2": fleet.stand_in("broker", 2), "gateway": fleet.gateway()}
@@ -366,6 +367,20 @@ def test_a_valid_token_passes_a_signed_identity_and_client_identity_headers_are_
     entry = access_entry(gateway, "client-req-0001")
     assert entry["status"] == 200 and entry["user_id"] == "u-7" and entry["upstream"].startswith("api-1-")
     assert entry["duration_ms"] >= 0 and "ticket" not in json.dumps(entry)
+
+
+def test_a_slow_upstream_is_cut_at_the_read_timeout_with_504(edge_fleet: dict[str, Any]) -> None:
+    gateway = edge_fleet["gateway"]
+    token = token_issue(user_id="u-slow", username="slow", type="access")
+    with httpx.Client(timeout=30) as client:
+        slow = client.get(f"{gateway.url}/api/v1/__sleep?s=6", headers={"Authorization": f"Bearer {token}",
+                                                                       "X-Request-Id": "slow-request-1"})
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "upstream_timeout"
+        # A timed-out request is not retried elsewhere (the upstream may be acting on it), and one failure
+        # does not open the breaker: the next request is served.
+        assert client.get(f"{gateway.url}/api/v1/__sleep?s=0", headers={"Authorization": f"Bearer {token}"}
+                          ).status_code == 200
+    assert access_entry(gateway, "slow-request-1")["reason"] == "upstream_timeout"
 
 
 def test_admin_is_refused_outside_the_admin_networks(edge_fleet: dict[str, Any]) -> None:
