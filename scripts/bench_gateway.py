@@ -10,8 +10,9 @@ alternates direct and proxied runs and prints the median of ``--runs`` of each:
   the gateway the request also passes rate limiting, JWT validation and identity signing). With 1
   connection (the added latency per proxied request: p50 through the gateway minus p50 direct) and with
   ``--concurrency`` keep-alive connections (requests/s).
-* WebSocket: ``--ws-clients`` connections each sending a frame and waiting for the relayed frame (one round
-  trip at a time per connection), direct to the broker and through the gateway: round trips/s, p50, p99.
+* WebSocket: ``--ws-clients`` connections to the stand-in broker in echo mode, each sending a 64-byte frame
+  and waiting for it to come back (one round trip at a time per connection), direct and through the gateway:
+  round trips/s, p50, p99.
 
 The load generator is a minimal asyncio HTTP/1.1 client (no load tool is installed on the machine) running
 in this process, so it shares the machine's cores with the servers: compare the two columns, not absolutes.
@@ -109,7 +110,7 @@ async def ws_load(*, urls: list[str], seconds: float) -> Result:
             while loop.time() < deadline:
                 started = time.perf_counter()
                 await ws.send("x" * 64)
-                await ws.recv()  # the relay of our own frame (the stand-in relays to every connection: 1 each)
+                await ws.recv()  # our frame, echoed (?echo=1)
                 latencies.append(time.perf_counter() - started)
 
     began = loop.time()
@@ -124,8 +125,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--upstream", choices=("api", "standin"), default="api",
                         help="api: a real `manage.py role api` (Django); standin: tests/gateway_upstream.py (raw ASGI)")
-    parser.add_argument("--ws-clients", type=int, default=1,
-                        help="WebSocket connections (the stand-in relays each frame to all, so keep it 1)")
+    parser.add_argument("--ws-clients", type=int, default=32,
+                        help="WebSocket connections, each doing one echo round trip at a time")
     args = parser.parse_args()
 
     from tests.servers import servers_start
@@ -164,10 +165,10 @@ def main() -> None:
 
         async def ws_urls(through_gateway: bool) -> list[str]:
             if through_gateway:
-                return [f"ws://127.0.0.1:{gateway.port}/ws/?ticket="
+                return [f"ws://127.0.0.1:{gateway.port}/ws/?echo=1&ticket="
                         + ws_ticket_issue(client, user_id="bench", username="bench") for _ in range(args.ws_clients)]
             # Straight to the broker, without identity: the stand-in accepts it (a real broker would not).
-            return [f"ws://127.0.0.1:{broker.port}/ws/" for _ in range(args.ws_clients)]
+            return [f"ws://127.0.0.1:{broker.port}/ws/?echo=1" for _ in range(args.ws_clients)]
 
         load_before = os.getloadavg()[0]
         rows: dict[str, list[Result]] = {"http c=1 direct": [], "http c=1 gateway": [],

@@ -10,7 +10,8 @@ Run as ``daphne -p PORT tests.gateway_upstream:app`` with ``CHATSTREAM_ROLE`` (a
   identity :func:`gateway.identity.identity_verify` accepts;
 * WebSocket on any path: accepts, sends ``{"type": "ready", "instance", "identity"}``, then for each text
   frame ``close:<code>`` closes with that code, anything else is relayed as ``{"type": "relay", "from",
-  "data"}`` to every connection of this instance (including the sender).
+  "data"}`` to every connection of this instance (including the sender); with ``?echo=1`` a frame is sent
+  back to its sender only (the benchmark's round trips).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ async def _websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await receive()  # websocket.connect
     STATS["ws_handshakes"] += 1
     identity = _identity(scope)
+    echo = b"echo=1" in scope["query_string"]
     await send({"type": "websocket.accept"})
     STATS["ws_open"] += 1
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -92,6 +94,9 @@ async def _websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if text.startswith("close:"):
                 await send({"type": "websocket.close", "code": int(text.split(":", 1)[1]), "reason": "asked to"})
                 return
+            if echo:  # benchmark mode: the frame goes back to its sender only
+                await send({"type": "websocket.send", "text": text})
+                continue
             frame = json.dumps({"type": "relay", "from": (identity or {}).get("username"), "data": text})
             for member in ROOM:
                 member.put_nowait(frame)
