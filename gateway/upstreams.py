@@ -66,7 +66,7 @@ class Upstreams:
         self._client = client
         self._instances: list[Instance] = []
         self._fetched_at = -math.inf
-        self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Future[None] | None = None
         self._rotation = itertools.count()
         self._load: dict[str, Load] = {}
         self._open_s = breaker_open_s
@@ -80,22 +80,31 @@ class Upstreams:
             # One line per transition, so operators (and the fault tests) can follow each breaker.
             logger.warning("gateway: breaker %s is now %s", name, event.state)
 
+    async def _refresh(self) -> None:
+        try:
+            self._instances = await instances_list_async(self._client)
+            live = {i.id for i in self._instances}
+            # Forget the load of instances that left; their in-flight work finishes unaffected.
+            for gone in set(self._load) - live:
+                if not (self._load[gone].http or self._load[gone].ws):
+                    del self._load[gone]
+        except (redis.RedisError, OSError) as exc:
+            # Keep routing to the last known instances while Redis is away.
+            logger.warning("gateway: registry read failed: %s", exc)
+        finally:
+            self._fetched_at = time.monotonic()
+
     async def instances(self, role: str | None = None) -> list[Instance]:
-        """Live instances of ``role`` (all roles if None), re-read from the registry at most once a second."""
-        if time.monotonic() - self._fetched_at > REGISTRY_REFRESH_S:
-            async with self._lock:
-                if time.monotonic() - self._fetched_at > REGISTRY_REFRESH_S:
-                    try:
-                        self._instances = await instances_list_async(self._client)
-                        live = {i.id for i in self._instances}
-                        # Forget the load of instances that left; their in-flight work finishes unaffected.
-                        for gone in set(self._load) - live:
-                            if not (self._load[gone].http or self._load[gone].ws):
-                                del self._load[gone]
-                    except (redis.RedisError, OSError) as exc:
-                        # Keep routing to the last known instances while Redis is away.
-                        logger.warning("gateway: registry read failed: %s", exc)
-                    self._fetched_at = time.monotonic()
+        """Live instances of ``role`` (all roles if None), re-read from the registry at most once a second.
+
+        A stale list is refreshed in the background (one read at a time) while requests keep using the last
+        one, so a slow or absent Redis never holds a request; only the very first call waits for a read.
+        """
+        if time.monotonic() - self._fetched_at > REGISTRY_REFRESH_S and (
+                self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        if self._fetched_at == -math.inf and self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
         return [i for i in self._instances if role is None or i.role == role]
 
     async def _state(self, instance: Instance) -> tuple[bool, float]:

@@ -146,10 +146,14 @@ def test_every_api_instance_down_answers_503_with_retry_after_at_once(servers: S
             assert entry["status"] == 503 and entry["reason"] == "all_breakers_open", entry
             # Gone from the registry too (TTL): still a fast 503, now because no instance is live.
             wait_until(lambda: fleet.registered("api") == [], timeout_s=10, what="the registry to forget them")
-            settle(1.5)
-            answer = client.get(f"{gateway.url}/api/v1/ping", headers={**auth, "X-Request-Id": "gone-503-1"})
-            assert answer.status_code == 503 and "retry-after" in answer.headers
-            assert access_entry(gateway, "gone-503-1")["reason"] == "no_instance"
+
+            def gone() -> bool:
+                request_id = f"gone-503-{uuid.uuid4().hex}"
+                answer = client.get(f"{gateway.url}/api/v1/ping", headers={**auth, "X-Request-Id": request_id})
+                assert answer.status_code == 503 and "retry-after" in answer.headers
+                return access_entry(gateway, request_id)["reason"] == "no_instance"
+
+            wait_until(gone, timeout_s=10, interval_s=0.3, what="the gateway to see no instance at all")
     finally:
         fleet.stop()
 
@@ -433,6 +437,23 @@ def test_websocket_relays_with_a_direct_client_and_passes_close_codes(edge_fleet
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4321
 
     asyncio.run(scenario())
+
+
+def test_a_frame_above_64_kib_is_closed_with_1009_at_the_edge(edge_fleet: dict[str, Any]) -> None:
+    gateway = edge_fleet["gateway"]
+    ticket = ws_ticket_issue(_tickets(edge_fleet), user_id="u-big", username="big")
+
+    async def scenario() -> int:
+        async with connect(f"ws://127.0.0.1:{gateway.port}/ws/?ticket={ticket}", max_size=None) as ws:
+            await ws.recv()  # ready
+            await ws.send("x" * 64 * 1024)  # exactly the limit: relayed
+            assert len(json.loads(await asyncio.wait_for(ws.recv(), 10))["data"]) == 64 * 1024
+            await ws.send("x" * (64 * 1024 + 1))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            return closed.value.rcvd.code if closed.value.rcvd else 1006
+
+    assert asyncio.run(scenario()) == 1009
 
 
 def test_client_leaving_closes_the_upstream_connection(edge_fleet: dict[str, Any]) -> None:

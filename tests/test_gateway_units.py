@@ -273,3 +273,35 @@ def test_every_instance_open_or_gone_is_a_503_at_once_without_any_connect() -> N
         assert 1 <= int(retry_after) <= 30
     assert elapsed < 0.1  # the claim; no connect is attempted, so it is microseconds in practice
     assert isinstance(Unavailable(role="api", retry_after_s=1, instances=0), Unavailable)
+
+
+def test_a_hanging_registry_read_never_holds_a_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.upstreams as module
+
+    a = _instance(1)
+    reads = 0
+
+    async def registry_read(client: Any, *, role: str | None = None) -> list[Instance]:
+        nonlocal reads
+        reads += 1
+        if reads > 1:  # Redis hangs from the second read on
+            await asyncio.sleep(30)
+        return [a]
+
+    monkeypatch.setattr(module, "instances_list_async", registry_read)
+    monkeypatch.setattr(module, "REGISTRY_REFRESH_S", 0.05)
+
+    async def scenario() -> float:
+        upstreams = Upstreams(client=redis.asyncio.Redis(), breaker_threshold=3, breaker_open_s=1)
+        assert await upstreams.pick(role="api", kind="http") == a  # the first read is awaited
+        await asyncio.sleep(0.1)  # now stale: the next call starts a background read that hangs
+        started = time.perf_counter()
+        for _ in range(3):
+            assert await upstreams.pick(role="api", kind="http") == a  # the last known list
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.01)  # let the background read start (and hang)
+        assert await upstreams.pick(role="api", kind="http") == a
+        assert reads == 2  # one background read at a time
+        return elapsed
+
+    assert asyncio.run(scenario()) < 1.0
