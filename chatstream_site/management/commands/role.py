@@ -51,10 +51,11 @@ class Command(BaseCommand):
         )
         bindir = os.path.dirname(sys.executable)
         if role == "gateway":
-            # uvicorn + uvloop + httptools: measured ~Nx daphne for the gateway's proxying (docs/benchmarks.md,
-            # ## Gateway). Frames above 64 KiB are closed with 1009 at the edge (DESIGN.md §9). Proxy headers
-            # (the client address from X-Forwarded-For) only from CHATSTREAM_GATEWAY_TRUSTED_PROXIES: the
-            # gateway is the public edge, and a client-chosen address would dodge the per-IP limits.
+            # uvicorn + uvloop + httptools, WebSockets by websockets-sansio (2.4x the legacy implementation's
+            # round trips through the gateway; daphne drops close reasons): docs/adr/0003. Frames above
+            # 64 KiB are closed with 1009 at the edge (DESIGN.md §9). Proxy headers (the client address from
+            # X-Forwarded-For) only from CHATSTREAM_GATEWAY_TRUSTED_PROXIES: the gateway is the public edge,
+            # and a client-chosen address would dodge the per-IP limits.
             argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
                     "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "on",
                     "--ws-max-size", "65536", "--no-access-log", "--no-server-header"]
