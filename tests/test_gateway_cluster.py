@@ -348,7 +348,8 @@ def test_a_valid_token_passes_a_signed_identity_and_client_identity_headers_are_
     gateway = edge_fleet["gateway"]
     token = token_issue(user_id="u-7", username="grace", type="access")
     forged = {"X-ChatStream-User-Id": "u-1", "X-ChatStream-Username": "root", "X-ChatStream-Identity-Ts": "1",
-              "X-ChatStream-Identity-Sig": "00", "X-Request-Id": "client-req-0001"}
+              "X-ChatStream-Identity-Sig": "00", "X-Request-Id": "client-req-0001",
+              "X-Forwarded-For": "203.0.113.9"}
     with httpx.Client(timeout=10) as client:
         answer = client.get(f"{gateway.url}/api/v1/users/me?x=1", headers={"Authorization": f"Bearer {token}",
                                                                             **forged})
@@ -356,6 +357,8 @@ def test_a_valid_token_passes_a_signed_identity_and_client_identity_headers_are_
         echo = answer.json()
         assert echo["identity"] == {"user_id": "u-7", "username": "grace"}  # verified upstream with identity_verify
         assert echo["headers"]["x-chatstream-user-id"] == "u-7"
+        # No trusted proxy configured: the client's X-Forwarded-For is replaced by the real peer address.
+        assert echo["headers"]["x-forwarded-for"] == "127.0.0.1"
         assert echo["headers"]["x-request-id"] == "client-req-0001" == answer.headers["x-request-id"]
         assert echo["query"] == "x=1" and echo["path"] == "/api/v1/users/me"
         # A public route: the client's identity headers are stripped and none is added.
