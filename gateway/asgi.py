@@ -61,7 +61,7 @@ def client_ip(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
-def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+def error_body(*, code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
     """The one error shape of every role: ``{"error": {"code", "message", "details"}}``. Pure."""
     return json.dumps({"error": {"code": code, "message": message, "details": details or {}}}).encode()
 
@@ -81,7 +81,7 @@ async def send_response(send: Send, *, status: int, body: bytes, content_type: b
 async def send_error(send: Send, *, status: int, code: str, message: str, details: dict[str, Any] | None = None,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """A JSON error the gateway answers itself; never cached by anyone in between."""
-    await send_response(send, status=status, body=error_body(code, message, details),
+    await send_response(send, status=status, body=error_body(code=code, message=message, details=details),
                         headers=[(b"cache-control", b"no-store"), *(headers or [])])
 
 

@@ -60,7 +60,7 @@ WS_SKIP = HOP_BY_HOP | {b"host", b"sec-websocket-key", b"sec-websocket-version",
 MAX_ATTEMPTS = 3
 
 
-def _upstream_headers(scope: Scope, state: RequestState, *, skip: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+def _upstream_headers(scope: Scope, *, state: RequestState, skip: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
     """Client headers minus hop-by-hop and identity headers, plus forwarding, request id and signed identity."""
     headers = [(k.lower(), v) for k, v in identity_strip(scope.get("headers", ())) if k.lower() not in skip]
     headers += [
@@ -171,7 +171,7 @@ class HttpProxy:
                              message=f"request body above {settings.GATEWAY_MAX_BODY} bytes")
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1"))
-                   for k, v in _upstream_headers(scope, state, skip=HOP_BY_HOP)]
+                   for k, v in _upstream_headers(scope, state=state, skip=HOP_BY_HOP)]
         method = scope["method"]
         tried: set[str] = set()
         failures: list[str] = []
@@ -249,7 +249,7 @@ class WebSocketProxy:
 
     async def _connect(self, scope: Scope, state: RequestState) -> tuple[ClientConnection, Any] | Unavailable | int:
         """An open upstream connection and its instance, Unavailable, or a close code for the client."""
-        headers = _upstream_headers(scope, state, skip=WS_SKIP)
+        headers = _upstream_headers(scope, state=state, skip=WS_SKIP)
         subprotocols = [p.strip() for p in _header_values(scope, b"sec-websocket-protocol") if p.strip()]
         origin = next(iter(_header_values(scope, b"origin")), None)
         tried: set[str] = set()
