@@ -305,3 +305,58 @@ def test_a_hanging_registry_read_never_holds_a_request(monkeypatch: pytest.Monke
         return elapsed
 
     assert asyncio.run(scenario()) < 1.0
+
+
+def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
+    """A slow upstream writer stops the gateway reading the client (no unbounded buffer), and the upstream's
+    close code reaches the client."""
+    from types import SimpleNamespace
+
+    from gateway.proxy import WebSocketProxy
+
+    async def scenario() -> tuple[int, list[dict[str, Any]]]:
+        release = asyncio.Event()
+        upstream_frames: asyncio.Queue[str] = asyncio.Queue()
+        received_calls = 0
+        sent_to_client: list[dict[str, Any]] = []
+
+        class SlowUpstream:
+            protocol = SimpleNamespace(close_rcvd=None)
+
+            async def send(self, data: str) -> None:
+                await release.wait()  # the upstream's write buffer is full until released
+
+            async def close(self, code: int = 1000, reason: str = "") -> None:
+                pass
+
+            def __aiter__(self) -> SlowUpstream:
+                return self
+
+            async def __anext__(self) -> str:
+                frame = await upstream_frames.get()
+                if frame == "CLOSE":
+                    self.protocol = SimpleNamespace(close_rcvd=SimpleNamespace(code=4321, reason="bye"))
+                    raise StopAsyncIteration
+                return frame
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received_calls
+            received_calls += 1
+            return {"type": "websocket.receive", "text": "frame"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent_to_client.append(message)
+
+        pump = asyncio.ensure_future(WebSocketProxy._pump(SlowUpstream(), receive, send,
+                                                          state=RequestState(request_id="r" * 8)))
+        await asyncio.sleep(0.2)
+        calls_while_blocked = received_calls
+        await upstream_frames.put("to the client")
+        await upstream_frames.put("CLOSE")
+        await asyncio.wait_for(pump, 5)
+        return calls_while_blocked, sent_to_client
+
+    calls_while_blocked, sent = asyncio.run(scenario())
+    assert calls_while_blocked == 1  # one frame read, then the gateway waits on the upstream's send
+    assert sent[0] == {"type": "websocket.send", "text": "to the client"}
+    assert sent[-1] == {"type": "websocket.close", "code": 4321, "reason": "bye"}
