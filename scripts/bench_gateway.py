@@ -12,7 +12,8 @@ alternates direct and proxied runs and prints the median of ``--runs`` of each:
   ``--concurrency`` keep-alive connections (requests/s).
 * WebSocket: ``--ws-clients`` connections to the stand-in broker in echo mode, each sending a 64-byte frame
   and waiting for it to come back (one round trip at a time per connection), direct and through the gateway:
-  round trips/s, p50, p99.
+  round trips/s, p50, p99. Then open loop: the same connections send ``--ws-rate`` frames/s in total, each
+  echoed once (deliveries/s), and the latency of every echo is measured (the issue's p99 at 5,000/s).
 
 The load generator is a minimal asyncio HTTP/1.1 client (no load tool is installed on the machine) running
 in this process, so it shares the machine's cores with the servers: compare the two columns, not absolutes.
@@ -118,6 +119,39 @@ async def ws_load(*, urls: list[str], seconds: float) -> Result:
     return _summary(latencies, loop.time() - began, 0)
 
 
+async def ws_paced(*, urls: list[str], rate: float, seconds: float) -> Result:
+    """Open loop: the connections together send ``rate`` timestamped frames a second; each echo's latency is
+    measured on arrival. Reports the deliveries/s achieved and the latency percentiles."""
+    from websockets.asyncio.client import connect
+
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    interval = len(urls) / rate
+
+    async def client(url: str, offset: float) -> None:
+        async with connect(url, max_size=None, compression=None) as ws:
+            await ws.recv()  # ready
+
+            async def reader() -> None:
+                async for frame in ws:
+                    latencies.append(time.perf_counter() - float(str(frame).partition(":")[2]))
+
+            reading = asyncio.ensure_future(reader())
+            await asyncio.sleep(offset)  # spread the connections' sends over the interval
+            due = loop.time()
+            while loop.time() < deadline:
+                await ws.send(f"t:{time.perf_counter()}")
+                due += interval
+                await asyncio.sleep(max(0.0, due - loop.time()))
+            await asyncio.sleep(1.0)  # let the last echoes arrive
+            reading.cancel()
+
+    began = loop.time()
+    await asyncio.gather(*(client(url, i * interval / len(urls)) for i, url in enumerate(urls)))
+    return _summary(latencies, min(loop.time() - began, seconds), 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -125,6 +159,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--upstream", choices=("api", "standin"), default="api",
                         help="api: a real `manage.py role api` (Django); standin: tests/gateway_upstream.py (raw ASGI)")
+    parser.add_argument("--ws-rate", type=float, default=5000.0,
+                        help="frames/s of the open-loop WebSocket test (each echoed once: deliveries/s)")
     parser.add_argument("--ws-clients", type=int, default=32,
                         help="WebSocket connections, each doing one echo round trip at a time")
     args = parser.parse_args()
@@ -174,7 +210,9 @@ def main() -> None:
         rows: dict[str, list[Result]] = {"http c=1 direct": [], "http c=1 gateway": [],
                                          f"http c={args.concurrency} direct": [],
                                          f"http c={args.concurrency} gateway": [],
-                                         "ws direct": [], "ws gateway": []}
+                                         "ws direct": [], "ws gateway": [],
+                                         f"ws paced {args.ws_rate:.0f}/s direct": [],
+                                         f"ws paced {args.ws_rate:.0f}/s gateway": []}
         # Warm up both paths (connection pools, imports, Django's first request).
         asyncio.run(http_load(port=api.port, path=path, token=token, concurrency=4, seconds=1))
         asyncio.run(http_load(port=gateway.port, path=path, token=token, concurrency=4, seconds=1))
@@ -185,6 +223,9 @@ def main() -> None:
                         port=port, path=path, token=token, concurrency=concurrency, seconds=args.seconds)))
             rows["ws direct"].append(asyncio.run(ws_load(urls=asyncio.run(ws_urls(False)), seconds=args.seconds)))
             rows["ws gateway"].append(asyncio.run(ws_load(urls=asyncio.run(ws_urls(True)), seconds=args.seconds)))
+            for name, through in (("direct", False), ("gateway", True)):
+                rows[f"ws paced {args.ws_rate:.0f}/s {name}"].append(asyncio.run(ws_paced(
+                    urls=asyncio.run(ws_urls(through)), rate=args.ws_rate, seconds=args.seconds)))
 
         def median(results: list[Result], attr: str) -> float:
             return float(statistics.median(getattr(r, attr) for r in results))
