@@ -91,7 +91,7 @@ class GatewayApp:
         # Registry and tickets: 2 s bounds a stuck Redis; the registry read is cached and off the hot path.
         self.redis = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
         # Rate limits are on every request's path: 250 ms is ~1000 times a loopback round trip, and past it the
-        # limiter counts locally rather than hold the request (docs/adr/0004).
+        # limiter counts locally rather than hold the request (docs/adr/0005).
         self.limits_redis = redis.asyncio.Redis.from_url(
             settings.CACHES["default"]["LOCATION"], socket_timeout=0.25, socket_connect_timeout=0.25)
         self.upstreams = Upstreams(client=self.redis, breaker_threshold=settings.GATEWAY_BREAKER_THRESHOLD,

@@ -116,7 +116,7 @@ class HttpProxy:
     """Proxy one HTTP request to the least-loaded available instance of its route's role.
 
     The client is aiohttp: measured 3-10x httpx's requests/s at 1-32 concurrent requests on this machine
-    (httpx's pool degrades with concurrency), which is the gateway's whole job (docs/adr/0003).
+    (httpx's pool degrades with concurrency), which is the gateway's whole job (docs/adr/0004).
     """
 
     def __init__(self, *, upstreams: Upstreams) -> None:

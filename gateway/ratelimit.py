@@ -8,7 +8,7 @@ gateway must never block its event loop, so this module keeps the library's *alg
 ``django_ratelimit.core.get_usage`` with ``CACHES['default']``, so both read the same numbers (tested).
 
 When Redis fails, limiting *fails open to per-process limits*: the same rates are counted in this process's
-memory until Redis answers again (docs/adr/0004).
+memory until Redis answers again (docs/adr/0005).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class Command(BaseCommand):
         bindir = os.path.dirname(sys.executable)
         if role == "gateway":
             # uvicorn + uvloop + httptools, WebSockets by websockets-sansio (2.4x the legacy implementation's
-            # round trips through the gateway; daphne drops close reasons): docs/adr/0003. Frames above
+            # round trips through the gateway; daphne drops close reasons): docs/adr/0004. Frames above
             # 64 KiB are closed with 1009 at the edge (DESIGN.md §9). Proxy headers (the client address from
             # X-Forwarded-For) only from CHATSTREAM_GATEWAY_TRUSTED_PROXIES: the gateway is the public edge,
             # and a client-chosen address would dodge the per-IP limits.
