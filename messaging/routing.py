@@ -1,7 +1,11 @@
-"""WebSocket routes of the broker role (the consumers arrive with the real-time issue)."""
+"""WebSocket routes of the broker role: one endpoint, ``/ws/?ticket=...`` (docs/protocol.md)."""
 
 from __future__ import annotations
 
-from django.urls import URLPattern
+from django.urls import URLPattern, re_path
 
-websocket_urlpatterns: list[URLPattern] = []
+from messaging.consumers import ChatConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    re_path(r"^ws/$", ChatConsumer.as_asgi()),
+]

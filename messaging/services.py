@@ -12,7 +12,10 @@ All functions are coroutines taking an asyncio Redis client; sync callers (DRF v
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +26,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chatstream_site.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
-from messaging import streams
+from messaging import frames, streams
 
 CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -159,6 +162,7 @@ async def message_send(
         message_id=payload["id"], dedup=(user_id, client_msg_id),
     )
     if not appended.duplicate:
+        drain_nudge(client, partition=appended.partition)
         key = message_meta_key(appended.message_id)
         async with client.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping={"c": conversation_id, "u": user_id})
@@ -209,6 +213,7 @@ async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id:
                "edited_at": _now_iso(), "editor_id": user_id}
     appended = await streams.event_append(client, type="message.edited", conversation_id=conversation_id,
                                           payload=payload, message_id=message_id)
+    drain_nudge(client, partition=appended.partition)
     return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
                     event={**payload, "seq": appended.seq})
 
@@ -220,6 +225,7 @@ async def message_delete(client: redis.asyncio.Redis, *, user_id: str, message_i
                "deleter_id": user_id}
     appended = await streams.event_append(client, type="message.deleted", conversation_id=conversation_id,
                                           payload=payload, message_id=message_id)
+    drain_nudge(client, partition=appended.partition)
     key = message_meta_key(message_id)
     async with client.pipeline(transaction=False) as pipe:
         pipe.hset(key, mapping={"c": conversation_id, "u": user_id, "x": "1"})
@@ -266,4 +272,173 @@ async def read_mark(client: redis.asyncio.Redis, *, user_id: str, conversation_i
         keys=[read_cursor_key(conversation_id), streams.stream_key(partition), streams.seq_key(partition)],
         args=[user_id, seq, conversation_id, payload],
     )
+    drain_nudge(client, partition=partition)
     return int(cursor)
+
+
+# ------------------------------------------------------------------ size trigger of the storage drain
+
+logger = logging.getLogger(__name__)
+# Local appends per partition between two backlog checks: a tenth of a batch, so the drain starts at most
+# ~10 % (per broker) past BATCH_SIZE, for one XINFO GROUPS per 50 appends with the default batch of 500.
+_appends_since_check: dict[int, int] = {}
+_background: set[asyncio.Task[None]] = set()
+
+
+async def partition_backlog(client: redis.asyncio.Redis, *, partition: int) -> int:
+    """Entries of a partition not yet delivered to its drain's consumer group (XINFO GROUPS ``lag``);
+    the whole stream length when no group exists yet or Redis cannot tell the lag. Read-only."""
+    key = streams.stream_key(partition)
+    groups = await client.xinfo_groups(key) if await client.exists(key) else []
+    lags = []
+    for group in groups:
+        lag = group.get("lag") if isinstance(group, dict) else None
+        if lag is None:
+            lags.append(int(await client.xlen(key)))
+        else:
+            lags.append(int(lag))
+    if not groups:
+        return int(await client.xlen(key))
+    return max(lags)
+
+
+async def _drain_enqueue(*, partition: int) -> None:
+    try:
+        from storage.services import drain_enqueue  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        logger.debug("size trigger: partition %s is due a drain, but storage.services.drain_enqueue does "
+                     "not exist yet", partition)
+        return
+    await sync_to_async(drain_enqueue, thread_sensitive=False)(partition=partition)
+
+
+async def _drain_check(client: redis.asyncio.Redis, *, partition: int) -> None:
+    try:
+        if await partition_backlog(client, partition=partition) >= settings.BATCH_SIZE:
+            # drain_enqueue itself keeps it to one drain in flight per partition (SET NX lock).
+            await _drain_enqueue(partition=partition)
+    except Exception:
+        logger.exception("size trigger: backlog check of partition %s failed", partition)
+
+
+def drain_nudge(client: redis.asyncio.Redis, *, partition: int) -> None:
+    """Count one local append to ``partition``; every tenth of a batch, check the partition's backlog in the
+    background and enqueue a drain when it reached ``BATCH_SIZE``. Never delays the caller's ack.
+    Precondition: called on a running event loop."""
+    count = _appends_since_check.get(partition, 0) + 1
+    if count < max(1, settings.BATCH_SIZE // 10):
+        _appends_since_check[partition] = count
+        return
+    _appends_since_check[partition] = 0
+    task = asyncio.get_running_loop().create_task(_drain_check(client, partition=partition))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+# ------------------------------------------------------------------ membership changes, typing, presence
+
+
+async def membership_changed(client: redis.asyncio.Redis, *, user_ids: list[str], conversation_id: str) -> None:
+    """Tell every broker that ``user_ids`` joined or left ``conversation_id``; their open connections start
+    or stop receiving its events at once. Call after the change is saved in MongoDB.
+    Side effects: drops the cached members, PUBLISHes one control message."""
+    await membership_invalidate(client, conversation_id=conversation_id)
+    await client.publish(frames.CONTROL_CHANNEL,
+                         frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
+
+
+def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id: str) -> None:
+    """:func:`membership_changed` for sync code (DRF services) with a sync ``redis.Redis`` client."""
+    membership_invalidate_sync(client, conversation_id=conversation_id)
+    client.publish(frames.CONTROL_CHANNEL,
+                   frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
+
+
+async def typing_signal(client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any) -> None:
+    """Tell the conversation's online members that the user is typing. Ephemeral: PUBLISH only, nothing
+    stored. Raises ValidationFailed, NotFound."""
+    conversation_id = _require_object_id(conversation_id, field="conversation_id")
+    await membership_require(client, user_id=user_id, conversation_id=conversation_id)
+    await client.publish(frames.CONTROL_CHANNEL,
+                         frames.control_typing(conversation_id=conversation_id, user_id=user_id))
+
+
+def presence_key(user_id: str) -> str:
+    """Sorted set: session id -> expiry (unix seconds) of the user's open connections on every broker."""
+    return f"cs:presence:{user_id}"
+
+
+# A session is counted online until its broker stops refreshing it: PRESENCE_TTL_S after a SIGKILL, the
+# killed broker's sessions stop counting. Brokers refresh every PRESENCE_REFRESH_S (a third of the TTL, so
+# two missed refreshes are tolerated).
+PRESENCE_TTL_S = 60
+PRESENCE_REFRESH_S = 20
+
+# KEYS[1] presence zset; ARGV[1] session, ARGV[2] now, ARGV[3] expiry, ARGV[4] "1" add / "0" remove
+# -> live sessions of the user after the change
+_PRESENCE_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+local n = redis.call('ZCARD', KEYS[1])
+if n > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) - tonumber(ARGV[2])) end
+return n
+"""
+
+
+def _user_seen(user_id: str, status: str) -> None:
+    from storage.documents import User
+
+    User.objects(id=user_id).update_one(set__status=status, set__last_seen=datetime.now(UTC))
+
+
+async def _presence_change(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool) -> int:
+    now = int(time.time())
+    script = client.register_script(_PRESENCE_LUA)
+    return int(await script(keys=[presence_key(user_id)],
+                            args=[session_id, now, now + PRESENCE_TTL_S, "1" if add else "0"]))
+
+
+async def presence_connect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
+                           conversation_ids: list[str]) -> bool:
+    """Count a new connection of the user; if it is the user's only live one (on any broker), mark the user
+    online (``users.status``/``last_seen``) and announce ``presence online`` to their conversations.
+    Returns whether the user came online."""
+    if await _presence_change(client, user_id=user_id, session_id=session_id, add=True) != 1:
+        return False
+    await sync_to_async(_user_seen, thread_sensitive=False)(user_id, "online")
+    await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
+        user_id=user_id, status="online", conversation_ids=conversation_ids))
+    return True
+
+
+async def presence_disconnect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
+                              conversation_ids: list[str]) -> bool:
+    """Forget a closed connection; if it was the user's last live one, mark the user offline with
+    ``last_seen`` now and announce ``presence offline``. Returns whether the user went offline."""
+    if await _presence_change(client, user_id=user_id, session_id=session_id, add=False) != 0:
+        return False
+    await sync_to_async(_user_seen, thread_sensitive=False)(user_id, "offline")
+    await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
+        user_id=user_id, status="offline", conversation_ids=conversation_ids))
+    return True
+
+
+async def presence_refresh(client: redis.asyncio.Redis, *, sessions: list[tuple[str, str]]) -> None:
+    """Push the expiry of live ``(user_id, session_id)`` sessions forward (a broker's periodic heartbeat)."""
+    if not sessions:
+        return
+    expiry = int(time.time()) + PRESENCE_TTL_S
+    async with client.pipeline(transaction=False) as pipe:
+        for user_id, session_id in sessions:
+            pipe.zadd(presence_key(user_id), {session_id: expiry})
+            pipe.expire(presence_key(user_id), PRESENCE_TTL_S)
+        await pipe.execute()
+
+
+async def presence_online(client: redis.asyncio.Redis, *, user_id: str) -> bool:
+    """Whether the user has a live connection on any broker. Read-only."""
+    return bool(await client.zcount(presence_key(user_id), int(time.time()), "+inf"))
