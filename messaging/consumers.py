@@ -89,6 +89,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # autobahn enforces the limit while it reads the frame (it never buffers more) and closes with 1009.
             self.protocol.maxMessagePayloadSize = MAX_FRAME_BYTES
             self.protocol.maxFramePayloadSize = MAX_FRAME_BYTES
+            # Fail protocol violations with a close frame carrying the code (1009 here), not a bare TCP drop.
+            self.protocol.failByDrop = False
         await self.accept()  # close codes exist only on an accepted WebSocket (a refused handshake is a 403)
         try:
             owner = await connection_identify(self.scope)

@@ -124,7 +124,8 @@ class Client:
         """Read until the server closes; return its close code."""
         try:
             while True:
-                await asyncio.wait_for(self.ws.recv(), WAIT_S)
+                raw = await asyncio.wait_for(self.ws.recv(), WAIT_S)
+                self.seen.append(json.loads(raw))
         except websockets.exceptions.ConnectionClosed as closed:
             return closed.rcvd.code if closed.rcvd else None
 

@@ -45,6 +45,9 @@ def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Broker]]:
         broker.stop()
 
 
+RESUMED = ("message.new", "message.edited", "message.deleted", "resumed")
+
+
 def run(body: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(body())
 
@@ -148,5 +151,224 @@ def test_edit_delete_and_read_reach_the_other_broker(servers: Servers, brokers: 
         assert read == {"type": "read.updated", "conversation_id": conv, "user_id": bob, "seq": 1}
         await reader.close()
         await sender.close()
+
+    run(body)
+
+
+def test_resume_returns_exactly_the_missed_events_from_the_stream(servers: Servers,
+                                                                  brokers: list[Broker]) -> None:
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+
+    async def body() -> None:
+        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
+        reader = await connect_user(brokers[1].url, servers.redis_url, bob)
+        for i in range(3):
+            await sender.send(send_frame(conv, f"seen {i}"))
+            await sender.recv_type("ack")
+        assert [m["seq"] for m in await collect_messages(reader, conv, 3)] == [1, 2, 3]
+        await reader.close()
+        # While bob is away: four messages, an edit and a delete (seqs 4..9).
+        ids = []
+        for i in range(4):
+            await sender.send(send_frame(conv, f"missed {i}"))
+            ids.append((await sender.recv_type("ack"))["message_id"])
+        await sender.send({"type": "message.edit", "message_id": ids[0], "content": "missed 0, edited"})
+        await sender.recv_type("ack")
+        await sender.send({"type": "message.delete", "message_id": ids[1]})
+        await sender.recv_type("ack")
+
+        back = await connect_user(brokers[0].url, servers.redis_url, bob)
+        await back.send({"type": "resume", "conversations": {conv: 3}})
+        frames = []
+        while (frame := await back.recv_type(*RESUMED))["type"] != "resumed":
+            frames.append(frame)
+        assert frame == {"type": "resumed", "conversation_id": conv, "last_seq": 9}
+        assert [(f["type"], f["seq"]) for f in frames] == [
+            ("message.new", 4), ("message.new", 5), ("message.new", 6), ("message.new", 7),
+            ("message.edited", 8), ("message.deleted", 9)]
+        assert [f["message"]["content"] for f in frames[:4]] == [f"missed {i}" for i in range(4)]
+        # Live delivery goes on after the resume, without repeating anything.
+        await sender.send(send_frame(conv, "live"))
+        live = await back.recv_type("message.new")
+        assert (live["seq"], live["message"]["content"]) == (10, "live")
+        # Nothing to resume: just the marker.
+        await back.send({"type": "resume", "conversations": {conv: 10}})
+        assert await back.recv_type("resumed") == {"type": "resumed", "conversation_id": conv, "last_seq": 10}
+        await back.close()
+        await sender.close()
+
+    run(body)
+
+
+def test_resume_beyond_the_stream_reads_mongodb(servers: Servers, brokers: list[Broker]) -> None:
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+
+    async def body() -> None:
+        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
+        acks = []
+        for i in range(5):
+            await sender.send(send_frame(conv, f"old {i}"))
+            acks.append(await sender.recv_type("ack"))
+        # The drain (another issue) persisted seqs 1..5 and the stream was trimmed past them: simulate both.
+        for i, ack in enumerate(acks):
+            Message(id=ack["message_id"], conversation_id=ObjectId(conv), seq=ack["seq"],
+                    sender_id=ObjectId(alice), content=f"old {i}" if i != 3 else "old 3, edited",
+                    edited_at=datetime.now(UTC) if i == 3 else None, timestamp=datetime.now(UTC),
+                    client_msg_id=ack["client_msg_id"]).save()
+        client = redis.Redis.from_url(servers.redis_url)
+        key = stream_key(partition_of(conv))
+        mine = [entry_id for entry_id, fields in client.xrange(key) if fields[b"c"] == conv.encode()]
+        assert len(mine) == 5 and client.xdel(key, *mine) == 5
+        client.close()
+        for i in range(2):
+            await sender.send(send_frame(conv, f"new {i}"))
+            await sender.recv_type("ack")
+
+        reader = await connect_user(brokers[1].url, servers.redis_url, bob)
+        await reader.send({"type": "resume", "conversations": {conv: 2}})
+        frames = []
+        while (frame := await reader.recv_type(*RESUMED))["type"] != "resumed":
+            frames.append(frame)
+        assert frame["last_seq"] == 7
+        assert [(f["seq"], f["message"]["content"], f.get("source")) for f in frames] == [
+            (3, "old 2", "archive"), (4, "old 3, edited", "archive"), (5, "old 4", "archive"),
+            (6, "new 0", None), (7, "new 1", None)]
+        assert "edited_at" in frames[1]["message"] and "edited_at" not in frames[0]["message"]
+        await reader.close()
+        await sender.close()
+
+    run(body)
+
+
+BAD_FRAMES: list[tuple[Any, str]] = [
+    ("{not json", "invalid_json"),
+    ("[1, 2]", "unknown_type"),
+    ('"just a string"', "unknown_type"),
+    (json.dumps({"type": "no.such.thing"}), "unknown_type"),
+    (json.dumps({"type": 7}), "unknown_type"),
+    (json.dumps({"content": "no type"}), "unknown_type"),
+    (json.dumps({"type": "message.send"}), "invalid"),
+    (json.dumps({"type": "message.send", "conversation_id": {"$gt": ""}, "client_msg_id": "a",
+                 "content": "x"}), "invalid"),
+    (json.dumps({"type": "message.send", "conversation_id": "CONV", "client_msg_id": {"$ne": None},
+                 "content": "x"}), "invalid"),
+    (json.dumps({"type": "message.send", "conversation_id": "CONV", "client_msg_id": "a",
+                 "content": 5}), "invalid"),
+    (json.dumps({"type": "message.send", "conversation_id": "CONV", "client_msg_id": "a",
+                 "content": "x" * 5000}), "too_large"),
+    (json.dumps({"type": "message.send", "conversation_id": "FOREIGN", "client_msg_id": "a",
+                 "content": "let me in"}), "not_found"),
+    (json.dumps({"type": "message.edit", "message_id": {"$gt": ""}, "content": "x"}), "invalid"),
+    (json.dumps({"type": "message.delete", "message_id": "f" * 32}), "not_found"),
+    (json.dumps({"type": "read", "conversation_id": "CONV", "seq": "1"}), "invalid"),
+    (json.dumps({"type": "typing", "conversation_id": "FOREIGN"}), "not_found"),
+    (json.dumps({"type": "resume", "conversations": ["CONV"]}), "invalid"),
+    (json.dumps({"type": "resume", "conversations": {"CONV": -1}}), "invalid"),
+    (json.dumps({"type": "resume", "conversations": {"FOREIGN": 0}}), "not_found"),
+]
+
+
+def test_bad_input_gets_error_frames_and_the_connection_stays_open(servers: Servers,
+                                                                   brokers: list[Broker]) -> None:
+    alice, _ = user_create()
+    bob, _ = user_create()
+    eve, _ = user_create()
+    conv = group_create([alice, bob])
+    foreign = group_create([bob, eve])
+
+    async def body() -> None:
+        client = await connect_user(brokers[0].url, servers.redis_url, alice)
+        bystander = await connect_user(brokers[0].url, servers.redis_url, bob)
+        for i, (raw, code) in enumerate(BAD_FRAMES):
+            text = raw.replace("CONV", conv).replace("FOREIGN", foreign) if isinstance(raw, str) else raw
+            await client.send(text)
+            error = await client.recv_type("error", "pong", "ack")
+            assert error["type"] == "error" and error["code"] == code, (raw[:80], error)
+            assert isinstance(error["message"], str) and "ref" in error
+            await client.send({"type": "ping", "ref": f"p{i}"})
+            assert await client.recv_type("pong", "error") == {"type": "pong", "ref": f"p{i}"}
+        await client.ws.send(b"\x00\x01binary")
+        assert (await client.recv_type("error"))["code"] == "invalid"
+        # The error echoes the offending frame's ref.
+        await client.send({"type": "message.send", "ref": "mine-1", "conversation_id": "x"})
+        assert (await client.recv_type("error"))["ref"] == "mine-1"
+        # Nothing bad was appended, and the bystander on the same broker noticed nothing but real traffic.
+        await client.send(send_frame(conv, "still here"))
+        ack = await client.recv_type("ack")
+        assert ack["seq"] == 1
+        got = await bystander.recv_type("message.new")
+        assert (got["seq"], got["message"]["content"]) == (1, "still here")
+        assert [f for f in bystander.seen if f["type"] == "error"] == []
+        await client.close()
+        await bystander.close()
+
+    run(body)
+
+
+def test_frame_over_64_kib_closes_1009_and_others_carry_on(servers: Servers, brokers: list[Broker]) -> None:
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+
+    async def body() -> None:
+        big = await connect_user(brokers[1].url, servers.redis_url, alice)
+        other = await connect_user(brokers[1].url, servers.redis_url, bob)
+        await big.send(send_frame(conv, "y" * (64 * 1024 + 1)))
+        assert await big.recv_closed() == 1009
+        # Exactly at the limit is not "over": the frame is read and refused by the content rule instead.
+        exact = await connect_user(brokers[1].url, servers.redis_url, alice)
+        frame = json.dumps(send_frame(conv, ""))
+        await exact.send(frame[:-2] + "z" * (64 * 1024 - len(frame)) + '"}')
+        assert (await exact.recv_type("error"))["code"] == "too_large"
+        await other.send(send_frame(conv, "fine"))
+        assert (await other.recv_type("ack"))["seq"] == 1
+        await exact.close()
+        await other.close()
+
+    run(body)
+
+
+def test_flooding_gets_rate_limited_then_closed_4008(servers: Servers, brokers: list[Broker]) -> None:
+    alice, _ = user_create()
+
+    async def body() -> None:
+        client = await connect_user(brokers[0].url, servers.redis_url, alice)
+        calm = await connect_user(brokers[0].url, servers.redis_url, alice)
+        for i in range(300):
+            try:
+                await client.send({"type": "ping", "ref": i})
+            except Exception:
+                break
+        code = await client.recv_closed()
+        assert code == 4008
+        answers = [f for f in client.seen]
+        pongs = [f for f in answers if f["type"] == "pong"]
+        limited = [f for f in answers if f["type"] == "error" and f["code"] == "rate_limited"]
+        assert 60 <= len(pongs) < 300 and len(limited) == 10, (len(pongs), len(limited))
+        await calm.send({"type": "ping"})
+        assert (await calm.recv_type("pong"))["type"] == "pong"
+        await calm.close()
+
+    run(body)
+
+
+def test_bad_missing_or_reused_ticket_closes_4001(servers: Servers, brokers: list[Broker]) -> None:
+    alice, _ = user_create()
+
+    async def body() -> None:
+        for ticket in (None, "", "not-a-ticket", "x" * 500):
+            client = await connect(brokers[0].url, ticket, expect_ready=False)
+            assert (await client.recv())["code"] == "unauthenticated"
+            assert await client.recv_closed() == 4001
+        ticket = ticket_for(servers.redis_url, alice)
+        first = await connect(brokers[0].url, ticket)
+        assert first.ready["user_id"] == alice
+        again = await connect(brokers[1].url, ticket, expect_ready=False)
+        assert await again.recv_closed() == 4001
+        await first.close()
 
     run(body)
