@@ -372,3 +372,114 @@ def test_bad_missing_or_reused_ticket_closes_4001(servers: Servers, brokers: lis
         await first.close()
 
     run(body)
+
+
+def test_presence_flips_when_the_last_device_leaves_and_typing_crosses(servers: Servers,
+                                                                       brokers: list[Broker]) -> None:
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+
+    async def body() -> None:
+        watcher = await connect_user(brokers[1].url, servers.redis_url, bob)
+        laptop = await connect_user(brokers[0].url, servers.redis_url, alice)
+        online = await watcher.recv_type("presence")
+        assert online == {"type": "presence", "user_id": alice, "status": "online"}
+        assert User.objects(id=alice).get().status == "online"
+        phone = await connect_user(brokers[1].url, servers.redis_url, alice)
+
+        await watcher.send({"type": "typing", "conversation_id": conv})
+        for device in (laptop, phone):
+            assert await device.recv_type("typing") == {"type": "typing", "conversation_id": conv, "user_id": bob}
+        await laptop.close()
+        # Alice is still online on her phone: typing and a ping still go through, and no "offline" came first.
+        await phone.send({"type": "typing", "conversation_id": conv})
+        assert (await watcher.recv_type("typing", "presence"))["type"] == "typing"
+        await phone.close()
+        assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "offline"}
+        user = User.objects(id=alice).get()
+        assert user.status == "offline" and user.last_seen is not None
+        # Typing never reaches the stream.
+        client = redis.Redis.from_url(servers.redis_url)
+        entries = client.xrange(stream_key(partition_of(conv)))
+        client.close()
+        assert [f for _, f in entries if f[b"c"] == conv.encode()] == []
+        await watcher.close()
+
+    run(body)
+
+
+def test_membership_changes_apply_live(servers: Servers, brokers: list[Broker]) -> None:
+    from messaging.services import membership_changed_sync
+
+    alice, _ = user_create()
+    bob, _ = user_create()
+    carol, _ = user_create()
+    conv = group_create([alice, bob])
+    sync_redis = redis.Redis.from_url(servers.redis_url)
+
+    async def body() -> None:
+        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
+        bob_conn = await connect_user(brokers[1].url, servers.redis_url, bob)
+        newcomer = await connect_user(brokers[1].url, servers.redis_url, carol)
+        assert conv not in newcomer.ready["conversations"]
+
+        Conversation.objects(id=conv).update_one(push__members=ObjectId(carol))
+        membership_changed_sync(sync_redis, user_ids=[carol], conversation_id=conv)
+        joined = await newcomer.recv_type("membership")
+        assert joined == {"type": "membership", "conversation_id": conv, "status": "joined", "last_seq": 0}
+        await sender.send(send_frame(conv, "welcome"))
+        assert (await newcomer.recv_type("message.new"))["message"]["content"] == "welcome"
+        await newcomer.send(send_frame(conv, "thanks"))
+        assert (await newcomer.recv_type("ack"))["seq"] == 2
+        assert (await newcomer.recv_type("message.new"))["message"]["content"] == "thanks"
+
+        Conversation.objects(id=conv).update_one(pull__members=ObjectId(carol))
+        membership_changed_sync(sync_redis, user_ids=[carol], conversation_id=conv)
+        assert await newcomer.recv_type("membership") == {"type": "membership", "conversation_id": conv,
+                                                          "status": "left"}
+        await sender.send(send_frame(conv, "after you left"))
+        # Bob is on carol's broker: once he has the message, the broker has already passed carol by, so
+        # her next frame is the pong, not the message.
+        assert [(await collect_messages(bob_conn, conv, 3))[-1]["content"]] == ["after you left"]
+        await newcomer.send({"type": "ping"})
+        nxt = await newcomer.recv_type("pong", "message.new")
+        assert nxt["type"] == "pong"
+        await newcomer.send(send_frame(conv, "can I still?"))
+        assert (await newcomer.recv_type("error"))["code"] == "not_found"
+        for c in (sender, bob_conn, newcomer):
+            await c.close()
+
+    try:
+        run(body)
+    finally:
+        sync_redis.close()
+
+
+def test_killing_a_broker_does_not_disturb_the_others(servers: Servers, brokers: list[Broker],
+                                                      tmp_path: Path) -> None:
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+    (doomed,) = brokers_start(tmp_path, 1)
+
+    async def body() -> None:
+        victim = await connect_user(doomed.url, servers.redis_url, bob)
+        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
+        reader = await connect_user(brokers[1].url, servers.redis_url, bob)
+        await sender.send(send_frame(conv, "before"))
+        await victim.recv_type("message.new")
+        doomed.kill()
+        assert await victim.recv_closed() in (None, 1006)
+        for i in range(5):
+            await sender.send(send_frame(conv, f"after {i}"))
+            await sender.recv_type("ack")
+        got = await collect_messages(reader, conv, 6)
+        assert [m["content"] for m in got] == ["before"] + [f"after {i}" for i in range(5)]
+        await sender.close()
+        await reader.close()
+
+    try:
+        run(body)
+    finally:
+        doomed.stop()
