@@ -76,3 +76,7 @@ def control_presence(*, user_id: str, status: str, conversation_ids: list[str]) 
 
 def control_members(*, user_ids: list[str], conversation_id: str) -> str:
     return dumps({"k": "members", "u": user_ids, "c": conversation_id})
+
+
+def control_invalidate(*, conversation_id: str) -> str:
+    return dumps({"k": "invalidate", "c": conversation_id})

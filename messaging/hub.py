@@ -49,8 +49,8 @@ class Subscriber(Protocol):
     user_id: str
     session_id: str
 
-    async def deliver(self, *, conversation_id: str, seq: int, frame: str) -> None:
-        """Push one frame (``seq`` 0 for unsequenced ones); must not block."""
+    async def deliver(self, *, conversation_id: str, seq: int, frame: bytes) -> None:
+        """Push one UTF-8 JSON text frame (``seq`` 0 for unsequenced ones); must not block."""
 
     def membership_recheck(self, *, conversation_id: str | None) -> None:
         """Re-read membership of one conversation (None: all of them) and (un)subscribe; non-blocking."""
@@ -211,8 +211,9 @@ class Hub:
         if frame is None:
             return
         self.stats["events"] += 1
+        encoded = frame.encode()
         for conn in tuple(subscribers):
-            await conn.deliver(conversation_id=conversation_id, seq=seq, frame=frame)
+            await conn.deliver(conversation_id=conversation_id, seq=seq, frame=encoded)
         self.stats["deliveries"] += len(subscribers)
 
     # ------------------------------------------------------------------ control messages (pub/sub)
@@ -221,6 +222,10 @@ class Hub:
         pubsub = self._control.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(frames.CONTROL_CHANNEL)
+            # From here on every invalidation is heard, so the in-process membership cache is safe; anything
+            # cached before this (re)subscription may have missed one.
+            services.membership_local_forget(None)
+            services.membership_local_enable()
             if self.stats["control_restarts"]:
                 # Membership messages may have been published while we were not subscribed.
                 for conns in list(self.by_user.values()):
@@ -242,21 +247,24 @@ class Hub:
             return
         if kind == "typing":
             conversation_id, user_id = str(data["c"]), str(data["u"])
-            frame = frames.frame("typing", conversation_id=conversation_id, user_id=user_id)
+            frame = frames.frame("typing", conversation_id=conversation_id, user_id=user_id).encode()
             for conn in tuple(self.by_conversation.get(conversation_id, ())):
                 if conn.user_id != user_id:
                     await conn.deliver(conversation_id=conversation_id, seq=0, frame=frame)
         elif kind == "presence":
             user_id = str(data["u"])
-            frame = frames.frame("presence", user_id=user_id, status=str(data["s"]))
+            frame = frames.frame("presence", user_id=user_id, status=str(data["s"])).encode()
             told: set[int] = set()
             for conversation_id in data.get("c", []):
                 for conn in tuple(self.by_conversation.get(str(conversation_id), ())):
                     if conn.user_id != user_id and id(conn) not in told:
                         told.add(id(conn))
                         await conn.deliver(conversation_id=str(conversation_id), seq=0, frame=frame)
+        elif kind == "invalidate":
+            services.membership_local_forget(str(data["c"]))
         elif kind == "members":
             conversation_id = str(data["c"])
+            services.membership_local_forget(conversation_id)
             for user_id in data.get("u", []):
                 for conn in tuple(self.by_user.get(str(user_id), ())):
                     conn.membership_recheck(conversation_id=conversation_id)

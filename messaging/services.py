@@ -93,9 +93,50 @@ def _members_from_db(conversation_id: str) -> list[str] | None:
     return [str(m) for m in conversation.members]
 
 
+# A second, in-process cache in front of the Redis one, enabled only in processes that hear every
+# invalidation (brokers: their hub listens on the control channel; see membership_local_forget). It saves a
+# Redis round trip per message on the hot path. The TTL bounds staleness if a pub/sub message is ever lost.
+MEMBERSHIP_LOCAL_TTL_S = 30.0
+_local_members: dict[str, tuple[float, frozenset[str] | None]] | None = None
+_local_generation = 0
+
+
+def membership_local_enable() -> None:
+    """Turn the in-process membership cache on. Precondition: the caller forwards every control-channel
+    ``invalidate``/``members`` message to :func:`membership_local_forget` (the broker hub does)."""
+    global _local_members
+    if _local_members is None:
+        _local_members = {}
+
+
+def membership_local_forget(conversation_id: str | None) -> None:
+    """Drop one conversation (None: all) from the in-process cache."""
+    global _local_generation
+    _local_generation += 1
+    if _local_members is not None:
+        if conversation_id is None:
+            _local_members.clear()
+        else:
+            _local_members.pop(conversation_id, None)
+
+
 async def conversation_members(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
-    """Member ids of a conversation (None if it does not exist). Cached in Redis; a miss reads MongoDB
-    in a worker thread. Side effect: fills the cache."""
+    """Member ids of a conversation (None if it does not exist). Cached in Redis (and in-process on
+    brokers); a miss reads MongoDB in a worker thread. Side effect: fills the caches."""
+    if _local_members is not None:
+        hit = _local_members.get(conversation_id)
+        if hit is not None and hit[0] > time.monotonic():
+            return None if hit[1] is None else set(hit[1])
+        generation = _local_generation
+        found = await _conversation_members_shared(client, conversation_id=conversation_id)
+        if generation == _local_generation:  # no invalidation raced with the read
+            _local_members[conversation_id] = (time.monotonic() + MEMBERSHIP_LOCAL_TTL_S,
+                                               None if found is None else frozenset(found))
+        return found
+    return await _conversation_members_shared(client, conversation_id=conversation_id)
+
+
+async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
     key = membership_key(conversation_id)
     cached = await client.smembers(key)
     if cached:
@@ -118,13 +159,16 @@ async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conve
 
 
 async def membership_invalidate(client: redis.asyncio.Redis, *, conversation_id: str) -> None:
-    """Forget the cached members; call after any change of a conversation's members."""
+    """Forget the cached members; call after any change of a conversation's members.
+    Side effects: DEL of the Redis cache, PUBLISH so every broker drops its in-process copy."""
     await client.delete(membership_key(conversation_id))
+    await client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
 
 
 def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
     """The same for sync code (DRF services) with a sync ``redis.Redis`` client."""
     client.delete(membership_key(conversation_id))
+    client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
 
 
 # ------------------------------------------------------------------ the write path
@@ -157,17 +201,16 @@ async def message_send(
         "id": uuid.uuid4().hex, "conversation_id": conversation_id, "sender_id": user_id,
         "content": content, "timestamp": _now_iso(), "client_msg_id": client_msg_id,
     }
+    # The sender is remembered for edits made before the message reaches MongoDB, in the append's round
+    # trip. A retry writes it for its own fresh (never used) id: harmless, and it expires.
     appended = await streams.event_append(
         client, type="message.new", conversation_id=conversation_id, payload=payload,
         message_id=payload["id"], dedup=(user_id, client_msg_id),
+        meta=(message_meta_key(payload["id"]), {"c": conversation_id, "u": user_id},
+              settings.RESUME_WINDOW_S + 3600),
     )
     if not appended.duplicate:
         drain_nudge(client, partition=appended.partition)
-        key = message_meta_key(appended.message_id)
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping={"c": conversation_id, "u": user_id})
-            pipe.expire(key, settings.RESUME_WINDOW_S + 3600)
-            await pipe.execute()
     return Accepted(message_id=appended.message_id, conversation_id=conversation_id, seq=appended.seq,
                     duplicate=appended.duplicate, event={**payload, "id": appended.message_id, "seq": appended.seq})
 
@@ -223,14 +266,11 @@ async def message_delete(client: redis.asyncio.Redis, *, user_id: str, message_i
     conversation_id = await _sender_only(client, user_id=user_id, message_id=message_id)
     payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": _now_iso(),
                "deleter_id": user_id}
-    appended = await streams.event_append(client, type="message.deleted", conversation_id=conversation_id,
-                                          payload=payload, message_id=message_id)
+    appended = await streams.event_append(
+        client, type="message.deleted", conversation_id=conversation_id, payload=payload, message_id=message_id,
+        meta=(message_meta_key(message_id), {"c": conversation_id, "u": user_id, "x": "1"},
+              settings.RESUME_WINDOW_S + 3600))
     drain_nudge(client, partition=appended.partition)
-    key = message_meta_key(message_id)
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.hset(key, mapping={"c": conversation_id, "u": user_id, "x": "1"})
-        pipe.expire(key, settings.RESUME_WINDOW_S + 3600)
-        await pipe.execute()
     return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
                     event={**payload, "seq": appended.seq})
 
