@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT / "bench" / "peer"
 CONNECT_CONCURRENCY = 50  # handshakes in flight at once: fast, without a SYN flood on a 2-core machine
 IDLE_WINDOW_S = 3.0  # how long everyone sits connected and idle while memory and idle CPU are measured
-GRACE_S = 3.0  # after the last send, how long receivers get to receive what is in flight
+GRACE_S = 10.0  # after the last send, at most this long for what is in flight (it stops as soon as all arrived)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -107,6 +107,7 @@ class Result:
     kb_per_idle_connection: float = 0.0
     idle_cpu_pct: float = 0.0
     client_cpu_s: float = 0.0
+    missing_sample: list[str] = field(default_factory=list)  # for diagnosis when lost > 0
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t since start, latency ms)
 
     @property
@@ -377,6 +378,9 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     result.client_cpu_s = (client_end.ru_utime + client_end.ru_stime) - (client_start.ru_utime
                                                                           + client_start.ru_stime)
     result.timeline = counters.timeline
+    missing = [(conn, k) for k, f in acks.items() if f.done()
+               for conn in members[int(k.split("-")[0])] if (conn, k) not in counters.seen]
+    result.missing_sample = [f"connection {conn} lacks {k}" for conn, k in missing[:20]]
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
     return result
 
