@@ -24,6 +24,7 @@ import websockets.exceptions
 from django.conf import settings
 
 from chatstream_site.registry import ROLES, Instance, instances_list_async
+from gateway.webclient import webclient_file, webclient_headers
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,10 @@ class GatewayApp:
             return
         role = next((r for prefix, r in ROUTES if path.startswith(prefix)), None)
         if role is None:
-            if path == "/":
-                await send_response(send, 200, INDEX_HTML, content_type=b"text/html; charset=utf-8")
+            found = webclient_file(path) if scope["method"] in ("GET", "HEAD") else None
+            if found is not None:
+                ctype, body = found
+                await send_response(send, 200, body, content_type=ctype.encode(), headers=webclient_headers(ctype))
             else:
                 await send_response(send, 404, error_body("not_found", f"no route for {path}"))
             return
@@ -228,8 +231,3 @@ class GatewayApp:
                 task.cancel()
             await upstream.close()
 
-
-INDEX_HTML = b"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ChatStream</title>
-<meta name="viewport" content="width=device-width,initial-scale=1"></head>
-<body><h1>ChatStream</h1><p>The gateway is up. <a href="/readyz">Readiness</a> &middot;
-<a href="/api/v1/">API</a></p></body></html>"""

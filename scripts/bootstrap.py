@@ -192,6 +192,15 @@ def ensure_ferretdb_binary(env: dict[str, str], *, required: bool) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def ensure_chromium() -> None:
+    """Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser)."""
+    if Path("/usr/bin/chromium").exists():
+        return
+    if not apt_install("chromium") or not Path("/usr/bin/chromium").exists():
+        raise BootstrapError("the browser tests need Debian's chromium at /usr/bin/chromium",
+                             "run `sudo apt-get install chromium`")
+
+
 def cmd_install() -> None:
     env = read_dotenv()
     VAR.mkdir(exist_ok=True)
@@ -200,6 +209,8 @@ def cmd_install() -> None:
     testing = os.environ.get("CHATSTREAM_BOOTSTRAP_FOR_TESTS") == "1"
     ensure_redis_binary(env, required=testing)
     ensure_ferretdb_binary(env, required=testing)
+    if testing:
+        ensure_chromium()
 
 
 # ---------------------------------------------------------------- procfile

@@ -67,7 +67,12 @@ def process_env(pid: int) -> dict[str, str]:
 class Cluster:
     """The local cluster exactly as `make run` starts it (honcho + the bootstrap Procfile), on free ports."""
 
-    def __init__(self, workdir: Path, **env: str) -> None:
+    def __init__(self, workdir: Path, *, honcho: bool = True, **env: str) -> None:
+        """``honcho=False`` starts each Procfile line as its own process group instead, so a test can kill
+        one role without honcho stopping all the others (as it does in `make run`)."""
+        self.honcho = honcho
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.lines: dict[str, str] = {}
         self.tag = uuid.uuid4().hex
         self.gateway_port = free_port()
         # Internal ports are PORT_BASE + 1..39: pick a base well inside the ephemeral-free range.
@@ -94,11 +99,29 @@ class Cluster:
         assert "redis-server" not in procfile and "ferretdb" not in procfile, procfile
         procfile = procfile.replace(".venv/bin/python", sys.executable)
         (self.workdir / "Procfile").write_text(procfile)
-        honcho = str(Path(sys.executable).parent / "honcho")
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the cluster
+        if not self.honcho:
+            for line in procfile.splitlines():
+                name, _, command = line.partition(":")
+                self.lines[name.strip()] = command.strip()
+            for name in self.lines:
+                self.start_process(name)
+            return
+        honcho = str(Path(sys.executable).parent / "honcho")
         self.proc = subprocess.Popen([honcho, "-f", str(self.workdir / "Procfile"), "-d", str(ROOT), "start"],
                                      cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+
+    def start_process(self, name: str) -> None:
+        """(Re)start one Procfile process (``honcho=False`` only), e.g. ``broker1``."""
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        self.procs[name] = subprocess.Popen(["/bin/sh", "-c", self.lines[name]], cwd=ROOT, env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill_process(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
 
     def ready(self) -> bool:
         try:
@@ -113,7 +136,9 @@ class Cluster:
             raise AssertionError(f"cluster not ready; log tail:\n{self.log_tail()}") from None
 
     def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        paths = [self.log_path] if self.honcho else sorted(self.workdir.glob("*.log"))
+        return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+                         for p in paths if p.exists())
 
     def role_pids(self, role: str, instance: str | None = None) -> Iterator[int]:
         for pid in tagged_pids(self.tag):
@@ -125,7 +150,16 @@ class Cluster:
                 yield pid
 
     def stop(self, timeout_s: float = 30) -> None:
-        """Ctrl-C, as a person would press it in `make run`."""
+        """Ctrl-C, as a person would press it in `make run` (or SIGTERM to each process group)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGINT)

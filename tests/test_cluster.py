@@ -68,3 +68,23 @@ def test_ctrl_c_deregisters_every_instance(tmp_path: Path) -> None:
     assert tagged_pids(cluster.tag) == []
     # A clean stop deregisters at once, well before any TTL could have run out.
     assert registry(cluster) == [], cluster.log_tail()
+
+
+def test_a_restarted_instance_joins_again_and_the_others_never_notice(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, honcho=False)
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        before = {i["id"] for i in registry(cluster) if i["role"] == "broker"}
+        cluster.kill_process("broker1")
+        wait_until(lambda: len([i for i in registry(cluster) if i["role"] == "broker"]) == 1,
+                   timeout_s=int(os.environ["CHATSTREAM_REGISTRY_TTL"]) + 3, what="one broker left")
+        assert cluster.ready()  # one broker is enough for every role to be live
+        cluster.start_process("broker1")
+        wait_until(lambda: len({i["id"] for i in registry(cluster) if i["role"] == "broker"}) == 2,
+                   timeout_s=60, what="two brokers again")
+        after = {i["id"] for i in registry(cluster) if i["role"] == "broker"}
+        assert len(after - before) == 1  # a new registration, not the dead one come back
+    finally:
+        cluster.stop()
+    assert tagged_pids(cluster.tag) == []
