@@ -45,6 +45,11 @@ RESUME_MAX_CONVERSATIONS = 1000
 # Live events of a conversation held while it is being resumed; past this the client is too slow (4009).
 RESUME_BUFFER_MAX = 10_000
 _background: set[asyncio.Task[None]] = set()
+# A connection whose unsent bytes stay above WS_SEND_BUFFER_BYTES this long is too slow (4009): a healthy
+# client on a bad network catches up within seconds; 5 s of traffic is what a stalled one may cost above
+# the limit. Above SLOW_HARD_FACTOR x the limit it is closed at once, which bounds memory per connection.
+SLOW_GRACE_S = 5.0
+SLOW_HARD_FACTOR = 4
 _AUTOBAHN_OPEN = 3  # autobahn.websocket.protocol.WebSocketProtocol.STATE_OPEN
 
 
@@ -102,6 +107,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.strikes = 0
         self.closing = False
         self.registered = False
+        self.over_since = 0.0
+        self.paced = 0
         self.protocol = _daphne_protocol(self.base_send)
         if self.protocol is not None:
             # autobahn enforces the limit while it reads the frame (it never buffers more) and closes with 1009.
@@ -171,6 +178,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except (AttributeError, TypeError):
             return 0
 
+    def _too_slow(self) -> bool:
+        """Unsent bytes above ``WS_SEND_BUFFER_BYTES`` for longer than SLOW_GRACE_S, or above
+        SLOW_HARD_FACTOR times it at any moment. A burst (one XREAD batch is written in one loop turn, before
+        the socket is flushed) may pass the soft limit for a moment; a reader that does not read stays there."""
+        backlog = self._send_backlog()
+        limit = settings.WS_SEND_BUFFER_BYTES
+        if backlog <= limit:
+            self.over_since = 0.0
+            return False
+        now = time.monotonic()
+        if not self.over_since:
+            self.over_since = now
+        return backlog > SLOW_HARD_FACTOR * limit or now - self.over_since > SLOW_GRACE_S
+
     async def deliver(self, *, conversation_id: str, seq: int, frame: bytes) -> None:
         """Called by the hub for each live event (``frame``: the UTF-8 JSON text, encoded once per fan-out;
         ``seq`` 0: unsequenced). Never blocks: a connection whose unsent bytes exceed
@@ -188,7 +209,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return  # already sent by this connection's resume
         protocol = self.protocol
         if protocol is not None:
-            if self._send_backlog() > settings.WS_SEND_BUFFER_BYTES:
+            if self._too_slow():
                 self.hub.stats["closed_too_slow"] += 1
                 await self._close(CLOSE_TOO_SLOW)
             elif protocol.state == _AUTOBAHN_OPEN:
@@ -389,6 +410,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _send_paced(self, frame: str) -> None:
         """Send a resume frame, waiting (bounded) while the client has not taken what was already sent."""
         limit = settings.WS_SEND_BUFFER_BYTES // 2
+        self.paced += 1
+        if self.paced % 50 == 0:
+            await asyncio.sleep(0)  # one loop turn: lets Twisted hand what is queued to the kernel
         for _ in range(200):  # 200 x 50 ms: a client that takes nothing for 10 s is too slow
             if self._send_backlog() <= limit:
                 await self.send_frame(frame)

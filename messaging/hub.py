@@ -37,8 +37,10 @@ logger = logging.getLogger(__name__)
 # read (its entries are not missed meanwhile: they are read from the cursor taken at subscribe time).
 BLOCK_MS = 1000
 READER_SOCKET_TIMEOUT_S = 10.0
-# Entries per XREAD: bounds the work between two looks at the event loop; 500 is a batch of a busy second.
-READ_COUNT = 500
+# Entries per XREAD. Everything read is written to the sockets' buffers in one loop turn, before they are
+# flushed, so this bounds the per-turn growth of each connection's send buffer (100 frames: ~30 KB typical,
+# 6.4 MB for 100 frames at the 64 KiB limit) as well as the work between two looks at the event loop.
+READ_COUNT = 100
 # Timeout of the hub's ordinary commands: a Redis that does not answer within 5 s is treated as down (the
 # client gets an ``unavailable`` error frame) rather than holding a connection's handler for ever.
 COMMAND_TIMEOUT_S = 5.0

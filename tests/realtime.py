@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -133,8 +134,18 @@ class Client:
         await self.ws.close()
 
 
-async def connect(url: str, ticket: str | None, *, expect_ready: bool = True, **kwargs: Any) -> Client:
+async def connect(url: str, ticket: str | None, *, expect_ready: bool = True, rcvbuf: int | None = None,
+                  **kwargs: Any) -> Client:
+    """Open a WebSocket. ``rcvbuf`` pins the socket's receive buffer (which turns off the kernel's
+    autotuning), so a client that stops reading makes the server's buffer fill after a few KB."""
     full = url if ticket is None else f"{url}?ticket={ticket}"
+    if rcvbuf is not None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        host_port = full.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        await asyncio.get_running_loop().sock_connect(sock, (host_port[0], int(host_port[1])))
+        kwargs["sock"] = sock
     ws = await websockets.connect(full, origin="http://127.0.0.1", open_timeout=WAIT_S, **kwargs)
     client = Client(ws=ws)
     if expect_ready:

@@ -484,3 +484,40 @@ def test_killing_a_broker_does_not_disturb_the_others(servers: Servers, brokers:
         run(body)
     finally:
         doomed.stop()
+
+
+def test_a_reader_that_stops_reading_is_closed_4009_and_others_get_everything(servers: Servers,
+                                                                              tmp_path: Path) -> None:
+    # A broker of its own, without a frame rate limit in the way of the sender; the default 1 MiB send buffer
+    # (closed at once above 4 MiB unsent).
+    (broker,) = brokers_start(tmp_path, 1, CHATSTREAM_WS_RATE="10000", CHATSTREAM_WS_BURST="10000")
+    users = [user_create()[0] for _ in range(3)]
+    conv = group_create(users)
+    # 400 messages of 4,000 four-byte characters: ~6.4 MB for the stalled reader, more than the kernel's
+    # socket buffers can absorb (loopback send buffers autotune up to 4 MB), so the server's buffer fills.
+    count, content = 400, "\U0001f600" * 4000
+
+    async def body() -> None:
+        # max_queue=1 and a pinned 4 KB receive buffer: the client stops reading once one frame waits unread.
+        stalled = await connect(broker.url, ticket_for(servers.redis_url, users[0]), max_queue=1, rcvbuf=4096)
+        # The healthy reader reads all the time (no client-side queue limit), concurrently with the sending.
+        healthy = await connect(broker.url, ticket_for(servers.redis_url, users[1]), max_queue=None)
+        sender = await connect(broker.url, ticket_for(servers.redis_url, users[2]), max_queue=None)
+        reading = asyncio.ensure_future(collect_messages(healthy, conv, count))
+        for i in range(count):
+            await sender.send(send_frame(conv, content, client_msg_id=f"big-{i}"))
+        acks = [await sender.recv_type("ack") for _ in range(count)]
+        assert sorted(a["seq"] for a in acks) == list(range(1, count + 1))
+        got = await reading
+        assert [m["seq"] for m in got] == list(range(1, count + 1))
+        # The 4009 close frame queues behind what the reader never read, so it usually sees the TCP drop that
+        # follows the close handshake timeout instead; either way it was cut off: it never got everything.
+        assert await stalled.recv_closed() in (4009, None)
+        assert len([f for f in stalled.seen if f["type"] == "message.new"]) < count
+        await healthy.close()
+        await sender.close()
+
+    try:
+        run(body)
+    finally:
+        broker.stop()

@@ -185,9 +185,9 @@ MESSAGE_MAX_CHARS = env_int("CHATSTREAM_MESSAGE_MAX_CHARS", 4000, minimum=1, max
 # catches up after being offline; the burst of 60 absorbs a resume plus a queue of unsent messages.
 WS_RATE_PER_S = env_float("CHATSTREAM_WS_RATE", 20.0, minimum=0.1)
 WS_RATE_BURST = env_int("CHATSTREAM_WS_BURST", 60, minimum=1)
-# Bytes a connection may have waiting in the server's send buffer before it is closed with 4009 as too
-# slow: 1 MiB is ~3,000 typical frames, minutes of a busy group for a healthy client, and bounds what a
-# stalled reader can cost (10,000 stalled readers: 10 GiB at worst, so this is the knob to lower first).
+# Bytes a connection may have waiting in the server's send buffer (for 5 s, or 4x at once) before it is
+# closed with 4009 as too slow: 1 MiB is ~3,000 typical frames, minutes of a busy group for a healthy
+# client, and bounds what a stalled reader can cost (4 MiB each: the knob to lower for many connections).
 WS_SEND_BUFFER_BYTES = env_int("CHATSTREAM_WS_SEND_BUFFER", 1024 * 1024, minimum=16 * 1024)
 
 # ------------------------------------------------------------------ Celery
