@@ -109,6 +109,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.registered = False
         self.over_since = 0.0
         self.paced = 0
+        self.presence_task: asyncio.Task[bool] | None = None
         self.protocol = _daphne_protocol(self.base_send)
         if self.protocol is not None:
             # autobahn enforces the limit while it reads the frame (it never buffers more) and closes with 1009.
@@ -138,10 +139,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.registered = True
             await self.send_frame(frames.frame("ready", user_id=self.user_id, session_id=self.session_id,
                                                conversations=sorted(self.conversations)))
-            await services.presence_connect(self.hub.redis, user_id=self.user_id, session_id=self.session_id,
-                                            conversation_ids=sorted(self.conversations))
+            # In the background: the users.last_seen write queues behind others in a wave of connects, and the
+            # client's first frames must not wait for it. Disconnect waits for it (online before offline).
+            self.presence_task = asyncio.get_running_loop().create_task(services.presence_connect(
+                self.hub.redis, user_id=self.user_id, session_id=self.session_id,
+                conversation_ids=sorted(self.conversations)))
         except Exception:
             logger.exception("connect: could not set up the session of user %s", self.user_id)
+            if not self.registered:
+                self.hub.connection_remove(self, conversation_ids=list(self.conversations))
             await self._close(CLOSE_INTERNAL)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
@@ -149,6 +155,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.registered:
             self.registered = False
             self.hub.connection_remove(self, conversation_ids=list(self.conversations))
+            try:
+                if self.presence_task is not None:
+                    await self.presence_task
+            except Exception:
+                logger.exception("connect: presence update of user %s failed", self.user_id)
             try:
                 await services.presence_disconnect(self.hub.redis, user_id=self.user_id,
                                                    session_id=self.session_id,

@@ -13,6 +13,7 @@ All functions are coroutines taking an asyncio Redis client; sync callers (DRF v
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import re
 import time
@@ -429,6 +430,12 @@ return n
 """
 
 
+# users.status/last_seen writes run on their own two threads, not on the default pool shared with the reads
+# that answer clients (membership misses, resume): a wave of connects (a broker restart, a benchmark) queues
+# a write per connection, and those must never delay a message's membership check behind them.
+_presence_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="presence")
+
+
 def _user_seen(user_id: str, status: str) -> None:
     from storage.documents import User
 
@@ -449,7 +456,7 @@ async def presence_connect(client: redis.asyncio.Redis, *, user_id: str, session
     Returns whether the user came online."""
     if await _presence_change(client, user_id=user_id, session_id=session_id, add=True) != 1:
         return False
-    await sync_to_async(_user_seen, thread_sensitive=False)(user_id, "online")
+    await asyncio.get_running_loop().run_in_executor(_presence_pool, _user_seen, user_id, "online")
     await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
         user_id=user_id, status="online", conversation_ids=conversation_ids))
     return True
@@ -461,7 +468,7 @@ async def presence_disconnect(client: redis.asyncio.Redis, *, user_id: str, sess
     ``last_seen`` now and announce ``presence offline``. Returns whether the user went offline."""
     if await _presence_change(client, user_id=user_id, session_id=session_id, add=False) != 0:
         return False
-    await sync_to_async(_user_seen, thread_sensitive=False)(user_id, "offline")
+    await asyncio.get_running_loop().run_in_executor(_presence_pool, _user_seen, user_id, "offline")
     await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
         user_id=user_id, status="offline", conversation_ids=conversation_ids))
     return True
