@@ -45,9 +45,7 @@ READ_COUNT = 100
 # client gets an ``unavailable`` error frame) rather than holding a connection's handler for ever.
 COMMAND_TIMEOUT_S = 5.0
 SUPERVISOR_MAX_BACKOFF_S = 5.0
-# Redis connections for the commands of one broker process. One command holds one for a round trip (~0.1 ms
-# locally), so 64 serve thousands of commands a second, and 64 brokers stay far below Redis' 10,000 clients.
-POOL_SIZE = 64
+
 
 
 class Subscriber(Protocol):
@@ -66,8 +64,8 @@ class Hub:
         # A blocking pool: a burst (a wave of connects, each with its presence update) waits for a connection
         # instead of failing with "Too many connections" (redis-py's plain pool raises past 100).
         pool = redis.asyncio.BlockingConnectionPool.from_url(
-            redis_url, max_connections=POOL_SIZE, timeout=COMMAND_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
-            socket_connect_timeout=COMMAND_TIMEOUT_S)
+            redis_url, max_connections=settings.BROKER_REDIS_POOL, timeout=COMMAND_TIMEOUT_S,
+            socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S)
         self.redis = redis.asyncio.Redis(connection_pool=pool)
         self._reader = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
                                                     socket_connect_timeout=COMMAND_TIMEOUT_S)

@@ -189,6 +189,12 @@ WS_RATE_BURST = env_int("CHATSTREAM_WS_BURST", 60, minimum=1)
 # closed with 4009 as too slow: 1 MiB is ~3,000 typical frames, minutes of a busy group for a healthy
 # client, and bounds what a stalled reader can cost (4 MiB each: the knob to lower for many connections).
 WS_SEND_BUFFER_BYTES = env_int("CHATSTREAM_WS_SEND_BUFFER", 1024 * 1024, minimum=16 * 1024)
+# Redis connections one broker may open for its commands (redis-py does not multiplex: a command holds one
+# from send until its coroutine resumes, which under load includes event-loop latency). Measured with
+# `manage.py bench` (1,000 connections, 500 msg/s): a pool of 64 made commands queue for connections and the
+# broker fell behind at ~170 msg/s with its CPU mostly idle; 1,000 kept up. Redis allows 10,000 clients by
+# default: with many brokers, raise Redis' maxclients or lower this.
+BROKER_REDIS_POOL = env_int("CHATSTREAM_BROKER_REDIS_POOL", 1000, minimum=8)
 
 # ------------------------------------------------------------------ Celery
 
