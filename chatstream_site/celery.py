@@ -20,19 +20,24 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
-def _join_cluster() -> None:
-    from chatstream_site.health import health_server_start
+def _join_cluster(*, metrics: bool = False) -> None:
+    from chatstream_site.health import Route, health_server_start
     from chatstream_site.roles import heartbeat_start
 
     port = os.environ.get("CHATSTREAM_INSTANCE_PORT")
     if port:
-        health_server_start(port=int(port))
+        routes: dict[str, Route] = {}
+        if metrics:  # storage workers serve the pipeline's Prometheus metrics beside their health checks
+            from storage.metrics import metrics_route
+
+            routes["/metrics"] = metrics_route
+        health_server_start(port=int(port), extra_routes=routes)
     heartbeat_start()
 
 
 @worker_ready.connect
 def _worker_ready(**kwargs: Any) -> None:
-    _join_cluster()
+    _join_cluster(metrics=True)
 
 
 @beat_init.connect

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
-from django.urls import path
+from django.urls import include, path
 
 from chatstream_site.health import healthz_view, readyz_view
 
 urlpatterns = [
     path("healthz", healthz_view),
     path("readyz", readyz_view),
+    path("admin/storage/", include("storage.urls")),  # staff pages of the storage pipeline
     path("admin/", admin.site.urls),
 ]
 

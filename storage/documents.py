@@ -62,6 +62,8 @@ class LastMessage(me.EmbeddedDocument):
     content = me.StringField()
     timestamp = me.DateTimeField()
     deleted = me.BooleanField(default=False)
+    # Seq of the last edit/delete applied to this copy (guards against an older edit landing late).
+    edit_seq = me.IntField()
 
 
 class Conversation(me.Document):
@@ -93,6 +95,10 @@ class Message(me.Document):
     edited_at = me.DateTimeField()
     deleted = me.BooleanField(default=False)  # tombstone: content is emptied, the seq stays
     read_status = me.StringField(default="sent", choices=("sent", "read"))  # meaningful for 1:1
+    deleted_at = me.DateTimeField()
+    # Seq of the last edit/delete event applied (set by the drain): a redelivered or reordered older edit
+    # matches nothing, so the newest edit always wins whatever order the entries are written in.
+    edit_seq = me.IntField()
 
     meta = {
         "collection": "messages",

@@ -212,7 +212,39 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": env_int("CHATSTREAM_CELERY_VISIBILITY_TIMEOUT", 600, minimum=30),
     "global_keyprefix": "cs:celery:",
 }
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+# Fetch a task only when the (solo) pool is free: a busy worker never holds drains another could run.
+CELERY_WORKER_DISABLE_PREFETCH = True
+
+# ------------------------------------------------------------------ storage drain (issue 5)
+# See docs/storage.md. Times in seconds unless the name says otherwise.
+# A queued or running drain holds its partition's lock this long at most: a drain of BATCH_SIZE (500) entries
+# takes ~0.1-0.5 s on the dev machine (docs/benchmarks.md), so 30 s never cuts a live chain short, while a lock
+# left by a SIGKILLed worker stops blocking new drains within one minute.
+DRAIN_LOCK_TTL_S = env_int("CHATSTREAM_DRAIN_LOCK_TTL", 30, minimum=1)
+# Entries pending this long on one consumer are presumed orphaned and reclaimed (XAUTOCLAIM) by the next drain:
+# the same 30 s, so a slow but live worker is not robbed mid-batch (reclaiming would still be harmless).
+DRAIN_RECLAIM_IDLE_S = env_float("CHATSTREAM_DRAIN_RECLAIM_IDLE", 30.0, minimum=0.05)
+# An entry whose write failed this many times for a reason of its own (not an outage) is dead-lettered;
+# 3 rides out a reordering by concurrent drains (an edit before its message) and stops a real poison quickly.
+DRAIN_MAX_ATTEMPTS = env_int("CHATSTREAM_DRAIN_MAX_ATTEMPTS", 3, minimum=1)
+# An entry delivered this many times without being acked (its worker died each time) is dead-lettered.
+DRAIN_MAX_DELIVERIES = env_int("CHATSTREAM_DRAIN_MAX_DELIVERIES", 10, minimum=2)
+# After a MongoDB/Redis outage a partition is retried no sooner than this (the lock is kept this long):
+# one flush interval, at least 1 s, so an outage costs a handful of cheap attempts a minute per partition.
+DRAIN_RETRY_BACKOFF_S = max(1, round(FLUSH_INTERVAL_S))
+# Dead letters kept (XADD MAXLEN ~): far more than staff can triage, small in memory (~1 KB each).
+DEADLETTER_MAXLEN = env_int("CHATSTREAM_DEADLETTER_MAXLEN", 100_000, minimum=100)
+# Test hook only: a drain sleeps this long after its bulk write and before XACK (fault tests kill it there).
+TEST_PAUSE_BEFORE_ACK_S = env_float("CHATSTREAM_TEST_PAUSE_BEFORE_ACK", 0.0, minimum=0.0)
+# The time trigger: every flush interval a tick enqueues a drain for each partition with a backlog. A tick
+# that waited longer than an interval in the queue is dropped: the next one does the same work.
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    "storage-drain-tick": {
+        "task": "storage.tasks.drain_tick",
+        "schedule": FLUSH_INTERVAL_S,
+        "options": {"queue": "storage", "expires": max(FLUSH_INTERVAL_S, 1.0)},
+    },
+}
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,649 @@
+"""Writes of the storage pipeline: drain partition streams into MongoDB, dead letters, trimming.
+
+The drain is at least once and every write is idempotent (docs/adr/0003): an entry is acknowledged
+(XACK) only after its effect is in MongoDB, and applying an entry twice, or an older entry after a newer
+one, changes nothing. So a killed worker, a redelivered batch or two workers on one partition are harmless.
+
+Every write to MongoDB is one command per kind per batch: an unordered ``insert`` of the new messages, an
+ordered ``update`` of edits/deletes/read marks, an ordered ``update`` of conversations (raw commands rather than
+pymongo's ``bulk_write``: FerretDB v1 omits ``nModified`` from a reply with write errors and pymongo then
+raises ``KeyError`` instead of ``BulkWriteError``; the raw reply's ``writeErrors`` work on both servers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pymongo.errors
+import redis
+from bson import ObjectId
+from bson.errors import InvalidId
+from django.conf import settings
+from mongoengine.connection import get_db
+
+from chatstream_site.errors import NotFound, Retryable
+from messaging.streams import Event, MalformedEntry, event_decode, stream_key
+from storage.keys import (
+    DEADLETTERS,
+    GROUP,
+    RATE_BUCKET_S,
+    RATE_WINDOW_S,
+    drain_lease_key,
+    drain_lock_key,
+    failures_key,
+    maintenance_key,
+    rate_key,
+    redis_sync,
+    stats_key,
+)
+from storage.selectors import _s, deadletter_get, entry_key, partitions_state
+
+logger = logging.getLogger("chatstream.storage")
+
+# MongoDB errors that say "the server is away", not "this entry is wrong": nothing is acked, the entries are
+# handed back for the next drain, and no entry is blamed.
+TRANSIENT_MONGO = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTimeout,
+                   pymongo.errors.WriteConcernError)
+DUPLICATE_KEY = 11000
+
+_groups_ready: set[str] = set()
+# Delete the lease only if it is still ours (it may have expired and been taken by another drain).
+# Extend the lease only if it is still ours; 0 means another drain took the partition over.
+_LEASE_RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
+                    "end return 0")
+_LEASE_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+# ------------------------------------------------------------------ the trigger
+
+
+def drain_enqueue(*, partition: int, client: redis.Redis | None = None) -> bool:
+    """Queue a drain of ``partition`` unless one is already queued or running; return whether it queued.
+
+    Used by beat's tick (the time trigger) and by brokers when a partition's backlog reaches the batch size
+    (the size trigger). Side effects: SET NX of the partition's drain lock (TTL ``DRAIN_LOCK_TTL_S``, released
+    by the drain when it ends), then one Celery message on queue ``storage``.
+    """
+    r = client or redis_sync()
+    if not r.set(drain_lock_key(partition), str(int(time.time() * 1000)), nx=True, ex=settings.DRAIN_LOCK_TTL_S):
+        return False
+    from storage.tasks import partition_drain_task
+
+    try:
+        partition_drain_task.apply_async(kwargs={"partition": partition}, queue="storage")
+    except Exception:
+        r.delete(drain_lock_key(partition))  # the message did not leave: let the next trigger try
+        raise
+    return True
+
+
+async def drain_enqueue_async(*, partition: int) -> bool:
+    """:func:`drain_enqueue` for an event loop (the brokers' size trigger): the Redis call and the Celery
+    publish block, so they run in a worker thread."""
+    from asgiref.sync import sync_to_async
+
+    return bool(await sync_to_async(drain_enqueue, thread_sensitive=False)(partition=partition))
+
+
+def drain_release(*, partition: int, backoff_s: int = 0, client: redis.Redis | None = None) -> None:
+    """End of a drain: free the partition's lock, or keep it ``backoff_s`` more seconds (after an outage)."""
+    r = client or redis_sync()
+    if backoff_s > 0:
+        r.set(drain_lock_key(partition), "backoff", ex=backoff_s)
+    else:
+        r.delete(drain_lock_key(partition))
+
+
+def drain_tick(*, client: redis.Redis | None = None) -> list[int]:
+    """The time trigger (beat, every ``FLUSH_INTERVAL_S``): enqueue a drain of every partition with a backlog,
+    and run each partition's maintenance at most once a minute. Returns the partitions it enqueued."""
+    r = client or redis_sync()
+    enqueued = []
+    for state in partitions_state(client=r):
+        if state.backlog > 0 and drain_enqueue(partition=state.partition, client=r):
+            enqueued.append(state.partition)
+        if r.set(maintenance_key(state.partition), "1", nx=True, ex=60):
+            partition_trim(partition=state.partition, client=r)
+            consumers_forget(partition=state.partition, client=r)
+    return enqueued
+
+
+# ------------------------------------------------------------------ the drain
+
+
+@dataclass
+class DrainResult:
+    partition: int
+    read: int = 0  # entries taken this call (new, own pending and reclaimed)
+    reclaimed: int = 0  # of which taken over from another consumer
+    persisted: int = 0  # entries whose effect is in MongoDB and that are acknowledged
+    dead_lettered: int = 0
+    deferred: int = 0  # left pending for a later attempt (their write failed, or an edit came first)
+    more: bool = False  # more is waiting: the caller should drain again
+    busy: bool = False  # another drain holds the partition's lease: nothing was done
+    duration_s: float = 0.0
+
+
+@dataclass
+class _Item:
+    entry_id: str
+    fields: dict[Any, Any] | None
+    deliveries: int = 1
+    event: Event | None = None
+    failure: str | None = None  # set: left pending and counted (retried up to DRAIN_MAX_ATTEMPTS)
+    dead: str | None = None  # set: dead-lettered now
+    conversation: ObjectId | None = None
+    doc: dict[str, Any] = field(default_factory=dict)  # the parsed payload
+
+
+def group_ensure(*, partition: int, client: redis.Redis | None = None) -> None:
+    """Create the ``storage`` consumer group (from the stream's first entry) if missing; idempotent."""
+    key = stream_key(partition)
+    if key in _groups_ready:
+        return
+    r = client or redis_sync()
+    try:
+        r.xgroup_create(key, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    _groups_ready.add(key)
+
+
+def _read_batch(r: redis.Redis, *, partition: int, consumer: str, batch_size: int) -> tuple[list[_Item], int]:
+    """Pending entries idle past ``DRAIN_RECLAIM_IDLE_S`` (orphans of dead consumers, entries handed back
+    after an outage, deferred ones due for another attempt; XAUTOCLAIM), then new entries, up to
+    ``batch_size``, in stream order."""
+    key = stream_key(partition)
+    items: dict[str, _Item] = {}
+    reclaimed = 0
+    room = batch_size - len(items)
+    if room > 0:
+        try:
+            _, claimed, _deleted = r.xautoclaim(key, GROUP, consumer, int(settings.DRAIN_RECLAIM_IDLE_S * 1000),
+                                                "0-0", count=room)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group vanished (FLUSHALL, a restore without it): recreate and start over.
+            _groups_ready.discard(key)
+            group_ensure(partition=partition, client=r)
+            claimed = []
+        if claimed:
+            ids = [_s(eid) for eid, _ in claimed]
+            counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in r.xpending_range(
+                key, GROUP, min=min(ids, key=entry_key), max=max(ids, key=entry_key), count=len(ids) + 100,
+                consumername=consumer)}
+            for eid, fields in claimed:
+                if _s(eid) not in items:
+                    items[_s(eid)] = _Item(_s(eid), fields, deliveries=counts.get(_s(eid), 1))
+                    reclaimed += 1
+    room = batch_size - len(items)
+    if room > 0:
+        new: Any = r.xreadgroup(GROUP, consumer, {key: ">"}, count=room)
+        for eid, fields in (new[0][1] if new else []):
+            items[_s(eid)] = _Item(_s(eid), fields)
+    return sorted(items.values(), key=lambda i: entry_key(i.entry_id)), reclaimed
+
+
+def _oid(value: Any, what: str) -> ObjectId:
+    try:
+        return ObjectId(str(value))
+    except (InvalidId, TypeError):
+        raise MalformedEntry(f"{what} {value!r} is not an ObjectId") from None
+
+
+def _time(value: Any, what: str) -> datetime:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise MalformedEntry(f"{what} {value!r} is not an ISO-8601 time") from None
+
+
+def _text(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise MalformedEntry(f"payload field {name!r} is missing or not a string")
+    return value
+
+
+def _parse(item: _Item) -> None:
+    """Decode and validate one entry into ``item.event``/``item.doc``; a bad entry is marked dead."""
+    if item.fields is None:
+        return  # deleted from the stream while pending: nothing to write, only to acknowledge
+    if item.deliveries > settings.DRAIN_MAX_DELIVERIES:
+        item.dead = f"delivered {item.deliveries} times without being acknowledged (its workers died or hung)"
+        return
+    try:
+        event = event_decode(item.entry_id, item.fields)
+        data = event.data
+        item.conversation = _oid(event.conversation_id, "conversation id")
+        if event.type == "message.new":
+            if event.seq < 1:
+                raise MalformedEntry(f"message.new with seq {event.seq}")
+            item.doc = {"id": _text(data, "id"), "sender_id": _oid(data.get("sender_id"), "sender_id"),
+                        "content": _text(data, "content"), "timestamp": _time(data.get("timestamp"), "timestamp"),
+                        "client_msg_id": data.get("client_msg_id")}
+        elif event.type == "message.edited":
+            item.doc = {"id": _text(data, "id"), "content": _text(data, "content"),
+                        "edited_at": _time(data.get("edited_at"), "edited_at")}
+        elif event.type == "message.deleted":
+            item.doc = {"id": _text(data, "id"), "deleted_at": _time(data.get("deleted_at"), "deleted_at")}
+        elif event.type == "read.updated":
+            seq = data.get("seq")
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+                raise MalformedEntry(f"read.updated with seq {seq!r}")
+            item.doc = {"user_id": str(_oid(data.get("user_id"), "user_id")), "seq": seq}
+        else:
+            raise MalformedEntry(f"unknown event type {event.type!r}")
+        item.event = event
+    except MalformedEntry as exc:
+        item.dead = f"malformed: {exc}"
+
+
+def _new_documents(items: list[_Item]) -> list[dict[str, Any]]:
+    """The ``messages`` documents of the batch's ``message.new`` events, in stream order."""
+    return [{"_id": i.doc["id"], "conversation_id": i.conversation, "seq": i.event.seq,
+             "sender_id": i.doc["sender_id"], "client_msg_id": i.doc["client_msg_id"], "content": i.doc["content"],
+             "timestamp": i.doc["timestamp"], "deleted": False, "read_status": "sent"}
+            for i in items if i.event is not None and i.event.type == "message.new"]
+
+
+def _insert_new(db: Any, items: list[_Item]) -> None:
+    """Insert the batch's new messages with one unordered ``insert``. Why not upserts: on FerretDB v1 an
+    upsert by ``_id`` costs ~15 ms and grows with the collection, an insert ~0.03 ms (docs/benchmarks.md).
+    A duplicate ``_id`` means the message is already persisted (a redelivery): that entry is done. A duplicate
+    with no such ``_id`` is another message on the same (conversation, seq): dead-lettered. Other write errors
+    count as failures of their entry."""
+    news = [i for i in items if i.event is not None and i.event.type == "message.new"]
+    if not news:
+        return
+    reply = db.command("insert", "messages", documents=_new_documents(news), ordered=False)
+    dup: dict[str, _Item] = {}
+    for err in reply.get("writeErrors") or []:
+        item = news[int(err["index"])]
+        if int(err.get("code", 0)) == DUPLICATE_KEY:
+            dup[item.doc["id"]] = item
+        else:
+            item.failure = f"messages insert error {err.get('code')}: {err.get('errmsg', '')}"[:500]
+    if dup:
+        there = {d["_id"] for d in db.messages.find({"_id": {"$in": list(dup)}}, {"_id": 1})}
+        for mid, item in dup.items():
+            if mid not in there:
+                assert item.event is not None
+                item.dead = (f"seq {item.event.seq} of conversation {item.event.conversation_id} already belongs "
+                             f"to another message")
+
+
+def _message_ops(items: list[_Item], single_chats: set[ObjectId]) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
+    """The update statements of the batch's edits, deletes and (1:1) read marks on ``messages``, in stream
+    order, each with the items it carries."""
+    ops: list[dict[str, Any]] = []
+    owners: list[list[_Item]] = []
+    reads: dict[tuple[ObjectId, str], list[_Item]] = {}
+    for item in items:
+        ev, doc = item.event, item.doc
+        if ev is None or item.failure is not None or item.dead is not None:
+            continue
+        if ev.type in ("message.edited", "message.deleted"):
+            # Guarded by the event's seq: an older edit arriving late (redelivery, retry) matches nothing.
+            newer = {"$or": [{"edit_seq": {"$exists": False}}, {"edit_seq": None}, {"edit_seq": {"$lt": ev.seq}}]}
+            if ev.type == "message.edited":
+                ops.append({"q": {"_id": doc["id"], "deleted": {"$ne": True}, **newer},
+                            "u": {"$set": {"content": doc["content"], "edited_at": doc["edited_at"],
+                                           "edit_seq": ev.seq}}})
+            else:
+                ops.append({"q": {"_id": doc["id"]}, "u": {"$set": {
+                    "deleted": True, "content": "", "deleted_at": doc["deleted_at"], "edit_seq": ev.seq}}})
+            owners.append([item])
+        elif ev.type == "read.updated" and item.conversation in single_chats:
+            assert item.conversation is not None
+            reads.setdefault((item.conversation, doc["user_id"]), []).append(item)
+    # 1:1 chats mirror the cursor into read_status of the other member's messages: one statement per reader
+    # and conversation (an update by conversation scans the collection on FerretDB v1: keep them few).
+    for (cid, user), group in reads.items():
+        ops.append({"q": {"conversation_id": cid, "seq": {"$lte": max(i.doc["seq"] for i in group)},
+                          "sender_id": {"$ne": ObjectId(user)}, "read_status": {"$ne": "read"}},
+                    "u": {"$set": {"read_status": "read"}}, "multi": True})
+        owners.append(group)
+    return ops, owners
+
+
+def _conversation_ops(items: list[_Item]) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
+    """Per conversation: $max of last_seq, updated_at and read cursors; lastMessage moved only forward;
+    an edit or delete of the current lastMessage mirrored into it (only if newer than what it shows)."""
+    by_conv: dict[ObjectId, list[_Item]] = {}
+    for item in items:
+        if item.event is not None and item.conversation is not None:
+            by_conv.setdefault(item.conversation, []).append(item)
+    ops: list[dict[str, Any]] = []
+    owners: list[list[_Item]] = []
+    for cid, group in by_conv.items():
+        maxes: dict[str, Any] = {}
+        last_new: _Item | None = None
+        for item in group:
+            ev, doc = item.event, item.doc
+            assert ev is not None
+            if ev.type != "read.updated":
+                maxes["last_seq"] = max(maxes.get("last_seq", 0), ev.seq)
+            if ev.type == "message.new":
+                last_new = item
+                maxes["updated_at"] = max(maxes.get("updated_at", doc["timestamp"]), doc["timestamp"])
+            if ev.type == "read.updated":
+                path = f"read_cursors.{doc['user_id']}"
+                maxes[path] = max(maxes.get(path, 0), doc["seq"])
+        if maxes:
+            ops.append({"q": {"_id": cid}, "u": {"$max": maxes}})
+            owners.append(group)
+        if last_new is not None and last_new.event is not None:
+            d = last_new.doc
+            older = [{"lastMessage": None}, {"lastMessage.seq": {"$lt": last_new.event.seq}}]
+            ops.append({"q": {"_id": cid, "$or": older},
+                        "u": {"$set": {"lastMessage": {"id": d["id"], "seq": last_new.event.seq,
+                                                       "sender_id": str(d["sender_id"]), "content": d["content"],
+                                                       "timestamp": d["timestamp"], "deleted": False}}}})
+            owners.append([last_new])
+        for item in group:
+            ev, doc = item.event, item.doc
+            assert ev is not None
+            if ev.type not in ("message.edited", "message.deleted"):
+                continue
+            change = ({"lastMessage.content": doc["content"]} if ev.type == "message.edited"
+                      else {"lastMessage.content": "", "lastMessage.deleted": True})
+            ops.append({"q": {"_id": cid, "lastMessage.id": doc["id"],
+                              "$or": [{"lastMessage.edit_seq": {"$exists": False}},
+                                      {"lastMessage.edit_seq": {"$lt": ev.seq}}]},
+                        "u": {"$set": {**change, "lastMessage.edit_seq": ev.seq}}})
+            owners.append([item])
+    return ops, owners
+
+
+def _update(collection: str, ops: list[dict[str, Any]], owners: list[Any]) -> list[tuple[Any, str, bool]]:
+    """Run ``ops`` as ordered ``update`` commands (one in the normal case). A statement that fails is
+    skipped and the rest re-sent. Returns ``(owner, reason, deterministic)`` of each failed statement.
+    Raises the transient pymongo errors (the server is away)."""
+    db = get_db()
+    failed: list[tuple[Any, str, bool]] = []
+    retried: set[int] = set()
+    start = 0
+    while start < len(ops):
+        reply = db.command("update", collection, updates=ops[start:], ordered=True)
+        errors = reply.get("writeErrors") or []
+        if not errors:
+            break
+        err = errors[0]
+        at = start + int(err["index"])
+        code = int(err.get("code", 0))
+        if code == DUPLICATE_KEY and ops[at].get("upsert") and at not in retried:
+            # Two drains upserted the same new document at once (a reclaim raced a slow worker) and the
+            # loser's insert collided: once more, it now matches the winner's document and does nothing.
+            retried.add(at)
+            start = at
+            continue
+        failed.append((owners[at], f"{collection} write error {code}: {err.get('errmsg', '')}"[:500],
+                       code == DUPLICATE_KEY))
+        start = at + 1
+    return failed
+
+
+def _pause_before_ack(partition: int, count: int) -> None:
+    if settings.TEST_PAUSE_BEFORE_ACK_S > 0 and count:
+        logger.warning("storage.drain paused before ack partition=%d entries=%d seconds=%.1f (test hook)",
+                       partition, count, settings.TEST_PAUSE_BEFORE_ACK_S)
+        time.sleep(settings.TEST_PAUSE_BEFORE_ACK_S)
+
+
+def partition_drain(
+    *, partition: int, batch_size: int, consumer: str, client: redis.Redis | None = None
+) -> DrainResult:
+    """Persist one batch (at most ``batch_size`` entries) of ``partition``'s stream, then acknowledge it.
+
+    Preconditions: MongoDB is connected (``storage.mongo.mongo_connect``). Side effects: takes the
+    partition's drain lease (returns ``busy`` at once if another drain holds it); reads as ``consumer`` of
+    group ``storage`` (creating it if missing; taking over entries idle on dead consumers); one ``insert``
+    of new messages, one ``update`` of edits/deletes/read marks, one ``update`` of conversations; XADD of
+    dead letters; XACK of what is persisted or dead-lettered; failure counters; stats; one log line.
+    Raises :class:`Retryable` when MongoDB or Redis is away: nothing was acknowledged, and the batch is
+    handed back to be taken by the next drain. Any other error leaves the batch pending: it is reclaimed
+    after ``DRAIN_RECLAIM_IDLE_S`` and dead-lettered after ``DRAIN_MAX_DELIVERIES`` such failures.
+    """
+    started = time.monotonic()
+    r = client or redis_sync()
+    result = DrainResult(partition=partition)
+    token = secrets.token_hex(8)
+    try:
+        # One drain per partition at a time. Correctness does not need it on MongoDB (every write is keyed
+        # and guarded), but FerretDB v1 applies an update as read-modify-write without isolation, so two
+        # concurrent drains could lose each other's $max or edit (seen in the fault test). The lease lasts
+        # DRAIN_RECLAIM_IDLE_S: a drain that held it that long is presumed dead, like its pending entries.
+        if not r.set(drain_lease_key(partition), token, nx=True, px=int(settings.DRAIN_RECLAIM_IDLE_S * 1000)):
+            result.busy = True
+            return result
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Retryable(f"redis unavailable: {exc}") from exc
+    try:
+        return _drain_leased(r, partition=partition, batch_size=batch_size, consumer=consumer, result=result,
+                             started=started, token=token)
+    finally:
+        with contextlib.suppress(redis.RedisError):  # if Redis is away, the lease expires by itself
+            r.register_script(_LEASE_RELEASE_LUA)(keys=[drain_lease_key(partition)], args=[token])
+
+
+def _drain_leased(r: redis.Redis, *, partition: int, batch_size: int, consumer: str, result: DrainResult,
+                  started: float, token: str) -> DrainResult:
+    try:
+        group_ensure(partition=partition, client=r)
+        items, result.reclaimed = _read_batch(r, partition=partition, consumer=consumer, batch_size=batch_size)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Retryable(f"redis unavailable: {exc}") from exc
+    result.read = len(items)
+    if not items:
+        result.duration_s = time.monotonic() - started
+        return result
+    for item in items:
+        _parse(item)
+    live = [i for i in items if i.event is not None]
+    lease_ms = int(settings.DRAIN_RECLAIM_IDLE_S * 1000)
+    if not r.register_script(_LEASE_RENEW_LUA)(keys=[drain_lease_key(partition)], args=[token, lease_ms]):
+        # We stalled past the lease and another drain owns the partition now: write nothing (our entries stay
+        # pending and are reclaimed by it), so two drains never write one document at once.
+        result.busy = True
+        return result
+    try:
+        db = get_db()
+        read_convs = list({i.conversation for i in live if i.event and i.event.type == "read.updated"})
+        single = {c["_id"] for c in db.conversations.find({"_id": {"$in": read_convs}, "type": "single"},
+                                                          {"_id": 1})} if read_convs else set()
+        _insert_new(db, live)
+        ops, owners = _message_ops(live, single)
+        for group, reason, deterministic in _update("messages", ops, owners):
+            for owner in group:
+                owner.dead, owner.failure = (reason, None) if deterministic else (None, reason)
+        # An edit or delete whose message is not in MongoDB yet (a concurrent drain holds the create) is
+        # left pending and retried: it would otherwise be lost.
+        targets = {i.doc["id"] for i in live if i.event and i.event.type in ("message.edited", "message.deleted")
+                   and i.failure is None and i.dead is None}
+        if targets:
+            found = {d["_id"] for d in db.messages.find({"_id": {"$in": list(targets)}}, {"_id": 1})}
+            for i in live:
+                if (i.event and i.event.type in ("message.edited", "message.deleted") and i.doc["id"] not in found
+                        and i.failure is None and i.dead is None):
+                    i.failure = f"message {i.doc['id']} is not persisted yet"
+        ok = [i for i in live if i.failure is None and i.dead is None]
+        cops, cowners = _conversation_ops(ok)
+        for group, reason, _det in _update("conversations", cops, cowners):
+            for owner in group:
+                owner.failure = reason
+    except TRANSIENT_MONGO as exc:
+        _hand_back(r, partition=partition, consumer=consumer, ids=[i.entry_id for i in items])
+        r.hincrby(stats_key(partition), "outages", 1)
+        raise Retryable(f"mongodb unavailable: {str(exc).split(',')[0]}") from exc
+
+    _pause_before_ack(partition, len(items))
+    try:
+        _settle(r, partition=partition, items=items, result=result)
+        state = partitions_state(partitions=[partition], client=r)[0]
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Retryable(f"redis unavailable: {exc}") from exc
+    result.more = state.undelivered > 0 or result.read >= batch_size
+    result.duration_s = time.monotonic() - started
+    logger.info("storage.drain %s", json.dumps({
+        "partition": partition, "consumer": consumer, "read": result.read, "reclaimed": result.reclaimed,
+        "persisted": result.persisted, "dead_lettered": result.dead_lettered, "deferred": result.deferred,
+        "backlog": state.backlog, "lag_s": round(state.lag_s(), 3), "more": result.more,
+        "ms": round(result.duration_s * 1000, 1)}))
+    return result
+
+
+def _hand_back(r: redis.Redis, *, partition: int, consumer: str, ids: list[str]) -> None:
+    """After an outage: keep the entries pending but make them look idle past the reclaim threshold, with
+    their delivery count reset, so the next drain on any worker takes them at once and no entry is blamed."""
+    try:
+        r.xclaim(stream_key(partition), GROUP, consumer, 0, list[Any](ids),
+                 idle=int(settings.DRAIN_RECLAIM_IDLE_S * 1000) + 1, retrycount=0, justid=True)
+    except redis.RedisError:
+        logger.exception("storage.drain could not hand back %d entries of partition %d", len(ids), partition)
+
+
+def _settle(r: redis.Redis, *, partition: int, items: list[_Item], result: DrainResult) -> None:
+    """Dead-letter, acknowledge and count. Dead letters are added before the XACK, so a crash in between
+    duplicates a dead letter at worst, never loses an entry."""
+    key, fkey = stream_key(partition), failures_key(partition)
+    failing = [i for i in items if i.failure is not None and i.dead is None]
+    if failing:
+        pipe = r.pipeline(transaction=False)
+        for i in failing:
+            pipe.hincrby(fkey, i.entry_id, 1)
+            pipe.hset(fkey, f"{i.entry_id}:why", i.failure or "")
+        counts = pipe.execute()[::2]
+        for i, n in zip(failing, counts, strict=True):
+            if int(n) >= settings.DRAIN_MAX_ATTEMPTS:
+                i.dead = f"failed {n} times; last: {i.failure}"
+    dead = [i for i in items if i.dead is not None]
+    done = [i for i in items if i.dead is not None or i.failure is None]
+    now_ms = int(time.time() * 1000)
+    pipe = r.pipeline(transaction=False)
+    for i in dead:
+        _deadletter_add(pipe, partition=partition, entry_id=i.entry_id, fields=i.fields or {}, reason=i.dead or "",
+                        now_ms=now_ms)
+        logger.warning("storage.deadletter partition=%d entry=%s reason=%s", partition, i.entry_id, i.dead)
+    if done:
+        pipe.xack(key, GROUP, *[i.entry_id for i in done])
+        pipe.hdel(fkey, *[i.entry_id for i in done], *[f"{i.entry_id}:why" for i in done])
+    result.dead_lettered = len(dead)
+    result.persisted = len(done) - len(dead)
+    result.deferred = len(items) - len(done)
+    pipe.hincrby(stats_key(partition), "persisted", result.persisted)
+    pipe.hincrby(stats_key(partition), "batches", 1)
+    if dead:
+        pipe.hincrby(stats_key(partition), "dead", len(dead))
+    pipe.hset(stats_key(partition), "last_batch_ms", now_ms)
+    bucket = rate_key(int(now_ms / 1000 // RATE_BUCKET_S))
+    pipe.hincrby(bucket, str(partition), result.persisted)
+    pipe.expire(bucket, RATE_WINDOW_S + 2 * RATE_BUCKET_S)
+    pipe.execute()
+
+
+def _deadletter_add(pipe: Any, *, partition: int, entry_id: str, fields: dict[Any, Any], reason: str,
+                    now_ms: int) -> None:
+    original = {_s(k): (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in fields.items()}
+    pipe.xadd(DEADLETTERS, {"partition": partition, "entry_id": entry_id, "reason": reason[:1000],
+                            "failed_at_ms": now_ms, "fields": json.dumps(original)},
+              maxlen=settings.DEADLETTER_MAXLEN, approximate=True)
+
+
+# ------------------------------------------------------------------ dead letters
+
+
+def deadletter_retry(*, id: str, client: redis.Redis | None = None) -> str:
+    """Put a dead letter back at the end of its partition stream (fields unchanged, seq kept) and remove it
+    from the dead letters; return the new entry id. The drain's writes are keyed and guarded, so the late
+    copy cannot undo newer events. Raises NotFound."""
+    r = client or redis_sync()
+    letter = deadletter_get(id=id, client=r)
+    if letter is None or letter.partition < 0:
+        raise NotFound("no such dead letter", details={"id": id})
+    fields: dict[Any, Any] = letter.fields or {"v": "?"}
+    new_id = _s(r.xadd(stream_key(letter.partition), fields))
+    r.xdel(DEADLETTERS, id)
+    logger.info("storage.deadletter retried id=%s partition=%d as %s", id, letter.partition, new_id)
+    return new_id
+
+
+def deadletter_discard(*, id: str, client: redis.Redis | None = None) -> bool:
+    """Forget a dead letter for good; return whether it existed."""
+    return bool((client or redis_sync()).xdel(DEADLETTERS, id))
+
+
+# ------------------------------------------------------------------ trimming and housekeeping
+
+
+def trim_boundary(*, partition: int, now_ms: int | None = None, client: redis.Redis | None = None) -> str:
+    """The MINID below which entries may go: both acknowledged by the storage group and older than the
+    resume window. ``0-0`` (nothing) when the group does not exist yet."""
+    r = client or redis_sync()
+    state = partitions_state(partitions=[partition], client=r)[0]
+    try:
+        groups = r.xinfo_groups(stream_key(partition))
+    except redis.ResponseError:
+        return "0-0"
+    if not any(_s(g["name"]) == GROUP for g in groups):
+        return "0-0"
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    window = f"{now_ms - int(settings.RESUME_WINDOW_S) * 1000}-0"
+    if state.oldest_unpersisted is None:
+        # Everything read is acked; everything after last-delivered is unread, hence above any boundary.
+        return window
+    return min(window, state.oldest_unpersisted, key=entry_key)
+
+
+def partition_trim(*, partition: int, now_ms: int | None = None, approximate: bool = True,
+                   client: redis.Redis | None = None) -> int:
+    """XTRIM MINID the trim boundary; returns how many entries went. Approximate (``~``, the default):
+    Redis removes whole nodes only, which is cheap and may keep a few more entries, never fewer."""
+    r = client or redis_sync()
+    boundary = trim_boundary(partition=partition, now_ms=now_ms, client=r)
+    if boundary == "0-0":
+        return 0
+    return int(r.xtrim(stream_key(partition), minid=boundary, approximate=approximate))
+
+
+def consumers_forget(*, partition: int, idle_s: int = 3600, client: redis.Redis | None = None) -> int:
+    """Delete consumers of the group that own no pending entry and were idle over ``idle_s`` (every
+    restarted worker is a new consumer); returns how many."""
+    r = client or redis_sync()
+    try:
+        consumers = r.xinfo_consumers(stream_key(partition), GROUP)
+    except redis.ResponseError:
+        return 0
+    gone = 0
+    for c in consumers:
+        if int(c["pending"]) == 0 and int(c["idle"]) > idle_s * 1000:
+            r.xgroup_delconsumer(stream_key(partition), GROUP, _s(c["name"]))
+            gone += 1
+    return gone
+
+
+def drain_all(*, batch_size: int, consumer: str, max_batches: int = 100_000,
+              partitions: Iterable[int] | None = None) -> int:
+    """Drain every partition until nothing is left (for commands and benchmarks, not for tasks); bounded
+    by ``max_batches``. Returns how many events were persisted."""
+    total = 0
+    for p in partitions if partitions is not None else range(int(settings.PARTITIONS)):
+        for _ in range(max_batches):
+            res = partition_drain(partition=p, batch_size=batch_size, consumer=consumer)
+            total += res.persisted
+            if res.busy:  # a worker is on it right now: wait for its lease rather than skip the partition
+                time.sleep(0.2)
+                continue
+            if not res.more:
+                break
+    return total

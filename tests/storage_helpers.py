@@ -1,0 +1,90 @@
+"""Helpers for the storage pipeline tests: append through the real write primitive, read MongoDB raw."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import redis.asyncio
+from bson import ObjectId
+
+from messaging.streams import Appended, event_append, partition_of
+
+MIN_PARTITION_CONV_TRIES = 10_000
+
+
+def iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def conversation_in(partition: int) -> str:
+    """A fresh conversation id (ObjectId hex) that hashes to ``partition``."""
+    for _ in range(MIN_PARTITION_CONV_TRIES):
+        cid = str(ObjectId())
+        if partition_of(cid) == partition:
+            return cid
+    raise AssertionError(f"no conversation id found for partition {partition}")
+
+
+def new_event(conversation_id: str, sender_id: str, content: str) -> dict[str, Any]:
+    return {"type": "message.new", "conversation_id": conversation_id, "message_id": uuid.uuid4().hex,
+            "payload_extra": {"sender_id": sender_id, "content": content, "timestamp": iso_now(),
+                              "client_msg_id": uuid.uuid4().hex[:16]}}
+
+
+def append_events(redis_url: str, events: list[dict[str, Any]], *, concurrency: int = 1) -> list[Appended]:
+    """Append ``events`` with ``messaging.streams.event_append`` (in order unless ``concurrency`` > 1).
+
+    Each event: ``{type, conversation_id, message_id, payload_extra}``; the payload gets ``id`` and
+    ``conversation_id`` as the write path sets them.
+    """
+
+    async def run() -> list[Appended]:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            async def one(ev: dict[str, Any]) -> Appended:
+                payload = {"id": ev["message_id"], "conversation_id": ev["conversation_id"], **ev["payload_extra"]}
+                dedup = None
+                if ev["type"] == "message.new":
+                    dedup = (payload["sender_id"], payload["client_msg_id"])
+                return await event_append(client, type=ev["type"], conversation_id=ev["conversation_id"],
+                                          payload=payload, message_id=ev["message_id"], dedup=dedup)
+
+            out: list[Appended] = []
+            for i in range(0, len(events), concurrency):
+                out.extend(await asyncio.gather(*(one(ev) for ev in events[i:i + concurrency])))
+            return out
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def send_messages(redis_url: str, conversation_id: str, sender_id: str, n: int, *, prefix: str = "m",
+                  concurrency: int = 1) -> list[Appended]:
+    return append_events(redis_url, [new_event(conversation_id, sender_id, f"{prefix}{i}") for i in range(n)],
+                         concurrency=concurrency)
+
+
+def edit_event(conversation_id: str, message_id: str, content: str, editor: str) -> dict[str, Any]:
+    return {"type": "message.edited", "conversation_id": conversation_id, "message_id": message_id,
+            "payload_extra": {"content": content, "edited_at": iso_now(), "editor_id": editor}}
+
+
+def delete_event(conversation_id: str, message_id: str, deleter: str) -> dict[str, Any]:
+    return {"type": "message.deleted", "conversation_id": conversation_id, "message_id": message_id,
+            "payload_extra": {"deleted_at": iso_now(), "deleter_id": deleter}}
+
+
+def read_event(conversation_id: str, user_id: str, seq: int) -> dict[str, Any]:
+    return {"type": "read.updated", "conversation_id": conversation_id, "message_id": "",
+            "payload_extra": {"user_id": user_id, "seq": seq}}
+
+
+def backlog(client: redis.Redis, partition: int) -> int:
+    from storage.selectors import partitions_state
+
+    return partitions_state(partitions=[partition], client=client)[0].backlog
