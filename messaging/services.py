@@ -344,13 +344,9 @@ async def partition_backlog(client: redis.asyncio.Redis, *, partition: int) -> i
 
 
 async def _drain_enqueue(*, partition: int) -> None:
-    try:
-        from storage.services import drain_enqueue  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        logger.debug("size trigger: partition %s is due a drain, but storage.services.drain_enqueue does "
-                     "not exist yet", partition)
-        return
-    await sync_to_async(drain_enqueue, thread_sensitive=False)(partition=partition)
+    from storage.services import drain_enqueue_async  # lazy: storage imports messaging
+
+    await drain_enqueue_async(partition=partition)
 
 
 async def _drain_check(client: redis.asyncio.Redis, *, partition: int) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-import types
 import uuid
 from typing import Any
 
@@ -65,10 +63,15 @@ def test_backlog_is_the_drain_groups_lag_or_the_stream_length(servers: Servers) 
 def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(
         servers: Servers, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.BATCH_SIZE = 3
+    import storage.services
+
     calls: list[int] = []
-    fake = types.ModuleType("storage.services")
-    fake.drain_enqueue = lambda *, partition: calls.append(partition)
-    monkeypatch.setitem(sys.modules, "storage.services", fake)
+
+    async def drain_enqueue_async(*, partition: int) -> bool:
+        calls.append(partition)
+        return True
+
+    monkeypatch.setattr(storage.services, "drain_enqueue_async", drain_enqueue_async)
     partition = 800 + uuid.uuid4().int % 100
 
     async def body(c: redis.asyncio.Redis) -> None:
