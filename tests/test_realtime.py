@@ -20,6 +20,7 @@ from bson import ObjectId
 
 from messaging.streams import partition_of, stream_key
 from storage.documents import Conversation, Message, User
+from tests.procs import wait_until
 from tests.realtime import (
     Broker,
     Client,
@@ -520,4 +521,37 @@ def test_a_reader_that_stops_reading_is_closed_4009_and_others_get_everything(se
     try:
         run(body)
     finally:
+        broker.stop()
+
+
+def test_a_backlog_of_a_batch_makes_the_broker_enqueue_a_drain(servers: Servers, tmp_path: Path) -> None:
+    from storage.keys import drain_lock_key
+
+    (broker,) = brokers_start(tmp_path, 1, CHATSTREAM_BATCH_SIZE="5")
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+    partition = partition_of(conv)
+    client = redis.Redis.from_url(servers.redis_url)
+    client.delete(drain_lock_key(partition))
+    queue = "cs:celery:storage"
+    queued_before = client.llen(queue)
+
+    async def body() -> None:
+        sender = await connect_user(broker.url, servers.redis_url, alice)
+        for i in range(6):
+            await sender.send(send_frame(conv, f"batch {i}"))
+            await sender.recv_type("ack")
+        await sender.close()
+
+    try:
+        run(body)
+        # The size trigger runs in the background of the acks: wait for its lock and its Celery message.
+        wait_until(lambda: client.exists(drain_lock_key(partition)), timeout_s=20, what="the drain lock")
+        wait_until(lambda: client.llen(queue) > queued_before, timeout_s=20, what="a queued drain task")
+    finally:
+        # No worker runs here: take back what was queued so later tests' workers do not inherit it.
+        client.delete(drain_lock_key(partition))
+        client.delete(queue)
+        client.close()
         broker.stop()
