@@ -555,3 +555,51 @@ def test_a_backlog_of_a_batch_makes_the_broker_enqueue_a_drain(servers: Servers,
         client.delete(queue)
         client.close()
         broker.stop()
+
+
+def test_foreign_origin_is_refused_and_a_missing_one_is_a_non_browser_client(servers: Servers,
+                                                                            brokers: list[Broker]) -> None:
+    import websockets
+    import websockets.exceptions
+
+    alice, _ = user_create()
+
+    async def body() -> None:
+        url = f"{brokers[0].url}?ticket={ticket_for(servers.redis_url, alice)}"
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            await websockets.connect(url, origin="https://evil.example")
+        assert refused.value.response.status_code == 403
+        # The refused handshake did not consume the ticket: it is still good for a proper client.
+        ws = await websockets.connect(url)  # no Origin header at all: the gateway's proxy, an app
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.close()
+
+    run(body)
+
+
+def test_the_gateway_carries_the_websocket_to_a_broker(servers: Servers, tmp_path: Path) -> None:
+    """The `make run` cluster: a client on the gateway's /ws/ reaches a broker and gets its own message."""
+    from tests.procs import Cluster
+
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        url = cluster.url.replace("http://", "ws://") + "/ws/"
+
+        async def body() -> None:
+            sender = await connect_user(url, servers.redis_url, alice)
+            reader = await connect_user(url, servers.redis_url, bob)
+            await sender.send(send_frame(conv, "through the gateway"))
+            assert (await sender.recv_type("ack"))["seq"] == 1
+            got = await reader.recv_type("message.new")
+            assert got["message"]["content"] == "through the gateway"
+            await sender.close()
+            await reader.close()
+
+        run(body)
+    finally:
+        cluster.stop()
