@@ -220,7 +220,13 @@ class Hub:
         self.stats["events"] += 1
         encoded = frame.encode()
         for conn in tuple(subscribers):
-            await conn.deliver(conversation_id=conversation_id, seq=seq, frame=encoded)
+            try:
+                await conn.deliver(conversation_id=conversation_id, seq=seq, frame=encoded)
+            except Exception:
+                # One broken connection must not stop the others' delivery, nor make the reader re-read
+                # (and re-send) the batch after a restart.
+                self.stats["delivery_errors"] += 1
+                logger.exception("hub: delivery to a connection of user %s failed", conn.user_id)
         self.stats["deliveries"] += len(subscribers)
 
     # ------------------------------------------------------------------ control messages (pub/sub)
@@ -241,7 +247,10 @@ class Hub:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and message.get("type") == "message":
-                    await self._control_dispatch(message["data"])
+                    try:
+                        await self._control_dispatch(message["data"])
+                    except Exception:
+                        logger.exception("hub: control message %r failed", message["data"][:200])
         finally:
             await pubsub.aclose()
 
