@@ -108,7 +108,11 @@ class Cluster:
                 self.start_process(name)
             return
         honcho = str(Path(sys.executable).parent / "honcho")
-        self.proc = subprocess.Popen([honcho, "-f", str(self.workdir / "Procfile"), "-d", str(ROOT), "start"],
+        # honcho reads ROOT/.env by default and lets it override the environment (a developer's SECRET_KEY
+        # would then differ from the one the test signs tokens with): give it an empty file instead.
+        (self.workdir / "empty.env").write_text("")
+        self.proc = subprocess.Popen([honcho, "-f", str(self.workdir / "Procfile"), "-d", str(ROOT),
+                                      "start", "-e", str(self.workdir / "empty.env")],
                                      cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

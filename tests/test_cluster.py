@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.tokens import token_issue
 from tests.procs import Cluster, manage, tagged_pids, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -28,7 +29,12 @@ def test_make_run_cluster_registers_every_role_and_forgets_a_killed_broker(tmp_p
     cluster.start()
     try:
         cluster.wait_ready()
-        live = registry(cluster)
+        # Ready means one instance of every role; the second broker/api/storage may register a moment later.
+        def all_registered() -> list[dict[str, str]] | None:
+            found = registry(cluster)
+            return found if len(found) == 8 else None
+
+        live = wait_until(all_registered, timeout_s=30, what="all 8 instances to register")
         assert Counter(i["role"] for i in live) == {
             "gateway": 1, "broker": 2, "api": 2, "storage": 2, "storage-beat": 1
         }, live
@@ -40,8 +46,11 @@ def test_make_run_cluster_registers_every_role_and_forgets_a_killed_broker(tmp_p
 
         # The gateway routes /admin/ to an api instance (Django answers with its login redirect).
         assert httpx.get(f"{cluster.url}/admin/", timeout=10).status_code == 302
-        missing = httpx.get(f"{cluster.url}/api/no-such-thing", timeout=10)
-        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        # /api/ needs an access token at the gateway; with one, the api answers its JSON 404.
+        token = token_issue(user_id="u-cluster", username="cluster", type="access")
+        missing = httpx.get(f"{cluster.url}/api/no-such-thing", headers={"Authorization": f"Bearer {token}"},
+                            timeout=10)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found", missing.text
 
         ttl = int(os.environ["CHATSTREAM_REGISTRY_TTL"])
         broker = next(i for i in live if i["role"] == "broker" and i["id"].startswith("broker-1-"))
@@ -62,7 +71,7 @@ def test_ctrl_c_deregisters_every_instance(tmp_path: Path) -> None:
     cluster.start()
     try:
         cluster.wait_ready()
-        assert len(registry(cluster)) == 8
+        wait_until(lambda: len(registry(cluster)) == 8, timeout_s=30, what="all 8 instances to register")
     finally:
         cluster.stop()
     assert tagged_pids(cluster.tag) == []
@@ -75,6 +84,8 @@ def test_a_restarted_instance_joins_again_and_the_others_never_notice(tmp_path: 
     cluster.start()
     try:
         cluster.wait_ready()
+        wait_until(lambda: len([i for i in registry(cluster) if i["role"] == "broker"]) == 2, timeout_s=30,
+                   what="both brokers to register")
         before = {i["id"] for i in registry(cluster) if i["role"] == "broker"}
         cluster.kill_process("broker1")
         wait_until(lambda: len([i for i in registry(cluster) if i["role"] == "broker"]) == 1,

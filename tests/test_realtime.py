@@ -603,3 +603,27 @@ def test_the_gateway_carries_the_websocket_to_a_broker(servers: Servers, tmp_pat
         run(body)
     finally:
         cluster.stop()
+
+
+def test_the_gateways_signed_identity_is_trusted_and_a_forged_one_refused(servers: Servers,
+                                                                           brokers: list[Broker]) -> None:
+    import websockets
+
+    from api.tokens import TicketOwner
+    from gateway.identity import identity_headers
+
+    alice, _ = user_create()
+    signed = identity_headers(owner=TicketOwner(user_id=alice, username="alice"), request_id="req-1")
+    headers = [(k.decode(), v.decode()) for k, v in signed] + [("X-Request-Id", "req-1")]
+    forged = [(k, v if k != "x-chatstream-user-id" else ObjectId().__str__()) for k, v in headers]
+
+    async def body() -> None:
+        ws = await websockets.connect(brokers[1].url, additional_headers=headers)
+        assert json.loads(await ws.recv())["user_id"] == alice
+        await ws.close()
+        # A forged identity is refused even with a good ticket next to it: the headers decide.
+        url = f"{brokers[1].url}?ticket={ticket_for(servers.redis_url, alice)}"
+        bad = Client(ws=await websockets.connect(url, additional_headers=forged))
+        assert await bad.recv_closed() == 4001
+
+    run(body)

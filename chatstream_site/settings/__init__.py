@@ -7,6 +7,7 @@ first (real environment variables win), so ``make run`` works with the file boot
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -165,6 +166,50 @@ JWT_ALGORITHM = "HS256"  # pinned: never taken from a token's header
 JWT_ACCESS_TTL_S = env_int("JWT_ACCESS_TTL", 600, minimum=30, maximum=900)
 JWT_REFRESH_TTL_S = env_int("JWT_REFRESH_TTL", 14 * 24 * 3600, minimum=60)
 WS_TICKET_TTL_S = env_int("CHATSTREAM_WS_TICKET_TTL", 30, minimum=1, maximum=30)
+
+# ------------------------------------------------------------------ gateway (issue 6)
+
+# Connect timeout to an upstream: loopback/LAN connects take < 1 ms, so 1 s only passes a SYN that was
+# lost once; a dead host fails fast and the request retries on another instance.
+GATEWAY_CONNECT_TIMEOUT_S = env_float("CHATSTREAM_GATEWAY_CONNECT_TIMEOUT", 1.0, minimum=0.01)
+# Read timeout: the slowest API call (a history page from MongoDB) answers in well under a second; 30 s
+# is the point where a client is better off with a 504 than with waiting.
+GATEWAY_READ_TIMEOUT_S = env_float("CHATSTREAM_GATEWAY_READ_TIMEOUT", 30.0, minimum=0.1)
+# Breaker: 3 consecutive transport failures open it (one failure is a blip, three in a row with retries
+# elsewhere is a dead instance), for 5 s (less than the registry TTL, so a restarted instance on the same
+# address is probed again before its stale registration would have expired).
+GATEWAY_BREAKER_THRESHOLD = env_int("CHATSTREAM_GATEWAY_BREAKER_THRESHOLD", 3, minimum=1)
+GATEWAY_BREAKER_OPEN_S = env_float("CHATSTREAM_GATEWAY_BREAKER_OPEN", 5.0, minimum=0.1)
+# Rate limits (django-ratelimit syntax: count/period, period s, m, h or d, e.g. 5/10s). Per IP: generous,
+# a whole office may share one address. Per user: a chat client makes a few REST calls a minute.
+# Sensitive routes (login, register, refresh, logout) get their own per-IP budget against password guessing.
+GATEWAY_RATE_IP = env_str("CHATSTREAM_GATEWAY_RATE_IP", "600/m")
+GATEWAY_RATE_USER = env_str("CHATSTREAM_GATEWAY_RATE_USER", "300/m")
+GATEWAY_RATE_SENSITIVE = env_str("CHATSTREAM_GATEWAY_RATE_SENSITIVE", "30/m")
+# WebSocket handshakes: a client reconnects a few times an hour; 60/m per IP lets an office reconnect
+# after a broker restart, 20/m per user stops a reconnect loop.
+GATEWAY_RATE_WS_IP = env_str("CHATSTREAM_GATEWAY_RATE_WS_IP", "60/m")
+GATEWAY_RATE_WS_USER = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER", "20/m")
+# Frames a client may send on one WebSocket: a person types well under 10 frames/s (the web client sends
+# typing at most every 2.5 s), a reconnect sends a few resume frames at once; 20/s sustained with bursts of
+# 60 never touches a real client and stops a flood at the edge (close 4008).
+GATEWAY_WS_FRAME_RATE = env_float("CHATSTREAM_GATEWAY_WS_FRAME_RATE", 20.0, minimum=0.1)
+GATEWAY_WS_FRAME_BURST = env_int("CHATSTREAM_GATEWAY_WS_FRAME_BURST", 60, minimum=1)
+# WebSocket Origins allowed besides those whose host is in ALLOWED_HOSTS (full origins, e.g. https://app.example).
+GATEWAY_ALLOWED_ORIGINS = env_list("CHATSTREAM_GATEWAY_ALLOWED_ORIGINS", [])
+# Who may reach Django admin through the gateway (route authorization), as networks.
+GATEWAY_ADMIN_NETWORKS = env_list(
+    "CHATSTREAM_GATEWAY_ADMIN_NETWORKS", ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+)
+# Addresses of load balancers in front of the gateway whose X-Forwarded-For is believed (comma-separated
+# IPs or networks). Empty: the TCP peer is the client, and X-Forwarded-For from clients is ignored.
+GATEWAY_TRUSTED_PROXIES = env_list("CHATSTREAM_GATEWAY_TRUSTED_PROXIES", [])
+# Request bodies are buffered (so a failed connect can be retried elsewhere): 10 MiB bounds the memory.
+GATEWAY_MAX_BODY = env_int("CHATSTREAM_GATEWAY_MAX_BODY", 10 * 1024 * 1024, minimum=1024)
+for _name in ("GATEWAY_RATE_IP", "GATEWAY_RATE_USER", "GATEWAY_RATE_SENSITIVE", "GATEWAY_RATE_WS_IP",
+              "GATEWAY_RATE_WS_USER"):
+    if not re.fullmatch(r"[1-9]\d*/\d*[smhd]", globals()[_name]):
+        raise ConfigError(f"CHATSTREAM_{_name}={globals()[_name]!r} is not a rate like 30/m, 5/10s or 1000/h")
 
 # ------------------------------------------------------------------ streams and storage
 

@@ -50,7 +50,19 @@ class Command(BaseCommand):
             CHATSTREAM_ROLE=role, CHATSTREAM_INSTANCE=str(instance), CHATSTREAM_INSTANCE_PORT=str(port)
         )
         bindir = os.path.dirname(sys.executable)
-        if role in ("gateway", "broker", "api"):
+        if role == "gateway":
+            # uvicorn + uvloop + httptools, WebSockets by websockets-sansio (2.4x the legacy implementation's
+            # round trips through the gateway; daphne drops close reasons): docs/adr/0004. Frames above
+            # 64 KiB are closed with 1009 at the edge (DESIGN.md §9). Proxy headers (the client address from
+            # X-Forwarded-For) only from CHATSTREAM_GATEWAY_TRUSTED_PROXIES: the gateway is the public edge,
+            # and a client-chosen address would dodge the per-IP limits.
+            argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
+                    "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "on",
+                    "--ws-max-size", "65536", "--no-access-log", "--no-server-header"]
+            trusted = ",".join(settings.GATEWAY_TRUSTED_PROXIES)
+            argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
+            argv.append("chatstream_site.asgi:application")
+        elif role in ("broker", "api"):
             argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port),
                     "--proxy-headers", "chatstream_site.asgi:application"]
         elif role == "storage":

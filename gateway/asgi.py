@@ -1,0 +1,99 @@
+"""ASGI plumbing shared by the gateway's layers: types, per-request state, and the gateway's own answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.tokens import TicketOwner
+from gateway.routes import Route
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATE_KEY = "chatstream.gateway"
+
+# Close codes the gateway itself uses on client WebSockets (DESIGN.md §9 plus the proxy's own):
+CLOSE_BAD_TICKET = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_RATE_LIMITED = 4008
+CLOSE_TRY_AGAIN = 1013  # no broker available (all gone or their breakers open): reconnect after a pause
+CLOSE_UPSTREAM_LOST = 1012  # the broker vanished without a close frame (killed): reconnect at once
+
+
+@dataclass
+class RequestState:
+    """What the layers learn about one request, read by the access log at the end."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    route: Route | None = None
+    user: TicketOwner | None = None
+    upstream: str = ""
+    status: int = 0
+    close_code: int | None = None
+    reason: str = ""  # why the gateway refused it, if it did
+
+
+def state_of(scope: Scope) -> RequestState:
+    """The request's state (precondition: the request-id layer ran)."""
+    state: RequestState = scope[STATE_KEY]
+    return state
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case) in ``scope``, or None. Pure."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def client_ip(scope: Scope) -> str:
+    """The peer address as the ASGI server reports it (never a client-sent X-Forwarded-For). Pure."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def error_body(*, code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+    """The one error shape of every role: ``{"error": {"code", "message", "details"}}``. Pure."""
+    return json.dumps({"error": {"code": code, "message": message, "details": details or {}}}).encode()
+
+
+async def send_response(send: Send, *, status: int, body: bytes, content_type: bytes = b"application/json",
+                        headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Send a complete small response. Side effect: two ASGI messages."""
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+                    *(headers or [])],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, *, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A JSON error the gateway answers itself; never cached by anyone in between."""
+    await send_response(send, status=status, body=error_body(code=code, message=message, details=details),
+                        headers=[(b"cache-control", b"no-store"), *(headers or [])])
+
+
+async def ws_refuse(receive: Receive, send: Send, *, code: int, reason: str = "") -> None:
+    """Refuse a WebSocket handshake. Precondition: its ``websocket.connect`` was not received yet.
+
+    ``code`` 403 refuses the HTTP handshake itself (before accept: the server answers 403); any other code
+    accepts and closes at once with that close code, so a browser client can read why (4001, 4008, 1013).
+    """
+    await receive()  # websocket.connect
+    if code == 403:
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": code, "reason": reason[:120]})

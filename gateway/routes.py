@@ -1,0 +1,64 @@
+"""The gateway's route table: where each path goes and what it needs. THE one place that lists public routes.
+
+A request matches the first route whose prefix (or exact path) fits. ``auth`` says what the edge checks:
+
+* ``public``: nothing; any client-sent identity header is still stripped;
+* ``jwt``: a valid access token in ``Authorization: Bearer``; the identity is passed upstream signed;
+* ``ticket``: a single-use WebSocket ticket in ``?ticket=``, consumed here at the gateway;
+* ``upstream``: the upstream authenticates by itself (Django admin's session login), and the route is
+  restricted to ``GATEWAY_ADMIN_NETWORKS`` (the route authorization layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Auth = Literal["public", "jwt", "ticket", "upstream"]
+Target = Literal["gateway", "api", "broker"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path: str
+    target: Target
+    auth: Auth
+    exact: bool = False
+    # A stricter per-IP limit for routes that guess passwords or mint tokens (the ratelimit layer).
+    sensitive: bool = False
+    # Health probes are never rate limited: a load balancer's probe refused with 429 would take the gateway
+    # out of rotation for being probed.
+    limited: bool = True
+
+    def matches(self, path: str) -> bool:
+        return path == self.path if self.exact else path.startswith(self.path)
+
+
+# Order matters: the first match wins, so exact public auth routes come before the protected /api/ prefix.
+ROUTES: tuple[Route, ...] = (
+    Route("/healthz", "gateway", "public", exact=True, limited=False),
+    Route("/readyz", "gateway", "public", exact=True, limited=False),
+    Route("/", "gateway", "public", exact=True),  # the web client's page ...
+    Route("/app/", "gateway", "public"),  # ... and its files (gateway/webclient.py)
+    Route("/static/", "api", "public"),
+    Route("/api/v1/auth/register", "api", "public", exact=True, sensitive=True),
+    Route("/api/v1/auth/login", "api", "public", exact=True, sensitive=True),
+    Route("/api/v1/auth/refresh", "api", "public", exact=True, sensitive=True),
+    # Logout carries the refresh token it revokes; the access token may already have expired.
+    Route("/api/v1/auth/logout", "api", "public", exact=True, sensitive=True),
+    Route("/api/v1/schema", "api", "public"),  # OpenAPI schema and its docs pages
+    Route("/api/v1/docs", "api", "public"),
+    Route("/api/", "api", "jwt"),
+    Route("/admin/", "api", "upstream"),
+    Route("/ws/", "broker", "ticket"),
+)
+
+
+def route_match(path: str) -> Route | None:
+    """The route for ``path``, or None (404). Pure."""
+    return next((route for route in ROUTES if route.matches(path)), None)
+
+
+def public_paths() -> list[str]:
+    """The paths that need no authentication at the edge (for docs and tests)."""
+    return [route.path for route in ROUTES if route.auth == "public"]
