@@ -30,6 +30,9 @@ elif settings.ROLE == "broker":
         "websocket": websocket_application(),  # Origin checked against ALLOWED_HOSTS (messaging/routing.py)
     })
 else:
-    application = django_application
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+    # daphne serves no files itself: the admin's and the API docs page's assets come from the apps.
+    application = ASGIStaticFilesHandler(django_application)
 
 heartbeat_start()

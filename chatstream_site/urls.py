@@ -11,6 +11,7 @@ urlpatterns = [
     path("readyz", readyz_view),
     path("admin/storage/", include("storage.urls")),  # staff pages of the storage pipeline
     path("admin/", admin.site.urls),
+    path("api/v1/", include("api.urls")),
 ]
 
 

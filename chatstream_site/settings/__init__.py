@@ -48,6 +48,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "chatstream_site",
     "storage",
@@ -166,6 +168,52 @@ JWT_ALGORITHM = "HS256"  # pinned: never taken from a token's header
 JWT_ACCESS_TTL_S = env_int("JWT_ACCESS_TTL", 600, minimum=30, maximum=900)
 JWT_REFRESH_TTL_S = env_int("JWT_REFRESH_TTL", 14 * 24 * 3600, minimum=60)
 WS_TICKET_TTL_S = env_int("CHATSTREAM_WS_TICKET_TTL", 30, minimum=1, maximum=30)
+
+# ------------------------------------------------------------------ REST API (api/)
+
+# argon2id first (memory-hard); PBKDF2 stays so hashes made with it still verify and are upgraded on login.
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.Argon2PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+]
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["api.auth.JWTAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer",
+                                 "rest_framework.renderers.BrowsableAPIRenderer"],
+    # JSON only: a form-encoded body would turn every value into a string list and blur the type checks.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "api.exceptions.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "ChatStream API",
+    "DESCRIPTION": "REST API v1 of ChatStream (DESIGN.md §9). Errors are {\"error\": {code, message, details}}.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI and Redoc from the installed sidecar package: the docs page works without a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
+                             "api.schema.error_responses_hook"],
+}
+# django-ratelimit on the shared Redis cache (CACHES["default"]): per client IP and per username.
+RATELIMIT_USE_CACHE = "default"
+API_RATE_LOGIN_IP = env_str("CHATSTREAM_RATE_LOGIN_IP", "30/m")
+API_RATE_LOGIN_USER = env_str("CHATSTREAM_RATE_LOGIN_USER", "10/m")
+API_RATE_REGISTER_IP = env_str("CHATSTREAM_RATE_REGISTER_IP", "20/h")
+API_RATE_REGISTER_USER = env_str("CHATSTREAM_RATE_REGISTER_USER", "5/h")
+for _name, _rate in (("CHATSTREAM_RATE_LOGIN_IP", API_RATE_LOGIN_IP),
+                     ("CHATSTREAM_RATE_LOGIN_USER", API_RATE_LOGIN_USER),
+                     ("CHATSTREAM_RATE_REGISTER_IP", API_RATE_REGISTER_IP),
+                     ("CHATSTREAM_RATE_REGISTER_USER", API_RATE_REGISTER_USER)):
+    if not re.fullmatch(r"[1-9][0-9]*/[0-9]*[smhd]", _rate):
+        raise ConfigError(f"{_name}={_rate!r} is not a rate: use N/s, N/m, N/h or N/d (e.g. 10/m)")
+# Peers whose X-Forwarded-For is believed (the gateway, which replaces any client-sent one).
+TRUSTED_PROXIES = env_list("CHATSTREAM_TRUSTED_PROXIES", ["127.0.0.1", "::1"])
 
 # ------------------------------------------------------------------ gateway (issue 6)
 

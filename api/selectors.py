@@ -1,0 +1,322 @@
+"""Reads of the REST API (no side effects): users, contacts, groups, conversations and message history.
+
+Membership is checked against MongoDB's denormalised ``conversations.members`` (one indexed read); a
+conversation the caller is not in looks exactly like one that does not exist (404, no existence leak).
+The accepted truth of a conversation (its last seq, read cursors) is in Redis; MongoDB holds what the
+storage pipeline has persisted so far, a few seconds behind at most.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+
+from api.clients import sync_redis
+from chatstream_site.errors import NotFound
+from messaging.services import read_cursor_key
+from messaging.streams import partition_of, seq_key
+from storage.documents import Conversation, GroupChat, Message, User
+
+OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+MESSAGE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+HISTORY_MAX_LIMIT = 200
+USER_SEARCH_LIMIT = 20
+
+
+def object_id_or_404(value: str, *, what: str) -> ObjectId:
+    """An id from a URL or body: a malformed one is simply unknown (404), never a query error."""
+    if not isinstance(value, str) or not OBJECT_ID_RE.match(value):
+        raise NotFound(f"no such {what}", details={"id": str(value)[:64]})
+    return ObjectId(value)
+
+
+# ------------------------------------------------------------------ users
+
+
+def user_get(*, user_id: str) -> User:
+    user = User.objects(id=object_id_or_404(user_id, what="user")).first()
+    if user is None:
+        raise NotFound("no such user", details={"id": user_id})
+    return user
+
+
+def user_by_username(*, username: str) -> User:
+    """The user with this username (case-insensitive). Raises NotFound."""
+    user = User.objects(username_key=username.lower()).first()
+    if user is None:
+        raise NotFound("no such user", details={"username": username})
+    return user
+
+
+def user_search(*, username: str, limit: int = USER_SEARCH_LIMIT) -> list[User]:
+    """Users whose username starts with ``username`` (case-insensitive), the exact match first.
+    The prefix is escaped: a regex from the request never reaches the database as a pattern."""
+    key = username.lower()
+    pattern = "^" + re.escape(key)
+    # A plain $regex string: mongoengine's __regex adds flags FerretDB v1 refuses ("invalid flag: u").
+    query = User.objects(__raw__={"username_key": {"$regex": pattern}})
+    found = list(query.only("id", "username", "username_key", "status", "last_seen")
+                 .order_by("username_key").limit(limit))
+    return sorted(found, key=lambda u: (u.username_key != key, u.username_key))
+
+
+def contact_list(*, user_id: str) -> list[User]:
+    me = user_get(user_id=user_id)
+    if not me.contacts:
+        return []
+    by_id = {u.id: u for u in User.objects(id__in=list(me.contacts)).only("id", "username", "status", "last_seen")}
+    return [by_id[c] for c in me.contacts if c in by_id]
+
+
+def users_by_id(*, ids: list[ObjectId]) -> dict[str, User]:
+    if not ids:
+        return {}
+    return {str(u.id): u for u in User.objects(id__in=list(set(ids))).only("id", "username", "status")}
+
+
+# ------------------------------------------------------------------ groups and conversations
+
+
+def group_get_for_member(*, user_id: str, group_id: str) -> GroupChat:
+    """The group, if the caller is a member. Raises NotFound otherwise (or if it does not exist)."""
+    oid = object_id_or_404(group_id, what="group")
+    group = GroupChat.objects(id=oid, members=ObjectId(user_id)).first()
+    if group is None:
+        raise NotFound("no such group", details={"group_id": group_id})
+    return group
+
+
+def conversation_get_for_member(*, user_id: str, conversation_id: str) -> Conversation:
+    oid = object_id_or_404(conversation_id, what="conversation")
+    conversation = Conversation.objects(id=oid, members=ObjectId(user_id)).first()
+    if conversation is None:
+        raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+    return conversation
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    conversation: Conversation
+    last_seq: int  # last accepted seq (Redis), at least the last persisted one
+    read_seq: int  # the caller's read cursor
+    unread: int  # persisted messages of others, not deleted, above the cursor
+    title: str  # the group's name, or the other member's username
+    peer: User | None  # the other member of a 1:1 chat
+    group: GroupChat | None
+
+
+def _accepted_and_cursors(conversations: list[Conversation], *, user_id: str) -> list[tuple[int, int]]:
+    """One Redis round trip: (last accepted seq, read cursor) per conversation (same keys as
+    ``messaging.streams.last_accepted_seq`` and ``messaging.services.read_mark``)."""
+    pipe = sync_redis().pipeline(transaction=False)
+    for conv in conversations:
+        cid = str(conv.id)
+        pipe.hget(seq_key(partition_of(cid)), cid)
+        pipe.hget(read_cursor_key(cid), user_id)
+    raw = pipe.execute()
+    return [(int(raw[i] or 0), int(raw[i + 1] or 0)) for i in range(0, len(raw), 2)]
+
+
+@functools.cache
+def _is_ferretdb() -> bool:
+    """FerretDB names itself in buildInfo; it evaluates filters over whole collections (no index use)."""
+    info = Message._get_db().command("buildInfo")
+    return "ferretdbVersion" in info
+
+
+def unread_counts(*, user_id: str, after: dict[ObjectId, int]) -> dict[ObjectId, int]:
+    """Per conversation, the messages of others above the given read cursor that are not deleted.
+
+    MongoDB: one aggregation, ``$or`` of ``(conversation_id, seq > cursor)`` clauses, each served by the
+    ``(conversation_id, seq)`` index. FerretDB v1 pushes none of that down and evaluates a 500-clause
+    ``$or`` per document (minutes on 100k messages), so there one plain scan with ``$in`` returns
+    ``(conversation_id, seq)`` pairs and the cursors are applied here.
+    """
+    if not after:
+        return {}
+    me = ObjectId(user_id)
+    collection = Message._get_collection()
+    if not _is_ferretdb():
+        pipeline = [
+            {"$match": {"$or": [{"conversation_id": cid, "seq": {"$gt": seq}} for cid, seq in after.items()],
+                        "sender_id": {"$ne": me}, "deleted": {"$ne": True}}},
+            {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}},
+        ]
+        return {row["_id"]: int(row["n"]) for row in collection.aggregate(pipeline)}
+    counts: dict[ObjectId, int] = {}
+    rows = collection.find({"conversation_id": {"$in": list(after)}, "seq": {"$gt": min(after.values())},
+                            "sender_id": {"$ne": me}, "deleted": {"$ne": True}},
+                           projection={"_id": 0, "conversation_id": 1, "seq": 1})
+    for row in rows:
+        cid = row["conversation_id"]
+        if row["seq"] > after.get(cid, row["seq"]):
+            counts[cid] = counts.get(cid, 0) + 1
+    return counts
+
+
+def _summaries(conversations: list[Conversation], *, user_id: str) -> list[ConversationSummary]:
+    states = _accepted_and_cursors(conversations, user_id=user_id)
+    peer_ids = [m for c in conversations if c.type == "single" for m in c.members if str(m) != user_id]
+    peers = users_by_id(ids=peer_ids)
+    groups = {g.id: g for g in GroupChat.objects(id__in=[c.room_id for c in conversations if c.type == "group"])
+              .only("id", "name", "admins", "members")} if any(c.type == "group" for c in conversations) else {}
+    cursors: dict[ObjectId, tuple[int, int]] = {}
+    for conv, (accepted, redis_cursor) in zip(conversations, states, strict=True):
+        read_seq = max(redis_cursor, int((conv.read_cursors or {}).get(user_id, 0)))
+        cursors[conv.id] = (max(accepted, conv.last_seq or 0), read_seq)
+    # Only conversations whose cursor is behind need counting: a fully read one costs nothing.
+    unread = unread_counts(user_id=user_id, after={cid: read for cid, (last, read) in cursors.items() if last > read})
+    out = []
+    for conv in conversations:
+        last_seq, read_seq = cursors[conv.id]
+        peer = group = None
+        if conv.type == "single":
+            other = next((str(m) for m in conv.members if str(m) != user_id), user_id)
+            peer = peers.get(other)
+            title = peer.username if peer is not None else ""
+        else:
+            group = groups.get(conv.room_id)
+            title = group.name if group is not None else ""
+        out.append(ConversationSummary(conversation=conv, last_seq=last_seq, read_seq=read_seq,
+                                       unread=unread.get(conv.id, 0), title=title, peer=peer, group=group))
+    return out
+
+
+def conversation_list_for_user(*, user_id: str, limit: int = 100, offset: int = 0) -> list[ConversationSummary]:
+    """The caller's conversations, most recently active first (``updated_at``, then newest created), each
+    with its last seq, the caller's read cursor and unread count. Four queries whatever the page size:
+    conversations, peers, groups, one unread aggregation (plus one Redis pipeline)."""
+    conversations = list(Conversation.objects(members=ObjectId(user_id))
+                         .order_by("-updated_at", "-id").skip(offset).limit(limit))
+    return _summaries(conversations, user_id=user_id) if conversations else []
+
+
+def conversation_summary_for_member(*, user_id: str, conversation_id: str) -> ConversationSummary:
+    conversation = conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
+    return _summaries([conversation], user_id=user_id)[0]
+
+
+# ------------------------------------------------------------------ history
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    messages: list[Message]  # ascending seq
+    has_more: bool  # more messages exist beyond the page in the direction of travel
+
+
+def message_history_get(*, user_id: str, conversation_id: str, before_seq: int | None = None,
+                        after_seq: int | None = None, limit: int = 50) -> HistoryPage:
+    """A page of persisted messages ordered by ``seq`` (ascending in the page).
+
+    * neither bound: the newest ``limit`` messages;
+    * ``before_seq``: the ``limit`` messages just below it (paging back in time);
+    * ``after_seq``: the ``limit`` messages just above it (catching up, paging forward);
+    * both: those strictly between, oldest first.
+
+    Deleted messages are included as tombstones (their seq keeps the order gap-free to the client).
+    Raises NotFound if the caller is not a member.
+    """
+    conversation = conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
+    limit = max(1, min(limit, HISTORY_MAX_LIMIT))
+    query: dict[str, Any] = {}
+    if before_seq is not None:
+        query["seq__lt"] = before_seq
+    if after_seq is not None:
+        query["seq__gt"] = after_seq
+    base = Message.objects(conversation_id=conversation.id, **query)
+    backwards = after_seq is None  # newest-first read, then reversed
+    rows = list(base.order_by("-seq" if backwards else "seq").limit(limit + 1))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    if backwards:
+        rows.reverse()
+    return HistoryPage(messages=rows, has_more=has_more)
+
+
+# ------------------------------------------------------------------ staff (Django admin) reads
+
+
+@dataclass(frozen=True, slots=True)
+class AdminPage:
+    rows: list[Any]
+    page: int
+    has_next: bool
+
+
+def admin_messages(*, conversation_id: str = "", sender: str = "", date_from: datetime | None = None,
+                   date_to: datetime | None = None, search: str = "", page: int = 1,
+                   per_page: int = 50) -> AdminPage:
+    """Messages for staff, newest first, filtered by conversation, sender (username or id), time range and a
+    case-insensitive substring of the content (``$regex`` of the escaped text: FerretDB v1 has no ``$text``).
+    Unknown filter values simply match nothing."""
+    raw: dict[str, Any] = {}
+    if conversation_id:
+        raw["conversation_id"] = ObjectId(conversation_id) if OBJECT_ID_RE.match(conversation_id) else None
+    if sender:
+        if OBJECT_ID_RE.match(sender):
+            raw["sender_id"] = ObjectId(sender)
+        else:
+            user = User.objects(username_key=sender.lower()).only("id").first()
+            raw["sender_id"] = user.id if user is not None else None
+    if date_from or date_to:
+        raw["timestamp"] = {**({"$gte": date_from} if date_from else {}), **({"$lt": date_to} if date_to else {})}
+    if search:
+        raw["content"] = {"$regex": re.escape(search), "$options": "i"}
+    page = max(1, page)
+    rows = list(Message.objects(__raw__=raw).order_by("-timestamp", "-seq").skip((page - 1) * per_page)
+                .limit(per_page + 1))
+    return AdminPage(rows=rows[:per_page], page=page, has_next=len(rows) > per_page)
+
+
+def admin_users(*, search: str = "", page: int = 1, per_page: int = 50) -> AdminPage:
+    raw: dict[str, Any] = {"username_key": {"$regex": "^" + re.escape(search.lower())}} if search else {}
+    page = max(1, page)
+    rows = list(User.objects(__raw__=raw).order_by("username_key").skip((page - 1) * per_page).limit(per_page + 1))
+    return AdminPage(rows=rows[:per_page], page=page, has_next=len(rows) > per_page)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConversation:
+    conversation: Conversation
+    title: str
+    last_accepted_seq: int  # Redis: the seq the write path last gave out
+    last_persisted_seq: int  # MongoDB: the last event the storage pipeline applied
+
+    @property
+    def behind(self) -> int:
+        return max(0, self.last_accepted_seq - self.last_persisted_seq)
+
+
+def admin_conversations(*, conversation_id: str = "", page: int = 1, per_page: int = 50) -> tuple[
+        list[AdminConversation], bool]:
+    """Conversations for staff, newest activity first, each with its accepted and persisted seq."""
+    raw: dict[str, Any] = {}
+    if conversation_id:
+        raw["_id"] = ObjectId(conversation_id) if OBJECT_ID_RE.match(conversation_id) else None
+    page = max(1, page)
+    rows = list(Conversation.objects(__raw__=raw).order_by("-updated_at", "-id").skip((page - 1) * per_page)
+                .limit(per_page + 1))
+    has_next = len(rows) > per_page
+    rows = rows[:per_page]
+    pipe = sync_redis().pipeline(transaction=False)
+    for conv in rows:
+        pipe.hget(seq_key(partition_of(str(conv.id))), str(conv.id))
+    accepted = [int(x or 0) for x in pipe.execute()] if rows else []
+    groups = {g.id: g.name for g in GroupChat.objects(id__in=[c.room_id for c in rows if c.type == "group"])
+              .only("id", "name")}
+    names = users_by_id(ids=[m for c in rows if c.type == "single" for m in c.members])
+    out = []
+    for conv, seq in zip(rows, accepted, strict=True):
+        if conv.type == "group":
+            title = groups.get(conv.room_id, "(group gone)")
+        else:
+            title = " & ".join(names[str(m)].username for m in conv.members if str(m) in names)
+        out.append(AdminConversation(conversation=conv, title=title, last_accepted_seq=seq,
+                                     last_persisted_seq=int(conv.last_seq or 0)))
+    return out, has_next

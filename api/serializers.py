@@ -1,0 +1,257 @@
+"""Request validation (strict types: a JSON value of the wrong type is a 400, never coerced, and never a dict
+that could reach a query as an operator) and the documented shapes of the answers.
+
+Views build answers with the ``*_out`` functions; the ``*Out`` serializers only describe them for the
+OpenAPI schema (schemathesis checks that the two agree).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from django.conf import settings
+from rest_framework import serializers
+
+from chatstream_site.errors import PayloadTooLarge
+
+# ------------------------------------------------------------------ strict fields
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string only: numbers, booleans, lists and objects are refused (DRF would stringify numbers)."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))
+
+
+class StrictEmailField(serializers.EmailField):
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer only: ``"5"``, ``5.0`` and ``true`` are refused."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return int(super().to_internal_value(data))
+
+
+def _content_limit(value: str) -> str:
+    # 413 rather than 400: the request is well-formed, just too big (the write path checks it again).
+    if len(value) > settings.MESSAGE_MAX_CHARS:
+        raise PayloadTooLarge(f"content is {len(value)} characters; the limit is {settings.MESSAGE_MAX_CHARS}",
+                              details={"field": "content", "limit": settings.MESSAGE_MAX_CHARS})
+    return value
+
+
+# ------------------------------------------------------------------ requests
+
+
+class RegisterIn(serializers.Serializer):
+    username = StrictCharField(min_length=3, max_length=32, help_text="3-32 of A-Z a-z 0-9 _ . -")
+    email = StrictEmailField(max_length=254)
+    password = StrictCharField(min_length=8, max_length=128, trim_whitespace=False)
+
+
+class LoginIn(serializers.Serializer):
+    username = StrictCharField(max_length=64)
+    password = StrictCharField(max_length=128, trim_whitespace=False)
+
+
+class RefreshIn(serializers.Serializer):
+    refresh = StrictCharField(max_length=4096)
+
+
+class StatusIn(serializers.Serializer):
+    status = StrictCharField(max_length=16, help_text="online, away, busy or offline")
+
+
+class UsernameIn(serializers.Serializer):
+    username = StrictCharField(max_length=64)
+
+
+class UserSearchQuery(serializers.Serializer):
+    username = serializers.CharField(min_length=1, max_length=64, help_text="exact name or prefix, any case")
+
+
+class GroupCreateIn(serializers.Serializer):
+    name = StrictCharField(max_length=100)
+    members = serializers.ListField(child=StrictCharField(max_length=64), max_length=999, required=False,
+                                    default=list, help_text="usernames; the creator is added as admin")
+
+
+class GroupRenameIn(serializers.Serializer):
+    name = StrictCharField(max_length=100)
+
+
+class MessageIn(serializers.Serializer):
+    content = StrictCharField(trim_whitespace=False, help_text="at most CHATSTREAM_MESSAGE_MAX_CHARS (413)")
+    client_msg_id = StrictCharField(max_length=64, help_text="the client's id for retries: 1-64 of A-Z a-z 0-9 _.:-")
+
+    def validate_content(self, value: str) -> str:
+        return _content_limit(value)
+
+
+class MessageEditIn(serializers.Serializer):
+    content = StrictCharField(trim_whitespace=False)
+
+    def validate_content(self, value: str) -> str:
+        return _content_limit(value)
+
+
+class ReadIn(serializers.Serializer):
+    seq = StrictIntegerField(min_value=0, max_value=2**53)
+
+
+class HistoryQuery(serializers.Serializer):
+    before_seq = serializers.IntegerField(required=False, min_value=1, max_value=2**53)
+    after_seq = serializers.IntegerField(required=False, min_value=0, max_value=2**53)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=200, default=50)
+
+
+class ListQuery(serializers.Serializer):
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=500, default=100)
+    offset = serializers.IntegerField(required=False, min_value=0, max_value=100_000, default=0)
+
+
+# ------------------------------------------------------------------ answers (documentation of the shapes)
+
+
+class RegisteredOut(serializers.Serializer):
+    id = serializers.CharField()
+    username = serializers.CharField()
+    email = serializers.CharField()
+
+
+class TokenPairOut(serializers.Serializer):
+    access = serializers.CharField()
+    refresh = serializers.CharField()
+    token_type = serializers.CharField()
+    expires_in = serializers.IntegerField(help_text="seconds the access token lives")
+
+
+class TicketOut(serializers.Serializer):
+    ticket = serializers.CharField()
+    expires_in = serializers.IntegerField()
+
+
+class UserOut(serializers.Serializer):
+    id = serializers.CharField()
+    username = serializers.CharField()
+    status = serializers.CharField()
+    last_seen = serializers.DateTimeField(allow_null=True)
+
+
+class MeOut(UserOut):
+    email = serializers.CharField()
+    created_at = serializers.DateTimeField(allow_null=True)
+    contacts = serializers.IntegerField(help_text="number of contacts")
+
+
+class UserListOut(serializers.Serializer):
+    results = UserOut(many=True)
+
+
+class LastMessageOut(serializers.Serializer):
+    id = serializers.CharField()
+    seq = serializers.IntegerField()
+    sender_id = serializers.CharField()
+    content = serializers.CharField(allow_blank=True)
+    timestamp = serializers.DateTimeField(allow_null=True)
+    deleted = serializers.BooleanField()
+
+
+class ConversationOut(serializers.Serializer):
+    id = serializers.CharField()
+    type = serializers.ChoiceField(choices=["single", "group"])
+    room_id = serializers.CharField(help_text="the single chat's or the group's id")
+    title = serializers.CharField(allow_blank=True, help_text="the group's name or the other member's username")
+    members = serializers.ListField(child=serializers.CharField())
+    peer = UserOut(allow_null=True, help_text="the other member of a 1:1 chat")
+    group_id = serializers.CharField(allow_null=True)
+    last_message = LastMessageOut(allow_null=True)
+    last_seq = serializers.IntegerField()
+    read_seq = serializers.IntegerField()
+    unread = serializers.IntegerField()
+    created_at = serializers.DateTimeField(allow_null=True)
+    updated_at = serializers.DateTimeField(allow_null=True)
+
+
+class ConversationListOut(serializers.Serializer):
+    results = ConversationOut(many=True)
+
+
+class SingleChatOut(serializers.Serializer):
+    conversation_id = serializers.CharField()
+    chat_id = serializers.CharField()
+    type = serializers.CharField()
+    members = serializers.ListField(child=serializers.CharField())
+    created = serializers.BooleanField(help_text="false when the pair already had this chat")
+
+
+class GroupOut(serializers.Serializer):
+    conversation_id = serializers.CharField(allow_null=True)
+    group_id = serializers.CharField()
+    name = serializers.CharField()
+    admins = serializers.ListField(child=serializers.CharField())
+    members = serializers.ListField(child=serializers.CharField())
+    created_at = serializers.DateTimeField(allow_null=True)
+    updated_at = serializers.DateTimeField(allow_null=True)
+
+
+class MessageOut(serializers.Serializer):
+    id = serializers.CharField()
+    conversation_id = serializers.CharField()
+    seq = serializers.IntegerField()
+    sender_id = serializers.CharField()
+    content = serializers.CharField(allow_blank=True)
+    timestamp = serializers.DateTimeField(allow_null=True)
+    edited_at = serializers.DateTimeField(allow_null=True)
+    deleted = serializers.BooleanField()
+    read_status = serializers.CharField()
+    client_msg_id = serializers.CharField(allow_null=True)
+
+
+class HistoryOut(serializers.Serializer):
+    results = MessageOut(many=True)
+    has_more = serializers.BooleanField(help_text="more messages beyond this page in the direction of travel")
+
+
+class SentOut(serializers.Serializer):
+    id = serializers.CharField()
+    conversation_id = serializers.CharField()
+    seq = serializers.IntegerField()
+    sender_id = serializers.CharField()
+    content = serializers.CharField()
+    timestamp = serializers.CharField()
+    client_msg_id = serializers.CharField()
+    duplicate = serializers.BooleanField(help_text="true when this client_msg_id was already accepted")
+
+
+class MessageEventOut(serializers.Serializer):
+    id = serializers.CharField()
+    conversation_id = serializers.CharField()
+    seq = serializers.IntegerField(help_text="the seq of this edit or delete event")
+    deleted = serializers.BooleanField()
+    content = serializers.CharField(allow_null=True)
+    edited_at = serializers.CharField(allow_null=True)
+
+
+class ReadOut(serializers.Serializer):
+    conversation_id = serializers.CharField()
+    seq = serializers.IntegerField(help_text="the read cursor now in force")
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # MongoDB stores UTC; a naive value is UTC without its label
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,394 @@
+"""Writes of the REST API: accounts, tokens, profile and contacts, chats and group membership, and the
+message events (which go through ``messaging.services``, the one write path shared with WebSockets).
+
+Every function takes keyword-only, already type-checked arguments (serializers did that) and raises
+``chatstream_site.errors`` domain errors; the DRF exception handler turns them into HTTP answers.
+MongoDB has no transactions here (FerretDB v1): multi-document changes are ordered so that a crash between
+two writes leaves a state the next call repairs (see each function).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import mongoengine
+import redis.asyncio
+from bson import ObjectId
+from django.conf import settings
+from django.contrib.auth.hashers import check_password, make_password
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError as DjangoValidationError
+
+from api import revocation
+from api.clients import run_async, sync_redis
+from api.selectors import group_get_for_member, object_id_or_404, user_by_username
+from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
+from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
+from messaging import services as messaging
+from messaging import streams
+from messaging.services import Accepted, membership_invalidate_sync
+from storage.documents import Conversation, GroupChat, Message, SingleChat, User, utcnow
+
+logger = logging.getLogger(__name__)
+
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+STATUSES = ("online", "away", "busy", "offline")
+GROUP_MAX_MEMBERS = 1000
+
+
+# ------------------------------------------------------------------ accounts and tokens
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    access: str
+    refresh: str
+    expires_in: int  # seconds the access token lives
+    token_type: str = "Bearer"  # noqa: S105 - the OAuth token type, not a secret
+
+
+def _token_pair(*, user_id: str, username: str) -> TokenPair:
+    return TokenPair(access=token_issue(user_id=user_id, username=username, type="access"),
+                     refresh=token_issue(user_id=user_id, username=username, type="refresh"),
+                     expires_in=int(settings.JWT_ACCESS_TTL_S))
+
+
+def user_create(*, username: str, email: str, password: str) -> User:
+    """Register a user. Raises ValidationFailed (bad username or weak password) or Conflict (taken).
+
+    Side effect: one ``users`` document with an argon2 hash of the password (``settings.PASSWORD_HASHERS``).
+    The unique indexes decide races: of two concurrent registrations of one name, one gets Conflict.
+    """
+    if not USERNAME_RE.match(username):
+        raise ValidationFailed("username must be 3-32 characters of A-Z a-z 0-9 _ . -",
+                               details={"field": "username"})
+    email = email.strip().lower()
+    try:
+        validate_password(password, user=SimpleNamespace(username=username, email=email))
+    except DjangoValidationError as exc:
+        raise ValidationFailed(" ".join(exc.messages), details={"field": "password"}) from None
+    key = username.lower()
+    if User.objects(username_key=key).only("id").first() is not None:
+        raise Conflict("username is taken", details={"field": "username"}, code="username_taken")
+    if User.objects(email=email).only("id").first() is not None:
+        raise Conflict("email is already registered", details={"field": "email"}, code="email_taken")
+    user = User(username=username, username_key=key, email=email, password=make_password(password))
+    try:
+        user.save()
+    except mongoengine.NotUniqueError:
+        raise Conflict("username or email is taken", code="username_taken") from None
+    return user
+
+
+def auth_login(*, username: str, password: str) -> TokenPair:
+    """Check the password and issue an access/refresh pair. Raises Unauthenticated (one message for an
+    unknown user and a wrong password). Side effect: re-hashes a password stored with an older hasher."""
+    user = User.objects(username_key=username.lower()).first()
+    if user is None:
+        make_password(password)  # spend the same time as a real check: no user enumeration by timing
+        raise Unauthenticated("wrong username or password", code="invalid_credentials")
+
+    def upgrade(raw: str) -> None:
+        User.objects(id=user.id).update_one(set__password=make_password(raw))
+
+    if not check_password(password, user.password, setter=upgrade):
+        raise Unauthenticated("wrong username or password", code="invalid_credentials")
+    return _token_pair(user_id=str(user.id), username=user.username)
+
+
+def auth_refresh(*, refresh: str) -> TokenPair:
+    """Rotate: revoke the presented refresh token and issue a new pair. A token already used or logged out
+    is refused (Unauthenticated ``token_revoked``). Side effect: one revocation entry in Redis."""
+    claims = token_decode(refresh, expected_type="refresh")
+    if not revocation.revoke(jti=claims.jti, expires_at=claims.expires_at):
+        logger.warning("refused a reused refresh token of user %s (jti %s)", claims.user_id, claims.jti)
+        raise Unauthenticated("refresh token was already used or logged out; log in again", code="token_revoked")
+    user = User.objects(id=claims.user_id).only("id", "username").first()
+    if user is None:
+        raise Unauthenticated("the account no longer exists", code="token_invalid")
+    return _token_pair(user_id=str(user.id), username=user.username)
+
+
+def auth_logout(*, refresh: str, access: Claims | None = None) -> None:
+    """Revoke the refresh token (and the caller's access token, when the request carried one).
+    Idempotent: logging out twice is not an error. Raises Unauthenticated for a forged or expired token."""
+    claims = token_decode(refresh, expected_type="refresh")
+    revocation.revoke(jti=claims.jti, expires_at=claims.expires_at)
+    if access is not None and access.user_id == claims.user_id:
+        revocation.revoke(jti=access.jti, expires_at=access.expires_at)
+
+
+def ws_ticket_create(*, user_id: str, username: str) -> tuple[str, int]:
+    """A single-use WebSocket ticket and its lifetime in seconds. Side effect: one Redis key with a TTL."""
+    return ws_ticket_issue(sync_redis(), user_id=user_id, username=username), int(settings.WS_TICKET_TTL_S)
+
+
+# ------------------------------------------------------------------ profile and contacts
+
+
+def user_status_set(*, user_id: str, status: str) -> User:
+    """Set the user's status (one of ``STATUSES``). Side effect: updates ``status`` and ``last_seen``."""
+    if status not in STATUSES:
+        raise ValidationFailed(f"status must be one of {', '.join(STATUSES)}", details={"field": "status"})
+    user = User.objects(id=user_id).modify(new=True, set__status=status, set__last_seen=utcnow())
+    if user is None:
+        raise NotFound("no such user")
+    return user
+
+
+def contact_add(*, user_id: str, username: str) -> User:
+    """Add the user called ``username`` to the caller's contacts; return that user.
+
+    Raises NotFound (no such user), ValidationFailed (oneself), Conflict (already a contact).
+    """
+    contact = user_by_username(username=username)
+    if str(contact.id) == user_id:
+        raise ValidationFailed("you cannot add yourself as a contact", details={"field": "username"})
+    # Conditional push: atomic, so two concurrent adds cannot store the contact twice.
+    added = User.objects(id=user_id, contacts__ne=contact.id).update_one(push__contacts=contact.id)
+    if not added:
+        raise Conflict("already a contact", details={"user_id": str(contact.id)})
+    return contact
+
+
+def contact_remove(*, user_id: str, contact_id: str) -> None:
+    """Remove a contact. Raises NotFound if it is not one."""
+    oid = object_id_or_404(contact_id, what="contact")
+    removed = User.objects(id=user_id, contacts=oid).update_one(pull__contacts=oid)
+    if not removed:
+        raise NotFound("no such contact", details={"user_id": contact_id})
+
+
+# ------------------------------------------------------------------ chats
+
+
+def _conversation_for_room(*, type: str, room_id: ObjectId, members: list[ObjectId]) -> Conversation:
+    """The room's conversation, created if missing (unique ``room_id`` decides races)."""
+    existing = Conversation.objects(room_id=room_id).first()
+    if existing is not None:
+        return existing
+    try:
+        return Conversation(type=type, room_id=room_id, members=members).save()
+    except mongoengine.NotUniqueError:
+        return Conversation.objects(room_id=room_id).get()
+
+
+def chat_single_get_or_create(*, user_id: str, username: str) -> tuple[Conversation, bool]:
+    """The 1:1 conversation between the caller and ``username``; the same pair always gets the same one.
+
+    Returns ``(conversation, created)``. Raises NotFound (no such user), ValidationFailed (oneself).
+    Side effects: at most one ``single_chats`` and one ``conversations`` document; a crash between the two
+    is repaired by the next call (the conversation is looked up by the chat's id).
+    """
+    peer = user_by_username(username=username)
+    if str(peer.id) == user_id:
+        raise ValidationFailed("a single chat needs another user", details={"field": "username"})
+    first, second = sorted([user_id, str(peer.id)])
+    chat = SingleChat.objects(member1=ObjectId(first), member2=ObjectId(second)).first()
+    created = False
+    if chat is None:
+        try:
+            chat = SingleChat(member1=ObjectId(first), member2=ObjectId(second)).save()
+            created = True
+        except mongoengine.NotUniqueError:
+            chat = SingleChat.objects(member1=ObjectId(first), member2=ObjectId(second)).get()
+    conversation = _conversation_for_room(type="single", room_id=chat.id,
+                                          members=[ObjectId(first), ObjectId(second)])
+    if created:
+        _membership_notify(conversation_id=str(conversation.id), user_ids=[first, second])
+    return conversation, created
+
+
+def group_create(*, creator_id: str, name: str, usernames: list[str]) -> tuple[GroupChat, Conversation]:
+    """Create a group whose only admin is the creator and whose members are the creator plus ``usernames``.
+
+    Raises ValidationFailed (bad name, too many members) or NotFound (unknown usernames, all listed).
+    Side effects: one ``group_chats`` and one ``conversations`` document.
+    """
+    name = _group_name(name)
+    keys = list(dict.fromkeys(u.lower() for u in usernames))
+    if len(keys) + 1 > GROUP_MAX_MEMBERS:
+        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", details={"field": "members"})
+    found = {u.username_key: u.id for u in User.objects(username_key__in=keys).only("id", "username_key")}
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise NotFound("unknown usernames", details={"usernames": missing})
+    creator = ObjectId(creator_id)
+    members = [creator, *(oid for oid in found.values() if oid != creator)]
+    group = GroupChat(name=name, admins=[creator], members=members).save()
+    conversation = _conversation_for_room(type="group", room_id=group.id, members=members)
+    _membership_notify(conversation_id=str(conversation.id), user_ids=[str(m) for m in members])
+    return group, conversation
+
+
+def _group_name(name: str) -> str:
+    name = name.strip()
+    if not 1 <= len(name) <= 100:
+        raise ValidationFailed("name must be 1-100 characters", details={"field": "name"})
+    return name
+
+
+def _admin_group(*, user_id: str, group_id: str) -> GroupChat:
+    group = group_get_for_member(user_id=user_id, group_id=group_id)
+    if ObjectId(user_id) not in group.admins:
+        raise Forbidden("only the group's admins may do this", details={"group_id": group_id})
+    return group
+
+
+def _membership_notify(*, conversation_id: str, user_ids: list[str]) -> None:
+    """Drop the cached members of a conversation and, where the real-time layer offers it
+    (``messaging.services.membership_changed_sync``, issue 4), tell the brokers which users joined or left,
+    so their open connections start or stop receiving the conversation at once."""
+    changed = getattr(messaging, "membership_changed_sync", None)
+    if changed is not None:
+        changed(sync_redis(), user_ids=user_ids, conversation_id=conversation_id)
+    else:
+        membership_invalidate_sync(sync_redis(), conversation_id=conversation_id)
+
+
+def _members_changed(group: GroupChat, *, added: ObjectId | None = None, removed: ObjectId | None = None) -> None:
+    """Mirror one membership change into the group's conversation, then drop the cached membership (brokers
+    and the write path re-read it). Atomic ``$addToSet``/``$pull``, never a read-then-set, so concurrent
+    changes cannot overwrite each other. The group document was written first: it is the truth."""
+    if added is not None:
+        Conversation.objects(room_id=group.id).update_one(add_to_set__members=added, set__updated_at=utcnow())
+    if removed is not None:
+        Conversation.objects(room_id=group.id).update_one(pull__members=removed)
+    conversation = Conversation.objects(room_id=group.id).only("id").first()
+    if conversation is not None:
+        _membership_notify(conversation_id=str(conversation.id),
+                           user_ids=[str(u) for u in (added, removed) if u is not None])
+
+
+def group_rename(*, user_id: str, group_id: str, name: str) -> GroupChat:
+    """Rename a group (admins only). Raises NotFound (not a member), Forbidden (not an admin)."""
+    group = _admin_group(user_id=user_id, group_id=group_id)
+    name = _group_name(name)
+    GroupChat.objects(id=group.id).update_one(set__name=name, set__updated_at=utcnow())
+    return GroupChat.objects(id=group.id).get()
+
+
+def group_member_add(*, user_id: str, group_id: str, username: str) -> User:
+    """Add ``username`` to the group (admins only); return the new member.
+
+    Raises NotFound (group or user), Forbidden (not an admin), Conflict (already a member), ValidationFailed
+    (group full). Side effects: group and conversation members, membership cache invalidated.
+    """
+    group = _admin_group(user_id=user_id, group_id=group_id)
+    new = user_by_username(username=username)
+    if len(group.members) >= GROUP_MAX_MEMBERS:
+        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members")
+    added = GroupChat.objects(id=group.id, members__ne=new.id).update_one(push__members=new.id,
+                                                                           set__updated_at=utcnow())
+    if not added:
+        raise Conflict("already a member", details={"user_id": str(new.id)})
+    _members_changed(group, added=new.id)
+    return new
+
+
+def group_admin_add(*, user_id: str, group_id: str, username: str) -> User:
+    """Promote a member to admin (admins only). Raises NotFound, Forbidden, ValidationFailed (not a member),
+    Conflict (already an admin)."""
+    group = _admin_group(user_id=user_id, group_id=group_id)
+    member = user_by_username(username=username)
+    if member.id not in group.members:
+        raise ValidationFailed("only members can become admins", details={"field": "username"},
+                               code="not_a_member")
+    promoted = GroupChat.objects(id=group.id, admins__ne=member.id).update_one(push__admins=member.id,
+                                                                                set__updated_at=utcnow())
+    if not promoted:
+        raise Conflict("already an admin", details={"user_id": str(member.id)})
+    return member
+
+
+def _member_drop(group: GroupChat, member: ObjectId) -> None:
+    GroupChat.objects(id=group.id).update_one(pull__members=member, pull__admins=member,
+                                              set__updated_at=utcnow())
+    # A group is never left without an admin while it has members: the longest-standing member inherits.
+    fresh = GroupChat.objects(id=group.id).only("admins", "members").get()
+    if not fresh.admins and fresh.members:
+        GroupChat.objects(id=group.id).update_one(push__admins=fresh.members[0])
+    _members_changed(group, removed=member)
+
+
+def group_member_remove(*, user_id: str, group_id: str, member_id: str) -> None:
+    """Remove a member (admins only; removing oneself is leaving). Raises NotFound, Forbidden.
+    Side effects: the member loses membership and admin rights; the membership cache is invalidated."""
+    member = object_id_or_404(member_id, what="member")
+    if member_id == user_id:
+        group_leave(user_id=user_id, group_id=group_id)
+        return
+    group = _admin_group(user_id=user_id, group_id=group_id)
+    if member not in group.members:
+        raise NotFound("not a member of this group", details={"user_id": member_id})
+    _member_drop(group, member)
+
+
+def group_leave(*, user_id: str, group_id: str) -> None:
+    """Leave a group. The last admin leaving hands admin rights to the longest-standing member."""
+    group = group_get_for_member(user_id=user_id, group_id=group_id)
+    _member_drop(group, ObjectId(user_id))
+
+
+# ------------------------------------------------------------------ message events (the shared write path)
+
+
+def conversation_message_send(*, user_id: str, conversation_id: str, client_msg_id: str, content: str) -> Accepted:
+    """Send through ``messaging.services.message_send`` (the WebSocket path's function): the message is in
+    the stream, and so on its way to live clients and MongoDB, when this returns."""
+    return run_async(lambda c: messaging.message_send(c, user_id=user_id, conversation_id=conversation_id,
+                                                      client_msg_id=client_msg_id, content=content))
+
+
+def message_edit(*, user_id: str, message_id: str, content: str) -> Accepted:
+    """Edit (sender only) through ``messaging.services.message_edit``."""
+    return run_async(lambda c: messaging.message_edit(c, user_id=user_id, message_id=message_id, content=content))
+
+
+def message_delete(*, user_id: str, message_id: str) -> Accepted:
+    """Tombstone (sender only) through ``messaging.services.message_delete``."""
+    return run_async(lambda c: messaging.message_delete(c, user_id=user_id, message_id=message_id))
+
+
+def conversation_read_mark(*, user_id: str, conversation_id: str, seq: int) -> int:
+    """Move the caller's read cursor forward (never back); return the cursor now in force."""
+    return run_async(lambda c: messaging.read_mark(c, user_id=user_id, conversation_id=conversation_id, seq=seq))
+
+
+# ------------------------------------------------------------------ staff moderation
+
+
+def message_tombstone_by_staff(*, message_id: str, staff_username: str) -> int:
+    """Delete a message on behalf of staff; return the seq of the ``message.deleted`` event.
+
+    The event goes through the conversation's stream like a sender's delete (live clients see it, the
+    storage pipeline applies it, later edits are refused); the MongoDB document is tombstoned at once too,
+    so the admin shows the result without waiting for the drain (both writes are idempotent).
+    Raises NotFound. The caller logs the action (``api.admin`` writes a Django LogEntry).
+    """
+    if not messaging.MESSAGE_ID_RE.match(message_id):
+        raise NotFound("no such message", details={"message_id": message_id[:64]})
+    message = Message.objects(id=message_id).only("id", "conversation_id", "deleted").first()
+    if message is None:
+        raise NotFound("no such message", details={"message_id": message_id})
+    conversation_id = str(message.conversation_id)
+    payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": messaging._now_iso(),
+               "deleter_id": f"staff:{staff_username}"}
+
+    async def append(client: redis.asyncio.Redis) -> int:
+        appended = await streams.event_append(client, type="message.deleted", conversation_id=conversation_id,
+                                              payload=payload, message_id=message_id)
+        key = messaging.message_meta_key(message_id)
+        # The sender's later edits and deletes are refused, as after their own delete.
+        await client.hset(key, mapping={"c": conversation_id, "u": "", "x": "1"})
+        await client.expire(key, settings.RESUME_WINDOW_S + 3600)
+        return appended.seq
+
+    seq = run_async(append)
+    Message.objects(id=message_id).update_one(set__deleted=True, set__content="")
+    logger.info("staff %s deleted message %s of conversation %s (event seq %s)", staff_username, message_id,
+                conversation_id, seq)
+    return seq
