@@ -10,15 +10,14 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatstream_site.settings")
 
-from channels.routing import ProtocolTypeRouter, URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
+from channels.routing import ProtocolTypeRouter
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 
 django_application = get_asgi_application()  # sets Django up before anything imports models
 
 from chatstream_site.roles import heartbeat_start  # noqa: E402
-from messaging.routing import websocket_urlpatterns  # noqa: E402
+from messaging.routing import websocket_application  # noqa: E402
 
 application: object
 if settings.ROLE == "gateway":
@@ -28,7 +27,7 @@ if settings.ROLE == "gateway":
 elif settings.ROLE == "broker":
     application = ProtocolTypeRouter({
         "http": django_application,
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        "websocket": websocket_application(),  # Origin checked against ALLOWED_HOSTS (messaging/routing.py)
     })
 else:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler

@@ -12,7 +12,11 @@ All functions are coroutines taking an asyncio Redis client; sync callers (DRF v
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +27,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chatstream_site.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
-from messaging import streams
+from messaging import frames, streams
 
 CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -90,9 +94,50 @@ def _members_from_db(conversation_id: str) -> list[str] | None:
     return [str(m) for m in conversation.members]
 
 
+# A second, in-process cache in front of the Redis one, enabled only in processes that hear every
+# invalidation (brokers: their hub listens on the control channel; see membership_local_forget). It saves a
+# Redis round trip per message on the hot path. The TTL bounds staleness if a pub/sub message is ever lost.
+MEMBERSHIP_LOCAL_TTL_S = 30.0
+_local_members: dict[str, tuple[float, frozenset[str] | None]] | None = None
+_local_generation = 0
+
+
+def membership_local_enable() -> None:
+    """Turn the in-process membership cache on. Precondition: the caller forwards every control-channel
+    ``invalidate``/``members`` message to :func:`membership_local_forget` (the broker hub does)."""
+    global _local_members
+    if _local_members is None:
+        _local_members = {}
+
+
+def membership_local_forget(conversation_id: str | None) -> None:
+    """Drop one conversation (None: all) from the in-process cache."""
+    global _local_generation
+    _local_generation += 1
+    if _local_members is not None:
+        if conversation_id is None:
+            _local_members.clear()
+        else:
+            _local_members.pop(conversation_id, None)
+
+
 async def conversation_members(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
-    """Member ids of a conversation (None if it does not exist). Cached in Redis; a miss reads MongoDB
-    in a worker thread. Side effect: fills the cache."""
+    """Member ids of a conversation (None if it does not exist). Cached in Redis (and in-process on
+    brokers); a miss reads MongoDB in a worker thread. Side effect: fills the caches."""
+    if _local_members is not None:
+        hit = _local_members.get(conversation_id)
+        if hit is not None and hit[0] > time.monotonic():
+            return None if hit[1] is None else set(hit[1])
+        generation = _local_generation
+        found = await _conversation_members_shared(client, conversation_id=conversation_id)
+        if generation == _local_generation:  # no invalidation raced with the read
+            _local_members[conversation_id] = (time.monotonic() + MEMBERSHIP_LOCAL_TTL_S,
+                                               None if found is None else frozenset(found))
+        return found
+    return await _conversation_members_shared(client, conversation_id=conversation_id)
+
+
+async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
     key = membership_key(conversation_id)
     cached = await client.smembers(key)
     if cached:
@@ -115,13 +160,16 @@ async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conve
 
 
 async def membership_invalidate(client: redis.asyncio.Redis, *, conversation_id: str) -> None:
-    """Forget the cached members; call after any change of a conversation's members."""
+    """Forget the cached members; call after any change of a conversation's members.
+    Side effects: DEL of the Redis cache, PUBLISH so every broker drops its in-process copy."""
     await client.delete(membership_key(conversation_id))
+    await client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
 
 
 def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
     """The same for sync code (DRF services) with a sync ``redis.Redis`` client."""
     client.delete(membership_key(conversation_id))
+    client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
 
 
 # ------------------------------------------------------------------ the write path
@@ -154,16 +202,16 @@ async def message_send(
         "id": uuid.uuid4().hex, "conversation_id": conversation_id, "sender_id": user_id,
         "content": content, "timestamp": _now_iso(), "client_msg_id": client_msg_id,
     }
+    # The sender is remembered for edits made before the message reaches MongoDB, in the append's round
+    # trip. A retry writes it for its own fresh (never used) id: harmless, and it expires.
     appended = await streams.event_append(
         client, type="message.new", conversation_id=conversation_id, payload=payload,
         message_id=payload["id"], dedup=(user_id, client_msg_id),
+        meta=(message_meta_key(payload["id"]), {"c": conversation_id, "u": user_id},
+              settings.RESUME_WINDOW_S + 3600),
     )
     if not appended.duplicate:
-        key = message_meta_key(appended.message_id)
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping={"c": conversation_id, "u": user_id})
-            pipe.expire(key, settings.RESUME_WINDOW_S + 3600)
-            await pipe.execute()
+        drain_nudge(client, partition=appended.partition)
     return Accepted(message_id=appended.message_id, conversation_id=conversation_id, seq=appended.seq,
                     duplicate=appended.duplicate, event={**payload, "id": appended.message_id, "seq": appended.seq})
 
@@ -209,6 +257,7 @@ async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id:
                "edited_at": _now_iso(), "editor_id": user_id}
     appended = await streams.event_append(client, type="message.edited", conversation_id=conversation_id,
                                           payload=payload, message_id=message_id)
+    drain_nudge(client, partition=appended.partition)
     return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
                     event={**payload, "seq": appended.seq})
 
@@ -218,13 +267,11 @@ async def message_delete(client: redis.asyncio.Redis, *, user_id: str, message_i
     conversation_id = await _sender_only(client, user_id=user_id, message_id=message_id)
     payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": _now_iso(),
                "deleter_id": user_id}
-    appended = await streams.event_append(client, type="message.deleted", conversation_id=conversation_id,
-                                          payload=payload, message_id=message_id)
-    key = message_meta_key(message_id)
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.hset(key, mapping={"c": conversation_id, "u": user_id, "x": "1"})
-        pipe.expire(key, settings.RESUME_WINDOW_S + 3600)
-        await pipe.execute()
+    appended = await streams.event_append(
+        client, type="message.deleted", conversation_id=conversation_id, payload=payload, message_id=message_id,
+        meta=(message_meta_key(message_id), {"c": conversation_id, "u": user_id, "x": "1"},
+              settings.RESUME_WINDOW_S + 3600))
+    drain_nudge(client, partition=appended.partition)
     return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
                     event={**payload, "seq": appended.seq})
 
@@ -266,4 +313,175 @@ async def read_mark(client: redis.asyncio.Redis, *, user_id: str, conversation_i
         keys=[read_cursor_key(conversation_id), streams.stream_key(partition), streams.seq_key(partition)],
         args=[user_id, seq, conversation_id, payload],
     )
+    drain_nudge(client, partition=partition)
     return int(cursor)
+
+
+# ------------------------------------------------------------------ size trigger of the storage drain
+
+logger = logging.getLogger(__name__)
+# Local appends per partition between two backlog checks: a tenth of a batch, so the drain starts at most
+# ~10 % (per broker) past BATCH_SIZE, for one XINFO GROUPS per 50 appends with the default batch of 500.
+_appends_since_check: dict[int, int] = {}
+_background: set[asyncio.Task[None]] = set()
+
+
+async def partition_backlog(client: redis.asyncio.Redis, *, partition: int) -> int:
+    """Entries of a partition not yet delivered to its drain's consumer group (XINFO GROUPS ``lag``);
+    the whole stream length when no group exists yet or Redis cannot tell the lag. Read-only."""
+    key = streams.stream_key(partition)
+    groups = await client.xinfo_groups(key) if await client.exists(key) else []
+    lags = []
+    for group in groups:
+        lag = group.get("lag") if isinstance(group, dict) else None
+        if lag is None:
+            lags.append(int(await client.xlen(key)))
+        else:
+            lags.append(int(lag))
+    if not groups:
+        return int(await client.xlen(key))
+    return max(lags)
+
+
+async def _drain_enqueue(*, partition: int) -> None:
+    from storage.services import drain_enqueue_async  # lazy: storage imports messaging
+
+    await drain_enqueue_async(partition=partition)
+
+
+async def _drain_check(client: redis.asyncio.Redis, *, partition: int) -> None:
+    try:
+        if await partition_backlog(client, partition=partition) >= settings.BATCH_SIZE:
+            # drain_enqueue itself keeps it to one drain in flight per partition (SET NX lock).
+            await _drain_enqueue(partition=partition)
+    except Exception:
+        logger.exception("size trigger: backlog check of partition %s failed", partition)
+
+
+def drain_nudge(client: redis.asyncio.Redis, *, partition: int) -> None:
+    """Count one local append to ``partition``; every tenth of a batch, check the partition's backlog in the
+    background and enqueue a drain when it reached ``BATCH_SIZE``. Never delays the caller's ack.
+    Precondition: called on a running event loop."""
+    count = _appends_since_check.get(partition, 0) + 1
+    if count < max(1, settings.BATCH_SIZE // 10):
+        _appends_since_check[partition] = count
+        return
+    _appends_since_check[partition] = 0
+    task = asyncio.get_running_loop().create_task(_drain_check(client, partition=partition))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+# ------------------------------------------------------------------ membership changes, typing, presence
+
+
+async def membership_changed(client: redis.asyncio.Redis, *, user_ids: list[str], conversation_id: str) -> None:
+    """Tell every broker that ``user_ids`` joined or left ``conversation_id``; their open connections start
+    or stop receiving its events at once. Call after the change is saved in MongoDB.
+    Side effects: drops the cached members, PUBLISHes one control message."""
+    await membership_invalidate(client, conversation_id=conversation_id)
+    await client.publish(frames.CONTROL_CHANNEL,
+                         frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
+
+
+def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id: str) -> None:
+    """:func:`membership_changed` for sync code (DRF services) with a sync ``redis.Redis`` client."""
+    membership_invalidate_sync(client, conversation_id=conversation_id)
+    client.publish(frames.CONTROL_CHANNEL,
+                   frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
+
+
+async def typing_signal(client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any) -> None:
+    """Tell the conversation's online members that the user is typing. Ephemeral: PUBLISH only, nothing
+    stored. Raises ValidationFailed, NotFound."""
+    conversation_id = _require_object_id(conversation_id, field="conversation_id")
+    await membership_require(client, user_id=user_id, conversation_id=conversation_id)
+    await client.publish(frames.CONTROL_CHANNEL,
+                         frames.control_typing(conversation_id=conversation_id, user_id=user_id))
+
+
+def presence_key(user_id: str) -> str:
+    """Sorted set: session id -> expiry (unix seconds) of the user's open connections on every broker."""
+    return f"cs:presence:{user_id}"
+
+
+# A session is counted online until its broker stops refreshing it: PRESENCE_TTL_S after a SIGKILL, the
+# killed broker's sessions stop counting. Brokers refresh every PRESENCE_REFRESH_S (a third of the TTL, so
+# two missed refreshes are tolerated).
+PRESENCE_TTL_S = 60
+PRESENCE_REFRESH_S = 20
+
+# KEYS[1] presence zset; ARGV[1] session, ARGV[2] now, ARGV[3] expiry, ARGV[4] "1" add / "0" remove
+# -> live sessions of the user after the change
+_PRESENCE_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+local n = redis.call('ZCARD', KEYS[1])
+if n > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) - tonumber(ARGV[2])) end
+return n
+"""
+
+
+# users.status/last_seen writes run on their own two threads, not on the default pool shared with the reads
+# that answer clients (membership misses, resume): a wave of connects (a broker restart, a benchmark) queues
+# a write per connection, and those must never delay a message's membership check behind them.
+_presence_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="presence")
+
+
+def _user_seen(user_id: str, status: str) -> None:
+    from storage.documents import User
+
+    User.objects(id=user_id).update_one(set__status=status, set__last_seen=datetime.now(UTC))
+
+
+async def _presence_change(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool) -> int:
+    now = int(time.time())
+    script = client.register_script(_PRESENCE_LUA)
+    return int(await script(keys=[presence_key(user_id)],
+                            args=[session_id, now, now + PRESENCE_TTL_S, "1" if add else "0"]))
+
+
+async def presence_connect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
+                           conversation_ids: list[str]) -> bool:
+    """Count a new connection of the user; if it is the user's only live one (on any broker), mark the user
+    online (``users.status``/``last_seen``) and announce ``presence online`` to their conversations.
+    Returns whether the user came online."""
+    if await _presence_change(client, user_id=user_id, session_id=session_id, add=True) != 1:
+        return False
+    await asyncio.get_running_loop().run_in_executor(_presence_pool, _user_seen, user_id, "online")
+    await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
+        user_id=user_id, status="online", conversation_ids=conversation_ids))
+    return True
+
+
+async def presence_disconnect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
+                              conversation_ids: list[str]) -> bool:
+    """Forget a closed connection; if it was the user's last live one, mark the user offline with
+    ``last_seen`` now and announce ``presence offline``. Returns whether the user went offline."""
+    if await _presence_change(client, user_id=user_id, session_id=session_id, add=False) != 0:
+        return False
+    await asyncio.get_running_loop().run_in_executor(_presence_pool, _user_seen, user_id, "offline")
+    await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
+        user_id=user_id, status="offline", conversation_ids=conversation_ids))
+    return True
+
+
+async def presence_refresh(client: redis.asyncio.Redis, *, sessions: list[tuple[str, str]]) -> None:
+    """Push the expiry of live ``(user_id, session_id)`` sessions forward (a broker's periodic heartbeat)."""
+    if not sessions:
+        return
+    expiry = int(time.time()) + PRESENCE_TTL_S
+    async with client.pipeline(transaction=False) as pipe:
+        for user_id, session_id in sessions:
+            pipe.zadd(presence_key(user_id), {session_id: expiry})
+            pipe.expire(presence_key(user_id), PRESENCE_TTL_S)
+        await pipe.execute()
+
+
+async def presence_online(client: redis.asyncio.Redis, *, user_id: str) -> bool:
+    """Whether the user has a live connection on any broker. Read-only."""
+    return bool(await client.zcount(presence_key(user_id), int(time.time()), "+inf"))

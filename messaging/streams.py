@@ -26,12 +26,14 @@ retry returns the first attempt's ``(message_id, seq)`` and appends nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio
+import redis.exceptions
 from django.conf import settings
 
 EventType = Literal["message.new", "message.edited", "message.deleted", "read.updated"]
@@ -87,6 +89,9 @@ return {ARGV[4], seq, id, 0}
 """
 
 
+_APPEND_SHA = hashlib.sha1(_APPEND_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+
+
 @dataclass(frozen=True, slots=True)
 class Appended:
     message_id: str
@@ -119,11 +124,14 @@ async def event_append(
     payload: dict[str, Any],
     message_id: str,
     dedup: tuple[str, str] | None = None,
+    meta: tuple[str, dict[str, str], int] | None = None,
 ) -> Appended:
     """Append one event to its conversation's partition stream, atomically with its seq.
 
-    ``dedup`` is ``(sender_id, client_msg_id)`` for ``message.new``. Precondition: the caller validated and
-    authorized the event. Side effects: HINCRBY + XADD (+ SET of the dedup key), in one script.
+    ``dedup`` is ``(sender_id, client_msg_id)`` for ``message.new``. ``meta`` is ``(key, fields, ttl_s)`` of
+    a hash written in the same round trip, after the script (not atomically with it; for a duplicate it is
+    written too, so it must be harmless then). Precondition: the caller validated and authorized the event.
+    Side effects: HINCRBY + XADD (+ SET of the dedup key), in one script (+ HSET/EXPIRE of ``meta``).
     """
     partition = partition_of(conversation_id)
     keys = [
@@ -133,8 +141,25 @@ async def event_append(
     ]
     args: list[str | int] = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
             "1" if type in SEQUENCED else "0"]
-    script = client.register_script(_APPEND_LUA)
-    result = await script(keys=keys, args=args)
+    # One round trip: EVALSHA (+ the meta hash) in a plain pipeline; a server that does not know the script
+    # yet (first use, restart, failover) answers NOSCRIPT and gets it loaded once.
+    for attempt in (1, 2):
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(_APPEND_SHA, len(keys), *keys, *args)
+            if meta is not None:
+                pipe.hset(meta[0], mapping=meta[1])  # type: ignore[arg-type]
+                pipe.expire(meta[0], meta[2])
+            results = await pipe.execute(raise_on_error=False)
+        result = results[0]
+        if isinstance(result, Exception):
+            if attempt == 1 and isinstance(result, redis.exceptions.NoScriptError):
+                await client.script_load(_APPEND_LUA)
+                continue
+            raise result
+        for other in results[1:]:
+            if isinstance(other, Exception):
+                raise other
+        break
     msg_id, seq, entry_id, duplicate = result
     return Appended(
         message_id=_str(msg_id), seq=int(seq), entry_id=_str(entry_id), partition=partition,

@@ -271,6 +271,24 @@ RESUME_WINDOW_S = env_int("CHATSTREAM_RESUME_WINDOW", 24 * 3600, minimum=60)
 # stays far below the 64 KiB WebSocket frame limit even when every character is 4 UTF-8 bytes.
 MESSAGE_MAX_CHARS = env_int("CHATSTREAM_MESSAGE_MAX_CHARS", 4000, minimum=1, maximum=15000)
 
+# ------------------------------------------------------------------ real-time brokers (WebSocket)
+
+# Client frames a connection may send per second, sustained, and in a burst (token bucket). 20/s is far
+# above a person typing (a few messages and typing signals a second) and leaves room for a client that
+# catches up after being offline; the burst of 60 absorbs a resume plus a queue of unsent messages.
+WS_RATE_PER_S = env_float("CHATSTREAM_WS_RATE", 20.0, minimum=0.1)
+WS_RATE_BURST = env_int("CHATSTREAM_WS_BURST", 60, minimum=1)
+# Bytes a connection may have waiting in the server's send buffer (for 5 s, or 4x at once) before it is
+# closed with 4009 as too slow: 1 MiB is ~3,000 typical frames, minutes of a busy group for a healthy
+# client, and bounds what a stalled reader can cost (4 MiB each: the knob to lower for many connections).
+WS_SEND_BUFFER_BYTES = env_int("CHATSTREAM_WS_SEND_BUFFER", 1024 * 1024, minimum=16 * 1024)
+# Redis connections one broker may open for its commands (redis-py does not multiplex: a command holds one
+# from send until its coroutine resumes, which under load includes event-loop latency). Measured with
+# `manage.py bench` (1,000 connections, 500 msg/s): a pool of 64 made commands queue for connections and the
+# broker fell behind at ~170 msg/s with its CPU mostly idle; 1,000 kept up. Redis allows 10,000 clients by
+# default: with many brokers, raise Redis' maxclients or lower this.
+BROKER_REDIS_POOL = env_int("CHATSTREAM_BROKER_REDIS_POOL", 1000, minimum=8)
+
 # ------------------------------------------------------------------ Celery
 
 CELERY_BROKER_URL = REDIS_URL

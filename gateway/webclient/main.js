@@ -99,7 +99,9 @@ function normalizeConversation(raw) {
   const prev = state.conversations.get(id) || {};
   const c = { ...prev, ...raw, id };
   c.title = titleOf(c);
-  c.unread = Number(raw.unread ?? prev.unread ?? 0);
+  // The server counts persisted messages; live ones may not be persisted yet, so keep the larger count.
+  c.unread = Math.max(Number(raw.unread ?? 0), Number(prev.unread ?? 0));
+  if (id === state.current && document.visibilityState === "visible") c.unread = 0;
   if (Array.isArray(raw.members)) for (const m of raw.members) if (m && m.id && m.username) state.names.set(String(m.id), m.username);
   if (raw.read_cursors) state.reads.set(id, new Map(Object.entries(raw.read_cursors).map(([u, s]) => [u, Number(s)])));
   if (raw.other_user && raw.other_user.id) {
@@ -269,7 +271,8 @@ function messageItem(m, { seen }) {
   const meta = document.createElement("div");
   meta.className = "meta";
   const who = document.createElement("span");
-  who.textContent = mine ? "you" : state.names.get(m.sender_id) || "them";
+  const conv = state.conversations.get(m.conversation_id || state.current);
+  who.textContent = mine ? "you" : state.names.get(m.sender_id) || (conv && conv.type === "single" ? conv.title : "member");
   const when = document.createElement("time");
   if (m.timestamp) { when.dateTime = m.timestamp; when.textContent = new Date(m.timestamp).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }); }
   meta.append(who, when);
@@ -325,8 +328,8 @@ document.addEventListener("visibilitychange", scheduleRead);
 
 function touchConversation(conversationId, message) {
   const c = state.conversations.get(conversationId);
-  if (!c) { loadConversations(); return; }
   if (message) c.last_message = { ...message };
+  if (c.title === "…") loadConversations();
   renderConversations();
 }
 
@@ -342,6 +345,10 @@ function handleEvent(frame) {
       const known = store(m.conversation_id).has(m.seq);
       addMessage(m);
       if (m.client_msg_id && m.sender_id === String(state.me.id)) state.pending.delete(m.client_msg_id);
+      if (!state.conversations.has(m.conversation_id)) {
+        // A conversation this page has not listed yet (just created by someone else): list it now.
+        state.conversations.set(m.conversation_id, { id: m.conversation_id, type: "single", title: "…", unread: 0 });
+      }
       const c = state.conversations.get(m.conversation_id);
       if (c && !known && m.sender_id !== String(state.me.id) && (m.conversation_id !== state.current || document.visibilityState !== "visible")) c.unread = (c.unread || 0) + 1;
       touchConversation(m.conversation_id, m);
@@ -358,7 +365,8 @@ function handleEvent(frame) {
       const data = frame.message || frame;
       const id = String(data.id || data.message_id);
       const conv = data.conversation_id ? String(data.conversation_id) : null;
-      if (conv && data.seq) bumpSeq(conv, Number(data.seq));
+      const seq = Number(frame.seq || data.seq || 0);
+      if (conv && seq) bumpSeq(conv, seq);
       const m = findMessage(conv, id);
       if (m) {
         if (frame.type === "message.edited") { m.content = data.content; m.edited = true; } else { m.deleted = true; m.content = ""; }

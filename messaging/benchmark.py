@@ -1,0 +1,572 @@
+"""The real-time fan-out benchmark (``python manage.py bench``): ChatStream brokers and, in the same run,
+the Socket.IO 4 + redis-streams-adapter peer (``bench/peer/server.js``) under the same workload.
+
+Workload: N connections (one user each) in R conversations of N/R members; the first member of each
+conversation sends messages, at a fixed total rate or "as fast as acked" (one in flight per sender); every
+member (the sender's own connection too) must receive every message. The content of a message is its send
+time, so each receiver measures the end-to-end latency (sender's WebSocket -> receiver's WebSocket, the
+same clock: client and servers run on one machine).
+
+Measured per system: deliveries/s, latency p50/p95/p99, lost (acked x members - received) and duplicated
+deliveries, server CPU µs per delivery (utime+stime of the server processes from /proc/<pid>/stat), KB
+of server memory per idle connection (VmRSS delta / N) and server CPU while everyone is connected and idle.
+The client is one asyncio process; on a small machine it is often the bottleneck, which is why the ratio
+of CPU per delivery (the server's own cost) is the fair comparison, and why both systems run back to back
+on the same Redis, in one run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import websockets
+from bson import ObjectId
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_DIR = ROOT / "bench" / "peer"
+CONNECT_CONCURRENCY = 50  # handshakes in flight at once: fast, without a SYN flood on a 2-core machine
+IDLE_WINDOW_S = 3.0  # how long everyone sits connected and idle while memory and idle CPU are measured
+GRACE_S = 10.0  # after the last send, at most this long for what is in flight (it stops as soon as all arrived)
+SETTLE_CPU_PCT = 5.0  # servers count as settled below this % of a core (idle connections cost far less)
+SETTLE_MAX_S = 60.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------ process measurements
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def proc_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_total(pids: list[int]) -> float:
+    return sum(proc_cpu_s(p) for p in pids)
+
+
+def rss_total(pids: list[int]) -> int:
+    return sum(proc_rss_kb(p) for p in pids)
+
+
+def wait_port(port: int, *, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for port {port} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass
+class Result:
+    system: str
+    connections: int
+    conversations: int
+    duration_s: float
+    sent: int = 0
+    acked: int = 0
+    expected: int = 0
+    delivered: int = 0
+    duplicated: int = 0
+    errors: int = 0
+    deliveries_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    server_cpu_s: float = 0.0
+    cpu_us_per_delivery: float = 0.0
+    deliveries_per_core_s: float = 0.0
+    kb_per_idle_connection: float = 0.0
+    idle_cpu_pct: float = 0.0
+    client_cpu_s: float = 0.0
+    missing_sample: list[str] = field(default_factory=list)  # for diagnosis when lost > 0
+    timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t since start, latency ms)
+
+    @property
+    def lost(self) -> int:
+        return max(0, self.expected - (self.delivered - self.duplicated))
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("timeline")
+        data["lost"] = self.lost
+        return data
+
+
+class Counters:
+    """What the receivers saw: per (connection, message) once, latencies with their time."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[int, str]] = set()
+        self.delivered = 0
+        self.duplicated = 0
+        self.errors = 0
+        self.acked = 0
+        self.sent = 0
+        self.timeline: list[tuple[float, float]] = []
+        self.started = 0.0
+        self.measuring = False
+        self.window_deliveries = 0
+
+    def on_message(self, conn: int, client_msg_id: str, sent_at: float) -> None:
+        now = time.time()
+        key = (conn, client_msg_id)
+        self.delivered += 1
+        if key in self.seen:
+            self.duplicated += 1
+            return
+        self.seen.add(key)
+        self.timeline.append((now - self.started, (now - sent_at) * 1000.0))
+        if self.measuring:
+            self.window_deliveries += 1
+
+
+# ------------------------------------------------------------------ clients of the two systems
+
+
+class ChatStreamConn:
+    def __init__(self, index: int, url: str, counters: Counters, on_ack: Callable[[str], None]) -> None:
+        self.index, self.url, self.counters, self.on_ack = index, url, counters, on_ack
+        self.ws: Any = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        self.ws = await websockets.connect(self.url, origin="http://127.0.0.1",  # type: ignore[arg-type]
+                                           open_timeout=60, max_queue=None, compression=None)
+        ready = json.loads(await self.ws.recv())
+        if ready.get("type") != "ready":
+            raise RuntimeError(f"connection {self.index}: expected ready, got {ready}")
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        counters = self.counters
+        try:
+            async for raw in self.ws:
+                frame = json.loads(raw)
+                kind = frame.get("type")
+                if kind == "message.new":
+                    message = frame["message"]
+                    counters.on_message(self.index, message["client_msg_id"], float(message["content"]))
+                elif kind == "ack":
+                    self.on_ack(frame["client_msg_id"])
+                elif kind == "error":
+                    counters.errors += 1
+        except websockets.exceptions.ConnectionClosed:
+            pass
+
+    async def send(self, conversation_id: str, client_msg_id: str) -> None:
+        await self.ws.send(json.dumps({"type": "message.send", "conversation_id": conversation_id,
+                                       "client_msg_id": client_msg_id, "content": f"{time.time():.6f}"}))
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self.task is not None:
+            await asyncio.wait([self.task], timeout=5)
+
+
+class SocketIOConn:
+    """Engine.IO 4 / Socket.IO 5 over a raw WebSocket (no polling), the part of the protocol the peer uses."""
+
+    def __init__(self, index: int, url: str, counters: Counters, on_ack: Callable[[str], None], *,
+                 user: str, rooms: list[str]) -> None:
+        self.index, self.url, self.counters, self.on_ack = index, url, counters, on_ack
+        self.user, self.rooms = user, rooms
+        self.ws: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.ack_ids: dict[int, str] = {}
+        self.next_ack = 0
+
+    async def open(self) -> None:
+        self.ws = await websockets.connect(self.url, open_timeout=60, max_queue=None, compression=None)
+        opening = await self.ws.recv()
+        if not opening.startswith("0"):
+            raise RuntimeError(f"socket.io connection {self.index}: unexpected {opening[:80]!r}")
+        await self.ws.send("40" + json.dumps({"user": self.user, "rooms": self.rooms}))
+        connected = await self.ws.recv()
+        if not connected.startswith("40"):
+            raise RuntimeError(f"socket.io connection {self.index}: refused {connected[:80]!r}")
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        counters = self.counters
+        try:
+            async for raw in self.ws:
+                if raw.startswith("42"):
+                    event, message = json.loads(raw[2:])
+                    if event == "message":
+                        counters.on_message(self.index, message["client_msg_id"], float(message["content"]))
+                elif raw.startswith("43"):
+                    cut = raw.index("[")
+                    client_msg_id = self.ack_ids.pop(int(raw[2:cut]), "")
+                    answer = json.loads(raw[cut:])[0]
+                    if "error" in answer:
+                        counters.errors += 1
+                    else:
+                        self.on_ack(client_msg_id)
+                elif raw == "2":
+                    await self.ws.send("3")
+        except websockets.exceptions.ConnectionClosed:
+            pass
+
+    async def send(self, conversation_id: str, client_msg_id: str) -> None:
+        self.next_ack += 1
+        self.ack_ids[self.next_ack] = client_msg_id
+        payload = {"conversation_id": conversation_id, "client_msg_id": client_msg_id,
+                   "content": f"{time.time():.6f}"}
+        await self.ws.send(f"42{self.next_ack}" + json.dumps(["send", payload]))
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self.task is not None:
+            await asyncio.wait([self.task], timeout=5)
+
+
+Conn = ChatStreamConn | SocketIOConn
+
+
+# ------------------------------------------------------------------ the workload
+
+
+@dataclass
+class Workload:
+    connections: int
+    conversations: int
+    duration_s: float
+    rate: float  # messages/s over all conversations; 0 = as fast as acked
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def progress(out: TextIO, label: str, elapsed: float, total: float, counters: Counters) -> None:
+    width = 30
+    done = min(width, int(width * elapsed / total)) if total else width
+    recent = [lat for t, lat in counters.timeline[-5000:] if t >= elapsed - 1.0]
+    p99 = percentile(recent, 0.99)
+    out.write(f"\r{label:<10} [{'#' * done}{'.' * (width - done)}] {elapsed:5.1f}/{total:.0f}s "
+              f"delivered {counters.delivered:>9,}  acked {counters.acked:>7,}  p99(recent) {p99:6.1f} ms")
+    out.flush()
+
+
+async def run_workload(*, system: str, conns: list[Conn], members: list[list[int]], conversation_ids: list[str],
+                       workload: Workload, server_pids: list[int], counters: Counters,
+                       acks: dict[str, asyncio.Future[None]], out: TextIO) -> Result:
+    """Connect everyone, measure idle memory and CPU, run the traffic, wait for in-flight deliveries."""
+    rss_before = rss_total(server_pids)
+    semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def open_one(conn: Conn) -> None:
+        async with semaphore:
+            await conn.open()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(open_one(c) for c in conns))
+    out.write(f"{system}: {len(conns)} connections open in {time.monotonic() - t0:.1f}s\n")
+    # Let the servers finish their per-connection work (ChatStream writes users.last_seen in the background):
+    # wait until they use under SETTLE_CPU_PCT of a core over a second, at most SETTLE_MAX_S.
+    settle_deadline = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < settle_deadline:
+        before = cpu_total(server_pids)
+        await asyncio.sleep(1.0)
+        if 100.0 * (cpu_total(server_pids) - before) < SETTLE_CPU_PCT:
+            break
+    cpu_idle_start = cpu_total(server_pids)
+    await asyncio.sleep(IDLE_WINDOW_S)
+    idle_cpu = cpu_total(server_pids) - cpu_idle_start
+    rss_idle = rss_total(server_pids)
+
+    result = Result(system=system, connections=len(conns), conversations=len(conversation_ids),
+                    duration_s=workload.duration_s)
+    result.kb_per_idle_connection = (rss_idle - rss_before) / max(1, len(conns))
+    result.idle_cpu_pct = 100.0 * idle_cpu / IDLE_WINDOW_S
+
+    stop_at = 0.0
+    seq = 0
+
+    async def sender(conv_index: int) -> None:
+        nonlocal seq
+        conn = conns[members[conv_index][0]]
+        conversation_id = conversation_ids[conv_index]
+        interval = len(conversation_ids) / workload.rate if workload.rate > 0 else 0.0
+        next_at = time.monotonic() + (interval * conv_index / len(conversation_ids))
+        n = 0
+        while time.monotonic() < stop_at:
+            if interval:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
+            n += 1
+            client_msg_id = f"{conv_index}-{n}"
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            acks[client_msg_id] = future
+            counters.sent += 1
+            await conn.send(conversation_id, client_msg_id)
+            if not interval:
+                try:
+                    await asyncio.wait_for(future, 10)
+                except TimeoutError:
+                    counters.errors += 1
+
+    def on_progress_tick(elapsed: float) -> None:
+        progress(out, system, elapsed, workload.duration_s, counters)
+
+    cpu_start = cpu_total(server_pids)
+    client_start = resource.getrusage(resource.RUSAGE_SELF)
+    counters.started = time.time()
+    counters.measuring = True
+    started = time.monotonic()
+    stop_at = started + workload.duration_s
+    tasks = [asyncio.get_running_loop().create_task(sender(i)) for i in range(len(conversation_ids))]
+    while (elapsed := time.monotonic() - started) < workload.duration_s:
+        on_progress_tick(elapsed)
+        await asyncio.sleep(0.5)
+    counters.measuring = False
+    window = time.monotonic() - started
+    window_deliveries = counters.window_deliveries
+    cpu_window = cpu_total(server_pids) - cpu_start
+    await asyncio.gather(*tasks)
+    on_progress_tick(workload.duration_s)
+    out.write("\n")
+    expected_members = {i: len(m) for i, m in enumerate(members)}
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline:
+        counters.acked = sum(1 for f in acks.values() if f.done())
+        expected = sum(expected_members[int(k.split("-")[0])] for k, f in acks.items() if f.done())
+        if counters.delivered - counters.duplicated >= expected:
+            break
+        await asyncio.sleep(0.1)
+    client_end = resource.getrusage(resource.RUSAGE_SELF)
+
+    result.sent = counters.sent
+    result.acked = counters.acked = sum(1 for f in acks.values() if f.done())
+    result.expected = sum(expected_members[int(k.split("-")[0])] for k, f in acks.items() if f.done())
+    result.delivered = counters.delivered
+    result.duplicated = counters.duplicated
+    result.errors = counters.errors
+    result.deliveries_per_s = window_deliveries / window
+    latencies = [lat for _, lat in counters.timeline]
+    result.p50_ms = percentile(latencies, 0.50)
+    result.p95_ms = percentile(latencies, 0.95)
+    result.p99_ms = percentile(latencies, 0.99)
+    result.server_cpu_s = cpu_window
+    result.cpu_us_per_delivery = 1e6 * cpu_window / max(1, window_deliveries)
+    result.deliveries_per_core_s = window_deliveries / cpu_window if cpu_window else 0.0
+    result.client_cpu_s = (client_end.ru_utime + client_end.ru_stime) - (client_start.ru_utime
+                                                                          + client_start.ru_stime)
+    result.timeline = counters.timeline
+    missing = [(conn, k) for k, f in acks.items() if f.done()
+               for conn in members[int(k.split("-")[0])] if (conn, k) not in counters.seen]
+    result.missing_sample = [f"connection {conn} lacks {k}" for conn, k in missing[:20]]
+    await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+    return result
+
+
+# ------------------------------------------------------------------ the two systems
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def population(*, connections: int, conversations: int) -> list[list[int]]:
+    """Connection indexes of each conversation's members: R groups of N/R, round robin."""
+    members: list[list[int]] = [[] for _ in range(conversations)]
+    for i in range(connections):
+        members[i % conversations].append(i)
+    return members
+
+
+def chatstream_setup(*, redis_url: str, members: list[list[int]], connections: int) -> tuple[list[str], list[str]]:
+    """Users, conversations (MongoDB) and one ticket per connection (Redis). Returns (conversation ids,
+    tickets by connection)."""
+    import redis as redis_sync
+    from django.conf import settings
+
+    from api.tokens import TICKET_PREFIX
+    from storage.documents import Conversation, User
+
+    user_ids = [ObjectId() for _ in range(connections)]
+    run = ObjectId()
+    User._get_collection().insert_many([
+        {"_id": uid, "username": f"b{run}{i}", "username_key": f"b{run}{i}", "email": f"b{run}{i}@bench.test",
+         "password": "!", "status": "offline"} for i, uid in enumerate(user_ids)])
+    conversation_ids = [ObjectId() for _ in members]
+    Conversation._get_collection().insert_many([
+        {"_id": cid, "type": "group", "room_id": ObjectId(), "members": [user_ids[i] for i in group],
+         "last_seq": 0, "read_cursors": {}} for cid, group in zip(conversation_ids, members, strict=True)])
+    client = redis_sync.Redis.from_url(redis_url)
+    tickets = [ObjectId().binary.hex() + os.urandom(8).hex() for _ in range(connections)]
+    with client.pipeline(transaction=False) as pipe:
+        for i, ticket in enumerate(tickets):
+            pipe.set(TICKET_PREFIX + ticket, json.dumps({"user_id": str(user_ids[i]), "username": f"b{i}"}),
+                     ex=max(600, int(settings.WS_TICKET_TTL_S)))
+        pipe.execute()
+    client.close()
+    return [str(c) for c in conversation_ids], tickets
+
+
+def brokers_spawn(*, count: int, env: dict[str, str], log_dir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
+    spawned = []
+    for i in range(count):
+        port = _free_port()
+        log = open(log_dir / f"broker-{i + 1}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, "manage.py", "role", "broker", "--instance", str(i + 1),
+                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        spawned.append((proc, port))
+    for proc, port in spawned:
+        wait_port(port, timeout_s=60, proc=proc)
+    return spawned
+
+
+def peers_spawn(*, count: int, redis_url: str, log_dir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
+    node = shutil.which("node")
+    if node is None or not (PEER_DIR / "node_modules" / "socket.io").exists():
+        raise RuntimeError("the Socket.IO peer needs node and `npm ci` in bench/peer (see docs/benchmarks.md)")
+    spawned = []
+    for i in range(count):
+        port = _free_port()
+        log = open(log_dir / f"peer-{i + 1}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([node, str(PEER_DIR / "server.js"), "--port", str(port), "--redis", redis_url],
+                                cwd=PEER_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        spawned.append((proc, port))
+    for proc, port in spawned:
+        wait_port(port, timeout_s=30, proc=proc)
+    return spawned
+
+
+def processes_stop(spawned: list[tuple[subprocess.Popen[bytes], int]]) -> None:
+    for proc, _ in spawned:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc, _ in spawned:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def measure(*, system: str, urls: list[str], workload: Workload, members: list[list[int]],
+                  conversation_ids: list[str], tickets: list[str] | None, server_pids: list[int],
+                  out: TextIO) -> Result:
+    counters = Counters()
+    acks: dict[str, asyncio.Future[None]] = {}
+
+    def on_ack(client_msg_id: str) -> None:
+        future = acks.get(client_msg_id)
+        if future is not None and not future.done():
+            future.set_result(None)
+            counters.acked += 1
+
+    conv_of = {i: c for c, group in enumerate(members) for i in group}
+    conns: list[Conn] = []
+    for i in range(workload.connections):
+        url = urls[i % len(urls)]
+        if tickets is not None:
+            conns.append(ChatStreamConn(i, f"{url}?ticket={tickets[i]}", counters, on_ack))
+        else:
+            conns.append(SocketIOConn(i, url, counters, on_ack, user=f"u{i}",
+                                      rooms=[conversation_ids[conv_of[i]]]))
+    return await run_workload(system=system, conns=conns, members=members, conversation_ids=conversation_ids,
+                              workload=workload, server_pids=server_pids, counters=counters, acks=acks, out=out)
+
+
+def plot(results: list[Result], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for result in results:
+        buckets: dict[int, list[float]] = {}
+        for t, lat in result.timeline:
+            buckets.setdefault(int(t * 4), []).append(lat)  # quarter-second buckets
+        xs = sorted(buckets)
+        ax.plot([x / 4 for x in xs], [percentile(buckets[x], 0.5) for x in xs], label=f"{result.system} p50")
+        ax.plot([x / 4 for x in xs], [percentile(buckets[x], 0.99) for x in xs], linestyle="--",
+                label=f"{result.system} p99")
+    ax.set_xlabel("seconds since the first send")
+    ax.set_ylabel("WebSocket-to-WebSocket latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: list[Result]) -> str:
+    rows = [("system", "deliv/s", "p50 ms", "p95 ms", "p99 ms", "lost", "dup", "CPU µs/deliv",
+             "deliv/core-s", "KB/idle conn", "idle CPU %")]
+    for r in results:
+        rows.append((r.system, f"{r.deliveries_per_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
+                     f"{r.p99_ms:.2f}", str(r.lost), str(r.duplicated), f"{r.cpu_us_per_delivery:.1f}",
+                     f"{r.deliveries_per_core_s:,.0f}", f"{r.kb_per_idle_connection:.1f}",
+                     f"{r.idle_cpu_pct:.2f}"))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_stats(results: list[Result]) -> dict[str, Any]:
+    out: dict[str, Any] = {"results": [r.summary() for r in results]}
+    by = {r.system: r for r in results}
+    if "chatstream" in by and "socketio" in by:
+        cs, sio = by["chatstream"], by["socketio"]
+        out["ratio_deliveries_per_core"] = (cs.deliveries_per_core_s / sio.deliveries_per_core_s
+                                            if sio.deliveries_per_core_s else None)
+        out["ratio_deliveries_per_s"] = (cs.deliveries_per_s / sio.deliveries_per_s
+                                         if sio.deliveries_per_s else None)
+    out["median_latency_all_ms"] = {r.system: statistics.median([lat for _, lat in r.timeline] or [0.0])
+                                    for r in results}
+    return out
+
+
+def private_servers() -> tuple[Any, Path]:
+    """A private Redis and FerretDB for this run (tests/servers.py), so a benchmark never touches `make run`'s
+    data and runs do not see each other's keys."""
+    from tests.servers import servers_start
+
+    workdir = Path(tempfile.mkdtemp(prefix="chatstream-bench-"))
+    return servers_start(workdir), workdir

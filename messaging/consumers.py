@@ -1,0 +1,439 @@
+"""The WebSocket endpoint of the broker role (docs/protocol.md is the contract this implements).
+
+One :class:`ChatConsumer` per connection. It is thin: it checks the frame (size, rate, JSON shape), calls
+the write path in ``messaging.services`` or the reads in ``messaging.selectors``, and turns domain errors
+into ``error`` frames. Live events are pushed to it by the process' hub (``messaging.hub``), not by the
+channel layer: this consumer has no channel layer at all (no per-connection channel, no receive loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis.exceptions
+from asgiref.sync import sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chatstream_site.errors import DomainError, NotFound, ValidationFailed
+from messaging import frames, selectors, services, streams
+from messaging.auth import connection_identify
+from messaging.hub import Hub, hub_get
+
+logger = logging.getLogger(__name__)
+
+# DESIGN.md §9: frames over 64 KiB close the connection with 1009.
+MAX_FRAME_BYTES = 64 * 1024
+CLOSE_BAD_TICKET = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_RATE_LIMITED = 4008
+CLOSE_TOO_SLOW = 4009
+CLOSE_TOO_LARGE = 1009
+CLOSE_INTERNAL = 1011
+# Refused frames in a row (each answered with ``error rate_limited``) before the connection is closed with
+# 4008: ten is enough for a client to notice the errors and back off, few enough that a flood stops fast.
+RATE_STRIKES = 10
+# A resume names at most this many conversations (a frame of 1,000 ids is ~40 KB, under the frame limit).
+RESUME_MAX_CONVERSATIONS = 1000
+# Live events of a conversation held while it is being resumed; past this the client is too slow (4009).
+RESUME_BUFFER_MAX = 10_000
+_background: set[asyncio.Task[None]] = set()
+# A connection whose unsent bytes stay above WS_SEND_BUFFER_BYTES this long is too slow (4009): a healthy
+# client on a bad network catches up within seconds; 5 s of traffic is what a stalled one may cost above
+# the limit. Above SLOW_HARD_FACTOR x the limit it is closed at once, which bounds memory per connection.
+SLOW_GRACE_S = 5.0
+SLOW_HARD_FACTOR = 4
+_AUTOBAHN_OPEN = 3  # autobahn.websocket.protocol.WebSocketProtocol.STATE_OPEN
+
+
+def _daphne_protocol(send: Any) -> Any | None:
+    """daphne's ``send`` is ``partial(server.handle_reply, protocol)``; the protocol is the autobahn
+    WebSocket with its Twisted transport. None under another ASGI server."""
+    if isinstance(send, functools.partial) and send.args:
+        proto = send.args[0]
+        if hasattr(proto, "transport") and hasattr(proto, "maxMessagePayloadSize"):
+            return proto
+    return None
+
+
+def _ref_of(data: Any) -> Any:
+    if isinstance(data, dict):
+        ref = data.get("ref", data.get("client_msg_id"))
+        if isinstance(ref, str | int) and not isinstance(ref, bool) and len(str(ref)) <= 64:
+            return ref
+    return None
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    # No channel layer per connection: messages come from the hub's stream reader, control and ephemeral
+    # events from the hub's one pub/sub subscription (an alias that is not configured yields no layer).
+    channel_layer_alias = "no-channel-layer"
+
+    user_id: str = ""
+    username: str = ""
+    session_id: str = ""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' loop minus what this consumer does not need, measured as the biggest per-frame costs:
+        no channel layer, no task per received message (``await_many_dispatch``), and no thread hop to close
+        old database connections before every frame (``aclose_old_connections``; no ORM is used here)."""
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                message = await receive()
+                handler = self.ASGI_HANDLERS.get(message["type"])
+                if handler is None:
+                    raise ValueError(f"no handler for ASGI message type {message['type']}")
+                await handler(self, message)
+        except StopConsumer:
+            pass
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        self.hub: Hub = hub_get()
+        self.conversations: set[str] = set()
+        self.resuming: dict[str, list[tuple[int, str]]] = {}
+        self.resumed_upto: dict[str, int] = {}
+        self.tokens = float(settings.WS_RATE_BURST)
+        self.tokens_at = time.monotonic()
+        self.strikes = 0
+        self.closing = False
+        self.registered = False
+        self.over_since = 0.0
+        self.paced = 0
+        self.presence_task: asyncio.Task[bool] | None = None
+        self.protocol = _daphne_protocol(self.base_send)
+        if self.protocol is not None:
+            # autobahn enforces the limit while it reads the frame (it never buffers more) and closes with 1009.
+            self.protocol.maxMessagePayloadSize = MAX_FRAME_BYTES
+            self.protocol.maxFramePayloadSize = MAX_FRAME_BYTES
+            # Fail protocol violations with a close frame carrying the code (1009 here), not a bare TCP drop.
+            self.protocol.failByDrop = False
+        await self.accept()  # close codes exist only on an accepted WebSocket (a refused handshake is a 403)
+        try:
+            owner = await connection_identify(self.scope)
+        except redis.exceptions.RedisError:
+            logger.warning("connect: Redis unavailable while checking a ticket")
+            await self._close(CLOSE_INTERNAL)
+            return
+        if owner is None:
+            await self.send_frame(frames.frame("error", code="unauthenticated",
+                                               message="missing, unknown, expired or used ticket", ref=None))
+            await self._close(CLOSE_BAD_TICKET)
+            return
+        self.user_id, self.username = owner.user_id, owner.username
+        self.session_id = uuid.uuid4().hex
+        try:
+            found = await sync_to_async(selectors.user_conversation_ids, thread_sensitive=False)(
+                user_id=self.user_id)
+            self.conversations = set(found)
+            await self.hub.connection_add(self, conversation_ids=found)
+            self.registered = True
+            await self.send_frame(frames.frame("ready", user_id=self.user_id, session_id=self.session_id,
+                                               conversations=sorted(self.conversations)))
+            # In the background: the users.last_seen write queues behind others in a wave of connects, and the
+            # client's first frames must not wait for it. Disconnect waits for it (online before offline).
+            self.presence_task = asyncio.get_running_loop().create_task(services.presence_connect(
+                self.hub.redis, user_id=self.user_id, session_id=self.session_id,
+                conversation_ids=sorted(self.conversations)))
+        except Exception:
+            logger.exception("connect: could not set up the session of user %s", self.user_id)
+            if not self.registered:
+                self.hub.connection_remove(self, conversation_ids=list(self.conversations))
+            await self._close(CLOSE_INTERNAL)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.closing = True
+        if self.registered:
+            self.registered = False
+            self.hub.connection_remove(self, conversation_ids=list(self.conversations))
+            try:
+                if self.presence_task is not None:
+                    await self.presence_task
+            except Exception:
+                logger.exception("connect: presence update of user %s failed", self.user_id)
+            try:
+                await services.presence_disconnect(self.hub.redis, user_id=self.user_id,
+                                                   session_id=self.session_id,
+                                                   conversation_ids=sorted(self.conversations))
+            except Exception:
+                logger.exception("disconnect: presence update of user %s failed", self.user_id)
+        raise StopConsumer
+
+    # ------------------------------------------------------------------ output
+
+    async def send_frame(self, frame: str) -> None:
+        if not self.closing:
+            await self.base_send({"type": "websocket.send", "text": frame})
+
+    async def _close(self, code: int) -> None:
+        if not self.closing:
+            self.closing = True
+            await self.base_send({"type": "websocket.close", "code": code})
+
+    def _send_backlog(self) -> int:
+        """Bytes written to this connection that the kernel has not taken yet (daphne/Twisted only)."""
+        transport = getattr(self.protocol, "transport", None)
+        if transport is None:
+            return 0
+        try:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        except (AttributeError, TypeError):
+            return 0
+
+    def _too_slow(self) -> bool:
+        """Unsent bytes above ``WS_SEND_BUFFER_BYTES`` for longer than SLOW_GRACE_S, or above
+        SLOW_HARD_FACTOR times it at any moment. A burst (one XREAD batch is written in one loop turn, before
+        the socket is flushed) may pass the soft limit for a moment; a reader that does not read stays there."""
+        backlog = self._send_backlog()
+        limit = settings.WS_SEND_BUFFER_BYTES
+        if backlog <= limit:
+            self.over_since = 0.0
+            return False
+        now = time.monotonic()
+        if not self.over_since:
+            self.over_since = now
+        return backlog > SLOW_HARD_FACTOR * limit or now - self.over_since > SLOW_GRACE_S
+
+    async def deliver(self, *, conversation_id: str, seq: int, frame: bytes) -> None:
+        """Called by the hub for each live event (``frame``: the UTF-8 JSON text, encoded once per fan-out;
+        ``seq`` 0: unsequenced). Never blocks: a connection whose unsent bytes exceed
+        ``WS_SEND_BUFFER_BYTES`` is closed with 4009 instead."""
+        if self.closing:
+            return
+        buffered = self.resuming.get(conversation_id)
+        if buffered is not None:
+            if len(buffered) >= RESUME_BUFFER_MAX:
+                await self._close(CLOSE_TOO_SLOW)
+                return
+            buffered.append((seq, frame.decode()))
+            return
+        if seq and seq <= self.resumed_upto.get(conversation_id, 0):
+            return  # already sent by this connection's resume
+        protocol = self.protocol
+        if protocol is not None:
+            if self._too_slow():
+                self.hub.stats["closed_too_slow"] += 1
+                await self._close(CLOSE_TOO_SLOW)
+            elif protocol.state == _AUTOBAHN_OPEN:
+                # Straight to autobahn with the shared bytes: no per-receiver dict, coroutine or UTF-8 encode
+                # (what daphne's send would do). Measured: see docs/adr/0021.
+                protocol.sendMessage(frame, False)
+            return
+        await self.base_send({"type": "websocket.send", "text": frame.decode()})
+
+    def membership_recheck(self, *, conversation_id: str | None) -> None:
+        if not self.closing:
+            task = asyncio.get_running_loop().create_task(
+                self._membership_recheck(conversation_id=conversation_id))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+    async def _membership_recheck(self, *, conversation_id: str | None) -> None:
+        try:
+            if conversation_id is None:
+                current = set(await sync_to_async(selectors.user_conversation_ids, thread_sensitive=False)(
+                    user_id=self.user_id))
+                changed = current ^ self.conversations
+            else:
+                members = await services.conversation_members(self.hub.redis, conversation_id=conversation_id)
+                is_member = members is not None and self.user_id in members
+                changed = {conversation_id} if is_member != (conversation_id in self.conversations) else set()
+            for conv in sorted(changed):
+                if self.closing or not self.registered:
+                    return
+                if conv in self.conversations:
+                    self.conversations.discard(conv)
+                    self.hub.unsubscribe(self, conversation_id=conv)
+                    await self.send_frame(frames.frame("membership", conversation_id=conv, status="left"))
+                else:
+                    self.conversations.add(conv)
+                    await self.hub.subscribe(self, conversation_id=conv)
+                    last = await streams.last_accepted_seq(self.hub.redis, conversation_id=conv)
+                    await self.send_frame(frames.frame("membership", conversation_id=conv, status="joined",
+                                                       last_seq=last))
+        except Exception:
+            logger.exception("membership re-check of user %s failed", self.user_id)
+
+    async def _error(self, exc: DomainError, *, ref: Any) -> None:
+        await self.send_frame(frames.frame("error", code=exc.code, message=exc.message, ref=ref,
+                                           details=exc.details))
+
+    # ------------------------------------------------------------------ input
+
+    def _rate_admit(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(float(settings.WS_RATE_BURST),
+                          self.tokens + (now - self.tokens_at) * float(settings.WS_RATE_PER_S))
+        self.tokens_at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        return False
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        if self.closing or not self.registered:
+            return
+        text = message.get("text")
+        if text is None:
+            raw = message.get("bytes") or b""
+            if len(raw) > MAX_FRAME_BYTES:
+                await self._close(CLOSE_TOO_LARGE)
+                return
+            await self._error(ValidationFailed("binary frames are not supported; send JSON text"), ref=None)
+            return
+        # Reached only under an ASGI server other than daphne (autobahn already refuses bigger frames).
+        if len(text) > MAX_FRAME_BYTES // 4 and len(text.encode()) > MAX_FRAME_BYTES:
+            await self._close(CLOSE_TOO_LARGE)
+            return
+        if not self._rate_admit():
+            if self.strikes > RATE_STRIKES:
+                await self._close(CLOSE_RATE_LIMITED)
+                return
+            await self.send_frame(frames.frame(
+                "error", code="rate_limited", ref=None, details={"retry_after": 1},
+                message=f"more than {settings.WS_RATE_PER_S:g} frames/s (burst {settings.WS_RATE_BURST}); "
+                        f"slow down or the connection is closed with 4008"))
+            return
+        try:
+            data = json.loads(text)
+        except ValueError:
+            await self._error(ValidationFailed("frame is not valid JSON", code="invalid_json"), ref=None)
+            return
+        ref = _ref_of(data)
+        kind = data.get("type") if isinstance(data, dict) else None
+        handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            shown = kind if isinstance(kind, str) and len(kind) <= 40 else None
+            await self._error(ValidationFailed(
+                f"unknown frame type {shown!r}" if shown else "a frame is a JSON object with a string 'type'",
+                code="unknown_type", details={"types": sorted(self.HANDLERS)}), ref=ref)
+            return
+        try:
+            await handler(self, data, ref)
+        except DomainError as exc:
+            await self._error(exc, ref=ref)
+        except redis.exceptions.RedisError:
+            logger.warning("frame %s of user %s: Redis unavailable", kind, self.user_id, exc_info=True)
+            await self.send_frame(frames.frame("error", code="unavailable", ref=ref,
+                                               message="the message bus is unavailable; retry shortly"))
+        except Exception:
+            logger.exception("frame %s of user %s failed", kind, self.user_id)
+            await self.send_frame(frames.frame("error", code="internal", ref=ref,
+                                               message="internal error; it has been logged"))
+
+    async def on_send(self, data: dict[str, Any], ref: Any) -> None:
+        accepted = await services.message_send(
+            self.hub.redis, user_id=self.user_id, conversation_id=data.get("conversation_id"),
+            client_msg_id=data.get("client_msg_id"), content=data.get("content"))
+        await self.send_frame(frames.frame("ack", client_msg_id=data.get("client_msg_id"),
+                                           conversation_id=accepted.conversation_id,
+                                           message_id=accepted.message_id, seq=accepted.seq,
+                                           duplicate=accepted.duplicate))
+
+    async def on_edit(self, data: dict[str, Any], ref: Any) -> None:
+        accepted = await services.message_edit(self.hub.redis, user_id=self.user_id,
+                                               message_id=data.get("message_id"), content=data.get("content"))
+        await self.send_frame(frames.frame("ack", ref=ref, conversation_id=accepted.conversation_id,
+                                           message_id=accepted.message_id, seq=accepted.seq))
+
+    async def on_delete(self, data: dict[str, Any], ref: Any) -> None:
+        accepted = await services.message_delete(self.hub.redis, user_id=self.user_id,
+                                                 message_id=data.get("message_id"))
+        await self.send_frame(frames.frame("ack", ref=ref, conversation_id=accepted.conversation_id,
+                                           message_id=accepted.message_id, seq=accepted.seq))
+
+    async def on_read(self, data: dict[str, Any], ref: Any) -> None:
+        cursor = await services.read_mark(self.hub.redis, user_id=self.user_id,
+                                          conversation_id=data.get("conversation_id"), seq=data.get("seq"))
+        await self.send_frame(frames.frame("ack", ref=ref, conversation_id=data.get("conversation_id"),
+                                           read_seq=cursor))
+
+    async def on_typing(self, data: dict[str, Any], ref: Any) -> None:
+        await services.typing_signal(self.hub.redis, user_id=self.user_id,
+                                     conversation_id=data.get("conversation_id"))
+
+    async def on_ping(self, data: dict[str, Any], ref: Any) -> None:
+        await self.send_frame(frames.frame("pong", ref=ref))
+
+    async def on_resume(self, data: dict[str, Any], ref: Any) -> None:
+        wanted = data.get("conversations")
+        if not isinstance(wanted, dict) or len(wanted) > RESUME_MAX_CONVERSATIONS:
+            raise ValidationFailed(f"conversations must be an object of at most {RESUME_MAX_CONVERSATIONS} "
+                                   "{conversation_id: last_seq}", details={"field": "conversations"})
+        for conversation_id, after in wanted.items():
+            if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+                raise ValidationFailed("each last_seq must be a non-negative integer",
+                                       details={"field": "conversations", "conversation_id": conversation_id})
+        for conversation_id, after in wanted.items():
+            if conversation_id not in self.conversations:
+                await self._error(NotFound("no such conversation", details={"conversation_id": conversation_id}),
+                                  ref=ref)
+                continue
+            await self._resume_one(conversation_id=conversation_id, after=after)
+
+    async def _resume_one(self, *, conversation_id: str, after: int) -> None:
+        """Send the conversation's events after ``after`` in seq order (archive, then stream), then the live
+        events that arrived meanwhile, then ``resumed``. Live delivery of this conversation is held (buffered)
+        for the duration, so nothing is lost, repeated or reordered at the seam."""
+        self.resuming[conversation_id] = []
+        upto = after
+        try:
+            last = await streams.last_accepted_seq(self.hub.redis, conversation_id=conversation_id)
+            tail = await selectors.stream_events_after(self.hub.redis, conversation_id=conversation_id,
+                                                       after_seq=after, last_seq=last)
+            if not tail.complete:
+                before = tail.events[0].seq if tail.events else last + 1
+                cursor = after
+                while not self.closing:
+                    page = await sync_to_async(selectors.archived_messages, thread_sensitive=False)(
+                        conversation_id=conversation_id, after_seq=cursor, before_seq=before)
+                    for doc in page:
+                        await self._send_paced(frames.message_frame_from_document(doc))
+                        upto = cursor = doc["seq"]
+                    if len(page) < selectors.ARCHIVE_PAGE:
+                        break
+            for event in tail.events:
+                frame = frames.event_frame(type=event.type, conversation_id=conversation_id, seq=event.seq,
+                                           payload_json=event.payload_json)
+                if frame is not None:
+                    await self._send_paced(frame)
+                upto = event.seq
+        finally:
+            buffered = self.resuming.pop(conversation_id, [])
+        for seq, frame in buffered:
+            if seq == 0 or seq > upto:
+                await self.send_frame(frame)
+                upto = max(upto, seq)
+        self.resumed_upto[conversation_id] = upto
+        await self.send_frame(frames.frame("resumed", conversation_id=conversation_id, last_seq=upto))
+
+    async def _send_paced(self, frame: str) -> None:
+        """Send a resume frame, waiting (bounded) while the client has not taken what was already sent."""
+        limit = settings.WS_SEND_BUFFER_BYTES // 2
+        self.paced += 1
+        if self.paced % 50 == 0:
+            await asyncio.sleep(0)  # one loop turn: lets Twisted hand what is queued to the kernel
+        for _ in range(200):  # 200 x 50 ms: a client that takes nothing for 10 s is too slow
+            if self._send_backlog() <= limit:
+                await self.send_frame(frame)
+                return
+            await asyncio.sleep(0.05)
+        await self._close(CLOSE_TOO_SLOW)
+
+    ASGI_HANDLERS = {"websocket.connect": websocket_connect, "websocket.receive": websocket_receive,
+                     "websocket.disconnect": websocket_disconnect}
+    HANDLERS = {
+        "message.send": on_send, "message.edit": on_edit, "message.delete": on_delete, "read": on_read,
+        "typing": on_typing, "resume": on_resume, "ping": on_ping,
+    }

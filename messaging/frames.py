@@ -1,0 +1,82 @@
+"""Server -> client frames (docs/protocol.md) and the brokers' control messages. Pure: no I/O.
+
+Stream events are turned into frames by string splicing of the payload the write path already encoded
+(``d`` of the entry, compact JSON of a dict), not by ``json.loads`` + ``json.dumps``: a frame is built
+once per event per broker and the same ``str`` is handed to every local receiver (DESIGN.md §10).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# The one Redis pub/sub channel every broker listens on for ephemeral events (typing, presence) and for
+# membership changes. One channel, not one per conversation: a broker has to look at every message anyway
+# to find its local receivers, and one SUBSCRIBE per process keeps Redis' pub/sub table tiny.
+CONTROL_CHANNEL = "cs:rt:control"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def frame(type: str, **fields: Any) -> str:
+    return dumps({"type": type, **fields})
+
+
+def event_frame(*, type: str, conversation_id: str, seq: int, payload_json: str) -> str | None:
+    """The frame of one stream event, or None if the entry is not one clients see.
+
+    ``payload_json`` is the entry's ``d`` field (a compact JSON object written by ``streams.event_append``).
+    ``message.*`` frames carry the event's ``conversation_id`` and ``seq`` at the top level (for gap
+    detection), and the message in ``message``; ``message.new`` also has ``seq`` inside the message.
+    """
+    if not payload_json.startswith("{") or not payload_json.endswith("}"):
+        return None
+    head = f'{{"type":"{type}","conversation_id":"{conversation_id}","seq":{seq},'
+    if type == "message.new":
+        return f'{head}"message":{payload_json[:-1]},"seq":{seq}}}}}'
+    if type in ("message.edited", "message.deleted"):
+        return f'{head}"message":{payload_json}}}'
+    if type == "read.updated":
+        # The payload is {conversation_id, user_id, seq}: here seq is the reader's cursor, not an event seq.
+        return f'{{"type":"read.updated",{payload_json[1:]}'
+    return None
+
+
+def message_frame_from_document(doc: dict[str, Any]) -> str:
+    """A ``message.new`` frame for a message read back from MongoDB (resume beyond the stream).
+
+    MongoDB holds a message's final state, not its edit events: an edited message carries ``edited_at`` and
+    its current content, a deleted one ``deleted: true`` and empty content.
+    """
+    message = {
+        "id": doc["id"], "conversation_id": doc["conversation_id"], "sender_id": doc["sender_id"],
+        "content": doc["content"], "timestamp": doc["timestamp"], "client_msg_id": doc.get("client_msg_id"),
+        "seq": doc["seq"],
+    }
+    if doc.get("edited_at"):
+        message["edited_at"] = doc["edited_at"]
+    if doc.get("deleted"):
+        message["deleted"] = True
+    return frame("message.new", conversation_id=doc["conversation_id"], seq=doc["seq"], message=message,
+                 source="archive")
+
+
+# ------------------------------------------------------------------ control messages between brokers
+
+
+def control_typing(*, conversation_id: str, user_id: str) -> str:
+    return dumps({"k": "typing", "c": conversation_id, "u": user_id})
+
+
+def control_presence(*, user_id: str, status: str, conversation_ids: list[str]) -> str:
+    return dumps({"k": "presence", "u": user_id, "s": status, "c": conversation_ids})
+
+
+def control_members(*, user_ids: list[str], conversation_id: str) -> str:
+    return dumps({"k": "members", "u": user_ids, "c": conversation_id})
+
+
+def control_invalidate(*, conversation_id: str) -> str:
+    return dumps({"k": "invalidate", "c": conversation_id})

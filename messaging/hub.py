@@ -1,0 +1,305 @@
+"""The fan-out hub of one broker process: which local connection wants which conversation, and the few
+long-lived tasks that feed them.
+
+* ONE stream reader task per process: ``XREAD BLOCK`` over the partition streams that have at least one
+  local subscriber, from a remembered cursor per partition, so nothing appended after a connection
+  subscribed is missed, even across a Redis hiccup (the reader is supervised and resumes from its
+  cursors). Each event becomes one frame ``str`` that is handed to every local receiver (DESIGN.md §10: a
+  channel-layer ``group_send`` per message costs ~20x this).
+* ONE pub/sub task on ``frames.CONTROL_CHANNEL``: typing and presence (ephemeral, never stored) and
+  membership changes. After a reconnect of that subscription every local connection re-checks its
+  memberships, because a membership message may have been missed meanwhile.
+* ONE presence task refreshing the expiry of this process' sessions (``services.presence_refresh``).
+
+The hub lives on the event loop of the ASGI server (daphne's asyncio reactor); everything here is
+non-blocking. Connections are duck-typed :class:`Subscriber` objects (the consumers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import redis.asyncio
+from django.conf import settings
+
+from messaging import frames, services, streams
+
+logger = logging.getLogger(__name__)
+
+# XREAD BLOCK time. It must stay well below the reader client's socket timeout (DESIGN.md §10: redis-py's
+# 5 s default silently killed a 5 s BLOCK). 1 s also bounds how late a newly subscribed partition joins the
+# read (its entries are not missed meanwhile: they are read from the cursor taken at subscribe time).
+BLOCK_MS = 1000
+READER_SOCKET_TIMEOUT_S = 10.0
+# Entries per XREAD. Everything read is written to the sockets' buffers in one loop turn, before they are
+# flushed, so this bounds the per-turn growth of each connection's send buffer (100 frames: ~30 KB typical,
+# 6.4 MB for 100 frames at the 64 KiB limit) as well as the work between two looks at the event loop.
+READ_COUNT = 100
+# Timeout of the hub's ordinary commands: a Redis that does not answer within 5 s is treated as down (the
+# client gets an ``unavailable`` error frame) rather than holding a connection's handler for ever.
+COMMAND_TIMEOUT_S = 5.0
+SUPERVISOR_MAX_BACKOFF_S = 5.0
+
+
+
+class Subscriber(Protocol):
+    user_id: str
+    session_id: str
+
+    async def deliver(self, *, conversation_id: str, seq: int, frame: bytes) -> None:
+        """Push one UTF-8 JSON text frame (``seq`` 0 for unsequenced ones); must not block."""
+
+    def membership_recheck(self, *, conversation_id: str | None) -> None:
+        """Re-read membership of one conversation (None: all of them) and (un)subscribe; non-blocking."""
+
+
+class Hub:
+    def __init__(self, *, redis_url: str) -> None:
+        # A blocking pool: a burst (a wave of connects, each with its presence update) waits for a connection
+        # instead of failing with "Too many connections" (redis-py's plain pool raises past 100).
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            redis_url, max_connections=settings.BROKER_REDIS_POOL, timeout=COMMAND_TIMEOUT_S,
+            socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S)
+        self.redis = redis.asyncio.Redis(connection_pool=pool)
+        self._reader = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
+                                                    socket_connect_timeout=COMMAND_TIMEOUT_S)
+        self._control = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
+                                                     socket_connect_timeout=COMMAND_TIMEOUT_S)
+        self.by_conversation: dict[str, set[Subscriber]] = {}
+        self.by_user: dict[str, set[Subscriber]] = {}
+        self._partition_refs: Counter[int] = Counter()
+        self._cursors: dict[int, bytes | str] = {}
+        self._cursor_pending: dict[int, asyncio.Future[None]] = {}
+        self._keys = {p: streams.stream_key(p) for p in range(int(settings.PARTITIONS))}
+        self._key_partition = {k.encode(): p for p, k in self._keys.items()}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stats: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the reader, control and presence tasks once (idempotent). Precondition: a running loop."""
+        if self._tasks:
+            return
+        for name, body in (("reader", self._read_loop), ("control", self._control_loop),
+                           ("presence", self._presence_loop)):
+            self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(name, body)))
+
+    async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        backoff = 0.1
+        while True:
+            started = time.monotonic()
+            try:
+                await body()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("hub: the %s task failed; restarting it", name)
+            self.stats[f"{name}_restarts"] += 1
+            if time.monotonic() - started > 30:
+                backoff = 0.1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, SUPERVISOR_MAX_BACKOFF_S)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def connection_add(self, conn: Subscriber, *, conversation_ids: list[str]) -> None:
+        """Register a connection and subscribe it to its conversations. When this returns, every event
+        appended from now on reaches the connection."""
+        self.start()
+        self.by_user.setdefault(conn.user_id, set()).add(conn)
+        partitions = []
+        for conversation_id in conversation_ids:
+            subscribers = self.by_conversation.setdefault(conversation_id, set())
+            if conn not in subscribers:
+                subscribers.add(conn)
+                partitions.append(streams.partition_of(conversation_id))
+        await self._partitions_acquire(partitions)
+
+    def connection_remove(self, conn: Subscriber, *, conversation_ids: list[str]) -> None:
+        users = self.by_user.get(conn.user_id)
+        if users is not None:
+            users.discard(conn)
+            if not users:
+                del self.by_user[conn.user_id]
+        for conversation_id in conversation_ids:
+            self.unsubscribe(conn, conversation_id=conversation_id)
+
+    async def subscribe(self, conn: Subscriber, *, conversation_id: str) -> None:
+        subscribers = self.by_conversation.setdefault(conversation_id, set())
+        if conn in subscribers:
+            return
+        subscribers.add(conn)
+        await self._partitions_acquire([streams.partition_of(conversation_id)])
+
+    def unsubscribe(self, conn: Subscriber, *, conversation_id: str) -> None:
+        subscribers = self.by_conversation.get(conversation_id)
+        if subscribers is None or conn not in subscribers:
+            return
+        subscribers.discard(conn)
+        if not subscribers:
+            del self.by_conversation[conversation_id]
+        partition = streams.partition_of(conversation_id)
+        self._partition_refs[partition] -= 1
+        if self._partition_refs[partition] <= 0:
+            del self._partition_refs[partition]
+            self._cursors.pop(partition, None)
+
+    async def _partitions_acquire(self, partitions: list[int]) -> None:
+        """Count one more subscriber per partition; start reading partitions that had none, from their
+        current end (taken now, before the caller tells its client it is ready)."""
+        waits: list[asyncio.Future[None]] = []
+        fetch: list[int] = []
+        for p in partitions:
+            self._partition_refs[p] += 1
+            if p in self._cursors:
+                continue
+            if p in self._cursor_pending:
+                waits.append(self._cursor_pending[p])
+            elif p not in fetch:
+                fetch.append(p)
+        if fetch:
+            futures = {p: asyncio.get_running_loop().create_future() for p in fetch}
+            self._cursor_pending.update(futures)
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for p in fetch:
+                        pipe.xrevrange(self._keys[p], count=1)
+                    lasts = await pipe.execute()
+                for p, last in zip(fetch, lasts, strict=True):
+                    if self._partition_refs.get(p, 0) > 0:
+                        self._cursors[p] = last[0][0] if last else "0-0"
+            finally:
+                for p, future in futures.items():
+                    self._cursor_pending.pop(p, None)
+                    if not future.done():
+                        future.set_result(None)
+            self._wake.set()
+        if waits:
+            await asyncio.gather(*waits)
+
+    # ------------------------------------------------------------------ the stream reader
+
+    async def _read_loop(self) -> None:
+        while True:
+            if not self._cursors:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            request: dict[Any, Any] = {self._keys[p]: cursor for p, cursor in self._cursors.items()}
+            response: Any = await self._reader.xread(request, count=READ_COUNT, block=BLOCK_MS)
+            for key, entries in response or []:
+                partition = self._key_partition[key if isinstance(key, bytes) else key.encode()]
+                for entry_id, fields in entries:
+                    await self._dispatch(entry_id, fields)
+                if entries and partition in self._cursors:
+                    self._cursors[partition] = entries[-1][0]
+
+    async def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            conversation_id = fields[b"c"].decode()
+            subscribers = self.by_conversation.get(conversation_id)
+            if not subscribers:
+                return
+            seq = int(fields[b"s"])
+            frame = frames.event_frame(type=fields[b"t"].decode(), conversation_id=conversation_id, seq=seq,
+                                       payload_json=fields[b"d"].decode())
+        except (KeyError, ValueError, UnicodeDecodeError):
+            self.stats["malformed_entries"] += 1
+            logger.warning("hub: skipping malformed stream entry %r", entry_id)
+            return
+        if frame is None:
+            return
+        self.stats["events"] += 1
+        encoded = frame.encode()
+        for conn in tuple(subscribers):
+            try:
+                await conn.deliver(conversation_id=conversation_id, seq=seq, frame=encoded)
+            except Exception:
+                # One broken connection must not stop the others' delivery, nor make the reader re-read
+                # (and re-send) the batch after a restart.
+                self.stats["delivery_errors"] += 1
+                logger.exception("hub: delivery to a connection of user %s failed", conn.user_id)
+        self.stats["deliveries"] += len(subscribers)
+
+    # ------------------------------------------------------------------ control messages (pub/sub)
+
+    async def _control_loop(self) -> None:
+        pubsub = self._control.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(frames.CONTROL_CHANNEL)
+            # From here on every invalidation is heard, so the in-process membership cache is safe; anything
+            # cached before this (re)subscription may have missed one.
+            services.membership_local_forget(None)
+            services.membership_local_enable()
+            if self.stats["control_restarts"]:
+                # Membership messages may have been published while we were not subscribed.
+                for conns in list(self.by_user.values()):
+                    for conn in tuple(conns):
+                        conn.membership_recheck(conversation_id=None)
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    try:
+                        await self._control_dispatch(message["data"])
+                    except Exception:
+                        logger.exception("hub: control message %r failed", message["data"][:200])
+        finally:
+            await pubsub.aclose()
+
+    async def _control_dispatch(self, raw: bytes) -> None:
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            kind = data["k"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("hub: skipping malformed control message %r", raw[:200])
+            return
+        if kind == "typing":
+            conversation_id, user_id = str(data["c"]), str(data["u"])
+            frame = frames.frame("typing", conversation_id=conversation_id, user_id=user_id).encode()
+            for conn in tuple(self.by_conversation.get(conversation_id, ())):
+                if conn.user_id != user_id:
+                    await conn.deliver(conversation_id=conversation_id, seq=0, frame=frame)
+        elif kind == "presence":
+            user_id = str(data["u"])
+            frame = frames.frame("presence", user_id=user_id, status=str(data["s"])).encode()
+            told: set[int] = set()
+            for conversation_id in data.get("c", []):
+                for conn in tuple(self.by_conversation.get(str(conversation_id), ())):
+                    if conn.user_id != user_id and id(conn) not in told:
+                        told.add(id(conn))
+                        await conn.deliver(conversation_id=str(conversation_id), seq=0, frame=frame)
+        elif kind == "invalidate":
+            services.membership_local_forget(str(data["c"]))
+        elif kind == "members":
+            conversation_id = str(data["c"])
+            services.membership_local_forget(conversation_id)
+            for user_id in data.get("u", []):
+                for conn in tuple(self.by_user.get(str(user_id), ())):
+                    conn.membership_recheck(conversation_id=conversation_id)
+
+    # ------------------------------------------------------------------ presence heartbeat
+
+    async def _presence_loop(self) -> None:
+        while True:
+            await asyncio.sleep(services.PRESENCE_REFRESH_S)
+            sessions = [(conn.user_id, conn.session_id) for conns in self.by_user.values() for conn in conns]
+            await services.presence_refresh(self.redis, sessions=sessions)
+
+
+_hub: Hub | None = None
+
+
+def hub_get() -> Hub:
+    """The process' hub (created on first use; its tasks start with the first connection)."""
+    global _hub
+    if _hub is None:
+        _hub = Hub(redis_url=settings.REDIS_URL)
+    return _hub

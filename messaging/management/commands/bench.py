@@ -1,0 +1,130 @@
+"""``manage.py bench``: the real-time fan-out benchmark, ChatStream and the Socket.IO peer in one run.
+
+See messaging/benchmark.py for what is measured and docs/benchmarks.md for results and how to read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from messaging import benchmark
+
+
+class Command(BaseCommand):
+    help = "Benchmark real-time fan-out: N connections over R conversations, ChatStream vs Socket.IO."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--connections", type=int, default=1000)
+        parser.add_argument("--conversations", type=int, default=100)
+        parser.add_argument("--duration", type=float, default=20.0, help="seconds of traffic per system")
+        parser.add_argument("--rate", type=float, default=0.0,
+                            help="messages/s over all conversations; 0 = as fast as acked (one in flight each)")
+        parser.add_argument("--brokers", type=int, default=1, help="server processes per system")
+        parser.add_argument("--systems", default="chatstream,socketio",
+                            help="comma list of chatstream, socketio")
+        parser.add_argument("--url", default=None,
+                            help="use a running ChatStream at this ws:// URL (e.g. the gateway's /ws/) with the "
+                                 "configured REDIS_URL/MONGODB_URI instead of private servers and brokers")
+        parser.add_argument("--server-pids", default="",
+                            help="with --url: comma list of pids whose CPU and memory to measure")
+        parser.add_argument("--out", default="var/bench", help="folder for the PNG and JSON results")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        systems = [s.strip() for s in opts["systems"].split(",") if s.strip()]
+        if not systems or set(systems) - {"chatstream", "socketio"}:
+            raise CommandError("--systems takes chatstream and/or socketio")
+        if opts["connections"] < opts["conversations"] or opts["conversations"] < 1:
+            raise CommandError("need at least one connection per conversation")
+        workload = benchmark.Workload(connections=opts["connections"], conversations=opts["conversations"],
+                                      duration_s=opts["duration"], rate=opts["rate"])
+        out_dir = Path(opts["out"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = asyncio.run(self._run(workload=workload, systems=systems, opts=opts, out_dir=out_dir))
+        self.stdout.write("\n" + benchmark.table(results))
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        rate = f"{workload.rate:g} msg/s" if workload.rate else "as fast as acked"
+        title = (f"{workload.connections} connections in {workload.conversations} conversations, {rate}, "
+                 f"{opts['brokers']} server process(es) each")
+        png = out_dir / f"fanout-{stamp}.png"
+        benchmark.plot(results, png, title=title)
+        summary = benchmark.summary_stats(results)
+        summary.update(workload=vars(workload), brokers=opts["brokers"], command=" ".join(sys.argv), at=stamp)
+        (out_dir / f"fanout-{stamp}.json").write_text(json.dumps(summary, indent=2))
+        if summary.get("ratio_deliveries_per_core") is not None:
+            self.stdout.write(f"\nChatStream / Socket.IO, deliveries per server core-second: "
+                              f"{summary['ratio_deliveries_per_core']:.2f}x; deliveries/s: "
+                              f"{summary['ratio_deliveries_per_s']:.2f}x")
+        self.stdout.write(f"\nplot: {png}\nresults: {out_dir / f'fanout-{stamp}.json'}")
+
+    async def _run(self, *, workload: benchmark.Workload, systems: list[str], opts: dict[str, Any],
+                   out_dir: Path) -> list[benchmark.Result]:
+        from storage.mongo import mongo_connect
+
+        members = benchmark.population(connections=workload.connections, conversations=workload.conversations)
+        results: list[benchmark.Result] = []
+        servers = None
+        workdir = out_dir
+        if opts["url"]:
+            redis_url, mongodb_uri = settings.REDIS_URL, settings.MONGODB_URI
+        else:
+            servers, workdir = await asyncio.to_thread(benchmark.private_servers)
+            redis_url, mongodb_uri = servers.redis_url, servers.mongodb_uri
+            mongo_connect(mongodb_uri)
+            self.stderr.write(f"private Redis {redis_url} and MongoDB {mongodb_uri} (logs in {workdir})")
+        try:
+            if "chatstream" in systems:
+                conversation_ids, tickets = await asyncio.to_thread(
+                    benchmark.chatstream_setup, redis_url=redis_url, members=members,
+                    connections=workload.connections)
+                spawned: list[Any] = []
+                if opts["url"]:
+                    urls = [opts["url"]]
+                    pids = [int(p) for p in opts["server_pids"].split(",") if p.strip()]
+                else:
+                    env = benchmark_env(redis_url=redis_url, mongodb_uri=mongodb_uri)
+                    spawned = await asyncio.to_thread(benchmark.brokers_spawn, count=opts["brokers"], env=env,
+                                                      log_dir=workdir)
+                    urls = [f"ws://127.0.0.1:{port}/ws/" for _, port in spawned]
+                    pids = [proc.pid for proc, _ in spawned]
+                try:
+                    results.append(await benchmark.measure(
+                        system="chatstream", urls=urls, workload=workload, members=members,
+                        conversation_ids=conversation_ids, tickets=tickets, server_pids=pids, out=self.stderr))
+                finally:
+                    await asyncio.to_thread(benchmark.processes_stop, spawned)
+            if "socketio" in systems:
+                peers = await asyncio.to_thread(benchmark.peers_spawn, count=opts["brokers"], redis_url=redis_url,
+                                                log_dir=workdir)
+                try:
+                    rooms = [f"room-{i}" for i in range(workload.conversations)]
+                    results.append(await benchmark.measure(
+                        system="socketio", urls=[f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+                                                 for _, port in peers],
+                        workload=workload, members=members, conversation_ids=rooms, tickets=None,
+                        server_pids=[proc.pid for proc, _ in peers], out=self.stderr))
+                finally:
+                    await asyncio.to_thread(benchmark.processes_stop, peers)
+        finally:
+            if servers is not None:
+                servers.stop()
+        return results
+
+
+def benchmark_env(*, redis_url: str, mongodb_uri: str) -> dict[str, str]:
+    """The brokers' environment: this run's servers, quiet logs, and the per-connection rate limit lifted
+    (the senders of an "as fast as acked" run exceed a person's 20 frames/s by design)."""
+    import os
+
+    env = dict(os.environ)
+    env.update(REDIS_URL=redis_url, MONGODB_URI=mongodb_uri, CHATSTREAM_DOTENV="", LOG_LEVEL="WARNING",
+               DEBUG="0", SECRET_KEY=settings.SECRET_KEY, CHATSTREAM_WS_RATE="1000000",
+               CHATSTREAM_WS_BURST="1000000", PYTHONUNBUFFERED="1")
+    return env
