@@ -136,6 +136,7 @@ def test_duplicates_are_409() -> None:
         {"username": "okname1", "email": "not-an-email", "password": PASSWORD},
         {"username": "okname2", "email": "b@example.com", "password": "short"},
         {"username": "okname3", "email": "c@example.com", "password": "password123"},  # too common
+        {"username": "similarname", "email": "g@example.com", "password": "similarname1"},  # like the username
         {"username": {"$ne": None}, "email": "d@example.com", "password": PASSWORD},
         {"username": 12345, "email": "e@example.com", "password": PASSWORD},
         {"email": "f@example.com", "password": PASSWORD},
