@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import mongoengine
 import redis.asyncio
 from bson import ObjectId
 from django.conf import settings
 from django.contrib.auth.hashers import check_password, make_password
+from django.contrib.auth.models import User as DjangoUser
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 
@@ -67,7 +67,8 @@ def user_create(*, username: str, email: str, password: str) -> User:
                                details={"field": "username"})
     email = email.strip().lower()
     try:
-        validate_password(password, user=SimpleNamespace(username=username, email=email))
+        # An unsaved Django user: the similarity validator reads field names from its _meta when it refuses.
+        validate_password(password, user=DjangoUser(username=username, email=email))
     except DjangoValidationError as exc:
         raise ValidationFailed(" ".join(exc.messages), details={"field": "password"}) from None
     key = username.lower()
