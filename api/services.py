@@ -29,7 +29,7 @@ from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging import services as messaging
 from messaging import streams
-from messaging.services import Accepted, membership_changed_sync
+from messaging.services import Accepted, membership_invalidate_sync
 from storage.documents import Conversation, GroupChat, Message, SingleChat, User, utcnow
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def user_create(*, username: str, email: str, password: str) -> User:
                                details={"field": "username"})
     email = email.strip().lower()
     try:
-        # An unsaved Django user (never stored): the similarity validator reads field names from its _meta.
+        # An unsaved Django user: the similarity validator reads field names from its _meta when it refuses.
         validate_password(password, user=DjangoUser(username=username, email=email))
     except DjangoValidationError as exc:
         raise ValidationFailed(" ".join(exc.messages), details={"field": "password"}) from None
@@ -240,9 +240,14 @@ def _admin_group(*, user_id: str, group_id: str) -> GroupChat:
 
 
 def _membership_notify(*, conversation_id: str, user_ids: list[str]) -> None:
-    """Drop the cached members of a conversation and tell the brokers which users joined or left, so their
-    open connections start or stop receiving the conversation at once (``membership_changed_sync``)."""
-    membership_changed_sync(sync_redis(), user_ids=user_ids, conversation_id=conversation_id)
+    """Drop the cached members of a conversation and, where the real-time layer offers it
+    (``messaging.services.membership_changed_sync``, issue 4), tell the brokers which users joined or left,
+    so their open connections start or stop receiving the conversation at once."""
+    changed = getattr(messaging, "membership_changed_sync", None)
+    if changed is not None:
+        changed(sync_redis(), user_ids=user_ids, conversation_id=conversation_id)
+    else:
+        membership_invalidate_sync(sync_redis(), conversation_id=conversation_id)
 
 
 def _members_changed(group: GroupChat, *, added: ObjectId | None = None, removed: ObjectId | None = None) -> None:

@@ -203,3 +203,10 @@ def test_client_ip_believes_x_forwarded_for_only_from_trusted_proxies() -> None:
     direct = SimpleNamespace(META={"REMOTE_ADDR": "2001:db8::9", "HTTP_X_FORWARDED_FOR": "2001:db8::7"})
     assert client_ip(via_gateway) == "2001:db8::7"
     assert client_ip(direct) == "2001:db8::9"
+
+
+def test_a_password_like_the_username_is_a_400_not_a_500() -> None:
+    name = "sender" + uuid.uuid4().hex[:6]
+    response = register(name, password=name + "1")
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "invalid" and "similar" in response.json()["error"]["message"]
