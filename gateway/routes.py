@@ -48,6 +48,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/api/v1/auth/logout", "api", "public", exact=True, sensitive=True),
     Route("/api/v1/schema", "api", "public"),  # OpenAPI schema and its docs pages
     Route("/api/v1/docs", "api", "public"),
+    Route("/api/v1/redoc", "api", "public"),
     Route("/api/", "api", "jwt"),
     Route("/admin/", "api", "upstream"),
     Route("/ws/", "broker", "ticket"),
