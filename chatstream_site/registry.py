@@ -135,6 +135,9 @@ class Heartbeat:
         if self._stop.is_set():
             return
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            # A beat in flight would re-register right after the delete below.
+            self._thread.join(timeout=3)
         try:
             instance_deregister(self._client, role=self._role, instance_id=self._id)
             logger.info("deregistered %s %s", self._role, self._id)

@@ -19,6 +19,7 @@ specified in ``gateway/identity.py``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -121,6 +122,10 @@ class GatewayApp:
             if event["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif event["type"] == "lifespan.shutdown":
+                # Deregister now: uvicorn re-raises SIGTERM after a graceful shutdown, so atexit never runs.
+                from chatstream_site.roles import heartbeat_stop
+
+                await asyncio.to_thread(heartbeat_stop)
                 await self.router.http.aclose()
                 await self.redis.aclose()
                 await self.limits_redis.aclose()
