@@ -69,21 +69,6 @@ def rss_total(pids: list[int]) -> int:
     return sum(proc_rss_kb(p) for p in pids)
 
 
-def wait_port(port: int, *, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server for port {port} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
-
-
 # ------------------------------------------------------------------ results
 
 
@@ -397,14 +382,6 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
 # ------------------------------------------------------------------ the two systems
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def population(*, connections: int, conversations: int) -> list[list[int]]:
     """Connection indexes of each conversation's members: R groups of N/R, round robin."""
     members: list[list[int]] = [[] for _ in range(conversations)]
@@ -443,9 +420,11 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]], connections: i
 
 
 def brokers_spawn(*, count: int, env: dict[str, str], log_dir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
+    from tests.servers import free_port, wait_port
+
     spawned = []
     for i in range(count):
-        port = _free_port()
+        port = free_port()
         log = open(log_dir / f"broker-{i + 1}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([sys.executable, "manage.py", "role", "broker", "--instance", str(i + 1),
                                  "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -457,12 +436,14 @@ def brokers_spawn(*, count: int, env: dict[str, str], log_dir: Path) -> list[tup
 
 
 def peers_spawn(*, count: int, redis_url: str, log_dir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
+    from tests.servers import free_port, wait_port
+
     node = shutil.which("node")
     if node is None or not (PEER_DIR / "node_modules" / "socket.io").exists():
         raise RuntimeError("the Socket.IO peer needs node and `npm ci` in bench/peer (see docs/benchmarks.md)")
     spawned = []
     for i in range(count):
-        port = _free_port()
+        port = free_port()
         log = open(log_dir / f"peer-{i + 1}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([node, str(PEER_DIR / "server.js"), "--port", str(port), "--redis", redis_url],
                                 cwd=PEER_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

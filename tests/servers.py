@@ -7,14 +7,21 @@ Precondition: `scripts/bootstrap.py install` put `redis-server` on PATH and Ferr
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+import redis.asyncio
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 FERRETDB_BIN = ROOT / ".tools" / "bin" / "ferretdb"
@@ -111,6 +118,19 @@ class Servers:
         self.redis.stop()
         if self.mongodb is not None:
             self.mongodb.stop()
+
+
+def run_with_redis(redis_url: str, body: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
+    """Run ``body(client)`` on a fresh event loop with an asyncio Redis client it closes afterwards."""
+
+    async def main() -> T:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
 
 
 def servers_start(workdir: Path) -> Servers:

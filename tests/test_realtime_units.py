@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from typing import Any
@@ -12,7 +11,7 @@ import redis.asyncio
 
 from messaging import frames, services
 from messaging.streams import stream_key
-from tests.servers import Servers
+from tests.servers import Servers, run_with_redis
 
 
 def test_event_frames_are_spliced_from_the_stored_payload() -> None:
@@ -34,14 +33,7 @@ def test_event_frames_are_spliced_from_the_stored_payload() -> None:
 
 
 def run(servers: Servers, body: Any) -> Any:
-    async def main() -> Any:
-        client = redis.asyncio.Redis.from_url(servers.redis_url)
-        try:
-            return await body(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+    return run_with_redis(servers.redis_url, body)
 
 
 def test_backlog_is_the_drain_groups_lag_or_the_stream_length(servers: Servers) -> None:

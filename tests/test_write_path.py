@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,7 +13,7 @@ from chatstream_site.errors import DomainError, Forbidden, NotFound, PayloadTooL
 from messaging import services
 from messaging.streams import event_decode, partition_of, stream_key
 from storage.documents import Conversation
-from tests.servers import Servers
+from tests.servers import Servers, run_with_redis
 
 ALICE, BOB, EVE = (str(ObjectId()) for _ in range(3))
 
@@ -26,15 +24,8 @@ def conversation(servers: Servers) -> str:
     return str(conv.id)
 
 
-def run(servers: Servers, body: Callable[[redis.asyncio.Redis], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        client = redis.asyncio.Redis.from_url(servers.redis_url)
-        try:
-            return await body(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+def run(servers: Servers, body: Any) -> Any:
+    return run_with_redis(servers.redis_url, body)
 
 
 def test_send_is_acked_with_seq_and_deduplicated(servers: Servers, conversation: str) -> None:
