@@ -17,7 +17,7 @@ from django.core.asgi import get_asgi_application
 django_application = get_asgi_application()  # sets Django up before anything imports models
 
 from chatstream_site.roles import heartbeat_start  # noqa: E402
-from messaging.routing import websocket_application  # noqa: E402
+from messaging.routing import broker_lifespan, websocket_application  # noqa: E402
 
 application: object
 if settings.ROLE == "gateway":
@@ -28,6 +28,7 @@ elif settings.ROLE == "broker":
     application = ProtocolTypeRouter({
         "http": django_application,
         "websocket": websocket_application(),  # Origin checked against ALLOWED_HOSTS (messaging/routing.py)
+        "lifespan": broker_lifespan,  # uvicorn only; daphne never sends a lifespan scope
     })
 else:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler

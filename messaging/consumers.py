@@ -9,6 +9,7 @@ channel layer: this consumer has no channel layer at all (no per-connection chan
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import logging
@@ -50,17 +51,145 @@ _background: set[asyncio.Task[None]] = set()
 # the limit. Above SLOW_HARD_FACTOR x the limit it is closed at once, which bounds memory per connection.
 SLOW_GRACE_S = 5.0
 SLOW_HARD_FACTOR = 4
+# How long a slow reader closed with 4009 has to answer the close frame (queued behind its unread data)
+# before the TCP connection is dropped, which frees its buffer: uvicorn's default close timeout.
+SLOW_CLOSE_TIMEOUT_S = 5.0
 _AUTOBAHN_OPEN = 3  # autobahn.websocket.protocol.WebSocketProtocol.STATE_OPEN
 
 
-def _daphne_protocol(send: Any) -> Any | None:
-    """daphne's ``send`` is ``partial(server.handle_reply, protocol)``; the protocol is the autobahn
-    WebSocket with its Twisted transport. None under another ASGI server."""
-    if isinstance(send, functools.partial) and send.args:
-        proto = send.args[0]
-        if hasattr(proto, "transport") and hasattr(proto, "maxMessagePayloadSize"):
-            return proto
-    return None
+class _Output:
+    """Where a connection's server -> client frames go once it is accepted. Each subclass writes a complete,
+    pre-framed WebSocket text frame (``frames.ws_wire``) straight to the server's transport without awaiting,
+    so the hub hands one shared ``bytes`` to every receiver of a fan-out (docs/adr/0023), and reports the
+    bytes written that the kernel has not taken yet (the slow-reader bound)."""
+
+    def is_open(self) -> bool:
+        raise NotImplementedError
+
+    def write(self, wire: bytes, text: bytes) -> None:
+        raise NotImplementedError
+
+    def backlog(self) -> int:
+        raise NotImplementedError
+
+    def force_close(self, code: int) -> bool:
+        """Queue a close frame behind what is unsent and drop the connection if the client does not finish
+        the close handshake soon; False when this server's own ASGI close must be used instead."""
+        return False
+
+
+class _UvicornOutput(_Output):
+    """uvicorn's websockets-sansio protocol (``send`` is its bound method) on an asyncio/uvloop transport."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.transport = protocol.transport
+
+    @staticmethod
+    def of(send: Any) -> _UvicornOutput | None:
+        protocol = getattr(send, "__self__", None)
+        if protocol is not None and all(hasattr(protocol, a) for a in ("transport", "conn", "close_sent")):
+            return _UvicornOutput(protocol)
+        return None
+
+    def is_open(self) -> bool:
+        return not self.protocol.close_sent and not self.transport.is_closing()
+
+    def write(self, wire: bytes, text: bytes) -> None:
+        self.transport.write(wire)
+
+    def backlog(self) -> int:
+        return int(self.transport.get_write_buffer_size())
+
+    def force_close(self, code: int) -> bool:
+        # What uvicorn's own ``websocket.close`` does, minus its wait for the transport to become writable:
+        # a reader that stopped reading would hold that wait (and its buffer) for ever.
+        protocol = self.protocol
+        if protocol.close_sent or self.transport.is_closing():
+            return True
+        try:
+            protocol.conn.send_close(code, "")
+        except Exception:  # websockets' InvalidState: the peer is closing already
+            self.transport.abort()
+            return True
+        self.transport.write(b"".join(protocol.conn.data_to_send()))
+        protocol.close_sent = True
+        protocol.queue.put_nowait({"type": "websocket.disconnect", "code": code})
+        protocol.close_timer = asyncio.get_running_loop().call_later(SLOW_CLOSE_TIMEOUT_S, self.transport.abort)
+        return True
+
+
+class _DaphneOutput(_Output):
+    """daphne's ``send`` is ``partial(server.handle_reply, protocol)``; the protocol is the autobahn WebSocket
+    on a Twisted transport."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    @staticmethod
+    def of(send: Any) -> _DaphneOutput | None:
+        if isinstance(send, functools.partial) and send.args:
+            protocol = send.args[0]
+            if hasattr(protocol, "transport") and hasattr(protocol, "maxMessagePayloadSize"):
+                return _DaphneOutput(protocol)
+        return None
+
+    def is_open(self) -> bool:
+        return bool(self.protocol.state == _AUTOBAHN_OPEN)
+
+    def write(self, wire: bytes, text: bytes) -> None:
+        if self.protocol.send_queue:  # autobahn is feeding its own queue: stay behind it
+            self.protocol.sendData(wire)
+        else:
+            self.protocol.transport.write(wire)
+
+    def backlog(self) -> int:
+        transport = self.protocol.transport
+        try:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        except (AttributeError, TypeError):
+            return 0
+
+
+class _AsgiOutput(_Output):
+    """Any other ASGI server: plain ``websocket.send`` messages from one writer task per connection, behind a
+    queue whose size in bytes is the backlog (correct everywhere, slower than the two above)."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.queue: collections.deque[str] = collections.deque()
+        self.queued_bytes = 0
+        self.ready = asyncio.Event()
+        self.closed = False
+        self.task = asyncio.get_running_loop().create_task(self._writer())
+
+    def is_open(self) -> bool:
+        return not self.closed
+
+    def write(self, wire: bytes, text: bytes) -> None:
+        self.queue.append(text.decode())
+        self.queued_bytes += len(text)
+        self.ready.set()
+
+    def backlog(self) -> int:
+        return self.queued_bytes
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self.ready.wait()
+                self.ready.clear()
+                while self.queue:
+                    text = self.queue.popleft()
+                    self.queued_bytes -= len(text)
+                    await self.send({"type": "websocket.send", "text": text})
+        except Exception:
+            self.closed = True  # the client went away; the disconnect event ends the consumer
+
+    def stop(self) -> None:
+        self.closed = True
+        self.queue.clear()
+        self.task.cancel()
 
 
 def _ref_of(data: Any) -> Any:
@@ -110,13 +239,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.over_since = 0.0
         self.paced = 0
         self.presence_task: asyncio.Task[bool] | None = None
-        self.protocol = _daphne_protocol(self.base_send)
-        if self.protocol is not None:
-            # autobahn enforces the limit while it reads the frame (it never buffers more) and closes with 1009.
-            self.protocol.maxMessagePayloadSize = MAX_FRAME_BYTES
-            self.protocol.maxFramePayloadSize = MAX_FRAME_BYTES
+        daphne = _DaphneOutput.of(self.base_send)
+        if daphne is not None:
+            # autobahn enforces the limit while it reads the frame (it never buffers more) and closes with 1009
+            # (uvicorn: --ws-max-size, set by the role command).
+            daphne.protocol.maxMessagePayloadSize = MAX_FRAME_BYTES
+            daphne.protocol.maxFramePayloadSize = MAX_FRAME_BYTES
             # Fail protocol violations with a close frame carrying the code (1009 here), not a bare TCP drop.
-            self.protocol.failByDrop = False
+            daphne.protocol.failByDrop = False
+        self.out: _Output = daphne or _UvicornOutput.of(self.base_send) or _AsgiOutput(self.base_send)
         await self.accept()  # close codes exist only on an accepted WebSocket (a refused handshake is a 403)
         try:
             owner = await connection_identify(self.scope)
@@ -152,6 +283,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         self.closing = True
+        if isinstance(self.out, _AsgiOutput):
+            self.out.stop()
         if self.registered:
             self.registered = False
             self.hub.connection_remove(self, conversation_ids=list(self.conversations))
@@ -171,29 +304,42 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # ------------------------------------------------------------------ output
 
     async def send_frame(self, frame: str) -> None:
-        if not self.closing:
-            await self.base_send({"type": "websocket.send", "text": frame})
+        """Send one frame of this connection's own (ready, ack, error, resume...). Async for the callers'
+        sake; it never waits (a resume paces itself with :meth:`_send_paced`)."""
+        if not self.closing and self.out.is_open():
+            data = frame.encode()
+            self.out.write(frames.ws_wire(data), data)
 
     async def _close(self, code: int) -> None:
         if not self.closing:
             self.closing = True
-            await self.base_send({"type": "websocket.close", "code": code})
+            await self._send_close(code)
+
+    async def _send_close(self, code: int) -> None:
+        if isinstance(self.out, _AsgiOutput):
+            self.out.stop()
+        await self.base_send({"type": "websocket.close", "code": code})
+
+    def _close_too_slow(self) -> None:
+        """Close with 4009 from the hub's synchronous fan-out; no frame is written from now on."""
+        if self.closing:
+            return
+        self.closing = True
+        self.hub.stats["closed_too_slow"] += 1
+        if not self.out.force_close(CLOSE_TOO_SLOW):
+            task = asyncio.get_running_loop().create_task(self._send_close(CLOSE_TOO_SLOW))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     def _send_backlog(self) -> int:
-        """Bytes written to this connection that the kernel has not taken yet (daphne/Twisted only)."""
-        transport = getattr(self.protocol, "transport", None)
-        if transport is None:
-            return 0
-        try:
-            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-        except (AttributeError, TypeError):
-            return 0
+        """Bytes written to this connection that the kernel has not taken yet."""
+        return self.out.backlog()
 
     def _too_slow(self) -> bool:
         """Unsent bytes above ``WS_SEND_BUFFER_BYTES`` for longer than SLOW_GRACE_S, or above
         SLOW_HARD_FACTOR times it at any moment. A burst (one XREAD batch is written in one loop turn, before
         the socket is flushed) may pass the soft limit for a moment; a reader that does not read stays there."""
-        backlog = self._send_backlog()
+        backlog = self.out.backlog()
         limit = settings.WS_SEND_BUFFER_BYTES
         if backlog <= limit:
             self.over_since = 0.0
@@ -203,32 +349,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.over_since = now
         return backlog > SLOW_HARD_FACTOR * limit or now - self.over_since > SLOW_GRACE_S
 
-    async def deliver(self, *, conversation_id: str, seq: int, frame: bytes) -> None:
-        """Called by the hub for each live event (``frame``: the UTF-8 JSON text, encoded once per fan-out;
-        ``seq`` 0: unsequenced). Never blocks: a connection whose unsent bytes exceed
-        ``WS_SEND_BUFFER_BYTES`` is closed with 4009 instead."""
+    def deliver(self, *, conversation_id: str, seq: int, text: bytes, wire: bytes) -> None:
+        """Called by the hub for each live event: ``text`` is the UTF-8 JSON, ``wire`` the same as a complete
+        WebSocket frame, both built once per fan-out; ``seq`` 0: unsequenced. Never blocks: a connection
+        whose unsent bytes exceed ``WS_SEND_BUFFER_BYTES`` is closed with 4009 instead."""
         if self.closing:
             return
         buffered = self.resuming.get(conversation_id)
         if buffered is not None:
             if len(buffered) >= RESUME_BUFFER_MAX:
-                await self._close(CLOSE_TOO_SLOW)
+                self._close_too_slow()
                 return
-            buffered.append((seq, frame.decode()))
+            buffered.append((seq, text.decode()))
             return
         if seq and seq <= self.resumed_upto.get(conversation_id, 0):
             return  # already sent by this connection's resume
-        protocol = self.protocol
-        if protocol is not None:
-            if self._too_slow():
-                self.hub.stats["closed_too_slow"] += 1
-                await self._close(CLOSE_TOO_SLOW)
-            elif protocol.state == _AUTOBAHN_OPEN:
-                # Straight to autobahn with the shared bytes: no per-receiver dict, coroutine or UTF-8 encode
-                # (what daphne's send would do). Measured: see docs/adr/0021.
-                protocol.sendMessage(frame, False)
-            return
-        await self.base_send({"type": "websocket.send", "text": frame.decode()})
+        if self._too_slow():
+            self._close_too_slow()
+        elif self.out.is_open():
+            self.out.write(wire, text)
 
     def membership_recheck(self, *, conversation_id: str | None) -> None:
         if not self.closing:
@@ -292,7 +431,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 return
             await self._error(ValidationFailed("binary frames are not supported; send JSON text"), ref=None)
             return
-        # Reached only under an ASGI server other than daphne (autobahn already refuses bigger frames).
+        # Reached only under an ASGI server other than daphne and uvicorn (both refuse bigger frames while reading).
         if len(text) > MAX_FRAME_BYTES // 4 and len(text.encode()) > MAX_FRAME_BYTES:
             await self._close(CLOSE_TOO_LARGE)
             return

@@ -44,6 +44,19 @@ def event_frame(*, type: str, conversation_id: str, seq: int, payload_json: str)
     return None
 
 
+def ws_wire(payload: bytes) -> bytes:
+    """``payload`` as one complete, unmasked, uncompressed WebSocket text frame (RFC 6455 §5.2), ready for a
+    transport's ``write``. A server's frames are never masked, so the bytes are the same for every receiver:
+    the hub frames each fan-out once instead of once per receiver. Precondition: valid UTF-8 and no
+    permessage-deflate negotiated on the connection (brokers do not offer it, see chatstream_site roles)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
 def message_frame_from_document(doc: dict[str, Any]) -> str:
     """A ``message.new`` frame for a message read back from MongoDB (resume beyond the stream).
 

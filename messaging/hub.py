@@ -4,15 +4,15 @@ long-lived tasks that feed them.
 * ONE stream reader task per process: ``XREAD BLOCK`` over the partition streams that have at least one
   local subscriber, from a remembered cursor per partition, so nothing appended after a connection
   subscribed is missed, even across a Redis hiccup (the reader is supervised and resumes from its
-  cursors). Each event becomes one frame ``str`` that is handed to every local receiver (DESIGN.md §10: a
-  channel-layer ``group_send`` per message costs ~20x this).
+  cursors). Each event becomes one frame (its JSON and its WebSocket framing, built once) that is handed
+  to every local receiver (DESIGN.md §10: a channel-layer ``group_send`` per message costs ~20x this).
 * ONE pub/sub task on ``frames.CONTROL_CHANNEL``: typing and presence (ephemeral, never stored) and
   membership changes. After a reconnect of that subscription every local connection re-checks its
   memberships, because a membership message may have been missed meanwhile.
 * ONE presence task refreshing the expiry of this process' sessions (``services.presence_refresh``).
 
-The hub lives on the event loop of the ASGI server (daphne's asyncio reactor); everything here is
-non-blocking. Connections are duck-typed :class:`Subscriber` objects (the consumers).
+The hub lives on the event loop of the ASGI server (uvicorn's uvloop, or daphne's asyncio reactor);
+everything here is non-blocking. Connections are duck-typed :class:`Subscriber` objects (the consumers).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class Subscriber(Protocol):
     user_id: str
     session_id: str
 
-    async def deliver(self, *, conversation_id: str, seq: int, frame: bytes) -> None:
-        """Push one UTF-8 JSON text frame (``seq`` 0 for unsequenced ones); must not block."""
+    def deliver(self, *, conversation_id: str, seq: int, text: bytes, wire: bytes) -> None:
+        """Push one frame: ``text`` its UTF-8 JSON, ``wire`` the same as a complete WebSocket frame (``seq`` 0
+        for unsequenced ones). Synchronous: it writes to a buffer or drops the connection, never waits."""
 
     def membership_recheck(self, *, conversation_id: str | None) -> None:
         """Re-read membership of one conversation (None: all of them) and (un)subscribe; non-blocking."""
@@ -218,10 +219,11 @@ class Hub:
         if frame is None:
             return
         self.stats["events"] += 1
-        encoded = frame.encode()
+        text = frame.encode()
+        wire = frames.ws_wire(text)
         for conn in tuple(subscribers):
             try:
-                await conn.deliver(conversation_id=conversation_id, seq=seq, frame=encoded)
+                conn.deliver(conversation_id=conversation_id, seq=seq, text=text, wire=wire)
             except Exception:
                 # One broken connection must not stop the others' delivery, nor make the reader re-read
                 # (and re-send) the batch after a restart.
@@ -263,19 +265,21 @@ class Hub:
             return
         if kind == "typing":
             conversation_id, user_id = str(data["c"]), str(data["u"])
-            frame = frames.frame("typing", conversation_id=conversation_id, user_id=user_id).encode()
+            text = frames.frame("typing", conversation_id=conversation_id, user_id=user_id).encode()
+            wire = frames.ws_wire(text)
             for conn in tuple(self.by_conversation.get(conversation_id, ())):
                 if conn.user_id != user_id:
-                    await conn.deliver(conversation_id=conversation_id, seq=0, frame=frame)
+                    conn.deliver(conversation_id=conversation_id, seq=0, text=text, wire=wire)
         elif kind == "presence":
             user_id = str(data["u"])
-            frame = frames.frame("presence", user_id=user_id, status=str(data["s"])).encode()
+            text = frames.frame("presence", user_id=user_id, status=str(data["s"])).encode()
+            wire = frames.ws_wire(text)
             told: set[int] = set()
             for conversation_id in data.get("c", []):
                 for conn in tuple(self.by_conversation.get(str(conversation_id), ())):
                     if conn.user_id != user_id and id(conn) not in told:
                         told.add(id(conn))
-                        await conn.deliver(conversation_id=str(conversation_id), seq=0, frame=frame)
+                        conn.deliver(conversation_id=str(conversation_id), seq=0, text=text, wire=wire)
         elif kind == "invalidate":
             services.membership_local_forget(str(data["c"]))
         elif kind == "members":

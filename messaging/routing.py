@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import ParseResult
 
@@ -36,3 +37,19 @@ def websocket_application() -> Any:
     """The broker's WebSocket app: the routes behind the Origin check against ``ALLOWED_HOSTS``."""
     allowed = settings.ALLOWED_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
     return BrowserOriginValidator(URLRouter(websocket_urlpatterns), allowed)
+
+
+async def broker_lifespan(scope: Any, receive: Any, send: Any) -> None:
+    """ASGI lifespan of a broker under uvicorn: deregister on shutdown. uvicorn re-raises SIGTERM after its
+    graceful shutdown (which first closes every WebSocket with 1012, so each session has said offline), so
+    the registry's atexit hook never runs. Side effect: deletes this instance's registry key."""
+    while True:
+        event = await receive()
+        if event["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif event["type"] == "lifespan.shutdown":
+            from chatstream_site.roles import heartbeat_stop
+
+            await asyncio.to_thread(heartbeat_stop)
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -26,6 +26,15 @@ from tests.servers import ROOT, free_port, wait_port
 WAIT_S = 20.0
 
 
+async def wait_until_async(predicate: Any, *, timeout_s: float = WAIT_S, what: str = "condition") -> None:
+    """Poll ``predicate`` on the running loop until it is true; fail the test after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 @dataclass
 class Broker:
     port: int

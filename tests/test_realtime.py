@@ -1,4 +1,5 @@
-"""The WebSocket protocol against two real broker processes (daphne), the session's Redis and FerretDB.
+"""The WebSocket protocol against two real broker processes, the session's Redis and FerretDB; every test
+that uses the module's brokers runs under both supported ASGI servers (uvicorn, the default, and daphne).
 
 Each test talks to the brokers only over WebSockets, as a client would; users and conversations are
 created directly as MongoDB documents (the REST API is another issue's), tickets with ``ws_ticket_issue``.
@@ -30,17 +31,25 @@ from tests.realtime import (
     group_create,
     ticket_for,
     user_create,
+    wait_until_async,
 )
 from tests.servers import Servers
 
 pytestmark = pytest.mark.cluster
 
 
+@pytest.fixture(scope="module", params=["uvicorn", "daphne"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The brokers' ASGI server (CHATSTREAM_BROKER_SERVER): the consumer's output path differs per server."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Broker]]:
-    workdir = tmp_path_factory.mktemp("brokers")
+def brokers(tmp_path_factory: pytest.TempPathFactory, server: str) -> Iterator[list[Broker]]:
+    workdir = tmp_path_factory.mktemp(f"brokers-{server}")
     # A low rate limit keeps the flood test short; every other test stays far below it.
-    started = brokers_start(workdir, 2, CHATSTREAM_WS_RATE="20", CHATSTREAM_WS_BURST="60")
+    started = brokers_start(workdir, 2, CHATSTREAM_WS_RATE="20", CHATSTREAM_WS_BURST="60",
+                            CHATSTREAM_BROKER_SERVER=server)
     yield started
     for broker in started:
         broker.stop()
@@ -58,8 +67,11 @@ def send_frame(conversation_id: str, content: str, client_msg_id: str | None = N
             "client_msg_id": client_msg_id or uuid.uuid4().hex, "content": content}
 
 
-async def collect_messages(client: Client, conversation_id: str, count: int) -> list[dict[str, Any]]:
-    got: list[dict[str, Any]] = []
+async def collect_messages(client: Client, conversation_id: str, count: int,
+                           got: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The next ``count`` messages of the conversation, appended to ``got`` as they arrive (so a concurrent
+    task can watch the progress)."""
+    got = [] if got is None else got
     while len(got) < count:
         frame = await client.recv_type("message.new")
         if frame["conversation_id"] == conversation_id:
@@ -487,11 +499,12 @@ def test_killing_a_broker_does_not_disturb_the_others(servers: Servers, brokers:
         doomed.stop()
 
 
-def test_a_reader_that_stops_reading_is_closed_4009_and_others_get_everything(servers: Servers,
+def test_a_reader_that_stops_reading_is_closed_4009_and_others_get_everything(servers: Servers, server: str,
                                                                               tmp_path: Path) -> None:
     # A broker of its own, without a frame rate limit in the way of the sender; the default 1 MiB send buffer
     # (closed at once above 4 MiB unsent).
-    (broker,) = brokers_start(tmp_path, 1, CHATSTREAM_WS_RATE="10000", CHATSTREAM_WS_BURST="10000")
+    (broker,) = brokers_start(tmp_path, 1, CHATSTREAM_WS_RATE="10000", CHATSTREAM_WS_BURST="10000",
+                              CHATSTREAM_BROKER_SERVER=server)
     users = [user_create()[0] for _ in range(3)]
     conv = group_create(users)
     # 400 messages of 4,000 four-byte characters: ~6.4 MB for the stalled reader, more than the kernel's
@@ -504,9 +517,14 @@ def test_a_reader_that_stops_reading_is_closed_4009_and_others_get_everything(se
         # The healthy reader reads all the time (no client-side queue limit), concurrently with the sending.
         healthy = await connect(broker.url, ticket_for(servers.redis_url, users[1]), max_queue=None)
         sender = await connect(broker.url, ticket_for(servers.redis_url, users[2]), max_queue=None)
-        reading = asyncio.ensure_future(collect_messages(healthy, conv, count))
+        got: list[dict[str, Any]] = []
+        reading = asyncio.ensure_future(collect_messages(healthy, conv, count, got))
         for i in range(count):
             await sender.send(send_frame(conv, content, client_msg_id=f"big-{i}"))
+            if i % 40 == 39:
+                # The healthy reader shares this process (and its CPU) with the sender: let it catch up every
+                # 40 messages (~640 KB), so only the stalled reader can pass the 4 MiB bound.
+                await wait_until_async(lambda n=i: len(got) > n - 20 or reading.done(), what="the healthy reader")
         acks = [await sender.recv_type("ack") for _ in range(count)]
         assert sorted(a["seq"] for a in acks) == list(range(1, count + 1))
         got = await reading

@@ -15,6 +15,7 @@ import dj_database_url
 from chatstream_site.env import (
     ConfigError,
     env_bool,
+    env_choice,
     env_float,
     env_int,
     env_list,
@@ -282,6 +283,10 @@ WS_RATE_BURST = env_int("CHATSTREAM_WS_BURST", 60, minimum=1)
 # closed with 4009 as too slow: 1 MiB is ~3,000 typical frames, minutes of a busy group for a healthy
 # client, and bounds what a stalled reader can cost (4 MiB each: the knob to lower for many connections).
 WS_SEND_BUFFER_BYTES = env_int("CHATSTREAM_WS_SEND_BUFFER", 1024 * 1024, minimum=16 * 1024)
+# The ASGI server of the broker role: uvicorn (+ uvloop, httptools, websockets-sansio) by default, measured at
+# ~3x daphne's deliveries per core with the same consumer (docs/adr/0023, docs/benchmarks.md); daphne stays
+# supported and tested.
+BROKER_SERVER = env_choice("CHATSTREAM_BROKER_SERVER", "uvicorn", choices=("uvicorn", "daphne"))
 # Redis connections one broker may open for its commands (redis-py does not multiplex: a command holds one
 # from send until its coroutine resumes, which under load includes event-loop latency). Measured with
 # `manage.py bench` (1,000 connections, 500 msg/s): a pool of 64 made commands queue for connections and the

@@ -62,6 +62,19 @@ class Command(BaseCommand):
             trusted = ",".join(settings.GATEWAY_TRUSTED_PROXIES)
             argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
             argv.append("chatstream_site.asgi:application")
+        elif role == "broker" and settings.BROKER_SERVER == "uvicorn":
+            # The consumer writes pre-framed bytes to the transport (docs/adr/0023), so no permessage-deflate:
+            # compressing would cost a deflate per receiver and defeat framing each fan-out once. 64 KiB
+            # frames at most (DESIGN.md §9): websockets closes bigger ones with 1009 while reading them.
+            argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
+                    "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "on",
+                    "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--no-access-log",
+                    "--no-server-header", "--log-level", "warning"]  # not a log line per WebSocket accepted
+            # The gateway's X-Forwarded-For names the client (as daphne's --proxy-headers did), from the
+            # trusted proxies only.
+            trusted = ",".join(settings.TRUSTED_PROXIES)
+            argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
+            argv.append("chatstream_site.asgi:application")
         elif role in ("broker", "api"):
             argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port),
                     "--proxy-headers", "chatstream_site.asgi:application"]
