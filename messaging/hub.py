@@ -9,7 +9,9 @@ long-lived tasks that feed them.
 * ONE pub/sub task on ``frames.CONTROL_CHANNEL``: typing and presence (ephemeral, never stored) and
   membership changes. After a reconnect of that subscription every local connection re-checks its
   memberships, because a membership message may have been missed meanwhile.
-* ONE presence task refreshing the expiry of this process' sessions (``services.presence_refresh``).
+* ONE presence task refreshing the expiry of this process' sessions (``services.presence_refresh``), and
+  ONE sweep task announcing offline the users whose last session expired on a killed broker
+  (``services.presence_sweep``; every broker sweeps, each user is announced by one of them).
 
 The hub lives on the event loop of the ASGI server (uvicorn's uvloop, or daphne's asyncio reactor);
 everything here is non-blocking. Connections are duck-typed :class:`Subscriber` objects (the consumers).
@@ -90,7 +92,7 @@ class Hub:
         if self._tasks:
             return
         for name, body in (("reader", self._read_loop), ("control", self._control_loop),
-                           ("presence", self._presence_loop)):
+                           ("presence", self._presence_loop), ("presence_sweep", self._presence_sweep_loop)):
             self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(name, body)))
 
     async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
@@ -292,10 +294,35 @@ class Hub:
     # ------------------------------------------------------------------ presence heartbeat
 
     async def _presence_loop(self) -> None:
+        known: set[tuple[str, str]] = set()  # this process' sessions at the previous refresh
         while True:
-            await asyncio.sleep(services.PRESENCE_REFRESH_S)
-            sessions = [(conn.user_id, conn.session_id) for conns in self.by_user.values() for conn in conns]
-            await services.presence_refresh(self.redis, sessions=sessions)
+            await asyncio.sleep(settings.PRESENCE_REFRESH_S)
+            conns = {(conn.user_id, conn.session_id): conn for conns in self.by_user.values() for conn in conns}
+            missing = await services.presence_refresh(self.redis, sessions=list(conns))
+            previous, known = known, set(conns)
+            for key in missing:
+                conn = conns[key]
+                # A session new since the last refresh may still wait for its connect's presence update; one
+                # closed meanwhile was removed by its disconnect. Neither is ours to re-add.
+                if key not in previous or conn not in self.by_user.get(conn.user_id, ()):
+                    continue
+                # Still open but no longer counted: this process stalled past the TTL and a sweep announced
+                # the user offline. Count it again (which announces them online).
+                self.stats["presence_readded"] += 1
+                conversation_ids = sorted(c for c, subs in self.by_conversation.items() if conn in subs)
+                await services.presence_connect(self.redis, user_id=conn.user_id, session_id=conn.session_id,
+                                                conversation_ids=conversation_ids)
+
+    async def _presence_sweep_loop(self) -> None:
+        while True:
+            gone, looked = await services.presence_sweep(self.redis)
+            self.stats["presence_swept"] += len(gone)
+            if gone:
+                logger.info("presence sweep: %d user(s) whose last session expired announced offline", len(gone))
+            # A full batch means a mass expiry (a broker with many users was killed): come back soon, but
+            # still give the loop a turn between batches.
+            full = looked >= settings.PRESENCE_SWEEP_BATCH
+            await asyncio.sleep(min(0.2, settings.PRESENCE_SWEEP_S) if full else settings.PRESENCE_SWEEP_S)
 
 
 _hub: Hub | None = None

@@ -405,24 +405,83 @@ def presence_key(user_id: str) -> str:
     return f"cs:presence:{user_id}"
 
 
-# A session is counted online until its broker stops refreshing it: PRESENCE_TTL_S after a SIGKILL, the
-# killed broker's sessions stop counting. Brokers refresh every PRESENCE_REFRESH_S (a third of the TTL, so
-# two missed refreshes are tolerated).
-PRESENCE_TTL_S = 60
-PRESENCE_REFRESH_S = 20
+# Sorted set: user id -> the latest expiry among the user's sessions, for every user announced online whose
+# offline has not been announced yet. Its members with a score in the past are users whose last session
+# expired without a disconnect (their broker was killed): the sweep announces them offline.
+PRESENCE_EXPIRING_KEY = "cs:presence:expiring"
 
-# KEYS[1] presence zset; ARGV[1] session, ARGV[2] now, ARGV[3] expiry, ARGV[4] "1" add / "0" remove
-# -> live sessions of the user after the change
+# A session is counted online until its broker stops refreshing it: settings.PRESENCE_TTL_S after a SIGKILL,
+# the killed broker's sessions stop counting, and the next sweep of any live broker (presence_sweep, every
+# settings.PRESENCE_SWEEP_S) announces the users who had no other session offline.
+#
+# Invariant kept by every script below: a user is a member of PRESENCE_EXPIRING_KEY iff "online" was
+# announced for them and "offline" was not since; their score is the latest expiry in their zset. The one
+# call that removes the member announces offline, the one that adds it announces online, so each transition
+# is announced once whichever broker, disconnect or sweep observes it.
+
+# KEYS[1] presence zset, KEYS[2] PRESENCE_EXPIRING_KEY; ARGV[1] session, ARGV[2] now, ARGV[3] expiry,
+# ARGV[4] "1" add / "0" remove, ARGV[5] user id
+# -> {live sessions of the user after the change, 1 if this call took the user online (add) or offline
+#     (remove) else 0}
 _PRESENCE_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local removed = 0
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 else
-  redis.call('ZREM', KEYS[1], ARGV[1])
+  removed = redis.call('ZREM', KEYS[1], ARGV[1])
 end
 local n = redis.call('ZCARD', KEYS[1])
-if n > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) - tonumber(ARGV[2])) end
-return n
+local flip = 0
+if n > 0 then
+  local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('EXPIRE', KEYS[1], math.max(1, tonumber(top[2]) - tonumber(ARGV[2])))
+  if redis.call('ZADD', KEYS[2], top[2], ARGV[5]) == 1 and ARGV[4] == '1' then flip = 1 end
+elseif redis.call('ZREM', KEYS[2], ARGV[5]) == 1 or removed == 1 then
+  -- removed == 1 without an index entry: a session counted before the index existed (an upgrade).
+  flip = 1
+end
+return {n, flip}
+"""
+
+# A broker's heartbeat for one user. KEYS as above; ARGV[1] user id, ARGV[2] now, ARGV[3] expiry,
+# ARGV[4..] the broker's sessions of the user -> those that were not in the zset. Only present sessions are
+# refreshed: one missing was disconnected meanwhile (the refresh raced its disconnect; re-adding it would
+# count a closed connection), or it expired and was swept while this broker stalled past the TTL (the hub
+# re-adds it with presence_connect if its connection is still open).
+_PRESENCE_REFRESH_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local missing = {}
+for i = 4, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[i])
+  else
+    table.insert(missing, ARGV[i])
+  end
+end
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if top[1] then
+  redis.call('EXPIRE', KEYS[1], math.max(1, tonumber(top[2]) - tonumber(ARGV[2])))
+  redis.call('ZADD', KEYS[2], top[2], ARGV[1])
+end
+return missing
+"""
+
+# The sweep's claim of one user. KEYS as above; ARGV[1] user id, ARGV[2] now
+# -> false, or the moment (unix seconds) the user's last session expired when THIS call took them offline.
+# Atomic: of several brokers sweeping the same user, only the first sees the index entry and removes it;
+# a user with a live session (reconnected, or refreshed meanwhile) keeps it, with their new latest expiry.
+_PRESENCE_CLAIM_LUA = """
+local at = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not at then return false end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if top[1] then
+  redis.call('ZADD', KEYS[2], top[2], ARGV[1])
+  return false
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return at
 """
 
 
@@ -438,19 +497,47 @@ def _user_seen(user_id: str, status: str) -> None:
     User.objects(id=user_id).update_one(set__status=status, set__last_seen=datetime.now(UTC))
 
 
-async def _presence_change(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool) -> int:
-    now = int(time.time())
+def _user_expired(user_id: str, at: datetime) -> list[str]:
+    """Mark a user whose last session expired offline, ``last_seen`` = ``at``, unless a newer connect
+    already wrote its own ``last_seen`` (that write may run first on the pool's other thread). Returns the
+    user's conversation ids (for the announcement). Blocking (MongoDB)."""
+    from mongoengine.queryset.visitor import Q
+
+    from messaging import selectors
+    from storage.documents import User
+
+    User.objects(Q(id=user_id) & (Q(last_seen=None) | Q(last_seen__lte=at))).update_one(
+        set__status="offline", set__last_seen=at)
+    return selectors.user_conversation_ids(user_id=user_id)
+
+
+def _presence_keys(user_id: str) -> list[str]:
+    return [presence_key(user_id), PRESENCE_EXPIRING_KEY]
+
+
+async def _presence_transition(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool,
+                               now: int | None = None) -> tuple[int, bool]:
+    """Add or remove one session (``now``: the clock, or a test's). Returns the user's live sessions after
+    the change and whether this call took the user online (add) or offline (remove)."""
+    now = int(time.time()) if now is None else now
     script = client.register_script(_PRESENCE_LUA)
-    return int(await script(keys=[presence_key(user_id)],
-                            args=[session_id, now, now + PRESENCE_TTL_S, "1" if add else "0"]))
+    live, flip = await script(keys=_presence_keys(user_id),
+                              args=[session_id, now, now + int(settings.PRESENCE_TTL_S), "1" if add else "0",
+                                    user_id])
+    return int(live), bool(int(flip))
+
+
+async def _presence_change(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool) -> int:
+    """Add or remove one session; returns the user's live sessions after the change."""
+    return (await _presence_transition(client, user_id=user_id, session_id=session_id, add=add))[0]
 
 
 async def presence_connect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
                            conversation_ids: list[str]) -> bool:
-    """Count a new connection of the user; if it is the user's only live one (on any broker), mark the user
-    online (``users.status``/``last_seen``) and announce ``presence online`` to their conversations.
-    Returns whether the user came online."""
-    if await _presence_change(client, user_id=user_id, session_id=session_id, add=True) != 1:
+    """Count a new connection of the user; if the user was not online (no live session on any broker, and
+    offline announced), mark them online (``users.status``/``last_seen``) and announce ``presence online``
+    to their conversations. Returns whether the user came online."""
+    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=True))[1]:
         return False
     await asyncio.get_running_loop().run_in_executor(_presence_pool, _user_seen, user_id, "online")
     await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
@@ -462,7 +549,7 @@ async def presence_disconnect(client: redis.asyncio.Redis, *, user_id: str, sess
                               conversation_ids: list[str]) -> bool:
     """Forget a closed connection; if it was the user's last live one, mark the user offline with
     ``last_seen`` now and announce ``presence offline``. Returns whether the user went offline."""
-    if await _presence_change(client, user_id=user_id, session_id=session_id, add=False) != 0:
+    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=False))[1]:
         return False
     await asyncio.get_running_loop().run_in_executor(_presence_pool, _user_seen, user_id, "offline")
     await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
@@ -470,16 +557,69 @@ async def presence_disconnect(client: redis.asyncio.Redis, *, user_id: str, sess
     return True
 
 
-async def presence_refresh(client: redis.asyncio.Redis, *, sessions: list[tuple[str, str]]) -> None:
-    """Push the expiry of live ``(user_id, session_id)`` sessions forward (a broker's periodic heartbeat)."""
+async def presence_refresh(client: redis.asyncio.Redis, *, sessions: list[tuple[str, str]],
+                           now: int | None = None) -> list[tuple[str, str]]:
+    """Push the expiry of live ``(user_id, session_id)`` sessions forward (a broker's periodic heartbeat).
+    Returns the sessions that were no longer counted (see ``_PRESENCE_REFRESH_LUA``); they are not re-added."""
     if not sessions:
-        return
-    expiry = int(time.time()) + PRESENCE_TTL_S
+        return []
+    by_user: dict[str, list[str]] = {}
+    for user_id, session_id in sessions:
+        by_user.setdefault(user_id, []).append(session_id)
+    now = int(time.time()) if now is None else now
+    expiry = now + int(settings.PRESENCE_TTL_S)
+    script = client.register_script(_PRESENCE_REFRESH_LUA)
     async with client.pipeline(transaction=False) as pipe:
-        for user_id, session_id in sessions:
-            pipe.zadd(presence_key(user_id), {session_id: expiry})
-            pipe.expire(presence_key(user_id), PRESENCE_TTL_S)
-        await pipe.execute()
+        for user_id, session_ids in by_user.items():
+            await script(keys=_presence_keys(user_id), args=[user_id, now, expiry, *session_ids], client=pipe)
+        results = await pipe.execute()
+    return [(user_id, _s(session_id)) for user_id, missing in zip(by_user, results, strict=True)
+            for session_id in missing]
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def presence_claim(client: redis.asyncio.Redis, *, user_id: str, now: int | None = None) -> int | None:
+    """Take the user offline in Redis if their last session expired (``now`` defaults to the clock).
+    Returns the moment it expired (unix seconds) to exactly one caller, across brokers; None to every other
+    caller and whenever the user has a live session. The caller must then announce the offline."""
+    script = client.register_script(_PRESENCE_CLAIM_LUA)
+    at = await script(keys=_presence_keys(user_id), args=[user_id, int(time.time()) if now is None else now])
+    return None if at is None else int(float(at))
+
+
+async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = None,
+                         now: int | None = None) -> tuple[list[str], int]:
+    """One pass of a broker's sweep: announce ``presence offline`` for users whose last session expired
+    without a disconnect (their broker was killed) and set their ``users.status`` offline with ``last_seen``
+    = the moment the last session expired. At most ``limit`` (settings.PRESENCE_SWEEP_BATCH) users are
+    looked at; the rest are left for the next pass. Safe to run on every broker at once: each user is
+    announced by the one broker that claims them. Returns (users this call announced, users looked at).
+
+    At most once: a broker killed between a claim and its announcement, or a MongoDB failure then, loses
+    that announcement (``presence_online`` and the next connect stay right)."""
+    now = int(time.time()) if now is None else now
+    due: Any = await client.zrangebyscore(PRESENCE_EXPIRING_KEY, "-inf", now, start=0,
+                                     num=int(settings.PRESENCE_SWEEP_BATCH if limit is None else limit))
+    gone: list[str] = []
+    loop = asyncio.get_running_loop()
+    for raw in due:
+        user_id = _s(raw)
+        at = await presence_claim(client, user_id=user_id, now=now)
+        if at is None:
+            continue
+        try:
+            conversation_ids = await loop.run_in_executor(
+                _presence_pool, _user_expired, user_id, datetime.fromtimestamp(min(at, now), UTC))
+            await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
+                user_id=user_id, status="offline", conversation_ids=conversation_ids))
+        except Exception:
+            logger.exception("presence sweep: announcing user %s offline failed", user_id)
+            continue
+        gone.append(user_id)
+    return gone, len(due)
 
 
 async def presence_online(client: redis.asyncio.Redis, *, user_id: str) -> bool:

@@ -130,6 +130,23 @@ class Client:
                 return frame
             self.skipped.append(frame)
 
+    async def recv_during(self, seconds: float) -> list[dict[str, Any]]:
+        """Every frame that arrives within ``seconds`` (a bounded listen, to show that something did NOT
+        come); they stay available to :meth:`recv_type` and are in ``seen``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        got: list[dict[str, Any]] = []
+        while (left := deadline - loop.time()) > 0:
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+            except TimeoutError:
+                break
+            frame = json.loads(raw)
+            self.seen.append(frame)
+            self.skipped.append(frame)
+            got.append(frame)
+        return got
+
     async def recv_closed(self) -> int | None:
         """Read until the server closes; return its close code."""
         try:

@@ -293,6 +293,18 @@ BROKER_SERVER = env_choice("CHATSTREAM_BROKER_SERVER", "uvicorn", choices=("uvic
 # broker fell behind at ~170 msg/s with its CPU mostly idle; 1,000 kept up. Redis allows 10,000 clients by
 # default: with many brokers, raise Redis' maxclients or lower this.
 BROKER_REDIS_POOL = env_int("CHATSTREAM_BROKER_REDIS_POOL", 1000, minimum=8)
+# Presence (docs/protocol.md, "Presence and typing"). A broker refreshes the expiry of its sessions every
+# PRESENCE_REFRESH_S; a session not refreshed for PRESENCE_TTL_S stops counting. 60 s: a third of it (20 s) is
+# one cheap pipeline per broker, and two missed refreshes (a GC pause, a Redis failover) are tolerated before a
+# live user is shown offline, while someone whose only device was on a crashed broker is shown offline within
+# about a minute. Every PRESENCE_SWEEP_S each broker looks for users whose last session expired that way
+# and announces them offline (exactly once across brokers), at most PRESENCE_SWEEP_BATCH users per pass.
+PRESENCE_TTL_S = env_int("CHATSTREAM_PRESENCE_TTL", 60, minimum=2)
+PRESENCE_REFRESH_S = env_float("CHATSTREAM_PRESENCE_REFRESH", PRESENCE_TTL_S / 3, minimum=0.1)
+if PRESENCE_REFRESH_S >= PRESENCE_TTL_S:
+    raise ConfigError("CHATSTREAM_PRESENCE_REFRESH must be shorter than CHATSTREAM_PRESENCE_TTL")
+PRESENCE_SWEEP_S = env_float("CHATSTREAM_PRESENCE_SWEEP", min(5.0, PRESENCE_REFRESH_S / 4), minimum=0.1)
+PRESENCE_SWEEP_BATCH = env_int("CHATSTREAM_PRESENCE_SWEEP_BATCH", 100, minimum=1)
 
 # ------------------------------------------------------------------ Celery
 
