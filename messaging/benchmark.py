@@ -539,6 +539,9 @@ def summary_stats(results: list[Result]) -> dict[str, Any]:
                                             if sio.deliveries_per_core_s else None)
         out["ratio_deliveries_per_s"] = (cs.deliveries_per_s / sio.deliveries_per_s
                                          if sio.deliveries_per_s else None)
+    if "chatstream-daphne" in by and "socketio" in by and by["socketio"].deliveries_per_core_s:
+        out["ratio_daphne_deliveries_per_core"] = (by["chatstream-daphne"].deliveries_per_core_s
+                                                   / by["socketio"].deliveries_per_core_s)
     out["median_latency_all_ms"] = {r.system: statistics.median([lat for _, lat in r.timeline] or [0.0])
                                     for r in results}
     return out

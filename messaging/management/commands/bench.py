@@ -29,7 +29,8 @@ class Command(BaseCommand):
                             help="messages/s over all conversations; 0 = as fast as acked (one in flight each)")
         parser.add_argument("--brokers", type=int, default=1, help="server processes per system")
         parser.add_argument("--systems", default="chatstream,socketio",
-                            help="comma list of chatstream, socketio")
+                            help="comma list of chatstream (brokers on CHATSTREAM_BROKER_SERVER, uvicorn by "
+                                 "default), chatstream-daphne (brokers on daphne), socketio")
         parser.add_argument("--url", default=None,
                             help="use a running ChatStream at this ws:// URL (e.g. the gateway's /ws/) with the "
                                  "configured REDIS_URL/MONGODB_URI instead of private servers and brokers")
@@ -39,8 +40,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         systems = [s.strip() for s in opts["systems"].split(",") if s.strip()]
-        if not systems or set(systems) - {"chatstream", "socketio"}:
-            raise CommandError("--systems takes chatstream and/or socketio")
+        if not systems or set(systems) - {"chatstream", "chatstream-daphne", "socketio"}:
+            raise CommandError("--systems takes chatstream, chatstream-daphne and/or socketio")
+        if opts["url"] and "chatstream-daphne" in systems:
+            raise CommandError("--url measures a running cluster as it is: use --systems chatstream")
         if opts["connections"] < opts["conversations"] or opts["conversations"] < 1:
             raise CommandError("need at least one connection per conversation")
         workload = benchmark.Workload(connections=opts["connections"], conversations=opts["conversations"],
@@ -62,6 +65,9 @@ class Command(BaseCommand):
             self.stdout.write(f"\nChatStream / Socket.IO, deliveries per server core-second: "
                               f"{summary['ratio_deliveries_per_core']:.2f}x; deliveries/s: "
                               f"{summary['ratio_deliveries_per_s']:.2f}x")
+        if summary.get("ratio_daphne_deliveries_per_core") is not None:
+            self.stdout.write(f"\nChatStream on daphne / Socket.IO, deliveries per server core-second: "
+                              f"{summary['ratio_daphne_deliveries_per_core']:.2f}x")
         self.stdout.write(f"\nplot: {png}\nresults: {out_dir / f'fanout-{stamp}.json'}")
 
     async def _run(self, *, workload: benchmark.Workload, systems: list[str], opts: dict[str, Any],
@@ -80,7 +86,7 @@ class Command(BaseCommand):
             mongo_connect(mongodb_uri)
             self.stderr.write(f"private Redis {redis_url} and MongoDB {mongodb_uri} (logs in {workdir})")
         try:
-            if "chatstream" in systems:
+            for system in [s for s in systems if s.startswith("chatstream")]:
                 conversation_ids, tickets = await asyncio.to_thread(
                     benchmark.chatstream_setup, redis_url=redis_url, members=members,
                     connections=workload.connections)
@@ -90,13 +96,15 @@ class Command(BaseCommand):
                     pids = [int(p) for p in opts["server_pids"].split(",") if p.strip()]
                 else:
                     env = benchmark_env(redis_url=redis_url, mongodb_uri=mongodb_uri)
+                    if system == "chatstream-daphne":
+                        env["CHATSTREAM_BROKER_SERVER"] = "daphne"
                     spawned = await asyncio.to_thread(benchmark.brokers_spawn, count=opts["brokers"], env=env,
                                                       log_dir=workdir)
                     urls = [f"ws://127.0.0.1:{port}/ws/" for _, port in spawned]
                     pids = [proc.pid for proc, _ in spawned]
                 try:
                     results.append(await benchmark.measure(
-                        system="chatstream", urls=urls, workload=workload, members=members,
+                        system=system, urls=urls, workload=workload, members=members,
                         conversation_ids=conversation_ids, tickets=tickets, server_pids=pids, out=self.stderr))
                 finally:
                     await asyncio.to_thread(benchmark.processes_stop, spawned)
