@@ -70,6 +70,7 @@ class Hub:
             redis_url, max_connections=settings.BROKER_REDIS_POOL, timeout=COMMAND_TIMEOUT_S,
             socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S)
         self.redis = redis.asyncio.Redis(connection_pool=pool)
+        streams.append_batching_enable(self.redis)
         self._reader = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
                                                     socket_connect_timeout=COMMAND_TIMEOUT_S)
         self._control = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,

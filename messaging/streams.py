@@ -26,8 +26,10 @@ retry returns the first attempt's ``(message_id, seq)`` and appends nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -131,7 +133,9 @@ async def event_append(
     ``dedup`` is ``(sender_id, client_msg_id)`` for ``message.new``. ``meta`` is ``(key, fields, ttl_s)`` of
     a hash written in the same round trip, after the script (not atomically with it; for a duplicate it is
     written too, so it must be harmless then). Precondition: the caller validated and authorized the event.
-    Side effects: HINCRBY + XADD (+ SET of the dedup key), in one script (+ HSET/EXPIRE of ``meta``).
+    Side effects: HINCRBY + XADD (+ SET of the dedup key), in one script (+ HSET/EXPIRE of ``meta``). On a
+    client with :func:`append_batching_enable`, the round trip is shared with the other appends of the same
+    event-loop turn.
     """
     partition = partition_of(conversation_id)
     keys = [
@@ -141,30 +145,116 @@ async def event_append(
     ]
     args: list[str | int] = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
             "1" if type in SEQUENCED else "0"]
-    # One round trip: EVALSHA (+ the meta hash) in a plain pipeline; a server that does not know the script
-    # yet (first use, restart, failover) answers NOSCRIPT and gets it loaded once.
-    for attempt in (1, 2):
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.evalsha(_APPEND_SHA, len(keys), *keys, *args)
-            if meta is not None:
-                pipe.hset(meta[0], mapping=meta[1])  # type: ignore[arg-type]
-                pipe.expire(meta[0], meta[2])
-            results = await pipe.execute(raise_on_error=False)
-        result = results[0]
-        if isinstance(result, Exception):
-            if attempt == 1 and isinstance(result, redis.exceptions.NoScriptError):
-                await client.script_load(_APPEND_LUA)
-                continue
-            raise result
-        for other in results[1:]:
-            if isinstance(other, Exception):
-                raise other
-        break
+    batcher = _batchers.get(client)
+    if batcher is not None:
+        result = await batcher.submit(_Append(keys, args, meta))
+    else:
+        result = (await _appends_execute(client, [_Append(keys, args, meta)]))[0]
+    if isinstance(result, Exception):
+        raise result
     msg_id, seq, entry_id, duplicate = result
     return Appended(
         message_id=_str(msg_id), seq=int(seq), entry_id=_str(entry_id), partition=partition,
         duplicate=bool(int(duplicate)),
     )
+
+
+@dataclass(slots=True)
+class _Append:
+    keys: list[str]
+    args: list[str | int]
+    meta: tuple[str, dict[str, str], int] | None
+
+
+async def _appends_execute(client: redis.asyncio.Redis, appends: list[_Append]) -> list[Any]:
+    """Run the append script for each of ``appends`` (with its meta hash) in one non-transactional pipeline;
+    return each script's result, or the exception of the script or of its meta write. A server that does not
+    know the script yet (first use, restart, failover) answers NOSCRIPT: the script is loaded once and those
+    appends run again."""
+    results = await _appends_pipeline(client, appends)
+    retry = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+    if retry:
+        await client.script_load(_APPEND_LUA)
+        for i, result in zip(retry, await _appends_pipeline(client, [appends[i] for i in retry]), strict=True):
+            results[i] = result
+    return results
+
+
+async def _appends_pipeline(client: redis.asyncio.Redis, appends: list[_Append]) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        for append in appends:
+            pipe.evalsha(_APPEND_SHA, len(append.keys), *append.keys, *append.args)
+            if append.meta is not None:
+                pipe.hset(append.meta[0], mapping=append.meta[1])  # type: ignore[arg-type]
+                pipe.expire(append.meta[0], append.meta[2])
+        replies = await pipe.execute(raise_on_error=False)
+    results: list[Any] = []
+    at = 0
+    for append in appends:
+        width = 1 if append.meta is None else 3
+        errors = [r for r in replies[at:at + width] if isinstance(r, Exception)]
+        results.append(errors[0] if errors else replies[at])
+        at += width
+    return results
+
+
+class AppendBatcher:
+    """Coalesces the appends made during one event-loop turn into one pipeline (one Redis round trip and one
+    pooled connection for all of them): on a broker, many connections send at once, and redis-py's cost per
+    command round trip (pool checkout, timeout, pipeline object) was the biggest part of a send's CPU in a
+    profile of ``manage.py bench`` (docs/adr/0023). Each append keeps its own result and error; order within
+    a batch is submission order, and one connection never has two appends in flight."""
+
+    # Appends per pipeline: bounds one reply's size and the latency one batch adds to the last of it.
+    MAX_BATCH = 256
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.pending: list[tuple[_Append, asyncio.Future[Any]]] = []
+        self.scheduled = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, append: _Append) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.pending.append((append, future))
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, []
+        for start in range(0, len(pending), self.MAX_BATCH):
+            task = asyncio.get_running_loop().create_task(self._run(pending[start:start + self.MAX_BATCH]))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, batch: list[tuple[_Append, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await _appends_execute(self.client, [append for append, _ in batch])
+        except BaseException as exc:  # every waiter gets the failure, cancellation included
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else redis.exceptions.ConnectionError(
+                        "append batch cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+_batchers: weakref.WeakKeyDictionary[redis.asyncio.Redis, AppendBatcher] = weakref.WeakKeyDictionary()
+
+
+def append_batching_enable(client: redis.asyncio.Redis) -> None:
+    """Make :func:`event_append` on ``client`` share round trips with concurrent appends (a broker's hub
+    does this for its client). Precondition: ``client`` is only used on one event loop."""
+    if client not in _batchers:
+        _batchers[client] = AppendBatcher(client)
 
 
 def event_decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
