@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis
@@ -107,26 +107,23 @@ def test_messages_cross_brokers_on_every_master(servers: Servers, cluster_sync: 
     assert_on_the_cluster_only(servers, cluster_sync, conversations, last_seq=20)
 
 
-def test_retried_client_msg_id_is_one_message_on_every_master(
-        servers: Servers, cluster_sync: redis.cluster.RedisCluster, brokers: list[Broker]) -> None:
+# (scenario on one conversation, the conversation's last seq after it)
+ONE_CONVERSATION_SCENARIOS = [
+    pytest.param(retried_client_msg_id_is_one_message, 2, id="a retried client_msg_id is one message"),
+    pytest.param(resume_returns_exactly_the_missed_events, 10, id="resume returns exactly the missed events"),
+]
+
+
+@pytest.mark.parametrize(("scenario", "last_seq"), ONE_CONVERSATION_SCENARIOS)
+def test_cross_broker_scenario_on_every_master(servers: Servers, cluster_sync: redis.cluster.RedisCluster,
+                                               brokers: list[Broker], scenario: Callable[..., Awaitable[None]],
+                                               last_seq: int) -> None:
     alice, _ = user_create()
     bob, _ = user_create()
     conversations = conversations_on_every_master(cluster_sync, [alice, bob])
     for conv in conversations:
-        asyncio.run(retried_client_msg_id_is_one_message(brokers, servers.redis_url, alice=alice, bob=bob,
-                                                         conversation=conv))
-    assert_on_the_cluster_only(servers, cluster_sync, conversations, last_seq=2)
-
-
-def test_resume_returns_exactly_the_missed_events_on_every_master(
-        servers: Servers, cluster_sync: redis.cluster.RedisCluster, brokers: list[Broker]) -> None:
-    alice, _ = user_create()
-    bob, _ = user_create()
-    conversations = conversations_on_every_master(cluster_sync, [alice, bob])
-    for conv in conversations:
-        asyncio.run(resume_returns_exactly_the_missed_events(brokers, servers.redis_url, alice=alice, bob=bob,
-                                                             conversation=conv))
-    assert_on_the_cluster_only(servers, cluster_sync, conversations, last_seq=10)
+        asyncio.run(scenario(brokers, servers.redis_url, alice=alice, bob=bob, conversation=conv))
+    assert_on_the_cluster_only(servers, cluster_sync, conversations, last_seq=last_seq)
 
 
 def test_append_without_dedup_key_runs_on_the_cluster(cluster: RedisCluster) -> None:
