@@ -2,7 +2,8 @@
 
 A sync ``redis.Redis`` is thread-safe (it owns a connection pool), so one per process serves every request
 thread. An asyncio client is bound to the event loop it first ran on, so the async write path
-(``messaging.services``) gets a fresh one inside each :func:`run_async` call, closed before it returns.
+(``messaging.services``) gets fresh ones inside each :func:`run_async` call, closed before it returns.
+Keys of the message bus (streams, seq counters, read cursors) are read with ``messaging.bus.bus_sync()``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import redis
 import redis.asyncio
 from asgiref.sync import async_to_sync
 from django.conf import settings
+
+from messaging.bus import BusAsync, bus_async_new, bus_is_separate
 
 T = TypeVar("T")
 
@@ -29,17 +32,21 @@ def sync_redis() -> redis.Redis:
     return _sync_redis(settings.REDIS_URL)
 
 
-def run_async(body: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
-    """Run ``body(client)`` to completion from sync code with a fresh asyncio client; return its result.
+def run_async(body: Callable[[redis.asyncio.Redis, BusAsync], Awaitable[T]]) -> T:
+    """Run ``body(client, bus)`` to completion from sync code with fresh asyncio clients of REDIS_URL and of
+    the message bus (the same client when the bus is REDIS_URL); return its result.
 
-    Side effects: those of ``body``; opens and closes one Redis connection pool.
+    Side effects: those of ``body``; opens and closes one Redis connection pool (two with a separate bus).
     """
 
     async def main() -> T:
         client = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=3)
+        bus = bus_async_new() if bus_is_separate() else client
         try:
-            return await body(client)
+            return await body(client, bus)
         finally:
+            if bus is not client:
+                await bus.aclose()
             await client.aclose()
 
     return async_to_sync(main)()

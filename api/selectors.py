@@ -16,8 +16,8 @@ from typing import Any
 
 from bson import ObjectId
 
-from api.clients import sync_redis
 from chatstream_site.errors import NotFound
+from messaging.bus import bus_sync
 from messaging.services import read_cursor_key
 from messaging.streams import partition_of, seq_key
 from storage.documents import Conversation, GroupChat, Message, User
@@ -112,8 +112,8 @@ class ConversationSummary:
 
 def _accepted_and_cursors(conversations: list[Conversation], *, user_id: str) -> list[tuple[int, int]]:
     """One Redis round trip: (last accepted seq, read cursor) per conversation (same keys as
-    ``messaging.streams.last_accepted_seq`` and ``messaging.services.read_mark``)."""
-    pipe = sync_redis().pipeline(transaction=False)
+    ``messaging.streams.last_accepted_seq`` and ``messaging.services.read_mark``, on the bus Redis)."""
+    pipe = bus_sync().pipeline(transaction=False)
     for conv in conversations:
         cid = str(conv.id)
         pipe.hget(seq_key(partition_of(cid)), cid)
@@ -304,7 +304,7 @@ def admin_conversations(*, conversation_id: str = "", page: int = 1, per_page: i
                 .limit(per_page + 1))
     has_next = len(rows) > per_page
     rows = rows[:per_page]
-    pipe = sync_redis().pipeline(transaction=False)
+    pipe = bus_sync().pipeline(transaction=False)
     for conv in rows:
         pipe.hget(seq_key(partition_of(str(conv.id))), str(conv.id))
     accepted = [int(x or 0) for x in pipe.execute()] if rows else []

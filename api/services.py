@@ -29,6 +29,7 @@ from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging import services as messaging
 from messaging import streams
+from messaging.bus import BusAsync
 from messaging.services import Accepted, membership_invalidate_sync
 from storage.documents import Conversation, GroupChat, Message, SingleChat, User, utcnow
 
@@ -340,23 +341,25 @@ def group_leave(*, user_id: str, group_id: str) -> None:
 def conversation_message_send(*, user_id: str, conversation_id: str, client_msg_id: str, content: str) -> Accepted:
     """Send through ``messaging.services.message_send`` (the WebSocket path's function): the message is in
     the stream, and so on its way to live clients and MongoDB, when this returns."""
-    return run_async(lambda c: messaging.message_send(c, user_id=user_id, conversation_id=conversation_id,
-                                                      client_msg_id=client_msg_id, content=content))
+    return run_async(lambda c, b: messaging.message_send(c, bus=b, user_id=user_id, conversation_id=conversation_id,
+                                                         client_msg_id=client_msg_id, content=content))
 
 
 def message_edit(*, user_id: str, message_id: str, content: str) -> Accepted:
     """Edit (sender only) through ``messaging.services.message_edit``."""
-    return run_async(lambda c: messaging.message_edit(c, user_id=user_id, message_id=message_id, content=content))
+    return run_async(lambda c, b: messaging.message_edit(c, bus=b, user_id=user_id, message_id=message_id,
+                                                         content=content))
 
 
 def message_delete(*, user_id: str, message_id: str) -> Accepted:
     """Tombstone (sender only) through ``messaging.services.message_delete``."""
-    return run_async(lambda c: messaging.message_delete(c, user_id=user_id, message_id=message_id))
+    return run_async(lambda c, b: messaging.message_delete(c, bus=b, user_id=user_id, message_id=message_id))
 
 
 def conversation_read_mark(*, user_id: str, conversation_id: str, seq: int) -> int:
     """Move the caller's read cursor forward (never back); return the cursor now in force."""
-    return run_async(lambda c: messaging.read_mark(c, user_id=user_id, conversation_id=conversation_id, seq=seq))
+    return run_async(lambda c, b: messaging.read_mark(c, bus=b, user_id=user_id, conversation_id=conversation_id,
+                                                      seq=seq))
 
 
 # ------------------------------------------------------------------ staff moderation
@@ -379,13 +382,13 @@ def message_tombstone_by_staff(*, message_id: str, staff_username: str) -> int:
     payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": messaging._now_iso(),
                "deleter_id": f"staff:{staff_username}"}
 
-    async def append(client: redis.asyncio.Redis) -> int:
-        appended = await streams.event_append(client, type="message.deleted", conversation_id=conversation_id,
+    async def append(_client: redis.asyncio.Redis, bus: BusAsync) -> int:
+        appended = await streams.event_append(bus, type="message.deleted", conversation_id=conversation_id,
                                               payload=payload, message_id=message_id)
         key = messaging.message_meta_key(message_id)
         # The sender's later edits and deletes are refused, as after their own delete.
-        await client.hset(key, mapping={"c": conversation_id, "u": "", "x": "1"})
-        await client.expire(key, settings.RESUME_WINDOW_S + 3600)
+        await bus.hset(key, mapping={"c": conversation_id, "u": "", "x": "1"})
+        await bus.expire(key, settings.RESUME_WINDOW_S + 3600)
         return appended.seq
 
     seq = run_async(append)

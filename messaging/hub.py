@@ -5,7 +5,10 @@ long-lived tasks that feed them.
   local subscriber, from a remembered cursor per partition, so nothing appended after a connection
   subscribed is missed, even across a Redis hiccup (the reader is supervised and resumes from its
   cursors). Each event becomes one frame (its JSON and its WebSocket framing, built once) that is handed
-  to every local receiver (DESIGN.md §10: a channel-layer ``group_send`` per message costs ~20x this).
+  to every local receiver (DESIGN.md §10: a channel-layer ``group_send`` per message costs ~20x this). On a
+  Redis Cluster bus (docs/adr/0022) one XREAD may name keys of one slot only, and every partition has its
+  own slot: there the reader task runs one ``XREAD BLOCK`` per subscribed partition instead, each from that
+  partition's cursor.
 * ONE pub/sub task on ``frames.CONTROL_CHANNEL``: typing and presence (ephemeral, never stored) and
   membership changes. After a reconnect of that subscription every local connection re-checks its
   memberships, because a membership message may have been missed meanwhile.
@@ -31,6 +34,7 @@ import redis.asyncio
 from django.conf import settings
 
 from messaging import frames, services, streams
+from messaging.bus import BusAsync, bus_async_new, bus_is_cluster, bus_resolve
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +75,8 @@ class Hub:
             socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S)
         self.redis = redis.asyncio.Redis(connection_pool=pool)
         streams.append_batching_enable(self.redis)
-        self._reader = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
-                                                    socket_connect_timeout=COMMAND_TIMEOUT_S)
+        # The stream reader's own client: its XREAD BLOCK holds a connection (one per partition on a cluster).
+        self._reader = bus_async_new(socket_timeout=READER_SOCKET_TIMEOUT_S)
         self._control = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
                                                      socket_connect_timeout=COMMAND_TIMEOUT_S)
         self.by_conversation: dict[str, set[Subscriber]] = {}
@@ -85,6 +89,13 @@ class Hub:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: Counter[str] = Counter()
+
+    @property
+    def bus(self) -> BusAsync:
+        """The message bus client for ordinary commands: ``self.redis`` unless the bus is another Redis or a
+        cluster, else the loop's bus client, the one ``messaging.services`` resolves to (one pool per broker).
+        Precondition: called on the running loop."""
+        return bus_resolve(self.redis, None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,7 +184,7 @@ class Hub:
             futures = {p: asyncio.get_running_loop().create_future() for p in fetch}
             self._cursor_pending.update(futures)
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
+                async with self.bus.pipeline(transaction=False) as pipe:
                     for p in fetch:
                         pipe.xrevrange(self._keys[p], count=1)
                     lasts = await pipe.execute()
@@ -192,19 +203,57 @@ class Hub:
     # ------------------------------------------------------------------ the stream reader
 
     async def _read_loop(self) -> None:
+        if bus_is_cluster(self._reader):
+            await self._read_loop_per_partition()
+            return
         while True:
             if not self._cursors:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             request: dict[Any, Any] = {self._keys[p]: cursor for p, cursor in self._cursors.items()}
-            response: Any = await self._reader.xread(request, count=READ_COUNT, block=BLOCK_MS)
-            for key, entries in response or []:
-                partition = self._key_partition[key if isinstance(key, bytes) else key.encode()]
-                for entry_id, fields in entries:
-                    await self._dispatch(entry_id, fields)
-                if entries and partition in self._cursors:
-                    self._cursors[partition] = entries[-1][0]
+            await self._read_consume(await self._reader.xread(request, count=READ_COUNT, block=BLOCK_MS))
+
+    async def _read_consume(self, response: Any) -> None:
+        """Dispatch an XREAD reply's entries in stream order and move each partition's cursor past them."""
+        for key, entries in response or []:
+            partition = self._key_partition[key if isinstance(key, bytes) else key.encode()]
+            for entry_id, fields in entries:
+                await self._dispatch(entry_id, fields)
+            if entries and partition in self._cursors:
+                self._cursors[partition] = entries[-1][0]
+
+    async def _read_loop_per_partition(self) -> None:
+        """The reader on a Redis Cluster: one task per subscribed partition (see the module docstring). A
+        partition's task ends within BLOCK_MS of its last unsubscribe. One failed read (a node away, a
+        failover) fails them all: the supervisor restarts the reader, which resumes from the cursors.
+        redis-py's cluster client follows MOVED and refreshes its slot map, so a resharded slot is read
+        from its new node."""
+        readers: dict[int, asyncio.Task[None]] = {}
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                for p in self._cursors:
+                    if p not in readers:
+                        readers[p] = loop.create_task(self._read_partition(p))
+                # No await since the scan: a partition acquired from here on sets the event again.
+                self._wake.clear()
+                waker = loop.create_task(self._wake.wait())
+                await asyncio.wait([waker, *readers.values()], return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                for p, task in list(readers.items()):
+                    if task.done():
+                        del readers[p]
+                        task.result()  # re-raises a failed read
+        finally:
+            for task in readers.values():
+                task.cancel()
+            await asyncio.gather(*readers.values(), return_exceptions=True)
+
+    async def _read_partition(self, partition: int) -> None:
+        key = self._keys[partition]
+        while (cursor := self._cursors.get(partition)) is not None:
+            await self._read_consume(await self._reader.xread({key: cursor}, count=READ_COUNT, block=BLOCK_MS))
 
     async def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:

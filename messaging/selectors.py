@@ -14,6 +14,7 @@ import redis.asyncio
 from bson import ObjectId
 
 from messaging import streams
+from messaging.bus import BusAsync, bus_resolve
 
 # XREVRANGE page while looking for a conversation's missed events: big enough that a short absence is one
 # round trip, small enough that one page (~1,000 entries of ~300 bytes) is a few hundred KB at most.
@@ -83,18 +84,20 @@ def _s(value: bytes | str) -> str:
 
 
 async def stream_events_after(client: redis.asyncio.Redis, *, conversation_id: str, after_seq: int,
-                              last_seq: int) -> StreamTail:
+                              last_seq: int, bus: BusAsync | None = None) -> StreamTail:
     """Scan the conversation's partition stream backwards for its sequenced events with
-    ``after_seq < seq <= last_seq`` (seq order is stream order within a conversation). Read-only."""
+    ``after_seq < seq <= last_seq`` (seq order is stream order within a conversation). ``client`` is a
+    REDIS_URL client; the stream is read through ``bus`` (default: ``messaging.bus.bus_resolve``). Read-only."""
     if last_seq <= after_seq:
         return StreamTail(events=[], complete=True)
+    bus = bus_resolve(client, bus)
     key = streams.stream_key(streams.partition_of(conversation_id))
     conv = conversation_id.encode()
     found: list[StreamEvent] = []
     upper: bytes | str = "+"
     scanned = 0
     while scanned < RESUME_SCAN_MAX:
-        page: Any = await client.xrevrange(key, max=upper, min="-", count=RESUME_SCAN_PAGE)
+        page: Any = await bus.xrevrange(key, max=upper, min="-", count=RESUME_SCAN_PAGE)
         if not page:
             break
         for _entry_id, fields in page:

@@ -6,8 +6,10 @@ stream (``messaging/streams.py``). It returns only after Redis accepted the entr
 means to clients (DESIGN.md §4). Fan-out to connected clients and persistence happen downstream, from the
 stream; nothing here talks to a socket.
 
-All functions are coroutines taking an asyncio Redis client; sync callers (DRF views) use
-``asgiref.sync.async_to_sync``.
+All functions are coroutines taking an asyncio client of REDIS_URL (membership, pub/sub, presence); those
+that touch the partition streams also take ``bus``, a client of the message bus (``messaging/bus.py``; by
+default ``bus_resolve(client, None)``: ``client`` itself unless the bus is another Redis or a cluster). Sync
+callers (DRF views) use ``asgiref.sync.async_to_sync`` and pass both clients.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from django.conf import settings
 
 from chatstream_site.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from messaging import frames, streams
+from messaging.bus import BusAsync, bus_resolve
 
 CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -49,7 +52,8 @@ def membership_key(conversation_id: str) -> str:
 
 
 def message_meta_key(message_id: str) -> str:
-    """Hash ``{c: conversation id, u: sender id}`` of a message accepted recently (before it is in MongoDB)."""
+    """Hash ``{c: conversation id, u: sender id}`` of a message accepted recently (before it is in MongoDB).
+    On the bus Redis (no hash tag: a message id alone must find it)."""
     return f"cs:msgmeta:{message_id}"
 
 
@@ -187,7 +191,8 @@ class Accepted:
 
 
 async def message_send(
-    client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, client_msg_id: Any, content: Any
+    client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, client_msg_id: Any, content: Any,
+    bus: BusAsync | None = None,
 ) -> Accepted:
     """Accept a new message. Retrying with the same ``client_msg_id`` returns the first ``(id, seq)``.
 
@@ -198,6 +203,7 @@ async def message_send(
     client_msg_id = _require_client_msg_id(client_msg_id)
     content = _require_content(content)
     await membership_require(client, user_id=user_id, conversation_id=conversation_id)
+    bus = bus_resolve(client, bus)
     payload = {
         "id": uuid.uuid4().hex, "conversation_id": conversation_id, "sender_id": user_id,
         "content": content, "timestamp": _now_iso(), "client_msg_id": client_msg_id,
@@ -205,13 +211,13 @@ async def message_send(
     # The sender is remembered for edits made before the message reaches MongoDB, in the append's round
     # trip. A retry writes it for its own fresh (never used) id: harmless, and it expires.
     appended = await streams.event_append(
-        client, type="message.new", conversation_id=conversation_id, payload=payload,
+        bus, type="message.new", conversation_id=conversation_id, payload=payload,
         message_id=payload["id"], dedup=(user_id, client_msg_id),
         meta=(message_meta_key(payload["id"]), {"c": conversation_id, "u": user_id},
               settings.RESUME_WINDOW_S + 3600),
     )
     if not appended.duplicate:
-        drain_nudge(client, partition=appended.partition)
+        drain_nudge(bus, partition=appended.partition)
     return Accepted(message_id=appended.message_id, conversation_id=conversation_id, seq=appended.seq,
                     duplicate=appended.duplicate, event={**payload, "id": appended.message_id, "seq": appended.seq})
 
@@ -225,10 +231,10 @@ def _message_owner_from_db(message_id: str) -> tuple[str, str, bool] | None:
     return str(message.conversation_id), str(message.sender_id), bool(message.deleted)
 
 
-async def _message_owner(client: redis.asyncio.Redis, *, message_id: Any) -> tuple[str, str]:
+async def _message_owner(bus: BusAsync, *, message_id: Any) -> tuple[str, str]:
     if not isinstance(message_id, str) or not MESSAGE_ID_RE.match(message_id):
         raise ValidationFailed("message_id must be a 32-character hex id", details={"field": "message_id"})
-    meta = await client.hgetall(message_meta_key(message_id))
+    meta = await bus.hgetall(message_meta_key(message_id))
     if meta:
         decoded = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                    for k, v in meta.items()}
@@ -241,43 +247,47 @@ async def _message_owner(client: redis.asyncio.Redis, *, message_id: Any) -> tup
     return found[0], found[1]
 
 
-async def _sender_only(client: redis.asyncio.Redis, *, user_id: str, message_id: Any) -> str:
-    conversation_id, sender_id = await _message_owner(client, message_id=message_id)
+async def _sender_only(client: redis.asyncio.Redis, bus: BusAsync, *, user_id: str, message_id: Any) -> str:
+    conversation_id, sender_id = await _message_owner(bus, message_id=message_id)
     await membership_require(client, user_id=user_id, conversation_id=conversation_id)
     if sender_id != user_id:
         raise Forbidden("only the sender may change a message", details={"message_id": message_id})
     return conversation_id
 
 
-async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id: Any, content: Any) -> Accepted:
+async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id: Any, content: Any,
+                       bus: BusAsync | None = None) -> Accepted:
     """Replace a message's content (sender only). Appends ``message.edited`` after the message it edits."""
     content = _require_content(content)
-    conversation_id = await _sender_only(client, user_id=user_id, message_id=message_id)
+    bus = bus_resolve(client, bus)
+    conversation_id = await _sender_only(client, bus, user_id=user_id, message_id=message_id)
     payload = {"id": message_id, "conversation_id": conversation_id, "content": content,
                "edited_at": _now_iso(), "editor_id": user_id}
-    appended = await streams.event_append(client, type="message.edited", conversation_id=conversation_id,
+    appended = await streams.event_append(bus, type="message.edited", conversation_id=conversation_id,
                                           payload=payload, message_id=message_id)
-    drain_nudge(client, partition=appended.partition)
+    drain_nudge(bus, partition=appended.partition)
     return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
                     event={**payload, "seq": appended.seq})
 
 
-async def message_delete(client: redis.asyncio.Redis, *, user_id: str, message_id: Any) -> Accepted:
+async def message_delete(client: redis.asyncio.Redis, *, user_id: str, message_id: Any,
+                         bus: BusAsync | None = None) -> Accepted:
     """Tombstone a message (sender only). Appends ``message.deleted``; later edits are refused."""
-    conversation_id = await _sender_only(client, user_id=user_id, message_id=message_id)
+    bus = bus_resolve(client, bus)
+    conversation_id = await _sender_only(client, bus, user_id=user_id, message_id=message_id)
     payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": _now_iso(),
                "deleter_id": user_id}
     appended = await streams.event_append(
-        client, type="message.deleted", conversation_id=conversation_id, payload=payload, message_id=message_id,
+        bus, type="message.deleted", conversation_id=conversation_id, payload=payload, message_id=message_id,
         meta=(message_meta_key(message_id), {"c": conversation_id, "u": user_id, "x": "1"},
               settings.RESUME_WINDOW_S + 3600))
-    drain_nudge(client, partition=appended.partition)
+    drain_nudge(bus, partition=appended.partition)
     return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
                     event={**payload, "seq": appended.seq})
 
 
 def read_cursor_key(conversation_id: str) -> str:
-    """Hash user id -> read seq, in the conversation's partition slot."""
+    """Hash user id -> read seq, in the conversation's partition slot (on the bus Redis)."""
     return f"cs:{streams.tag(streams.partition_of(conversation_id))}:read:{conversation_id}"
 
 
@@ -296,7 +306,8 @@ return want
 """
 
 
-async def read_mark(client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, seq: Any) -> int:
+async def read_mark(client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, seq: Any,
+                    bus: BusAsync | None = None) -> int:
     """Move the user's read cursor forward to ``seq`` (clamped to the last accepted seq); return the cursor.
 
     A cursor never moves back: a smaller ``seq`` changes nothing and appends nothing. Side effect, when it
@@ -306,14 +317,15 @@ async def read_mark(client: redis.asyncio.Redis, *, user_id: str, conversation_i
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
         raise ValidationFailed("seq must be a non-negative integer", details={"field": "seq"})
     await membership_require(client, user_id=user_id, conversation_id=conversation_id)
+    bus = bus_resolve(client, bus)
     partition = streams.partition_of(conversation_id)
     payload = f'{{"conversation_id":"{conversation_id}","user_id":"{user_id}","seq":0}}'
-    script = client.register_script(_READ_LUA)
+    script = bus.register_script(_READ_LUA)
     cursor = await script(
         keys=[read_cursor_key(conversation_id), streams.stream_key(partition), streams.seq_key(partition)],
         args=[user_id, seq, conversation_id, payload],
     )
-    drain_nudge(client, partition=partition)
+    drain_nudge(bus, partition=partition)
     return int(cursor)
 
 
@@ -326,7 +338,7 @@ _appends_since_check: dict[int, int] = {}
 _background: set[asyncio.Task[None]] = set()
 
 
-async def partition_backlog(client: redis.asyncio.Redis, *, partition: int) -> int:
+async def partition_backlog(client: BusAsync, *, partition: int) -> int:
     """Entries of a partition not yet delivered to its drain's consumer group (XINFO GROUPS ``lag``);
     the whole stream length when no group exists yet or Redis cannot tell the lag. Read-only."""
     key = streams.stream_key(partition)
@@ -349,7 +361,7 @@ async def _drain_enqueue(*, partition: int) -> None:
     await drain_enqueue_async(partition=partition)
 
 
-async def _drain_check(client: redis.asyncio.Redis, *, partition: int) -> None:
+async def _drain_check(client: BusAsync, *, partition: int) -> None:
     try:
         if await partition_backlog(client, partition=partition) >= settings.BATCH_SIZE:
             # drain_enqueue itself keeps it to one drain in flight per partition (SET NX lock).
@@ -358,10 +370,10 @@ async def _drain_check(client: redis.asyncio.Redis, *, partition: int) -> None:
         logger.exception("size trigger: backlog check of partition %s failed", partition)
 
 
-def drain_nudge(client: redis.asyncio.Redis, *, partition: int) -> None:
+def drain_nudge(client: BusAsync, *, partition: int) -> None:
     """Count one local append to ``partition``; every tenth of a batch, check the partition's backlog in the
-    background and enqueue a drain when it reached ``BATCH_SIZE``. Never delays the caller's ack.
-    Precondition: called on a running event loop."""
+    background (with the bus client ``client``) and enqueue a drain when it reached ``BATCH_SIZE``. Never
+    delays the caller's ack. Precondition: called on a running event loop."""
     count = _appends_since_check.get(partition, 0) + 1
     if count < max(1, settings.BATCH_SIZE // 10):
         _appends_since_check[partition] = count

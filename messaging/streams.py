@@ -3,7 +3,8 @@
 Layout (DESIGN.md §3, docs/adr/0002): ``CHATSTREAM_PARTITIONS`` streams ``cs:{pNN}:events``; a conversation
 lives in partition ``crc32(conversation_id) % PARTITIONS`` for ever. Every key of a partition carries the
 hash tag ``{pNN}``, so on a Redis Cluster the stream, its seq counters and its dedup keys share one slot and
-the append script may touch them all.
+the append script may touch them all. These keys live on the message bus Redis (``messaging/bus.py``,
+docs/adr/0022), which may be a cluster.
 
 An entry is one durable conversation event with the fields
 
@@ -38,6 +39,8 @@ import redis.asyncio
 import redis.exceptions
 from django.conf import settings
 
+from messaging.bus import BusAsync, bus_is_cluster, bus_resolve
+
 EventType = Literal["message.new", "message.edited", "message.deleted", "read.updated"]
 SEQUENCED: frozenset[str] = frozenset({"message.new", "message.edited", "message.deleted"})
 FORMAT_VERSION = "1"
@@ -67,12 +70,19 @@ def dedup_key(partition: int, *, sender_id: str, client_msg_id: str) -> str:
     return f"cs:{tag(partition)}:dedup:{sender_id}:{client_msg_id}"
 
 
-# KEYS[1] stream, KEYS[2] seq hash, KEYS[3] dedup key ("" when the event is not deduplicated)
+def no_dedup_key(partition: int) -> str:
+    """Stands in for KEYS[3] of an event that is not deduplicated; never read or written. A real key in the
+    partition's slot, because on a Redis Cluster every key of a script must be in one slot ("" is slot 0)."""
+    return f"cs:{tag(partition)}:dedup:-"
+
+
+# KEYS[1] stream, KEYS[2] seq hash, KEYS[3] dedup key (no_dedup_key when ARGV[7] is "0")
 # ARGV[1] type, ARGV[2] conversation id, ARGV[3] payload JSON, ARGV[4] message id, ARGV[5] dedup TTL,
-# ARGV[6] "1" if the event takes a seq
+# ARGV[6] "1" if the event takes a seq, ARGV[7] "1" if it is deduplicated on KEYS[3]
 # -> {message_id, seq, entry_id, duplicate(0/1)}
 _APPEND_LUA = """
-if KEYS[3] ~= '' then
+local dedup = ARGV[7] == '1'
+if dedup then
   local seen = redis.call('GET', KEYS[3])
   if seen then
     local sep = string.find(seen, ':', 1, true)
@@ -84,7 +94,7 @@ if ARGV[6] == '1' then
   seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 end
 local id = redis.call('XADD', KEYS[1], '*', 't', ARGV[1], 'c', ARGV[2], 's', tostring(seq), 'd', ARGV[3], 'v', '1')
-if KEYS[3] ~= '' then
+if dedup then
   redis.call('SET', KEYS[3], ARGV[4] .. ':' .. seq, 'EX', tonumber(ARGV[5]))
 end
 return {ARGV[4], seq, id, 0}
@@ -119,7 +129,7 @@ class MalformedEntry(ValueError):
 
 
 async def event_append(
-    client: redis.asyncio.Redis,
+    client: BusAsync,
     *,
     type: EventType,
     conversation_id: str,
@@ -131,8 +141,9 @@ async def event_append(
     """Append one event to its conversation's partition stream, atomically with its seq.
 
     ``dedup`` is ``(sender_id, client_msg_id)`` for ``message.new``. ``meta`` is ``(key, fields, ttl_s)`` of
-    a hash written in the same round trip, after the script (not atomically with it; for a duplicate it is
-    written too, so it must be harmless then). Precondition: the caller validated and authorized the event.
+    a hash written in the same round trip, after the script (on a Redis Cluster beside it; never atomically
+    with it; for a duplicate it is written too, so it must be harmless then). Precondition: the caller
+    validated and authorized the event. ``client`` is a bus client (``messaging.bus``).
     Side effects: HINCRBY + XADD (+ SET of the dedup key), in one script (+ HSET/EXPIRE of ``meta``). On a
     client with :func:`append_batching_enable`, the round trip is shared with the other appends of the same
     event-loop turn.
@@ -141,14 +152,17 @@ async def event_append(
     keys = [
         stream_key(partition),
         seq_key(partition),
-        dedup_key(partition, sender_id=dedup[0], client_msg_id=dedup[1]) if dedup else "",
+        dedup_key(partition, sender_id=dedup[0], client_msg_id=dedup[1]) if dedup else no_dedup_key(partition),
     ]
     args: list[str | int] = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
-            "1" if type in SEQUENCED else "0"]
+            "1" if type in SEQUENCED else "0", "1" if dedup else "0"]
     batcher = _batchers.get(client)
-    if batcher is not None:
+    if bus_is_cluster(client):
+        result = await _append_cluster(client, keys=keys, args=args, meta=meta)
+    elif batcher is not None:
         result = await batcher.submit(_Append(keys, args, meta))
     else:
+        assert isinstance(client, redis.asyncio.Redis)  # not a cluster (above)
         result = (await _appends_execute(client, [_Append(keys, args, meta)]))[0]
     if isinstance(result, Exception):
         raise result
@@ -157,6 +171,24 @@ async def event_append(
         message_id=_str(msg_id), seq=int(seq), entry_id=_str(entry_id), partition=partition,
         duplicate=bool(int(duplicate)),
     )
+
+
+async def _append_cluster(client: BusAsync, *, keys: list[str], args: list[str | int],
+                          meta: tuple[str, dict[str, str], int] | None) -> Any:
+    """The append on a Redis Cluster: redis-py refuses scripts in a cluster pipeline, and the meta hash lives
+    in another slot (often on another node), so the script and the meta writes run side by side instead of
+    in one pipeline: still one round trip of latency. ``register_script`` loads the script on NOSCRIPT."""
+
+    async def meta_write() -> None:
+        if meta is not None:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hset(meta[0], mapping=meta[1])  # type: ignore[arg-type]
+                pipe.expire(meta[0], meta[2])
+                await pipe.execute()
+
+    script = client.register_script(_APPEND_LUA)
+    result, _ = await asyncio.gather(script(keys=keys, args=args), meta_write())
+    return result
 
 
 @dataclass(slots=True)
@@ -247,13 +279,13 @@ class AppendBatcher:
                 future.set_result(result)
 
 
-_batchers: weakref.WeakKeyDictionary[redis.asyncio.Redis, AppendBatcher] = weakref.WeakKeyDictionary()
+_batchers: weakref.WeakKeyDictionary[BusAsync, AppendBatcher] = weakref.WeakKeyDictionary()
 
 
-def append_batching_enable(client: redis.asyncio.Redis) -> None:
+def append_batching_enable(client: BusAsync) -> None:
     """Make :func:`event_append` on ``client`` share round trips with concurrent appends (a broker's hub
     does this for its client). Precondition: ``client`` is only used on one event loop."""
-    if client not in _batchers:
+    if client not in _batchers and isinstance(client, redis.asyncio.Redis):  # a cluster pipeline refuses scripts
         _batchers[client] = AppendBatcher(client)
 
 
@@ -273,8 +305,10 @@ def event_decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
         raise MalformedEntry(f"undecodable entry {_str(entry_id)}: {exc}") from None
 
 
-async def last_accepted_seq(client: redis.asyncio.Redis, *, conversation_id: str) -> int:
-    raw = await client.hget(seq_key(partition_of(conversation_id)), conversation_id)
+async def last_accepted_seq(client: redis.asyncio.Redis, *, conversation_id: str, bus: BusAsync | None = None) -> int:
+    """The last seq given out in the conversation (0: none). ``client`` is a REDIS_URL client; the read goes
+    to ``bus`` (default: ``messaging.bus.bus_resolve``). Read-only."""
+    raw = await bus_resolve(client, bus).hget(seq_key(partition_of(conversation_id)), conversation_id)
     return int(raw) if raw is not None else 0
 
 

@@ -1,7 +1,9 @@
-"""Redis keys of the storage pipeline, and the process's sync Redis client.
+"""Redis keys of the storage pipeline, and the process's sync client of the message bus Redis.
 
 Per-partition keys carry the partition's hash tag ``{pNN}`` (like the stream itself, see
-``messaging/streams.py``), so on a Redis Cluster they live in the stream's slot.
+``messaging/streams.py``), so on a Redis Cluster they live in the stream's slot and the lease scripts touch
+one slot. The dead letters and rate buckets are in slots of their own: they are only ever used in single-key
+commands or non-transactional pipelines, which a cluster client splits by node.
 """
 
 from __future__ import annotations
@@ -9,9 +11,7 @@ from __future__ import annotations
 import os
 import socket
 
-import redis
-from django.conf import settings
-
+from messaging.bus import BusSync, bus_sync
 from messaging.streams import tag
 
 GROUP = "storage"  # the one consumer group that persists the streams
@@ -53,19 +53,10 @@ def maintenance_key(partition: int) -> str:
 RATE_BUCKET_S = 10
 RATE_WINDOW_S = 60
 
-_client: redis.Redis | None = None
-_client_pid = 0
-
-
-def redis_sync() -> redis.Redis:
-    """The process's sync client (re-created after a fork). Socket timeout 10 s: no call of the storage
-    pipeline blocks (no XREAD BLOCK), so a longer wait means Redis is in trouble."""
-    global _client, _client_pid
-    if _client is None or _client_pid != os.getpid():
-        _client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=5,
-                                       health_check_interval=30)
-        _client_pid = os.getpid()
-    return _client
+def redis_sync() -> BusSync:
+    """The process's sync client of the message bus (``messaging.bus.bus_sync``), where the streams and
+    every key above live: a Redis Cluster client when the bus is one (docs/adr/0022)."""
+    return bus_sync()
 
 
 def consumer_name() -> str:

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from django.conf import settings
 
+from messaging.bus import BusSync
 from messaging.streams import stream_key
 from storage.keys import DEADLETTERS, GROUP, RATE_BUCKET_S, RATE_WINDOW_S, rate_key, redis_sync, stats_key
 
@@ -57,7 +57,7 @@ class PartitionState:
         return max(0.0, (now_ms - entry_ms(self.oldest_unpersisted)) / 1000)
 
 
-def partitions_state(*, partitions: list[int] | None = None, client: redis.Redis | None = None) -> list[PartitionState]:
+def partitions_state(*, partitions: list[int] | None = None, client: BusSync | None = None) -> list[PartitionState]:
     """The state of each partition (all by default), in two pipelined round trips."""
     r = client or redis_sync()
     parts = partitions if partitions is not None else list(range(int(settings.PARTITIONS)))
@@ -115,7 +115,7 @@ def partitions_state(*, partitions: list[int] | None = None, client: redis.Redis
     return states
 
 
-def persisted_rates(*, client: redis.Redis | None = None, now_s: float | None = None) -> dict[int, float]:
+def persisted_rates(*, client: BusSync | None = None, now_s: float | None = None) -> dict[int, float]:
     """Events persisted per second per partition, averaged over the last ``RATE_WINDOW_S`` full buckets."""
     r = client or redis_sync()
     current = int((now_s if now_s is not None else time.time()) // RATE_BUCKET_S)
@@ -150,18 +150,18 @@ def _deadletter(entry_id: Any, raw: dict[Any, Any]) -> DeadLetter:
                       reason=f.get("reason", ""), failed_at_ms=int(f.get("failed_at_ms", 0)), fields=fields)
 
 
-def deadletters_list(*, limit: int = 100, client: redis.Redis | None = None) -> list[DeadLetter]:
+def deadletters_list(*, limit: int = 100, client: BusSync | None = None) -> list[DeadLetter]:
     """The newest ``limit`` dead letters, newest first."""
     r = client or redis_sync()
     found: Any = r.xrevrange(DEADLETTERS, count=limit)
     return [_deadletter(i, f) for i, f in found]
 
 
-def deadletters_count(*, client: redis.Redis | None = None) -> int:
+def deadletters_count(*, client: BusSync | None = None) -> int:
     return int((client or redis_sync()).xlen(DEADLETTERS))
 
 
-def deadletter_get(*, id: str, client: redis.Redis | None = None) -> DeadLetter | None:
+def deadletter_get(*, id: str, client: BusSync | None = None) -> DeadLetter | None:
     r = client or redis_sync()
     found: Any = r.xrange(DEADLETTERS, min=id, max=id, count=1)
     return _deadletter(*found[0]) if found else None

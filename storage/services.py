@@ -30,6 +30,7 @@ from django.conf import settings
 from mongoengine.connection import get_db
 
 from chatstream_site.errors import NotFound, Retryable
+from messaging.bus import BusSync
 from messaging.streams import Event, MalformedEntry, event_decode, stream_key
 from storage.keys import (
     DEADLETTERS,
@@ -65,7 +66,7 @@ _LEASE_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis
 # ------------------------------------------------------------------ the trigger
 
 
-def drain_enqueue(*, partition: int, client: redis.Redis | None = None) -> bool:
+def drain_enqueue(*, partition: int, client: BusSync | None = None) -> bool:
     """Queue a drain of ``partition`` unless one is already queued or running; return whether it queued.
 
     Used by beat's tick (the time trigger) and by brokers when a partition's backlog reaches the batch size
@@ -93,7 +94,7 @@ async def drain_enqueue_async(*, partition: int) -> bool:
     return bool(await sync_to_async(drain_enqueue, thread_sensitive=False)(partition=partition))
 
 
-def drain_release(*, partition: int, backoff_s: int = 0, client: redis.Redis | None = None) -> None:
+def drain_release(*, partition: int, backoff_s: int = 0, client: BusSync | None = None) -> None:
     """End of a drain: free the partition's lock, or keep it ``backoff_s`` more seconds (after an outage)."""
     r = client or redis_sync()
     if backoff_s > 0:
@@ -102,7 +103,7 @@ def drain_release(*, partition: int, backoff_s: int = 0, client: redis.Redis | N
         r.delete(drain_lock_key(partition))
 
 
-def drain_tick(*, client: redis.Redis | None = None) -> list[int]:
+def drain_tick(*, client: BusSync | None = None) -> list[int]:
     """The time trigger (beat, every ``FLUSH_INTERVAL_S``): enqueue a drain of every partition with a backlog,
     and run each partition's maintenance at most once a minute. Returns the partitions it enqueued."""
     r = client or redis_sync()
@@ -144,7 +145,7 @@ class _Item:
     doc: dict[str, Any] = field(default_factory=dict)  # the parsed payload
 
 
-def group_ensure(*, partition: int, client: redis.Redis | None = None) -> None:
+def group_ensure(*, partition: int, client: BusSync | None = None) -> None:
     """Create the ``storage`` consumer group (from the stream's first entry) if missing; idempotent."""
     key = stream_key(partition)
     if key in _groups_ready:
@@ -158,7 +159,7 @@ def group_ensure(*, partition: int, client: redis.Redis | None = None) -> None:
     _groups_ready.add(key)
 
 
-def _read_batch(r: redis.Redis, *, partition: int, consumer: str, batch_size: int) -> tuple[list[_Item], int]:
+def _read_batch(r: BusSync, *, partition: int, consumer: str, batch_size: int) -> tuple[list[_Item], int]:
     """Pending entries idle past ``DRAIN_RECLAIM_IDLE_S`` (orphans of dead consumers, entries handed back
     after an outage, deferred ones due for another attempt; XAUTOCLAIM), then new entries, up to
     ``batch_size``, in stream order."""
@@ -402,7 +403,7 @@ def _pause_before_ack(partition: int, count: int) -> None:
 
 
 def partition_drain(
-    *, partition: int, batch_size: int, consumer: str, client: redis.Redis | None = None
+    *, partition: int, batch_size: int, consumer: str, client: BusSync | None = None
 ) -> DrainResult:
     """Persist one batch (at most ``batch_size`` entries) of ``partition``'s stream, then acknowledge it.
 
@@ -437,7 +438,7 @@ def partition_drain(
             r.register_script(_LEASE_RELEASE_LUA)(keys=[drain_lease_key(partition)], args=[token])
 
 
-def _drain_leased(r: redis.Redis, *, partition: int, batch_size: int, consumer: str, result: DrainResult,
+def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str, result: DrainResult,
                   started: float, token: str) -> DrainResult:
     try:
         group_ensure(partition=partition, client=r)
@@ -503,7 +504,7 @@ def _drain_leased(r: redis.Redis, *, partition: int, batch_size: int, consumer: 
     return result
 
 
-def _hand_back(r: redis.Redis, *, partition: int, consumer: str, ids: list[str]) -> None:
+def _hand_back(r: BusSync, *, partition: int, consumer: str, ids: list[str]) -> None:
     """After an outage: keep the entries pending but make them look idle past the reclaim threshold, with
     their delivery count reset, so the next drain on any worker takes them at once and no entry is blamed."""
     try:
@@ -513,7 +514,7 @@ def _hand_back(r: redis.Redis, *, partition: int, consumer: str, ids: list[str])
         logger.exception("storage.drain could not hand back %d entries of partition %d", len(ids), partition)
 
 
-def _settle(r: redis.Redis, *, partition: int, items: list[_Item], result: DrainResult) -> None:
+def _settle(r: BusSync, *, partition: int, items: list[_Item], result: DrainResult) -> None:
     """Dead-letter, acknowledge and count. Dead letters are added before the XACK, so a crash in between
     duplicates a dead letter at worst, never loses an entry."""
     key, fkey = stream_key(partition), failures_key(partition)
@@ -563,7 +564,7 @@ def _deadletter_add(pipe: Any, *, partition: int, entry_id: str, fields: dict[An
 # ------------------------------------------------------------------ dead letters
 
 
-def deadletter_retry(*, id: str, client: redis.Redis | None = None) -> str:
+def deadletter_retry(*, id: str, client: BusSync | None = None) -> str:
     """Put a dead letter back at the end of its partition stream (fields unchanged, seq kept) and remove it
     from the dead letters; return the new entry id. The drain's writes are keyed and guarded, so the late
     copy cannot undo newer events. Raises NotFound."""
@@ -578,7 +579,7 @@ def deadletter_retry(*, id: str, client: redis.Redis | None = None) -> str:
     return new_id
 
 
-def deadletter_discard(*, id: str, client: redis.Redis | None = None) -> bool:
+def deadletter_discard(*, id: str, client: BusSync | None = None) -> bool:
     """Forget a dead letter for good; return whether it existed."""
     return bool((client or redis_sync()).xdel(DEADLETTERS, id))
 
@@ -586,7 +587,7 @@ def deadletter_discard(*, id: str, client: redis.Redis | None = None) -> bool:
 # ------------------------------------------------------------------ trimming and housekeeping
 
 
-def trim_boundary(*, partition: int, now_ms: int | None = None, client: redis.Redis | None = None) -> str:
+def trim_boundary(*, partition: int, now_ms: int | None = None, client: BusSync | None = None) -> str:
     """The MINID below which entries may go: both acknowledged by the storage group and older than the
     resume window. ``0-0`` (nothing) when the group does not exist yet."""
     r = client or redis_sync()
@@ -606,7 +607,7 @@ def trim_boundary(*, partition: int, now_ms: int | None = None, client: redis.Re
 
 
 def partition_trim(*, partition: int, now_ms: int | None = None, approximate: bool = True,
-                   client: redis.Redis | None = None) -> int:
+                   client: BusSync | None = None) -> int:
     """XTRIM MINID the trim boundary; returns how many entries went. Approximate (``~``, the default):
     Redis removes whole nodes only, which is cheap and may keep a few more entries, never fewer."""
     r = client or redis_sync()
@@ -616,7 +617,7 @@ def partition_trim(*, partition: int, now_ms: int | None = None, approximate: bo
     return int(r.xtrim(stream_key(partition), minid=boundary, approximate=approximate))
 
 
-def consumers_forget(*, partition: int, idle_s: int = 3600, client: redis.Redis | None = None) -> int:
+def consumers_forget(*, partition: int, idle_s: int = 3600, client: BusSync | None = None) -> int:
     """Delete consumers of the group that own no pending entry and were idle over ``idle_s`` (every
     restarted worker is a new consumer); returns how many."""
     r = client or redis_sync()

@@ -182,3 +182,132 @@ async def connect(url: str, ticket: str | None, *, expect_ready: bool = True, rc
 
 async def connect_user(url: str, redis_url: str, user_id: str) -> Client:
     return await connect(url, ticket_for(redis_url, user_id))
+
+
+# ------------------------------------------------------------------ cross-broker scenarios
+# Shared by tests/test_realtime.py (the session's single Redis) and tests/test_realtime_redis_cluster.py
+# (the streams on a real Redis Cluster): the same promises, whatever Redis holds the streams.
+
+RESUMED = ("message.new", "message.edited", "message.deleted", "resumed")
+
+
+def send_frame(conversation_id: str, content: str, client_msg_id: str | None = None) -> dict[str, Any]:
+    return {"type": "message.send", "conversation_id": conversation_id,
+            "client_msg_id": client_msg_id or uuid.uuid4().hex, "content": content}
+
+
+async def collect_messages(client: Client, conversation_id: str, count: int,
+                           got: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The next ``count`` messages of the conversation, appended to ``got`` as they arrive (so a concurrent
+    task can watch the progress)."""
+    into = {conversation_id: [] if got is None else got}
+    return (await collect_by_conversation(client, {conversation_id: count}, into))[conversation_id]
+
+
+async def collect_by_conversation(client: Client, counts: dict[str, int],
+                                  got: dict[str, list[dict[str, Any]]] | None = None,
+                                  ) -> dict[str, list[dict[str, Any]]]:
+    """The next ``counts[c]`` new messages of each conversation ``c``, in arrival order (others are dropped),
+    appended to ``got`` (a fresh dict of lists by default)."""
+    got = {c: [] for c in counts} if got is None else got
+    while any(len(got[c]) < n for c, n in counts.items()):
+        frame = await client.recv_type("message.new")
+        if frame["conversation_id"] in got:
+            got[frame["conversation_id"]].append(frame["message"])
+    return got
+
+
+async def messages_cross_brokers(brokers: list[Broker], redis_url: str, *, alice: str, bob: str,
+                                 conversations: list[str], count: int = 30) -> None:
+    """alice sends ``count`` messages to each conversation (interleaved) on broker 1; her other device and
+    bob on broker 2, and alice's sending device, get all of them in seq order, nothing lost."""
+    sender = await connect_user(brokers[0].url, redis_url, alice)
+    alice_phone = await connect_user(brokers[1].url, redis_url, alice)
+    reader = await connect_user(brokers[1].url, redis_url, bob)
+    assert reader.ready["user_id"] == bob and reader.ready["session_id"]
+    assert set(conversations) <= set(reader.ready["conversations"])
+    acks: dict[str, list[dict[str, Any]]] = {c: [] for c in conversations}
+    for i in range(count):
+        for conv in conversations:
+            await sender.send(send_frame(conv, f"hello {i}", client_msg_id=f"c{i}"))
+            acks[conv].append(await sender.recv_type("ack"))
+    for conv in conversations:
+        assert [a["seq"] for a in acks[conv]] == list(range(1, count + 1))
+        assert [a["client_msg_id"] for a in acks[conv]] == [f"c{i}" for i in range(count)]
+        assert all(a["conversation_id"] == conv and len(a["message_id"]) == 32 for a in acks[conv])
+    for client in (reader, alice_phone, sender):
+        got = await collect_by_conversation(client, {c: count for c in conversations})
+        for conv in conversations:
+            assert [m["seq"] for m in got[conv]] == list(range(1, count + 1))
+            assert [m["content"] for m in got[conv]] == [f"hello {i}" for i in range(count)]
+            assert [m["id"] for m in got[conv]] == [a["message_id"] for a in acks[conv]]
+            assert all(m["sender_id"] == alice for m in got[conv])
+    for client in (sender, alice_phone, reader):
+        await client.close()
+
+
+async def retried_client_msg_id_is_one_message(brokers: list[Broker], redis_url: str, *, alice: str, bob: str,
+                                               conversation: str) -> None:
+    """A send retried with the same client_msg_id on the other broker gets the first (id, seq) back, and the
+    reader sees one message."""
+    conv = conversation
+    reader = await connect_user(brokers[1].url, redis_url, bob)
+    sender = await connect_user(brokers[0].url, redis_url, alice)
+    await sender.send(send_frame(conv, "once", client_msg_id="retry-me"))
+    first = await sender.recv_type("ack")
+    await sender.close()
+    # The client lost the ack, reconnects elsewhere and retries.
+    again = await connect_user(brokers[1].url, redis_url, alice)
+    await again.send(send_frame(conv, "once", client_msg_id="retry-me"))
+    second = await again.recv_type("ack")
+    assert (second["message_id"], second["seq"]) == (first["message_id"], first["seq"])
+    assert second["duplicate"] is True
+    await again.send(send_frame(conv, "next", client_msg_id="after"))
+    await again.recv_type("ack")
+    got = await collect_messages(reader, conv, 2)
+    assert [(m["seq"], m["content"]) for m in got] == [(1, "once"), (2, "next")]
+    await reader.close()
+    await again.close()
+
+
+async def resume_returns_exactly_the_missed_events(brokers: list[Broker], redis_url: str, *, alice: str, bob: str,
+                                                   conversation: str) -> None:
+    """bob disconnects, misses four messages, an edit and a delete, reconnects on the other broker and
+    resumes: exactly those six events, then the marker, then live delivery without repeats."""
+    conv = conversation
+    sender = await connect_user(brokers[0].url, redis_url, alice)
+    reader = await connect_user(brokers[1].url, redis_url, bob)
+    for i in range(3):
+        await sender.send(send_frame(conv, f"seen {i}"))
+        await sender.recv_type("ack")
+    assert [m["seq"] for m in await collect_messages(reader, conv, 3)] == [1, 2, 3]
+    await reader.close()
+    # While bob is away: four messages, an edit and a delete (seqs 4..9).
+    ids = []
+    for i in range(4):
+        await sender.send(send_frame(conv, f"missed {i}"))
+        ids.append((await sender.recv_type("ack"))["message_id"])
+    await sender.send({"type": "message.edit", "message_id": ids[0], "content": "missed 0, edited"})
+    await sender.recv_type("ack")
+    await sender.send({"type": "message.delete", "message_id": ids[1]})
+    await sender.recv_type("ack")
+
+    back = await connect_user(brokers[0].url, redis_url, bob)
+    await back.send({"type": "resume", "conversations": {conv: 3}})
+    frames = []
+    while (frame := await back.recv_type(*RESUMED))["type"] != "resumed":
+        frames.append(frame)
+    assert frame == {"type": "resumed", "conversation_id": conv, "last_seq": 9}
+    assert [(f["type"], f["seq"]) for f in frames] == [
+        ("message.new", 4), ("message.new", 5), ("message.new", 6), ("message.new", 7),
+        ("message.edited", 8), ("message.deleted", 9)]
+    assert [f["message"]["content"] for f in frames[:4]] == [f"missed {i}" for i in range(4)]
+    # Live delivery goes on after the resume, without repeating anything.
+    await sender.send(send_frame(conv, "live"))
+    live = await back.recv_type("message.new")
+    assert (live["seq"], live["message"]["content"]) == (10, "live")
+    # Nothing to resume: just the marker.
+    await back.send({"type": "resume", "conversations": {conv: 10}})
+    assert await back.recv_type("resumed") == {"type": "resumed", "conversation_id": conv, "last_seq": 10}
+    await back.close()
+    await sender.close()

@@ -144,3 +144,61 @@ def servers_start(workdir: Path) -> Servers:
     mongo.start()
     return Servers(workdir, redis, mongo, f"redis://127.0.0.1:{redis.port}/0",
                    f"mongodb://127.0.0.1:{mongo.port}/chatstream_test")
+
+
+@dataclass
+class RedisCluster:
+    """A real Redis Cluster of ``masters`` masters (no replicas) on loopback ports."""
+
+    nodes: list[Server]
+
+    @property
+    def url(self) -> str:
+        """A seed URL: redis-py's cluster clients discover the other nodes from it."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def redis_cluster_start(workdir: Path, *, masters: int = 3, timeout_s: float = 30.0) -> RedisCluster:
+    """Start ``masters`` cluster-enabled ``redis-server`` processes, join them with ``redis-cli --cluster
+    create`` (slots split evenly) and wait until every node reports ``cluster_state:ok``. On failure, the
+    nodes started so far are stopped. The caller stops the cluster (:meth:`RedisCluster.stop`)."""
+    exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if exe is None or cli is None:
+        raise RuntimeError("redis-server/redis-cli not found: `apt-get install redis-server`")
+    nodes: list[Server] = []
+    try:
+        for _ in range(masters):
+            # The cluster bus defaults to port + 10000, which may be taken (or above 65535) for a random
+            # port: each node gets its own free bus port instead.
+            port, bus_port = free_port(), free_port()
+            data = workdir / f"redis-cluster-{port}"
+            data.mkdir(parents=True, exist_ok=True)
+            # No persistence: a test cluster lives as long as its test module.
+            argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", "",
+                    "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                    "--cluster-config-file", str(data / "nodes.conf"), "--cluster-node-timeout", "5000"]
+            node = Server("redis-cluster", port, argv, data)
+            nodes.append(node)
+            node.start()
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for node in nodes:
+            while True:
+                info = subprocess.run([cli, "-p", str(node.port), "cluster", "info"], capture_output=True,
+                                      text=True, timeout=timeout_s).stdout
+                if "cluster_state:ok" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node {node.port} not ok after {timeout_s}s:\n{info}")
+                time.sleep(0.1)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return RedisCluster(nodes)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,12 +22,18 @@ from messaging.streams import partition_of, stream_key
 from storage.documents import Conversation, Message, User
 from tests.procs import wait_until
 from tests.realtime import (
+    RESUMED,
     Broker,
     Client,
     brokers_start,
+    collect_messages,
     connect,
     connect_user,
     group_create,
+    messages_cross_brokers,
+    resume_returns_exactly_the_missed_events,
+    retried_client_msg_id_is_one_message,
+    send_frame,
     ticket_for,
     user_create,
     wait_until_async,
@@ -55,85 +60,23 @@ def brokers(tmp_path_factory: pytest.TempPathFactory, server: str) -> Iterator[l
         broker.stop()
 
 
-RESUMED = ("message.new", "message.edited", "message.deleted", "resumed")
-
-
 def run(body: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(body())
-
-
-def send_frame(conversation_id: str, content: str, client_msg_id: str | None = None) -> dict[str, Any]:
-    return {"type": "message.send", "conversation_id": conversation_id,
-            "client_msg_id": client_msg_id or uuid.uuid4().hex, "content": content}
-
-
-async def collect_messages(client: Client, conversation_id: str, count: int,
-                           got: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """The next ``count`` messages of the conversation, appended to ``got`` as they arrive (so a concurrent
-    task can watch the progress)."""
-    got = [] if got is None else got
-    while len(got) < count:
-        frame = await client.recv_type("message.new")
-        if frame["conversation_id"] == conversation_id:
-            got.append(frame["message"])
-    return got
 
 
 def test_messages_cross_brokers_in_seq_order_to_every_device(servers: Servers, brokers: list[Broker]) -> None:
     alice, _ = user_create()
     bob, _ = user_create()
     conv = group_create([alice, bob])
-
-    async def body() -> None:
-        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
-        alice_phone = await connect_user(brokers[1].url, servers.redis_url, alice)
-        reader = await connect_user(brokers[1].url, servers.redis_url, bob)
-        assert reader.ready["user_id"] == bob and reader.ready["session_id"]
-        assert conv in reader.ready["conversations"]
-        acks = []
-        for i in range(30):
-            await sender.send(send_frame(conv, f"hello {i}", client_msg_id=f"c{i}"))
-            acks.append(await sender.recv_type("ack"))
-        assert [a["seq"] for a in acks] == list(range(1, 31))
-        assert [a["client_msg_id"] for a in acks] == [f"c{i}" for i in range(30)]
-        assert all(a["conversation_id"] == conv and len(a["message_id"]) == 32 for a in acks)
-        for client in (reader, alice_phone, sender):
-            got = await collect_messages(client, conv, 30)
-            assert [m["seq"] for m in got] == list(range(1, 31))
-            assert [m["content"] for m in got] == [f"hello {i}" for i in range(30)]
-            assert [m["id"] for m in got] == [a["message_id"] for a in acks]
-            assert all(m["sender_id"] == alice for m in got)
-        for client in (sender, alice_phone, reader):
-            await client.close()
-
-    run(body)
+    run(lambda: messages_cross_brokers(brokers, servers.redis_url, alice=alice, bob=bob, conversations=[conv]))
 
 
 def test_retried_client_msg_id_is_one_message(servers: Servers, brokers: list[Broker]) -> None:
     alice, _ = user_create()
     bob, _ = user_create()
     conv = group_create([alice, bob])
-
-    async def body() -> None:
-        reader = await connect_user(brokers[1].url, servers.redis_url, bob)
-        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
-        await sender.send(send_frame(conv, "once", client_msg_id="retry-me"))
-        first = await sender.recv_type("ack")
-        await sender.close()
-        # The client lost the ack, reconnects elsewhere and retries.
-        again = await connect_user(brokers[1].url, servers.redis_url, alice)
-        await again.send(send_frame(conv, "once", client_msg_id="retry-me"))
-        second = await again.recv_type("ack")
-        assert (second["message_id"], second["seq"]) == (first["message_id"], first["seq"])
-        assert second["duplicate"] is True
-        await again.send(send_frame(conv, "next", client_msg_id="after"))
-        await again.recv_type("ack")
-        got = await collect_messages(reader, conv, 2)
-        assert [(m["seq"], m["content"]) for m in got] == [(1, "once"), (2, "next")]
-        await reader.close()
-        await again.close()
-
-    run(body)
+    run(lambda: retried_client_msg_id_is_one_message(brokers, servers.redis_url, alice=alice, bob=bob,
+                                                     conversation=conv))
 
 
 def test_edit_delete_and_read_reach_the_other_broker(servers: Servers, brokers: list[Broker]) -> None:
@@ -173,46 +116,8 @@ def test_resume_returns_exactly_the_missed_events_from_the_stream(servers: Serve
     alice, _ = user_create()
     bob, _ = user_create()
     conv = group_create([alice, bob])
-
-    async def body() -> None:
-        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
-        reader = await connect_user(brokers[1].url, servers.redis_url, bob)
-        for i in range(3):
-            await sender.send(send_frame(conv, f"seen {i}"))
-            await sender.recv_type("ack")
-        assert [m["seq"] for m in await collect_messages(reader, conv, 3)] == [1, 2, 3]
-        await reader.close()
-        # While bob is away: four messages, an edit and a delete (seqs 4..9).
-        ids = []
-        for i in range(4):
-            await sender.send(send_frame(conv, f"missed {i}"))
-            ids.append((await sender.recv_type("ack"))["message_id"])
-        await sender.send({"type": "message.edit", "message_id": ids[0], "content": "missed 0, edited"})
-        await sender.recv_type("ack")
-        await sender.send({"type": "message.delete", "message_id": ids[1]})
-        await sender.recv_type("ack")
-
-        back = await connect_user(brokers[0].url, servers.redis_url, bob)
-        await back.send({"type": "resume", "conversations": {conv: 3}})
-        frames = []
-        while (frame := await back.recv_type(*RESUMED))["type"] != "resumed":
-            frames.append(frame)
-        assert frame == {"type": "resumed", "conversation_id": conv, "last_seq": 9}
-        assert [(f["type"], f["seq"]) for f in frames] == [
-            ("message.new", 4), ("message.new", 5), ("message.new", 6), ("message.new", 7),
-            ("message.edited", 8), ("message.deleted", 9)]
-        assert [f["message"]["content"] for f in frames[:4]] == [f"missed {i}" for i in range(4)]
-        # Live delivery goes on after the resume, without repeating anything.
-        await sender.send(send_frame(conv, "live"))
-        live = await back.recv_type("message.new")
-        assert (live["seq"], live["message"]["content"]) == (10, "live")
-        # Nothing to resume: just the marker.
-        await back.send({"type": "resume", "conversations": {conv: 10}})
-        assert await back.recv_type("resumed") == {"type": "resumed", "conversation_id": conv, "last_seq": 10}
-        await back.close()
-        await sender.close()
-
-    run(body)
+    run(lambda: resume_returns_exactly_the_missed_events(brokers, servers.redis_url, alice=alice, bob=bob,
+                                                         conversation=conv))
 
 
 def test_resume_beyond_the_stream_reads_mongodb(servers: Servers, brokers: list[Broker]) -> None:

@@ -113,6 +113,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # ------------------------------------------------------------------ external servers
 
 REDIS_URL = env_url("REDIS_URL", "redis://127.0.0.1:6379/0", schemes=("redis", "rediss"))
+# The message bus (docs/adr/0022): the partition streams and every key in their slots, the recent messages'
+# meta hashes and the storage pipeline's keys. REDIS_URL by default; it may be a Redis Cluster (the URL of any
+# node as a seed), which REDIS_URL may not be (Celery, Django's cache and the channel layer need one Redis).
+STREAMS_REDIS_URL = env_url("CHATSTREAM_STREAMS_REDIS_URL", REDIS_URL, schemes=("redis", "rediss"))
+STREAMS_REDIS_CLUSTER = env_bool("CHATSTREAM_STREAMS_REDIS_CLUSTER", False)
 FERRETDB_PORT = env_int("CHATSTREAM_FERRETDB_PORT", 27117, minimum=1, maximum=65535)
 MONGODB_URI = env_url(
     "MONGODB_URI", f"mongodb://127.0.0.1:{FERRETDB_PORT}/chatstream", schemes=("mongodb", "mongodb+srv")

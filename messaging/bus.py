@@ -1,0 +1,107 @@
+"""Clients of the message bus Redis (docs/adr/0022).
+
+The bus holds every key of a partition (``cs:{pNN}:*``: the stream, seq counters, dedup keys, read cursors,
+the storage drain's lock, lease, failures and stats), the recent messages' meta hashes (``cs:msgmeta:*``)
+and the storage pipeline's dead letters and rate buckets. It is ``settings.STREAMS_REDIS_URL`` (REDIS_URL
+by default) and may be a Redis Cluster (``STREAMS_REDIS_CLUSTER``). Everything else (tickets, membership
+cache, presence, registry, pub/sub, Django's cache, Celery) stays on ``settings.REDIS_URL``, which must be
+one Redis.
+
+When the bus is the same single Redis as REDIS_URL (the default), :func:`bus_resolve` hands back the
+caller's own client, so that configuration behaves exactly as before the bus was split out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from typing import TypeAlias
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from django.conf import settings
+
+BusAsync: TypeAlias = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+BusSync: TypeAlias = redis.Redis | redis.cluster.RedisCluster
+
+# Timeouts of the ordinary (non-blocking) bus commands, like the hub's own client: a Redis that does not
+# answer within 5 s is treated as down rather than holding a caller for ever.
+COMMAND_TIMEOUT_S = 5.0
+
+
+def bus_is_separate() -> bool:
+    """Whether the bus is another server (or a cluster) than ``REDIS_URL``."""
+    return bool(settings.STREAMS_REDIS_CLUSTER) or settings.STREAMS_REDIS_URL != settings.REDIS_URL
+
+
+def bus_is_cluster(client: BusAsync | BusSync) -> bool:
+    return isinstance(client, redis.asyncio.cluster.RedisCluster | redis.cluster.RedisCluster)
+
+
+def bus_async_new(*, socket_timeout: float = COMMAND_TIMEOUT_S, max_connections: int | None = None) -> BusAsync:
+    """A new asyncio client of the bus: a ``RedisCluster`` on a cluster, else a plain client (with a blocking
+    pool of ``max_connections`` when given, so a burst waits for a connection instead of failing). It binds
+    to the event loop it first runs on; the caller closes it (``aclose``)."""
+    if settings.STREAMS_REDIS_CLUSTER:
+        # One pool per node; redis-py follows MOVED/ASK and refreshes its slot map by itself.
+        return redis.asyncio.cluster.RedisCluster.from_url(
+            settings.STREAMS_REDIS_URL, socket_timeout=socket_timeout, socket_connect_timeout=COMMAND_TIMEOUT_S,
+            **({"max_connections": max_connections} if max_connections else {}))
+    if max_connections:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.STREAMS_REDIS_URL, max_connections=max_connections, timeout=COMMAND_TIMEOUT_S,
+            socket_timeout=socket_timeout, socket_connect_timeout=COMMAND_TIMEOUT_S)
+        return redis.asyncio.Redis(connection_pool=pool)
+    return redis.asyncio.Redis.from_url(settings.STREAMS_REDIS_URL, socket_timeout=socket_timeout,
+                                        socket_connect_timeout=COMMAND_TIMEOUT_S)
+
+
+# One asyncio bus client per event loop (an asyncio client cannot be shared across loops). Brokers run one
+# loop for their life, so this is one client per broker; loops that come and go (``async_to_sync``) must
+# pass their own client instead (``api.clients.run_async`` does), or each would leave one behind.
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusAsync] = weakref.WeakKeyDictionary()
+
+
+def bus_for_loop() -> BusAsync:
+    """The running loop's bus client, created on first use (pool size ``BROKER_REDIS_POOL``).
+    Precondition: called on a running event loop."""
+    loop = asyncio.get_running_loop()
+    client = _by_loop.get(loop)
+    if client is None:
+        client = _by_loop[loop] = bus_async_new(max_connections=int(settings.BROKER_REDIS_POOL))
+        from messaging.streams import append_batching_enable  # streams imports this module
+
+        append_batching_enable(client)
+    return client
+
+
+def bus_resolve(client: redis.asyncio.Redis, bus: BusAsync | None) -> BusAsync:
+    """The bus client to use beside ``client`` (a client of REDIS_URL): ``bus`` if given; else ``client``
+    itself when the bus is that same Redis; else the running loop's bus client."""
+    if bus is not None:
+        return bus
+    if not bus_is_separate():
+        return client
+    return bus_for_loop()
+
+
+_sync: BusSync | None = None
+_sync_pid = 0
+
+
+def bus_sync() -> BusSync:
+    """The process's sync bus client (thread-safe; re-created after a fork). Socket timeout 10 s: no sync
+    caller blocks on purpose (no XREAD BLOCK), so a longer wait means Redis is in trouble."""
+    global _sync, _sync_pid
+    if _sync is None or _sync_pid != os.getpid():
+        if settings.STREAMS_REDIS_CLUSTER:
+            _sync = redis.cluster.RedisCluster.from_url(settings.STREAMS_REDIS_URL, socket_timeout=10,
+                                                        socket_connect_timeout=5)
+        else:
+            _sync = redis.Redis.from_url(settings.STREAMS_REDIS_URL, socket_timeout=10, socket_connect_timeout=5,
+                                         health_check_interval=30)
+        _sync_pid = os.getpid()
+    return _sync
