@@ -256,7 +256,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.accept()  # close codes exist only on an accepted WebSocket (a refused handshake is a 403)
         try:
             owner = await connection_identify(self.scope)
-        except redis.exceptions.RedisError:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
             logger.warning("connect: Redis unavailable while checking a ticket")
             await self._close(CLOSE_INTERNAL)
             return
@@ -466,7 +466,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await handler(self, data, ref)
         except DomainError as exc:
             await self._error(exc, ref=ref)
-        except redis.exceptions.RedisError:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
             logger.warning("frame %s of user %s: Redis unavailable", kind, self.user_id, exc_info=True)
             await self.send_frame(frames.frame("error", code="unavailable", ref=ref,
                                                message="the message bus is unavailable; retry shortly"))
