@@ -360,19 +360,24 @@ class ChatConsumer(AsyncWebsocketConsumer):
         whose unsent bytes exceed ``WS_SEND_BUFFER_BYTES`` is closed with 4009 instead."""
         if self.closing:
             return
-        buffered = self.resuming.get(conversation_id)
+        buffered = self.resuming.get(conversation_id) if self.resuming else None
         if buffered is not None:
             if len(buffered) >= RESUME_BUFFER_MAX:
                 self._close_too_slow()
                 return
             buffered.append((seq, text.decode()))
             return
-        if seq and seq <= self.resumed_upto.get(conversation_id, 0):
+        if seq and self.resumed_upto and seq <= self.resumed_upto.get(conversation_id, 0):
             return  # already sent by this connection's resume
-        if self._too_slow():
-            self._close_too_slow()
-        elif self.out.is_open():
-            self.out.write(wire, text)
+        out = self.out
+        if out.backlog() > self.send_limit:
+            if self._too_slow():
+                self._close_too_slow()
+                return
+        elif self.over_since:
+            self.over_since = 0.0
+        if out.is_open():
+            out.write(wire, text)
 
     def membership_recheck(self, *, conversation_id: str | None) -> None:
         if not self.closing:
