@@ -289,7 +289,7 @@ WS_RATE_BURST = env_int("CHATSTREAM_WS_BURST", 60, minimum=1)
 # client, and bounds what a stalled reader can cost (4 MiB each: the knob to lower for many connections).
 WS_SEND_BUFFER_BYTES = env_int("CHATSTREAM_WS_SEND_BUFFER", 1024 * 1024, minimum=16 * 1024)
 # The ASGI server of the broker role: uvicorn (+ uvloop, httptools, websockets-sansio) by default, measured at
-# ~3x daphne's deliveries per core with the same consumer (docs/adr/0023, docs/benchmarks.md); daphne stays
+# ~2x daphne's deliveries per core with the same consumer (docs/adr/0023, docs/benchmarks.md); daphne stays
 # supported and tested.
 BROKER_SERVER = env_choice("CHATSTREAM_BROKER_SERVER", "uvicorn", choices=("uvicorn", "daphne"))
 # Redis connections one broker may open for its commands (redis-py does not multiplex: a command holds one
