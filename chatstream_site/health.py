@@ -1,6 +1,7 @@
 """Liveness and readiness checks shared by every role.
 
-``/healthz`` means the process answers. ``/readyz`` means its Redis and MongoDB answer too. The checks are
+``/healthz`` means the process answers. ``/readyz`` means its Redis, the message bus (when that is another
+Redis or a cluster) and MongoDB answer too. The checks are
 synchronous and bounded by short timeouts; ASGI roles call them from Django's sync views (run in a thread
 pool, never on the event loop), Celery roles from their small health server thread.
 """
@@ -33,6 +34,29 @@ def redis_check(url: str | None = None, *, timeout_s: float = 1.0) -> str | None
         client.close()
 
 
+def bus_check(*, timeout_s: float = 1.0) -> str | None:
+    """None when the message bus answers PING (docs/adr/0022), or when the bus is REDIS_URL itself (checked by
+    :func:`redis_check`); else the reason. On a Redis Cluster every master must answer."""
+    if not settings.STREAMS_REDIS_CLUSTER:
+        if settings.STREAMS_REDIS_URL == settings.REDIS_URL:
+            return None
+        return redis_check(settings.STREAMS_REDIS_URL, timeout_s=timeout_s)
+    import redis.cluster
+
+    try:
+        client = redis.cluster.RedisCluster.from_url(settings.STREAMS_REDIS_URL, socket_timeout=timeout_s,
+                                                     socket_connect_timeout=timeout_s)
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        return f"redis cluster unreachable ({exc})"
+    try:
+        client.ping(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+        return None
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        return f"redis cluster unreachable ({exc})"
+    finally:
+        client.close()
+
+
 def mongodb_check(uri: str | None = None, *, timeout_ms: int | None = None) -> str | None:
     """None when the MongoDB-protocol server answers ``ping``, else the reason."""
     import pymongo
@@ -57,6 +81,8 @@ def readiness() -> dict[str, str]:
     problems: dict[str, str] = {}
     if (reason := redis_check()) is not None:
         problems["redis"] = reason
+    if settings.ROLE != "gateway" and (reason := bus_check()) is not None:
+        problems["bus"] = reason
     if (reason := mongodb_check()) is not None:
         problems["mongodb"] = reason
     return problems

@@ -51,6 +51,16 @@ def test_a_role_fails_fast_when_mongodb_is_unreachable() -> None:
     assert "mongodb unreachable" in result.stderr and "MONGODB_URI=mongodb://127.0.0.1:1/x" in result.stderr
 
 
+@pytest.mark.parametrize("cluster", ["0", "1"])
+def test_a_role_fails_fast_when_the_message_bus_is_unreachable(cluster: str) -> None:
+    result = manage("role", "broker", "--port", "1",
+                    env=child_env(CHATSTREAM_STREAMS_REDIS_URL="redis://127.0.0.1:1/0",
+                                  CHATSTREAM_STREAMS_REDIS_CLUSTER=cluster, CHATSTREAM_STARTUP_WAIT="0"))
+    assert result.returncode != 0
+    assert "unreachable" in result.stderr, result.stderr
+    assert "CHATSTREAM_STREAMS_REDIS_URL=redis://127.0.0.1:1/0" in result.stderr, result.stderr
+
+
 def test_a_good_configuration_passes_checks() -> None:
     result = manage("check")
     assert result.returncode == 0, result.stderr

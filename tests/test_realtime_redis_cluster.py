@@ -9,6 +9,8 @@ partitions live on every master; the storage drain persists what was appended on
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -192,3 +194,11 @@ def test_the_drain_persists_what_was_appended_on_the_cluster_exactly_once(
         assert (state.backlog, state.pending) == (0, 0), state
     for p in partitions:
         assert cluster_sync.xpending(stream_key(p), GROUP)["pending"] == 0
+
+
+def test_brokers_are_ready_with_the_cluster_as_their_bus(brokers: list[Broker]) -> None:
+    # /readyz pings every master of the bus (chatstream_site.health.bus_check); a failing check would be 503.
+    for broker in brokers:
+        with urllib.request.urlopen(f"http://127.0.0.1:{broker.port}/readyz", timeout=10) as response:
+            assert response.status == 200
+            assert json.loads(response.read())["status"] == "ready"

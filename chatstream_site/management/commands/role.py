@@ -11,18 +11,22 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chatstream_site.health import mongodb_check, redis_check
+from chatstream_site.health import bus_check, mongodb_check, redis_check
 from chatstream_site.registry import ROLES
 from chatstream_site.roles import role_port
 
 
 def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
-    """Block until Redis (and MongoDB) answer, or raise CommandError naming the variable to fix."""
+    """Block until Redis (and the message bus and MongoDB) answer, or raise CommandError naming the variable
+    to fix."""
     deadline = time.monotonic() + wait_s
     while True:
         problems = []
         if (reason := redis_check()) is not None:
             problems.append(f"{reason}; check REDIS_URL={settings.REDIS_URL}")
+        if need_mongodb and (reason := bus_check()) is not None:  # every role but the gateway uses the bus
+            problems.append(f"{reason}; check CHATSTREAM_STREAMS_REDIS_URL={settings.STREAMS_REDIS_URL}"
+                            + (" (a Redis Cluster)" if settings.STREAMS_REDIS_CLUSTER else ""))
         if need_mongodb and (reason := mongodb_check(timeout_ms=1000)) is not None:
             problems.append(f"{reason}; check MONGODB_URI={settings.MONGODB_URI}")
         if not problems:
