@@ -94,7 +94,7 @@ async def _measure(opts: argparse.Namespace, servers: object, port: int, workdir
     django.setup()
     mongo_connect(os.environ["MONGODB_URI"])
     members = benchmark.population(connections=total, conversations=max(1, total // 10))
-    _, tickets = await asyncio.to_thread(benchmark.chatstream_setup, redis_url=os.environ["REDIS_URL"],
+    _, tickets, _ = await asyncio.to_thread(benchmark.chatstream_setup, redis_url=os.environ["REDIS_URL"],
                                          members=members, connections=total)
     (workdir / "tickets.json").write_text(json.dumps(tickets))
     config = uvicorn.Config("chatstream_site.asgi:application", host="127.0.0.1", port=port, loop="none",

@@ -39,10 +39,12 @@ from bson import ObjectId
 ROOT = Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT / "bench" / "peer"
 CONNECT_CONCURRENCY = 50  # handshakes in flight at once: fast, without a SYN flood on a 2-core machine
-IDLE_WINDOW_S = 3.0  # how long everyone sits connected and idle while memory and idle CPU are measured
 GRACE_S = 10.0  # after the last send, at most this long for what is in flight (it stops as soon as all arrived)
 SETTLE_CPU_PCT = 5.0  # servers count as settled below this % of a core (idle connections cost far less)
 SETTLE_MAX_S = 60.0
+# At most this long for the brokers' background work of the connects (users.last_seen writes and presence
+# announcements: FerretDB takes ~15 ms per write here, so 10,000 connects leave minutes of it).
+SETTLE_WORK_MAX_S = 900.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -248,6 +250,9 @@ class Workload:
     conversations: int
     duration_s: float
     rate: float  # messages/s over all conversations; 0 = as fast as acked
+    # Seconds everyone sits connected and idle while memory and idle CPU are measured: the 3 s default keeps
+    # runs short; 40 s covers a full presence refresh (20 s) and keepalive ping (20 s) cycle.
+    idle_s: float = 3.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -269,8 +274,10 @@ def progress(out: TextIO, label: str, elapsed: float, total: float, counters: Co
 
 async def run_workload(*, system: str, conns: list[Conn], members: list[list[int]], conversation_ids: list[str],
                        workload: Workload, server_pids: list[int], counters: Counters,
-                       acks: dict[str, asyncio.Future[None]], out: TextIO) -> Result:
-    """Connect everyone, measure idle memory and CPU, run the traffic, wait for in-flight deliveries."""
+                       acks: dict[str, asyncio.Future[None]], out: TextIO,
+                       settled: Callable[[], bool] | None = None) -> Result:
+    """Connect everyone, measure idle memory and CPU, run the traffic, wait for in-flight deliveries.
+    ``settled`` (blocking, run in a thread): true once the servers finished their per-connection work."""
     rss_before = rss_total(server_pids)
     semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
@@ -283,6 +290,11 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     out.write(f"{system}: {len(conns)} connections open in {time.monotonic() - t0:.1f}s\n")
     # Let the servers finish their per-connection work (ChatStream writes users.last_seen in the background):
     # wait until they use under SETTLE_CPU_PCT of a core over a second, at most SETTLE_MAX_S.
+    if settled is not None:
+        t1 = time.monotonic()
+        while not await asyncio.to_thread(settled) and time.monotonic() - t1 < SETTLE_WORK_MAX_S:
+            await asyncio.sleep(2.0)
+        out.write(f"{system}: per-connection work done {time.monotonic() - t1:.1f}s after the last ready\n")
     settle_deadline = time.monotonic() + SETTLE_MAX_S
     while time.monotonic() < settle_deadline:
         before = cpu_total(server_pids)
@@ -290,14 +302,14 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
         if 100.0 * (cpu_total(server_pids) - before) < SETTLE_CPU_PCT:
             break
     cpu_idle_start = cpu_total(server_pids)
-    await asyncio.sleep(IDLE_WINDOW_S)
+    await asyncio.sleep(workload.idle_s)
     idle_cpu = cpu_total(server_pids) - cpu_idle_start
     rss_idle = rss_total(server_pids)
 
     result = Result(system=system, connections=len(conns), conversations=len(conversation_ids),
                     duration_s=workload.duration_s)
     result.kb_per_idle_connection = (rss_idle - rss_before) / max(1, len(conns))
-    result.idle_cpu_pct = 100.0 * idle_cpu / IDLE_WINDOW_S
+    result.idle_cpu_pct = 100.0 * idle_cpu / workload.idle_s
 
     stop_at = 0.0
     seq = 0
@@ -390,9 +402,10 @@ def population(*, connections: int, conversations: int) -> list[list[int]]:
     return members
 
 
-def chatstream_setup(*, redis_url: str, members: list[list[int]], connections: int) -> tuple[list[str], list[str]]:
+def chatstream_setup(*, redis_url: str, members: list[list[int]],
+                     connections: int) -> tuple[list[str], list[str], list[ObjectId]]:
     """Users, conversations (MongoDB) and one ticket per connection (Redis). Returns (conversation ids,
-    tickets by connection)."""
+    tickets by connection, user ids by connection)."""
     import redis as redis_sync
     from django.conf import settings
 
@@ -416,7 +429,16 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]], connections: i
                      ex=max(600, int(settings.WS_TICKET_TTL_S)))
         pipe.execute()
     client.close()
-    return [str(c) for c in conversation_ids], tickets
+    return [str(c) for c in conversation_ids], tickets, user_ids
+
+
+def chatstream_online_all(user_ids: list[ObjectId]) -> bool:
+    """Whether the broker finished its connect work for every one of ``user_ids``: their ``users.status`` is
+    online, which the broker writes (and then announces) in the background after ``ready``."""
+    from storage.documents import User
+
+    return bool(User._get_collection().count_documents({"_id": {"$in": user_ids}, "status": "online"})
+                >= len(user_ids))
 
 
 def brokers_spawn(*, count: int, env: dict[str, str], log_dir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
@@ -467,7 +489,7 @@ def processes_stop(spawned: list[tuple[subprocess.Popen[bytes], int]]) -> None:
 
 async def measure(*, system: str, urls: list[str], workload: Workload, members: list[list[int]],
                   conversation_ids: list[str], tickets: list[str] | None, server_pids: list[int],
-                  out: TextIO) -> Result:
+                  out: TextIO, settled: Callable[[], bool] | None = None) -> Result:
     counters = Counters()
     acks: dict[str, asyncio.Future[None]] = {}
 
@@ -487,7 +509,8 @@ async def measure(*, system: str, urls: list[str], workload: Workload, members: 
             conns.append(SocketIOConn(i, url, counters, on_ack, user=f"u{i}",
                                       rooms=[conversation_ids[conv_of[i]]]))
     return await run_workload(system=system, conns=conns, members=members, conversation_ids=conversation_ids,
-                              workload=workload, server_pids=server_pids, counters=counters, acks=acks, out=out)
+                              workload=workload, server_pids=server_pids, counters=counters, acks=acks, out=out,
+                              settled=settled)
 
 
 def plot(results: list[Result], path: Path, *, title: str) -> None:

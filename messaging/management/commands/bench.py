@@ -6,6 +6,7 @@ See messaging/benchmark.py for what is measured and docs/benchmarks.md for resul
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 from datetime import UTC, datetime
@@ -28,6 +29,8 @@ class Command(BaseCommand):
         parser.add_argument("--rate", type=float, default=0.0,
                             help="messages/s over all conversations; 0 = as fast as acked (one in flight each)")
         parser.add_argument("--brokers", type=int, default=1, help="server processes per system")
+        parser.add_argument("--idle-seconds", type=float, default=3.0,
+                            help="how long idle memory and CPU are measured (40 covers every periodic task)")
         parser.add_argument("--systems", default="chatstream,socketio",
                             help="comma list of chatstream (brokers on CHATSTREAM_BROKER_SERVER, uvicorn by "
                                  "default), chatstream-daphne (brokers on daphne), socketio")
@@ -47,7 +50,8 @@ class Command(BaseCommand):
         if opts["connections"] < opts["conversations"] or opts["conversations"] < 1:
             raise CommandError("need at least one connection per conversation")
         workload = benchmark.Workload(connections=opts["connections"], conversations=opts["conversations"],
-                                      duration_s=opts["duration"], rate=opts["rate"])
+                                      duration_s=opts["duration"], rate=opts["rate"],
+                                      idle_s=opts["idle_seconds"])
         out_dir = Path(opts["out"])
         out_dir.mkdir(parents=True, exist_ok=True)
         results = asyncio.run(self._run(workload=workload, systems=systems, opts=opts, out_dir=out_dir))
@@ -87,7 +91,7 @@ class Command(BaseCommand):
             self.stderr.write(f"private Redis {redis_url} and MongoDB {mongodb_uri} (logs in {workdir})")
         try:
             for system in [s for s in systems if s.startswith("chatstream")]:
-                conversation_ids, tickets = await asyncio.to_thread(
+                conversation_ids, tickets, user_ids = await asyncio.to_thread(
                     benchmark.chatstream_setup, redis_url=redis_url, members=members,
                     connections=workload.connections)
                 spawned: list[Any] = []
@@ -105,7 +109,8 @@ class Command(BaseCommand):
                 try:
                     results.append(await benchmark.measure(
                         system=system, urls=urls, workload=workload, members=members,
-                        conversation_ids=conversation_ids, tickets=tickets, server_pids=pids, out=self.stderr))
+                        conversation_ids=conversation_ids, tickets=tickets, server_pids=pids, out=self.stderr,
+                        settled=functools.partial(benchmark.chatstream_online_all, user_ids)))
                 finally:
                     await asyncio.to_thread(benchmark.processes_stop, spawned)
             if "socketio" in systems:
