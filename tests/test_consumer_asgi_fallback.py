@@ -1,0 +1,76 @@
+"""The consumer under an ASGI server that is neither uvicorn nor daphne (here Channels' own test communicator,
+whose ``send`` is a plain coroutine): its output falls back to ``_AsgiOutput`` (a byte-counted queue and one
+writer task, docs/adr/0023) and must still deliver ready, acks, live events and error frames, against the
+session's real Redis and FerretDB."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from channels.testing import WebsocketCommunicator
+
+from messaging import consumers, hub, services
+from messaging.routing import websocket_application
+from tests.realtime import group_create, send_frame, ticket_for, user_create
+from tests.servers import Servers
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def fresh_hub() -> Iterator[None]:
+    """The hub and the in-process membership cache are per process and bound to the loop that ran them; this
+    test's loop ends with it, so neither may leak into (or come from) another test."""
+    hub._hub = None
+    services._local_members = None
+    yield
+    hub._hub = None
+    services._local_members = None
+
+
+async def frames_until(comm: WebsocketCommunicator, wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """The first frame of each wanted type, skipping others (presence frames of the other user); at most 20."""
+    got: dict[str, dict[str, Any]] = {}
+    for _ in range(20):
+        frame = await comm.receive_json_from(timeout=20)
+        if frame["type"] in wanted:
+            got.setdefault(frame["type"], frame)
+        if set(got) == wanted:
+            return got
+    raise AssertionError(f"no {sorted(wanted - set(got))} frame among 20")
+
+
+def test_the_plain_asgi_output_delivers_everything(servers: Servers, fresh_hub: None) -> None:
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+
+    async def body() -> None:
+        app = websocket_application()
+        sender = WebsocketCommunicator(app, f"/ws/?ticket={ticket_for(servers.redis_url, alice)}")
+        reader = WebsocketCommunicator(app, f"/ws/?ticket={ticket_for(servers.redis_url, bob)}")
+        for comm in (sender, reader):
+            connected, _ = await comm.connect(timeout=20)
+            assert connected
+            ready = await comm.receive_json_from(timeout=20)
+            assert ready["type"] == "ready" and conv in ready["conversations"]
+        conn = next(iter(hub.hub_get().by_user[bob]))
+        assert isinstance(conn, consumers.ChatConsumer) and type(conn.out) is consumers._AsgiOutput
+
+        await sender.send_json_to(send_frame(conv, "over plain ASGI", client_msg_id="fallback-1"))
+        got = await frames_until(sender, {"ack", "message.new"})  # the ack and the sender's own copy
+        assert got["ack"]["seq"] == got["message.new"]["seq"] == 1
+        delivered = (await frames_until(reader, {"message.new"}))["message.new"]
+        assert delivered["message"]["content"] == "over plain ASGI" and delivered["seq"] == 1
+
+        await reader.send_to(text_data="{not json")
+        assert (await frames_until(reader, {"error"}))["error"]["code"] == "invalid_json"
+        await reader.send_json_to({"type": "ping", "ref": 7})
+        assert (await frames_until(reader, {"pong"}))["pong"] == {"type": "pong", "ref": 7}
+        for comm in (sender, reader):
+            await comm.disconnect(timeout=20)
+
+    asyncio.run(body())
