@@ -75,8 +75,10 @@ class Cluster:
         self.lines: dict[str, str] = {}
         self.tag = uuid.uuid4().hex
         self.gateway_port = free_port()
-        # Internal ports are PORT_BASE + 1..39: pick a base well inside the ephemeral-free range.
-        self.port_base = 20000 + (os.getpid() * 97 + int(time.time())) % 20000
+        # Internal ports are PORT_BASE + 1..39: pick a base below Linux's ephemeral range (32768-60999), where
+        # no outgoing connection's source port can take one between the choice and the bind (the old range
+        # 20000-39999 overlapped it, and a broker once failed with "address already in use").
+        self.port_base = 10000 + (os.getpid() * 97 + int(time.time())) % 20000
         self.env = child_env(
             CHATSTREAM_CLUSTER_TAG=self.tag,
             DEBUG="0",  # as `make run` runs it: JSON errors, no debug pages
