@@ -550,3 +550,36 @@ def test_the_gateways_signed_identity_is_trusted_and_a_forged_one_refused(server
         assert await bad.recv_closed() == 4001
 
     run(body)
+
+
+def test_a_client_that_vanished_is_noticed_by_the_keepalive_and_announced_offline(
+        servers: Servers, server: str, tmp_path: Path) -> None:
+    # A broker of its own with a 1 s keepalive (CHATSTREAM_WS_PING_INTERVAL/_TIMEOUT); the vanished client is a
+    # raw socket that completes the handshake and then neither reads nor answers pings, as a phone that lost
+    # its network (no FIN ever arrives).
+    (broker,) = brokers_start(tmp_path, 1, CHATSTREAM_WS_PING_INTERVAL="1", CHATSTREAM_WS_PING_TIMEOUT="1",
+                              CHATSTREAM_BROKER_SERVER=server)
+    alice, _ = user_create()
+    bob, _ = user_create()
+    group_create([alice, bob])  # what makes bob one of those told about alice's presence
+
+    async def body() -> None:
+        watcher = await connect(broker.url, ticket_for(servers.redis_url, bob))
+        reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+        writer.write((f"GET /ws/?ticket={ticket_for(servers.redis_url, alice)} HTTP/1.1\r\n"
+                      f"Host: 127.0.0.1:{broker.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        status = await asyncio.wait_for(reader.readline(), 20)
+        assert b" 101 " in status, status
+        online = await watcher.recv_type("presence")
+        assert online == {"type": "presence", "user_id": alice, "status": "online"}
+        # From here the raw client is silent; only the server's keepalive can tell it is gone.
+        offline = await asyncio.wait_for(watcher.recv_type("presence"), 30)
+        assert offline == {"type": "presence", "user_id": alice, "status": "offline"}
+        writer.close()
+        await watcher.close()
+
+    try:
+        run(body)
+    finally:
+        broker.stop()

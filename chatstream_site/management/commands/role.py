@@ -73,15 +73,18 @@ class Command(BaseCommand):
             argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
                     "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "on",
                     "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--no-access-log",
-                    "--no-server-header", "--log-level", "warning"]  # not a log line per WebSocket accepted
+                    "--no-server-header", "--log-level", "warning",  # not a log line per WebSocket accepted
+                    "--ws-ping-interval", str(settings.WS_PING_INTERVAL_S),
+                    "--ws-ping-timeout", str(settings.WS_PING_TIMEOUT_S)]
             # The gateway's X-Forwarded-For names the client (as daphne's --proxy-headers did), from the
             # trusted proxies only.
             trusted = ",".join(settings.TRUSTED_PROXIES)
             argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
             argv.append("chatstream_site.asgi:application")
         elif role in ("broker", "api"):
-            argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port),
-                    "--proxy-headers", "chatstream_site.asgi:application"]
+            argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port), "--proxy-headers",
+                    "--ping-interval", str(round(settings.WS_PING_INTERVAL_S)),  # daphne takes whole seconds
+                    "--ping-timeout", str(round(settings.WS_PING_TIMEOUT_S)), "chatstream_site.asgi:application"]
         elif role == "storage":
             # solo pool: one drain at a time per process, and SIGKILL of the worker kills the work itself,
             # which is what the fault tests exercise; scale out by adding worker processes.
