@@ -456,25 +456,36 @@ end
 return {n, flip}
 """
 
-# A broker's heartbeat for one user. KEYS as above; ARGV[1] user id, ARGV[2] now, ARGV[3] expiry,
-# ARGV[4..] the broker's sessions of the user -> those that were not in the zset. Only present sessions are
-# refreshed: one missing was disconnected meanwhile (the refresh raced its disconnect; re-adding it would
-# count a closed connection), or it expired and was swept while this broker stalled past the TTL (the hub
-# re-adds it with presence_connect if its connection is still open).
+# A broker's heartbeat for many users in one call: KEYS[1] PRESENCE_EXPIRING_KEY, KEYS[2..] the users'
+# presence zsets; ARGV[1] now, ARGV[2] expiry, then per user (in KEYS order) its id, its count of sessions and
+# those session ids -> {user, session, user, session, ...} of the sessions that were not in their zset. Only
+# present sessions are refreshed: one missing was disconnected meanwhile (the refresh raced its disconnect;
+# re-adding it would count a closed connection), or it expired and was swept while this broker stalled past
+# the TTL (the hub re-adds it with presence_connect if its connection is still open). One call per slice of
+# sessions, not one per user: redis-py's cost per command was most of an idle broker's CPU (py-spy at 5,000
+# idle connections, docs/benchmarks.md). REDIS_URL is one Redis (docs/adr/0022), so the keys may be anywhere.
 _PRESENCE_REFRESH_LUA = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local now, expiry = ARGV[1], ARGV[2]
+local at = 3
 local missing = {}
-for i = 4, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[i])
-  else
-    table.insert(missing, ARGV[i])
+for k = 2, #KEYS do
+  local user, n = ARGV[at], tonumber(ARGV[at + 1])
+  at = at + 2
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
+  for j = at, at + n - 1 do
+    if redis.call('ZSCORE', KEYS[k], ARGV[j]) then
+      redis.call('ZADD', KEYS[k], expiry, ARGV[j])
+    else
+      table.insert(missing, user)
+      table.insert(missing, ARGV[j])
+    end
   end
-end
-local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-if top[1] then
-  redis.call('EXPIRE', KEYS[1], math.max(1, tonumber(top[2]) - tonumber(ARGV[2])))
-  redis.call('ZADD', KEYS[2], top[2], ARGV[1])
+  at = at + n
+  local top = redis.call('ZRANGE', KEYS[k], -1, -1, 'WITHSCORES')
+  if top[1] then
+    redis.call('EXPIRE', KEYS[k], math.max(1, tonumber(top[2]) - tonumber(now)))
+    redis.call('ZADD', KEYS[1], top[2], user)
+  end
 end
 return missing
 """
@@ -580,13 +591,12 @@ async def presence_refresh(client: redis.asyncio.Redis, *, sessions: list[tuple[
         by_user.setdefault(user_id, []).append(session_id)
     now = int(time.time()) if now is None else now
     expiry = now + int(settings.PRESENCE_TTL_S)
+    args: list[str | int] = [now, expiry]
+    for user_id, session_ids in by_user.items():
+        args += [user_id, len(session_ids), *session_ids]
     script = client.register_script(_PRESENCE_REFRESH_LUA)
-    async with client.pipeline(transaction=False) as pipe:
-        for user_id, session_ids in by_user.items():
-            await script(keys=_presence_keys(user_id), args=[user_id, now, expiry, *session_ids], client=pipe)
-        results = await pipe.execute()
-    return [(user_id, _s(session_id)) for user_id, missing in zip(by_user, results, strict=True)
-            for session_id in missing]
+    flat = [_s(v) for v in await script(keys=[PRESENCE_EXPIRING_KEY, *map(presence_key, by_user)], args=args)]
+    return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
 def _s(value: bytes | str) -> str:
