@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import json
 import logging
@@ -171,6 +172,7 @@ class _AsgiOutput(_Output):
         self.queued_bytes = 0
         self.ready = asyncio.Event()
         self.closed = False
+        self.finishing = False
         self.task = asyncio.get_running_loop().create_task(self._writer())
 
     def is_open(self) -> bool:
@@ -193,8 +195,19 @@ class _AsgiOutput(_Output):
                     text = self.queue.popleft()
                     self.queued_bytes -= len(text)
                     await self.send({"type": "websocket.send", "text": text})
+                if self.finishing:
+                    return
         except Exception:
             self.closed = True  # the client went away; the disconnect event ends the consumer
+
+    async def finish(self, *, timeout_s: float = 5.0) -> None:
+        """Send what is queued (for at most ``timeout_s``), then stop: a close frame must not overtake the
+        frames written before it (the error that explains a 4001, for one)."""
+        self.finishing = True
+        self.ready.set()
+        with contextlib.suppress(Exception):  # TimeoutError, or the writer's own failure
+            await asyncio.wait_for(asyncio.shield(self.task), timeout_s)
+        self.stop()
 
     def stop(self) -> None:
         self.closed = True
@@ -333,7 +346,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _send_close(self, code: int) -> None:
         if isinstance(self.out, _AsgiOutput):
-            self.out.stop()
+            await self.out.finish()
         await self.base_send({"type": "websocket.close", "code": code})
 
     def _close_too_slow(self) -> None:

@@ -74,3 +74,15 @@ def test_the_plain_asgi_output_delivers_everything(servers: Servers, fresh_hub: 
             await comm.disconnect(timeout=20)
 
     asyncio.run(body())
+
+
+def test_the_plain_asgi_output_sends_the_error_before_the_close(servers: Servers, fresh_hub: None) -> None:
+    async def body() -> None:
+        comm = WebsocketCommunicator(websocket_application(), "/ws/?ticket=" + "0" * 40)
+        connected, _ = await comm.connect(timeout=20)
+        assert connected  # accepted first: close codes exist only on an accepted WebSocket
+        error = await comm.receive_json_from(timeout=20)
+        assert error["type"] == "error" and error["code"] == "unauthenticated"
+        assert await comm.receive_output(timeout=20) == {"type": "websocket.close", "code": 4001}
+
+    asyncio.run(body())
