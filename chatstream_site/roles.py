@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from django.conf import settings
 
@@ -61,3 +64,21 @@ def heartbeat_start() -> Heartbeat | None:
 def heartbeat_stop() -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
+
+
+async def lifespan_serve(receive: Any, send: Any, *,
+                         on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Answer an ASGI lifespan scope (the uvicorn roles: gateway, broker): deregister on shutdown, then run
+    ``on_shutdown``. uvicorn re-raises SIGTERM after its graceful shutdown (which first closes every WebSocket,
+    so each broker session has said offline), so the registry's atexit hook never runs.
+    Side effect: deletes this instance's registry key."""
+    while True:
+        event = await receive()
+        if event["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif event["type"] == "lifespan.shutdown":
+            await asyncio.to_thread(heartbeat_stop)
+            if on_shutdown is not None:
+                await on_shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -19,7 +19,6 @@ specified in ``gateway/identity.py``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -116,19 +115,13 @@ class GatewayApp:
         await self.stack(scope, receive, send)
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
-        """Close the upstream clients on shutdown (servers without lifespan simply never call this)."""
-        while True:
-            event = await receive()
-            if event["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif event["type"] == "lifespan.shutdown":
-                # Deregister now: uvicorn re-raises SIGTERM after a graceful shutdown, so atexit never runs.
-                from chatstream_site.roles import heartbeat_stop
+        """Deregister and close the upstream clients on shutdown (servers without lifespan never call this)."""
+        from chatstream_site.roles import lifespan_serve
 
-                await asyncio.to_thread(heartbeat_stop)
-                await self.router.http.aclose()
-                await self.redis.aclose()
-                await self.limits_redis.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        async def close() -> None:
+            await self.router.http.aclose()
+            await self.redis.aclose()
+            await self.limits_redis.aclose()
+
+        await lifespan_serve(receive, send, on_shutdown=close)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 from urllib.parse import ParseResult
 
@@ -40,16 +39,7 @@ def websocket_application() -> Any:
 
 
 async def broker_lifespan(scope: Any, receive: Any, send: Any) -> None:
-    """ASGI lifespan of a broker under uvicorn: deregister on shutdown. uvicorn re-raises SIGTERM after its
-    graceful shutdown (which first closes every WebSocket with 1012, so each session has said offline), so
-    the registry's atexit hook never runs. Side effect: deletes this instance's registry key."""
-    while True:
-        event = await receive()
-        if event["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif event["type"] == "lifespan.shutdown":
-            from chatstream_site.roles import heartbeat_stop
+    """ASGI lifespan of a broker under uvicorn (daphne sends none): deregister on shutdown."""
+    from chatstream_site.roles import lifespan_serve
 
-            await asyncio.to_thread(heartbeat_stop)
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+    await lifespan_serve(receive, send)
