@@ -360,23 +360,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             _background.add(task)
             task.add_done_callback(_background.discard)
 
-    def _send_backlog(self) -> int:
-        """Bytes written to this connection that the kernel has not taken yet."""
-        return self.out.backlog()
-
-    def _too_slow(self) -> bool:
-        """Unsent bytes above ``WS_SEND_BUFFER_BYTES`` for longer than SLOW_GRACE_S, or above
-        SLOW_HARD_FACTOR times it at any moment. A burst (one XREAD batch is written in one loop turn, before
-        the socket is flushed) may pass the soft limit for a moment; a reader that does not read stays there."""
-        backlog = self.out.backlog()
-        limit = self.send_limit
-        if backlog <= limit:
-            self.over_since = 0.0
-            return False
+    def _too_slow(self, backlog: int) -> bool:
+        """Called with ``backlog`` (unsent bytes) above ``WS_SEND_BUFFER_BYTES``: true once it has stayed
+        above for longer than SLOW_GRACE_S, or at once above SLOW_HARD_FACTOR times it. A burst (one XREAD
+        batch is written in one loop turn, before the socket is flushed) may pass the soft limit for a moment;
+        a reader that does not read stays there."""
         now = time.monotonic()
         if not self.over_since:
             self.over_since = now
-        return backlog > SLOW_HARD_FACTOR * limit or now - self.over_since > SLOW_GRACE_S
+        return backlog > SLOW_HARD_FACTOR * self.send_limit or now - self.over_since > SLOW_GRACE_S
 
     def deliver(self, *, conversation_id: str, seq: int, text: bytes, wire: bytes) -> None:
         """Called by the hub for each live event: ``text`` is the UTF-8 JSON, ``wire`` the same as a complete
@@ -394,8 +386,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if seq and self.resumed_upto and seq <= self.resumed_upto.get(conversation_id, 0):
             return  # already sent by this connection's resume
         out = self.out
-        if out.backlog() > self.send_limit:
-            if self._too_slow():
+        backlog = out.backlog()
+        if backlog > self.send_limit:
+            if self._too_slow(backlog):
                 self._close_too_slow()
                 return
         elif self.over_since:
@@ -597,7 +590,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.paced % 50 == 0:
             await asyncio.sleep(0)  # one loop turn: lets Twisted hand what is queued to the kernel
         for _ in range(200):  # 200 x 50 ms: a client that takes nothing for 10 s is too slow
-            if self._send_backlog() <= limit:
+            if self.out.backlog() <= limit:
                 await self.send_frame(frame)
                 return
             await asyncio.sleep(0.05)
