@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import redis
 import redis.asyncio
@@ -41,13 +41,28 @@ def bus_is_cluster(client: BusAsync | BusSync) -> bool:
     return isinstance(client, redis.asyncio.cluster.RedisCluster | redis.cluster.RedisCluster)
 
 
+class BusCluster(redis.asyncio.cluster.RedisCluster):
+    """redis-py's asyncio cluster client, initialized before its first command is routed.
+
+    redis-py 8.1 routes a command (its policy, its target node) before it initializes the client's view of
+    the cluster, so the first commands of a fresh client that run concurrently (a broker's per-partition
+    XREADs, all started together) may go out before the slot map exists, and some of them never return.
+    Reproduced with 8 concurrent first XREAD BLOCKs on each of 40 fresh clients: 13-17 of the 40 lost reads
+    for good; with this class (or an ``initialize()`` first), none (bench/cluster_first_use.py). Pipelines
+    initialize first by themselves."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.initialize()  # returns at once once initialized; concurrent callers share one run (a lock)
+        return await super().execute_command(*args, **kwargs)
+
+
 def bus_async_new(*, socket_timeout: float = COMMAND_TIMEOUT_S, max_connections: int | None = None) -> BusAsync:
     """A new asyncio client of the bus: a ``RedisCluster`` on a cluster, else a plain client (with a blocking
     pool of ``max_connections`` when given, so a burst waits for a connection instead of failing). It binds
     to the event loop it first runs on; the caller closes it (``aclose``)."""
     if settings.STREAMS_REDIS_CLUSTER:
         # One pool per node; redis-py follows MOVED/ASK and refreshes its slot map by itself.
-        return redis.asyncio.cluster.RedisCluster.from_url(
+        return BusCluster.from_url(
             settings.STREAMS_REDIS_URL, socket_timeout=socket_timeout, socket_connect_timeout=COMMAND_TIMEOUT_S,
             **({"max_connections": max_connections} if max_connections else {}))
     if max_connections:
