@@ -166,8 +166,8 @@ def test_a_fresh_bus_client_serves_concurrent_first_reads(cluster: RedisCluster,
         got = dict.fromkeys(keys, 0)
 
         async def read(key: str) -> None:
-            reply = await reader.xread({key: "0-0"}, block=3000)
-            got[key] = sum(len(entries) for _, entries in reply or [])
+            reply: Any = await reader.xread({key: "0-0"}, block=3000)  # [[key, entries]] or None
+            got[key] = sum(len(stream[1]) for stream in reply or [])
 
         try:
             tasks = [asyncio.create_task(read(key)) for key in keys]
