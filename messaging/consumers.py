@@ -73,13 +73,89 @@ class _Output:
     def backlog(self) -> int:
         raise NotImplementedError
 
-    def handshake_done(self) -> None:
-        """Called once the WebSocket is accepted."""
+    def identified(self) -> None:
+        """Called once the WebSocket is accepted and its user known: the handshake is no longer needed."""
 
     def force_close(self, code: int) -> bool:
         """Queue a close frame behind what is unsent and drop the connection if the client does not finish
         the close handshake soon; False when this server's own ASGI close must be used instead."""
         return False
+
+
+class _ReceiveQueue:
+    """What uvicorn's WebSocket protocol needs of its receive queue (``put_nowait``, ``get``, ``get_nowait``,
+    ``empty``) for one getter, the connection's ASGI task, without an ``asyncio.Queue``'s three deques and
+    Event (2.5 KB + 0.7 KB per connection). Items stay in the list until a getter takes them, so a ``get``
+    cancelled after its wake-up loses nothing."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self.items:
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self.waiter is waiter:
+                    self.waiter = None
+        return self.items.pop(0)
+
+    def get_nowait(self) -> Any:
+        if not self.items:
+            raise asyncio.QueueEmpty
+        return self.items.pop(0)
+
+    def empty(self) -> bool:
+        return not self.items
+
+
+class _Flag:
+    """What uvicorn's WebSocket protocol needs of its ``writable`` ``asyncio.Event`` (``set``, ``clear``,
+    ``is_set``, ``wait``), with the waiters' list allocated only while someone waits (an Event holds a deque
+    per connection: ~0.7 KB)."""
+
+    __slots__ = ("value", "waiters")
+
+    def __init__(self, value: bool) -> None:
+        self.value = value
+        self.waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self.value
+
+    def set(self) -> None:
+        self.value = True
+        waiters, self.waiters = self.waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.value = False
+
+    async def wait(self) -> bool:
+        if self.value:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self.waiters is None:
+            self.waiters = []
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self.waiters is not None and waiter in self.waiters:
+                self.waiters.remove(waiter)
+        return True
 
 
 class _UvicornOutput(_Output):
@@ -105,12 +181,29 @@ class _UvicornOutput(_Output):
     def backlog(self) -> int:
         return int(self.transport.get_write_buffer_size())
 
-    def handshake_done(self) -> None:
-        # uvicorn keeps the handshake's request and response (with their header objects) for the life of the
-        # connection but reads them only while accepting: ~4 KB of an idle connection's ~24 KB of Python
-        # objects (bench/ws_memory.py).
-        self.protocol.request = None
-        self.protocol.response = None
+    def identified(self) -> None:
+        """Drop what uvicorn keeps per connection but uses no more once accepted, and trade its asyncio
+        receive queue and ``writable`` Event for slim equivalents: together ~7 KB of an idle connection's
+        ~23 KB of Python objects (bench/ws_memory.py; docs/benchmarks.md). Precondition: called by the
+        consumer while it handles ``websocket.connect``, so nobody is waiting on the queue or the Event."""
+        protocol = self.protocol
+        request = protocol.request
+        if request is not None:
+            # websockets' parser generator keeps the request in its frame for the connection's life, so
+            # dropping uvicorn's reference alone frees nothing: empty the headers it holds.
+            request.headers.clear()
+        protocol.request = None
+        protocol.response = None
+        # The scope's header list is shared by uvicorn's scope and Channels' copies of it; the Origin check
+        # and the identity (the gateway's signed headers or the ticket) have been read.
+        scope = getattr(protocol, "scope", None)
+        if scope is not None:
+            scope["headers"].clear()
+        queue = _ReceiveQueue()
+        while not protocol.queue.empty():
+            queue.put_nowait(protocol.queue.get_nowait())
+        protocol.queue = queue
+        protocol.writable = _Flag(protocol.writable.is_set())
 
     def force_close(self, code: int) -> bool:
         # What uvicorn's own ``websocket.close`` does, minus its wait for the transport to become writable:
@@ -277,7 +370,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             daphne.protocol.failByDrop = False
         self.out: _Output = daphne or _UvicornOutput.of(self.base_send) or _AsgiOutput(self.base_send)
         await self.accept()  # close codes exist only on an accepted WebSocket (a refused handshake is a 403)
-        self.out.handshake_done()
         try:
             owner = await connection_identify(self.scope)
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
@@ -290,6 +382,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._close(CLOSE_BAD_TICKET)
             return
         self.user_id, self.username = owner.user_id, owner.username
+        self.out.identified()
         self.session_id = uuid.uuid4().hex
         try:
             found = await sync_to_async(selectors.user_conversation_ids, thread_sensitive=False)(

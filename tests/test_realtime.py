@@ -500,6 +500,27 @@ def test_foreign_origin_is_refused_and_a_missing_one_is_a_non_browser_client(ser
     run(body)
 
 
+def test_a_websocket_on_another_path_is_refused_and_the_ticket_kept(servers: Servers,
+                                                                     brokers: list[Broker]) -> None:
+    import websockets
+    import websockets.exceptions
+
+    alice, _ = user_create()
+
+    async def body() -> None:
+        ticket = ticket_for(servers.redis_url, alice)
+        base = brokers[0].url.removesuffix("/ws/")
+        for path in ("/ws", "/ws/x/", "/other/"):
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+                await websockets.connect(f"{base}{path}?ticket={ticket}")
+            assert refused.value.response.status_code == 403, path
+        ws = await websockets.connect(f"{brokers[0].url}?ticket={ticket}")
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.close()
+
+    run(body)
+
+
 def test_the_gateway_carries_the_websocket_to_a_broker(servers: Servers, tmp_path: Path) -> None:
     """The `make run` cluster: a client on the gateway's /ws/ reaches a broker and gets its own message."""
     from tests.procs import Cluster

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 import redis.asyncio
 
 from messaging import frames, services
+from messaging.consumers import _Flag, _ReceiveQueue
 from messaging.streams import stream_key
 from tests.servers import Servers, run_with_redis
 
@@ -91,3 +93,50 @@ def test_presence_counts_devices_across_brokers(servers: Servers) -> None:
         assert not await services.presence_online(c, user_id=user)
 
     run(servers, body)
+
+
+def test_the_slim_receive_queue_keeps_order_and_loses_nothing_to_a_cancelled_get() -> None:
+    """What uvicorn's protocol gets instead of an asyncio.Queue after the handshake (consumers._ReceiveQueue)."""
+
+    async def body() -> None:
+        queue = _ReceiveQueue()
+        assert queue.empty()
+        with pytest.raises(asyncio.QueueEmpty):
+            queue.get_nowait()
+        queue.put_nowait(1)
+        queue.put_nowait(2)
+        assert [await queue.get(), queue.get_nowait()] == [1, 2]
+        getter = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        assert not getter.done()
+        queue.put_nowait(3)
+        assert await getter == 3
+        # Woken, then cancelled before it ran: the item stays for the next get.
+        getter = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        queue.put_nowait(4)
+        getter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await getter
+        assert not queue.empty() and await queue.get() == 4
+        assert queue.waiter is None
+
+    asyncio.run(body())
+
+
+def test_the_slim_flag_waits_while_clear_and_wakes_every_waiter_on_set() -> None:
+    async def body() -> None:
+        flag = _Flag(True)
+        assert flag.is_set() and await flag.wait()
+        flag.clear()
+        waiters = [asyncio.create_task(flag.wait()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        waiters[0].cancel()
+        await asyncio.sleep(0)
+        assert flag.waiters is not None and len(flag.waiters) == 2  # a cancelled wait leaves no waiter behind
+        flag.set()
+        assert await asyncio.gather(*waiters[1:]) == [True, True]
+        assert flag.is_set() and flag.waiters is None
+
+    asyncio.run(body())
