@@ -65,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--lines", action="store_true", help="group by source line instead of by file")
     opts = parser.parse_args()
 
     from tests.servers import free_port, servers_start
@@ -124,7 +125,7 @@ async def _measure(opts: argparse.Namespace, servers: object, port: int, workdir
     await open_more(opts.connections)
     gc.collect()
     after, rss_after = tracemalloc.take_snapshot(), rss_kb()
-    stats = after.compare_to(before, "filename")
+    stats = after.compare_to(before, "lineno" if opts.lines else "filename")
     # Tracing makes every allocation several times slower: off before the 1,000 disconnects, whose presence
     # updates would otherwise time out on Redis connects (noise after the measurement, not a finding).
     tracemalloc.stop()
@@ -134,7 +135,7 @@ async def _measure(opts: argparse.Namespace, servers: object, port: int, workdir
           f"overhead), Python allocations +{traced / n / 1024:.1f} KB each\n")
     print(f"{'bytes/conn':>10}  {'blocks/conn':>11}  file")
     for stat in stats[:opts.top]:
-        name = stat.traceback[0].filename
+        name = stat.traceback[0].filename + (f":{stat.traceback[0].lineno}" if opts.lines else "")
         for prefix in (str(ROOT) + "/", "site-packages/"):
             if prefix in name:
                 name = name.split(prefix, 1)[1]
