@@ -148,7 +148,7 @@ def servers_start(workdir: Path) -> Servers:
 
 @dataclass
 class RedisCluster:
-    """A real Redis Cluster of ``masters`` masters (no replicas) on loopback ports."""
+    """A real Redis Cluster on loopback ports (:func:`redis_cluster_start`); ``nodes[0]`` is a master."""
 
     nodes: list[Server]
 
@@ -162,16 +162,19 @@ class RedisCluster:
             node.stop()
 
 
-def redis_cluster_start(workdir: Path, *, masters: int = 3, timeout_s: float = 30.0) -> RedisCluster:
-    """Start ``masters`` cluster-enabled ``redis-server`` processes, join them with ``redis-cli --cluster
-    create`` (slots split evenly) and wait until every node reports ``cluster_state:ok``. On failure, the
-    nodes started so far are stopped. The caller stops the cluster (:meth:`RedisCluster.stop`)."""
+def redis_cluster_start(workdir: Path, *, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 5000,
+                        timeout_s: float = 30.0) -> RedisCluster:
+    """Start ``masters`` x (1 + ``replicas``) cluster-enabled ``redis-server`` processes, join them with
+    ``redis-cli --cluster create`` (slots split evenly over the masters, ``replicas`` replicas each) and wait
+    until every node reports ``cluster_state:ok`` and every replica is in sync. ``node_timeout_ms`` is how long
+    a silent master takes to be failed over. On failure, the nodes started so far are stopped. The caller
+    stops the cluster (:meth:`RedisCluster.stop`)."""
     exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if exe is None or cli is None:
         raise RuntimeError("redis-server/redis-cli not found: `apt-get install redis-server`")
     nodes: list[Server] = []
     try:
-        for _ in range(masters):
+        for _ in range(masters * (1 + replicas)):
             # The cluster bus defaults to port + 10000, which may be taken (or above 65535) for a random
             # port: each node gets its own free bus port instead.
             port, bus_port = free_port(), free_port()
@@ -180,19 +183,23 @@ def redis_cluster_start(workdir: Path, *, masters: int = 3, timeout_s: float = 3
             # No persistence: a test cluster lives as long as its test module.
             argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", "",
                     "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
-                    "--cluster-config-file", str(data / "nodes.conf"), "--cluster-node-timeout", "5000"]
+                    "--cluster-config-file", str(data / "nodes.conf"),
+                    "--cluster-node-timeout", str(node_timeout_ms)]
             node = Server("redis-cluster", port, argv, data)
             nodes.append(node)
             node.start()
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"],
+                        "--cluster-replicas", str(replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         for node in nodes:
             while True:
                 info = subprocess.run([cli, "-p", str(node.port), "cluster", "info"], capture_output=True,
                                       text=True, timeout=timeout_s).stdout
-                if "cluster_state:ok" in info:
+                role = subprocess.run([cli, "-p", str(node.port), "role"], capture_output=True, text=True,
+                                      timeout=timeout_s).stdout.split()
+                in_sync = not role or role[0] != "slave" or "connected" in role
+                if "cluster_state:ok" in info and in_sync:
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cluster node {node.port} not ok after {timeout_s}s:\n{info}")
