@@ -427,14 +427,18 @@ PRESENCE_EXPIRING_KEY = "cs:presence:expiring"
 # settings.PRESENCE_SWEEP_S) announces the users who had no other session offline.
 #
 # Invariant kept by every script below: a user is a member of PRESENCE_EXPIRING_KEY iff "online" was
-# announced for them and "offline" was not since; their score is the latest expiry in their zset. The one
-# call that removes the member announces offline, the one that adds it announces online, so each transition
-# is announced once whichever broker, disconnect or sweep observes it.
+# announced for them and "offline" was not since (or is being announced: a sweep's claim, see
+# PRESENCE_CLAIMS_KEY, with the end of its lease as the score); otherwise their score is the latest expiry in
+# their zset. The call that adds the member (or takes a claim over) announces online; a disconnect that
+# removes it, or the sweep that claimed it, announces offline, so each transition is announced once whichever
+# broker, disconnect or sweep observes it (a sweep that dies mid-way is redone: at least once).
 
-# KEYS[1] presence zset, KEYS[2] PRESENCE_EXPIRING_KEY; ARGV[1] session, ARGV[2] now, ARGV[3] expiry,
-# ARGV[4] "1" add / "0" remove, ARGV[5] user id
+# KEYS[1] presence zset, KEYS[2] PRESENCE_EXPIRING_KEY, KEYS[3] PRESENCE_CLAIMS_KEY; ARGV[1] session,
+# ARGV[2] now, ARGV[3] expiry, ARGV[4] "1" add / "0" remove, ARGV[5] user id
 # -> {live sessions of the user after the change, 1 if this call took the user online (add) or offline
 #     (remove) else 0}
+# A user under a sweep's claim (their offline is being announced) is offline: a connect takes the claim
+# over and announces online; a last disconnect leaves the offline to the claiming sweep.
 _PRESENCE_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local removed = 0
@@ -444,12 +448,18 @@ else
   removed = redis.call('ZREM', KEYS[1], ARGV[1])
 end
 local n = redis.call('ZCARD', KEYS[1])
+local claimed
+if ARGV[4] == '1' then
+  claimed = redis.call('HDEL', KEYS[3], ARGV[5])
+else
+  claimed = redis.call('HEXISTS', KEYS[3], ARGV[5])
+end
 local flip = 0
 if n > 0 then
   local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   redis.call('EXPIRE', KEYS[1], math.max(1, tonumber(top[2]) - tonumber(ARGV[2])))
-  if redis.call('ZADD', KEYS[2], top[2], ARGV[5]) == 1 and ARGV[4] == '1' then flip = 1 end
-elseif redis.call('ZREM', KEYS[2], ARGV[5]) == 1 or removed == 1 then
+  if (redis.call('ZADD', KEYS[2], top[2], ARGV[5]) == 1 or claimed == 1) and ARGV[4] == '1' then flip = 1 end
+elseif claimed == 0 and (redis.call('ZREM', KEYS[2], ARGV[5]) == 1 or removed == 1) then
   -- removed == 1 without an index entry: a session counted before the index existed (an upgrade).
   flip = 1
 end
@@ -490,10 +500,20 @@ end
 return missing
 """
 
-# The sweep's claim of one user. KEYS as above; ARGV[1] user id, ARGV[2] now
-# -> false, or the moment (unix seconds) the user's last session expired when THIS call took them offline.
-# Atomic: of several brokers sweeping the same user, only the first sees the index entry and removes it;
-# a user with a live session (reconnected, or refreshed meanwhile) keeps it, with their new latest expiry.
+# Hash: user id -> the moment their last session expired, for users a sweep has claimed and not yet
+# released (their offline is being announced). The claim also moves the user's index score to the end of
+# a lease (PRESENCE_CLAIM_LEASE_S): a sweep that dies before it announced and released is redone by a later
+# sweep once the lease has run out, so an offline is announced at least once.
+PRESENCE_CLAIMS_KEY = "cs:presence:claims"
+# Long enough for a claim's users.status write and its PUBLISH on a loaded FerretDB (a few seconds at the
+# worst of a connect wave); short enough that a lost announcement is redone within a minute of the crash.
+PRESENCE_CLAIM_LEASE_S = 30
+
+# The sweep's claim of one user. KEYS as above; ARGV[1] user id, ARGV[2] now, ARGV[3] end of the lease
+# -> false, or the moment (unix seconds) the user's last session expired when THIS call claimed them.
+# Atomic: of several brokers sweeping the same user, only the first moves the index entry past now; a user
+# with a live session (reconnected, or refreshed meanwhile) keeps it, with their new latest expiry; a claim
+# whose lease ran out (its sweep died) is taken again, with the same moment.
 _PRESENCE_CLAIM_LUA = """
 local at = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not at then return false end
@@ -501,10 +521,25 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if top[1] then
   redis.call('ZADD', KEYS[2], top[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
   return false
 end
-redis.call('ZREM', KEYS[2], ARGV[1])
+if tonumber(at) > tonumber(ARGV[2]) then return false end
+local before = redis.call('HGET', KEYS[3], ARGV[1])
+if before then at = before end
+redis.call('HSET', KEYS[3], ARGV[1], at)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return at
+"""
+
+# After the announcement: KEYS[1] PRESENCE_EXPIRING_KEY, KEYS[2] PRESENCE_CLAIMS_KEY; ARGV[1] user id,
+# ARGV[2] the claimed moment as stored -> 1 if the claim was still this one (released now: the user is
+# offline), 0 if a connect took it over meanwhile (the user is online again and keeps the index entry).
+_PRESENCE_RELEASE_LUA = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
 """
 
 
@@ -535,7 +570,7 @@ def _user_expired(user_id: str, at: datetime) -> list[str]:
 
 
 def _presence_keys(user_id: str) -> list[str]:
-    return [presence_key(user_id), PRESENCE_EXPIRING_KEY]
+    return [presence_key(user_id), PRESENCE_EXPIRING_KEY, PRESENCE_CLAIMS_KEY]
 
 
 async def _presence_transition(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool,
@@ -604,12 +639,31 @@ def _s(value: bytes | str) -> str:
 
 
 async def presence_claim(client: redis.asyncio.Redis, *, user_id: str, now: int | None = None) -> int | None:
-    """Take the user offline in Redis if their last session expired (``now`` defaults to the clock).
-    Returns the moment it expired (unix seconds) to exactly one caller, across brokers; None to every other
-    caller and whenever the user has a live session. The caller must then announce the offline."""
+    """Claim the announcement of the user's offline if their last session expired (``now`` defaults to the
+    clock). Returns the moment it expired (unix seconds) to one caller, across brokers, per lease
+    (PRESENCE_CLAIM_LEASE_S); None to every other caller and whenever the user has a live session. The
+    caller must then announce the offline and :func:`presence_release` the claim; if it does not (it died),
+    the claim is handed out again once the lease has run out."""
+    now = int(time.time()) if now is None else now
     script = client.register_script(_PRESENCE_CLAIM_LUA)
-    at = await script(keys=_presence_keys(user_id), args=[user_id, int(time.time()) if now is None else now])
+    at = await script(keys=_presence_keys(user_id), args=[user_id, now, now + PRESENCE_CLAIM_LEASE_S])
     return None if at is None else int(float(at))
+
+
+async def presence_claimed(client: redis.asyncio.Redis, *, user_id: str, at: int) -> bool:
+    """Whether the claim of moment ``at`` still stands (no connect of the user took it over). Read-only."""
+    raw = await client.hget(PRESENCE_CLAIMS_KEY, user_id)
+    return raw is not None and int(float(raw)) == at
+
+
+async def presence_release(client: redis.asyncio.Redis, *, user_id: str, at: int) -> bool:
+    """End a claim (of moment ``at``) once its offline is announced: the user leaves the index. False if a
+    connect took the claim over meanwhile (the user is online again; nothing is changed)."""
+    raw = await client.hget(PRESENCE_CLAIMS_KEY, user_id)
+    if raw is None or int(float(raw)) != at:
+        return False
+    script = client.register_script(_PRESENCE_RELEASE_LUA)
+    return bool(await script(keys=[PRESENCE_EXPIRING_KEY, PRESENCE_CLAIMS_KEY], args=[user_id, raw]))
 
 
 async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = None,
@@ -620,8 +674,10 @@ async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = Non
     looked at; the rest are left for the next pass. Safe to run on every broker at once: each user is
     announced by the one broker that claims them. Returns (users this call announced, users looked at).
 
-    At most once: a broker killed between a claim and its announcement, or a MongoDB failure then, loses
-    that announcement (``presence_online`` and the next connect stay right)."""
+    At least once: a broker killed between a claim and its release, or a MongoDB failure then, leaves the
+    claim to run out, and a later sweep (of any broker) announces it (again, if the first got as far as
+    the PUBLISH). A user whose device came back meanwhile is not announced offline: that connect took the
+    claim over and announced online."""
     now = int(time.time()) if now is None else now
     due: Any = await client.zrangebyscore(PRESENCE_EXPIRING_KEY, "-inf", now, start=0,
                                      num=int(settings.PRESENCE_SWEEP_BATCH if limit is None else limit))
@@ -635,10 +691,14 @@ async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = Non
         try:
             conversation_ids = await loop.run_in_executor(
                 _presence_pool, _user_expired, user_id, datetime.fromtimestamp(min(at, now), UTC))
+            if not await presence_claimed(client, user_id=user_id, at=at):
+                continue  # a device came back while users.status was written: its connect announced online
             await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
                 user_id=user_id, status="offline", conversation_ids=conversation_ids))
+            await presence_release(client, user_id=user_id, at=at)
         except Exception:
-            logger.exception("presence sweep: announcing user %s offline failed", user_id)
+            logger.exception("presence sweep: announcing user %s offline failed; a later sweep retries once "
+                             "the claim's lease (%ss) has run out", user_id, PRESENCE_CLAIM_LEASE_S)
             continue
         gone.append(user_id)
     return gone, len(due)

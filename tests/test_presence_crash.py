@@ -58,6 +58,9 @@ def test_an_expired_last_session_is_claimed_by_one_of_many_concurrent_callers(se
             claims = await asyncio.gather(*(services.presence_claim(client, user_id=user, now=t0 + ttl + 1)
                                             for _ in range(4) for client in (c, other)))
             assert sorted(claims, key=lambda a: a is None) == [t0 + ttl] + [None] * 7
+            # Leased while its offline is announced, then released.
+            assert await _index_score(c, user) == t0 + ttl + 1 + services.PRESENCE_CLAIM_LEASE_S
+            assert await services.presence_release(c, user_id=user, at=t0 + ttl)
             assert await _index_score(c, user) is None
             assert not await c.exists(services.presence_key(user))
             # Announced offline, so the next connect is a new "online".
@@ -65,6 +68,60 @@ def test_an_expired_last_session_is_claimed_by_one_of_many_concurrent_callers(se
                                                        now=t0 + ttl + 2) == (1, True)
         finally:
             await other.aclose()
+
+    run_with_redis(servers.redis_url, body)
+
+
+def test_a_claim_whose_sweep_died_is_handed_out_again_once_its_lease_ran_out(servers: Servers) -> None:
+    """At least once: a broker killed between its claim and its release leaves the claim to run out."""
+    user = uuid.uuid4().hex[:24]
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        t0, ttl, lease = int(time.time()), _ttl(), services.PRESENCE_CLAIM_LEASE_S
+        await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl  # then it "dies"
+        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + lease) is None  # lease running
+        # Another sweep, after the lease: the same moment, to be announced again.
+        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 2 + lease) == t0 + ttl
+        assert await services.presence_claimed(c, user_id=user, at=t0 + ttl)
+        assert await services.presence_release(c, user_id=user, at=t0 + ttl)
+        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 3 + 2 * lease) is None
+        assert await _index_score(c, user) is None
+
+    run_with_redis(servers.redis_url, body)
+
+
+def test_a_connect_during_a_claim_is_online_and_the_claiming_sweep_stands_down(servers: Servers) -> None:
+    user = uuid.uuid4().hex[:24]
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        t0, ttl = int(time.time()), _ttl()
+        await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl
+        # A new device while the sweep writes users.status: a new "online" (the offline is being announced).
+        assert await services._presence_transition(c, user_id=user, session_id="b", add=True,
+                                                   now=t0 + ttl + 2) == (1, True)
+        assert not await services.presence_claimed(c, user_id=user, at=t0 + ttl)
+        assert not await services.presence_release(c, user_id=user, at=t0 + ttl)
+        assert await _index_score(c, user) == t0 + 2 * ttl + 2  # b's expiry: online, tracked as usual
+        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 3) is None
+
+    run_with_redis(servers.redis_url, body)
+
+
+def test_a_stale_disconnect_during_a_claim_leaves_the_offline_to_the_sweep(servers: Servers) -> None:
+    """The killed broker's client disconnects late (its session already expired): no second offline, and the
+    claim stands, lease included, so a dead sweeper is still redone."""
+    user = uuid.uuid4().hex[:24]
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        t0, ttl, lease = int(time.time()), _ttl(), services.PRESENCE_CLAIM_LEASE_S
+        await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl
+        assert await services._presence_transition(c, user_id=user, session_id="a", add=False,
+                                                   now=t0 + ttl + 2) == (0, False)
+        assert await services.presence_claimed(c, user_id=user, at=t0 + ttl)
+        assert await _index_score(c, user) == t0 + ttl + 1 + lease
 
     run_with_redis(servers.redis_url, body)
 
