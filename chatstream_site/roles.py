@@ -66,15 +66,18 @@ def heartbeat_stop() -> None:
         _heartbeat.stop()
 
 
-async def lifespan_serve(receive: Any, send: Any, *,
+async def lifespan_serve(receive: Any, send: Any, *, on_startup: Callable[[], None] | None = None,
                          on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Answer an ASGI lifespan scope (the uvicorn roles: gateway, broker): deregister on shutdown, then run
-    ``on_shutdown``. uvicorn re-raises SIGTERM after its graceful shutdown (which first closes every WebSocket,
-    so each broker session has said offline), so the registry's atexit hook never runs.
+    """Answer an ASGI lifespan scope (the uvicorn roles: gateway, broker): run ``on_startup`` (on the server's
+    loop) at startup; deregister on shutdown, then run ``on_shutdown``. uvicorn re-raises SIGTERM after its
+    graceful shutdown (which first closes every WebSocket, so each broker session has said offline), so the
+    registry's atexit hook never runs.
     Side effect: deletes this instance's registry key."""
     while True:
         event = await receive()
         if event["type"] == "lifespan.startup":
+            if on_startup is not None:
+                on_startup()
             await send({"type": "lifespan.startup.complete"})
         elif event["type"] == "lifespan.shutdown":
             await asyncio.to_thread(heartbeat_stop)

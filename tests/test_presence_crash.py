@@ -9,6 +9,7 @@ test); nothing asserts how fast it went.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -23,7 +24,15 @@ from django.conf import settings
 
 from messaging import frames, services
 from storage.documents import User
-from tests.realtime import Broker, Client, brokers_start, connect_user, group_create, user_create
+from tests.realtime import (
+    Broker,
+    Client,
+    brokers_start,
+    connect_user,
+    group_create,
+    user_create,
+    wait_until_async,
+)
 from tests.servers import Servers, run_with_redis
 
 TTL_S = 3
@@ -288,6 +297,27 @@ def test_a_user_only_on_a_killed_broker_is_announced_offline_once(servers: Serve
     asyncio.run(body())
     record = User.objects(id=alice).get()
     assert record.status == "offline" and record.last_seen is not None
+
+
+@pytest.mark.cluster
+def test_a_broker_nobody_connected_to_records_the_offline(servers: Servers,
+                                                          fleet: Callable[[int], list[Broker]]) -> None:
+    """The hub starts with the broker (ASGI lifespan, uvicorn), not with its first connection: the only
+    survivor of a crash sweeps even if no client ever connected to it."""
+    doomed, idle = fleet(2)
+    alice, _ = user_create()
+
+    async def body() -> None:
+        ws = await connect_user(doomed.url, servers.redis_url, alice)
+        await wait_until_async(lambda: User.objects(id=alice).get().status == "online", what="alice online")
+        doomed.kill()
+        await wait_until_async(lambda: User.objects(id=alice).get().status == "offline",
+                               timeout_s=QUIET_S + 10 * TTL_S, what="the idle broker to record alice offline")
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+    asyncio.run(body())
+    assert idle.proc is not None and idle.proc.poll() is None
 
 
 @pytest.mark.cluster
