@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,22 @@ def brokers_start(workdir: Path, count: int, **env: str) -> list[Broker]:
             broker.stop()
         raise
     return brokers
+
+
+@contextlib.contextmanager
+def brokers_running(workdir: Path, count: int, **env: str) -> Iterator[list[Broker]]:
+    """:func:`brokers_start` for the length of a ``with`` block (a fixture's life), stopped after it."""
+    started = brokers_start(workdir, count, **env)
+    try:
+        yield started
+    finally:
+        for broker in started:
+            broker.stop()
+
+
+def cluster_bus_env(url: str) -> dict[str, str]:
+    """The environment that puts a broker's message bus on the Redis Cluster at ``url`` (docs/adr/0022)."""
+    return {"CHATSTREAM_STREAMS_REDIS_URL": url, "CHATSTREAM_STREAMS_REDIS_CLUSTER": "1"}
 
 
 def user_create() -> tuple[str, str]:

@@ -25,6 +25,7 @@ from tests.realtime import (
     RESUMED,
     Broker,
     Client,
+    brokers_running,
     brokers_start,
     collect_messages,
     connect,
@@ -53,11 +54,9 @@ def server(request: pytest.FixtureRequest) -> str:
 def brokers(tmp_path_factory: pytest.TempPathFactory, server: str) -> Iterator[list[Broker]]:
     workdir = tmp_path_factory.mktemp(f"brokers-{server}")
     # A low rate limit keeps the flood test short; every other test stays far below it.
-    started = brokers_start(workdir, 2, CHATSTREAM_WS_RATE="20", CHATSTREAM_WS_BURST="60",
-                            CHATSTREAM_BROKER_SERVER=server)
-    yield started
-    for broker in started:
-        broker.stop()
+    with brokers_running(workdir, 2, CHATSTREAM_WS_RATE="20", CHATSTREAM_WS_BURST="60",
+                         CHATSTREAM_BROKER_SERVER=server) as started:
+        yield started
 
 
 def run(body: Callable[[], Awaitable[Any]]) -> Any:

@@ -31,7 +31,8 @@ from storage.keys import GROUP
 from storage.selectors import partitions_state
 from tests.realtime import (
     Broker,
-    brokers_start,
+    brokers_running,
+    cluster_bus_env,
     group_create,
     messages_cross_brokers,
     resume_returns_exactly_the_missed_events,
@@ -61,11 +62,8 @@ def cluster_sync(cluster: RedisCluster) -> Iterator[redis.cluster.RedisCluster]:
 
 @pytest.fixture(scope="module")
 def brokers(tmp_path_factory: pytest.TempPathFactory, cluster: RedisCluster) -> Iterator[list[Broker]]:
-    started = brokers_start(tmp_path_factory.mktemp("cluster-brokers"), 2,
-                            CHATSTREAM_STREAMS_REDIS_URL=cluster.url, CHATSTREAM_STREAMS_REDIS_CLUSTER="1")
-    yield started
-    for broker in started:
-        broker.stop()
+    with brokers_running(tmp_path_factory.mktemp("cluster-brokers"), 2, **cluster_bus_env(cluster.url)) as started:
+        yield started
 
 
 def master_of(client: redis.cluster.RedisCluster, conversation_id: str) -> str:

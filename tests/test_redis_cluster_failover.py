@@ -22,7 +22,8 @@ import redis.cluster
 from messaging.streams import partition_of, seq_key, stream_key
 from tests.realtime import (
     Broker,
-    brokers_start,
+    brokers_running,
+    cluster_bus_env,
     collect_messages,
     connect_user,
     group_create,
@@ -50,11 +51,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
 
 @pytest.fixture(scope="module")
 def brokers(tmp_path_factory: pytest.TempPathFactory, cluster: RedisCluster) -> Iterator[list[Broker]]:
-    started = brokers_start(tmp_path_factory.mktemp("ha-brokers"), 2,
-                            CHATSTREAM_STREAMS_REDIS_URL=cluster.url, CHATSTREAM_STREAMS_REDIS_CLUSTER="1")
-    yield started
-    for broker in started:
-        broker.stop()
+    with brokers_running(tmp_path_factory.mktemp("ha-brokers"), 2, **cluster_bus_env(cluster.url)) as started:
+        yield started
 
 
 def replica_of(cluster: RedisCluster, master: Server) -> Server:
