@@ -6,6 +6,7 @@ the health views over HTTP); api (and no role) -> Django (DRF, admin, health vie
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatstream_site.settings")
@@ -30,6 +31,12 @@ elif settings.ROLE == "broker":
         "websocket": websocket_application(),  # Origin checked against ALLOWED_HOSTS (messaging/routing.py)
         "lifespan": broker_lifespan,  # uvicorn only; daphne never sends a lifespan scope
     })
+    # Everything allocated so far (Django, the libraries, settings: ~300k objects) lives as long as the
+    # process, yet every full collection of the cyclic GC walked it again: under `manage.py bench --rate 500`
+    # a broker's full collections paused its loop 132-161 ms (the periodic spikes of the latency plot);
+    # with these objects frozen, 47-96 ms. Objects allocated later (connections) are collected as before.
+    gc.collect()
+    gc.freeze()
 else:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
@@ -37,3 +44,4 @@ else:
     application = ASGIStaticFilesHandler(django_application)
 
 heartbeat_start()
+
