@@ -387,7 +387,8 @@ _hub: Hub | None = None
 
 
 def hub_get() -> Hub:
-    """The process' hub (created on first use; its tasks start with the first connection)."""
+    """The process' hub (created on first use; its tasks start with the broker under uvicorn (ASGI lifespan), with
+    the first connection under daphne)."""
     global _hub
     if _hub is None:
         _hub = Hub(redis_url=settings.REDIS_URL)
