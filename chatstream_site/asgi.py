@@ -44,4 +44,3 @@ else:
     application = ASGIStaticFilesHandler(django_application)
 
 heartbeat_start()
-
