@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.cluster
 import websockets
 from bson import ObjectId
 
 from api.tokens import ws_ticket_issue
+from messaging.streams import partition_of, stream_key
 from storage.documents import Conversation, GroupChat, User
 from tests.procs import child_env
 from tests.servers import ROOT, free_port, wait_port
@@ -262,6 +264,27 @@ async def messages_cross_brokers(brokers: list[Broker], redis_url: str, *, alice
             assert all(m["sender_id"] == alice for m in got[conv])
     for client in (sender, alice_phone, reader):
         await client.close()
+
+
+async def send_until_acked(sender: Client, conversation_id: str, content: str, client_msg_id: str, *,
+                           within_s: float, pause_s: float = 0.2) -> dict[str, Any]:
+    """Send until acknowledged, retrying with the same client_msg_id on ``unavailable`` (docs/protocol.md:
+    what a client does while the bus has no master for the partition); fail after ``within_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
+        await sender.send(send_frame(conversation_id, content, client_msg_id=client_msg_id))
+        frame = await sender.recv_type("ack", "error")
+        if frame["type"] == "ack":
+            return frame
+        assert frame["code"] == "unavailable", frame
+        assert loop.time() < deadline, f"{client_msg_id} not acknowledged after {within_s}s"
+        await asyncio.sleep(pause_s)
+
+
+def master_of(client: redis.cluster.RedisCluster, conversation_id: str) -> str:
+    """host:port of the master that owns the slot of the conversation's partition."""
+    return str(client.get_node_from_key(stream_key(partition_of(conversation_id))).name)
 
 
 async def retried_client_msg_id_is_one_message(brokers: list[Broker], redis_url: str, *, alice: str, bob: str,

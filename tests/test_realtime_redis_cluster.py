@@ -34,6 +34,7 @@ from tests.realtime import (
     brokers_running,
     cluster_bus_env,
     group_create,
+    master_of,
     messages_cross_brokers,
     resume_returns_exactly_the_missed_events,
     retried_client_msg_id_is_one_message,
@@ -64,11 +65,6 @@ def cluster_sync(cluster: RedisCluster) -> Iterator[redis.cluster.RedisCluster]:
 def brokers(tmp_path_factory: pytest.TempPathFactory, cluster: RedisCluster) -> Iterator[list[Broker]]:
     with brokers_running(tmp_path_factory.mktemp("cluster-brokers"), 2, **cluster_bus_env(cluster.url)) as started:
         yield started
-
-
-def master_of(client: redis.cluster.RedisCluster, conversation_id: str) -> str:
-    """host:port of the master that owns the slot of the conversation's partition."""
-    return str(client.get_node_from_key(stream_key(partition_of(conversation_id))).name)
 
 
 def conversations_on_every_master(client: redis.cluster.RedisCluster, members: list[str]) -> list[str]:

@@ -27,7 +27,9 @@ from tests.realtime import (
     collect_messages,
     connect_user,
     group_create,
+    master_of,
     send_frame,
+    send_until_acked,
     user_create,
     wait_until_async,
 )
@@ -85,7 +87,7 @@ def test_messages_keep_crossing_brokers_when_a_master_fails_over(servers: Server
     try:
         for _ in range(200):
             conv = group_create([alice, bob])
-            owner = str(slots.get_node_from_key(stream_key(partition_of(conv))).name)
+            owner = master_of(slots, conv)
             if (owner == seed) == (victim_kind == "the seed node"):
                 break
         else:
@@ -118,16 +120,8 @@ def test_messages_keep_crossing_brokers_when_a_master_fails_over(servers: Server
 
         # The client retries with the same client_msg_id until it is acknowledged (docs/protocol.md): errors
         # "unavailable" until the replica is promoted, then one ack.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + FAILOVER_WAIT_S
-        while True:
-            await sender.send(send_frame(conv, "after the failover", client_msg_id="after-failover"))
-            frame = await sender.recv_type("ack", "error")
-            if frame["type"] == "ack":
-                break
-            assert frame["code"] == "unavailable", frame
-            assert loop.time() < deadline, f"no master for the partition after {FAILOVER_WAIT_S}s"
-            await asyncio.sleep(0.5)
+        frame = await send_until_acked(sender, conv, "after the failover", "after-failover",
+                                       within_s=FAILOVER_WAIT_S, pause_s=0.5)
         assert (frame["seq"], frame["duplicate"]) == (6, False), frame
 
         after = await collect_messages(reader, conv, 1)

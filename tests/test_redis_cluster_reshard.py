@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -25,7 +24,8 @@ from tests.realtime import (
     collect_messages,
     connect_user,
     group_create,
-    send_frame,
+    master_of,
+    send_until_acked,
     user_create,
 )
 from tests.servers import RedisCluster, Servers, redis_cluster_start
@@ -73,20 +73,6 @@ def slot_move(cluster: RedisCluster, *, slot: int, source: int, target: int) -> 
             client.close()
 
 
-async def send_acked(sender: Any, conv: str, content: str, client_msg_id: str) -> dict[str, Any]:
-    """Send until acknowledged, retrying with the same client_msg_id on ``unavailable`` (docs/protocol.md)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + RETRY_S
-    while True:
-        await sender.send(send_frame(conv, content, client_msg_id=client_msg_id))
-        frame = await sender.recv_type("ack", "error")
-        if frame["type"] == "ack":
-            return frame
-        assert frame["code"] == "unavailable", frame
-        assert loop.time() < deadline, f"{client_msg_id} not acknowledged after {RETRY_S}s"
-        await asyncio.sleep(0.2)
-
-
 def test_messages_keep_crossing_brokers_when_their_slot_moves(servers: Servers, cluster: RedisCluster,
                                                               brokers: list[Broker]) -> None:
     alice, _ = user_create()
@@ -96,7 +82,7 @@ def test_messages_keep_crossing_brokers_when_their_slot_moves(servers: Servers, 
     slots = redis.cluster.RedisCluster.from_url(cluster.url)
     try:
         slot = slots.keyslot(key)
-        source = int(str(slots.get_node_from_key(key).name).rsplit(":", 1)[1])
+        source = int(master_of(slots, conv).rsplit(":", 1)[1])
     finally:
         slots.close()
     target = next(n.port for n in cluster.nodes if n.port != source)
@@ -105,13 +91,13 @@ def test_messages_keep_crossing_brokers_when_their_slot_moves(servers: Servers, 
         sender = await connect_user(brokers[0].url, servers.redis_url, alice)
         reader = await connect_user(brokers[1].url, servers.redis_url, bob)
         for i in range(5):
-            assert (await send_acked(sender, conv, f"before {i}", f"b{i}"))["seq"] == i + 1
+            assert (await send_until_acked(sender, conv, f"before {i}", f"b{i}", within_s=RETRY_S))["seq"] == i + 1
         before = await collect_messages(reader, conv, 5)
 
         moved = await asyncio.to_thread(slot_move, cluster, slot=slot, source=source, target=target)
         assert moved >= 2  # the stream and the seq counters at least
 
-        acks = [await send_acked(sender, conv, f"after {i}", f"a{i}") for i in range(5)]
+        acks = [await send_until_acked(sender, conv, f"after {i}", f"a{i}", within_s=RETRY_S) for i in range(5)]
         assert [(a["seq"], a["duplicate"]) for a in acks] == [(i, False) for i in range(6, 11)]
         after = await collect_messages(reader, conv, 5)
         assert [m["seq"] for m in before + after] == list(range(1, 11))
