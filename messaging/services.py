@@ -533,10 +533,11 @@ return at
 """
 
 # After the announcement: KEYS[1] PRESENCE_EXPIRING_KEY, KEYS[2] PRESENCE_CLAIMS_KEY; ARGV[1] user id,
-# ARGV[2] the claimed moment as stored -> 1 if the claim was still this one (released now: the user is
-# offline), 0 if a connect took it over meanwhile (the user is online again and keeps the index entry).
+# ARGV[2] the claimed moment -> 1 if the claim was still this one (released now: the user is offline), 0 if a
+# connect took it over meanwhile (the user is online again and keeps the index entry).
 _PRESENCE_RELEASE_LUA = """
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+local claimed = redis.call('HGET', KEYS[2], ARGV[1])
+if not claimed or tonumber(claimed) ~= tonumber(ARGV[2]) then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
@@ -659,11 +660,8 @@ async def presence_claimed(client: redis.asyncio.Redis, *, user_id: str, at: int
 async def presence_release(client: redis.asyncio.Redis, *, user_id: str, at: int) -> bool:
     """End a claim (of moment ``at``) once its offline is announced: the user leaves the index. False if a
     connect took the claim over meanwhile (the user is online again; nothing is changed)."""
-    raw = await client.hget(PRESENCE_CLAIMS_KEY, user_id)
-    if raw is None or int(float(raw)) != at:
-        return False
     script = client.register_script(_PRESENCE_RELEASE_LUA)
-    return bool(await script(keys=[PRESENCE_EXPIRING_KEY, PRESENCE_CLAIMS_KEY], args=[user_id, raw]))
+    return bool(await script(keys=[PRESENCE_EXPIRING_KEY, PRESENCE_CLAIMS_KEY], args=[user_id, at]))
 
 
 async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = None,
