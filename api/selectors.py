@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
 
+from api.clients import sync_redis
 from chatstream_site.errors import NotFound
 from messaging.bus import bus_sync
-from messaging.services import read_cursor_key
+from messaging.services import presence_key, read_cursor_key
 from messaging.streams import partition_of, seq_key
 from storage.documents import Conversation, GroupChat, Message, User
 
@@ -320,3 +322,39 @@ def admin_conversations(*, conversation_id: str = "", page: int = 1, per_page: i
         out.append(AdminConversation(conversation=conv, title=title, last_accepted_seq=seq,
                                      last_persisted_seq=int(conv.last_seq or 0)))
     return out, has_next
+
+
+# ------------------------------------------------------------------ members of a conversation
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState:
+    user: User
+    online: bool  # a live WebSocket session on some broker now (the presence zset), whatever ``status`` says
+    read_seq: int  # the member's read cursor: everything up to this seq has been read
+
+
+def conversation_members_get(*, user_id: str, conversation_id: str) -> list[MemberState]:
+    """The members of a conversation the caller belongs to, each with presence and read cursor, in the
+    conversation's member order. Raises NotFound if the caller is not a member.
+
+    What a client needs after a reload to show the peer's presence, "seen" and "read by N of M" before any
+    live frame arrives. Cost: the membership read, one ``$in`` read of at most GROUP_MAX_MEMBERS users and
+    one pipeline on each Redis (read cursors live on the bus, presence on REDIS_URL: docs/adr/0022)."""
+    conversation = conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
+    cid = str(conversation.id)
+    members = [str(m) for m in conversation.members]
+    users = {str(u.id): u for u in User.objects(id__in=[ObjectId(m) for m in members])
+             .only("id", "username", "status", "last_seen")}
+    cursors = {(k.decode() if isinstance(k, bytes) else str(k)): int(v)
+               for k, v in (bus_sync().hgetall(read_cursor_key(cid)) or {}).items()}
+    persisted = {str(k): int(v) for k, v in (conversation.read_cursors or {}).items()}
+    now = int(time.time())
+    pipe = sync_redis().pipeline(transaction=False)
+    present = [m for m in members if m in users]
+    for member in present:
+        pipe.zcount(presence_key(member), now, "+inf")
+    online = [bool(n) for n in pipe.execute()] if present else []
+    return [MemberState(user=users[m], online=is_online,
+                        read_seq=max(cursors.get(m, 0), persisted.get(m, 0)))
+            for m, is_online in zip(present, online, strict=True)]

@@ -255,3 +255,12 @@ def iso(value: datetime | None) -> str | None:
     if value.tzinfo is None:  # MongoDB stores UTC; a naive value is UTC without its label
         value = value.replace(tzinfo=UTC)
     return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class MemberOut(UserOut):
+    online = serializers.BooleanField(help_text="a live WebSocket session on some broker right now")
+    read_seq = serializers.IntegerField(help_text="the member's read cursor: messages up to this seq are read")
+
+
+class MemberListOut(serializers.Serializer):
+    results = MemberOut(many=True)

@@ -27,6 +27,8 @@ urlpatterns = [
     path("chats/group/<str:group_id>/leave", views.GroupLeaveView.as_view(), name="chat-group-leave"),
     path("conversations", views.ConversationsView.as_view(), name="conversations"),
     path("conversations/<str:conversation_id>", views.ConversationView.as_view(), name="conversation"),
+    path("conversations/<str:conversation_id>/members", views.ConversationMembersView.as_view(),
+         name="conversation-members"),
     path("conversations/<str:conversation_id>/messages", views.MessagesView.as_view(), name="messages"),
     path("conversations/<str:conversation_id>/read", views.ReadView.as_view(), name="read"),
     path("messages/<str:message_id>", views.MessageView.as_view(), name="message"),

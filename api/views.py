@@ -313,6 +313,16 @@ class ConversationView(APIView):
         return Response(conversation_out(summary))
 
 
+class ConversationMembersView(APIView):
+    @extend_schema(responses={200: s.MemberListOut}, tags=["conversations"],
+                   summary="Members of one of my conversations, with presence and read cursors")
+    def get(self, request: Request, conversation_id: str) -> Response:
+        members = selectors.conversation_members_get(user_id=request_user(request).id,
+                                                     conversation_id=conversation_id)
+        return Response({"results": [{**user_out(m.user), "online": m.online, "read_seq": m.read_seq}
+                                     for m in members]})
+
+
 class MessagesView(APIView):
     @extend_schema(parameters=[s.HistoryQuery], responses={200: s.HistoryOut}, tags=["conversations"],
                    summary="A page of history ordered by seq (before_seq pages back, after_seq forward)")

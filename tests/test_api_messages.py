@@ -178,3 +178,41 @@ def test_conversations_newest_first() -> None:
     one = alice.client.get(f"/api/v1/conversations/{group['conversation_id']}").json()
     assert one["type"] == "group" and one["group_id"] == group["group_id"] and one["title"] == "G"
     assert one["last_message"] is None and one["unread"] == 0
+
+
+def test_members_with_presence_and_read_cursors(servers: Servers) -> None:
+    """What a reloaded client needs before any live frame: who is in, who is online, who read up to where."""
+    import asyncio
+
+    import redis.asyncio
+
+    from messaging.services import presence_connect
+
+    alice, bob, carol = account("alice"), account("bob"), account("carol")
+    created = alice.client.post("/api/v1/chats/group", {"name": "trio", "members": [bob.username, carol.username]},
+                                format="json")
+    assert created.status_code == 201, created.content
+    cid = str(created.json()["conversation_id"])
+    for i in range(3):
+        assert send(alice, cid, f"m{i}").status_code == 201
+    assert bob.client.post(f"/api/v1/conversations/{cid}/read", {"seq": 2}, format="json").status_code == 200
+
+    async def connect_bob() -> None:  # the broker's own presence write, as a WebSocket connect makes it
+        client = redis.asyncio.Redis.from_url(servers.redis_url)
+        try:
+            await presence_connect(client, user_id=bob.id, session_id="s-members-test", conversation_ids=[cid])
+        finally:
+            await client.aclose()
+
+    asyncio.run(connect_bob())
+    got = carol.client.get(f"/api/v1/conversations/{cid}/members")
+    assert got.status_code == 200, got.content
+    by_id = {m["id"]: m for m in got.json()["results"]}
+    assert set(by_id) == {alice.id, bob.id, carol.id}
+    assert by_id[bob.id]["username"] == bob.username and by_id[bob.id]["online"] is True
+    assert by_id[bob.id]["read_seq"] == 2 and by_id[carol.id]["read_seq"] == 0
+    assert by_id[alice.id]["online"] is False and by_id[carol.id]["online"] is False
+
+    outsider = account("dave")
+    assert error_code(outsider.client.get(f"/api/v1/conversations/{cid}/members")) == "not_found"
+    assert error_code(alice.client.get("/api/v1/conversations/not-an-id/members")) == "not_found"

@@ -213,3 +213,62 @@ def test_keyboard_only(cluster: Cluster, browser: Browser) -> None:
         shot(page, "phone-chat")
     finally:
         ctx.close()
+
+
+def test_after_a_reload_presence_and_receipts_are_there_and_edits_happen_in_place(cluster: Cluster,
+                                                                                   browser: Browser) -> None:
+    alice, bob = register(cluster, "alice"), register(cluster, "bob")
+    actx, apage = login_page(browser, cluster, alice)
+    bctx, bpage = login_page(browser, cluster, bob)
+    try:
+        apage.locator("#new-chat-username").fill(bob["username"])
+        apage.get_by_role("button", name="Start").click()
+        send(apage, "read me")
+        open_chat(bpage, alice["username"])
+        expect(bpage.locator(".msg .body").last).to_have_text("read me", timeout=15_000)
+        expect(apage.locator(".msg.mine .seen")).to_have_count(1, timeout=15_000)
+
+        # A reload loses every live frame: presence and "seen" must come back from the API alone.
+        apage.reload()
+        expect(apage.locator("#connection")).to_have_text("live", timeout=20_000)
+        row = apage.locator("#conversation-list button", has_text=bob["username"])
+        expect(row.locator(".dot.online")).to_have_count(1, timeout=10_000)
+        open_chat(apage, bob["username"])
+        expect(apage.locator(".msg.mine .seen")).to_have_text("seen", timeout=10_000)
+        apage.locator("#members-panel summary").click()
+        expect(apage.locator("#member-list li")).to_have_count(2)
+
+        # Edit in place: no browser prompt; Enter saves, and the other side sees the new text.
+        apage.get_by_role("button", name="Edit message").last.click()
+        box = apage.get_by_role("textbox", name="Edit message (Enter saves, Escape cancels)")
+        expect(box).to_be_focused()
+        box.fill("read me, edited")
+        box.press("Enter")
+        expect(bpage.locator(".msg .body").last).to_have_text("read me, edited", timeout=15_000)
+        expect(apage.locator(".msg.mine .body").last).to_have_text("read me, edited", timeout=15_000)
+    finally:
+        actx.close()
+        bctx.close()
+
+
+def test_a_group_names_each_sender_and_counts_readers(cluster: Cluster, browser: Browser) -> None:
+    alice, bob, carol = (register(cluster, n) for n in ("alice", "bob", "carol"))
+    actx, apage = login_page(browser, cluster, alice)
+    bctx, bpage = login_page(browser, cluster, bob)
+    try:
+        group = f"crew {uuid.uuid4().hex[:4]}"
+        apage.locator("#new-group-name").fill(group)
+        apage.locator("#new-group-members").fill(f"{bob['username']}, {carol['username']}")
+        apage.get_by_role("button", name="Create").click()
+        expect(apage.locator("#chat-title")).to_have_text(group)
+        send(apage, "hello crew")
+        expect(bpage.locator("#conversation-list button", has_text=group)).to_have_count(1, timeout=15_000)
+        open_chat(bpage, group)
+        expect(bpage.locator(".msg .body").last).to_have_text("hello crew", timeout=15_000)
+        expect(bpage.locator(".msg .sender").last).to_have_text(alice["username"], timeout=10_000)
+        expect(apage.locator(".msg.mine .seen")).to_have_text("read by 1 of 2", timeout=15_000)
+        send(bpage, "hi alice")
+        expect(apage.locator(".msg:not(.mine) .sender").last).to_have_text(bob["username"], timeout=15_000)
+    finally:
+        actx.close()
+        bctx.close()

@@ -1,0 +1,161 @@
+// What the user does, and the server calls behind it. Each action updates `state`, then asks render.js to
+// redraw what changed.
+import { api, listOf } from "./api.js";
+import {
+  $, state, myId, store, addMessage, normalizeConversation, normalizeMembers, normalizeMessage,
+  PAGE_SIZE, READ_DEBOUNCE_MS, TYPING_SEND_EVERY_MS, readsOf, newClientMsgId,
+} from "./state.js";
+import { notice, explain, renderConversations, renderMessages, renderMembers } from "./render.js";
+
+let readTimer = null;
+let lastTypingSent = 0;
+
+export async function loadConversations() {
+  try {
+    const data = await api("GET", "/api/v1/conversations");
+    for (const raw of listOf(data)) normalizeConversation(raw);
+    renderConversations();
+  } catch (err) { notice(explain(err), "error"); }
+}
+
+// Names, presence and read cursors of the open conversation's members: what a reload would otherwise lose
+// until the next live frame.
+export async function loadMembers(conversationId) {
+  try {
+    const data = await api("GET", `/api/v1/conversations/${conversationId}/members`);
+    normalizeMembers(conversationId, listOf(data));
+    if (conversationId === state.current) { renderMembers(); renderMessages(); }
+    renderConversations();
+  } catch (err) { notice(explain(err), "error"); }
+}
+
+export async function loadPage(conversationId, { before } = {}) {
+  const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  if (before) params.set("before_seq", String(before));
+  const data = await api("GET", `/api/v1/conversations/${conversationId}/messages?${params}`);
+  const page = listOf(data).map(normalizeMessage);
+  for (const m of page) addMessage(m);
+  if (page.length < PAGE_SIZE) state.exhausted.add(conversationId);
+  return page.length;
+}
+
+export async function openConversation(id) {
+  state.current = id;
+  state.editing = null;
+  $("chat-view").classList.add("in-chat");
+  const c = state.conversations.get(id);
+  $("chat-title").textContent = c ? c.title : "Conversation";
+  $("group-tools").hidden = !(c && c.type === "group");
+  $("members-panel").hidden = false;
+  $("composer-input").disabled = false;
+  $("send").disabled = false;
+  renderConversations();
+  renderMembers();
+  const members = loadMembers(id);
+  try {
+    if (!state.messages.has(id) || store(id).size === 0) await loadPage(id);
+  } catch (err) { notice(explain(err), "error"); }
+  renderMessages({ stickToBottom: true });
+  scheduleRead();
+  $("composer-input").focus();
+  await members;
+}
+
+export function closeConversation() {
+  $("chat-view").classList.remove("in-chat");
+  state.current = null;
+  state.editing = null;
+  $("members-panel").hidden = true;
+  renderConversations();
+}
+
+export function scheduleRead() {
+  clearTimeout(readTimer);
+  readTimer = setTimeout(() => {
+    const id = state.current;
+    if (!id || document.visibilityState !== "visible") return;
+    const seq = state.lastSeq.get(id) || 0;
+    const mine = readsOf(id).get(myId()) || 0;
+    const c = state.conversations.get(id);
+    if (c && c.unread) { c.unread = 0; renderConversations(); }
+    if (seq > mine && state.socket) state.socket.send({ type: "read", conversation_id: id, seq });
+  }, READ_DEBOUNCE_MS);
+}
+
+export function messageSend() {
+  const input = $("composer-input");
+  const content = input.value;
+  if (!content.trim() || !state.current) return;
+  const cid = newClientMsgId();
+  state.pending.set(cid, { conversation_id: state.current, content, createdAt: Date.now() });
+  state.socket.send({ type: "message.send", conversation_id: state.current, client_msg_id: cid, content });
+  input.value = "";
+  renderMessages({ stickToBottom: true });
+}
+
+export function typingSignal() {
+  if (state.current && state.socket && Date.now() - lastTypingSent > TYPING_SEND_EVERY_MS) {
+    lastTypingSent = Date.now();
+    state.socket.send({ type: "typing", conversation_id: state.current });
+  }
+}
+
+// Editing happens in place: the message's body becomes a text box (Enter saves, Escape cancels).
+export function editStart(m) {
+  state.editing = m.id;
+  renderMessages();
+  const input = $("messages").querySelector(".edit-input");
+  if (input) { input.focus(); input.setSelectionRange(input.value.length, input.value.length); }
+}
+
+export function editCancel() {
+  const id = state.editing;
+  state.editing = null;
+  renderMessages();
+  const again = id && [...$("messages").querySelectorAll(".msg.mine button")].find((b) => b.textContent === "edit");
+  if (again) again.focus(); else $("composer-input").focus();
+}
+
+export function editSave(m, content) {
+  if (!content.trim()) { notice("A message cannot be empty; delete it instead.", "error"); return; }
+  if (content !== m.content && !state.socket.send({ type: "message.edit", message_id: m.id, content })) {
+    notice("Not connected; your edit was not sent.", "error");
+    return;
+  }
+  state.editing = null;
+  renderMessages();
+  $("composer-input").focus();
+}
+
+export function messageDelete(m) {
+  if (!state.socket.send({ type: "message.delete", message_id: m.id })) notice("Not connected; try again.", "error");
+}
+
+export async function groupAction(kind) {
+  const c = state.conversations.get(state.current);
+  if (!c) return;
+  const gid = c.group_id || c.room_id;
+  try {
+    if (kind === "rename") {
+      const name = prompt("New group name", c.title);
+      if (!name) return;
+      await api("PATCH", `/api/v1/chats/group/${gid}`, { name });
+      c.title = name;
+      $("chat-title").textContent = name;
+      renderConversations();
+    } else if (kind === "member" || kind === "admin") {
+      const username = prompt(kind === "member" ? "Username to add" : "Username to make admin");
+      if (!username) return;
+      await api("POST", `/api/v1/chats/group/${gid}/${kind === "member" ? "members" : "admins"}`, { username: username.trim() });
+      notice(kind === "member" ? `${username} added` : `${username} is now an admin`);
+      loadMembers(c.id);
+    } else if (kind === "leave") {
+      if (!confirm(`Leave ${c.title}?`)) return;
+      await api("POST", `/api/v1/chats/group/${gid}/leave`, {});
+      state.conversations.delete(c.id);
+      closeConversation();
+      $("chat-title").textContent = "Pick a conversation";
+      renderMessages();
+    }
+  } catch (err) { notice(explain(err), "error"); }
+}

@@ -1,0 +1,181 @@
+// Drawing: each function rebuilds one part of the page from `state`. All text goes in with textContent
+// (never innerHTML). Clicks call into actions.js.
+import { ApiError } from "./api.js";
+import { $, state, myId, store, readersOf, senderName, otherMemberId } from "./state.js";
+import { openConversation, editStart, editCancel, editSave, messageDelete } from "./actions.js";
+
+export function notice(text, kind = "info") {
+  const el = document.createElement("div");
+  el.className = `notice ${kind}`;
+  el.textContent = text;
+  $("notices").append(el);
+  setTimeout(() => el.remove(), kind === "error" ? 6000 : 3500);
+}
+
+export function explain(err) {
+  if (err instanceof ApiError) return err.status === 429 ? `Slow down: ${err.message}` : err.message;
+  return "Network problem; please try again.";
+}
+
+export function setConnection(s) {
+  const el = $("connection");
+  el.dataset.state = s;
+  el.textContent = { connecting: "connecting…", live: "live", reconnecting: "reconnecting…", offline: "offline" }[s] || s;
+}
+
+function sortedConversations() {
+  const when = (c) => (c.last_message && c.last_message.timestamp) || c.updated_at || "";
+  return [...state.conversations.values()].sort((a, b) => (when(b) > when(a) ? 1 : when(b) < when(a) ? -1 : 0));
+}
+
+export function renderConversations() {
+  const list = $("conversation-list");
+  const focusedId = document.activeElement && document.activeElement.dataset && document.activeElement.dataset.conversation;
+  list.replaceChildren();
+  for (const c of sortedConversations()) {
+    const li = document.createElement("li");
+    const b = document.createElement("button");
+    b.type = "button";
+    b.dataset.conversation = c.id;
+    if (c.id === state.current) b.setAttribute("aria-current", "true");
+    const other = otherMemberId(c);
+    const online = other && state.presence.get(other) === "online";
+    const dot = document.createElement("span");
+    dot.className = `dot${online ? " online" : ""}`;
+    dot.setAttribute("aria-hidden", "true");
+    const name = document.createElement("span");
+    name.className = "conv-name";
+    name.textContent = c.title;
+    const badge = document.createElement("span");
+    if (c.unread > 0) { badge.className = "badge"; badge.textContent = String(c.unread); }
+    const last = document.createElement("span");
+    last.className = "conv-last";
+    const lm = c.last_message;
+    last.textContent = lm ? (lm.deleted ? "message deleted" : lm.content || "") : "no messages yet";
+    b.append(dot, name, badge, last);
+    const extra = [online ? "online" : null, c.unread ? `${c.unread} unread` : null].filter(Boolean).join(", ");
+    b.setAttribute("aria-label", `${c.title}${extra ? ", " + extra : ""}`);
+    b.addEventListener("click", () => openConversation(c.id));
+    li.append(b);
+    list.append(li);
+  }
+  if (focusedId) { const again = list.querySelector(`[data-conversation="${CSS.escape(focusedId)}"]`); if (again) again.focus(); }
+}
+
+export function renderMembers() {
+  const list = $("member-list");
+  list.replaceChildren();
+  const ids = state.members.get(state.current) || [];
+  $("members-count").textContent = ids.length ? `Members (${ids.length})` : "Members";
+  for (const id of ids) {
+    const li = document.createElement("li");
+    const online = state.presence.get(id) === "online";
+    const dot = document.createElement("span");
+    dot.className = `dot${online ? " online" : ""}`;
+    dot.setAttribute("aria-hidden", "true");
+    const name = document.createElement("span");
+    name.textContent = id === myId() ? `${state.names.get(id) || "you"} (you)` : state.names.get(id) || id;
+    li.append(dot, name);
+    li.setAttribute("aria-label", `${name.textContent}, ${online ? "online" : "offline"}`);
+    list.append(li);
+  }
+}
+
+// The receipt under my newest message that someone read: "seen" in a 1:1 chat, "read by N of M" in a group
+// (M: the other members).
+function receiptOf(m) {
+  const readers = readersOf(m);
+  if (!readers.length) return null;
+  const c = state.conversations.get(m.conversation_id);
+  if (!c || c.type === "single") return { text: "seen", title: "seen" };
+  const others = (state.members.get(m.conversation_id) || c.members || []).filter((u) => u !== myId()).length;
+  const names = readers.map((u) => state.names.get(u) || "member").join(", ");
+  return { text: `read by ${readers.length} of ${Math.max(others, readers.length)}`, title: `read by ${names}` };
+}
+
+export function renderMessages({ stickToBottom = false, keepOffsetFrom = null } = {}) {
+  const list = $("messages");
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  const editingFocus = document.activeElement && document.activeElement.classList.contains("edit-input");
+  list.replaceChildren();
+  if (!state.current) return;
+  const msgs = [...store(state.current).values()].sort((a, b) => a.seq - b.seq);
+  const pendings = [...state.pending.entries()].filter(([, p]) => p.conversation_id === state.current);
+  const mineIds = new Set(msgs.map((m) => m.client_msg_id).filter(Boolean));
+  let lastMineRead = null;
+  for (const m of msgs) if (m.sender_id === myId() && !m.deleted && readersOf(m).length) lastMineRead = m.seq;
+  for (const m of msgs) list.append(messageItem(m, { receipt: m.seq === lastMineRead ? receiptOf(m) : null }));
+  for (const [cid, p] of pendings) {
+    if (mineIds.has(cid)) continue;
+    list.append(messageItem({ id: cid, seq: 0, sender_id: myId(), content: p.content, pending: true }, {}));
+  }
+  if (editingFocus) { const input = list.querySelector(".edit-input"); if (input) input.focus(); }
+  if (keepOffsetFrom !== null) list.scrollTop = list.scrollHeight - keepOffsetFrom;
+  else if (stickToBottom || nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+function button(text, label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button"; b.textContent = text; b.setAttribute("aria-label", label);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function editForm(m) {
+  const form = document.createElement("form");
+  form.className = "edit-form";
+  const input = document.createElement("textarea");
+  input.className = "edit-input";
+  input.value = m.content;
+  input.rows = 2;
+  input.setAttribute("aria-label", "Edit message (Enter saves, Escape cancels)");
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") { e.preventDefault(); editCancel(); }
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); editSave(m, input.value); }
+  });
+  const save = document.createElement("button");
+  save.type = "submit"; save.textContent = "Save";
+  form.addEventListener("submit", (e) => { e.preventDefault(); editSave(m, input.value); });
+  form.append(input, save, button("Cancel", "Cancel editing", editCancel));
+  return form;
+}
+
+function messageItem(m, { receipt }) {
+  const li = document.createElement("li");
+  const mine = m.sender_id === myId();
+  li.className = `msg${mine ? " mine" : ""}${m.pending ? " pending" : ""}${m.deleted ? " deleted" : ""}`;
+  li.dataset.seq = String(m.seq);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const who = document.createElement("span");
+  who.className = "sender";
+  who.textContent = senderName(m);
+  const when = document.createElement("time");
+  if (m.timestamp) { when.dateTime = m.timestamp; when.textContent = new Date(m.timestamp).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }); }
+  meta.append(who, when);
+  if (m.edited && !m.deleted) { const e = document.createElement("span"); e.textContent = "edited"; meta.append(e); }
+  if (m.pending) { const e = document.createElement("span"); e.textContent = "sending…"; meta.append(e); }
+  if (receipt) { const e = document.createElement("span"); e.className = "seen"; e.textContent = receipt.text; e.title = receipt.title; meta.append(e); }
+  li.append(meta);
+  if (state.editing === m.id && !m.deleted) { li.append(editForm(m)); return li; }
+  const body = document.createElement("div");
+  body.className = "body";
+  body.textContent = m.deleted ? "message deleted" : m.content;
+  li.append(body);
+  if (mine && !m.pending && !m.deleted) {
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    actions.append(button("edit", "Edit message", () => editStart(m)), document.createTextNode(" "),
+      button("delete", "Delete message", () => { if (confirm("Delete this message?")) messageDelete(m); }));
+    li.append(actions);
+  }
+  return li;
+}
+
+export function renderTyping() {
+  const el = $("typing");
+  const now = Date.now();
+  const typers = state.typing.get(state.current);
+  const names = typers ? [...typers.entries()].filter(([, t]) => t > now).map(([u]) => state.names.get(u) || "someone") : [];
+  el.textContent = names.length ? `${names.join(", ")} ${names.length > 1 ? "are" : "is"} typing…` : "";
+}
