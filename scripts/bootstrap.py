@@ -3,7 +3,7 @@
 
 Subcommands
 -----------
-``install``   create ``.venv``, install ``requirements.txt`` (skipped when unchanged), and make sure the
+``install``   create ``.venv``, install ``requirements-dev.txt`` (skipped when unchanged), and make sure the
               binaries the local cluster and the tests need exist: ``redis-server`` (Debian package) and,
               unless ``MONGODB_URI`` is set, FerretDB v1 built from the Go module proxy into ``.tools/bin``.
 ``procfile``  print the honcho Procfile of the local cluster on stdout. Redis and FerretDB get a line of
@@ -114,15 +114,16 @@ def ensure_venv() -> None:
         r = subprocess.run([sys.executable, "-m", "venv", str(VENV)])
         if r.returncode != 0:
             raise BootstrapError("could not create .venv", "install python3-venv (apt-get install python3-venv)")
-    req = ROOT / "requirements.txt"
-    digest = hashlib.sha256(req.read_bytes()).hexdigest()
+    # requirements-dev.txt includes requirements.txt (the runtime, all the Docker image installs).
+    req = ROOT / "requirements-dev.txt"
+    digest = hashlib.sha256(req.read_bytes() + (ROOT / "requirements.txt").read_bytes()).hexdigest()
     stamp = VENV / ".requirements.sha256"
     if stamp.exists() and stamp.read_text() == digest:
         return
-    log("installing requirements.txt into .venv (first run takes a minute)")
+    log("installing requirements-dev.txt into .venv (first run takes a minute)")
     cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", str(req)]
     if subprocess.run(cmd).returncode != 0:
-        raise BootstrapError("pip install -r requirements.txt failed (output above)",
+        raise BootstrapError("pip install -r requirements-dev.txt failed (output above)",
                              "check network access to PyPI, then run the command again")
     stamp.write_text(digest)
 

@@ -46,3 +46,18 @@ def test_roles_share_one_image_and_wait_for_their_servers() -> None:
 def test_redis_keeps_an_append_only_file() -> None:
     command = load()["services"]["redis"]["command"]
     assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+
+
+def test_the_image_takes_the_runtime_requirements_and_no_local_secrets() -> None:
+    """The Dockerfile installs requirements.txt only (no test or lint tools in production images), and the
+    build context leaves out a local .env (it holds SECRET_KEY), the venv and runtime data."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "-r requirements.txt" in dockerfile and "requirements-dev" not in dockerfile
+    runtime = {line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
+               if line and not line.startswith("#")}
+    assert runtime.isdisjoint({"pytest", "pytest-django", "ruff", "mypy", "playwright", "schemathesis",
+                               "hypothesis", "matplotlib"}), runtime
+    dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert "-r requirements.txt" in dev
+    ignored = set((ROOT / ".dockerignore").read_text().splitlines())
+    assert {".env", ".venv", "var", ".git"} <= ignored

@@ -96,6 +96,6 @@ class Command(BaseCommand):
             argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "beat",
                     "--schedule", str(schedule), "--loglevel", "INFO"]
         if not os.path.exists(argv[0]) and shutil.which(os.path.basename(argv[0])) is None:
-            raise CommandError(f"{argv[0]} not found: run `make bootstrap` (installs requirements.txt)")
+            raise CommandError(f"{argv[0]} not found: run `make bootstrap` (installs requirements-dev.txt)")
         sys.stdout.flush()
         os.execv(argv[0], argv)  # noqa: S606 - replace ourselves with the server: one process per role
