@@ -8,6 +8,8 @@ Every write to MongoDB is one command per kind per batch: an unordered ``insert`
 ordered ``update`` of edits/deletes/read marks, an ordered ``update`` of conversations (raw commands rather than
 pymongo's ``bulk_write``: FerretDB v1 omits ``nModified`` from a reply with write errors and pymongo then
 raises ``KeyError`` instead of ``BulkWriteError``; the raw reply's ``writeErrors`` work on both servers).
+A command that fails as a whole is bisected until the entries that fail alone are found
+(``_write_isolating_failures``, docs/adr/0025): one bad entry never takes its batch with it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import bson.errors
 import pymongo.errors
 import redis
 from bson import ObjectId
@@ -54,6 +57,7 @@ logger = logging.getLogger("chatstream.storage")
 TRANSIENT_MONGO = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTimeout,
                    pymongo.errors.WriteConcernError)
 DUPLICATE_KEY = 11000
+INT64_MAX = 2**63 - 1  # the largest integer BSON holds
 
 _groups_ready: set[str] = set()
 # Delete the lease only if it is still ours (it may have expired and been taken by another drain).
@@ -226,6 +230,8 @@ def _parse(item: _Item) -> None:
     try:
         event = event_decode(item.entry_id, item.fields)
         data = event.data
+        if event.seq > INT64_MAX:
+            raise MalformedEntry(f"seq {event.seq} does not fit in 64 bits")
         item.conversation = _oid(event.conversation_id, "conversation id")
         if event.type == "message.new":
             if event.seq < 1:
@@ -242,6 +248,8 @@ def _parse(item: _Item) -> None:
             seq = data.get("seq")
             if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
                 raise MalformedEntry(f"read.updated with seq {seq!r}")
+            if seq > INT64_MAX:  # it would fail the update of its conversation, with every event in it
+                raise MalformedEntry(f"read.updated with seq {seq} that does not fit in 64 bits")
             item.doc = {"user_id": str(_oid(data.get("user_id"), "user_id")), "seq": seq}
         else:
             raise MalformedEntry(f"unknown event type {event.type!r}")
@@ -258,23 +266,83 @@ def _new_documents(items: list[_Item]) -> list[dict[str, Any]]:
             for i in items if i.event is not None and i.event.type == "message.new"]
 
 
+# A statement that fails alone is reported as a write error with this code (not a server code).
+REFUSED = -1
+# Exceptions pymongo raises while encoding a command, before anything is sent: the statement can never be
+# written as it is (a lone surrogate, a NUL byte in a key, an int over 64 bits, a document over 16 MiB).
+UNENCODABLE = (bson.errors.BSONError, UnicodeError, OverflowError)
+
+
+def _server_answers(db: Any) -> bool:
+    """Whether MongoDB answers a ``ping`` now (after a dropped connection: was it the server or our command?)."""
+    try:
+        db.command("ping")
+    except pymongo.errors.PyMongoError:
+        return False
+    return True
+
+
+def _write_isolating_failures(db: Any, command: str, collection: str, statements: list[dict[str, Any]], *,
+                              ordered: bool) -> list[dict[str, Any]]:
+    """Send ``statements`` as one ``insert``/``update`` command and return its write errors (``index`` into
+    ``statements``). If the command as a whole fails for a reason that is not an outage (a statement that
+    does not encode, a command the server refuses, a connection the server drops while it still answers a
+    ping), bisect: halves are sent again until every statement that fails alone is found; each is reported
+    as a write error with code ``REFUSED``, its reason in ``errmsg`` and ``deterministic`` true when it
+    cannot even be encoded. The rest is written, so one bad entry never holds back the others. ``ordered``:
+    stop at the first error as the server does (the caller resumes after it). Cost: one command when nothing
+    fails; about ``2·log2(n)`` more per statement that fails alone. Sending a half again is harmless because
+    every write of the drain is idempotent (docs/adr/0003). Raises the transient pymongo errors when MongoDB
+    is away (a dropped connection and no answer to a ping, a server selection timeout)."""
+
+    def run(lo: int, hi: int) -> list[dict[str, Any]]:
+        key = "documents" if command == "insert" else "updates"
+        try:
+            reply = db.command(command, collection, **{key: statements[lo:hi]}, ordered=ordered)
+            return [{**e, "index": lo + int(e["index"])} for e in reply.get("writeErrors") or []]
+        except TRANSIENT_MONGO as exc:
+            # FerretDB v1 closes the connection on some documents (NaN); an outage closes it too. Only a
+            # server that still answers right after is taken to have refused this command.
+            if (not isinstance(exc, pymongo.errors.AutoReconnect)
+                    or isinstance(exc, pymongo.errors.ServerSelectionTimeoutError) or not _server_answers(db)):
+                raise
+            cause: Exception = exc
+            why = "the server closed the connection on it"
+        except Exception as exc:  # whatever the cause: it is narrowed down to the statements below
+            cause = exc
+            why = ("it does not encode" if isinstance(exc, UNENCODABLE) else
+                   "the server refused it" if isinstance(exc, pymongo.errors.OperationFailure) else "it failed")
+        if hi - lo == 1:
+            return [{"index": lo, "code": REFUSED, "deterministic": isinstance(cause, UNENCODABLE),
+                     "errmsg": f"{why}: {type(cause).__name__}: {cause}"}]
+        mid = (lo + hi) // 2
+        first = run(lo, mid)
+        if ordered and first:
+            return first
+        return first + run(mid, hi)
+
+    return run(0, len(statements)) if statements else []
+
+
 def _insert_new(db: Any, items: list[_Item]) -> None:
     """Insert the batch's new messages with one unordered ``insert``. Why not upserts: on FerretDB v1 an
     upsert by ``_id`` costs ~15 ms and grows with the collection, an insert ~0.03 ms (docs/benchmarks.md).
     A duplicate ``_id`` means the message is already persisted (a redelivery): that entry is done. A duplicate
-    with no such ``_id`` is another message on the same (conversation, seq): dead-lettered. Other write errors
-    count as failures of their entry."""
+    with no such ``_id`` is another message on the same (conversation, seq): dead-lettered. A document that
+    does not encode is dead-lettered at once; other write errors count as failures of their entry."""
     news = [i for i in items if i.event is not None and i.event.type == "message.new"]
     if not news:
         return
-    reply = db.command("insert", "messages", documents=_new_documents(news), ordered=False)
     dup: dict[str, _Item] = {}
-    for err in reply.get("writeErrors") or []:
+    for err in _write_isolating_failures(db, "insert", "messages", _new_documents(news), ordered=False):
         item = news[int(err["index"])]
         if int(err.get("code", 0)) == DUPLICATE_KEY:
             dup[item.doc["id"]] = item
+        elif err.get("deterministic"):
+            item.dead = f"messages insert refused: {err['errmsg']}"[:1000]
         else:
-            item.failure = f"messages insert error {err.get('code')}: {err.get('errmsg', '')}"[:500]
+            what = "refused" if err.get("code") == REFUSED else f"error {err.get('code')}"
+            item.failure = f"messages insert {what}: {err.get('errmsg', '')}"[:1000]
     if dup:
         there = {d["_id"] for d in db.messages.find({"_id": {"$in": list(dup)}}, {"_id": 1})}
         for mid, item in dup.items():
@@ -376,8 +444,7 @@ def _update(collection: str, ops: list[dict[str, Any]], owners: list[Any]) -> li
     retried: set[int] = set()
     start = 0
     while start < len(ops):
-        reply = db.command("update", collection, updates=ops[start:], ordered=True)
-        errors = reply.get("writeErrors") or []
+        errors = _write_isolating_failures(db, "update", collection, ops[start:], ordered=True)
         if not errors:
             break
         err = errors[0]
@@ -389,8 +456,9 @@ def _update(collection: str, ops: list[dict[str, Any]], owners: list[Any]) -> li
             retried.add(at)
             start = at
             continue
-        failed.append((owners[at], f"{collection} write error {code}: {err.get('errmsg', '')}"[:500],
-                       code == DUPLICATE_KEY))
+        what = f"{collection} update refused" if code == REFUSED else f"{collection} write error {code}"
+        failed.append((owners[at], f"{what}: {err.get('errmsg', '')}"[:1000],
+                       code == DUPLICATE_KEY or bool(err.get("deterministic"))))
         start = at + 1
     return failed
 
@@ -413,8 +481,10 @@ def partition_drain(
     of new messages, one ``update`` of edits/deletes/read marks, one ``update`` of conversations; XADD of
     dead letters; XACK of what is persisted or dead-lettered; failure counters; stats; one log line.
     Raises :class:`Retryable` when MongoDB or Redis is away: nothing was acknowledged, and the batch is
-    handed back to be taken by the next drain. Any other error leaves the batch pending: it is reclaimed
-    after ``DRAIN_RECLAIM_IDLE_S`` and dead-lettered after ``DRAIN_MAX_DELIVERIES`` such failures.
+    handed back to be taken by the next drain. A write that fails for any other reason is narrowed down to the
+    entries that fail alone, which are dead-lettered (at once if they do not encode) or left pending for
+    another attempt; the others are written and acknowledged. Any other error leaves the batch pending: it is
+    reclaimed after ``DRAIN_RECLAIM_IDLE_S`` and dead-lettered after ``DRAIN_MAX_DELIVERIES`` such failures.
     """
     started = time.monotonic()
     r = client or redis_sync()
@@ -523,7 +593,7 @@ def _settle(r: BusSync, *, partition: int, items: list[_Item], result: DrainResu
         pipe = r.pipeline(transaction=False)
         for i in failing:
             pipe.hincrby(fkey, i.entry_id, 1)
-            pipe.hset(fkey, f"{i.entry_id}:why", i.failure or "")
+            pipe.hset(fkey, f"{i.entry_id}:why", _storable(i.failure or ""))
         counts = pipe.execute()[::2]
         for i, n in zip(failing, counts, strict=True):
             if int(n) >= settings.DRAIN_MAX_ATTEMPTS:
@@ -553,10 +623,16 @@ def _settle(r: BusSync, *, partition: int, items: list[_Item], result: DrainResu
     pipe.execute()
 
 
+def _storable(text: str) -> str:
+    """``text`` with anything that is not valid UTF-8 (a lone surrogate quoted from a bad entry) escaped, so
+    Redis can take it: a reason that cannot be written must not fail the batch it explains."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _deadletter_add(pipe: Any, *, partition: int, entry_id: str, fields: dict[Any, Any], reason: str,
                     now_ms: int) -> None:
     original = {_s(k): (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in fields.items()}
-    pipe.xadd(DEADLETTERS, {"partition": partition, "entry_id": entry_id, "reason": reason[:1000],
+    pipe.xadd(DEADLETTERS, {"partition": partition, "entry_id": entry_id, "reason": _storable(reason[:1000]),
                             "failed_at_ms": now_ms, "fields": json.dumps(original)},
               maxlen=settings.DEADLETTER_MAXLEN, approximate=True)
 

@@ -357,3 +357,37 @@ def test_make_run_cluster_persists_accepted_messages_and_serves_storage_metrics(
         raise AssertionError(f"{exc}\n{cluster.log_tail(80)}") from None
     finally:
         cluster.stop()
+
+
+def test_a_worker_isolates_bad_entries_after_an_outage_that_blamed_none(rig: Rig) -> None:
+    """Issue 11: entries MongoDB cannot take (a lone surrogate that does not encode; a NaN on which FerretDB
+    closes the connection, as an outage does) sit in a partition among good messages of another user while
+    MongoDB is down. The outage dead-letters nothing and acknowledges nothing; once MongoDB is back, the worker
+    persists every good message once and dead-letters exactly the two bad entries."""
+    good_cid, bad_cid = conversation_in(PARTITION), conversation_in(PARTITION)
+    alice, mallory = str(ObjectId()), str(ObjectId())
+    rig.worker("storage-1")
+    rig.beat()
+    rig.mongo.stop()
+    stats = f"cs:{{p{PARTITION:02d}}}:drain:stats"
+    outages_before = int(rig.r().hget(stats, "outages") or 0)
+    good = send_messages(rig.redis_url, good_cid, alice, 30, prefix="before")
+    surrogate, nan = new_event(bad_cid, mallory, "x\ud800y"), new_event(bad_cid, mallory, "nan")
+    nan["payload_extra"]["client_msg_id"] = float("nan")
+    bad = append_events(rig.redis_url, [surrogate, nan])
+    good += send_messages(rig.redis_url, good_cid, alice, 30, prefix="after")
+    wait_until(lambda: int(rig.r().hget(stats, "outages") or 0) >= outages_before + 2, timeout_s=120,
+               what="drain attempts during the outage")
+    assert rig.state().backlog == 62 and deadletters_list(limit=1000, client=rig.r()) == []
+    rig.mongo.start()
+    try:
+        wait_until(lambda: rig.state().backlog == 0, timeout_s=180, interval_s=0.5,
+                   what="the backlog to drain after the outage")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{rig.logs()}") from None
+    assert_exactly_once(rig, good_cid, [x.message_id for x in good])
+    assert rig.messages(bad_cid) == []
+    letters = {d.entry_id: d.reason for d in deadletters_list(limit=1000, client=rig.r())}
+    assert set(letters) == {b.entry_id for b in bad}, letters
+    assert "surrogates not allowed" in letters[bad[0].entry_id]
+    assert "closed the connection" in letters[bad[1].entry_id]
