@@ -66,9 +66,31 @@ def _require_object_id(value: Any, *, field: str) -> str:
     return value
 
 
+# What no store of a message can hold: a lone surrogate (U+D800-U+DFFF) is not a Unicode scalar value, so it has
+# no UTF-8 encoding (BSON, and the drain's insert, refuse it; JSON carries it as "\ud800"). U+0000: MongoDB
+# holds it, but FerretDB on PostgreSQL cannot (PostgreSQL text has no NUL) and DRF refused it on REST already.
+# Every other control character is a scalar value every store holds (checked against FerretDB), so it passes.
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_storable_require(value: str, *, field: str) -> str:
+    """Return ``value`` if every store can hold it; else raise ValidationFailed (code ``invalid``, details
+    ``{field, reason: "surrogate" | "nul", index}``). The one rule for message content on the WebSocket and
+    REST alike (``api.serializers.ContentField``); docs/protocol.md and docs/api.md document it."""
+    bad = _UNSTORABLE_RE.search(value)
+    if bad is None:
+        return value
+    char = bad.group()
+    reason = "nul" if char == "\x00" else "surrogate"
+    what = "U+0000 (NUL)" if reason == "nul" else f"U+{ord(char):04X}, a lone surrogate (not a Unicode scalar value)"
+    raise ValidationFailed(f"{field} holds {what} at index {bad.start()}; it cannot be stored",
+                           details={"field": field, "reason": reason, "index": bad.start()})
+
+
 def _require_content(value: Any) -> str:
     if not isinstance(value, str):
         raise ValidationFailed("content must be a string", details={"field": "content"})
+    text_storable_require(value, field="content")
     if not value.strip():
         raise ValidationFailed("content must not be empty", details={"field": "content"})
     if len(value) > settings.MESSAGE_MAX_CHARS:
