@@ -216,7 +216,8 @@ async def message_send(
     client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, client_msg_id: Any, content: Any,
     bus: BusAsync | None = None,
 ) -> Accepted:
-    """Accept a new message. Retrying with the same ``client_msg_id`` returns the first ``(id, seq)``.
+    """Accept a new message. Retrying with the same ``client_msg_id`` in the same conversation returns the
+    first ``(id, seq)``; in another conversation it is another message.
 
     Raises ValidationFailed, PayloadTooLarge, NotFound. Side effects: appends ``message.new`` to the
     partition stream and remembers the message's sender for edits made before it reaches MongoDB.
