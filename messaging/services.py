@@ -51,6 +51,12 @@ def membership_key(conversation_id: str) -> str:
     return f"cs:members:{conversation_id}"
 
 
+def membership_generation_key(conversation_id: str) -> str:
+    """Counter bumped by every invalidation of the conversation's cached members: a refill writes only if it
+    is unchanged since before its MongoDB read (``_MEMBERS_REFILL_LUA``)."""
+    return f"cs:membersgen:{conversation_id}"
+
+
 def message_meta_key(message_id: str) -> str:
     """Hash ``{c: conversation id, u: sender id}`` of a message accepted recently (before it is in MongoDB).
     On the bus Redis (no hash tag: a message id alone must find it)."""
@@ -163,18 +169,35 @@ async def conversation_members(client: redis.asyncio.Redis, *, conversation_id: 
     return await _conversation_members_shared(client, conversation_id=conversation_id)
 
 
+# The refill of the Redis cache after a MongoDB read. KEYS[1] members set, KEYS[2] generation;
+# ARGV[1] the generation read before the MongoDB read ("" if none), ARGV[2] TTL, ARGV[3..] the members read
+# -> 1 if written, 0 if an invalidation came in between (what was read may predate the change: not cached).
+_MEMBERS_REFILL_LUA = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SADD', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+# The generation key outlives the longest MongoDB read by far (it only has to last from an invalidation to
+# the end of a refill that read before it); an hour, and every invalidation sets it again.
+MEMBERSHIP_GENERATION_TTL_S = 3600
+
+
 async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
     key = membership_key(conversation_id)
     cached = await client.smembers(key)
     if cached:
         members = {m.decode() if isinstance(m, bytes) else str(m) for m in cached}
         return None if members == {_NO_MEMBERS} else members - {_NO_MEMBERS}
+    # Read before MongoDB: a removal whose invalidation lands between this and the refill bumps it, so the
+    # refill (of what MongoDB said before the removal, perhaps) is dropped instead of cached for an hour.
+    generation = await client.get(membership_generation_key(conversation_id))
     found = await sync_to_async(_members_from_db, thread_sensitive=False)(conversation_id)
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.delete(key)
-        pipe.sadd(key, *(found or [_NO_MEMBERS]))
-        pipe.expire(key, MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S)
-        await pipe.execute()
+    script = client.register_script(_MEMBERS_REFILL_LUA)
+    await script(keys=[key, membership_generation_key(conversation_id)],
+                 args=[b"" if generation is None else generation,
+                       MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S, *(found or [_NO_MEMBERS])])
     return set(found) if found is not None else None
 
 
@@ -187,14 +210,26 @@ async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conve
 
 async def membership_invalidate(client: redis.asyncio.Redis, *, conversation_id: str) -> None:
     """Forget the cached members; call after any change of a conversation's members.
-    Side effects: DEL of the Redis cache, PUBLISH so every broker drops its in-process copy."""
-    await client.delete(membership_key(conversation_id))
+    Side effects: DEL of the Redis cache and INCR of its generation (atomically: a refill that read MongoDB
+    before the change is not written), PUBLISH so every broker drops its in-process copy."""
+    async with client.pipeline(transaction=True) as pipe:
+        _membership_invalidate_queue(pipe, conversation_id=conversation_id)
+        await pipe.execute()
     await client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
+
+
+def _membership_invalidate_queue(pipe: Any, *, conversation_id: str) -> None:
+    generation = membership_generation_key(conversation_id)
+    pipe.incr(generation)
+    pipe.expire(generation, MEMBERSHIP_GENERATION_TTL_S)
+    pipe.delete(membership_key(conversation_id))
 
 
 def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
     """The same for sync code (DRF services) with a sync ``redis.Redis`` client."""
-    client.delete(membership_key(conversation_id))
+    with client.pipeline(transaction=True) as pipe:
+        _membership_invalidate_queue(pipe, conversation_id=conversation_id)
+        pipe.execute()
     client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
 
 
