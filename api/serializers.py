@@ -14,6 +14,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from chatstream_site.errors import PayloadTooLarge
+from messaging.services import text_storable_require
 
 # ------------------------------------------------------------------ strict fields
 
@@ -41,6 +42,15 @@ class StrictIntegerField(serializers.IntegerField):
         if isinstance(data, bool) or not isinstance(data, int):
             self.fail("invalid")
         return int(super().to_internal_value(data))
+
+
+class ContentField(StrictCharField):
+    """Message content: a JSON string every store can hold, checked by the write path's own rule
+    (``messaging.services.text_storable_require``) before DRF's validators, so REST refuses what the WebSocket
+    refuses with the same error (400 ``invalid``, ``details: {field, reason, index}``)."""
+
+    def to_internal_value(self, data: Any) -> str:
+        return text_storable_require(super().to_internal_value(data), field=self.field_name or "content")
 
 
 def _content_limit(value: str) -> str:
@@ -92,7 +102,7 @@ class GroupRenameIn(serializers.Serializer):
 
 
 class MessageIn(serializers.Serializer):
-    content = StrictCharField(trim_whitespace=False, help_text="at most CHATSTREAM_MESSAGE_MAX_CHARS (413)")
+    content = ContentField(trim_whitespace=False, help_text="at most CHATSTREAM_MESSAGE_MAX_CHARS (413)")
     client_msg_id = StrictCharField(max_length=64, help_text="the client's id for retries: 1-64 of A-Z a-z 0-9 _.:-")
 
     def validate_content(self, value: str) -> str:
@@ -100,7 +110,7 @@ class MessageIn(serializers.Serializer):
 
 
 class MessageEditIn(serializers.Serializer):
-    content = StrictCharField(trim_whitespace=False)
+    content = ContentField(trim_whitespace=False)
 
     def validate_content(self, value: str) -> str:
         return _content_limit(value)

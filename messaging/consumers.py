@@ -324,6 +324,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     user_id: str = ""
     username: str = ""
     session_id: str = ""
+    # Class-level defaults: the cleanup (websocket_disconnect) may run for a connection that ended before or
+    # during websocket_connect.
+    registered = False
+    closing = False
+    ended = False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Channels' loop minus what this consumer does not need, measured as the biggest per-frame costs:
@@ -341,6 +346,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await handler(self, message)
         except StopConsumer:
             pass
+        except Exception:
+            # A bug, or the transport failing under a send: whatever it was, the client is told (1011, if
+            # the socket can still carry it) and the cleanup below runs.
+            logger.exception("connection of user %s failed; closing it with %s", self.user_id or "?",
+                             CLOSE_INTERNAL)
+            with contextlib.suppress(Exception):
+                await self._close(CLOSE_INTERNAL)
+        finally:
+            # Every way out (the client's or the server's close, a transport error, any exception, the
+            # server cancelling this task) runs the one cleanup: the hub forgets the socket and presence is
+            # updated. Without it the hub kept a dead socket and refreshed its presence for ever.
+            if not self.ended:
+                with contextlib.suppress(StopConsumer):
+                    await self.websocket_disconnect({"type": "websocket.disconnect", "code": CLOSE_INTERNAL})
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         self.hub: Hub = hub_get()
@@ -411,9 +430,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.presence_task = None
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        """The one cleanup of a connection, whatever ended it (``__call__`` runs it on every exit); runs once."""
+        if self.ended:
+            raise StopConsumer
+        self.ended = True
         self.closing = True
-        if isinstance(self.out, _AsgiOutput):
-            self.out.stop()
+        out = getattr(self, "out", None)
+        if isinstance(out, _AsgiOutput):
+            out.stop()
         if self.registered:
             self.registered = False
             self.hub.connection_remove(self, conversation_ids=list(self.conversations))
@@ -436,7 +460,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Send one frame of this connection's own (ready, ack, error, resume...). Async for the callers'
         sake; it never waits (a resume paces itself with :meth:`_send_paced`)."""
         if not self.closing and self.out.is_open():
-            data = frame.encode()
+            # A client's own strings come back in its frames (a ref, a key of a resume): one holding a lone
+            # surrogate (legal in JSON as "\ud800") has no UTF-8; written back as that same JSON escape.
+            data = frame.encode("utf-8", "backslashreplace")
             self.out.write(frames.ws_wire(data), data)
 
     async def _close(self, code: int) -> None:
@@ -574,6 +600,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             data = json.loads(text)
         except ValueError:
             await self._error(ValidationFailed("frame is not valid JSON", code="invalid_json"), ref=None)
+            return
+        except RecursionError:  # not a ValueError: a frame nested deeper than the interpreter's recursion limit
+            await self._error(ValidationFailed("frame nests too deeply (the limit is about 1,000 levels)",
+                                               code="invalid_json", details={"reason": "too_deep"}), ref=None)
             return
         ref = _ref_of(data)
         kind = data.get("type") if isinstance(data, dict) else None

@@ -51,6 +51,12 @@ def membership_key(conversation_id: str) -> str:
     return f"cs:members:{conversation_id}"
 
 
+def membership_generation_key(conversation_id: str) -> str:
+    """Counter bumped by every invalidation of the conversation's cached members: a refill writes only if it
+    is unchanged since before its MongoDB read (``_MEMBERS_REFILL_LUA``)."""
+    return f"cs:membersgen:{conversation_id}"
+
+
 def message_meta_key(message_id: str) -> str:
     """Hash ``{c: conversation id, u: sender id}`` of a message accepted recently (before it is in MongoDB).
     On the bus Redis (no hash tag: a message id alone must find it)."""
@@ -66,9 +72,31 @@ def _require_object_id(value: Any, *, field: str) -> str:
     return value
 
 
+# What no store of a message can hold: a lone surrogate (U+D800-U+DFFF) is not a Unicode scalar value, so it has
+# no UTF-8 encoding (BSON, and the drain's insert, refuse it; JSON carries it as "\ud800"). U+0000: MongoDB
+# holds it, but FerretDB on PostgreSQL cannot (PostgreSQL text has no NUL) and DRF refused it on REST already.
+# Every other control character is a scalar value every store holds (checked against FerretDB), so it passes.
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_storable_require(value: str, *, field: str) -> str:
+    """Return ``value`` if every store can hold it; else raise ValidationFailed (code ``invalid``, details
+    ``{field, reason: "surrogate" | "nul", index}``). The one rule for message content on the WebSocket and
+    REST alike (``api.serializers.ContentField``); docs/protocol.md and docs/api.md document it."""
+    bad = _UNSTORABLE_RE.search(value)
+    if bad is None:
+        return value
+    char = bad.group()
+    reason = "nul" if char == "\x00" else "surrogate"
+    what = "U+0000 (NUL)" if reason == "nul" else f"U+{ord(char):04X}, a lone surrogate (not a Unicode scalar value)"
+    raise ValidationFailed(f"{field} holds {what} at index {bad.start()}; it cannot be stored",
+                           details={"field": field, "reason": reason, "index": bad.start()})
+
+
 def _require_content(value: Any) -> str:
     if not isinstance(value, str):
         raise ValidationFailed("content must be a string", details={"field": "content"})
+    text_storable_require(value, field="content")
     if not value.strip():
         raise ValidationFailed("content must not be empty", details={"field": "content"})
     if len(value) > settings.MESSAGE_MAX_CHARS:
@@ -141,18 +169,35 @@ async def conversation_members(client: redis.asyncio.Redis, *, conversation_id: 
     return await _conversation_members_shared(client, conversation_id=conversation_id)
 
 
+# The refill of the Redis cache after a MongoDB read. KEYS[1] members set, KEYS[2] generation;
+# ARGV[1] the generation read before the MongoDB read ("" if none), ARGV[2] TTL, ARGV[3..] the members read
+# -> 1 if written, 0 if an invalidation came in between (what was read may predate the change: not cached).
+_MEMBERS_REFILL_LUA = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SADD', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+# The generation key outlives the longest MongoDB read by far (it only has to last from an invalidation to
+# the end of a refill that read before it); an hour, and every invalidation sets it again.
+MEMBERSHIP_GENERATION_TTL_S = 3600
+
+
 async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
     key = membership_key(conversation_id)
     cached = await client.smembers(key)
     if cached:
         members = {m.decode() if isinstance(m, bytes) else str(m) for m in cached}
         return None if members == {_NO_MEMBERS} else members - {_NO_MEMBERS}
+    # Read before MongoDB: a removal whose invalidation lands between this and the refill bumps it, so the
+    # refill (of what MongoDB said before the removal, perhaps) is dropped instead of cached for an hour.
+    generation = await client.get(membership_generation_key(conversation_id))
     found = await sync_to_async(_members_from_db, thread_sensitive=False)(conversation_id)
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.delete(key)
-        pipe.sadd(key, *(found or [_NO_MEMBERS]))
-        pipe.expire(key, MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S)
-        await pipe.execute()
+    script = client.register_script(_MEMBERS_REFILL_LUA)
+    await script(keys=[key, membership_generation_key(conversation_id)],
+                 args=[b"" if generation is None else generation,
+                       MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S, *(found or [_NO_MEMBERS])])
     return set(found) if found is not None else None
 
 
@@ -165,14 +210,26 @@ async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conve
 
 async def membership_invalidate(client: redis.asyncio.Redis, *, conversation_id: str) -> None:
     """Forget the cached members; call after any change of a conversation's members.
-    Side effects: DEL of the Redis cache, PUBLISH so every broker drops its in-process copy."""
-    await client.delete(membership_key(conversation_id))
+    Side effects: DEL of the Redis cache and INCR of its generation (atomically: a refill that read MongoDB
+    before the change is not written), PUBLISH so every broker drops its in-process copy."""
+    async with client.pipeline(transaction=True) as pipe:
+        _membership_invalidate_queue(pipe, conversation_id=conversation_id)
+        await pipe.execute()
     await client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
+
+
+def _membership_invalidate_queue(pipe: Any, *, conversation_id: str) -> None:
+    generation = membership_generation_key(conversation_id)
+    pipe.incr(generation)
+    pipe.expire(generation, MEMBERSHIP_GENERATION_TTL_S)
+    pipe.delete(membership_key(conversation_id))
 
 
 def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
     """The same for sync code (DRF services) with a sync ``redis.Redis`` client."""
-    client.delete(membership_key(conversation_id))
+    with client.pipeline(transaction=True) as pipe:
+        _membership_invalidate_queue(pipe, conversation_id=conversation_id)
+        pipe.execute()
     client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
 
 
@@ -194,7 +251,8 @@ async def message_send(
     client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, client_msg_id: Any, content: Any,
     bus: BusAsync | None = None,
 ) -> Accepted:
-    """Accept a new message. Retrying with the same ``client_msg_id`` returns the first ``(id, seq)``.
+    """Accept a new message. Retrying with the same ``client_msg_id`` in the same conversation returns the
+    first ``(id, seq)``; in another conversation it is another message.
 
     Raises ValidationFailed, PayloadTooLarge, NotFound. Side effects: appends ``message.new`` to the
     partition stream and remembers the message's sender for edits made before it reaches MongoDB.

@@ -21,8 +21,9 @@ Payloads (``d``; ids are strings, times ISO-8601 UTC with milliseconds):
 ``read.updated``     ``{conversation_id, user_id, seq}`` (``seq``: the reader's new cursor)
 
 The seq is given inside the script (HINCRBY then XADD, atomically), so stream order equals seq order within
-a conversation and seqs are gap-free. ``message.new`` is deduplicated on ``(sender, client_msg_id)``: a
-retry returns the first attempt's ``(message_id, seq)`` and appends nothing.
+a conversation and seqs are gap-free. ``message.new`` is deduplicated on ``(conversation, sender,
+client_msg_id)``: a retry returns the first attempt's ``(message_id, seq)`` and appends nothing; the same
+``client_msg_id`` in another conversation is another message.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from messaging.bus import BusAsync, bus_is_cluster, bus_resolve
 EventType = Literal["message.new", "message.edited", "message.deleted", "read.updated"]
 SEQUENCED: frozenset[str] = frozenset({"message.new", "message.edited", "message.deleted"})
 FORMAT_VERSION = "1"
-# How long a (sender, client_msg_id) is remembered: a client retrying after a day is a new message.
+# How long a (conversation, sender, client_msg_id) is remembered: a client retrying after a day is a new message.
 DEDUP_TTL_S = 24 * 3600
 
 
@@ -66,8 +67,16 @@ def seq_key(partition: int) -> str:
     return f"cs:{tag(partition)}:seq"
 
 
-def dedup_key(partition: int, *, sender_id: str, client_msg_id: str) -> str:
-    return f"cs:{tag(partition)}:dedup:{sender_id}:{client_msg_id}"
+def dedup_key(partition: int, *, conversation_id: str, sender_id: str, client_msg_id: str) -> str:
+    """String ``message_id:seq`` of a ``message.new`` accepted in the conversation. The conversation is part of
+    the key: a ``client_msg_id`` reused in another conversation of the same partition must not be answered
+    with this message (it was, when the key was ``dedup:{sender}:{client_msg_id}``).
+
+    ``v2`` keeps these keys apart from that old format's (``cs:{pNN}:dedup:<24-hex sender>:...``; "v2" is
+    not a sender id), which this code never reads: in a rolling upgrade an old key cannot answer for another
+    conversation; it only expires (DEDUP_TTL_S). The cost, for one day after the upgrade: a send accepted by an
+    old broker and retried on a new one (or the reverse) is accepted twice. See docs/protocol.md."""
+    return f"cs:{tag(partition)}:dedup:v2:{conversation_id}:{sender_id}:{client_msg_id}"
 
 
 def no_dedup_key(partition: int) -> str:
@@ -140,9 +149,10 @@ async def event_append(
 ) -> Appended:
     """Append one event to its conversation's partition stream, atomically with its seq.
 
-    ``dedup`` is ``(sender_id, client_msg_id)`` for ``message.new``. ``meta`` is ``(key, fields, ttl_s)`` of
-    a hash written in the same round trip, after the script (on a Redis Cluster beside it; never atomically
-    with it; for a duplicate it is written too, so it must be harmless then). Precondition: the caller
+    ``dedup`` is ``(sender_id, client_msg_id)`` for ``message.new``, remembered within the conversation
+    (``dedup_key``). ``meta`` is ``(key, fields, ttl_s)`` of a hash written in the same round trip, after the
+    script (on a Redis Cluster beside it; never atomically with it; for a duplicate it is written too, so it
+    must be harmless then). Precondition: the caller
     validated and authorized the event. ``client`` is a bus client (``messaging.bus``).
     Side effects: HINCRBY + XADD (+ SET of the dedup key), in one script (+ HSET/EXPIRE of ``meta``). On a
     client with :func:`append_batching_enable`, the round trip is shared with the other appends of the same
@@ -152,7 +162,8 @@ async def event_append(
     keys = [
         stream_key(partition),
         seq_key(partition),
-        dedup_key(partition, sender_id=dedup[0], client_msg_id=dedup[1]) if dedup else no_dedup_key(partition),
+        dedup_key(partition, conversation_id=conversation_id, sender_id=dedup[0], client_msg_id=dedup[1])
+        if dedup else no_dedup_key(partition),
     ]
     args: list[str | int] = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
             "1" if type in SEQUENCED else "0", "1" if dedup else "0"]

@@ -114,6 +114,18 @@ def group_create(member_ids: list[str]) -> str:
     return str(conv.id)
 
 
+def groups_in_one_partition(member_ids: list[str]) -> tuple[str, str]:
+    """Two group conversations of ``member_ids`` whose ids hash to the same partition (with 16 partitions a
+    handful of tries; bounded)."""
+    seen: dict[int, str] = {}
+    for _ in range(200):
+        conv = group_create(member_ids)
+        if partition_of(conv) in seen:
+            return seen[partition_of(conv)], conv
+        seen[partition_of(conv)] = conv
+    raise AssertionError("no two conversations in one partition among 200")
+
+
 def ticket_for(redis_url: str, user_id: str, username: str = "someone") -> str:
     client = redis.Redis.from_url(redis_url)
     try:

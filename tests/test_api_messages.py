@@ -3,6 +3,7 @@ edit/delete by the sender only, read cursor and unread counts."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -216,3 +217,31 @@ def test_members_with_presence_and_read_cursors(servers: Servers) -> None:
     outsider = account("dave")
     assert error_code(outsider.client.get(f"/api/v1/conversations/{cid}/members")) == "not_found"
     assert error_code(alice.client.get("/api/v1/conversations/not-an-id/members")) == "not_found"
+
+
+@pytest.mark.parametrize(("content", "reason", "index"), [("x\ud800y", "surrogate", 1), ("a\x00b", "nul", 1)])
+def test_content_no_store_can_hold_gets_the_websockets_error(content: str, reason: str, index: int) -> None:
+    """The same rule and the same error as message.send/message.edit on the WebSocket (docs/protocol.md)."""
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    sent = send(alice, cid, "fine")
+    assert sent.status_code == 201
+    # json.dumps writes the surrogate as the escape "\ud800", as a client's JSON encoder would.
+    for method, path, body in (
+        ("post", f"/api/v1/conversations/{cid}/messages", {"content": content, "client_msg_id": "bad-1"}),
+        ("patch", f"/api/v1/messages/{sent.json()['id']}", {"content": content}),
+    ):
+        response = getattr(alice.client, method)(path, data=json.dumps(body), content_type="application/json")
+        assert response.status_code == 400, response.content
+        assert response.json()["error"]["code"] == "invalid"
+        assert response.json()["error"]["details"] == {"field": "content", "reason": reason, "index": index}
+
+
+def test_a_body_nested_too_deep_is_a_400_not_a_500() -> None:
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    for body in ("[" * 20_000 + "]" * 20_000,
+                 '{"content": ' + "[" * 20_000 + "]" * 20_000 + ', "client_msg_id": "deep"}'):
+        response = alice.client.post(f"/api/v1/conversations/{cid}/messages", data=body,
+                                     content_type="application/json")
+        assert response.status_code == 400 and error_code(response) == "malformed", response.content

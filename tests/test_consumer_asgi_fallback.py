@@ -86,3 +86,37 @@ def test_the_plain_asgi_output_sends_the_error_before_the_close(servers: Servers
         assert await comm.receive_output(timeout=20) == {"type": "websocket.close", "code": 4001}
 
     asyncio.run(body())
+
+
+def test_an_exception_anywhere_in_a_connection_runs_the_cleanup(servers: Servers, fresh_hub: None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever escapes a handler (here a stand-in bug in the frame path, outside the handler's own error
+    frames) ends the connection with 1011 and runs websocket_disconnect: the hub forgets the socket and
+    presence is released. Before, the exception left the consumer without it: the hub kept the socket and
+    refreshed its presence for ever."""
+    alice, _ = user_create()
+    conv = group_create([alice, user_create()[0]])
+
+    def a_bug(data: Any) -> Any:
+        raise RuntimeError("a bug in the frame path")
+
+    async def body() -> None:
+        comm = WebsocketCommunicator(websocket_application(), f"/ws/?ticket={ticket_for(servers.redis_url, alice)}")
+        connected, _ = await comm.connect(timeout=20)
+        assert connected
+        assert (await comm.receive_json_from(timeout=20))["type"] == "ready"
+        the_hub = hub.hub_get()
+        assert alice in the_hub.by_user and conv in the_hub.by_conversation
+        for _ in range(2000):  # presence_connect runs in the background; bounded wait for it
+            if await services.presence_online(the_hub.redis, user_id=alice):
+                break
+            await asyncio.sleep(0.01)
+        assert await services.presence_online(the_hub.redis, user_id=alice)
+        monkeypatch.setattr(consumers, "_ref_of", a_bug)
+        await comm.send_json_to({"type": "ping"})
+        assert await comm.receive_output(timeout=20) == {"type": "websocket.close", "code": 1011}
+        await comm.wait(timeout=20)
+        assert alice not in the_hub.by_user and conv not in the_hub.by_conversation
+        assert not await services.presence_online(the_hub.redis, user_id=alice)
+
+    asyncio.run(body())

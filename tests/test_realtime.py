@@ -27,10 +27,12 @@ from tests.realtime import (
     Client,
     brokers_running,
     brokers_start,
+    collect_by_conversation,
     collect_messages,
     connect,
     connect_user,
     group_create,
+    groups_in_one_partition,
     messages_cross_brokers,
     resume_returns_exactly_the_missed_events,
     retried_client_msg_id_is_one_message,
@@ -178,6 +180,14 @@ BAD_FRAMES: list[tuple[Any, str]] = [
                  "content": 5}), "invalid"),
     (json.dumps({"type": "message.send", "conversation_id": "CONV", "client_msg_id": "a",
                  "content": "x" * 5000}), "too_large"),
+    # Content no store can hold (docs/protocol.md "Content"): a lone surrogate, legal JSON, and U+0000.
+    (json.dumps({"type": "message.send", "conversation_id": "CONV", "client_msg_id": "a",
+                 "content": "x\ud800y"}), "invalid"),
+    (json.dumps({"type": "message.send", "conversation_id": "CONV", "client_msg_id": "a",
+                 "content": "x\u0000y"}), "invalid"),
+    (json.dumps({"type": "message.edit", "message_id": "f" * 32, "content": "\udfff"}), "invalid"),
+    ("[" * 20_000 + "]" * 20_000, "invalid_json"),
+    ('{"type": "ping", "x": ' + "[" * 20_000 + "]" * 20_000 + "}", "invalid_json"),
     (json.dumps({"type": "message.send", "conversation_id": "FOREIGN", "client_msg_id": "a",
                  "content": "let me in"}), "not_found"),
     (json.dumps({"type": "message.edit", "message_id": {"$gt": ""}, "content": "x"}), "invalid"),
@@ -323,6 +333,61 @@ def test_presence_flips_when_the_last_device_leaves_and_typing_crosses(servers: 
         client.close()
         assert [f for _, f in entries if f[b"c"] == conv.encode()] == []
         await watcher.close()
+
+    run(body)
+
+
+def test_frames_that_broke_the_consumer_are_answered_and_every_exit_is_cleaned_up(servers: Servers,
+                                                                                  brokers: list[Broker]) -> None:
+    """A frame nested 20,000 deep (RecursionError, not ValueError) and a lone surrogate the broker echoes
+    back (a ref, a resume key: no UTF-8) each dropped the socket without the cleanup: the hub kept it and
+    presence said online for ever. Now each gets its answer on a connection that keeps working, and the
+    close that follows announces the user offline."""
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+
+    async def body() -> None:
+        watcher = await connect_user(brokers[1].url, servers.redis_url, bob)
+        client = await connect_user(brokers[0].url, servers.redis_url, alice)
+        assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "online"}
+        await client.send("[" * 20_000 + "]" * 20_000)
+        error = await client.recv_type("error")
+        assert (error["code"], error["details"]) == ("invalid_json", {"reason": "too_deep"})
+        await client.send('{"type": "ping", "ref": "\\ud800"}')
+        assert await client.recv_type("pong") == {"type": "pong", "ref": "\ud800"}
+        await client.send('{"type": "resume", "conversations": {"\\udfff": 0}}')
+        error = await client.recv_type("error")
+        assert (error["code"], error["details"]) == ("not_found", {"conversation_id": "\udfff"})
+        await client.send(send_frame(conv, "still here"))
+        assert (await client.recv_type("ack"))["seq"] == 1
+        await client.close()
+        assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "offline"}
+        await watcher.close()
+
+    run(body)
+
+
+def test_a_client_msg_id_reused_in_another_conversation_is_another_message(servers: Servers,
+                                                                           brokers: list[Broker]) -> None:
+    alice, _ = user_create()
+    bob, _ = user_create()
+    first, second = groups_in_one_partition([alice, bob])
+
+    async def body() -> None:
+        reader = await connect_user(brokers[1].url, servers.redis_url, bob)
+        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
+        acks = []
+        for conv in (first, second):
+            await sender.send(send_frame(conv, f"one to {conv}", client_msg_id="1"))
+            acks.append(await sender.recv_type("ack"))
+        assert [(a["conversation_id"], a["seq"], a["duplicate"]) for a in acks] == [
+            (first, 1, False), (second, 1, False)]
+        assert acks[0]["message_id"] != acks[1]["message_id"]
+        got = await collect_by_conversation(reader, {first: 1, second: 1})
+        assert [got[c][0]["content"] for c in (first, second)] == [f"one to {first}", f"one to {second}"]
+        await reader.close()
+        await sender.close()
 
     run(body)
 

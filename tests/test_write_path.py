@@ -129,3 +129,115 @@ def test_read_cursor_moves_forward_only_and_is_clamped(servers: Servers, convers
             await services.read_mark(c, user_id=ALICE, conversation_id=conversation, seq=True)
 
     run(servers, body)
+
+
+def conversations_in_one_partition(members: list[str]) -> tuple[str, str]:
+    """Two conversations of ``members`` whose ids hash to the same partition (16 partitions: a handful of
+    tries; bounded)."""
+    seen: dict[int, str] = {}
+    for _ in range(200):
+        conv = str(Conversation(type="group", room_id=ObjectId(), members=[ObjectId(m) for m in members]).save().id)
+        partition = partition_of(conv)
+        if partition in seen:
+            return seen[partition], conv
+        seen[partition] = conv
+    raise AssertionError("no two conversations in one partition among 200")
+
+
+def test_a_client_msg_id_reused_in_another_conversation_of_the_partition_is_another_message(
+        servers: Servers) -> None:
+    first_conv, second_conv = conversations_in_one_partition([ALICE, BOB])
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        first = await services.message_send(c, user_id=ALICE, conversation_id=first_conv, client_msg_id="1",
+                                            content="to the first")
+        second = await services.message_send(c, user_id=ALICE, conversation_id=second_conv, client_msg_id="1",
+                                             content="to the second")
+        assert not second.duplicate and second.message_id != first.message_id
+        assert (first.seq, second.seq) == (1, 1)
+        # Within a conversation the retry is still one message.
+        again = await services.message_send(c, user_id=ALICE, conversation_id=second_conv, client_msg_id="1",
+                                            content="to the second")
+        assert again.duplicate and (again.message_id, again.seq) == (second.message_id, second.seq)
+        entries = await c.xrange(stream_key(partition_of(first_conv)))
+        news = [(e.conversation_id, e.data["content"]) for e in (event_decode(i, f) for i, f in entries)
+                if e.type == "message.new" and e.conversation_id in (first_conv, second_conv)]
+        assert news == [(first_conv, "to the first"), (second_conv, "to the second")]
+
+    run(servers, body)
+
+
+def test_a_dedup_key_of_the_old_format_answers_nothing(servers: Servers, conversation: str) -> None:
+    """Rolling upgrade: a key ``cs:{pNN}:dedup:{sender}:{client_msg_id}`` written by an old broker (for any
+    conversation of the partition) is never read, so it cannot answer with another conversation's message."""
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        partition = partition_of(conversation)
+        await c.set(f"cs:{{p{partition:02d}}}:dedup:{ALICE}:old-1", f"{'e' * 32}:7", ex=3600)
+        sent = await services.message_send(c, user_id=ALICE, conversation_id=conversation, client_msg_id="old-1",
+                                           content="after the upgrade")
+        assert not sent.duplicate and sent.message_id != "e" * 32 and sent.seq == 1
+
+    run(servers, body)
+
+
+@pytest.mark.parametrize(("content", "reason", "index"), [
+    ("x\ud800y", "surrogate", 1), ("\udfff", "surrogate", 0), ("ok \U0001F600 \udbff", "surrogate", 5),
+    ("a\x00b", "nul", 1),
+])
+def test_content_no_store_can_hold_is_refused_on_send_and_edit(servers: Servers, conversation: str, content: str,
+                                                               reason: str, index: int) -> None:
+    async def body(c: redis.asyncio.Redis) -> None:
+        sent = await services.message_send(c, user_id=ALICE, conversation_id=conversation, client_msg_id="fine",
+                                           content="fine")
+        for attempt in (
+            services.message_send(c, user_id=ALICE, conversation_id=conversation, client_msg_id="bad",
+                                  content=content),
+            services.message_edit(c, user_id=ALICE, message_id=sent.message_id, content=content),
+        ):
+            with pytest.raises(ValidationFailed) as refused:
+                await attempt
+            assert refused.value.code == "invalid"
+            assert refused.value.details == {"field": "content", "reason": reason, "index": index}
+        entries = await c.xrange(stream_key(partition_of(conversation)))
+        assert [event_decode(*e).seq for e in entries if event_decode(*e).conversation_id == conversation] == [1]
+
+    run(servers, body)
+
+
+def test_other_control_characters_are_content(servers: Servers, conversation: str) -> None:
+    async def body(c: redis.asyncio.Redis) -> None:
+        content = "bell\x07 esc\x1b[31m del\x7f nel\x85 \ufffe\uffff tab\t"
+        sent = await services.message_send(c, user_id=ALICE, conversation_id=conversation, client_msg_id="ctl",
+                                           content=content)
+        assert sent.event["content"] == content
+
+    run(servers, body)
+
+
+def test_a_removal_racing_the_cache_refill_is_not_cached(servers: Servers, conversation: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race made deterministic: the refill's MongoDB read returns, then bob is removed (MongoDB write and
+    invalidation, as api.services does), then the refill writes. bob must not come back from the cache."""
+    read_members = services._members_from_db
+    sync = redis.Redis.from_url(servers.redis_url)
+
+    def read_then_removal(conversation_id: str) -> list[str] | None:
+        found = read_members(conversation_id)
+        Conversation.objects(id=conversation_id).update_one(pull__members=ObjectId(BOB))
+        services.membership_invalidate_sync(sync, conversation_id=conversation_id)
+        return found
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        monkeypatch.setattr(services, "_members_from_db", read_then_removal)
+        assert await services.conversation_members(c, conversation_id=conversation) == {ALICE, BOB}
+        monkeypatch.setattr(services, "_members_from_db", read_members)
+        assert await services.conversation_members(c, conversation_id=conversation) == {ALICE}
+        with pytest.raises(NotFound):
+            await services.message_send(c, user_id=BOB, conversation_id=conversation, client_msg_id="b",
+                                        content="still in?")
+
+    try:
+        run(servers, body)
+    finally:
+        sync.close()
