@@ -17,12 +17,14 @@ run: bootstrap
 lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 # pytest exit 5 (no tests collected) counts as a failure, like any other non-zero exit.
 test:
 	@CHATSTREAM_BOOTSTRAP_FOR_TESTS=1 python3 scripts/bootstrap.py install
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 	$(PY) -m pytest
 
 clean:

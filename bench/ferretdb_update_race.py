@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pymongo
 
-from tests.servers import ferretdb_server
+from chatstream_site.localservers import ferretdb_server
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import ferretdb_server, redis_server  # noqa: E402
+from chatstream_site.localservers import ferretdb_server, redis_server  # noqa: E402
 
 
 def main() -> None:

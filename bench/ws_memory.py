@@ -1,12 +1,12 @@
 """Where a broker's memory per idle WebSocket goes: tracemalloc inside a real broker.
 
-Starts a private Redis and FerretDB (tests/servers.py), serves the broker's ASGI app under uvicorn exactly as
-``manage.py role broker`` configures it, but in THIS process with tracemalloc on, and opens connections from a
-child process (so client objects never count): a warm-up batch first (the hub's tasks, lazy imports, caches),
-then ``--connections`` more. It prints the Python allocations that appeared per idle connection, grouped by
-source file, next to the RSS growth per connection (what ``manage.py bench`` reports as KB/idle conn).
+Starts a private Redis and FerretDB (chatstream_site/localservers.py), serves the broker's ASGI app under uvicorn
+exactly as ``manage.py role broker`` configures it, but in THIS process with tracemalloc on, and opens connections
+from a child process (so client objects never count): a warm-up batch first (the hub's tasks, lazy imports, caches),
+then ``--connections`` more. It prints the Python allocations that appeared per idle connection, grouped by source
+file, next to the RSS growth per connection (what ``manage.py bench`` reports as KB/idle conn).
 
-    .venv/bin/python bench/ws_memory.py --connections 1000
+.venv/bin/python bench/ws_memory.py --connections 1000
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--lines", action="store_true", help="group by source line instead of by file")
     opts = parser.parse_args()
 
-    from tests.servers import free_port, servers_start
+    from chatstream_site.localservers import free_port, servers_start
 
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-wsmem-"))
     servers = servers_start(workdir)
@@ -86,7 +86,7 @@ def main() -> None:
 async def _measure(opts: argparse.Namespace, servers: object, port: int, workdir: Path) -> None:
     import uvicorn
 
-    from messaging import benchmark
+    from bench import fanout as benchmark
     from storage.mongo import mongo_connect
 
     total = WARMUP + opts.connections

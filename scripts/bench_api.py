@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
 
-    from tests.servers import servers_start
+    from chatstream_site.localservers import servers_start
 
     # SIGTERM (e.g. from `timeout`) unwinds through `finally`, so the private servers are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

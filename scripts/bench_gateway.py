@@ -165,7 +165,7 @@ def main() -> None:
                         help="WebSocket connections, each doing one echo round trip at a time")
     args = parser.parse_args()
 
-    from tests.servers import servers_start
+    from chatstream_site.localservers import servers_start
 
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-bench-gw-"))
     servers = servers_start(workdir)

@@ -1,6 +1,6 @@
 """``manage.py bench``: the real-time fan-out benchmark, ChatStream and the Socket.IO peer in one run.
 
-See messaging/benchmark.py for what is measured and docs/benchmarks.md for results and how to read them.
+See bench/fanout.py for what is measured and docs/benchmarks.md for results and how to read them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from messaging import benchmark
+from bench import fanout as benchmark
 
 
 class Command(BaseCommand):

@@ -452,7 +452,7 @@ def chatstream_online_all(user_ids: list[ObjectId]) -> bool:
 
 
 def brokers_spawn(*, count: int, env: dict[str, str], log_dir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
-    from tests.servers import free_port, wait_port
+    from chatstream_site.localservers import free_port, wait_port
 
     spawned = []
     for i in range(count):
@@ -468,7 +468,7 @@ def brokers_spawn(*, count: int, env: dict[str, str], log_dir: Path) -> list[tup
 
 
 def peers_spawn(*, count: int, redis_url: str, log_dir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
-    from tests.servers import free_port, wait_port
+    from chatstream_site.localservers import free_port, wait_port
 
     node = shutil.which("node")
     if node is None or not (PEER_DIR / "node_modules" / "socket.io").exists():
@@ -581,9 +581,9 @@ def summary_stats(results: list[Result]) -> dict[str, Any]:
 
 
 def private_servers() -> tuple[Any, Path]:
-    """A private Redis and FerretDB for this run (tests/servers.py), so a benchmark never touches `make run`'s
-    data and runs do not see each other's keys."""
-    from tests.servers import servers_start
+    """A private Redis and FerretDB for this run (chatstream_site/localservers.py), so a benchmark never
+    touches `make run`'s data and runs do not see each other's keys."""
+    from chatstream_site.localservers import servers_start
 
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-bench-"))
     return servers_start(workdir), workdir
