@@ -9,7 +9,9 @@ ordered ``update`` of edits/deletes/read marks, an ordered ``update`` of convers
 pymongo's ``bulk_write``: FerretDB v1 omits ``nModified`` from a reply with write errors and pymongo then
 raises ``KeyError`` instead of ``BulkWriteError``; the raw reply's ``writeErrors`` work on both servers).
 A command that fails as a whole is bisected until the entries that fail alone are found
-(``_write_isolating_failures``, docs/adr/0025): one bad entry never takes its batch with it.
+(``_write_isolating_failures``, docs/adr/0025): one bad entry never takes its batch with it. What each event type
+writes comes from one table, ``EVENT_RULES`` (type -> how its payload is parsed and which statements it turns
+into; docs/adr/0029): a new type is one rule, a type without one is dead-lettered.
 """
 
 from __future__ import annotations
