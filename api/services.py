@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 
 import mongoengine
-import redis.asyncio
 from bson import ObjectId
 from django.conf import settings
 from django.contrib.auth.hashers import check_password, make_password
@@ -29,9 +28,9 @@ from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging import services as messaging
 from messaging import streams
-from messaging.bus import BusAsync
 from messaging.services import Accepted, membership_invalidate_sync
-from storage.documents import Conversation, GroupChat, Message, SingleChat, User, utcnow
+from storage import services as storage_services
+from storage.documents import Conversation, GroupChat, SingleChat, User, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -368,31 +367,21 @@ def conversation_read_mark(*, user_id: str, conversation_id: str, seq: int) -> i
 def message_tombstone_by_staff(*, message_id: str, staff_username: str) -> int:
     """Delete a message on behalf of staff; return the seq of the ``message.deleted`` event.
 
-    The event goes through the conversation's stream like a sender's delete (live clients see it, the
-    storage pipeline applies it, later edits are refused); the MongoDB document is tombstoned at once too,
-    so the admin shows the result without waiting for the drain (both writes are idempotent).
-    Raises NotFound. The caller logs the action (``api.admin`` writes a Django LogEntry).
+    The event is built and appended by ``messaging.services.message_delete_by_staff``, like a sender's delete
+    (live clients see it, the storage pipeline applies it, later edits are refused); the drain's own statement
+    for it is also written to MongoDB at once (``storage.services.message_event_write``), so the admin shows
+    the result without waiting for the drain (the drain's later write of the same entry changes nothing).
+    Raises NotFound (no such message, or already deleted). The caller logs the action (``api.admin`` writes a
+    Django LogEntry).
     """
     if not messaging.MESSAGE_ID_RE.match(message_id):
         raise NotFound("no such message", details={"message_id": message_id[:64]})
-    message = Message.objects(id=message_id).only("id", "conversation_id", "deleted").first()
-    if message is None:
-        raise NotFound("no such message", details={"message_id": message_id})
-    conversation_id = str(message.conversation_id)
-    payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": messaging._now_iso(),
-               "deleter_id": f"staff:{staff_username}"}
-
-    async def append(_client: redis.asyncio.Redis, bus: BusAsync) -> int:
-        appended = await streams.event_append(bus, type="message.deleted", conversation_id=conversation_id,
-                                              payload=payload, message_id=message_id)
-        key = messaging.message_meta_key(message_id)
-        # The sender's later edits and deletes are refused, as after their own delete.
-        await bus.hset(key, mapping={"c": conversation_id, "u": "", "x": "1"})
-        await bus.expire(key, settings.RESUME_WINDOW_S + 3600)
-        return appended.seq
-
-    seq = run_async(append)
-    Message.objects(id=message_id).update_one(set__deleted=True, set__content="")
+    accepted = run_async(lambda c, b: messaging.message_delete_by_staff(c, bus=b, staff_username=staff_username,
+                                                                        message_id=message_id))
+    payload = {k: v for k, v in accepted.event.items() if k != "seq"}  # the entry's payload (the ack adds seq)
+    storage_services.message_event_write(event=streams.Event(
+        entry_id="", type="message.deleted", conversation_id=accepted.conversation_id, seq=accepted.seq,
+        data=payload))
     logger.info("staff %s deleted message %s of conversation %s (event seq %s)", staff_username, message_id,
-                conversation_id, seq)
-    return seq
+                accepted.conversation_id, accepted.seq)
+    return accepted.seq

@@ -29,8 +29,9 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chatstream_site.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
-from messaging import frames, streams
+from messaging import events, frames, streams
 from messaging.bus import BusAsync, bus_resolve
+from messaging.events import message_meta_key
 
 CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -43,10 +44,6 @@ MEMBERSHIP_MISS_TTL_S = 30
 _NO_MEMBERS = "-"  # the cached set of a conversation that does not exist
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def membership_key(conversation_id: str) -> str:
     return f"cs:members:{conversation_id}"
 
@@ -55,12 +52,6 @@ def membership_generation_key(conversation_id: str) -> str:
     """Counter bumped by every invalidation of the conversation's cached members: a refill writes only if it
     is unchanged since before its MongoDB read (``_MEMBERS_REFILL_LUA``)."""
     return f"cs:membersgen:{conversation_id}"
-
-
-def message_meta_key(message_id: str) -> str:
-    """Hash ``{c: conversation id, u: sender id}`` of a message accepted recently (before it is in MongoDB).
-    On the bus Redis (no hash tag: a message id alone must find it)."""
-    return f"cs:msgmeta:{message_id}"
 
 
 # ------------------------------------------------------------------ validation
@@ -262,22 +253,16 @@ async def message_send(
     content = _require_content(content)
     await membership_require(client, user_id=user_id, conversation_id=conversation_id)
     bus = bus_resolve(client, bus)
-    payload = {
-        "id": uuid.uuid4().hex, "conversation_id": conversation_id, "sender_id": user_id,
-        "content": content, "timestamp": _now_iso(), "client_msg_id": client_msg_id,
-    }
-    # The sender is remembered for edits made before the message reaches MongoDB, in the append's round
-    # trip. A retry writes it for its own fresh (never used) id: harmless, and it expires.
-    appended = await streams.event_append(
-        bus, type="message.new", conversation_id=conversation_id, payload=payload,
-        message_id=payload["id"], dedup=(user_id, client_msg_id),
-        meta=(message_meta_key(payload["id"]), {"c": conversation_id, "u": user_id},
-              settings.RESUME_WINDOW_S + 3600),
-    )
+    built = events.event_build(type="message.new", conversation_id=conversation_id, actor_id=user_id,
+                               message_id=uuid.uuid4().hex, content=content, client_msg_id=client_msg_id)
+    # The sender is remembered (meta hash) for edits made before the message reaches MongoDB, in the append's
+    # round trip. A retry writes it for its own fresh (never used) id: harmless, and it expires.
+    appended = await events.event_emit(bus, event=built)
     if not appended.duplicate:
         drain_nudge(bus, partition=appended.partition)
     return Accepted(message_id=appended.message_id, conversation_id=conversation_id, seq=appended.seq,
-                    duplicate=appended.duplicate, event={**payload, "id": appended.message_id, "seq": appended.seq})
+                    duplicate=appended.duplicate,
+                    event={**built.payload, "id": appended.message_id, "seq": appended.seq})
 
 
 def _message_owner_from_db(message_id: str) -> tuple[str, str, bool] | None:
@@ -319,13 +304,17 @@ async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id:
     content = _require_content(content)
     bus = bus_resolve(client, bus)
     conversation_id = await _sender_only(client, bus, user_id=user_id, message_id=message_id)
-    payload = {"id": message_id, "conversation_id": conversation_id, "content": content,
-               "edited_at": _now_iso(), "editor_id": user_id}
-    appended = await streams.event_append(bus, type="message.edited", conversation_id=conversation_id,
-                                          payload=payload, message_id=message_id)
+    built = events.event_build(type="message.edited", conversation_id=conversation_id, actor_id=user_id,
+                               message_id=message_id, content=content)
+    return await _message_event_append(bus, event=built)
+
+
+async def _message_event_append(bus: BusAsync, *, event: events.BuiltEvent) -> Accepted:
+    """Append an edit or delete (never deduplicated) and answer as the ack does."""
+    appended = await events.event_emit(bus, event=event)
     drain_nudge(bus, partition=appended.partition)
-    return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
-                    event={**payload, "seq": appended.seq})
+    return Accepted(message_id=event.message_id, conversation_id=event.conversation_id, seq=appended.seq,
+                    duplicate=False, event={**event.payload, "seq": appended.seq})
 
 
 async def message_delete(client: redis.asyncio.Redis, *, user_id: str, message_id: Any,
@@ -333,15 +322,24 @@ async def message_delete(client: redis.asyncio.Redis, *, user_id: str, message_i
     """Tombstone a message (sender only). Appends ``message.deleted``; later edits are refused."""
     bus = bus_resolve(client, bus)
     conversation_id = await _sender_only(client, bus, user_id=user_id, message_id=message_id)
-    payload = {"id": message_id, "conversation_id": conversation_id, "deleted_at": _now_iso(),
-               "deleter_id": user_id}
-    appended = await streams.event_append(
-        bus, type="message.deleted", conversation_id=conversation_id, payload=payload, message_id=message_id,
-        meta=(message_meta_key(message_id), {"c": conversation_id, "u": user_id, "x": "1"},
-              settings.RESUME_WINDOW_S + 3600))
-    drain_nudge(bus, partition=appended.partition)
-    return Accepted(message_id=message_id, conversation_id=conversation_id, seq=appended.seq, duplicate=False,
-                    event={**payload, "seq": appended.seq})
+    built = events.event_build(type="message.deleted", conversation_id=conversation_id, actor_id=user_id,
+                               message_id=message_id, sender_id=user_id)
+    return await _message_event_append(bus, event=built)
+
+
+async def message_delete_by_staff(client: redis.asyncio.Redis, *, staff_username: str, message_id: Any,
+                                  bus: BusAsync | None = None) -> Accepted:
+    """Tombstone any message on behalf of a staff account (the caller checked the account's permission;
+    no membership or sender check). The same ``message.deleted`` event as a sender's delete, with
+    ``deleter_id`` ``staff:<username>``: live clients see it, the drain applies it, later edits and deletes
+    by the sender are refused. Raises ValidationFailed (not a message id), NotFound (no such message, or
+    already deleted). Side effects: those of :func:`message_delete`."""
+    bus = bus_resolve(client, bus)
+    conversation_id, sender_id = await _message_owner(bus, message_id=message_id)
+    built = events.event_build(type="message.deleted", conversation_id=conversation_id,
+                               actor_id=f"{events.STAFF_DELETER_PREFIX}{staff_username}", message_id=message_id,
+                               sender_id=sender_id)
+    return await _message_event_append(bus, event=built)
 
 
 def read_cursor_key(conversation_id: str) -> str:
@@ -350,7 +348,10 @@ def read_cursor_key(conversation_id: str) -> str:
 
 
 # KEYS[1] read-cursor hash, KEYS[2] stream, KEYS[3] seq hash; ARGV[1] user, ARGV[2] seq, ARGV[3] conversation,
-# ARGV[4] payload -> the cursor after the call (moved only forward, and never past the last accepted seq)
+# ARGV[4], ARGV[5] the payload's JSON before and after its seq (events.BuiltEvent.json_around_seq), ARGV[6] the
+# entry format version -> the cursor after the call (moved only forward, and never past the last accepted seq).
+# The cursor is decided here, atomically with the seq it is clamped to; everything else in the entry comes
+# from the event builder.
 _READ_LUA = """
 local last = tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0')
 local want = tonumber(ARGV[2])
@@ -358,8 +359,8 @@ if want > last then want = last end
 local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if want <= current then return current end
 redis.call('HSET', KEYS[1], ARGV[1], want)
-local payload = string.gsub(ARGV[4], '"seq":0', '"seq":' .. want, 1)
-redis.call('XADD', KEYS[2], '*', 't', 'read.updated', 'c', ARGV[3], 's', '0', 'd', payload, 'v', '1')
+redis.call('XADD', KEYS[2], '*', 't', 'read.updated', 'c', ARGV[3], 's', '0', 'd', ARGV[4] .. want .. ARGV[5],
+           'v', ARGV[6])
 return want
 """
 
@@ -377,11 +378,12 @@ async def read_mark(client: redis.asyncio.Redis, *, user_id: str, conversation_i
     await membership_require(client, user_id=user_id, conversation_id=conversation_id)
     bus = bus_resolve(client, bus)
     partition = streams.partition_of(conversation_id)
-    payload = f'{{"conversation_id":"{conversation_id}","user_id":"{user_id}","seq":0}}'
+    head, tail = events.event_build(type="read.updated", conversation_id=conversation_id, actor_id=user_id,
+                                    seq=0).json_around_seq()
     script = bus.register_script(_READ_LUA)
     cursor = await script(
         keys=[read_cursor_key(conversation_id), streams.stream_key(partition), streams.seq_key(partition)],
-        args=[user_id, seq, conversation_id, payload],
+        args=[user_id, seq, conversation_id, head, tail, streams.FORMAT_VERSION],
     )
     drain_nudge(bus, partition=partition)
     return int(cursor)

@@ -13,11 +13,13 @@ An entry is one durable conversation event with the fields
 ``c``  conversation id, ``s`` its per-conversation seq (decimal), ``d`` the event's JSON payload,
 ``v``  format version (``1``).
 
-Payloads (``d``; ids are strings, times ISO-8601 UTC with milliseconds):
+Payloads (``d``; ids are strings, times ISO-8601 UTC with milliseconds; built by ``messaging.events.event_build``,
+the one builder, whose ``PAYLOAD_FIELDS`` lists them; the drain applies each type by its rule in
+``storage.services.EVENT_RULES``):
 
 ``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id}``
 ``message.edited``   ``{id, conversation_id, content, edited_at, editor_id}`` (``id`` is the message's)
-``message.deleted``  ``{id, conversation_id, deleted_at, deleter_id}``
+``message.deleted``  ``{id, conversation_id, deleted_at, deleter_id}`` (the sender, or ``staff:<username>``)
 ``read.updated``     ``{conversation_id, user_id, seq}`` (``seq``: the reader's new cursor)
 
 The seq is given inside the script (HINCRBY then XADD, atomically), so stream order equals seq order within

@@ -9,7 +9,9 @@ ordered ``update`` of edits/deletes/read marks, an ordered ``update`` of convers
 pymongo's ``bulk_write``: FerretDB v1 omits ``nModified`` from a reply with write errors and pymongo then
 raises ``KeyError`` instead of ``BulkWriteError``; the raw reply's ``writeErrors`` work on both servers).
 A command that fails as a whole is bisected until the entries that fail alone are found
-(``_write_isolating_failures``, docs/adr/0025): one bad entry never takes its batch with it.
+(``_write_isolating_failures``, docs/adr/0025): one bad entry never takes its batch with it. What each event type
+writes comes from one table, ``EVENT_RULES`` (type -> how its payload is parsed and which statements it turns
+into; docs/adr/0029): a new type is one rule, a type without one is dead-lettered.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -229,41 +231,33 @@ def _parse(item: _Item) -> None:
         return
     try:
         event = event_decode(item.entry_id, item.fields)
-        data = event.data
-        if event.seq > INT64_MAX:
-            raise MalformedEntry(f"seq {event.seq} does not fit in 64 bits")
-        item.conversation = _oid(event.conversation_id, "conversation id")
-        if event.type == "message.new":
-            if event.seq < 1:
-                raise MalformedEntry(f"message.new with seq {event.seq}")
-            item.doc = {"id": _text(data, "id"), "sender_id": _oid(data.get("sender_id"), "sender_id"),
-                        "content": _text(data, "content"), "timestamp": _time(data.get("timestamp"), "timestamp"),
-                        "client_msg_id": data.get("client_msg_id")}
-        elif event.type == "message.edited":
-            item.doc = {"id": _text(data, "id"), "content": _text(data, "content"),
-                        "edited_at": _time(data.get("edited_at"), "edited_at")}
-        elif event.type == "message.deleted":
-            item.doc = {"id": _text(data, "id"), "deleted_at": _time(data.get("deleted_at"), "deleted_at")}
-        elif event.type == "read.updated":
-            seq = data.get("seq")
-            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-                raise MalformedEntry(f"read.updated with seq {seq!r}")
-            if seq > INT64_MAX:  # it would fail the update of its conversation, with every event in it
-                raise MalformedEntry(f"read.updated with seq {seq} that does not fit in 64 bits")
-            item.doc = {"user_id": str(_oid(data.get("user_id"), "user_id")), "seq": seq}
-        else:
-            raise MalformedEntry(f"unknown event type {event.type!r}")
+        item.conversation, item.doc = _event_parse(event)
         item.event = event
     except MalformedEntry as exc:
         item.dead = f"malformed: {exc}"
 
 
+def _event_parse(event: Event) -> tuple[ObjectId, dict[str, Any]]:
+    """The conversation and the parsed payload of a decoded event, by its type's rule (``EVENT_RULES``).
+    Raises MalformedEntry (an unknown type among others)."""
+    if event.seq > INT64_MAX:
+        raise MalformedEntry(f"seq {event.seq} does not fit in 64 bits")
+    conversation = _oid(event.conversation_id, "conversation id")
+    rule = EVENT_RULES.get(event.type)
+    if rule is None:
+        raise MalformedEntry(f"unknown event type {event.type!r}")
+    return conversation, rule.parse(event)
+
+
+def _rule(item: _Item) -> EventRule:
+    """The rule of a parsed item (precondition: ``item.event`` is set, so its type has a rule)."""
+    assert item.event is not None
+    return EVENT_RULES[item.event.type]
+
+
 def _new_documents(items: list[_Item]) -> list[dict[str, Any]]:
-    """The ``messages`` documents of the batch's ``message.new`` events, in stream order."""
-    return [{"_id": i.doc["id"], "conversation_id": i.conversation, "seq": i.event.seq,
-             "sender_id": i.doc["sender_id"], "client_msg_id": i.doc["client_msg_id"], "content": i.doc["content"],
-             "timestamp": i.doc["timestamp"], "deleted": False, "read_status": "sent"}
-            for i in items if i.event is not None and i.event.type == "message.new"]
+    """The ``messages`` documents of the batch's events that create one (``message.new``), in stream order."""
+    return [document(i) for i in items if i.event is not None and (document := _rule(i).document) is not None]
 
 
 # A statement that fails alone is reported as a write error with this code (not a server code).
@@ -330,7 +324,7 @@ def _insert_new(db: Any, items: list[_Item]) -> None:
     A duplicate ``_id`` means the message is already persisted (a redelivery): that entry is done. A duplicate
     with no such ``_id`` is another message on the same (conversation, seq): dead-lettered. A document that
     does not encode is dead-lettered at once; other write errors count as failures of their entry."""
-    news = [i for i in items if i.event is not None and i.event.type == "message.new"]
+    news = [i for i in items if i.event is not None and _rule(i).document is not None]
     if not news:
         return
     dup: dict[str, _Item] = {}
@@ -353,42 +347,31 @@ def _insert_new(db: Any, items: list[_Item]) -> None:
 
 
 def _message_ops(items: list[_Item], single_chats: set[ObjectId]) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
-    """The update statements of the batch's edits, deletes and (1:1) read marks on ``messages``, in stream
-    order, each with the items it carries."""
+    """The update statements of the batch on ``messages`` (edits, deletes, 1:1 read marks), each with the
+    items it carries: first each item's own statement in stream order, then the statements a rule makes for
+    all of its type's items at once."""
     ops: list[dict[str, Any]] = []
     owners: list[list[_Item]] = []
-    reads: dict[tuple[ObjectId, str], list[_Item]] = {}
-    for item in items:
-        ev, doc = item.event, item.doc
-        if ev is None or item.failure is not None or item.dead is not None:
-            continue
-        if ev.type in ("message.edited", "message.deleted"):
-            # Guarded by the event's seq: an older edit arriving late (redelivery, retry) matches nothing.
-            newer = {"$or": [{"edit_seq": {"$exists": False}}, {"edit_seq": None}, {"edit_seq": {"$lt": ev.seq}}]}
-            if ev.type == "message.edited":
-                ops.append({"q": {"_id": doc["id"], "deleted": {"$ne": True}, **newer},
-                            "u": {"$set": {"content": doc["content"], "edited_at": doc["edited_at"],
-                                           "edit_seq": ev.seq}}})
-            else:
-                ops.append({"q": {"_id": doc["id"]}, "u": {"$set": {
-                    "deleted": True, "content": "", "deleted_at": doc["deleted_at"], "edit_seq": ev.seq}}})
+    pending = [i for i in items if i.event is not None and i.failure is None and i.dead is None]
+    for item in pending:
+        update = _rule(item).message_update
+        if update is not None:
+            ops.append(update(item))
             owners.append([item])
-        elif ev.type == "read.updated" and item.conversation in single_chats:
-            assert item.conversation is not None
-            reads.setdefault((item.conversation, doc["user_id"]), []).append(item)
-    # 1:1 chats mirror the cursor into read_status of the other member's messages: one statement per reader
-    # and conversation (an update by conversation scans the collection on FerretDB v1: keep them few).
-    for (cid, user), group in reads.items():
-        ops.append({"q": {"conversation_id": cid, "seq": {"$lte": max(i.doc["seq"] for i in group)},
-                          "sender_id": {"$ne": ObjectId(user)}, "read_status": {"$ne": "read"}},
-                    "u": {"$set": {"read_status": "read"}}, "multi": True})
-        owners.append(group)
+    for type_, rule in EVENT_RULES.items():
+        if rule.message_updates is not None:
+            batched = rule.message_updates([i for i in pending if i.event and i.event.type == type_], single_chats)
+            for op, group in batched:
+                ops.append(op)
+                owners.append(group)
     return ops, owners
 
 
 def _conversation_ops(items: list[_Item]) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
-    """Per conversation: $max of last_seq, updated_at and read cursors; lastMessage moved only forward;
-    an edit or delete of the current lastMessage mirrored into it (only if newer than what it shows)."""
+    """Per conversation: one ``$max`` of what each item's rule contributes (last_seq, updated_at, read
+    cursors); then what a rule makes of all its type's items (lastMessage moved only forward); then each
+    item's own statement in stream order (an edit or delete of the current lastMessage mirrored into it, only
+    if newer than what it shows)."""
     by_conv: dict[ObjectId, list[_Item]] = {}
     for item in items:
         if item.event is not None and item.conversation is not None:
@@ -397,42 +380,201 @@ def _conversation_ops(items: list[_Item]) -> tuple[list[dict[str, Any]], list[li
     owners: list[list[_Item]] = []
     for cid, group in by_conv.items():
         maxes: dict[str, Any] = {}
-        last_new: _Item | None = None
         for item in group:
-            ev, doc = item.event, item.doc
-            assert ev is not None
-            if ev.type != "read.updated":
-                maxes["last_seq"] = max(maxes.get("last_seq", 0), ev.seq)
-            if ev.type == "message.new":
-                last_new = item
-                maxes["updated_at"] = max(maxes.get("updated_at", doc["timestamp"]), doc["timestamp"])
-            if ev.type == "read.updated":
-                path = f"read_cursors.{doc['user_id']}"
-                maxes[path] = max(maxes.get(path, 0), doc["seq"])
+            for path, value in _rule(item).conversation_max(item).items():
+                maxes[path] = max(maxes.get(path, value), value)
         if maxes:
             ops.append({"q": {"_id": cid}, "u": {"$max": maxes}})
             owners.append(group)
-        if last_new is not None and last_new.event is not None:
-            d = last_new.doc
-            older = [{"lastMessage": None}, {"lastMessage.seq": {"$lt": last_new.event.seq}}]
-            ops.append({"q": {"_id": cid, "$or": older},
-                        "u": {"$set": {"lastMessage": {"id": d["id"], "seq": last_new.event.seq,
-                                                       "sender_id": str(d["sender_id"]), "content": d["content"],
-                                                       "timestamp": d["timestamp"], "deleted": False}}}})
-            owners.append([last_new])
+        for type_, rule in EVENT_RULES.items():
+            if rule.conversation_updates is not None:
+                mine = [i for i in group if i.event and i.event.type == type_]
+                if mine:
+                    for op, carried in rule.conversation_updates(cid, mine):
+                        ops.append(op)
+                        owners.append(carried)
         for item in group:
-            ev, doc = item.event, item.doc
-            assert ev is not None
-            if ev.type not in ("message.edited", "message.deleted"):
-                continue
-            change = ({"lastMessage.content": doc["content"]} if ev.type == "message.edited"
-                      else {"lastMessage.content": "", "lastMessage.deleted": True})
-            ops.append({"q": {"_id": cid, "lastMessage.id": doc["id"],
-                              "$or": [{"lastMessage.edit_seq": {"$exists": False}},
-                                      {"lastMessage.edit_seq": {"$lt": ev.seq}}]},
-                        "u": {"$set": {**change, "lastMessage.edit_seq": ev.seq}}})
-            owners.append([item])
+            update = _rule(item).conversation_update
+            if update is not None:
+                ops.append(update(cid, item))
+                owners.append([item])
     return ops, owners
+
+
+# ------------------------------------------------------------------ the event table
+# One rule per event type: how its payload is parsed and which write statements it turns into. The drain
+# above sends the statements of a whole batch as one command per kind; adding an event type is one rule.
+
+
+@dataclass(frozen=True, slots=True)
+class EventRule:
+    """How the drain applies one event type. Every function is pure (parsed items in, statements out).
+
+    ``parse``: the payload checked and converted (raises MalformedEntry). ``document``: the ``messages``
+    document it inserts. ``message_update``: its own guarded update of ``messages``. ``message_updates``:
+    statements for all the batch's items of the type at once, with the items each carries (given the 1:1
+    chats among their conversations, looked up when ``needs_chat_type``). ``needs_message``: left pending
+    while its message is not in MongoDB. ``conversation_max``: the fields it raises with ``$max`` on its
+    conversation. ``conversation_updates``: statements on the conversation for all of the type's items in it.
+    ``conversation_update``: its own statement on its conversation."""
+
+    parse: Callable[[Event], dict[str, Any]]
+    conversation_max: Callable[[_Item], dict[str, Any]]
+    document: Callable[[_Item], dict[str, Any]] | None = None
+    message_update: Callable[[_Item], dict[str, Any]] | None = None
+    message_updates: Callable[[list[_Item], set[ObjectId]], list[tuple[dict[str, Any], list[_Item]]]] | None = None
+    needs_message: bool = False
+    needs_chat_type: bool = False
+    conversation_updates: Callable[[ObjectId, list[_Item]], list[tuple[dict[str, Any], list[_Item]]]] | None = None
+    conversation_update: Callable[[ObjectId, _Item], dict[str, Any]] | None = None
+
+
+def _ev(item: _Item) -> Event:
+    assert item.event is not None
+    return item.event
+
+
+# message.new
+
+
+def _new_parse(event: Event) -> dict[str, Any]:
+    if event.seq < 1:
+        raise MalformedEntry(f"message.new with seq {event.seq}")
+    data = event.data
+    return {"id": _text(data, "id"), "sender_id": _oid(data.get("sender_id"), "sender_id"),
+            "content": _text(data, "content"), "timestamp": _time(data.get("timestamp"), "timestamp"),
+            "client_msg_id": data.get("client_msg_id")}
+
+
+def _new_document(i: _Item) -> dict[str, Any]:
+    return {"_id": i.doc["id"], "conversation_id": i.conversation, "seq": _ev(i).seq,
+            "sender_id": i.doc["sender_id"], "client_msg_id": i.doc["client_msg_id"], "content": i.doc["content"],
+            "timestamp": i.doc["timestamp"], "deleted": False, "read_status": "sent"}
+
+
+def _new_conversation_max(i: _Item) -> dict[str, Any]:
+    return {"last_seq": max(_ev(i).seq, 0), "updated_at": i.doc["timestamp"]}
+
+
+def _new_last_message(cid: ObjectId, news: list[_Item]) -> list[tuple[dict[str, Any], list[_Item]]]:
+    """lastMessage becomes the conversation's newest message of the batch, unless it shows a newer one."""
+    last_new = news[-1]
+    d, seq = last_new.doc, _ev(last_new).seq
+    older = [{"lastMessage": None}, {"lastMessage.seq": {"$lt": seq}}]
+    return [({"q": {"_id": cid, "$or": older},
+              "u": {"$set": {"lastMessage": {"id": d["id"], "seq": seq, "sender_id": str(d["sender_id"]),
+                                             "content": d["content"], "timestamp": d["timestamp"],
+                                             "deleted": False}}}}, [last_new])]
+
+
+# message.edited and message.deleted
+
+
+def _edited_parse(event: Event) -> dict[str, Any]:
+    return {"id": _text(event.data, "id"), "content": _text(event.data, "content"),
+            "edited_at": _time(event.data.get("edited_at"), "edited_at")}
+
+
+def _deleted_parse(event: Event) -> dict[str, Any]:
+    return {"id": _text(event.data, "id"), "deleted_at": _time(event.data.get("deleted_at"), "deleted_at")}
+
+
+def _newer_edit(seq: int) -> dict[str, Any]:
+    # Guarded by the event's seq: an older edit arriving late (redelivery, retry) matches nothing.
+    return {"$or": [{"edit_seq": {"$exists": False}}, {"edit_seq": None}, {"edit_seq": {"$lt": seq}}]}
+
+
+def _edited_update(i: _Item) -> dict[str, Any]:
+    seq = _ev(i).seq
+    return {"q": {"_id": i.doc["id"], "deleted": {"$ne": True}, **_newer_edit(seq)},
+            "u": {"$set": {"content": i.doc["content"], "edited_at": i.doc["edited_at"], "edit_seq": seq}}}
+
+
+def _deleted_update(i: _Item) -> dict[str, Any]:
+    return {"q": {"_id": i.doc["id"]}, "u": {"$set": {
+        "deleted": True, "content": "", "deleted_at": i.doc["deleted_at"], "edit_seq": _ev(i).seq}}}
+
+
+def _sequenced_conversation_max(i: _Item) -> dict[str, Any]:
+    return {"last_seq": max(_ev(i).seq, 0)}
+
+
+def _last_message_mirror(cid: ObjectId, i: _Item, change: dict[str, Any]) -> dict[str, Any]:
+    seq = _ev(i).seq
+    return {"q": {"_id": cid, "lastMessage.id": i.doc["id"],
+                  "$or": [{"lastMessage.edit_seq": {"$exists": False}}, {"lastMessage.edit_seq": {"$lt": seq}}]},
+            "u": {"$set": {**change, "lastMessage.edit_seq": seq}}}
+
+
+def _edited_last_message(cid: ObjectId, i: _Item) -> dict[str, Any]:
+    return _last_message_mirror(cid, i, {"lastMessage.content": i.doc["content"]})
+
+
+def _deleted_last_message(cid: ObjectId, i: _Item) -> dict[str, Any]:
+    return _last_message_mirror(cid, i, {"lastMessage.content": "", "lastMessage.deleted": True})
+
+
+# read.updated
+
+
+def _read_parse(event: Event) -> dict[str, Any]:
+    seq = event.data.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise MalformedEntry(f"read.updated with seq {seq!r}")
+    if seq > INT64_MAX:  # it would fail the update of its conversation, with every event in it
+        raise MalformedEntry(f"read.updated with seq {seq} that does not fit in 64 bits")
+    return {"user_id": str(_oid(event.data.get("user_id"), "user_id")), "seq": seq}
+
+
+def _read_status_updates(reads: list[_Item], single_chats: set[ObjectId]) -> list[tuple[dict[str, Any], list[_Item]]]:
+    """1:1 chats mirror the cursor into read_status of the other member's messages: one statement per reader
+    and conversation (an update by conversation scans the collection on FerretDB v1: keep them few)."""
+    by_reader: dict[tuple[ObjectId, str], list[_Item]] = {}
+    for item in reads:
+        if item.conversation in single_chats:
+            by_reader.setdefault((item.conversation, item.doc["user_id"]), []).append(item)
+    return [({"q": {"conversation_id": cid, "seq": {"$lte": max(i.doc["seq"] for i in group)},
+                    "sender_id": {"$ne": ObjectId(user)}, "read_status": {"$ne": "read"}},
+              "u": {"$set": {"read_status": "read"}}, "multi": True}, group)
+            for (cid, user), group in by_reader.items()]
+
+
+def _read_conversation_max(i: _Item) -> dict[str, Any]:
+    return {f"read_cursors.{i.doc['user_id']}": i.doc["seq"]}
+
+
+EVENT_RULES: dict[str, EventRule] = {
+    "message.new": EventRule(parse=_new_parse, document=_new_document, conversation_max=_new_conversation_max,
+                             conversation_updates=_new_last_message),
+    "message.edited": EventRule(parse=_edited_parse, message_update=_edited_update, needs_message=True,
+                                conversation_max=_sequenced_conversation_max,
+                                conversation_update=_edited_last_message),
+    "message.deleted": EventRule(parse=_deleted_parse, message_update=_deleted_update, needs_message=True,
+                                 conversation_max=_sequenced_conversation_max,
+                                 conversation_update=_deleted_last_message),
+    "read.updated": EventRule(parse=_read_parse, message_updates=_read_status_updates, needs_chat_type=True,
+                              conversation_max=_read_conversation_max),
+}
+
+
+def message_event_write(*, event: Event) -> bool:
+    """Write one edit or delete's statement on its ``messages`` document now, with the drain's own rule
+    (``EVENT_RULES``), ahead of the drain: a staff delete shows in the admin at once. The drain applies the
+    entry again later with the same statement, which then changes nothing (docs/adr/0003). Returns whether
+    the statement was written (False: the drain will apply it; the reason is logged).
+    Preconditions: MongoDB is connected; ``event`` was appended. Raises MalformedEntry, ValueError (a type
+    without a statement of its own on ``messages``), the transient pymongo errors (MongoDB is away)."""
+    item = _Item(entry_id=event.entry_id, fields=None)
+    item.conversation, item.doc = _event_parse(event)
+    item.event = event
+    update = _rule(item).message_update
+    if update is None:
+        raise ValueError(f"{event.type} has no statement of its own on messages")
+    for _owners, reason, _deterministic in _update("messages", [update(item)], [[item]]):
+        logger.warning("storage.write_now %s of message %s not written (the drain applies it): %s", event.type,
+                       item.doc["id"], reason)
+        return False
+    return True
 
 
 def _update(collection: str, ops: list[dict[str, Any]], owners: list[Any]) -> list[tuple[Any, str, bool]]:
@@ -530,7 +672,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         return result
     try:
         db = get_db()
-        read_convs = list({i.conversation for i in live if i.event and i.event.type == "read.updated"})
+        read_convs = list({i.conversation for i in live if _rule(i).needs_chat_type})
         single = {c["_id"] for c in db.conversations.find({"_id": {"$in": read_convs}, "type": "single"},
                                                           {"_id": 1})} if read_convs else set()
         _insert_new(db, live)
@@ -540,12 +682,11 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
                 owner.dead, owner.failure = (reason, None) if deterministic else (None, reason)
         # An edit or delete whose message is not in MongoDB yet (a concurrent drain holds the create) is
         # left pending and retried: it would otherwise be lost.
-        targets = {i.doc["id"] for i in live if i.event and i.event.type in ("message.edited", "message.deleted")
-                   and i.failure is None and i.dead is None}
+        targets = {i.doc["id"] for i in live if _rule(i).needs_message and i.failure is None and i.dead is None}
         if targets:
             found = {d["_id"] for d in db.messages.find({"_id": {"$in": list(targets)}}, {"_id": 1})}
             for i in live:
-                if (i.event and i.event.type in ("message.edited", "message.deleted") and i.doc["id"] not in found
+                if (_rule(i).needs_message and i.doc["id"] not in found
                         and i.failure is None and i.dead is None):
                     i.failure = f"message {i.doc['id']} is not persisted yet"
         ok = [i for i in live if i.failure is None and i.dead is None]

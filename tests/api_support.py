@@ -1,24 +1,26 @@
 """Helpers for the REST API tests: accounts without paying for argon2 each time, authenticated clients,
-and a stand-in for the storage pipeline that persists a conversation's stream events into MongoDB."""
+and ``persist``, which runs the real storage drain so the events accepted so far are in MongoDB."""
 
 from __future__ import annotations
 
 import functools
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import redis
 from bson import ObjectId
+from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from rest_framework.test import APIClient
 
 from api.tokens import token_issue
-from messaging.streams import event_decode, partition_of, stream_key
-from storage.documents import Conversation, LastMessage, Message, User
+from messaging.streams import partition_of
+from storage.documents import Message, User
+from storage.services import partition_drain
 from tests.servers import Servers
 
 PASSWORD = "correct-horse-battery-9"
@@ -66,41 +68,31 @@ def error_code(response: Any) -> str:
 
 
 def persist(servers: Servers, conversation_id: str) -> int:
-    """Stand-in for the storage pipeline (issue 5): apply the conversation's stream events to MongoDB,
-    idempotently. Returns the number of events applied."""
-    client = redis.Redis.from_url(servers.redis_url)
-    entries = client.xrange(stream_key(partition_of(conversation_id)))
-    applied = 0
-    conv_oid = ObjectId(conversation_id)
-    for entry_id, fields in entries:
-        event = event_decode(entry_id, fields)
-        if event.conversation_id != conversation_id:
+    """Run the real storage drain (``storage.services.partition_drain``, in this process) on the
+    conversation's partition until nothing is left: every event accepted so far is in MongoDB as the storage
+    workers would write it. Returns the number of entries persisted (of every conversation of the
+    partition). ``servers`` is the session's (the drain uses the settings' Redis and MongoDB, which are its)."""
+    del servers  # the drain's clients come from the settings, which point at the session's servers
+    partition = partition_of(conversation_id)
+    persisted = 0
+    # A lease held by another drain (a worker of another test on the session's Redis) ends within
+    # DRAIN_RECLAIM_IDLE_S, or it is taken over: waiting that long, plus a margin, is enough.
+    busy_until = time.monotonic() + float(settings.DRAIN_RECLAIM_IDLE_S) + 5
+    for _ in range(PERSIST_MAX_BATCHES):  # bounded: a drain that never ends fails the test instead of hanging it
+        result = partition_drain(partition=partition, batch_size=PERSIST_BATCH, consumer=PERSIST_CONSUMER)
+        persisted += result.persisted
+        if result.busy and time.monotonic() < busy_until:
+            time.sleep(0.05)
             continue
-        data = event.data
-        if event.type == "message.new":
-            Message.objects(id=data["id"]).update_one(
-                upsert=True, set__conversation_id=conv_oid, set__seq=event.seq,
-                set__sender_id=ObjectId(data["sender_id"]), set__content=data["content"],
-                set__client_msg_id=data["client_msg_id"], set__timestamp=_time(data["timestamp"]))
-            last = LastMessage(id=data["id"], seq=event.seq, sender_id=data["sender_id"], content=data["content"],
-                               timestamp=_time(data["timestamp"]))
-            Conversation.objects(id=conv_oid).update_one(set__last_message=last, set__updated_at=_time(
-                data["timestamp"]))
-        elif event.type == "message.edited":
-            Message.objects(id=data["id"]).update_one(set__content=data["content"],
-                                                      set__edited_at=_time(data["edited_at"]))
-        elif event.type == "message.deleted":
-            Message.objects(id=data["id"]).update_one(set__deleted=True, set__content="")
-        elif event.type == "read.updated":
-            Conversation.objects(id=conv_oid).update_one(**{f"set__read_cursors__{data['user_id']}": data["seq"]})
-        if event.seq:
-            Conversation.objects(id=conv_oid, last_seq__lt=event.seq).update_one(set__last_seq=event.seq)
-        applied += 1
-    return applied
+        if not result.more and not result.busy:
+            return persisted
+    raise AssertionError(f"partition {partition} never ran empty")
 
 
-def _time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+# The drain's batch size in production; batches enough for any test's backlog (busy waits are bounded apart).
+PERSIST_BATCH = 500
+PERSIST_MAX_BATCHES = 200
+PERSIST_CONSUMER = "api-tests"
 
 
 def bulk_messages(*, conversation_id: str, sender_id: str, count: int, start_seq: int = 1) -> None:

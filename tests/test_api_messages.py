@@ -160,6 +160,19 @@ def test_read_cursor_and_unread_count(servers: Servers) -> None:
     assert outsider.client.post(f"/api/v1/conversations/{cid}/read", {"seq": 1}, format="json").status_code == 404
 
 
+def test_persist_writes_what_the_storage_workers_write(servers: Servers) -> None:
+    """``persist`` is the real drain: in a 1:1 chat the reader's cursor marks the other's messages read
+    (the drain's rule; a stand-in that only upserted messages and set cursors left them "sent")."""
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    for i in range(3):
+        assert send(alice, cid, f"m{i}").status_code == 201
+    assert bob.client.post(f"/api/v1/conversations/{cid}/read", {"seq": 2}, format="json").status_code == 200
+    persist(servers, cid)
+    history = alice.client.get(f"/api/v1/conversations/{cid}/messages").json()["results"]
+    assert [(m["seq"], m["read_status"]) for m in history] == [(1, "read"), (2, "read"), (3, "sent")]
+
+
 def test_conversations_newest_first() -> None:
     alice = account("alice")
     peers = [account(f"p{i}") for i in range(3)]

@@ -1,0 +1,129 @@
+"""The one builder of conversation events, and the append of a built event.
+
+Every state change that goes through a partition stream is built here, by :func:`event_build`: a sender's
+send, edit and delete, a staff member's delete, and a read cursor's move (``messaging/services.py``:
+``message_send``, ``message_edit``, ``message_delete``, ``message_delete_by_staff``, ``read_mark``). The
+builder decides the payload's fields (``PAYLOAD_FIELDS``, documented in ``messaging/streams.py`` and
+docs/protocol.md), stamps the time, and says what the append writes beside the entry (the dedup key of a
+send, the meta hash of a send or a delete). :func:`event_emit` appends a built message event with
+``streams.event_append``. A ``read.updated`` is appended by ``read_mark``'s own script, because the cursor
+it carries is decided inside that script (it moves forward only, clamped to the last accepted seq, and the
+event is appended only when it moved); the script takes the builder's JSON cut around the seq
+(:meth:`BuiltEvent.json_around_seq`) and puts the cursor in between, so even that payload is built here.
+
+The storage drain applies each of these types through its own table (``storage.services.EVENT_RULES``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from django.conf import settings
+
+from messaging import streams
+from messaging.bus import BusAsync
+from messaging.streams import EventType
+
+# The payload's fields of each event type, in the order they are written.
+PAYLOAD_FIELDS: dict[str, tuple[str, ...]] = {
+    "message.new": ("id", "conversation_id", "sender_id", "content", "timestamp", "client_msg_id"),
+    "message.edited": ("id", "conversation_id", "content", "edited_at", "editor_id"),
+    "message.deleted": ("id", "conversation_id", "deleted_at", "deleter_id"),
+    "read.updated": ("conversation_id", "user_id", "seq"),
+}
+# ``deleter_id`` of a delete made by staff: not a chat user's id, so no client mistakes it for a member.
+STAFF_DELETER_PREFIX = "staff:"
+# Stands in for the cursor in a ``read.updated`` payload while it is cut in two (json_around_seq); a string,
+# so json.dumps quotes and escapes it and no id can contain the quoted form.
+_SEQ_MARK = "\x00seq\x00"
+
+
+def iso_now() -> str:
+    """The current time as events carry it: ISO-8601 UTC with milliseconds and a ``Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def message_meta_key(message_id: str) -> str:
+    """Hash ``{c: conversation id, u: sender id}`` (``x: "1"`` once deleted) of a message accepted recently
+    (before it is in MongoDB). On the bus Redis (no hash tag: a message id alone must find it)."""
+    return f"cs:msgmeta:{message_id}"
+
+
+def _meta_ttl_s() -> int:
+    # As long as a resume may replay the message, plus an hour for the drain to have persisted it.
+    return int(settings.RESUME_WINDOW_S) + 3600
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltEvent:
+    """One event as the stream entry carries it, and what its append writes beside it."""
+
+    type: EventType
+    conversation_id: str
+    message_id: str  # "" for read.updated
+    payload: dict[str, Any]
+    dedup: tuple[str, str] | None = None  # (sender_id, client_msg_id) of a message.new
+    meta: tuple[str, dict[str, str], int] | None = None  # (key, fields, ttl_s) of the message's meta hash
+
+    def json_around_seq(self) -> tuple[str, str]:
+        """The compact JSON of a ``read.updated`` payload cut where its ``seq`` goes: ``head + str(seq) +
+        tail`` is the payload with that cursor. Raises ValueError for another type."""
+        if self.type != "read.updated":
+            raise ValueError(f"{self.type} has no seq in its payload")
+        text = json.dumps({**self.payload, "seq": _SEQ_MARK}, separators=(",", ":"))
+        head, tail = text.split(json.dumps(_SEQ_MARK))
+        return head, tail
+
+
+def event_build(*, type: EventType, conversation_id: str, actor_id: str, message_id: str = "",
+                content: str | None = None, client_msg_id: str | None = None, sender_id: str | None = None,
+                seq: int | None = None) -> BuiltEvent:
+    """Build one event of ``type`` by ``actor_id`` (the sender, editor, deleter or reader). Pure: no I/O.
+
+    Arguments by type: ``message.new`` takes ``message_id`` (a fresh id), ``content``, ``client_msg_id``;
+    ``message.edited`` ``message_id``, ``content``; ``message.deleted`` ``message_id`` and ``sender_id`` (the
+    message's sender, kept in its meta hash; the actor is the deleter: the sender, or ``staff:<username>``);
+    ``read.updated`` ``seq`` (the cursor; 0 when the append script decides it). The caller has validated and
+    authorized them. Raises ValueError for a missing argument (a programming error, not bad input)."""
+
+    def need(value: Any, name: str) -> Any:
+        if value is None or value == "":
+            raise ValueError(f"{type} needs {name}")
+        return value
+
+    if type == "message.new":
+        payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id, "sender_id": actor_id,
+                   "content": need(content, "content"), "timestamp": iso_now(),
+                   "client_msg_id": need(client_msg_id, "client_msg_id")}
+        return BuiltEvent(type=type, conversation_id=conversation_id, message_id=message_id, payload=payload,
+                          dedup=(actor_id, payload["client_msg_id"]),
+                          meta=(message_meta_key(message_id), {"c": conversation_id, "u": actor_id}, _meta_ttl_s()))
+    if type == "message.edited":
+        payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id,
+                   "content": need(content, "content"), "edited_at": iso_now(), "editor_id": actor_id}
+        return BuiltEvent(type=type, conversation_id=conversation_id, message_id=message_id, payload=payload)
+    if type == "message.deleted":
+        payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id,
+                   "deleted_at": iso_now(), "deleter_id": actor_id}
+        # The meta hash says "deleted": later edits and deletes of the message are refused at once.
+        meta = {"c": conversation_id, "u": need(sender_id, "sender_id"), "x": "1"}
+        return BuiltEvent(type=type, conversation_id=conversation_id, message_id=message_id, payload=payload,
+                          meta=(message_meta_key(message_id), meta, _meta_ttl_s()))
+    if type == "read.updated":
+        payload = {"conversation_id": conversation_id, "user_id": actor_id, "seq": int(need(seq, "seq"))}
+        return BuiltEvent(type=type, conversation_id=conversation_id, message_id="", payload=payload)
+    raise ValueError(f"unknown event type {type!r}")
+
+
+async def event_emit(bus: BusAsync, *, event: BuiltEvent) -> streams.Appended:
+    """Append a built ``message.*`` event (``streams.event_append``: seq, dedup and meta hash in one round
+    trip). Side effects: those of ``event_append``. Raises ValueError for ``read.updated`` (its append is
+    ``read_mark``'s cursor script)."""
+    if event.type not in streams.SEQUENCED:
+        raise ValueError(f"{event.type} is appended by its own script, not event_emit")
+    return await streams.event_append(bus, type=event.type, conversation_id=event.conversation_id,
+                                      payload=event.payload, message_id=event.message_id, dedup=event.dedup,
+                                      meta=event.meta)
