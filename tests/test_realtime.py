@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -362,6 +364,37 @@ def test_frames_that_broke_the_consumer_are_answered_and_every_exit_is_cleaned_u
         await client.send(send_frame(conv, "still here"))
         assert (await client.recv_type("ack"))["seq"] == 1
         await client.close()
+        assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "offline"}
+        await watcher.close()
+
+    run(body)
+
+
+def test_a_server_close_and_a_connection_reset_are_cleaned_up_too(servers: Servers, brokers: list[Broker]) -> None:
+    """The other ways a connection ends: the broker closes it (1009, a frame over 64 KiB), and the client's TCP
+    connection is reset (RST, no close frame). Each announces the user offline (the cleanup ran)."""
+    alice, _ = user_create()
+    bob, _ = user_create()
+    group_create([alice, bob])
+
+    async def body() -> None:
+        watcher = await connect_user(brokers[1].url, servers.redis_url, bob)
+        big = await connect_user(brokers[0].url, servers.redis_url, alice)
+        assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "online"}
+        await big.send("x" * (64 * 1024 + 1))
+        assert await big.recv_closed() == 1009
+        assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "offline"}
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", brokers[0].port)
+        writer.write((f"GET /ws/?ticket={ticket_for(servers.redis_url, alice)} HTTP/1.1\r\n"
+                      f"Host: 127.0.0.1:{brokers[0].port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                      "Origin: http://127.0.0.1\r\n\r\n").encode())
+        assert b" 101 " in await asyncio.wait_for(reader.readline(), 20)
+        assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "online"}
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends RST
+        writer.transport.abort()
         assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "offline"}
         await watcher.close()
 
