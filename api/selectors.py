@@ -20,7 +20,8 @@ from bson import ObjectId
 from api.clients import sync_redis
 from chatstream_site.errors import NotFound
 from messaging.bus import bus_sync
-from messaging.services import presence_key, read_cursor_key
+from messaging.presence import presence_key
+from messaging.services import read_cursor_key
 from messaging.streams import partition_of, seq_key
 from storage.documents import Conversation, GroupChat, Message, User
 

@@ -28,7 +28,8 @@ from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging import services as messaging
 from messaging import streams
-from messaging.services import Accepted, membership_invalidate_sync
+from messaging.membership import membership_changed_sync
+from messaging.services import Accepted
 from storage import services as storage_services
 from storage.documents import Conversation, GroupChat, SingleChat, User, utcnow
 
@@ -240,14 +241,9 @@ def _admin_group(*, user_id: str, group_id: str) -> GroupChat:
 
 
 def _membership_notify(*, conversation_id: str, user_ids: list[str]) -> None:
-    """Drop the cached members of a conversation and, where the real-time layer offers it
-    (``messaging.services.membership_changed_sync``, issue 4), tell the brokers which users joined or left,
-    so their open connections start or stop receiving the conversation at once."""
-    changed = getattr(messaging, "membership_changed_sync", None)
-    if changed is not None:
-        changed(sync_redis(), user_ids=user_ids, conversation_id=conversation_id)
-    else:
-        membership_invalidate_sync(sync_redis(), conversation_id=conversation_id)
+    """Drop the cached members of a conversation and tell the brokers which users joined or left, so their
+    open connections start or stop receiving the conversation at once."""
+    membership_changed_sync(sync_redis(), user_ids=user_ids, conversation_id=conversation_id)
 
 
 def _members_changed(group: GroupChat, *, added: ObjectId | None = None, removed: ObjectId | None = None) -> None:

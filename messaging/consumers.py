@@ -25,7 +25,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chatstream_site.errors import DomainError, NotFound, ValidationFailed
-from messaging import frames, selectors, services, streams
+from messaging import frames, membership, presence, selectors, services, streams
 from messaging.auth import connection_identify
 from messaging.hub import Hub, hub_get
 
@@ -413,7 +413,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                                                conversations=sorted(self.conversations)))
             # In the background: the users.last_seen write queues behind others in a wave of connects, and the
             # client's first frames must not wait for it. Disconnect waits for it (online before offline).
-            self.presence_task = asyncio.get_running_loop().create_task(services.presence_connect(
+            self.presence_task = asyncio.get_running_loop().create_task(presence.presence_connect(
                 self.hub.redis, user_id=self.user_id, session_id=self.session_id,
                 conversation_ids=sorted(self.conversations)))
             self.presence_task.add_done_callback(self._presence_connected)
@@ -447,7 +447,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             except Exception:
                 logger.exception("connect: presence update of user %s failed", self.user_id)
             try:
-                await services.presence_disconnect(self.hub.redis, user_id=self.user_id,
+                await presence.presence_disconnect(self.hub.redis, user_id=self.user_id,
                                                    session_id=self.session_id,
                                                    conversation_ids=sorted(self.conversations))
             except Exception:
@@ -536,7 +536,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     user_id=self.user_id))
                 changed = current ^ self.conversations
             else:
-                members = await services.conversation_members(self.hub.redis, conversation_id=conversation_id)
+                members = await membership.conversation_members(self.hub.redis, conversation_id=conversation_id)
                 is_member = members is not None and self.user_id in members
                 changed = {conversation_id} if is_member != (conversation_id in self.conversations) else set()
             for conv in sorted(changed):

@@ -12,9 +12,9 @@ long-lived tasks that feed them.
 * ONE pub/sub task on ``frames.CONTROL_CHANNEL``: typing and presence (ephemeral, never stored) and
   membership changes. After a reconnect of that subscription every local connection re-checks its
   memberships, because a membership message may have been missed meanwhile.
-* ONE presence task refreshing the expiry of this process' sessions (``services.presence_refresh``), and
+* ONE presence task refreshing the expiry of this process' sessions (``presence.presence_refresh``), and
   ONE sweep task announcing offline the users whose last session expired on a killed broker
-  (``services.presence_sweep``; every broker sweeps, each user is announced by one of them).
+  (``presence.presence_sweep``; every broker sweeps, each user is announced by one of them).
 
 The hub lives on the event loop of the ASGI server (uvicorn's uvloop, or daphne's asyncio reactor);
 everything here is non-blocking. Connections are duck-typed :class:`Subscriber` objects (the consumers).
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import redis.asyncio
 from django.conf import settings
 
-from messaging import frames, services, streams
+from messaging import frames, membership, presence, streams
 from messaging.bus import BusAsync, bus_async_new, bus_is_cluster, bus_resolve
 
 logger = logging.getLogger(__name__)
@@ -293,8 +293,8 @@ class Hub:
             await pubsub.subscribe(frames.CONTROL_CHANNEL)
             # From here on every invalidation is heard, so the in-process membership cache is safe; anything
             # cached before this (re)subscription may have missed one.
-            services.membership_local_forget(None)
-            services.membership_local_enable()
+            membership.membership_local_forget(None)
+            membership.membership_local_enable()
             if self.stats["control_restarts"]:
                 # Membership messages may have been published while we were not subscribed.
                 for conns in list(self.by_user.values()):
@@ -335,10 +335,10 @@ class Hub:
                         told.add(id(conn))
                         conn.deliver(conversation_id=str(conversation_id), seq=0, text=text, wire=wire)
         elif kind == "invalidate":
-            services.membership_local_forget(str(data["c"]))
+            membership.membership_local_forget(str(data["c"]))
         elif kind == "members":
             conversation_id = str(data["c"])
-            services.membership_local_forget(conversation_id)
+            membership.membership_local_forget(conversation_id)
             for user_id in data.get("u", []):
                 for conn in tuple(self.by_user.get(str(user_id), ())):
                     conn.membership_recheck(conversation_id=conversation_id)
@@ -355,7 +355,7 @@ class Hub:
             # In slices: building and parsing one pipeline of 10,000 scripts holds the event loop for a
             # noticeable fraction of a second every refresh; a slice is a few milliseconds.
             for start in range(0, len(sessions), PRESENCE_REFRESH_SLICE):
-                missing += await services.presence_refresh(
+                missing += await presence.presence_refresh(
                     self.redis, sessions=sessions[start:start + PRESENCE_REFRESH_SLICE])
             previous, known = known, set(conns)
             for key in missing:
@@ -368,12 +368,12 @@ class Hub:
                 # the user offline. Count it again (which announces them online).
                 self.stats["presence_readded"] += 1
                 conversation_ids = sorted(c for c, subs in self.by_conversation.items() if conn in subs)
-                await services.presence_connect(self.redis, user_id=conn.user_id, session_id=conn.session_id,
+                await presence.presence_connect(self.redis, user_id=conn.user_id, session_id=conn.session_id,
                                                 conversation_ids=conversation_ids)
 
     async def _presence_sweep_loop(self) -> None:
         while True:
-            gone, looked = await services.presence_sweep(self.redis)
+            gone, looked = await presence.presence_sweep(self.redis)
             self.stats["presence_swept"] += len(gone)
             if gone:
                 logger.info("presence sweep: %d user(s) whose last session expired announced offline", len(gone))

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio
 from bson import ObjectId
 
-from messaging import services as messaging
+from messaging import membership
 from storage.documents import Conversation, GroupChat
 from tests import api_support
 from tests.api_support import account, error_code
@@ -91,7 +91,7 @@ def test_group_lifecycle_and_admin_rules(servers: Servers) -> None:
     async def members() -> set[str] | None:
         client = redis.asyncio.Redis.from_url(servers.redis_url)
         try:
-            return await messaging.conversation_members(client, conversation_id=cid)
+            return await membership.conversation_members(client, conversation_id=cid)
         finally:
             await client.aclose()
 

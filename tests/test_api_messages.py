@@ -200,7 +200,7 @@ def test_members_with_presence_and_read_cursors(servers: Servers) -> None:
 
     import redis.asyncio
 
-    from messaging.services import presence_connect
+    from messaging.presence import presence_connect
 
     alice, bob, carol = account("alice"), account("bob"), account("carol")
     created = alice.client.post("/api/v1/chats/group", {"name": "trio", "members": [bob.username, carol.username]},

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from channels.testing import WebsocketCommunicator
 
-from messaging import consumers, hub, services
+from messaging import consumers, hub, presence, services
 from messaging.routing import websocket_application
 from tests.realtime import group_create, send_frame, ticket_for, user_create
 from tests.servers import Servers
@@ -108,15 +108,15 @@ def test_an_exception_anywhere_in_a_connection_runs_the_cleanup(servers: Servers
         the_hub = hub.hub_get()
         assert alice in the_hub.by_user and conv in the_hub.by_conversation
         for _ in range(2000):  # presence_connect runs in the background; bounded wait for it
-            if await services.presence_online(the_hub.redis, user_id=alice):
+            if await presence.presence_online(the_hub.redis, user_id=alice):
                 break
             await asyncio.sleep(0.01)
-        assert await services.presence_online(the_hub.redis, user_id=alice)
+        assert await presence.presence_online(the_hub.redis, user_id=alice)
         monkeypatch.setattr(consumers, "_ref_of", a_bug)
         await comm.send_json_to({"type": "ping"})
         assert await comm.receive_output(timeout=20) == {"type": "websocket.close", "code": 1011}
         await comm.wait(timeout=20)
         assert alice not in the_hub.by_user and conv not in the_hub.by_conversation
-        assert not await services.presence_online(the_hub.redis, user_id=alice)
+        assert not await presence.presence_online(the_hub.redis, user_id=alice)
 
     asyncio.run(body())

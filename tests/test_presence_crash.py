@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio
 from django.conf import settings
 
-from messaging import frames, services
+from messaging import frames, presence
 from storage.documents import User
 from tests.realtime import (
     Broker,
@@ -51,7 +51,7 @@ def _ttl() -> int:
 
 
 async def _index_score(c: redis.asyncio.Redis, user: str) -> float | None:
-    return await c.zscore(services.PRESENCE_EXPIRING_KEY, user)
+    return await c.zscore(presence.PRESENCE_EXPIRING_KEY, user)
 
 
 def test_an_expired_last_session_is_claimed_by_one_of_many_concurrent_callers(servers: Servers) -> None:
@@ -61,19 +61,19 @@ def test_an_expired_last_session_is_claimed_by_one_of_many_concurrent_callers(se
         other = redis.asyncio.Redis.from_url(servers.redis_url)
         try:
             t0, ttl = int(time.time()), _ttl()
-            assert await services._presence_transition(c, user_id=user, session_id="a", add=True,
+            assert await presence._presence_transition(c, user_id=user, session_id="a", add=True,
                                                        now=t0) == (1, True)
-            assert await services.presence_claim(c, user_id=user, now=t0 + ttl - 1) is None  # still live
-            claims = await asyncio.gather(*(services.presence_claim(client, user_id=user, now=t0 + ttl + 1)
+            assert await presence.presence_claim(c, user_id=user, now=t0 + ttl - 1) is None  # still live
+            claims = await asyncio.gather(*(presence.presence_claim(client, user_id=user, now=t0 + ttl + 1)
                                             for _ in range(4) for client in (c, other)))
             assert sorted(claims, key=lambda a: a is None) == [t0 + ttl] + [None] * 7
             # Leased while its offline is announced, then released.
-            assert await _index_score(c, user) == t0 + ttl + 1 + services.PRESENCE_CLAIM_LEASE_S
-            assert await services.presence_release(c, user_id=user, at=t0 + ttl)
+            assert await _index_score(c, user) == t0 + ttl + 1 + presence.PRESENCE_CLAIM_LEASE_S
+            assert await presence.presence_release(c, user_id=user, at=t0 + ttl)
             assert await _index_score(c, user) is None
-            assert not await c.exists(services.presence_key(user))
+            assert not await c.exists(presence.presence_key(user))
             # Announced offline, so the next connect is a new "online".
-            assert await services._presence_transition(c, user_id=user, session_id="b", add=True,
+            assert await presence._presence_transition(c, user_id=user, session_id="b", add=True,
                                                        now=t0 + ttl + 2) == (1, True)
         finally:
             await other.aclose()
@@ -86,15 +86,15 @@ def test_a_claim_whose_sweep_died_is_handed_out_again_once_its_lease_ran_out(ser
     user = uuid.uuid4().hex[:24]
 
     async def body(c: redis.asyncio.Redis) -> None:
-        t0, ttl, lease = int(time.time()), _ttl(), services.PRESENCE_CLAIM_LEASE_S
-        await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl  # then it "dies"
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + lease) is None  # lease running
+        t0, ttl, lease = int(time.time()), _ttl(), presence.PRESENCE_CLAIM_LEASE_S
+        await presence._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl  # then it "dies"
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + lease) is None  # lease running
         # Another sweep, after the lease: the same moment, to be announced again.
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 2 + lease) == t0 + ttl
-        assert await services.presence_claimed(c, user_id=user, at=t0 + ttl)
-        assert await services.presence_release(c, user_id=user, at=t0 + ttl)
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 3 + 2 * lease) is None
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 2 + lease) == t0 + ttl
+        assert await presence.presence_claimed(c, user_id=user, at=t0 + ttl)
+        assert await presence.presence_release(c, user_id=user, at=t0 + ttl)
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 3 + 2 * lease) is None
         assert await _index_score(c, user) is None
 
     run_with_redis(servers.redis_url, body)
@@ -105,15 +105,15 @@ def test_a_connect_during_a_claim_is_online_and_the_claiming_sweep_stands_down(s
 
     async def body(c: redis.asyncio.Redis) -> None:
         t0, ttl = int(time.time()), _ttl()
-        await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl
+        await presence._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl
         # A new device while the sweep writes users.status: a new "online" (the offline is being announced).
-        assert await services._presence_transition(c, user_id=user, session_id="b", add=True,
+        assert await presence._presence_transition(c, user_id=user, session_id="b", add=True,
                                                    now=t0 + ttl + 2) == (1, True)
-        assert not await services.presence_claimed(c, user_id=user, at=t0 + ttl)
-        assert not await services.presence_release(c, user_id=user, at=t0 + ttl)
+        assert not await presence.presence_claimed(c, user_id=user, at=t0 + ttl)
+        assert not await presence.presence_release(c, user_id=user, at=t0 + ttl)
         assert await _index_score(c, user) == t0 + 2 * ttl + 2  # b's expiry: online, tracked as usual
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 3) is None
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 3) is None
 
     run_with_redis(servers.redis_url, body)
 
@@ -124,12 +124,12 @@ def test_a_stale_disconnect_during_a_claim_leaves_the_offline_to_the_sweep(serve
     user = uuid.uuid4().hex[:24]
 
     async def body(c: redis.asyncio.Redis) -> None:
-        t0, ttl, lease = int(time.time()), _ttl(), services.PRESENCE_CLAIM_LEASE_S
-        await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl
-        assert await services._presence_transition(c, user_id=user, session_id="a", add=False,
+        t0, ttl, lease = int(time.time()), _ttl(), presence.PRESENCE_CLAIM_LEASE_S
+        await presence._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 1) == t0 + ttl
+        assert await presence._presence_transition(c, user_id=user, session_id="a", add=False,
                                                    now=t0 + ttl + 2) == (0, False)
-        assert await services.presence_claimed(c, user_id=user, at=t0 + ttl)
+        assert await presence.presence_claimed(c, user_id=user, at=t0 + ttl)
         assert await _index_score(c, user) == t0 + ttl + 1 + lease
 
     run_with_redis(servers.redis_url, body)
@@ -140,11 +140,11 @@ def test_a_refreshed_session_is_not_claimed_until_it_expires(servers: Servers) -
 
     async def body(c: redis.asyncio.Redis) -> None:
         t0, ttl = int(time.time()), _ttl()
-        await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
-        assert await services.presence_refresh(c, sessions=[(user, "a")], now=t0 + ttl - 1) == []
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 1) is None
+        await presence._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+        assert await presence.presence_refresh(c, sessions=[(user, "a")], now=t0 + ttl - 1) == []
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 1) is None
         assert await _index_score(c, user) == t0 + 2 * ttl - 1
-        assert await services.presence_claim(c, user_id=user, now=t0 + 2 * ttl) == t0 + 2 * ttl - 1
+        assert await presence.presence_claim(c, user_id=user, now=t0 + 2 * ttl) == t0 + 2 * ttl - 1
 
     run_with_redis(servers.redis_url, body)
 
@@ -154,16 +154,16 @@ def test_a_user_who_reconnected_before_the_sweep_is_not_claimed(servers: Servers
 
     async def body(c: redis.asyncio.Redis) -> None:
         t0, ttl = int(time.time()), _ttl()
-        await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+        await presence._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
         # "a" expired (its broker was killed) and no sweep ran; a new device connects: no second "online",
         # since no "offline" was announced.
-        assert await services._presence_transition(c, user_id=user, session_id="b", add=True,
+        assert await presence._presence_transition(c, user_id=user, session_id="b", add=True,
                                                    now=t0 + ttl + 1) == (1, False)
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 2) is None
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 2) is None
         # Its disconnect is the one that announces offline; the sweep finds nothing after it.
-        assert await services._presence_transition(c, user_id=user, session_id="b", add=False,
+        assert await presence._presence_transition(c, user_id=user, session_id="b", add=False,
                                                    now=t0 + ttl + 3) == (0, True)
-        assert await services.presence_claim(c, user_id=user, now=t0 + 3 * ttl) is None
+        assert await presence.presence_claim(c, user_id=user, now=t0 + 3 * ttl) is None
 
     run_with_redis(servers.redis_url, body)
 
@@ -173,13 +173,13 @@ def test_a_device_on_a_live_broker_keeps_the_user_online(servers: Servers) -> No
 
     async def body(c: redis.asyncio.Redis) -> None:
         t0, ttl = int(time.time()), _ttl()
-        await services._presence_transition(c, user_id=user, session_id="dead", add=True, now=t0)
-        assert await services._presence_transition(c, user_id=user, session_id="live", add=True,
+        await presence._presence_transition(c, user_id=user, session_id="dead", add=True, now=t0)
+        assert await presence._presence_transition(c, user_id=user, session_id="live", add=True,
                                                    now=t0 + 1) == (2, False)
-        assert await services.presence_refresh(c, sessions=[(user, "live")], now=t0 + ttl - 1) == []
-        assert await services.presence_claim(c, user_id=user, now=t0 + ttl + 1) is None
-        assert await c.zrange(services.presence_key(user), 0, -1) == [b"live"]
-        assert await services.presence_claim(c, user_id=user, now=t0 + 2 * ttl - 1) == t0 + 2 * ttl - 1
+        assert await presence.presence_refresh(c, sessions=[(user, "live")], now=t0 + ttl - 1) == []
+        assert await presence.presence_claim(c, user_id=user, now=t0 + ttl + 1) is None
+        assert await c.zrange(presence.presence_key(user), 0, -1) == [b"live"]
+        assert await presence.presence_claim(c, user_id=user, now=t0 + 2 * ttl - 1) == t0 + 2 * ttl - 1
 
     run_with_redis(servers.redis_url, body)
 
@@ -190,17 +190,17 @@ def test_refresh_does_not_resurrect_a_disconnected_or_swept_session(servers: Ser
     async def body(c: redis.asyncio.Redis) -> None:
         t0, ttl = int(time.time()), _ttl()
         # A refresh that raced the session's disconnect.
-        await services._presence_transition(c, user_id=closed, session_id="a", add=True, now=t0)
-        assert await services._presence_transition(c, user_id=closed, session_id="a", add=False,
+        await presence._presence_transition(c, user_id=closed, session_id="a", add=True, now=t0)
+        assert await presence._presence_transition(c, user_id=closed, session_id="a", add=False,
                                                    now=t0 + 1) == (0, True)
-        assert await services.presence_refresh(c, sessions=[(closed, "a")], now=t0 + 1) == [(closed, "a")]
-        assert not await c.exists(services.presence_key(closed))
+        assert await presence.presence_refresh(c, sessions=[(closed, "a")], now=t0 + 1) == [(closed, "a")]
+        assert not await c.exists(presence.presence_key(closed))
         assert await _index_score(c, closed) is None
         # A broker that stalled past the TTL: its session was swept; the refresh reports it, the hub re-adds.
-        await services._presence_transition(c, user_id=stalled, session_id="s", add=True, now=t0)
-        assert await services.presence_claim(c, user_id=stalled, now=t0 + ttl + 1) == t0 + ttl
-        assert await services.presence_refresh(c, sessions=[(stalled, "s")], now=t0 + ttl + 2) == [(stalled, "s")]
-        assert await services._presence_transition(c, user_id=stalled, session_id="s", add=True,
+        await presence._presence_transition(c, user_id=stalled, session_id="s", add=True, now=t0)
+        assert await presence.presence_claim(c, user_id=stalled, now=t0 + ttl + 1) == t0 + ttl
+        assert await presence.presence_refresh(c, sessions=[(stalled, "s")], now=t0 + ttl + 2) == [(stalled, "s")]
+        assert await presence._presence_transition(c, user_id=stalled, session_id="s", add=True,
                                                    now=t0 + ttl + 2) == (1, True)
 
     run_with_redis(servers.redis_url, body)
@@ -220,9 +220,9 @@ def test_two_concurrent_sweeps_announce_and_record_the_offline_once(servers: Ser
         pubsub = c.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(frames.CONTROL_CHANNEL)
-            await services._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
-            results = await asyncio.gather(services.presence_sweep(c, now=t0 + ttl + 1),
-                                           services.presence_sweep(other, now=t0 + ttl + 1))
+            await presence._presence_transition(c, user_id=user, session_id="a", add=True, now=t0)
+            results = await asyncio.gather(presence.presence_sweep(c, now=t0 + ttl + 1),
+                                           presence.presence_sweep(other, now=t0 + ttl + 1))
             assert sorted(u for gone, _looked in results for u in gone) == [user]
             # Both publications (if there were two) are on their way once the sweeps returned.
             heard: list[dict[str, Any]] = []

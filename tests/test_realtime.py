@@ -426,7 +426,7 @@ def test_a_client_msg_id_reused_in_another_conversation_is_another_message(serve
 
 
 def test_membership_changes_apply_live(servers: Servers, brokers: list[Broker]) -> None:
-    from messaging.services import membership_changed_sync
+    from messaging.membership import membership_changed_sync
 
     alice, _ = user_create()
     bob, _ = user_create()

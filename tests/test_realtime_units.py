@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from messaging import frames, services
+from messaging import frames, presence, services
 from messaging.consumers import _Flag, _ReceiveQueue
 from messaging.streams import stream_key
 from tests.servers import Servers, run_with_redis
@@ -84,13 +84,13 @@ def test_presence_counts_devices_across_brokers(servers: Servers) -> None:
     user = uuid.uuid4().hex[:24]
 
     async def body(c: redis.asyncio.Redis) -> None:
-        first = await services._presence_change(c, user_id=user, session_id="a", add=True)
-        second = await services._presence_change(c, user_id=user, session_id="b", add=True)
+        first = await presence._presence_change(c, user_id=user, session_id="a", add=True)
+        second = await presence._presence_change(c, user_id=user, session_id="b", add=True)
         assert (first, second) == (1, 2)
-        assert await services.presence_online(c, user_id=user)
-        assert await services._presence_change(c, user_id=user, session_id="a", add=False) == 1
-        assert await services._presence_change(c, user_id=user, session_id="b", add=False) == 0
-        assert not await services.presence_online(c, user_id=user)
+        assert await presence.presence_online(c, user_id=user)
+        assert await presence._presence_change(c, user_id=user, session_id="a", add=False) == 1
+        assert await presence._presence_change(c, user_id=user, session_id="b", add=False) == 0
+        assert not await presence.presence_online(c, user_id=user)
 
     run(servers, body)
 

@@ -10,7 +10,7 @@ import redis.asyncio
 from bson import ObjectId
 
 from chatstream_site.errors import DomainError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
-from messaging import services
+from messaging import membership, services
 from messaging.streams import event_decode, partition_of, stream_key
 from storage.documents import Conversation
 from tests.servers import Servers, run_with_redis
@@ -84,10 +84,10 @@ def test_strangers_and_unknown_conversations_look_the_same(servers: Servers, con
 
 def test_membership_cache_is_invalidated(servers: Servers, conversation: str) -> None:
     async def body(c: redis.asyncio.Redis) -> None:
-        assert await services.conversation_members(c, conversation_id=conversation) == {ALICE, BOB}
+        assert await membership.conversation_members(c, conversation_id=conversation) == {ALICE, BOB}
         Conversation.objects(id=conversation).update_one(push__members=ObjectId(EVE))
-        assert EVE not in (await services.conversation_members(c, conversation_id=conversation) or set())
-        await services.membership_invalidate(c, conversation_id=conversation)
+        assert EVE not in (await membership.conversation_members(c, conversation_id=conversation) or set())
+        await membership.membership_invalidate(c, conversation_id=conversation)
         await services.message_send(c, user_id=EVE, conversation_id=conversation, client_msg_id="e",
                                     content="joined")
 
@@ -219,20 +219,20 @@ def test_a_removal_racing_the_cache_refill_is_not_cached(servers: Servers, conve
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The race made deterministic: the refill's MongoDB read returns, then bob is removed (MongoDB write and
     invalidation, as api.services does), then the refill writes. bob must not come back from the cache."""
-    read_members = services._members_from_db
+    read_members = membership._members_from_db
     sync = redis.Redis.from_url(servers.redis_url)
 
     def read_then_removal(conversation_id: str) -> list[str] | None:
         found = read_members(conversation_id)
         Conversation.objects(id=conversation_id).update_one(pull__members=ObjectId(BOB))
-        services.membership_invalidate_sync(sync, conversation_id=conversation_id)
+        membership.membership_invalidate_sync(sync, conversation_id=conversation_id)
         return found
 
     async def body(c: redis.asyncio.Redis) -> None:
-        monkeypatch.setattr(services, "_members_from_db", read_then_removal)
-        assert await services.conversation_members(c, conversation_id=conversation) == {ALICE, BOB}
-        monkeypatch.setattr(services, "_members_from_db", read_members)
-        assert await services.conversation_members(c, conversation_id=conversation) == {ALICE}
+        monkeypatch.setattr(membership, "_members_from_db", read_then_removal)
+        assert await membership.conversation_members(c, conversation_id=conversation) == {ALICE, BOB}
+        monkeypatch.setattr(membership, "_members_from_db", read_members)
+        assert await membership.conversation_members(c, conversation_id=conversation) == {ALICE}
         with pytest.raises(NotFound):
             await services.message_send(c, user_id=BOB, conversation_id=conversation, client_msg_id="b",
                                         content="still in?")

@@ -1,0 +1,170 @@
+"""Who is in a conversation, as the write path and the brokers ask it: a Redis cache in front of MongoDB, with
+an in-process copy on brokers, and the invalidation every membership change must call.
+
+The write path (``messaging/services.py``) authorizes every event with :func:`membership_require`; the REST
+services call :func:`membership_changed_sync` after saving a change. A refill never resurrects a removed
+member: each invalidation bumps a generation, and a refill writes only if the generation it read before its
+MongoDB read is unchanged (docs/architecture.md, membership).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis.asyncio
+from asgiref.sync import sync_to_async
+
+from chatstream_site.errors import NotFound
+from messaging import frames
+
+# A membership answer is cached this long; API writes that change membership invalidate it at once, so the
+# TTL only bounds the staleness after a write that bypassed the services (a manual database edit).
+MEMBERSHIP_TTL_S = 3600
+# "Not a conversation" answers are cached briefly: enough to absorb a client hammering a bad id.
+MEMBERSHIP_MISS_TTL_S = 30
+_NO_MEMBERS = "-"  # the cached set of a conversation that does not exist
+
+
+def membership_key(conversation_id: str) -> str:
+    return f"cs:members:{conversation_id}"
+
+
+def membership_generation_key(conversation_id: str) -> str:
+    """Counter bumped by every invalidation of the conversation's cached members: a refill writes only if it
+    is unchanged since before its MongoDB read (``_MEMBERS_REFILL_LUA``)."""
+    return f"cs:membersgen:{conversation_id}"
+
+def _members_from_db(conversation_id: str) -> list[str] | None:
+    from storage.documents import Conversation
+
+    conversation = Conversation.objects(id=conversation_id).only("members").first()
+    if conversation is None:
+        return None
+    return [str(m) for m in conversation.members]
+
+
+# A second, in-process cache in front of the Redis one, enabled only in processes that hear every
+# invalidation (brokers: their hub listens on the control channel; see membership_local_forget). It saves a
+# Redis round trip per message on the hot path. The TTL bounds staleness if a pub/sub message is ever lost.
+MEMBERSHIP_LOCAL_TTL_S = 30.0
+_local_members: dict[str, tuple[float, frozenset[str] | None]] | None = None
+_local_generation = 0
+
+
+def membership_local_enable() -> None:
+    """Turn the in-process membership cache on. Precondition: the caller forwards every control-channel
+    ``invalidate``/``members`` message to :func:`membership_local_forget` (the broker hub does)."""
+    global _local_members
+    if _local_members is None:
+        _local_members = {}
+
+
+def membership_local_forget(conversation_id: str | None) -> None:
+    """Drop one conversation (None: all) from the in-process cache."""
+    global _local_generation
+    _local_generation += 1
+    if _local_members is not None:
+        if conversation_id is None:
+            _local_members.clear()
+        else:
+            _local_members.pop(conversation_id, None)
+
+
+async def conversation_members(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
+    """Member ids of a conversation (None if it does not exist). Cached in Redis (and in-process on
+    brokers); a miss reads MongoDB in a worker thread. Side effect: fills the caches."""
+    if _local_members is not None:
+        hit = _local_members.get(conversation_id)
+        if hit is not None and hit[0] > time.monotonic():
+            return None if hit[1] is None else set(hit[1])
+        generation = _local_generation
+        found = await _conversation_members_shared(client, conversation_id=conversation_id)
+        if generation == _local_generation:  # no invalidation raced with the read
+            _local_members[conversation_id] = (time.monotonic() + MEMBERSHIP_LOCAL_TTL_S,
+                                               None if found is None else frozenset(found))
+        return found
+    return await _conversation_members_shared(client, conversation_id=conversation_id)
+
+
+# The refill of the Redis cache after a MongoDB read. KEYS[1] members set, KEYS[2] generation;
+# ARGV[1] the generation read before the MongoDB read ("" if none), ARGV[2] TTL, ARGV[3..] the members read
+# -> 1 if written, 0 if an invalidation came in between (what was read may predate the change: not cached).
+_MEMBERS_REFILL_LUA = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SADD', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+# The generation key outlives the longest MongoDB read by far (it only has to last from an invalidation to
+# the end of a refill that read before it); an hour, and every invalidation sets it again.
+MEMBERSHIP_GENERATION_TTL_S = 3600
+
+
+async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
+    key = membership_key(conversation_id)
+    cached = await client.smembers(key)
+    if cached:
+        members = {m.decode() if isinstance(m, bytes) else str(m) for m in cached}
+        return None if members == {_NO_MEMBERS} else members - {_NO_MEMBERS}
+    # Read before MongoDB: a removal whose invalidation lands between this and the refill bumps it, so the
+    # refill (of what MongoDB said before the removal, perhaps) is dropped instead of cached for an hour.
+    generation = await client.get(membership_generation_key(conversation_id))
+    found = await sync_to_async(_members_from_db, thread_sensitive=False)(conversation_id)
+    script = client.register_script(_MEMBERS_REFILL_LUA)
+    await script(keys=[key, membership_generation_key(conversation_id)],
+                 args=[b"" if generation is None else generation,
+                       MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S, *(found or [_NO_MEMBERS])])
+    return set(found) if found is not None else None
+
+
+async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conversation_id: str) -> None:
+    """Raise NotFound for an unknown conversation and for one the user is not in (no existence leak)."""
+    members = await conversation_members(client, conversation_id=conversation_id)
+    if members is None or user_id not in members:
+        raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+
+
+async def membership_invalidate(client: redis.asyncio.Redis, *, conversation_id: str) -> None:
+    """Forget the cached members; call after any change of a conversation's members.
+    Side effects: DEL of the Redis cache and INCR of its generation (atomically: a refill that read MongoDB
+    before the change is not written), PUBLISH so every broker drops its in-process copy."""
+    async with client.pipeline(transaction=True) as pipe:
+        _membership_invalidate_queue(pipe, conversation_id=conversation_id)
+        await pipe.execute()
+    await client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
+
+
+def _membership_invalidate_queue(pipe: Any, *, conversation_id: str) -> None:
+    generation = membership_generation_key(conversation_id)
+    pipe.incr(generation)
+    pipe.expire(generation, MEMBERSHIP_GENERATION_TTL_S)
+    pipe.delete(membership_key(conversation_id))
+
+
+def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
+    """The same for sync code (DRF services) with a sync ``redis.Redis`` client."""
+    with client.pipeline(transaction=True) as pipe:
+        _membership_invalidate_queue(pipe, conversation_id=conversation_id)
+        pipe.execute()
+    client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
+
+
+# ------------------------------------------------------------------ membership changes
+
+
+async def membership_changed(client: redis.asyncio.Redis, *, user_ids: list[str], conversation_id: str) -> None:
+    """Tell every broker that ``user_ids`` joined or left ``conversation_id``; their open connections start
+    or stop receiving its events at once. Call after the change is saved in MongoDB.
+    Side effects: drops the cached members, PUBLISHes one control message."""
+    await membership_invalidate(client, conversation_id=conversation_id)
+    await client.publish(frames.CONTROL_CHANNEL,
+                         frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
+
+
+def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id: str) -> None:
+    """:func:`membership_changed` for sync code (DRF services) with a sync ``redis.Redis`` client."""
+    membership_invalidate_sync(client, conversation_id=conversation_id)
+    client.publish(frames.CONTROL_CHANNEL,
+                   frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
