@@ -289,7 +289,7 @@ async def partition_backlog(client: BusAsync, *, partition: int) -> int:
 
 
 async def _drain_enqueue(*, partition: int) -> None:
-    from storage.services import drain_enqueue_async  # lazy: storage imports messaging
+    from storage.trigger import drain_enqueue_async  # lazy: storage imports messaging
 
     await drain_enqueue_async(partition=partition)
 

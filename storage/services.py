@@ -1,4 +1,5 @@
-"""Writes of the storage pipeline: drain partition streams into MongoDB, dead letters, trimming.
+"""The drain: partition streams into MongoDB (the trigger is ``storage/trigger.py``, dead letters
+``storage/deadletters.py``, trimming ``storage/maintenance.py``).
 
 The drain is at least once and every write is idempotent (docs/adr/0003): an entry is acknowledged
 (XACK) only after its effect is in MongoDB, and applying an entry twice, or an older entry after a newer
@@ -34,23 +35,21 @@ from bson.errors import InvalidId
 from django.conf import settings
 from mongoengine.connection import get_db
 
-from chatstream_site.errors import NotFound, Retryable
+from chatstream_site.errors import Retryable
 from messaging.bus import BusSync
 from messaging.streams import Event, MalformedEntry, event_decode, stream_key
+from storage.deadletters import deadletter_add, storable
 from storage.keys import (
-    DEADLETTERS,
     GROUP,
     RATE_BUCKET_S,
     RATE_WINDOW_S,
     drain_lease_key,
-    drain_lock_key,
     failures_key,
-    maintenance_key,
     rate_key,
     redis_sync,
     stats_key,
 )
-from storage.selectors import _s, deadletter_get, entry_key, partitions_state
+from storage.selectors import _s, entry_key, partitions_state
 
 logger = logging.getLogger("chatstream.storage")
 
@@ -67,60 +66,6 @@ _groups_ready: set[str] = set()
 _LEASE_RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
                     "end return 0")
 _LEASE_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-# ------------------------------------------------------------------ the trigger
-
-
-def drain_enqueue(*, partition: int, client: BusSync | None = None) -> bool:
-    """Queue a drain of ``partition`` unless one is already queued or running; return whether it queued.
-
-    Used by beat's tick (the time trigger) and by brokers when a partition's backlog reaches the batch size
-    (the size trigger). Side effects: SET NX of the partition's drain lock (TTL ``DRAIN_LOCK_TTL_S``, released
-    by the drain when it ends), then one Celery message on queue ``storage``.
-    """
-    r = client or redis_sync()
-    if not r.set(drain_lock_key(partition), str(int(time.time() * 1000)), nx=True, ex=settings.DRAIN_LOCK_TTL_S):
-        return False
-    from storage.tasks import partition_drain_task
-
-    try:
-        partition_drain_task.apply_async(kwargs={"partition": partition}, queue="storage")
-    except Exception:
-        r.delete(drain_lock_key(partition))  # the message did not leave: let the next trigger try
-        raise
-    return True
-
-
-async def drain_enqueue_async(*, partition: int) -> bool:
-    """:func:`drain_enqueue` for an event loop (the brokers' size trigger): the Redis call and the Celery
-    publish block, so they run in a worker thread."""
-    from asgiref.sync import sync_to_async
-
-    return bool(await sync_to_async(drain_enqueue, thread_sensitive=False)(partition=partition))
-
-
-def drain_release(*, partition: int, backoff_s: int = 0, client: BusSync | None = None) -> None:
-    """End of a drain: free the partition's lock, or keep it ``backoff_s`` more seconds (after an outage)."""
-    r = client or redis_sync()
-    if backoff_s > 0:
-        r.set(drain_lock_key(partition), "backoff", ex=backoff_s)
-    else:
-        r.delete(drain_lock_key(partition))
-
-
-def drain_tick(*, client: BusSync | None = None) -> list[int]:
-    """The time trigger (beat, every ``FLUSH_INTERVAL_S``): enqueue a drain of every partition with a backlog,
-    and run each partition's maintenance at most once a minute. Returns the partitions it enqueued."""
-    r = client or redis_sync()
-    enqueued = []
-    for state in partitions_state(client=r):
-        if state.backlog > 0 and drain_enqueue(partition=state.partition, client=r):
-            enqueued.append(state.partition)
-        if r.set(maintenance_key(state.partition), "1", nx=True, ex=60):
-            partition_trim(partition=state.partition, client=r)
-            consumers_forget(partition=state.partition, client=r)
-    return enqueued
 
 
 # ------------------------------------------------------------------ the drain
@@ -734,7 +679,7 @@ def _settle(r: BusSync, *, partition: int, items: list[_Item], result: DrainResu
         pipe = r.pipeline(transaction=False)
         for i in failing:
             pipe.hincrby(fkey, i.entry_id, 1)
-            pipe.hset(fkey, f"{i.entry_id}:why", _storable(i.failure or ""))
+            pipe.hset(fkey, f"{i.entry_id}:why", storable(i.failure or ""))
         counts = pipe.execute()[::2]
         for i, n in zip(failing, counts, strict=True):
             if int(n) >= settings.DRAIN_MAX_ATTEMPTS:
@@ -744,7 +689,7 @@ def _settle(r: BusSync, *, partition: int, items: list[_Item], result: DrainResu
     now_ms = int(time.time() * 1000)
     pipe = r.pipeline(transaction=False)
     for i in dead:
-        _deadletter_add(pipe, partition=partition, entry_id=i.entry_id, fields=i.fields or {}, reason=i.dead or "",
+        deadletter_add(pipe, partition=partition, entry_id=i.entry_id, fields=i.fields or {}, reason=i.dead or "",
                         now_ms=now_ms)
         logger.warning("storage.deadletter partition=%d entry=%s reason=%s", partition, i.entry_id, i.dead)
     if done:
@@ -762,92 +707,6 @@ def _settle(r: BusSync, *, partition: int, items: list[_Item], result: DrainResu
     pipe.hincrby(bucket, str(partition), result.persisted)
     pipe.expire(bucket, RATE_WINDOW_S + 2 * RATE_BUCKET_S)
     pipe.execute()
-
-
-def _storable(text: str) -> str:
-    """``text`` with anything that is not valid UTF-8 (a lone surrogate quoted from a bad entry) escaped, so
-    Redis can take it: a reason that cannot be written must not fail the batch it explains."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _deadletter_add(pipe: Any, *, partition: int, entry_id: str, fields: dict[Any, Any], reason: str,
-                    now_ms: int) -> None:
-    original = {_s(k): (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in fields.items()}
-    pipe.xadd(DEADLETTERS, {"partition": partition, "entry_id": entry_id, "reason": _storable(reason[:1000]),
-                            "failed_at_ms": now_ms, "fields": json.dumps(original)},
-              maxlen=settings.DEADLETTER_MAXLEN, approximate=True)
-
-
-# ------------------------------------------------------------------ dead letters
-
-
-def deadletter_retry(*, id: str, client: BusSync | None = None) -> str:
-    """Put a dead letter back at the end of its partition stream (fields unchanged, seq kept) and remove it
-    from the dead letters; return the new entry id. The drain's writes are keyed and guarded, so the late
-    copy cannot undo newer events. Raises NotFound."""
-    r = client or redis_sync()
-    letter = deadletter_get(id=id, client=r)
-    if letter is None or letter.partition < 0:
-        raise NotFound("no such dead letter", details={"id": id})
-    fields: dict[Any, Any] = letter.fields or {"v": "?"}
-    new_id = _s(r.xadd(stream_key(letter.partition), fields))
-    r.xdel(DEADLETTERS, id)
-    logger.info("storage.deadletter retried id=%s partition=%d as %s", id, letter.partition, new_id)
-    return new_id
-
-
-def deadletter_discard(*, id: str, client: BusSync | None = None) -> bool:
-    """Forget a dead letter for good; return whether it existed."""
-    return bool((client or redis_sync()).xdel(DEADLETTERS, id))
-
-
-# ------------------------------------------------------------------ trimming and housekeeping
-
-
-def trim_boundary(*, partition: int, now_ms: int | None = None, client: BusSync | None = None) -> str:
-    """The MINID below which entries may go: both acknowledged by the storage group and older than the
-    resume window. ``0-0`` (nothing) when the group does not exist yet."""
-    r = client or redis_sync()
-    state = partitions_state(partitions=[partition], client=r)[0]
-    try:
-        groups = r.xinfo_groups(stream_key(partition))
-    except redis.ResponseError:
-        return "0-0"
-    if not any(_s(g["name"]) == GROUP for g in groups):
-        return "0-0"
-    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-    window = f"{now_ms - int(settings.RESUME_WINDOW_S) * 1000}-0"
-    if state.oldest_unpersisted is None:
-        # Everything read is acked; everything after last-delivered is unread, hence above any boundary.
-        return window
-    return min(window, state.oldest_unpersisted, key=entry_key)
-
-
-def partition_trim(*, partition: int, now_ms: int | None = None, approximate: bool = True,
-                   client: BusSync | None = None) -> int:
-    """XTRIM MINID the trim boundary; returns how many entries went. Approximate (``~``, the default):
-    Redis removes whole nodes only, which is cheap and may keep a few more entries, never fewer."""
-    r = client or redis_sync()
-    boundary = trim_boundary(partition=partition, now_ms=now_ms, client=r)
-    if boundary == "0-0":
-        return 0
-    return int(r.xtrim(stream_key(partition), minid=boundary, approximate=approximate))
-
-
-def consumers_forget(*, partition: int, idle_s: int = 3600, client: BusSync | None = None) -> int:
-    """Delete consumers of the group that own no pending entry and were idle over ``idle_s`` (every
-    restarted worker is a new consumer); returns how many."""
-    r = client or redis_sync()
-    try:
-        consumers = r.xinfo_consumers(stream_key(partition), GROUP)
-    except redis.ResponseError:
-        return 0
-    gone = 0
-    for c in consumers:
-        if int(c["pending"]) == 0 and int(c["idle"]) > idle_s * 1000:
-            r.xgroup_delconsumer(stream_key(partition), GROUP, _s(c["name"]))
-            gone += 1
-    return gone
 
 
 def drain_all(*, batch_size: int, consumer: str, max_batches: int = 100_000,

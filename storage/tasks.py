@@ -12,7 +12,7 @@ from celery import shared_task
 from django.conf import settings
 
 from chatstream_site.errors import Retryable
-from storage import services
+from storage import services, trigger
 from storage.keys import consumer_name
 
 logger = logging.getLogger("chatstream.storage")
@@ -30,20 +30,20 @@ def partition_drain_task(*, partition: int) -> int:
         logger.warning("storage.drain partition=%d unavailable, retry in %ds: %s", partition,
                        settings.DRAIN_RETRY_BACKOFF_S, exc.message)
         try:
-            services.drain_release(partition=partition, backoff_s=settings.DRAIN_RETRY_BACKOFF_S)
+            trigger.drain_release(partition=partition, backoff_s=settings.DRAIN_RETRY_BACKOFF_S)
         except Exception:  # Redis itself is away: the lock's TTL frees the partition
             logger.warning("storage.drain partition=%d could not set its backoff", partition)
         return 0
     except Exception:
-        services.drain_release(partition=partition)
+        trigger.drain_release(partition=partition)
         raise
-    services.drain_release(partition=partition)
+    trigger.drain_release(partition=partition)
     if result.more and not result.busy:  # a busy partition's running drain queues its own successor
-        services.drain_enqueue(partition=partition)
+        trigger.drain_enqueue(partition=partition)
     return result.persisted
 
 
 @shared_task(name="storage.tasks.drain_tick", ignore_result=True)
 def drain_tick() -> int:
     """Beat's time trigger: enqueue a drain of every partition with unpersisted entries."""
-    return len(services.drain_tick())
+    return len(trigger.drain_tick())

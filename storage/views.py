@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from chatstream_site.errors import NotFound
-from storage import selectors, services
+from storage import deadletters, selectors
 
 
 @staff_member_required
@@ -40,9 +40,9 @@ def pipeline_view(request: HttpRequest) -> HttpResponse:
 def deadletter_action_view(request: HttpRequest, letter_id: str, action: str) -> HttpResponse:
     try:
         if action == "retry":
-            new_id = services.deadletter_retry(id=letter_id)
+            new_id = deadletters.deadletter_retry(id=letter_id)
             messages.success(request, f"Dead letter {letter_id} is back in its stream as {new_id}.")
-        elif action == "discard" and services.deadletter_discard(id=letter_id):
+        elif action == "discard" and deadletters.deadletter_discard(id=letter_id):
             messages.success(request, f"Dead letter {letter_id} discarded.")
         else:
             raise NotFound("no such dead letter")

@@ -57,7 +57,7 @@ def test_backlog_is_the_drain_groups_lag_or_the_stream_length(servers: Servers) 
 def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(
         servers: Servers, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.BATCH_SIZE = 3
-    import storage.services
+    import storage.trigger
 
     calls: list[int] = []
 
@@ -65,7 +65,7 @@ def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(
         calls.append(partition)
         return True
 
-    monkeypatch.setattr(storage.services, "drain_enqueue_async", drain_enqueue_async)
+    monkeypatch.setattr(storage.trigger, "drain_enqueue_async", drain_enqueue_async)
     partition = 800 + uuid.uuid4().int % 100
 
     async def body(c: redis.asyncio.Redis) -> None:

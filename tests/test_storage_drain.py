@@ -16,7 +16,7 @@ from bson import ObjectId
 from mongoengine.connection import get_db
 
 from messaging.streams import MalformedEntry, event_decode, stream_key
-from storage import services
+from storage import deadletters, maintenance, services, trigger
 from storage.documents import Conversation
 from storage.keys import DEADLETTERS, GROUP, drain_lock_key
 from storage.selectors import deadletters_list, partitions_state
@@ -173,7 +173,7 @@ def test_an_edit_that_keeps_failing_is_dead_lettered_after_its_attempts_and_can_
     # now applies it.
     append_events(servers.redis_url, [ghost])
     drain_until_empty(PARTITION)
-    services.deadletter_retry(id=letter.id)
+    deadletters.deadletter_retry(id=letter.id)
     drain_until_empty(PARTITION)
     assert get_db().messages.find_one({"_id": ghost["message_id"]})["content"] == "edited"
 
@@ -194,10 +194,10 @@ def test_trim_keeps_unacknowledged_and_recent_entries(servers: Servers, r: redis
     now_ms = int(r.time()[0]) * 1000
 
     # Within the resume window nothing goes, acknowledged or not.
-    services.partition_trim(partition=partition, now_ms=now_ms, approximate=False)
+    maintenance.partition_trim(partition=partition, now_ms=now_ms, approximate=False)
     assert {a.entry_id for a in acked + unacked} <= {e[0].decode() for e in r.xrange(key)}
     # Two windows later only the acknowledged entries may go, every unacknowledged one stays.
-    services.partition_trim(partition=partition, now_ms=now_ms + 2 * 3600 * 1000, approximate=False)
+    maintenance.partition_trim(partition=partition, now_ms=now_ms + 2 * 3600 * 1000, approximate=False)
     left = {e[0].decode() for e in r.xrange(key)}
     assert not ({a.entry_id for a in acked} & left)
     assert {a.entry_id for a in unacked} <= left
@@ -207,16 +207,16 @@ def test_trim_keeps_unacknowledged_and_recent_entries(servers: Servers, r: redis
 def test_drain_enqueue_is_deduplicated_per_partition(r: redis.Redis) -> None:
     partition = 7
     r.delete(drain_lock_key(partition))
-    assert services.drain_enqueue(partition=partition) is True
-    assert services.drain_enqueue(partition=partition) is False
-    assert services.drain_enqueue(partition=partition + 1) in (True, False)  # another partition: its own lock
-    services.drain_release(partition=partition)
-    assert services.drain_enqueue(partition=partition) is True
-    services.drain_release(partition=partition)
+    assert trigger.drain_enqueue(partition=partition) is True
+    assert trigger.drain_enqueue(partition=partition) is False
+    assert trigger.drain_enqueue(partition=partition + 1) in (True, False)  # another partition: its own lock
+    trigger.drain_release(partition=partition)
+    assert trigger.drain_enqueue(partition=partition) is True
+    trigger.drain_release(partition=partition)
     # The same from an event loop (the brokers' size trigger).
-    assert asyncio.run(services.drain_enqueue_async(partition=partition)) is True
-    assert asyncio.run(services.drain_enqueue_async(partition=partition)) is False
-    services.drain_release(partition=partition)
+    assert asyncio.run(trigger.drain_enqueue_async(partition=partition)) is True
+    assert asyncio.run(trigger.drain_enqueue_async(partition=partition)) is False
+    trigger.drain_release(partition=partition)
     r.delete(drain_lock_key(partition + 1))
 
 
@@ -310,11 +310,11 @@ def test_the_tick_enqueues_a_drain_only_for_partitions_with_a_backlog(servers: S
     # (Other tests may have left entries pending on a "dead" consumer: those partitions have a backlog too.)
     expected = {s.partition for s in partitions_state() if s.backlog > 0}
     assert partition in expected
-    assert set(services.drain_tick(client=r)) == expected
-    assert services.drain_tick(client=r) == []  # already queued: deduplicated
+    assert set(trigger.drain_tick(client=r)) == expected
+    assert trigger.drain_tick(client=r) == []  # already queued: deduplicated
     assert r.ttl(drain_lock_key(partition)) > 0  # and the lock expires should the drain never run
     for p in expected:
-        services.drain_release(partition=p)
+        trigger.drain_release(partition=p)
     drain_until_empty(partition)
 
 
@@ -455,7 +455,7 @@ def test_a_new_message_the_store_cannot_take_is_dead_lettered_alone_and_the_batc
     finally:
         for letter in deadletters_list(limit=1000):
             if letter.entry_id == mixed.bad_entry:
-                services.deadletter_discard(id=letter.id)  # (a 17 MiB one would slow every later listing)
+                deadletters.deadletter_discard(id=letter.id)  # (a 17 MiB one would slow every later listing)
         r.xdel(stream_key(PARTITION), mixed.bad_entry)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatstream_site.errors import NotFound
+from storage.deadletters import deadletter_discard, deadletter_retry
 from storage.selectors import deadletters_count, deadletters_list
-from storage.services import deadletter_discard, deadletter_retry
 
 
 class Command(BaseCommand):
