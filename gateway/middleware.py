@@ -145,10 +145,12 @@ def origin_allowed(origin: bytes | None, *, allowed_hosts: list[str], allowed_or
 
     No Origin (not a browser: tests, mobile apps, servers) is allowed — a browser always sends one, and the
     check exists to stop other sites' pages from riding a user's browser. Otherwise the origin must be listed
-    in ``allowed_origins`` or its host must match ``ALLOWED_HOSTS`` (Channels' AllowedHostsOriginValidator rule).
+    in ``allowed_origins`` or its host must match ``allowed_hosts`` (Channels' AllowedHostsOriginValidator rule),
+    where a ``*`` never matches: a wildcard host list must not turn the check off (docs/security.md).
     """
     if origin is None:
         return True
+    allowed_hosts = [host for host in allowed_hosts if host != "*"]
     text = origin.decode("latin-1").strip().lower()
     if text in {o.lower().rstrip("/") for o in allowed_origins}:
         return True
@@ -167,7 +169,7 @@ class OriginLayer:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and not origin_allowed(
-            header(scope, b"origin"), allowed_hosts=list(settings.ALLOWED_HOSTS),
+            header(scope, b"origin"), allowed_hosts=list(settings.WS_ORIGIN_HOSTS),
             allowed_origins=list(settings.GATEWAY_ALLOWED_ORIGINS),
         ):
             state_of(scope).reason = "foreign_origin"

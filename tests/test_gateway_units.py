@@ -103,6 +103,9 @@ def test_request_ids_bearer_tokens_origins_and_ip_keys() -> None:
     assert not origin_allowed(b"http://evil.example", allowed_hosts=hosts, allowed_origins=[])
     assert not origin_allowed(b"null", allowed_hosts=hosts, allowed_origins=[])
     assert origin_allowed(b"https://app.example", allowed_hosts=hosts, allowed_origins=["https://app.example"])
+    # A wildcard host list never switches the check off (docs/security.md): only named hosts and origins pass.
+    assert not origin_allowed(b"http://evil.example", allowed_hosts=["*"], allowed_origins=[])
+    assert origin_allowed(b"http://localhost", allowed_hosts=["*", "localhost"], allowed_origins=[])
     assert ip_key("2001:db8::1") == ip_key("2001:db8::ffff") == "2001:db8::"
     assert ip_key("10.1.2.3") == "10.1.2.3"
     with pytest.raises(ValueError):
@@ -360,3 +363,4 @@ def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
     assert calls_while_blocked == 1  # one frame read, then the gateway waits on the upstream's send
     assert sent[0] == {"type": "websocket.send", "text": "to the client"}
     assert sent[-1] == {"type": "websocket.close", "code": 4321, "reason": "bye"}
+

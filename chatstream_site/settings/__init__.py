@@ -39,6 +39,10 @@ else:
         raise ConfigError("SECRET_KEY is too short: use at least 32 random characters outside DEBUG")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+# The hosts a WebSocket handshake's Origin may name (gateway and brokers): ALLOWED_HOSTS without the "*"
+# wildcard. A wildcard host list (often set to get past Host checks behind a proxy) must not also switch the
+# cross-site WebSocket check off: with "*" only the named hosts and CHATSTREAM_GATEWAY_ALLOWED_ORIGINS pass.
+WS_ORIGIN_HOSTS = [host for host in ALLOWED_HOSTS if host != "*"]
 
 INSTALLED_APPS = [
     "daphne",

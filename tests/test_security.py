@@ -1,0 +1,87 @@
+"""Security hardening (issue 14, docs/security.md): one test per finding, each against real processes —
+a real gateway (``manage.py role gateway``) in front of stand-in upstreams that report what reached them
+(tests/gateway_upstream.py), real brokers and api instances. Run: ``pytest tests/test_security.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+import websockets.exceptions
+
+from tests.gatewaykit import Fleet, Proc, settle
+from tests.realtime import brokers_running, ticket_for, user_create
+from tests.servers import Servers
+
+pytestmark = pytest.mark.cluster
+
+OUTSIDER = "127.0.0.31"  # a client address outside the admin networks
+
+
+def stats(proc: Proc) -> dict[str, Any]:
+    return dict(httpx.get(f"{proc.url}/__upstream/stats", timeout=5).json())
+
+
+def raw_get(port: int, target: str, *, source: str = OUTSIDER) -> tuple[int, bytes]:
+    """GET ``target`` byte for byte (HTTP clients normalise dot segments before sending); status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.fixture(scope="module")
+def edge(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A gateway with a wildcard host list (as docker-compose used to set) before a stand-in api and broker."""
+    fleet = Fleet(servers, tmp_path_factory.mktemp("security-edge"), db=12, ALLOWED_HOSTS="*",
+                  CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32")
+    try:
+        procs: dict[str, Proc] = {"api": fleet.stand_in("api", 1), "broker": fleet.stand_in("broker", 1),
+                                  "gateway": fleet.gateway()}
+        for name, proc in procs.items():
+            proc.wait_healthy("/healthz" if name == "gateway" else "/__upstream/stats")
+        fleet.wait_registered("api", 1)
+        fleet.wait_registered("broker", 1)
+        settle(1.5)
+        yield {**procs, "fleet": fleet}
+    finally:
+        fleet.stop()
+
+
+# ------------------------------------------------------------------ critical: the Origin check stays on
+
+
+def test_a_wildcard_host_list_does_not_switch_the_gateway_origin_check_off(edge: dict[str, Any]) -> None:
+    gateway, broker = edge["gateway"], edge["broker"]
+    before = stats(broker)["ws_handshakes"]
+
+    async def scenario() -> None:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            await websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws/?ticket=x", origin="https://evil.example")
+        assert refused.value.response.status_code == 403
+
+    asyncio.run(scenario())
+    assert stats(broker)["ws_handshakes"] == before
+    assert any(e.get("reason") == "foreign_origin" for e in gateway.access_log())
+
+
+def test_a_wildcard_host_list_does_not_switch_the_broker_origin_check_off(servers: Servers, tmp_path: Path) -> None:
+    alice, _ = user_create()
+    with brokers_running(tmp_path, 1, ALLOWED_HOSTS="*") as (broker,):
+        async def scenario() -> None:
+            url = f"{broker.url}?ticket={ticket_for(servers.redis_url, alice)}"
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+                await websockets.connect(url, origin="https://evil.example")
+            assert refused.value.response.status_code == 403
+
+        asyncio.run(scenario())
