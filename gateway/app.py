@@ -4,7 +4,9 @@ The stack, outermost first (each layer in ``gateway/middleware.py`` or ``gateway
 
 1. request id — the client's ``X-Request-Id`` if well-formed, else a new one; echoed and passed upstream;
 2. access log — one JSON line per request (status, upstream instance, user, duration) + security headers;
-3. origin check — WebSocket handshakes from foreign Origins are refused with 403;
+3. path check — dot segments, ``//``, encoded separators and control characters are refused with 400
+   (docs/security.md); the proxy forwards exactly the path that was routed;
+   origin check — WebSocket handshakes from foreign Origins are refused with 403;
 4. rate limit per IP — django-ratelimit's algorithm on the shared Redis cache (429 + Retry-After, or 4008);
 5. authentication — JWT for ``jwt`` routes, the single-use ticket for ``/ws/`` (401, or close 4001);
 6. rate limit per user — keyed on the verified user;
@@ -32,6 +34,7 @@ from gateway.middleware import (
     AuthenticationLayer,
     IpRateLimitLayer,
     OriginLayer,
+    PathLayer,
     RequestIdLayer,
     RouteAuthorizationLayer,
     UserRateLimitLayer,
@@ -104,6 +107,7 @@ class GatewayApp:
         stack = AuthenticationLayer(stack, redis_client=self.redis)
         stack = IpRateLimitLayer(stack, limiter=self.limiter)
         stack = OriginLayer(stack)
+        stack = PathLayer(stack)
         stack = AccessLogLayer(stack)
         stack = RequestIdLayer(stack)
         self.stack = stack

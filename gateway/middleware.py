@@ -1,6 +1,6 @@
 """The gateway's layers, outermost first. Each is an ASGI app wrapping the next (see ``gateway/app.py``).
 
-request id → access log (+ security headers) → origin check (WebSocket) → rate limit per IP →
+request id → access log (+ security headers) → path check → origin check (WebSocket) → rate limit per IP →
 authentication → rate limit per user → route authorization → the router (own routes, or load balancer →
 circuit breaker → proxy).
 
@@ -43,7 +43,7 @@ from gateway.asgi import (
     ws_refuse,
 )
 from gateway.ratelimit import RateLimiter
-from gateway.routes import route_match
+from gateway.routes import path_checked, route_match
 
 access_logger = logging.getLogger("chatstream.gateway.access")
 logger = logging.getLogger(__name__)
@@ -138,6 +138,28 @@ class AccessLogLayer:
             if state.reason:
                 entry["reason"] = state.reason
             access_logger.info("%s", json.dumps(entry, separators=(",", ":")))
+
+
+class PathLayer:
+    """Refuse a path that is not canonical (dot segments, ``//``, encoded separators, control characters) with
+    400 ``invalid_path`` (a WebSocket handshake with 403) before it is routed: the routes match the decoded
+    path and the proxy forwards that same path, so what is checked is what the upstream serves."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and path_checked(
+                raw_path=scope.get("raw_path"), path=scope["path"]) is None:
+            state_of(scope).reason = "invalid_path"
+            if scope["type"] == "websocket":
+                await ws_refuse(receive, send, code=403)
+                return
+            await send_error(send, status=400, code="invalid_path",
+                             message="the path has dot segments, empty segments, encoded separators or control "
+                                     "characters")
+            return
+        await self.app(scope, receive, send)
 
 
 def origin_allowed(origin: bytes | None, *, allowed_hosts: list[str], allowed_origins: list[str]) -> bool:

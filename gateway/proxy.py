@@ -74,8 +74,9 @@ def _upstream_headers(scope: Scope, *, state: RequestState, skip: frozenset[byte
 
 
 def _target(instance_url: str, scope: Scope, *, websocket: bool, drop_query: frozenset[str] = frozenset()) -> str:
-    raw_path = scope.get("raw_path") or scope["path"].encode()
-    path = raw_path.decode("latin-1").split("?", 1)[0]
+    # The decoded path the routes matched (gateway/routes.py path_checked), re-encoded: never the client's raw
+    # bytes, which the upstream's URL library could resolve to another route (%2e%2e, %2f).
+    path = urllib.parse.quote(scope["path"], safe="/:@!$&'()*+,;=~")
     query = scope.get("query_string", b"").decode("latin-1")
     if drop_query and query:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)

@@ -20,7 +20,7 @@ from gateway.identity import identity_headers, identity_strip, identity_verify
 from gateway.middleware import REQUEST_ID_RE, bearer_token, ip_key, origin_allowed
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter, rate_validate
-from gateway.routes import public_paths, route_match
+from gateway.routes import path_checked, public_paths, route_match
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
 from tests.servers import Servers, free_port
 
@@ -364,3 +364,11 @@ def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
     assert sent[0] == {"type": "websocket.send", "text": "to the client"}
     assert sent[-1] == {"type": "websocket.close", "code": 4321, "reason": "bye"}
 
+
+def test_only_canonical_paths_are_routed() -> None:
+    for ok in ("/", "/api/v1/users/me", "/app/main.js", "/static/a b/c%d.css", "/api/v1/users/"):
+        assert path_checked(raw_path=ok.encode(), path=ok) == ok
+    for raw, decoded in ((b"/static/%2e%2e/admin/", "/static/../admin/"), (b"/static/..%2Fadmin/", "/static/../admin/"),
+                         (b"/static/./x", "/static/./x"), (b"/a//b", "/a//b"), (b"/a%5cb", "/a\\b"),
+                         (b"/a%0ab", "/a\nb"), (b"/a%00", "/a\x00"), (b"/a/..", "/a/..")):
+        assert path_checked(raw_path=raw, path=decoded) is None, raw

@@ -6,6 +6,7 @@ a real gateway (``manage.py role gateway``) in front of stand-in upstreams that 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,3 +86,31 @@ def test_a_wildcard_host_list_does_not_switch_the_broker_origin_check_off(server
             assert refused.value.response.status_code == 403
 
         asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ high: route one path, forward the same
+
+
+@pytest.mark.parametrize("target", [
+    "/static/%2e%2e/admin/login/",  # the admin, from outside the admin networks
+    "/static/%2E%2E/api/v1/users/me",  # the api, without a token
+    "/static/..%2fadmin/login/",  # an encoded slash
+    "/static/..%5cadmin/login/",  # an encoded backslash
+    "/static/./x", "/static/../admin/login/", "/static//x",
+    "/static/x%0a%7b%22event%22%3a%22access%22%7d",  # an encoded newline that would forge a log line upstream
+])
+def test_dot_segments_encoded_separators_and_newlines_are_refused_before_routing(
+        edge: dict[str, Any], target: str) -> None:
+    gateway, api = edge["gateway"], edge["api"]
+    before = stats(api)["http"]
+    status, body = raw_get(gateway.port, target)
+    assert status == 400 and b'"invalid_path"' in body, (target, status, body[:200])
+    assert stats(api)["http"] == before  # nothing reached the upstream
+    assert not any(line.startswith('{"event":"access"}') for line in gateway.log().splitlines())
+
+
+def test_the_upstream_receives_exactly_the_path_that_was_routed(edge: dict[str, Any]) -> None:
+    gateway = edge["gateway"]
+    status, body = raw_get(gateway.port, "/static/a%20b/c%25d.css")
+    assert status == 200
+    assert json.loads(body)["path"] == "/static/a b/c%d.css"
