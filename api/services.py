@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import mongoengine
 import redis.asyncio
+from asgiref.sync import async_to_sync
 from bson import ObjectId
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.hashers import check_password, make_password
 from django.contrib.auth.models import User as DjangoUser
@@ -30,6 +32,7 @@ from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticate
 from messaging import services as messaging
 from messaging import streams
 from messaging.bus import BusAsync
+from messaging.frames import CLOSE_SESSION_ENDED, SESSIONS_CLOSE, user_group
 from messaging.services import Accepted, membership_invalidate_sync
 from storage.documents import Conversation, GroupChat, Message, SingleChat, User, utcnow
 
@@ -115,12 +118,28 @@ def auth_refresh(*, refresh: str) -> TokenPair:
 
 
 def auth_logout(*, refresh: str, access: Claims | None = None) -> None:
-    """Revoke the refresh token (and the caller's access token, when the request carried one).
-    Idempotent: logging out twice is not an error. Raises Unauthenticated for a forged or expired token."""
+    """Revoke the refresh token (and the caller's access token, when the request carried one) and close the
+    user's live WebSockets (:func:`user_sessions_close`). Idempotent: logging out twice is not an error.
+    Raises Unauthenticated for a forged or expired token."""
     claims = token_decode(refresh, expected_type="refresh")
     revocation.revoke(jti=claims.jti, expires_at=claims.expires_at)
     if access is not None and access.user_id == claims.user_id:
         revocation.revoke(jti=access.jti, expires_at=access.expires_at)
+    user_sessions_close(user_id=claims.user_id)
+
+
+def user_sessions_close(*, user_id: str) -> None:
+    """Close every live WebSocket of the user, on every broker, with close code 4010 (logout; and what a
+    password change or an account removal must call). Side effect: one ``group_send`` on the channel layer
+    (Redis) to the user's group, whose members are the brokers holding a socket of theirs (docs/adr/0027).
+    A channel layer that is down is logged, not raised: the tokens are revoked already, and the sockets'
+    tickets were single-use."""
+    layer = get_channel_layer()
+    try:
+        async_to_sync(layer.group_send)(user_group(user_id), {
+            "type": SESSIONS_CLOSE, "user_id": user_id, "code": CLOSE_SESSION_ENDED})
+    except Exception:  # the layer's Redis errors are not one type (redis-py, channels-redis, OSError)
+        logger.exception("could not close the live sessions of user %s", user_id)
 
 
 def ws_ticket_create(*, user_id: str, username: str) -> tuple[str, int]:

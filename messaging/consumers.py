@@ -460,6 +460,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
             _background.add(task)
             task.add_done_callback(_background.discard)
 
+    def session_end(self, *, code: int) -> None:
+        """Called by the hub when the user's session ended elsewhere (logout, password change, account
+        removal; docs/adr/0027): close with ``code`` (4010); no frame is written from now on."""
+        if self.closing:
+            return
+        self.closing = True
+        if not self.out.force_close(code):
+            task = asyncio.get_running_loop().create_task(self._send_close(code))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
     def _too_slow(self, backlog: int) -> bool:
         """Called with ``backlog`` (unsent bytes) above ``WS_SEND_BUFFER_BYTES``: true once it has stayed
         above for longer than SLOW_GRACE_S, or at once above SLOW_HARD_FACTOR times it. A burst (one XREAD

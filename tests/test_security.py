@@ -17,8 +17,10 @@ import pytest
 import websockets
 import websockets.exceptions
 
+from api.tokens import token_issue
+from messaging.frames import CLOSE_SESSION_ENDED
 from tests.gatewaykit import Fleet, Proc, settle
-from tests.realtime import brokers_running, ticket_for, user_create
+from tests.realtime import brokers_running, connect_user, ticket_for, user_create
 from tests.servers import Servers
 
 pytestmark = pytest.mark.cluster
@@ -114,3 +116,43 @@ def test_the_upstream_receives_exactly_the_path_that_was_routed(edge: dict[str, 
     status, body = raw_get(gateway.port, "/static/a%20b/c%25d.css")
     assert status == 200
     assert json.loads(body)["path"] == "/static/a b/c%d.css"
+
+
+# ------------------------------------------------------------------ medium: logout closes live sockets
+
+
+@pytest.fixture(scope="module")
+def realtime(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two real brokers and a real api instance on one Redis database (the channel layer's)."""
+    workdir = tmp_path_factory.mktemp("security-realtime")
+    fleet = Fleet(servers, workdir, db=13)
+    with brokers_running(workdir, 2, REDIS_URL=fleet.redis_url) as brokers:
+        try:
+            api = fleet.api(1)
+            api.wait_healthy()
+            yield {"brokers": brokers, "api": api, "redis_url": fleet.redis_url}
+        finally:
+            fleet.stop()
+
+
+def test_logout_closes_the_users_sockets_on_every_broker_with_4010(realtime: dict[str, Any]) -> None:
+    brokers, api, redis_url = realtime["brokers"], realtime["api"], realtime["redis_url"]
+    alice, alice_name = user_create()
+    bob, _ = user_create()
+
+    async def scenario() -> None:
+        phone = await connect_user(brokers[0].url, redis_url, alice)
+        laptop = await connect_user(brokers[1].url, redis_url, alice)
+        other = await connect_user(brokers[0].url, redis_url, bob)
+        refresh = token_issue(user_id=alice, username=alice_name, type="refresh")
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.post(f"{api.url}/api/v1/auth/logout", json={"refresh": refresh})
+        assert answer.status_code == 204, answer.text
+        assert await phone.recv_closed() == CLOSE_SESSION_ENDED
+        assert await laptop.recv_closed() == CLOSE_SESSION_ENDED
+        # Another user's socket on the same broker carries on.
+        await other.send({"type": "ping", "ref": 1})
+        assert (await other.recv_type("pong"))["ref"] == 1
+        await other.close()
+
+    asyncio.run(scenario())
