@@ -17,10 +17,16 @@ from rest_framework.views import APIView
 from api import selectors, services
 from api import serializers as s
 from api.auth import request_user
-from api.ratelimit import client_ip, rate_limit
+from api.ratelimit import (
+    client_ip,
+    login_backoff_check,
+    login_failure_record,
+    login_success_record,
+    rate_limit,
+)
 from api.serializers import iso
 from api.tokens import Claims
-from chatstream_site.errors import NotFound, ValidationFailed
+from chatstream_site.errors import NotFound, Unauthenticated, ValidationFailed
 from messaging.services import MESSAGE_ID_RE, Accepted
 from storage.documents import Conversation, GroupChat, Message, User
 
@@ -128,8 +134,16 @@ class LoginView(APIView):
     def post(self, request: Request) -> Response:
         rate_limit(request, group="login.ip", value=client_ip(request), rate=settings.API_RATE_LOGIN_IP)
         data = _valid(s.LoginIn, request.data)
-        rate_limit(request, group="login.user", value=data["username"].lower(), rate=settings.API_RATE_LOGIN_USER)
-        pair = services.auth_login(username=data["username"], password=data["password"])
+        # Throttled per (username, client) on failed passwords only: a per-username count of attempts would
+        # let anyone lock the owner out by guessing wrong (docs/security.md).
+        client = client_ip(request)
+        login_backoff_check(username=data["username"], client=client)
+        try:
+            pair = services.auth_login(username=data["username"], password=data["password"])
+        except Unauthenticated:
+            login_failure_record(username=data["username"], client=client)
+            raise
+        login_success_record(username=data["username"], client=client)
         return Response(_pair_out(pair))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ def test_the_upstream_receives_exactly_the_path_that_was_routed(edge: dict[str, 
 def realtime(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two real brokers and a real api instance on one Redis database (the channel layer's)."""
     workdir = tmp_path_factory.mktemp("security-realtime")
-    fleet = Fleet(servers, workdir, db=13)
+    fleet = Fleet(servers, workdir, db=13, CHATSTREAM_LOGIN_BACKOFF_BASE="60")
     with brokers_running(workdir, 2, REDIS_URL=fleet.redis_url) as brokers:
         try:
             api = fleet.api(1)
@@ -156,3 +157,33 @@ def test_logout_closes_the_users_sockets_on_every_broker_with_4010(realtime: dic
         await other.close()
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ medium: nobody can lock the owner out
+
+
+def test_wrong_passwords_from_anywhere_do_not_lock_the_owner_out(realtime: dict[str, Any]) -> None:
+    api = realtime["api"]
+    name, password = "o" + uuid.uuid4().hex[:10], "correct horse battery staple 9"
+    owner = {"X-Forwarded-For": "198.51.100.10"}  # the api trusts the gateway's (127.0.0.1) forwarding header
+    with httpx.Client(base_url=api.url, timeout=10) as client:
+        created = client.post("/api/v1/auth/register", headers=owner,
+                              json={"username": name, "email": f"{name}@example.test", "password": password})
+        assert created.status_code == 201, created.text
+        wrong = {"username": name, "password": "wrong-password"}
+        # Eleven wrong passwords, one from each of eleven clients ...
+        spread = [client.post("/api/v1/auth/login", json=wrong,
+                              headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(11)]
+        assert spread == [401] * 11
+        # ... and a dozen from one client, which backs off (429 + Retry-After) after its free failures.
+        one = [client.post("/api/v1/auth/login", json=wrong, headers={"X-Forwarded-For": "203.0.113.99"})
+               for _ in range(12)]
+        assert [r.status_code for r in one][:5] == [401] * 5 and one[-1].status_code == 429
+        assert int(one[-1].headers["retry-after"]) >= 1
+        right = client.post("/api/v1/auth/login", headers={"X-Forwarded-For": "203.0.113.99"},
+                            json={"username": name, "password": password})
+        assert right.status_code == 429  # the backing-off client waits, even with the right password
+        # The owner, from their own client, gets in at once.
+        mine = client.post("/api/v1/auth/login", headers=owner, json={"username": name, "password": password})
+        assert mine.status_code == 200, mine.text
+        assert "access" in mine.json()

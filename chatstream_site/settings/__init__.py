@@ -213,11 +213,15 @@ SPECTACULAR_SETTINGS = {
 # django-ratelimit on the shared Redis cache (CACHES["default"]): per client IP and per username.
 RATELIMIT_USE_CACHE = "default"
 API_RATE_LOGIN_IP = env_str("CHATSTREAM_RATE_LOGIN_IP", "30/m")
-API_RATE_LOGIN_USER = env_str("CHATSTREAM_RATE_LOGIN_USER", "10/m")
+# Login back-off per (username, client), counting failed passwords only (OWASP: throttle, do not lock the
+# owner out): 5 free failures (a person mistyping), then 1 s, 2 s, 4 s ... doubling per failure up to 15 min,
+# so one client guesses at most ~100 passwords a day per account while the owner elsewhere logs in at once.
+LOGIN_FREE_FAILURES = env_int("CHATSTREAM_LOGIN_FREE_FAILURES", 5, minimum=1)
+LOGIN_BACKOFF_BASE_S = env_float("CHATSTREAM_LOGIN_BACKOFF_BASE", 1.0, minimum=0.001)
+LOGIN_BACKOFF_MAX_S = env_float("CHATSTREAM_LOGIN_BACKOFF_MAX", 900.0, minimum=1.0)
 API_RATE_REGISTER_IP = env_str("CHATSTREAM_RATE_REGISTER_IP", "20/h")
 API_RATE_REGISTER_USER = env_str("CHATSTREAM_RATE_REGISTER_USER", "5/h")
 for _name, _rate in (("CHATSTREAM_RATE_LOGIN_IP", API_RATE_LOGIN_IP),
-                     ("CHATSTREAM_RATE_LOGIN_USER", API_RATE_LOGIN_USER),
                      ("CHATSTREAM_RATE_REGISTER_IP", API_RATE_REGISTER_IP),
                      ("CHATSTREAM_RATE_REGISTER_USER", API_RATE_REGISTER_USER)):
     if not re.fullmatch(r"[1-9][0-9]*/[0-9]*[smhd]", _rate):
