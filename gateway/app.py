@@ -42,6 +42,7 @@ from gateway.middleware import (
 from gateway.proxy import HttpProxy, WebSocketProxy
 from gateway.ratelimit import RateLimiter
 from gateway.upstreams import Upstreams
+from gateway.userlimits import SocketSlots
 from gateway.webclient import webclient_file, webclient_headers
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,11 @@ RETRY_AFTER_S = 2
 class Router:
     """The innermost layer: answer the gateway's own routes, proxy the rest."""
 
-    def __init__(self, *, upstreams: Upstreams) -> None:
+    def __init__(self, *, upstreams: Upstreams, slots: SocketSlots | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.upstreams = upstreams
         self.http = HttpProxy(upstreams=upstreams)
-        self.ws = WebSocketProxy(upstreams=upstreams)
+        self.ws = WebSocketProxy(upstreams=upstreams, slots=slots, limiter=limiter)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = state_of(scope).route
@@ -100,7 +102,9 @@ class GatewayApp:
         self.upstreams = Upstreams(client=self.redis, breaker_threshold=settings.GATEWAY_BREAKER_THRESHOLD,
                                    breaker_open_s=settings.GATEWAY_BREAKER_OPEN_S)
         self.limiter = RateLimiter(client=self.limits_redis)
-        self.router = Router(upstreams=self.upstreams)
+        self.slots = SocketSlots(client=self.limits_redis, cap=settings.GATEWAY_WS_MAX_SOCKETS_PER_USER,
+                                 ttl_s=settings.GATEWAY_WS_SLOT_TTL_S)
+        self.router = Router(upstreams=self.upstreams, slots=self.slots, limiter=self.limiter)
         stack: ASGIApp = self.router
         stack = RouteAuthorizationLayer(stack)
         stack = UserRateLimitLayer(stack, limiter=self.limiter)

@@ -15,10 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import websockets
 import websockets.exceptions
 
-from api.tokens import token_issue
+from api.tokens import token_issue, ws_ticket_issue
+from gateway.proxy import CLOSE_TOO_MANY_SOCKETS
 from messaging.frames import CLOSE_SESSION_ENDED
 from tests.gatewaykit import Fleet, Proc, settle
 from tests.realtime import brokers_running, connect_user, ticket_for, user_create
@@ -187,3 +189,105 @@ def test_wrong_passwords_from_anywhere_do_not_lock_the_owner_out(realtime: dict[
         mine = client.post("/api/v1/auth/login", headers=owner, json={"username": name, "password": password})
         assert mine.status_code == 200, mine.text
         assert "access" in mine.json()
+
+
+# ------------------------------------------------------------------ medium: limits per user, not per socket
+
+
+@pytest.fixture(scope="module")
+def limits(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two gateways with small per-user limits before a stand-in api and two stand-in brokers."""
+    fleet = Fleet(servers, tmp_path_factory.mktemp("security-limits"), db=14,
+                  CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER="2", CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES="30/h")
+    try:
+        procs: dict[str, Proc] = {"api": fleet.stand_in("api", 1), "broker1": fleet.stand_in("broker", 1),
+                                  "broker2": fleet.stand_in("broker", 2), "gw1": fleet.gateway("gw1"),
+                                  "gw2": fleet.gateway("gw2")}
+        for name, proc in procs.items():
+            proc.wait_healthy("/healthz" if name.startswith("gw") else "/__upstream/stats")
+        fleet.wait_registered("api", 1)
+        fleet.wait_registered("broker", 2)
+        settle(1.5)
+        yield {**procs, "fleet": fleet}
+    finally:
+        fleet.stop()
+
+
+def _ws_url(limits: dict[str, Any], gateway: str, user_id: str) -> str:
+    client = redis.Redis.from_url(limits["fleet"].redis_url)
+    try:
+        ticket = ws_ticket_issue(client, user_id=user_id, username="limited")
+    finally:
+        client.close()
+    return f"ws://127.0.0.1:{limits[gateway].port}/ws/?ticket={ticket}"
+
+
+def test_open_sockets_are_capped_per_user_across_gateways_with_4011(limits: dict[str, Any]) -> None:
+    user = "u-socks-" + uuid.uuid4().hex[:8]
+
+    async def scenario() -> None:
+        first = await websockets.connect(_ws_url(limits, "gw1", user))
+        second = await websockets.connect(_ws_url(limits, "gw2", user))
+        for ws in (first, second):
+            assert json.loads(await ws.recv())["type"] == "ready"
+        third = await websockets.connect(_ws_url(limits, "gw1", user))
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            await asyncio.wait_for(third.recv(), 20)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == CLOSE_TOO_MANY_SOCKETS
+        # Another user is not affected, and a closed socket frees its slot.
+        other = await websockets.connect(_ws_url(limits, "gw1", "u-other-" + uuid.uuid4().hex[:8]))
+        assert json.loads(await other.recv())["type"] == "ready"
+        await first.close()
+        # The gateway releases the slot once the close handshake is done: retry (bounded) until then.
+        for _ in range(10):
+            again = await websockets.connect(_ws_url(limits, "gw1", user))
+            try:
+                assert json.loads(await asyncio.wait_for(again.recv(), 20))["type"] == "ready"
+                break
+            except websockets.exceptions.ConnectionClosed as refused:
+                assert refused.rcvd is not None and refused.rcvd.code == CLOSE_TOO_MANY_SOCKETS
+                await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the slot of the closed socket was never released")
+        for ws in (second, other, again):
+            await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_frame_budget_is_per_user_across_sockets_and_gateways(limits: dict[str, Any]) -> None:
+    user = "u-frames-" + uuid.uuid4().hex[:8]
+
+    async def scenario() -> None:
+        one = await websockets.connect(_ws_url(limits, "gw1", user))
+        two = await websockets.connect(_ws_url(limits, "gw2", user))
+        for ws in (one, two):
+            assert json.loads(await ws.recv())["type"] == "ready"
+        # 30 frames in all, 15 per socket (each far below its own per-socket limit of 60 in a burst) ...
+        for i in range(15):
+            await one.send(f"a{i}")
+            await two.send(f"b{i}")
+        # ... and the 31st, on either socket, passes the user's budget: that socket is closed with 4008.
+        await two.send("over")
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(two.recv(), 20)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4008
+        await one.close()
+
+    asyncio.run(scenario())
+
+
+def test_unauthenticated_routes_take_small_bodies_only(limits: dict[str, Any]) -> None:
+    gateway, api = limits["gw1"], limits["api"]
+    before = stats(api)["http"]
+    big = b'{"username": "' + b"x" * 20_000 + b'"}'
+    with httpx.Client(timeout=10) as client:
+        refused = client.post(f"{gateway.url}/api/v1/auth/login", content=big,
+                              headers={"Content-Type": "application/json"})
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "too_large"
+        assert stats(api)["http"] == before
+        token = token_issue(user_id="u-body", username="body", type="access")
+        allowed = client.post(f"{gateway.url}/api/v1/users/me", content=big,
+                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        assert allowed.status_code == 200 and allowed.json()["body_len"] == len(big)

@@ -257,6 +257,17 @@ GATEWAY_RATE_WS_USER = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER", "20/m")
 # 60 never touches a real client and stops a flood at the edge (close 4008).
 GATEWAY_WS_FRAME_RATE = env_float("CHATSTREAM_GATEWAY_WS_FRAME_RATE", 20.0, minimum=0.1)
 GATEWAY_WS_FRAME_BURST = env_int("CHATSTREAM_GATEWAY_WS_FRAME_BURST", 60, minimum=1)
+# Per user, across gateways and brokers (docs/security.md): open WebSockets (a phone, a laptop and a dozen
+# tabs; the slots of a killed gateway free themselves after the TTL), and client frames over all of them per
+# window (1.5x one socket's sustained 20/s: a person has one active socket at a time; bursts of reconnecting
+# tabs fit in the 10 s window). Past the socket cap the handshake is closed with 4011; past the frame budget
+# the socket that sent the frame is closed with 4008.
+GATEWAY_WS_MAX_SOCKETS_PER_USER = env_int("CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER", 16, minimum=1)
+GATEWAY_WS_SLOT_TTL_S = env_float("CHATSTREAM_GATEWAY_WS_SLOT_TTL", 60.0, minimum=3.0)
+GATEWAY_RATE_WS_USER_FRAMES = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES", "300/10s")
+# Bodies of unauthenticated routes (login, register, refresh, logout: JSON of well under 1 KiB): anything
+# bigger is refused with 413 before it is buffered (authenticated routes keep GATEWAY_MAX_BODY).
+GATEWAY_MAX_PUBLIC_BODY = env_int("CHATSTREAM_GATEWAY_MAX_PUBLIC_BODY", 16 * 1024, minimum=1024)
 # WebSocket Origins allowed besides those whose host is in ALLOWED_HOSTS (full origins, e.g. https://app.example).
 GATEWAY_ALLOWED_ORIGINS = env_list("CHATSTREAM_GATEWAY_ALLOWED_ORIGINS", [])
 # Who may reach Django admin through the gateway (route authorization), as networks.
@@ -269,7 +280,7 @@ GATEWAY_TRUSTED_PROXIES = env_list("CHATSTREAM_GATEWAY_TRUSTED_PROXIES", [])
 # Request bodies are buffered (so a failed connect can be retried elsewhere): 10 MiB bounds the memory.
 GATEWAY_MAX_BODY = env_int("CHATSTREAM_GATEWAY_MAX_BODY", 10 * 1024 * 1024, minimum=1024)
 for _name in ("GATEWAY_RATE_IP", "GATEWAY_RATE_USER", "GATEWAY_RATE_SENSITIVE", "GATEWAY_RATE_WS_IP",
-              "GATEWAY_RATE_WS_USER"):
+              "GATEWAY_RATE_WS_USER", "GATEWAY_RATE_WS_USER_FRAMES"):
     if not re.fullmatch(r"[1-9]\d*/\d*[smhd]", globals()[_name]):
         raise ConfigError(f"CHATSTREAM_{_name}={globals()[_name]!r} is not a rate like 30/m, 5/10s or 1000/h")
 
