@@ -40,7 +40,11 @@ logger = logging.getLogger(__name__)
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 STATUSES = ("online", "away", "busy", "offline")
-GROUP_MAX_MEMBERS = 1000
+# A group's members: 256 (WhatsApp's long-time cap) keeps each message's fan-out and a group's membership
+# set small, while covering teams and classes. One request adds at most GROUP_ADD_MAX_PER_REQUEST others:
+# a whole department at once, but not 999 strangers added to a group in one call (issue 14).
+GROUP_MAX_MEMBERS = 256
+GROUP_ADD_MAX_PER_REQUEST = 50
 
 
 # ------------------------------------------------------------------ accounts and tokens
@@ -231,8 +235,13 @@ def group_create(*, creator_id: str, name: str, usernames: list[str]) -> tuple[G
     """
     name = _group_name(name)
     keys = list(dict.fromkeys(u.lower() for u in usernames))
+    if len(keys) > GROUP_ADD_MAX_PER_REQUEST:
+        raise ValidationFailed(f"at most {GROUP_ADD_MAX_PER_REQUEST} members can be added at once",
+                               code="too_many_members",
+                               details={"field": "members", "limit": GROUP_ADD_MAX_PER_REQUEST})
     if len(keys) + 1 > GROUP_MAX_MEMBERS:
-        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", details={"field": "members"})
+        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", code="too_many_members",
+                               details={"field": "members", "limit": GROUP_MAX_MEMBERS})
     found = {u.username_key: u.id for u in User.objects(username_key__in=keys).only("id", "username_key")}
     missing = [k for k in keys if k not in found]
     if missing:
@@ -301,7 +310,8 @@ def group_member_add(*, user_id: str, group_id: str, username: str) -> User:
     group = _admin_group(user_id=user_id, group_id=group_id)
     new = user_by_username(username=username)
     if len(group.members) >= GROUP_MAX_MEMBERS:
-        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members")
+        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", code="too_many_members",
+                               details={"limit": GROUP_MAX_MEMBERS})
     added = GroupChat.objects(id=group.id, members__ne=new.id).update_one(push__members=new.id,
                                                                            set__updated_at=utcnow())
     if not added:

@@ -291,3 +291,17 @@ def test_unauthenticated_routes_take_small_bodies_only(limits: dict[str, Any]) -
         allowed = client.post(f"{gateway.url}/api/v1/users/me", content=big,
                               headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         assert allowed.status_code == 200 and allowed.json()["body_len"] == len(big)
+
+
+def test_one_request_cannot_add_a_crowd_to_a_group(realtime: dict[str, Any]) -> None:
+    api = realtime["api"]
+    creator, creator_name = user_create()
+    crowd = [user_create()[1] for _ in range(51)]
+    token = token_issue(user_id=creator, username=creator_name, type="access")
+    with httpx.Client(base_url=api.url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
+        refused = client.post("/api/v1/chats/group", json={"name": "crowd", "members": crowd})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "too_many_members"
+        assert refused.json()["error"]["details"]["limit"] == 50
+        created = client.post("/api/v1/chats/group", json={"name": "team", "members": crowd[:50]})
+        assert created.status_code == 201, created.text
