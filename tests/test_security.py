@@ -198,7 +198,9 @@ def test_wrong_passwords_from_anywhere_do_not_lock_the_owner_out(realtime: dict[
 def limits(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two gateways with small per-user limits before a stand-in api and two stand-in brokers."""
     fleet = Fleet(servers, tmp_path_factory.mktemp("security-limits"), db=14,
-                  CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER="2", CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES="30/h")
+                  CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER="2", CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES="30/h",
+                  # As behind a TLS-terminating load balancer on this host: its X-Forwarded-Proto is believed.
+                  CHATSTREAM_GATEWAY_TRUSTED_PROXIES="127.0.0.1")
     try:
         procs: dict[str, Proc] = {"api": fleet.stand_in("api", 1), "broker1": fleet.stand_in("broker", 1),
                                   "broker2": fleet.stand_in("broker", 2), "gw1": fleet.gateway("gw1"),
@@ -305,3 +307,27 @@ def test_one_request_cannot_add_a_crowd_to_a_group(realtime: dict[str, Any]) -> 
         assert refused.json()["error"]["details"]["limit"] == 50
         created = client.post("/api/v1/chats/group", json={"name": "team", "members": crowd[:50]})
         assert created.status_code == 201, created.text
+
+
+# ------------------------------------------------------------------ low: internal ports, web hardening
+
+
+def test_a_broker_port_serves_its_own_routes_only(realtime: dict[str, Any]) -> None:
+    broker = realtime["brokers"][0]
+    with httpx.Client(base_url=f"http://127.0.0.1:{broker.port}", timeout=10) as client:
+        assert client.get("/healthz").status_code == 200
+        for path in ("/admin/login/", "/api/v1/schema", "/api/v1/users/me", "/static/admin/css/base.css"):
+            answer = client.get(path)
+            assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", path
+
+
+def test_the_api_believes_x_forwarded_for_only_from_the_gateway(realtime: dict[str, Any]) -> None:
+    api = realtime["api"]
+    name = "x" + uuid.uuid4().hex[:10]
+    wrong = {"username": name, "password": "wrong-password"}
+    # A peer that is not a trusted proxy (127.0.0.31) cannot pose as new clients with a forged header: its
+    # failures all count against its own address, and it backs off after the free ones.
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=OUTSIDER), base_url=api.url, timeout=10) as peer:
+        codes = [peer.post("/api/v1/auth/login", json=wrong,
+                           headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code for i in range(7)]
+    assert codes[:5] == [401] * 5 and codes[-1] == 429, codes
