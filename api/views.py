@@ -144,7 +144,11 @@ class LoginView(APIView):
             login_failure_record(username=data["username"], client=client)
             raise
         login_success_record(username=data["username"], client=client)
-        return Response(_pair_out(pair))
+        return Response(_pair_out(pair), headers=NO_STORE)
+
+
+# Responses that carry tokens or tickets: no cache (the browser's, a proxy's) may keep them (RFC 6749 5.1).
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 def _pair_out(pair: services.TokenPair) -> dict[str, Any]:
@@ -160,7 +164,7 @@ class RefreshView(APIView):
                    summary="Rotate: the refresh token is spent and a new pair is issued")
     def post(self, request: Request) -> Response:
         data = _valid(s.RefreshIn, request.data)
-        return Response(_pair_out(services.auth_refresh(refresh=data["refresh"])))
+        return Response(_pair_out(services.auth_refresh(refresh=data["refresh"])), headers=NO_STORE)
 
 
 class LogoutView(APIView):
@@ -181,7 +185,7 @@ class WsTicketView(APIView):
     def post(self, request: Request) -> Response:
         user = request_user(request)
         ticket, expires_in = services.ws_ticket_create(user_id=user.id, username=user.username)
-        return Response({"ticket": ticket, "expires_in": expires_in})
+        return Response({"ticket": ticket, "expires_in": expires_in}, headers=NO_STORE)
 
 
 # ------------------------------------------------------------------ users and contacts

@@ -28,7 +28,7 @@ import redis.asyncio
 from django.conf import settings
 
 from chatstream_site.registry import ROLES
-from gateway.asgi import ASGIApp, Receive, Scope, Send, send_error, send_response, state_of
+from gateway.asgi import ASGIApp, Receive, Scope, Send, header, send_error, send_response, state_of
 from gateway.middleware import (
     AccessLogLayer,
     AuthenticationLayer,
@@ -78,7 +78,9 @@ class Router:
                 return
             content_type, body = found
             await send_response(send, status=200, body=body, content_type=content_type.encode(),
-                                headers=webclient_headers(content_type))
+                                headers=webclient_headers(
+                                    content_type, host=(header(scope, b"host") or b"").decode("latin-1"),
+                                    secure=scope.get("scheme") == "https"))
 
     async def readyz(self, send: Send) -> None:
         live = await self.upstreams.instances()

@@ -60,6 +60,9 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
 )
 
+# Only over TLS (a browser ignores it over plain HTTP): a year, the preload lists' minimum.
+HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
+
 
 class RequestIdLayer:
     """Give every request an id (the client's ``X-Request-Id`` if well-formed, else a new one).
@@ -91,7 +94,8 @@ class AccessLogLayer:
     """One structured (JSON) log line per request: status, route, upstream instance, user, duration.
 
     For WebSockets the line is written when the connection ends, with its close code. The query string is
-    never logged (it carries tickets). Also adds :data:`SECURITY_HEADERS` to HTTP responses.
+    never logged (it carries tickets). Also adds :data:`SECURITY_HEADERS` to HTTP responses, and :data:`HSTS`
+    when the request came over TLS.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -102,6 +106,8 @@ class AccessLogLayer:
             await self.app(scope, receive, send)
             return
         state = state_of(scope)
+        # Served over TLS (uvicorn with a certificate, or a trusted proxy's X-Forwarded-Proto: https).
+        tls = scope.get("scheme") in ("https", "wss")
 
         async def send_logged(message: Message) -> None:
             kind = message["type"]
@@ -110,6 +116,8 @@ class AccessLogLayer:
                 present = {k.lower() for k, _ in message.get("headers", ())}
                 message["headers"] = [*message.get("headers", ()),
                                       *(h for h in SECURITY_HEADERS if h[0] not in present)]
+                if tls and b"strict-transport-security" not in present:
+                    message["headers"].append(HSTS)
             elif kind == "websocket.accept":
                 state.status = 101
             elif kind == "websocket.close":

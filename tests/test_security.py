@@ -331,3 +331,40 @@ def test_the_api_believes_x_forwarded_for_only_from_the_gateway(realtime: dict[s
         codes = [peer.post("/api/v1/auth/login", json=wrong,
                            headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code for i in range(7)]
     assert codes[:5] == [401] * 5 and codes[-1] == 429, codes
+
+
+def test_token_responses_are_never_cached(realtime: dict[str, Any]) -> None:
+    api = realtime["api"]
+    name, password = "c" + uuid.uuid4().hex[:10], "correct horse battery staple 9"
+    with httpx.Client(base_url=api.url, timeout=10, headers={"X-Forwarded-For": "198.51.100.77"}) as client:
+        assert client.post("/api/v1/auth/register", json={"username": name, "email": f"{name}@example.test",
+                                                          "password": password}).status_code == 201
+        pair = client.post("/api/v1/auth/login", json={"username": name, "password": password})
+        refreshed = client.post("/api/v1/auth/refresh", json={"refresh": pair.json()["refresh"]})
+        ticket = client.post("/api/v1/auth/ws-ticket",
+                             headers={"Authorization": f"Bearer {refreshed.json()['access']}"})
+        for answer in (pair, refreshed, ticket):
+            assert answer.status_code == 200, answer.text
+            assert "no-store" in answer.headers.get("cache-control", ""), answer.request.url
+
+
+def test_cookies_are_secure_and_hsts_is_sent_over_tls_only(realtime: dict[str, Any], limits: dict[str, Any]) -> None:
+    api, gateway = realtime["api"], limits["gw1"]
+    with httpx.Client(timeout=10) as client:
+        plain = client.get(f"{api.url}/admin/login/")
+        tls = client.get(f"{api.url}/admin/login/", headers={"X-Forwarded-Proto": "https"})
+        assert "csrftoken" in plain.cookies and "csrftoken" in tls.cookies
+        assert "secure" not in plain.headers["set-cookie"].lower()
+        assert "; secure" in tls.headers["set-cookie"].lower()
+        assert "strict-transport-security" not in client.get(f"{gateway.url}/healthz").headers
+        over_tls = client.get(f"{gateway.url}/healthz", headers={"X-Forwarded-Proto": "https"})
+        assert over_tls.headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_the_web_client_may_open_websockets_to_its_own_origin_only(limits: dict[str, Any]) -> None:
+    gateway = limits["gw1"]
+    page = httpx.get(f"{gateway.url}/", timeout=10)
+    csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    sources = csp["connect-src"].split()
+    assert "ws:" not in sources and "wss:" not in sources
+    assert sources == ["'self'", f"ws://127.0.0.1:{gateway.port}"]
