@@ -651,14 +651,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if isinstance(after, bool) or not isinstance(after, int) or after < 0:
                 raise ValidationFailed("each last_seq must be a non-negative integer",
                                        details={"field": "conversations", "conversation_id": conversation_id})
+        # One backward read per partition for the whole frame, not one per conversation (docs/security.md).
+        mine = {c: a for c, a in wanted.items() if c in self.conversations}
+        scan = selectors.ResumeScan(self.hub.redis, wanted=mine)
         for conversation_id, after in wanted.items():
-            if conversation_id not in self.conversations:
+            if conversation_id not in mine:
                 await self._error(NotFound("no such conversation", details={"conversation_id": conversation_id}),
                                   ref=ref)
                 continue
-            await self._resume_one(conversation_id=conversation_id, after=after)
+            await self._resume_one(conversation_id=conversation_id, after=after, scan=scan)
 
-    async def _resume_one(self, *, conversation_id: str, after: int) -> None:
+    async def _resume_one(self, *, conversation_id: str, after: int, scan: selectors.ResumeScan) -> None:
         """Send the conversation's events after ``after`` in seq order (archive, then stream), then the live
         events that arrived meanwhile, then ``resumed``. Live delivery of this conversation is held (buffered)
         for the duration, so nothing is lost, repeated or reordered at the seam."""
@@ -666,8 +669,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         upto = after
         try:
             last = await streams.last_accepted_seq(self.hub.redis, conversation_id=conversation_id)
-            tail = await selectors.stream_events_after(self.hub.redis, conversation_id=conversation_id,
-                                                       after_seq=after, last_seq=last)
+            tail = await scan.events_after(conversation_id=conversation_id, last_seq=last)
             if not tail.complete:
                 before = tail.events[0].seq if tail.events else last + 1
                 cursor = after

@@ -18,12 +18,14 @@ import pytest
 import redis
 import websockets
 import websockets.exceptions
+from bson import ObjectId
 
 from api.tokens import token_issue, ws_ticket_issue
 from gateway.proxy import CLOSE_TOO_MANY_SOCKETS
 from messaging.frames import CLOSE_SESSION_ENDED
+from messaging.streams import partition_of, stream_key
 from tests.gatewaykit import Fleet, Proc, settle
-from tests.realtime import brokers_running, connect_user, ticket_for, user_create
+from tests.realtime import brokers_running, connect_user, group_create, send_frame, ticket_for, user_create
 from tests.servers import Servers
 
 pytestmark = pytest.mark.cluster
@@ -368,3 +370,50 @@ def test_the_web_client_may_open_websockets_to_its_own_origin_only(limits: dict[
     sources = csp["connect-src"].split()
     assert "ws:" not in sources and "wss:" not in sources
     assert sources == ["'self'", f"ws://127.0.0.1:{gateway.port}"]
+
+
+def test_a_resume_reads_each_partition_once_not_once_per_conversation(realtime: dict[str, Any]) -> None:
+    broker, redis_url = realtime["brokers"][0], realtime["redis_url"]
+    alice, _ = user_create()
+    first = group_create([alice])
+    partition = partition_of(first)
+    conversations = [first]
+    while len(conversations) < 20:  # twenty conversations that share one partition stream
+        conversation_id = group_create([alice])
+        if partition_of(conversation_id) == partition:
+            conversations.append(conversation_id)
+    client = redis.Redis.from_url(redis_url)
+
+    async def scenario() -> dict[str, int]:
+        sender = await connect_user(broker.url, redis_url, alice)
+        for conversation_id in conversations:
+            await sender.send(send_frame(conversation_id, "before the gap"))
+            assert (await sender.recv_type("ack", "error"))["type"] == "ack"
+        await sender.close()
+        # 3,000 entries of another conversation in the same partition after them: each conversation's missed
+        # event lies 3 pages (of 1,000) below the top of the stream.
+        pipe = client.pipeline(transaction=False)
+        other = str(ObjectId())
+        for i in range(3000):
+            pipe.xadd(stream_key(partition), {"c": other, "t": "message.new", "s": i + 1, "d": "{}"})
+        pipe.execute()
+        resumer = await connect_user(broker.url, redis_url, alice)
+        # Counted from here: the connect itself reads the top of each subscribed partition (one entry each).
+        before = client.info("commandstats").get("cmdstat_xrevrange", {}).get("calls", 0)
+        await resumer.send({"type": "resume", "conversations": dict.fromkeys(conversations, 0)})
+        resumed: dict[str, int] = {}
+        while len(resumed) < len(conversations):
+            frame = await resumer.recv_type("resumed", "error")
+            assert frame["type"] == "resumed", frame
+            resumed[frame["conversation_id"]] = frame["last_seq"]
+        got = {m["conversation_id"] for m in resumer.seen if m["type"] == "message.new"}
+        await resumer.close()
+        assert got == set(conversations)  # every missed event was found ...
+        after = client.info("commandstats")["cmdstat_xrevrange"]["calls"]
+        return {"resumed_at_1": sum(1 for seq in resumed.values() if seq == 1), "xrevrange": after - before}
+
+    outcome = asyncio.run(scenario())
+    client.close()
+    assert outcome["resumed_at_1"] == len(conversations)
+    # ... with the partition read backwards once (4 pages), where one scan per conversation read it 20 times.
+    assert outcome["xrevrange"] <= 6, outcome
