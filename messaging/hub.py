@@ -23,6 +23,7 @@ everything here is non-blocking. Connections are duck-typed :class:`Subscriber` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -53,8 +54,7 @@ COMMAND_TIMEOUT_S = 5.0
 SUPERVISOR_MAX_BACKOFF_S = 5.0
 # Sessions per presence-refresh pipeline (one Lua call each, ~10-20 us of Python to queue and parse).
 PRESENCE_REFRESH_SLICE = 250
-# channels-redis forgets a group member after its group_expiry (1 day): members are renewed hourly, and the
-# receive waits at most this long so the renewal runs on a quiet broker too.
+# channels-redis forgets a group member after its group_expiry (1 day): members are renewed hourly.
 GROUP_RENEW_S = 3600.0
 
 
@@ -101,7 +101,11 @@ class Hub:
         # (frames.user_group), so a group_send from the api reaches each broker holding one once (docs/adr/0027).
         self._layer: Any = None
         self._session_channel = ""
+        self._session_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        # A user's group_discard still in flight: a new socket of theirs waits for it before its group_add,
+        # so the two never cross on their way to Redis (which would leave the user out of the group).
+        self._discarding: dict[str, asyncio.Task[None]] = {}
 
     @property
     def bus(self) -> BusAsync:
@@ -118,7 +122,7 @@ class Hub:
             return
         for name, body in (("reader", self._read_loop), ("control", self._control_loop),
                            ("presence", self._presence_loop), ("presence_sweep", self._presence_sweep_loop),
-                           ("sessions", self._sessions_loop)):
+                           ("sessions", self._sessions_loop), ("sessions_renew", self._sessions_renew_loop)):
             self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(name, body)))
 
     async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
@@ -362,11 +366,13 @@ class Hub:
 
     async def _session_layer(self) -> tuple[Any, str]:
         """The channel layer and this process' channel on it (named once: a restarted loop keeps the groups)."""
-        if self._layer is None:
-            from channels.layers import get_channel_layer
+        async with self._session_lock:  # two first connects must not name two channels
+            if self._layer is None:
+                from channels.layers import get_channel_layer
 
-            self._layer = get_channel_layer()
-            self._session_channel = await self._layer.new_channel("cs.broker.")
+                layer = get_channel_layer()
+                self._session_channel = await layer.new_channel("cs.broker.")
+                self._layer = layer
         return self._layer, self._session_channel
 
     async def _user_group_add(self, user_id: str) -> None:
@@ -374,6 +380,10 @@ class Hub:
         effect: one ZADD in Redis (channels-redis; membership expires after its group_expiry, 1 day, which the
         sessions loop renews for the users still here)."""
         layer, channel = await self._session_layer()
+        pending = self._discarding.get(user_id)
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
         await layer.group_add(frames.user_group(user_id), channel)
 
     def _user_group_discard(self, user_id: str) -> None:
@@ -384,27 +394,34 @@ class Hub:
         task = asyncio.get_running_loop().create_task(
             self._layer.group_discard(frames.user_group(user_id), self._session_channel))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._discarding[user_id] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._background.discard(finished)
+            if self._discarding.get(user_id) is finished:
+                del self._discarding[user_id]
+
+        task.add_done_callback(done)
 
     async def _sessions_loop(self) -> None:
         """Receive ``sessions.close`` events on this process' channel and close the user's sockets here."""
         layer, channel = await self._session_layer()
-        renewed = time.monotonic()
         while True:
-            try:
-                message = await asyncio.wait_for(layer.receive(channel), GROUP_RENEW_S)
-            except TimeoutError:
-                message = None
-            if time.monotonic() - renewed > GROUP_RENEW_S:
-                renewed = time.monotonic()
-                for user_id in list(self.by_user):
-                    await layer.group_add(frames.user_group(user_id), channel)
-            if message is None or message.get("type") != frames.SESSIONS_CLOSE:
+            message = await layer.receive(channel)
+            if message.get("type") != frames.SESSIONS_CLOSE:
                 continue
             conns = tuple(self.by_user.get(str(message.get("user_id")), ()))
             self.stats["sessions_closed"] += len(conns)
             for conn in conns:
                 conn.session_end(code=int(message.get("code", frames.CLOSE_SESSION_ENDED)))
+
+    async def _sessions_renew_loop(self) -> None:
+        """Renew this broker's membership of its users' groups before channels-redis forgets it (1 day)."""
+        while True:
+            await asyncio.sleep(GROUP_RENEW_S)
+            layer, channel = await self._session_layer()
+            for user_id in list(self.by_user):
+                await layer.group_add(frames.user_group(user_id), channel)
 
     # ------------------------------------------------------------------ presence heartbeat
 
