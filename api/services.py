@@ -14,7 +14,9 @@ import re
 from dataclasses import dataclass
 
 import mongoengine
+from asgiref.sync import async_to_sync
 from bson import ObjectId
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.hashers import check_password, make_password
 from django.contrib.auth.models import User as DjangoUser
@@ -28,6 +30,7 @@ from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging import services as messaging
 from messaging import streams
+from messaging.frames import CLOSE_SESSION_ENDED, SESSIONS_CLOSE, user_group
 from messaging.membership import membership_changed_sync
 from messaging.services import Accepted
 from storage import services as storage_services
@@ -37,7 +40,11 @@ logger = logging.getLogger(__name__)
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 STATUSES = ("online", "away", "busy", "offline")
-GROUP_MAX_MEMBERS = 1000
+# A group's members: 256 (WhatsApp's long-time cap) keeps each message's fan-out and a group's membership
+# set small, while covering teams and classes. One request adds at most GROUP_ADD_MAX_PER_REQUEST others:
+# a whole department at once, but not 999 strangers added to a group in one call (issue 14).
+GROUP_MAX_MEMBERS = 256
+GROUP_ADD_MAX_PER_REQUEST = 50
 
 
 # ------------------------------------------------------------------ accounts and tokens
@@ -115,12 +122,28 @@ def auth_refresh(*, refresh: str) -> TokenPair:
 
 
 def auth_logout(*, refresh: str, access: Claims | None = None) -> None:
-    """Revoke the refresh token (and the caller's access token, when the request carried one).
-    Idempotent: logging out twice is not an error. Raises Unauthenticated for a forged or expired token."""
+    """Revoke the refresh token (and the caller's access token, when the request carried one) and close the
+    user's live WebSockets (:func:`user_sessions_close`). Idempotent: logging out twice is not an error.
+    Raises Unauthenticated for a forged or expired token."""
     claims = token_decode(refresh, expected_type="refresh")
     revocation.revoke(jti=claims.jti, expires_at=claims.expires_at)
     if access is not None and access.user_id == claims.user_id:
         revocation.revoke(jti=access.jti, expires_at=access.expires_at)
+    user_sessions_close(user_id=claims.user_id)
+
+
+def user_sessions_close(*, user_id: str) -> None:
+    """Close every live WebSocket of the user, on every broker, with close code 4010 (logout; and what a
+    password change or an account removal must call). Side effect: one ``group_send`` on the channel layer
+    (Redis) to the user's group, whose members are the brokers holding a socket of theirs (docs/adr/0027).
+    A channel layer that is down is logged, not raised: the tokens are revoked already, and the sockets'
+    tickets were single-use."""
+    layer = get_channel_layer()
+    try:
+        async_to_sync(layer.group_send)(user_group(user_id), {
+            "type": SESSIONS_CLOSE, "user_id": user_id, "code": CLOSE_SESSION_ENDED})
+    except Exception:  # the layer's Redis errors are not one type (redis-py, channels-redis, OSError)
+        logger.exception("could not close the live sessions of user %s", user_id)
 
 
 def ws_ticket_create(*, user_id: str, username: str) -> tuple[str, int]:
@@ -212,8 +235,13 @@ def group_create(*, creator_id: str, name: str, usernames: list[str]) -> tuple[G
     """
     name = _group_name(name)
     keys = list(dict.fromkeys(u.lower() for u in usernames))
+    if len(keys) > GROUP_ADD_MAX_PER_REQUEST:
+        raise ValidationFailed(f"at most {GROUP_ADD_MAX_PER_REQUEST} members can be added at once",
+                               code="too_many_members",
+                               details={"field": "members", "limit": GROUP_ADD_MAX_PER_REQUEST})
     if len(keys) + 1 > GROUP_MAX_MEMBERS:
-        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", details={"field": "members"})
+        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", code="too_many_members",
+                               details={"field": "members", "limit": GROUP_MAX_MEMBERS})
     found = {u.username_key: u.id for u in User.objects(username_key__in=keys).only("id", "username_key")}
     missing = [k for k in keys if k not in found]
     if missing:
@@ -277,7 +305,8 @@ def group_member_add(*, user_id: str, group_id: str, username: str) -> User:
     group = _admin_group(user_id=user_id, group_id=group_id)
     new = user_by_username(username=username)
     if len(group.members) >= GROUP_MAX_MEMBERS:
-        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members")
+        raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", code="too_many_members",
+                               details={"limit": GROUP_MAX_MEMBERS})
     added = GroupChat.objects(id=group.id, members__ne=new.id).update_one(push__members=new.id,
                                                                            set__updated_at=utcnow())
     if not added:

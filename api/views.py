@@ -17,10 +17,16 @@ from rest_framework.views import APIView
 from api import selectors, services
 from api import serializers as s
 from api.auth import request_user
-from api.ratelimit import client_ip, rate_limit
+from api.ratelimit import (
+    client_ip,
+    login_backoff_check,
+    login_failure_record,
+    login_success_record,
+    rate_limit,
+)
 from api.serializers import iso
 from api.tokens import Claims
-from chatstream_site.errors import NotFound, ValidationFailed
+from chatstream_site.errors import NotFound, Unauthenticated, ValidationFailed
 from messaging.services import MESSAGE_ID_RE, Accepted
 from storage.documents import Conversation, GroupChat, Message, User
 
@@ -128,9 +134,21 @@ class LoginView(APIView):
     def post(self, request: Request) -> Response:
         rate_limit(request, group="login.ip", value=client_ip(request), rate=settings.API_RATE_LOGIN_IP)
         data = _valid(s.LoginIn, request.data)
-        rate_limit(request, group="login.user", value=data["username"].lower(), rate=settings.API_RATE_LOGIN_USER)
-        pair = services.auth_login(username=data["username"], password=data["password"])
-        return Response(_pair_out(pair))
+        # Throttled per (username, client) on failed passwords only: a per-username count of attempts would
+        # let anyone lock the owner out by guessing wrong (docs/security.md).
+        client = client_ip(request)
+        login_backoff_check(username=data["username"], client=client)
+        try:
+            pair = services.auth_login(username=data["username"], password=data["password"])
+        except Unauthenticated:
+            login_failure_record(username=data["username"], client=client)
+            raise
+        login_success_record(username=data["username"], client=client)
+        return Response(_pair_out(pair), headers=NO_STORE)
+
+
+# Responses that carry tokens or tickets: no cache (the browser's, a proxy's) may keep them (RFC 6749 5.1).
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 def _pair_out(pair: services.TokenPair) -> dict[str, Any]:
@@ -146,7 +164,7 @@ class RefreshView(APIView):
                    summary="Rotate: the refresh token is spent and a new pair is issued")
     def post(self, request: Request) -> Response:
         data = _valid(s.RefreshIn, request.data)
-        return Response(_pair_out(services.auth_refresh(refresh=data["refresh"])))
+        return Response(_pair_out(services.auth_refresh(refresh=data["refresh"])), headers=NO_STORE)
 
 
 class LogoutView(APIView):
@@ -167,7 +185,7 @@ class WsTicketView(APIView):
     def post(self, request: Request) -> Response:
         user = request_user(request)
         ticket, expires_in = services.ws_ticket_create(user_id=user.id, username=user.username)
-        return Response({"ticket": ticket, "expires_in": expires_in})
+        return Response({"ticket": ticket, "expires_in": expires_in}, headers=NO_STORE)
 
 
 # ------------------------------------------------------------------ users and contacts

@@ -1,13 +1,15 @@
 """The ASGI application of every HTTP role; ``CHATSTREAM_ROLE`` picks what it serves.
 
 gateway -> the gateway app (proxy in front of everything); broker -> Channels (WebSocket consumers, plus
-the health views over HTTP); api (and no role) -> Django (DRF, admin, health views).
+the health views over HTTP and nothing else); api (and no role) -> Django (DRF, admin, health views).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
+from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatstream_site.settings")
 
@@ -20,6 +22,26 @@ django_application = get_asgi_application()  # sets Django up before anything im
 from chatstream_site.roles import heartbeat_start  # noqa: E402
 from messaging.routing import broker_lifespan, websocket_application  # noqa: E402
 
+BROKER_HTTP_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def broker_http(app: Any) -> Any:
+    """The broker's HTTP: its health views only. Everything else (the admin, the API) is the api role's and
+    is answered 404 here, so a broker's port exposes nothing of it (docs/security.md)."""
+    body = json.dumps({"error": {"code": "not_found", "message": "a broker serves /ws/, /healthz and /readyz only",
+                                 "details": {}}}).encode()
+
+    async def serve(scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("path") in BROKER_HTTP_PATHS:
+            await app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return serve
+
+
 application: object
 if settings.ROLE == "gateway":
     from gateway.app import GatewayApp
@@ -27,7 +49,7 @@ if settings.ROLE == "gateway":
     application = GatewayApp()
 elif settings.ROLE == "broker":
     application = ProtocolTypeRouter({
-        "http": django_application,
+        "http": broker_http(django_application),
         "websocket": websocket_application(),  # Origin checked against ALLOWED_HOSTS (messaging/routing.py)
         "lifespan": broker_lifespan,  # uvicorn only; daphne never sends a lifespan scope
     })

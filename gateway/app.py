@@ -4,7 +4,9 @@ The stack, outermost first (each layer in ``gateway/middleware.py`` or ``gateway
 
 1. request id — the client's ``X-Request-Id`` if well-formed, else a new one; echoed and passed upstream;
 2. access log — one JSON line per request (status, upstream instance, user, duration) + security headers;
-3. origin check — WebSocket handshakes from foreign Origins are refused with 403;
+3. path check — dot segments, ``//``, encoded separators and control characters are refused with 400
+   (docs/security.md); the proxy forwards exactly the path that was routed;
+   origin check — WebSocket handshakes from foreign Origins are refused with 403;
 4. rate limit per IP — django-ratelimit's algorithm on the shared Redis cache (429 + Retry-After, or 4008);
 5. authentication — JWT for ``jwt`` routes, the single-use ticket for ``/ws/`` (401, or close 4001);
 6. rate limit per user — keyed on the verified user;
@@ -26,12 +28,13 @@ import redis.asyncio
 from django.conf import settings
 
 from chatstream_site.registry import ROLES
-from gateway.asgi import ASGIApp, Receive, Scope, Send, send_error, send_response, state_of
+from gateway.asgi import ASGIApp, Receive, Scope, Send, header, send_error, send_response, state_of
 from gateway.middleware import (
     AccessLogLayer,
     AuthenticationLayer,
     IpRateLimitLayer,
     OriginLayer,
+    PathLayer,
     RequestIdLayer,
     RouteAuthorizationLayer,
     UserRateLimitLayer,
@@ -39,6 +42,7 @@ from gateway.middleware import (
 from gateway.proxy import HttpProxy, WebSocketProxy
 from gateway.ratelimit import RateLimiter
 from gateway.upstreams import Upstreams
+from gateway.userlimits import SocketSlots
 from gateway.webclient import webclient_file, webclient_headers
 
 logger = logging.getLogger(__name__)
@@ -49,10 +53,11 @@ RETRY_AFTER_S = 2
 class Router:
     """The innermost layer: answer the gateway's own routes, proxy the rest."""
 
-    def __init__(self, *, upstreams: Upstreams) -> None:
+    def __init__(self, *, upstreams: Upstreams, slots: SocketSlots | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.upstreams = upstreams
         self.http = HttpProxy(upstreams=upstreams)
-        self.ws = WebSocketProxy(upstreams=upstreams)
+        self.ws = WebSocketProxy(upstreams=upstreams, slots=slots, limiter=limiter)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = state_of(scope).route
@@ -73,7 +78,9 @@ class Router:
                 return
             content_type, body = found
             await send_response(send, status=200, body=body, content_type=content_type.encode(),
-                                headers=webclient_headers(content_type))
+                                headers=webclient_headers(
+                                    content_type, host=(header(scope, b"host") or b"").decode("latin-1"),
+                                    secure=scope.get("scheme") == "https"))
 
     async def readyz(self, send: Send) -> None:
         live = await self.upstreams.instances()
@@ -97,13 +104,16 @@ class GatewayApp:
         self.upstreams = Upstreams(client=self.redis, breaker_threshold=settings.GATEWAY_BREAKER_THRESHOLD,
                                    breaker_open_s=settings.GATEWAY_BREAKER_OPEN_S)
         self.limiter = RateLimiter(client=self.limits_redis)
-        self.router = Router(upstreams=self.upstreams)
+        self.slots = SocketSlots(client=self.limits_redis, cap=settings.GATEWAY_WS_MAX_SOCKETS_PER_USER,
+                                 ttl_s=settings.GATEWAY_WS_SLOT_TTL_S)
+        self.router = Router(upstreams=self.upstreams, slots=self.slots, limiter=self.limiter)
         stack: ASGIApp = self.router
         stack = RouteAuthorizationLayer(stack)
         stack = UserRateLimitLayer(stack, limiter=self.limiter)
         stack = AuthenticationLayer(stack, redis_client=self.redis)
         stack = IpRateLimitLayer(stack, limiter=self.limiter)
         stack = OriginLayer(stack)
+        stack = PathLayer(stack)
         stack = AccessLogLayer(stack)
         stack = RequestIdLayer(stack)
         self.stack = stack

@@ -1,6 +1,6 @@
 """The gateway's layers, outermost first. Each is an ASGI app wrapping the next (see ``gateway/app.py``).
 
-request id → access log (+ security headers) → origin check (WebSocket) → rate limit per IP →
+request id → access log (+ security headers) → path check → origin check (WebSocket) → rate limit per IP →
 authentication → rate limit per user → route authorization → the router (own routes, or load balancer →
 circuit breaker → proxy).
 
@@ -43,7 +43,7 @@ from gateway.asgi import (
     ws_refuse,
 )
 from gateway.ratelimit import RateLimiter
-from gateway.routes import route_match
+from gateway.routes import path_checked, route_match
 
 access_logger = logging.getLogger("chatstream.gateway.access")
 logger = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
 )
+
+# Only over TLS (a browser ignores it over plain HTTP): a year, the preload lists' minimum.
+HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
 
 
 class RequestIdLayer:
@@ -91,7 +94,8 @@ class AccessLogLayer:
     """One structured (JSON) log line per request: status, route, upstream instance, user, duration.
 
     For WebSockets the line is written when the connection ends, with its close code. The query string is
-    never logged (it carries tickets). Also adds :data:`SECURITY_HEADERS` to HTTP responses.
+    never logged (it carries tickets). Also adds :data:`SECURITY_HEADERS` to HTTP responses, and :data:`HSTS`
+    when the request came over TLS.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -102,6 +106,8 @@ class AccessLogLayer:
             await self.app(scope, receive, send)
             return
         state = state_of(scope)
+        # Served over TLS (uvicorn with a certificate, or a trusted proxy's X-Forwarded-Proto: https).
+        tls = scope.get("scheme") in ("https", "wss")
 
         async def send_logged(message: Message) -> None:
             kind = message["type"]
@@ -110,6 +116,8 @@ class AccessLogLayer:
                 present = {k.lower() for k, _ in message.get("headers", ())}
                 message["headers"] = [*message.get("headers", ()),
                                       *(h for h in SECURITY_HEADERS if h[0] not in present)]
+                if tls and b"strict-transport-security" not in present:
+                    message["headers"].append(HSTS)
             elif kind == "websocket.accept":
                 state.status = 101
             elif kind == "websocket.close":
@@ -140,15 +148,39 @@ class AccessLogLayer:
             access_logger.info("%s", json.dumps(entry, separators=(",", ":")))
 
 
+class PathLayer:
+    """Refuse a path that is not canonical (dot segments, ``//``, encoded separators, control characters) with
+    400 ``invalid_path`` (a WebSocket handshake with 403) before it is routed: the routes match the decoded
+    path and the proxy forwards that same path, so what is checked is what the upstream serves."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and path_checked(
+                raw_path=scope.get("raw_path"), path=scope["path"]) is None:
+            state_of(scope).reason = "invalid_path"
+            if scope["type"] == "websocket":
+                await ws_refuse(receive, send, code=403)
+                return
+            await send_error(send, status=400, code="invalid_path",
+                             message="the path has dot segments, empty segments, encoded separators or control "
+                                     "characters")
+            return
+        await self.app(scope, receive, send)
+
+
 def origin_allowed(origin: bytes | None, *, allowed_hosts: list[str], allowed_origins: list[str]) -> bool:
     """Whether a WebSocket handshake's ``Origin`` may connect. Pure.
 
     No Origin (not a browser: tests, mobile apps, servers) is allowed — a browser always sends one, and the
     check exists to stop other sites' pages from riding a user's browser. Otherwise the origin must be listed
-    in ``allowed_origins`` or its host must match ``ALLOWED_HOSTS`` (Channels' AllowedHostsOriginValidator rule).
+    in ``allowed_origins`` or its host must match ``allowed_hosts`` (Channels' AllowedHostsOriginValidator rule),
+    where a ``*`` never matches: a wildcard host list must not turn the check off (docs/security.md).
     """
     if origin is None:
         return True
+    allowed_hosts = [host for host in allowed_hosts if host != "*"]
     text = origin.decode("latin-1").strip().lower()
     if text in {o.lower().rstrip("/") for o in allowed_origins}:
         return True
@@ -167,7 +199,7 @@ class OriginLayer:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and not origin_allowed(
-            header(scope, b"origin"), allowed_hosts=list(settings.ALLOWED_HOSTS),
+            header(scope, b"origin"), allowed_hosts=list(settings.WS_ORIGIN_HOSTS),
             allowed_origins=list(settings.GATEWAY_ALLOWED_ORIGINS),
         ):
             state_of(scope).reason = "foreign_origin"

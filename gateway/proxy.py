@@ -41,8 +41,9 @@ from gateway.asgi import (
     ws_refuse,
 )
 from gateway.identity import identity_headers, identity_strip
-from gateway.ratelimit import TokenBucket
+from gateway.ratelimit import RateLimiter, TokenBucket
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
+from gateway.userlimits import SocketSlots
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ WS_SKIP = HOP_BY_HOP | {b"host", b"sec-websocket-key", b"sec-websocket-version",
 # At most 3 instances tried per request: enough to ride out one or two dead instances, bounded so a
 # request never walks a large fleet while every breaker is still closed.
 MAX_ATTEMPTS = 3
+# A user already holds GATEWAY_WS_MAX_SOCKETS_PER_USER open sockets (docs/protocol.md, docs/security.md).
+CLOSE_TOO_MANY_SOCKETS = 4011
 
 
 def _upstream_headers(scope: Scope, *, state: RequestState, skip: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
@@ -74,8 +77,9 @@ def _upstream_headers(scope: Scope, *, state: RequestState, skip: frozenset[byte
 
 
 def _target(instance_url: str, scope: Scope, *, websocket: bool, drop_query: frozenset[str] = frozenset()) -> str:
-    raw_path = scope.get("raw_path") or scope["path"].encode()
-    path = raw_path.decode("latin-1").split("?", 1)[0]
+    # The decoded path the routes matched (gateway/routes.py path_checked), re-encoded: never the client's raw
+    # bytes, which the upstream's URL library could resolve to another route (%2e%2e, %2f).
+    path = urllib.parse.quote(scope["path"], safe="/:@!$&'()*+,;=~")
     query = scope.get("query_string", b"").decode("latin-1")
     if drop_query and query:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
@@ -159,8 +163,10 @@ class HttpProxy:
         state = state_of(scope)
         assert state.route is not None  # the route authorization layer answered 404 otherwise
         role = state.route.target
+        # Unauthenticated routes take small bodies only: nobody buffers 10 MiB here without a token.
+        limit = settings.GATEWAY_MAX_PUBLIC_BODY if state.route.auth == "public" else settings.GATEWAY_MAX_BODY
         try:
-            body = await _read_body(receive, limit=settings.GATEWAY_MAX_BODY)
+            body = await _read_body(receive, limit=limit)
         except ClientGone:
             state.reason = "client_gone"
             state.status = 499  # nginx's "client closed request", for the access log only
@@ -168,7 +174,7 @@ class HttpProxy:
         if body is None:
             state.reason = "too_large"
             await send_error(send, status=413, code="too_large",
-                             message=f"request body above {settings.GATEWAY_MAX_BODY} bytes")
+                             message=f"request body above {limit} bytes", details={"limit": limit})
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1"))
                    for k, v in _upstream_headers(scope, state=state, skip=HOP_BY_HOP)]
@@ -242,10 +248,14 @@ def _client_close_code(code: int | None) -> int:
 
 
 class WebSocketProxy:
-    """Proxy one WebSocket to the broker with the fewest open connections."""
+    """Proxy one WebSocket to the broker with the fewest open connections, within the user's socket slots and
+    frame budget (gateway/userlimits.py)."""
 
-    def __init__(self, *, upstreams: Upstreams) -> None:
+    def __init__(self, *, upstreams: Upstreams, slots: SocketSlots | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.upstreams = upstreams
+        self.slots = slots
+        self.limiter = limiter
 
     async def _connect(self, scope: Scope, state: RequestState) -> tuple[ClientConnection, Any] | Unavailable | int:
         """An open upstream connection and its instance, Unavailable, or a close code for the client."""
@@ -289,6 +299,21 @@ class WebSocketProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = state_of(scope)
+        slot: str | None = None
+        if self.slots is not None and state.user is not None:
+            slot = await self.slots.acquire(user_id=state.user.user_id)
+            if slot is None:
+                state.reason = "too_many_sockets"
+                await ws_refuse(receive, send, code=CLOSE_TOO_MANY_SOCKETS,
+                                reason=f"at most {self.slots.cap} open connections per user")
+                return
+        try:
+            await self._proxy(scope, receive, send, state=state)
+        finally:
+            if slot is not None and self.slots is not None:
+                await self.slots.release(slot)
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, *, state: RequestState) -> None:
         connected = await self._connect(scope, state)
         if isinstance(connected, Unavailable):
             state.reason = "no_broker"
@@ -308,13 +333,15 @@ class WebSocketProxy:
                 accept["subprotocol"] = upstream.subprotocol
             await send(accept)
             async with self.upstreams.holding(instance, kind="ws"):
-                await self._pump(upstream, receive, send, state=state)
+                await self._pump(upstream, receive, send, state=state, limiter=self.limiter)
         finally:
             await upstream.close()
 
     @staticmethod
-    async def _pump(upstream: ClientConnection, receive: Receive, send: Send, *, state: RequestState) -> None:
+    async def _pump(upstream: ClientConnection, receive: Receive, send: Send, *, state: RequestState,
+                    limiter: RateLimiter | None = None) -> None:
         bucket = TokenBucket(rate=settings.GATEWAY_WS_FRAME_RATE, burst=settings.GATEWAY_WS_FRAME_BURST)
+        user_rate = settings.GATEWAY_RATE_WS_USER_FRAMES
         client_gone = False  # once the client side ended, nothing more is sent to it
 
         async def client_to_upstream() -> None:
@@ -331,6 +358,15 @@ class WebSocketProxy:
                     await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
                                 "reason": "too many frames; slow down"})
                     await upstream.close(code=CLOSE_RATE_LIMITED, reason="client sent too many frames")
+                    return
+                if limiter is not None and state.user is not None and (await limiter.hit(
+                        group="gw:ws-user-frames", rate=user_rate, value=state.user.user_id)).should_limit:
+                    # The user's frames over all their sockets, on every gateway, passed the budget.
+                    client_gone = True
+                    state.reason = "user_frame_budget"
+                    await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
+                                "reason": "too many frames from this user; slow down"})
+                    await upstream.close(code=CLOSE_RATE_LIMITED, reason="user sent too many frames")
                     return
                 if message.get("text") is not None:
                     await upstream.send(message["text"])

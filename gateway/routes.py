@@ -11,6 +11,7 @@ A request matches the first route whose prefix (or exact path) fits. ``auth`` sa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,3 +64,27 @@ def route_match(path: str) -> Route | None:
 def public_paths() -> list[str]:
     """The paths that need no authentication at the edge (for docs and tests)."""
     return [route.path for route in ROUTES if route.auth == "public"]
+
+
+# Percent-encoded "/", "\\" and NUL in the raw path: a server decodes them into the path the routes match, while
+# an upstream may read them as separators again ("/static/..%2fadmin/"): never routed.
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+
+
+def path_checked(*, raw_path: bytes | None, path: str) -> str | None:
+    """``path`` (the server-decoded path the routes match) if it is canonical, else None (refuse it). Pure.
+
+    Refused: dot segments (``.``/``..``, also percent-encoded: an upstream's URL library would resolve them
+    and reach another route than the one matched, ``/static/%2e%2e/admin/``), empty segments (``//``),
+    encoded separators (``%2F``, ``%5C``, ``%00``), backslashes and control characters (an encoded newline
+    would forge log lines upstream). The gateway then forwards exactly this path (``gateway/proxy.py``).
+    """
+    raw = (raw_path or b"").decode("latin-1").split("?", 1)[0]
+    if _ENCODED_SEPARATOR.search(raw) or not path.startswith("/"):
+        return None
+    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return None
+    inner = path[1:].split("/")
+    if any(segment in (".", "..") for segment in inner) or "" in inner[:-1]:
+        return None
+    return path

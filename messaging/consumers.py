@@ -486,6 +486,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
             _background.add(task)
             task.add_done_callback(_background.discard)
 
+    def session_end(self, *, code: int) -> None:
+        """Called by the hub when the user's session ended elsewhere (logout, password change, account
+        removal; docs/adr/0027): close with ``code`` (4010); no frame is written from now on."""
+        if self.closing:
+            return
+        self.closing = True
+        if not self.out.force_close(code):
+            task = asyncio.get_running_loop().create_task(self._send_close(code))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
     def _too_slow(self, backlog: int) -> bool:
         """Called with ``backlog`` (unsent bytes) above ``WS_SEND_BUFFER_BYTES``: true once it has stayed
         above for longer than SLOW_GRACE_S, or at once above SLOW_HARD_FACTOR times it. A burst (one XREAD
@@ -670,14 +681,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if isinstance(after, bool) or not isinstance(after, int) or after < 0:
                 raise ValidationFailed("each last_seq must be a non-negative integer",
                                        details={"field": "conversations", "conversation_id": conversation_id})
+        # One backward read per partition for the whole frame, not one per conversation (docs/security.md).
+        mine = {c: a for c, a in wanted.items() if c in self.conversations}
+        scan = selectors.ResumeScan(self.hub.redis, wanted=mine)
         for conversation_id, after in wanted.items():
-            if conversation_id not in self.conversations:
+            if conversation_id not in mine:
                 await self._error(NotFound("no such conversation", details={"conversation_id": conversation_id}),
                                   ref=ref)
                 continue
-            await self._resume_one(conversation_id=conversation_id, after=after)
+            await self._resume_one(conversation_id=conversation_id, after=after, scan=scan)
 
-    async def _resume_one(self, *, conversation_id: str, after: int) -> None:
+    async def _resume_one(self, *, conversation_id: str, after: int, scan: selectors.ResumeScan) -> None:
         """Send the conversation's events after ``after`` in seq order (archive, then stream), then the live
         events that arrived meanwhile, then ``resumed``. Live delivery of this conversation is held (buffered)
         for the duration, so nothing is lost, repeated or reordered at the seam."""
@@ -685,8 +699,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         upto = after
         try:
             last = await streams.last_accepted_seq(self.hub.redis, conversation_id=conversation_id)
-            tail = await selectors.stream_events_after(self.hub.redis, conversation_id=conversation_id,
-                                                       after_seq=after, last_seq=last)
+            tail = await scan.events_after(conversation_id=conversation_id, last_seq=last)
             if not tail.complete:
                 before = tail.events[0].seq if tail.events else last + 1
                 cursor = after

@@ -93,3 +93,14 @@ def control_members(*, user_ids: list[str], conversation_id: str) -> str:
 
 def control_invalidate(*, conversation_id: str) -> str:
     return dumps({"k": "invalidate", "c": conversation_id})
+
+
+# A user's sessions ended elsewhere (logout, password change, account removal): every socket of theirs is
+# closed with this code, on every broker (docs/protocol.md, docs/adr/0027).
+CLOSE_SESSION_ENDED = 4010
+SESSIONS_CLOSE = "sessions.close"
+
+
+def user_group(user_id: str) -> str:
+    """The channel-layer group of a user: the brokers holding one of their sockets (docs/adr/0027). Pure."""
+    return f"cs.user.{user_id}"

@@ -51,8 +51,9 @@ class BrowserOriginValidator(OriginValidator):
 
 
 def websocket_application() -> Any:
-    """The broker's WebSocket app: the routes behind the Origin check against ``ALLOWED_HOSTS``."""
-    allowed = settings.ALLOWED_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
+    """The broker's WebSocket app: the routes behind the Origin check against ``ALLOWED_HOSTS`` minus ``*``
+    (``WS_ORIGIN_HOSTS``: a wildcard host list never switches the check off)."""
+    allowed = settings.WS_ORIGIN_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
     return BrowserOriginValidator(BrokerRoute(), allowed)
 
 

@@ -120,3 +120,87 @@ async def stream_events_after(client: redis.asyncio.Redis, *, conversation_id: s
         upper = "(" + _s(page[-1][0])
     found.reverse()
     return StreamTail(events=found, complete=False)
+
+
+
+@dataclass
+class _PartitionPages:
+    """How far one resume frame has read one partition stream (stream ids of the newest and oldest entry)."""
+
+    top: bytes | str = "+"
+    bottom: bytes | str = "+"
+    scanned: int = 0  # entries read backwards from the first read's top
+    at_start: bool = False  # the oldest entry of the stream was read
+
+
+class ResumeScan:
+    """The stream reads of ONE resume frame, shared by the conversations it names (docs/security.md).
+
+    Scanning per conversation costs up to RESUME_SCAN_MAX entries each, so a frame naming 1,000 conversations
+    could read 100 million entries. The conversations of a partition share its stream: here each partition is
+    read backwards at most once per frame (at most RESUME_SCAN_MAX entries, plus what is appended while the
+    frame is served, read forwards), and only the named conversations' events after their ``after_seq`` are
+    kept, until their turn. A frame thus reads at most PARTITIONS x RESUME_SCAN_MAX entries whatever it names,
+    and each answer is the one :func:`stream_events_after` would give. Read-only; one per frame."""
+
+    def __init__(self, client: redis.asyncio.Redis, *, wanted: dict[str, int], bus: BusAsync | None = None) -> None:
+        self._client = client
+        self._bus = bus
+        self._after = {conversation_id.encode(): after for conversation_id, after in wanted.items()}
+        self._partitions: dict[int, _PartitionPages] = {}
+        self._older: dict[bytes, list[StreamEvent]] = {}  # newest first
+        self._newer: dict[bytes, list[StreamEvent]] = {}  # oldest first (read after the partition's first read)
+        self._reached: set[bytes] = set()  # conversations whose event after_seq + 1 (or an older one) was read
+
+    def _index(self, entries: Any, *, newer: bool) -> None:
+        kept = self._newer if newer else self._older
+        for _entry_id, fields in entries:
+            conversation = fields.get(b"c")
+            after = self._after.get(conversation)
+            if after is None or fields.get(b"t") == b"read.updated":
+                continue
+            seq = int(fields[b"s"])
+            if seq <= after + 1:
+                self._reached.add(conversation)
+            if seq > after:
+                kept.setdefault(conversation, []).append(
+                    StreamEvent(type=_s(fields[b"t"]), seq=seq, payload_json=_s(fields[b"d"])))
+
+    async def events_after(self, *, conversation_id: str, last_seq: int) -> StreamTail:
+        """The named conversation's sequenced events after its ``after_seq`` up to ``last_seq`` (as
+        :func:`stream_events_after` answers them); forgets the conversation afterwards."""
+        conv = conversation_id.encode()
+        after_seq = self._after[conv]
+        try:
+            if last_seq <= after_seq:
+                return StreamTail(events=[], complete=True)
+            bus = bus_resolve(self._client, self._bus)
+            partition = streams.partition_of(conversation_id)
+            key = streams.stream_key(partition)
+            pages = self._partitions.setdefault(partition, _PartitionPages())
+            if pages.top != "+":
+                # What was appended since this partition was first read: forwards from there, bounded pages.
+                while True:
+                    newer: Any = await bus.xrange(key, min="(" + _s(pages.top), max="+", count=RESUME_SCAN_PAGE)
+                    if newer:
+                        pages.top = newer[-1][0]
+                        self._index(newer, newer=True)
+                    if len(newer) < RESUME_SCAN_PAGE:
+                        break
+            while conv not in self._reached and not pages.at_start and pages.scanned < RESUME_SCAN_MAX:
+                upper = "+" if pages.bottom == "+" else "(" + _s(pages.bottom)
+                page: Any = await bus.xrevrange(key, max=upper, min="-", count=RESUME_SCAN_PAGE)
+                if page:
+                    if pages.top == "+":
+                        pages.top = page[0][0]
+                    pages.bottom = page[-1][0]
+                    pages.scanned += len(page)
+                    self._index(page, newer=False)
+                if len(page) < RESUME_SCAN_PAGE:
+                    pages.at_start = True
+            found = [*reversed(self._older.get(conv, ())), *self._newer.get(conv, ())]
+            return StreamTail(events=[e for e in found if e.seq <= last_seq], complete=conv in self._reached)
+        finally:
+            del self._after[conv]
+            self._older.pop(conv, None)
+            self._newer.pop(conv, None)

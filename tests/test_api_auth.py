@@ -165,17 +165,20 @@ def test_ws_ticket_is_single_use_and_short_lived(servers: Servers) -> None:
     assert anonymous().post("/api/v1/auth/ws-ticket").status_code == 401
 
 
-def test_login_is_rate_limited_per_username_and_per_ip(settings) -> None:
-    settings.API_RATE_LOGIN_USER = "3/m"
-    settings.API_RATE_LOGIN_IP = "1000/m"
+def test_failed_logins_back_off_per_username_and_client_and_the_owner_elsewhere_gets_in(settings) -> None:
+    settings.LOGIN_FREE_FAILURES = 3
+    settings.LOGIN_BACKOFF_BASE_S = 60.0
     user = account()
-    codes = [login(user.username, "wrong-password", ip=f"2001:db8::{i + 10:x}").status_code for i in range(4)]
-    assert codes == [401, 401, 401, 429]
-    limited = login(user.username, ip="2001:db8::99")  # even the right password, from another IP
+    attacker = f"2001:db8:{uuid.uuid4().hex[:4]}::1"
+    codes = [login(user.username, "wrong-password", ip=attacker).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 429]  # the third failure starts a 60 s back-off
+    limited = login(user.username, ip=attacker)  # even the right password, from the attacker's client
     assert limited.status_code == 429 and int(limited["Retry-After"]) >= 1
     assert error_code(limited) == "rate_limited"
+    # The same /64 is the same client; another client, the owner's, is not affected.
+    assert login(user.username, ip=attacker.replace("::1", "::2")).status_code == 429
+    assert login(user.username, ip=f"2001:db8:{uuid.uuid4().hex[:4]}::1").status_code == 200
 
-    settings.API_RATE_LOGIN_USER = "1000/m"
     settings.API_RATE_LOGIN_IP = "2/m"
     ip = f"2001:db8::{uuid.uuid4().hex[:4]}"
     codes = [login(f"someone{i}-{uuid.uuid4().hex[:6]}", ip=ip).status_code for i in range(3)]

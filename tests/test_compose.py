@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -61,3 +62,18 @@ def test_the_image_takes_the_runtime_requirements_and_no_local_secrets() -> None
     assert "-r requirements.txt" in dev
     ignored = set((ROOT / ".dockerignore").read_text().splitlines())
     assert {".env", ".venv", "var", ".git"} <= ignored
+
+
+def test_compose_refuses_to_start_without_a_user_set_secret_key() -> None:
+    # Compose's ${VAR:?message} stops `docker compose up` with the message when VAR is unset or empty; a
+    # ${VAR:-default} would start with a key that anyone who read the repo could sign tokens with.
+    env = load()["x-role"]["environment"]
+    assert re.fullmatch(r"\$\{SECRET_KEY:\?[^}]+\}", env["SECRET_KEY"]), env["SECRET_KEY"]
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "SECRET_KEY:-" not in text
+
+
+def test_compose_never_sets_a_wildcard_host_list() -> None:
+    for name, service in load()["services"].items():
+        hosts = str(service.get("environment", {}).get("ALLOWED_HOSTS", ""))
+        assert "*" not in hosts.split(","), (name, hosts)

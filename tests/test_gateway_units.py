@@ -20,7 +20,7 @@ from gateway.identity import identity_headers, identity_strip, identity_verify
 from gateway.middleware import REQUEST_ID_RE, bearer_token, ip_key, origin_allowed
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter, rate_validate
-from gateway.routes import public_paths, route_match
+from gateway.routes import path_checked, public_paths, route_match
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
 from tests.servers import Servers, free_port
 
@@ -103,6 +103,9 @@ def test_request_ids_bearer_tokens_origins_and_ip_keys() -> None:
     assert not origin_allowed(b"http://evil.example", allowed_hosts=hosts, allowed_origins=[])
     assert not origin_allowed(b"null", allowed_hosts=hosts, allowed_origins=[])
     assert origin_allowed(b"https://app.example", allowed_hosts=hosts, allowed_origins=["https://app.example"])
+    # A wildcard host list never switches the check off (docs/security.md): only named hosts and origins pass.
+    assert not origin_allowed(b"http://evil.example", allowed_hosts=["*"], allowed_origins=[])
+    assert origin_allowed(b"http://localhost", allowed_hosts=["*", "localhost"], allowed_origins=[])
     assert ip_key("2001:db8::1") == ip_key("2001:db8::ffff") == "2001:db8::"
     assert ip_key("10.1.2.3") == "10.1.2.3"
     with pytest.raises(ValueError):
@@ -360,3 +363,12 @@ def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
     assert calls_while_blocked == 1  # one frame read, then the gateway waits on the upstream's send
     assert sent[0] == {"type": "websocket.send", "text": "to the client"}
     assert sent[-1] == {"type": "websocket.close", "code": 4321, "reason": "bye"}
+
+
+def test_only_canonical_paths_are_routed() -> None:
+    for ok in ("/", "/api/v1/users/me", "/app/main.js", "/static/a b/c%d.css", "/api/v1/users/"):
+        assert path_checked(raw_path=ok.encode(), path=ok) == ok
+    for raw, decoded in ((b"/static/%2e%2e/admin/", "/static/../admin/"), (b"/static/..%2Fadmin/", "/static/../admin/"),
+                         (b"/static/./x", "/static/./x"), (b"/a//b", "/a//b"), (b"/a%5cb", "/a\\b"),
+                         (b"/a%0ab", "/a\nb"), (b"/a%00", "/a\x00"), (b"/a/..", "/a/..")):
+        assert path_checked(raw_path=raw, path=decoded) is None, raw

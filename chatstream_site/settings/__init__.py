@@ -39,6 +39,10 @@ else:
         raise ConfigError("SECRET_KEY is too short: use at least 32 random characters outside DEBUG")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+# The hosts a WebSocket handshake's Origin may name (gateway and brokers): ALLOWED_HOSTS without the "*"
+# wildcard. A wildcard host list (often set to get past Host checks behind a proxy) must not also switch the
+# cross-site WebSocket check off: with "*" only the named hosts and CHATSTREAM_GATEWAY_ALLOWED_ORIGINS pass.
+WS_ORIGIN_HOSTS = [host for host in ALLOWED_HOSTS if host != "*"]
 
 INSTALLED_APPS = [
     "daphne",
@@ -61,6 +65,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "chatstream_site.security.SecureCookiesOverTlsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -68,6 +73,10 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+# The gateway replaces any client-sent X-Forwarded-Proto with the scheme it was reached by: "https" marks a
+# request served over TLS (Secure cookies, chatstream_site/security.py; HSTS is the gateway's).
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 ROOT_URLCONF = "chatstream_site.urls"
 ASGI_APPLICATION = "chatstream_site.asgi.application"
@@ -209,11 +218,15 @@ SPECTACULAR_SETTINGS = {
 # django-ratelimit on the shared Redis cache (CACHES["default"]): per client IP and per username.
 RATELIMIT_USE_CACHE = "default"
 API_RATE_LOGIN_IP = env_str("CHATSTREAM_RATE_LOGIN_IP", "30/m")
-API_RATE_LOGIN_USER = env_str("CHATSTREAM_RATE_LOGIN_USER", "10/m")
+# Login back-off per (username, client), counting failed passwords only (OWASP: throttle, do not lock the
+# owner out): 5 free failures (a person mistyping), then 1 s, 2 s, 4 s ... doubling per failure up to 15 min,
+# so one client guesses at most ~100 passwords a day per account while the owner elsewhere logs in at once.
+LOGIN_FREE_FAILURES = env_int("CHATSTREAM_LOGIN_FREE_FAILURES", 5, minimum=1)
+LOGIN_BACKOFF_BASE_S = env_float("CHATSTREAM_LOGIN_BACKOFF_BASE", 1.0, minimum=0.001)
+LOGIN_BACKOFF_MAX_S = env_float("CHATSTREAM_LOGIN_BACKOFF_MAX", 900.0, minimum=1.0)
 API_RATE_REGISTER_IP = env_str("CHATSTREAM_RATE_REGISTER_IP", "20/h")
 API_RATE_REGISTER_USER = env_str("CHATSTREAM_RATE_REGISTER_USER", "5/h")
 for _name, _rate in (("CHATSTREAM_RATE_LOGIN_IP", API_RATE_LOGIN_IP),
-                     ("CHATSTREAM_RATE_LOGIN_USER", API_RATE_LOGIN_USER),
                      ("CHATSTREAM_RATE_REGISTER_IP", API_RATE_REGISTER_IP),
                      ("CHATSTREAM_RATE_REGISTER_USER", API_RATE_REGISTER_USER)):
     if not re.fullmatch(r"[1-9][0-9]*/[0-9]*[smhd]", _rate):
@@ -249,6 +262,17 @@ GATEWAY_RATE_WS_USER = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER", "20/m")
 # 60 never touches a real client and stops a flood at the edge (close 4008).
 GATEWAY_WS_FRAME_RATE = env_float("CHATSTREAM_GATEWAY_WS_FRAME_RATE", 20.0, minimum=0.1)
 GATEWAY_WS_FRAME_BURST = env_int("CHATSTREAM_GATEWAY_WS_FRAME_BURST", 60, minimum=1)
+# Per user, across gateways and brokers (docs/security.md): open WebSockets (a phone, a laptop and a dozen
+# tabs; the slots of a killed gateway free themselves after the TTL), and client frames over all of them per
+# window (1.5x one socket's sustained 20/s: a person has one active socket at a time; bursts of reconnecting
+# tabs fit in the 10 s window). Past the socket cap the handshake is closed with 4011; past the frame budget
+# the socket that sent the frame is closed with 4008.
+GATEWAY_WS_MAX_SOCKETS_PER_USER = env_int("CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER", 16, minimum=1)
+GATEWAY_WS_SLOT_TTL_S = env_float("CHATSTREAM_GATEWAY_WS_SLOT_TTL", 60.0, minimum=3.0)
+GATEWAY_RATE_WS_USER_FRAMES = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES", "300/10s")
+# Bodies of unauthenticated routes (login, register, refresh, logout: JSON of well under 1 KiB): anything
+# bigger is refused with 413 before it is buffered (authenticated routes keep GATEWAY_MAX_BODY).
+GATEWAY_MAX_PUBLIC_BODY = env_int("CHATSTREAM_GATEWAY_MAX_PUBLIC_BODY", 16 * 1024, minimum=1024)
 # WebSocket Origins allowed besides those whose host is in ALLOWED_HOSTS (full origins, e.g. https://app.example).
 GATEWAY_ALLOWED_ORIGINS = env_list("CHATSTREAM_GATEWAY_ALLOWED_ORIGINS", [])
 # Who may reach Django admin through the gateway (route authorization), as networks.
@@ -261,7 +285,7 @@ GATEWAY_TRUSTED_PROXIES = env_list("CHATSTREAM_GATEWAY_TRUSTED_PROXIES", [])
 # Request bodies are buffered (so a failed connect can be retried elsewhere): 10 MiB bounds the memory.
 GATEWAY_MAX_BODY = env_int("CHATSTREAM_GATEWAY_MAX_BODY", 10 * 1024 * 1024, minimum=1024)
 for _name in ("GATEWAY_RATE_IP", "GATEWAY_RATE_USER", "GATEWAY_RATE_SENSITIVE", "GATEWAY_RATE_WS_IP",
-              "GATEWAY_RATE_WS_USER"):
+              "GATEWAY_RATE_WS_USER", "GATEWAY_RATE_WS_USER_FRAMES"):
     if not re.fullmatch(r"[1-9]\d*/\d*[smhd]", globals()[_name]):
         raise ConfigError(f"CHATSTREAM_{_name}={globals()[_name]!r} is not a rate like 30/m, 5/10s or 1000/h")
 

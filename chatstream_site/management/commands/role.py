@@ -82,7 +82,9 @@ class Command(BaseCommand):
             argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
             argv.append("chatstream_site.asgi:application")
         elif role in ("broker", "api"):
-            argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port), "--proxy-headers",
+            # No --proxy-headers: daphne would believe X-Forwarded-For from any peer. The api reads it itself,
+            # from CHATSTREAM_TRUSTED_PROXIES (the gateway) only (api/ratelimit.py client_ip).
+            argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port),
                     "--ping-interval", str(round(settings.WS_PING_INTERVAL_S)),  # daphne takes whole seconds
                     "--ping-timeout", str(round(settings.WS_PING_TIMEOUT_S)), "chatstream_site.asgi:application"]
         elif role == "storage":
