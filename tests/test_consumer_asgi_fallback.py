@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from channels.testing import WebsocketCommunicator
 
-from messaging import consumers, hub, presence, services
+from messaging import consumers, hub, presence, services, transports
 from messaging.routing import websocket_application
 from tests.realtime import group_create, send_frame, ticket_for, user_create
 from tests.servers import Servers
@@ -58,7 +58,7 @@ def test_the_plain_asgi_output_delivers_everything(servers: Servers, fresh_hub: 
             ready = await comm.receive_json_from(timeout=20)
             assert ready["type"] == "ready" and conv in ready["conversations"]
         conn = next(iter(hub.hub_get().by_user[bob]))
-        assert isinstance(conn, consumers.ChatConsumer) and type(conn.out) is consumers._AsgiOutput
+        assert isinstance(conn, consumers.ChatConsumer) and type(conn.out) is transports.AsgiOutput
 
         await sender.send_json_to(send_frame(conv, "over plain ASGI", client_msg_id="fallback-1"))
         got = await frames_until(sender, {"ack", "message.new"})  # the ack and the sender's own copy

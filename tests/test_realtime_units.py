@@ -11,8 +11,9 @@ import pytest
 import redis.asyncio
 
 from messaging import frames, presence, services
-from messaging.consumers import _Flag, _ReceiveQueue
 from messaging.streams import stream_key
+from messaging.transports import Flag as _Flag
+from messaging.transports import ReceiveQueue as _ReceiveQueue
 from tests.servers import Servers, run_with_redis
 
 
@@ -140,3 +141,31 @@ def test_the_slim_flag_waits_while_clear_and_wakes_every_waiter_on_set() -> None
         assert flag.is_set() and flag.waiters is None
 
     asyncio.run(body())
+
+
+def test_server_internals_are_used_only_with_the_releases_they_were_tested_against(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """messaging/transports.py writes to uvicorn's transport directly only for a uvicorn release it knows;
+    any other release gets plain ASGI sends and one warning that says what to re-check."""
+    from messaging import transports
+
+    class Protocol:  # the attributes UvicornOutput reads of uvicorn's protocol
+        transport = object()
+        conn = object()
+        close_sent = False
+
+        def send(self, message: Any) -> None: ...
+
+    send = Protocol().send
+    transports.internals_known.cache_clear()
+    try:
+        assert isinstance(transports.UvicornOutput.of(send), transports.UvicornOutput)
+        monkeypatch.setitem(transports.TESTED, "uvicorn", ("0.1",))
+        transports.internals_known.cache_clear()
+        with caplog.at_level("WARNING", logger="messaging.transports"):
+            assert transports.UvicornOutput.of(send) is None
+            assert transports.UvicornOutput.of(send) is None
+        warnings = [r for r in caplog.records if "not a release" in r.getMessage()]
+        assert len(warnings) == 1 and "uvicorn" in warnings[0].getMessage()
+    finally:
+        transports.internals_known.cache_clear()
