@@ -62,12 +62,13 @@ def test_services_command_prints_json_and_table(client: redis.Redis) -> None:
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout) == [
         {"role": "gateway", "id": "gateway-0", "url": "http://127.0.0.1:9000",
-         "started_at": "2026-01-01T00:00:00+00:00", "last_seen": "2026-01-01T00:00:00+00:00"}
+         "started_at": "2026-01-01T00:00:00+00:00", "last_seen": "2026-01-01T00:00:00+00:00",
+         "restarts": 0, "run_id": ""}
     ]
     table = manage("services")
     assert table.returncode == 0
     header, row = table.stdout.strip().splitlines()
-    assert header.split() == ["ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN"]
+    assert header.split() == ["ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN", "RESTARTS"]
     assert row.split()[:3] == ["gateway", "gateway-0", "http://127.0.0.1:9000"]
 
 

@@ -8,12 +8,13 @@ import sys
 import time
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatstream_site.health import bus_check, mongodb_check, redis_check
-from chatstream_site.registry import ROLES
-from chatstream_site.roles import role_port
+from chatstream_site.registry import ROLES, start_count_incr
+from chatstream_site.roles import role_port, run_id
 
 
 def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
@@ -50,8 +51,20 @@ class Command(BaseCommand):
     def handle(self, *args: Any, role: str, instance: int, port: int | None, **options: Any) -> None:
         port = port or role_port(role, instance)
         wait_for_servers(need_mongodb=role != "gateway", wait_s=settings.STARTUP_WAIT_S)
+        # One more start of this slot in this run; the registration shows it as `restarts` (manage.py services).
+        # Counted here, once per process start, because a supervisor (or docker) restarts exactly this command.
+        run = run_id()
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            starts = start_count_incr(client, run_id=run, role=role, instance=str(instance))
+        except redis.RedisError as exc:
+            raise CommandError(f"cannot count this start: Redis unreachable ({exc}); "
+                               f"check REDIS_URL={settings.REDIS_URL}") from None
+        finally:
+            client.close()
         os.environ.update(
-            CHATSTREAM_ROLE=role, CHATSTREAM_INSTANCE=str(instance), CHATSTREAM_INSTANCE_PORT=str(port)
+            CHATSTREAM_ROLE=role, CHATSTREAM_INSTANCE=str(instance), CHATSTREAM_INSTANCE_PORT=str(port),
+            CHATSTREAM_RESTARTS=str(starts - 1),
         )
         bindir = os.path.dirname(sys.executable)
         if role == "gateway":

@@ -1,4 +1,4 @@
-"""``manage.py services [--json]``: the live registry (DESIGN.md §9)."""
+"""``manage.py services [--json]``: the live registry, with each instance's restarts in this run."""
 
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ class Command(BaseCommand):
         if not found:
             self.stdout.write("no live instances (is `make run` running? same REDIS_URL?)")
             return
-        rows = [("ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN")]
-        rows += [(i.role, i.id, i.url, i.started_at, i.last_seen) for i in found]
-        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        # RESTARTS: how often this slot (role and instance number) was started again in this run
+        # (chatstream_site/registry.py); a new column goes last, so scripts cutting the first ones keep working.
+        rows = [("ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN", "RESTARTS")]
+        rows += [(i.role, i.id, i.url, i.started_at, i.last_seen, str(i.restarts)) for i in found]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
             self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
