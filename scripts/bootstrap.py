@@ -319,7 +319,7 @@ def supervisor_conf(*, var: Path, python: str, log_color: bool) -> str:
         "autorestart=true",
         "stderr_logfile=/dev/stderr",
         "stderr_logfile_maxbytes=0",
-        f'environment=CHATSTREAM_LOG_COLOR="{int(log_color)}",'
+        f'environment=CHATSTREAM_LOG_COLOR="{int(log_color)}",CHATSTREAM_START_RETRIES="{ROLE_START_RETRIES}",'
         f'CHATSTREAM_SUPERVISORCTL="{esc(Path(python).parent / "supervisorctl")} -c {esc(var / "supervisord.conf")}"',
         "",
     ]

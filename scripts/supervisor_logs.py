@@ -20,7 +20,7 @@ import sys
 import zlib
 from typing import BinaryIO
 
-WIDTH = 9  # the longest program name ("storage2", "ferretdb") and a space
+WIDTH = 10  # "supervisor", the longest name printed (programs: "storage2", "ferretdb")
 COLORS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
 
 
@@ -70,8 +70,11 @@ def on_state(printer: Printer, event: str, fields: dict[str, str]) -> None:
             printer.say(f"{name} exited unexpectedly (pid {fields.get('pid', '?')}); restarting it")
     elif event == "PROCESS_STATE_BACKOFF":
         printer.flush(name)
+        # supervisord waits `tries` seconds before the next try, and gives up once tries > startretries.
         tries = int(fields.get("tries", "0") or 0)
-        printer.say(f"{name} failed to start (try {tries}); next try in {tries} s")
+        retries = int(os.environ.get("CHATSTREAM_START_RETRIES", "0") or 0)
+        then = f"next try in {tries} s" if tries <= retries else "giving up"
+        printer.say(f"{name} failed to start (try {tries}); {then}")
     elif event == "PROCESS_STATE_FATAL":
         printer.flush(name)
         bar = "!" * 100

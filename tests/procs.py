@@ -180,7 +180,7 @@ class Cluster:
 
     def log_tail(self, lines: int = 60) -> str:
         """The terminal's stream (supervised) or each process's log (not), last ``lines`` of each."""
-        paths = [self.log_path] if self.supervised else sorted(self.workdir.glob("*.log"))
+        paths = [self.var / "supervisord.log", self.log_path] if self.supervised else sorted(self.workdir.glob("*.log"))
         return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
                          for p in paths if p.exists())
 

@@ -46,3 +46,9 @@ def test_roles_share_one_image_and_wait_for_their_servers() -> None:
 def test_redis_keeps_an_append_only_file() -> None:
     command = load()["services"]["redis"]["command"]
     assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+
+
+def test_every_service_is_restarted_when_it_dies() -> None:
+    """Docker's counterpart of `make run`'s supervisor (docs/adr/0024): no service stays down after a crash."""
+    services = load()["services"]
+    assert {name: s.get("restart") for name, s in services.items()} == dict.fromkeys(services, "unless-stopped")

@@ -42,6 +42,9 @@ def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
 
 class Command(BaseCommand):
     help = "Start one instance of a ChatStream role (gateway, broker, api, storage, storage-beat)."
+    # manage.py runs this command without django.setup() (apps are not loaded): the checks need them, and the
+    # server it execs never ran them either.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("role", choices=ROLES)
