@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -70,6 +71,16 @@ def run_id() -> str:
     """The run that restarts are counted in: ``CHATSTREAM_RUN_ID`` (``make run`` sets a fresh one per run), else
     the host (a container keeps its hostname across restarts; a new container is a new run)."""
     return os.environ.get("CHATSTREAM_RUN_ID") or f"host-{socket.gethostname()}"
+
+
+def url_redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages (``make run`` gives its Redis one)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def heartbeat_stop() -> None:

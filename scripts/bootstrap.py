@@ -92,18 +92,61 @@ def is_loopback(host: str) -> bool:
 # ---------------------------------------------------------------- install steps
 
 
+def dotenv_write(text: str) -> None:
+    """Replace ``.env`` with ``text``, readable by its owner only (it holds SECRET_KEY and the Redis password):
+    created 0600 under a temporary name, then renamed over, so it is never readable by others, not even
+    for a moment."""
+    path = ROOT / ".env"
+    tmp = path.with_name(".env.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def ensure_dotenv() -> None:
-    """Create ``.env`` with a fresh SECRET_KEY on first run, so ``make run`` needs no manual step."""
+    """Create ``.env`` with a fresh SECRET_KEY on first run, so ``make run`` needs no manual step; an existing
+    one that others may read is made 0600."""
     path = ROOT / ".env"
     if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(0o600)
+            log(f"made .env readable by its owner only (it was {mode:o}; it holds secrets)")
         return
     import secrets
 
-    path.write_text(
+    dotenv_write(
         "# Written by scripts/bootstrap.py on first run; see .env.example for every variable.\n"
         f"SECRET_KEY={secrets.token_urlsafe(50)}\n"
     )
     log("wrote .env with a generated SECRET_KEY")
+
+
+def redis_password_ensure(env: dict[str, str]) -> str | None:
+    """The password of the Redis ``make run`` is about to start: the one in REDIS_URL, else a new one written
+    into ``.env`` as REDIS_URL (same host, port and db). None when REDIS_URL comes from the real environment
+    without one (we cannot change that environment: that Redis starts without a password, as it asked)."""
+    import secrets
+
+    url = urllib.parse.urlparse(env.get("REDIS_URL") or DEFAULT_REDIS_URL)
+    if url.password:
+        return urllib.parse.unquote(url.password)
+    if "REDIS_URL" in os.environ:
+        log("REDIS_URL is set in the environment without a password: its Redis starts without one")
+        return None
+    password = secrets.token_urlsafe(32)  # URL-safe: goes into the URL as is
+    netloc = f":{password}@{url.hostname}:{url.port or 6379}"
+    new_url = urllib.parse.urlunparse(url._replace(netloc=netloc))
+    path = ROOT / ".env"
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if not line.strip().startswith("REDIS_URL=")]
+    kept.append("# The password of the Redis `make run` starts (scripts/bootstrap.py generated it).")
+    kept.append(f"REDIS_URL={new_url}")
+    dotenv_write("\n".join(kept) + "\n")
+    log("gave the local Redis a generated password (REDIS_URL in .env)")
+    return password
 
 
 def ensure_venv() -> None:
@@ -267,9 +310,17 @@ def supervisor_conf(*, var: Path, python: str, log_color: bool) -> str:
             raise BootstrapError(f"Redis at {rhost}:{rport} (REDIS_URL) is not reachable",
                                  "start it, or unset REDIS_URL to let ChatStream run one on 127.0.0.1")
         (VAR / "redis").mkdir(parents=True, exist_ok=True)
+        # The password goes in a config file of the owner's only (a command line is readable by every user
+        # in ps); redis-server reads it as its first argument.
+        password = redis_password_ensure(env)
+        conf = VAR / "redis" / "redis.conf"
+        conf.unlink(missing_ok=True)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{password}"\n' if password else "")
         # AOF with fsync every second: accepted messages survive a Redis restart (docs/architecture.md).
         servers["redis"] = (
-            f"redis-server --bind {rhost} --port {rport} --dir {VAR / 'redis'} "
+            f"redis-server {conf} --bind {rhost} --port {rport} --dir {VAR / 'redis'} "
             "--appendonly yes --appendfsync everysec --save '' --protected-mode yes"
         )
     if not env.get("MONGODB_URI"):

@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatstream_site.health import bus_check, mongodb_check, redis_check
 from chatstream_site.registry import ROLES, start_count_incr
-from chatstream_site.roles import role_port, run_id
+from chatstream_site.roles import role_port, run_id, url_redacted
 
 
 def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
@@ -24,9 +24,9 @@ def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
     while True:
         problems = []
         if (reason := redis_check()) is not None:
-            problems.append(f"{reason}; check REDIS_URL={settings.REDIS_URL}")
+            problems.append(f"{reason}; check REDIS_URL={url_redacted(settings.REDIS_URL)}")
         if need_mongodb and (reason := bus_check()) is not None:  # every role but the gateway uses the bus
-            problems.append(f"{reason}; check CHATSTREAM_STREAMS_REDIS_URL={settings.STREAMS_REDIS_URL}"
+            problems.append(f"{reason}; check CHATSTREAM_STREAMS_REDIS_URL={url_redacted(settings.STREAMS_REDIS_URL)}"
                             + (" (a Redis Cluster)" if settings.STREAMS_REDIS_CLUSTER else ""))
         if need_mongodb and (reason := mongodb_check(timeout_ms=1000)) is not None:
             problems.append(f"{reason}; check MONGODB_URI={settings.MONGODB_URI}")
@@ -62,7 +62,7 @@ class Command(BaseCommand):
             starts = start_count_incr(client, run_id=run, role=role, instance=str(instance))
         except redis.RedisError as exc:
             raise CommandError(f"cannot count this start: Redis unreachable ({exc}); "
-                               f"check REDIS_URL={settings.REDIS_URL}") from None
+                               f"check REDIS_URL={url_redacted(settings.REDIS_URL)}") from None
         finally:
             client.close()
         os.environ.update(

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatstream_site.registry import instances_list
+from chatstream_site.roles import url_redacted
 
 
 class Command(BaseCommand):
@@ -26,7 +27,7 @@ class Command(BaseCommand):
             found = instances_list(client, role=role)
         except redis.RedisError as exc:
             raise CommandError(f"cannot read the registry: Redis unreachable ({exc}); "
-                               f"check REDIS_URL={settings.REDIS_URL}") from None
+                               f"check REDIS_URL={url_redacted(settings.REDIS_URL)}") from None
         if as_json:
             self.stdout.write(json.dumps([asdict(i) for i in found], indent=2))
             return
