@@ -277,7 +277,7 @@ def test_each_role_sigkilled_in_turn_comes_back_and_nothing_acknowledged_is_lost
         for name in ("api1", "broker1", "storage1", "beat", "gateway"):
             assert f"{name} exited unexpectedly" in log
         print(f"back after (s): {back_after}; REST requests per phase: "
-              f"{ {r: len(s) for r, s in rest.items()} }; acked {len(acked)}; "
+              f"{ {r: f'{sum(1 for x in s if x == 200)}/{len(s)} ok' for r, s in rest.items()} }; acked {len(acked)}; "
               f"reader connects {[d.connects for d in readers]}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{cluster.log_tail(80)}") from None

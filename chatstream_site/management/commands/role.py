@@ -104,8 +104,12 @@ class Command(BaseCommand):
         elif role == "storage":
             # solo pool: one drain at a time per process, and SIGKILL of the worker kills the work itself,
             # which is what the fault tests exercise; scale out by adding worker processes.
+            # No mingle, gossip or event heartbeats: nothing here uses worker-to-worker state (no revokes, no
+            # remote control, no event monitor), and mingle alone waits 1 s for neighbours at every start, which a
+            # restart after a crash should not (docs/adr/0024).
             argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "worker", "-Q", "storage",
-                    "--pool", "solo", "-n", f"storage{instance}@%h", "--loglevel", "INFO"]
+                    "--pool", "solo", "-n", f"storage{instance}@%h", "--loglevel", "INFO",
+                    "--without-mingle", "--without-gossip", "--without-heartbeat"]
         else:
             schedule = settings.BASE_DIR / "var" / "celerybeat-schedule"
             schedule.parent.mkdir(exist_ok=True)
