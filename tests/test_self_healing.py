@@ -33,8 +33,7 @@ pytestmark = pytest.mark.cluster
 
 # Rate limits out of the way: the test sends a few thousand requests from one address and user on purpose.
 GENEROUS = {"CHATSTREAM_GATEWAY_RATE_IP": "100000/m", "CHATSTREAM_GATEWAY_RATE_USER": "100000/m",
-            "CHATSTREAM_GATEWAY_RATE_WS_IP": "10000/m", "CHATSTREAM_GATEWAY_RATE_WS_USER": "10000/m",
-            "CHATSTREAM_FLUSH_INTERVAL": "0.5"}
+            "CHATSTREAM_GATEWAY_RATE_WS_IP": "10000/m", "CHATSTREAM_GATEWAY_RATE_WS_USER": "10000/m"}
 # The bounds: a killed role registers again, and a killed gateway serves again, within 10 s.
 BACK_WITHIN_S = 10.0
 # Each REST loop is bounded: at least this many requests while the victim is down, at most MAX in all.
@@ -43,8 +42,8 @@ REST_MIN, REST_MAX = 100, 1500
 # requests: on the 2-core test machine an unpaced loop starves the restarting process of CPU (it measures the
 # machine, not the supervisor); paced, it still makes REST_MIN requests within the victim's downtime.
 SEND_MAX = 3000
-SEND_PAUSE_S = 0.1
-REST_PAUSE_S = 0.03
+SEND_PAUSE_S = 0.2
+REST_PAUSE_S = 0.05
 CLOSED = (websockets.exceptions.ConnectionClosed, websockets.exceptions.InvalidStatus,
           websockets.exceptions.InvalidMessage, OSError, TimeoutError)
 
@@ -214,8 +213,10 @@ def test_each_role_sigkilled_in_turn_comes_back_and_nothing_acknowledged_is_lost
                     os.kill(pid, signal.SIGKILL)
                     killed_at = time.monotonic()
                     back = asyncio.Event()
+                    # The REST loop runs while a role with a twin is down (the claim is about those); not during the
+                    # beat and gateway phases, where it would only take CPU from the restart.
                     loop = (asyncio.create_task(rest_while(cluster, token, conv, back))
-                            if role != "gateway" else None)
+                            if role in ("api", "broker", "storage") else None)
 
                     def registered_again(r: str = role, i: str = instance, b: set[str] = before) -> set[str]:
                         return slot_ids(cluster, r, i) - b
