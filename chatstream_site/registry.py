@@ -1,9 +1,10 @@
 """Service discovery: every instance is a Redis key with a TTL, refreshed by a heartbeat.
 
-Key ``cs:registry:{role}:{id}`` holds ``{"role", "id", "url", "started_at", "last_seen", "restarts", "run_id"}``
-as JSON and expires after ``REGISTRY_TTL_S``. A heartbeat rewrites it every ``REGISTRY_HEARTBEAT_S``; a clean shutdown
-deletes it; a SIGKILLed instance simply stops refreshing and is gone within the TTL. No process of its own
-to run or to fail, and readers need nothing but a Redis connection.
+Key ``cs:registry:{role}:{id}`` holds ``{"role", "id", "url", "started_at", "last_seen", "restarts",
+"run_id"}`` as JSON and expires after ``REGISTRY_TTL_S``. A heartbeat rewrites it every
+``REGISTRY_HEARTBEAT_S``; a clean shutdown deletes it; a SIGKILLed instance simply stops refreshing and is
+gone within the TTL. No process of its own to run or to fail, and readers need nothing but a Redis
+connection.
 
 Restarts: every start of a role slot (role and instance number) within one run increments the counter
 ``cs:starts:{run_id}:{role}:{instance}`` (:func:`start_count_incr`, called by ``manage.py role`` before it
