@@ -2,17 +2,19 @@
 PY := .venv/bin/python
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: run test lint bootstrap procfile clean
+.PHONY: run test lint bootstrap clean
 
 bootstrap:
 	@python3 scripts/bootstrap.py install
 
+# Every process runs under supervisord (docs/adr/0024): a role that dies is restarted, one that keeps crashing at
+# start-up is given up on with a loud line, and Ctrl-C stops everything it started.
 run: bootstrap
 	@mkdir -p var
-	@python3 scripts/bootstrap.py procfile > var/Procfile
+	@python3 scripts/bootstrap.py supervisor-conf $$([ -t 1 ] && echo --color) > /dev/null
 	@echo "ChatStream: starting every role; the gateway is at http://$${CHATSTREAM_GATEWAY_HOST:-127.0.0.1}:$${CHATSTREAM_GATEWAY_PORT:-8000} (Ctrl-C stops all)"
 	@$(PY) manage.py migrate --noinput -v 0
-	@exec .venv/bin/honcho -f var/Procfile -d . start
+	@exec .venv/bin/supervisord -c var/supervisord.conf
 
 lint: bootstrap
 	.venv/bin/ruff check .
@@ -28,4 +30,4 @@ test:
 	$(PY) -m pytest
 
 clean:
-	rm -rf var/redis var/ferretdb var/ferretdb-state var/Procfile var/celerybeat-schedule
+	rm -rf var/redis var/ferretdb var/ferretdb-state var/supervisord.* var/supervisor.sock var/log var/celerybeat-schedule

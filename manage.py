@@ -13,6 +13,13 @@ def main() -> None:
 
     try:
         settings.INSTALLED_APPS  # noqa: B018 - load settings now, so a bad one stops us here
+        if sys.argv[1:2] == ["role"]:
+            # `role` checks its servers and execs the real server, which sets Django up itself: without
+            # django.setup() and the system checks here, a (re)start under the supervisor costs half the CPU.
+            from chatstream_site.management.commands.role import Command
+
+            Command().run_from_argv(sys.argv)
+            return
         execute_from_command_line(sys.argv)
     except ImproperlyConfigured as exc:
         # A bad setting is the operator's to fix: say which, without a traceback.

@@ -1,9 +1,17 @@
 """Service discovery: every instance is a Redis key with a TTL, refreshed by a heartbeat.
 
-Key ``cs:registry:{role}:{id}`` holds ``{"role", "id", "url", "started_at", "last_seen"}`` as JSON and
-expires after ``REGISTRY_TTL_S``. A heartbeat rewrites it every ``REGISTRY_HEARTBEAT_S``; a clean shutdown
-deletes it; a SIGKILLed instance simply stops refreshing and is gone within the TTL. No process of its own
-to run or to fail, and readers need nothing but a Redis connection.
+Key ``cs:registry:{role}:{id}`` holds ``{"role", "id", "url", "started_at", "last_seen", "restarts",
+"run_id"}`` as JSON and expires after ``REGISTRY_TTL_S``. A heartbeat rewrites it every
+``REGISTRY_HEARTBEAT_S``; a clean shutdown deletes it; a SIGKILLed instance simply stops refreshing and is
+gone within the TTL. No process of its own to run or to fail, and readers need nothing but a Redis
+connection.
+
+Restarts: every start of a role slot (role and instance number) within one run increments the counter
+``cs:starts:{run_id}:{role}:{instance}`` (:func:`start_count_incr`, called by ``manage.py role`` before it
+execs the server); the registration carries ``restarts`` = that count - 1. ``make run`` generates a fresh
+``CHATSTREAM_RUN_ID`` per run (its supervisord config), so the count is per run and is not fooled by a
+restarted process getting a new instance id; without one (docker compose, a role started by hand) the run is
+the host (a container keeps its hostname across its ``restart:`` restarts).
 
 The heartbeat is a daemon thread with a synchronous client, so it works the same under daphne, Celery
 worker and Celery beat, and never runs on an event loop.
@@ -23,6 +31,10 @@ import redis
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "cs:registry:"
+STARTS_PREFIX = "cs:starts:"
+# A run's start counters outlive any restart back-off; the heartbeat renews them, so they only lapse a week after
+# the slot's last instance stopped (then a new start counts from 0, as in a new run).
+STARTS_TTL_S = 7 * 24 * 3600
 ROLES = ("gateway", "broker", "api", "storage", "storage-beat")
 
 
@@ -33,6 +45,10 @@ class Instance:
     url: str
     started_at: str
     last_seen: str
+    # Added after the first five (the JSON of `manage.py services --json` is a public interface: fields are only
+    # ever added); entries written before them read as 0 and "".
+    restarts: int = 0
+    run_id: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -51,15 +67,39 @@ def _parse(raw: bytes | str | None) -> Instance | None:
         return None
     try:
         data = json.loads(raw)
-        return Instance(**{field: str(data[field]) for field in Instance.__dataclass_fields__})
-    except (ValueError, KeyError, TypeError):
+        return Instance(role=str(data["role"]), id=str(data["id"]), url=str(data["url"]),
+                        started_at=str(data["started_at"]), last_seen=str(data["last_seen"]),
+                        restarts=int(data.get("restarts", 0)), run_id=str(data.get("run_id", "")))
+    except (ValueError, KeyError, TypeError, AttributeError):
         logger.warning("registry: ignoring a malformed entry %r", raw)
         return None
 
 
-def instance_register(client: redis.Redis, *, instance: Instance, ttl_s: int) -> None:
-    """Write (or refresh) ``instance`` with a TTL. Side effect: one SET with EX."""
-    client.set(_key(instance.role, instance.id), instance.to_json(), ex=ttl_s)
+def _starts_key(run_id: str, role: str, instance: str) -> str:
+    return f"{STARTS_PREFIX}{run_id}:{role}:{instance}"
+
+
+def start_count_incr(client: redis.Redis, *, run_id: str, role: str, instance: str) -> int:
+    """Count one more start of the slot ``(run_id, role, instance)`` and return the count (1 on the first).
+    Side effect: INCR and EXPIRE of ``cs:starts:{run_id}:{role}:{instance}`` in one transaction."""
+    pipe = client.pipeline(transaction=True)
+    key = _starts_key(run_id, role, instance)
+    pipe.incr(key)
+    pipe.expire(key, STARTS_TTL_S)
+    count, _ = pipe.execute()
+    return int(count)
+
+
+def instance_register(client: redis.Redis, *, instance: Instance, ttl_s: int, slot: str | None = None) -> None:
+    """Write (or refresh) ``instance`` with a TTL. Side effect: one SET with EX; with ``slot`` (the instance
+    number) and a run id, the same round trip renews the slot's start counter."""
+    if slot is None or not instance.run_id:
+        client.set(_key(instance.role, instance.id), instance.to_json(), ex=ttl_s)
+        return
+    pipe = client.pipeline(transaction=False)
+    pipe.set(_key(instance.role, instance.id), instance.to_json(), ex=ttl_s)
+    pipe.expire(_starts_key(instance.run_id, instance.role, slot), STARTS_TTL_S)
+    pipe.execute()
 
 
 def instance_deregister(client: redis.Redis, *, role: str, instance_id: str) -> None:
@@ -95,7 +135,8 @@ class Heartbeat:
     """
 
     def __init__(self, *, redis_url: str, role: str, instance_id: str, url: str,
-                 interval_s: float, ttl_s: int) -> None:
+                 interval_s: float, ttl_s: int, restarts: int = 0, run_id: str = "",
+                 slot: str | None = None) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._role = role
         self._id = instance_id
@@ -103,6 +144,9 @@ class Heartbeat:
         self._started_at = _now()
         self._interval_s = interval_s
         self._ttl_s = ttl_s
+        self._restarts = restarts
+        self._run_id = run_id
+        self._slot = slot
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"registry-{role}", daemon=True)
 
@@ -111,9 +155,9 @@ class Heartbeat:
         return self._id
 
     def _beat(self) -> None:
-        instance = Instance(role=self._role, id=self._id, url=self._url,
-                            started_at=self._started_at, last_seen=_now())
-        instance_register(self._client, instance=instance, ttl_s=self._ttl_s)
+        instance = Instance(role=self._role, id=self._id, url=self._url, started_at=self._started_at,
+                            last_seen=_now(), restarts=self._restarts, run_id=self._run_id)
+        instance_register(self._client, instance=instance, ttl_s=self._ttl_s, slot=self._slot)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,6 +50,8 @@ def heartbeat_start() -> Heartbeat | None:
     # A random suffix makes a restarted instance a new registration, so nobody mistakes it for the old one.
     instance_id = f"{role}-{instance}-{socket.gethostname()}-{secrets.token_hex(3)}"
     host = os.environ.get("CHATSTREAM_INSTANCE_HOST", "127.0.0.1")
+    # Counted by `manage.py role` before the exec (chatstream_site/registry.py: start_count_incr).
+    restarts = os.environ.get("CHATSTREAM_RESTARTS", "0")
     _heartbeat = Heartbeat(
         redis_url=settings.REDIS_URL,
         role=role,
@@ -56,9 +59,28 @@ def heartbeat_start() -> Heartbeat | None:
         url=f"http://{host}:{port}",
         interval_s=settings.REGISTRY_HEARTBEAT_S,
         ttl_s=settings.REGISTRY_TTL_S,
+        restarts=int(restarts) if restarts.isdigit() else 0,
+        run_id=run_id(),
+        slot=instance,
     )
     _heartbeat.start()
     return _heartbeat
+
+
+def run_id() -> str:
+    """The run that restarts are counted in: ``CHATSTREAM_RUN_ID`` (``make run`` sets a fresh one per run), else
+    the host (a container keeps its hostname across restarts; a new container is a new run)."""
+    return os.environ.get("CHATSTREAM_RUN_ID") or f"host-{socket.gethostname()}"
+
+
+def url_redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages (``make run`` gives its Redis one)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def heartbeat_stop() -> None:

@@ -6,9 +6,10 @@ Subcommands
 ``install``   create ``.venv``, install ``requirements-dev.txt`` (skipped when unchanged), and make sure the
               binaries the local cluster and the tests need exist: ``redis-server`` (Debian package) and,
               unless ``MONGODB_URI`` is set, FerretDB v1 built from the Go module proxy into ``.tools/bin``.
-``procfile``  print the honcho Procfile of the local cluster on stdout. Redis and FerretDB get a line of
-              their own only when nothing answers at their address yet, so a server the user already runs
-              is reused and never stopped by us.
+``supervisor-conf``  write ``var/supervisord.conf``, the supervisord config of the local cluster
+              (``make run``), and print its path. Redis and FerretDB get a program of their own only when
+              nothing answers at their address yet, so a server the user already runs is reused and never
+              stopped by us.
 
 Every failure ends with a line saying what to install or set. Second runs reuse everything the first
 one installed (a stamp file per step).
@@ -91,18 +92,61 @@ def is_loopback(host: str) -> bool:
 # ---------------------------------------------------------------- install steps
 
 
+def dotenv_write(text: str) -> None:
+    """Replace ``.env`` with ``text``, readable by its owner only (it holds SECRET_KEY and the Redis password):
+    created 0600 under a temporary name, then renamed over, so it is never readable by others, not even
+    for a moment."""
+    path = ROOT / ".env"
+    tmp = path.with_name(".env.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def ensure_dotenv() -> None:
-    """Create ``.env`` with a fresh SECRET_KEY on first run, so ``make run`` needs no manual step."""
+    """Create ``.env`` with a fresh SECRET_KEY on first run, so ``make run`` needs no manual step; an existing
+    one that others may read is made 0600."""
     path = ROOT / ".env"
     if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(0o600)
+            log(f"made .env readable by its owner only (it was {mode:o}; it holds secrets)")
         return
     import secrets
 
-    path.write_text(
+    dotenv_write(
         "# Written by scripts/bootstrap.py on first run; see .env.example for every variable.\n"
         f"SECRET_KEY={secrets.token_urlsafe(50)}\n"
     )
     log("wrote .env with a generated SECRET_KEY")
+
+
+def redis_password_ensure(env: dict[str, str]) -> str | None:
+    """The password of the Redis ``make run`` is about to start: the one in REDIS_URL, else a new one written
+    into ``.env`` as REDIS_URL (same host, port and db). None when REDIS_URL comes from the real environment
+    without one (we cannot change that environment: that Redis starts without a password, as it asked)."""
+    import secrets
+
+    url = urllib.parse.urlparse(env.get("REDIS_URL") or DEFAULT_REDIS_URL)
+    if url.password:
+        return urllib.parse.unquote(url.password)
+    if "REDIS_URL" in os.environ:
+        log("REDIS_URL is set in the environment without a password: its Redis starts without one")
+        return None
+    password = secrets.token_urlsafe(32)  # URL-safe: goes into the URL as is
+    netloc = f":{password}@{url.hostname}:{url.port or 6379}"
+    new_url = urllib.parse.urlunparse(url._replace(netloc=netloc))
+    path = ROOT / ".env"
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if not line.strip().startswith("REDIS_URL=")]
+    kept.append("# The password of the Redis `make run` starts (scripts/bootstrap.py generated it).")
+    kept.append(f"REDIS_URL={new_url}")
+    dotenv_write("\n".join(kept) + "\n")
+    log("gave the local Redis a generated password (REDIS_URL in .env)")
+    return password
 
 
 def ensure_venv() -> None:
@@ -214,22 +258,70 @@ def cmd_install() -> None:
         ensure_chromium()
 
 
-# ---------------------------------------------------------------- procfile
+# ---------------------------------------------------------------- supervisor config
+
+# Roles in start order; (program name, `manage.py role` arguments). Two of every role but the gateway and beat,
+# so that one can die (docs/architecture.md).
+ROLE_PROGRAMS = (
+    ("gateway", "gateway"),
+    ("broker1", "broker --instance 1"),
+    ("broker2", "broker --instance 2"),
+    ("api1", "api --instance 1"),
+    ("api2", "api --instance 2"),
+    ("storage1", "storage --instance 1"),
+    ("storage2", "storage --instance 2"),
+    ("beat", "storage-beat"),
+)
+# A role that dies within ROLE_START_S of being spawned has failed to start (a bad setting, a port taken):
+# supervisord retries it after 1, 2, 3, ... s (its linear back-off) and gives up after ROLE_START_RETRIES
+# retries (state FATAL). 10 s: a role imports Django, checks its servers and execs its server in 2-4 s on the
+# 2-core dev machine under load, so a crash in its first 10 s is a crash at start-up, not in service. Once up
+# that long it is restarted at once whenever it dies.
+ROLE_START_S = 10
+ROLE_START_RETRIES = 4
+# Ctrl-C waits this long for a role's graceful stop (uvicorn closes its WebSockets, Celery finishes a drain
+# batch) before SIGKILL: a drain batch takes well under a second, and closing 10k sockets about 2 s.
+ROLE_STOP_WAIT_S = 20
 
 
-def cmd_procfile() -> None:
-    """Print the Procfile for ``make run``; server lines only for servers we must start."""
+def supervisor_socket(var: Path) -> Path:
+    """The control socket: in ``var`` unless that path is too long for a Unix socket (108 bytes)."""
+    sock = var / "supervisor.sock"
+    if len(str(sock)) < 100:
+        return sock
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"chatstream-{hashlib.sha256(str(var).encode()).hexdigest()[:12]}.sock"
+
+
+def supervisor_conf(*, var: Path, python: str, log_color: bool) -> str:
+    """The supervisord config of ``make run``: servers we must start (Redis and FerretDB only when nothing
+    answers at their address yet, so a server the user already runs is reused and never stopped by us),
+    every role, and the log listener that prints one prefixed stream on the terminal.
+    A fresh ``CHATSTREAM_RUN_ID`` per config: roles count their restarts per run (``manage.py services``)."""
+    import uuid
+
     env = read_dotenv()
-    lines: list[str] = []
+    var.mkdir(parents=True, exist_ok=True)
+    (var / "log").mkdir(exist_ok=True)
+    servers: dict[str, str] = {}
     rhost, rport = redis_address(env)
     if not reachable(rhost, rport):
         if not is_loopback(rhost):
             raise BootstrapError(f"Redis at {rhost}:{rport} (REDIS_URL) is not reachable",
                                  "start it, or unset REDIS_URL to let ChatStream run one on 127.0.0.1")
         (VAR / "redis").mkdir(parents=True, exist_ok=True)
+        # The password goes in a config file of the owner's only (a command line is readable by every user
+        # in ps); redis-server reads it as its first argument.
+        password = redis_password_ensure(env)
+        conf = VAR / "redis" / "redis.conf"
+        conf.unlink(missing_ok=True)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{password}"\n' if password else "")
         # AOF with fsync every second: accepted messages survive a Redis restart (docs/architecture.md).
-        lines.append(
-            f"redis: exec redis-server --bind {rhost} --port {rport} --dir {VAR / 'redis'} "
+        servers["redis"] = (
+            f"redis-server {conf} --bind {rhost} --port {rport} --dir {VAR / 'redis'} "
             "--appendonly yes --appendfsync everysec --save '' --protected-mode yes"
         )
     if not env.get("MONGODB_URI"):
@@ -237,31 +329,114 @@ def cmd_procfile() -> None:
         if not reachable("127.0.0.1", port):
             (VAR / "ferretdb").mkdir(parents=True, exist_ok=True)
             (VAR / "ferretdb-state").mkdir(parents=True, exist_ok=True)
-            lines.append(
-                f"ferretdb: exec {FERRETDB_BIN} --handler=sqlite --sqlite-url=file:{VAR / 'ferretdb'}/ "
+            servers["ferretdb"] = (
+                f"{FERRETDB_BIN} --handler=sqlite --sqlite-url=file:{VAR / 'ferretdb'}/ "
                 f"--listen-addr=127.0.0.1:{port} --state-dir={VAR / 'ferretdb-state'} "
                 "--telemetry=disable --log-level=warn --debug-addr=-"
             )
-    py = "exec .venv/bin/python manage.py role"
-    lines += [
-        f"gateway: {py} gateway",
-        f"broker1: {py} broker --instance 1",
-        f"broker2: {py} broker --instance 2",
-        f"api1: {py} api --instance 1",
-        f"api2: {py} api --instance 2",
-        f"storage1: {py} storage --instance 1",
-        f"storage2: {py} storage --instance 2",
-        f"beat: {py} storage-beat",
+    sock = supervisor_socket(var)
+
+    def esc(value: object) -> str:  # supervisord expands %(name)s in values
+        return str(value).replace("%", "%%")
+
+    out = [
+        "; Written by scripts/bootstrap.py for `make run` (every run anew); see docs/adr/0024.",
+        "[supervisord]",
+        "nodaemon=true",
+        "silent=true",  # the terminal gets the log listener's prefixed stream; this log keeps the rest
+        f"logfile={esc(var / 'supervisord.log')}",
+        "logfile_maxbytes=5MB",
+        "logfile_backups=1",
+        f"pidfile={esc(var / 'supervisord.pid')}",
+        f"childlogdir={esc(var / 'log')}",
+        f"directory={esc(ROOT)}",
+        f'environment=CHATSTREAM_RUN_ID="{uuid.uuid4().hex}"',
+        "",
+        "[unix_http_server]",
+        f"file={esc(sock)}",
+        "chmod=0700",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{esc(sock)}",
+        "",
+        # First to start, last to stop, so it prints every other process's last lines.
+        "[eventlistener:logs]",
+        f"command={esc(python)} {esc(ROOT / 'scripts' / 'supervisor_logs.py')}",
+        "events=PROCESS_LOG,PROCESS_STATE",
+        "buffer_size=10000",  # events queued while the listener writes; lines beyond it are dropped (logged)
+        "priority=1",
+        "autorestart=true",
+        "stderr_logfile=/dev/stderr",
+        "stderr_logfile_maxbytes=0",
+        f'environment=CHATSTREAM_LOG_COLOR="{int(log_color)}",CHATSTREAM_START_RETRIES="{ROLE_START_RETRIES}",'
+        f'CHATSTREAM_SUPERVISORCTL="{esc(Path(python).parent / "supervisorctl")} -c {esc(var / "supervisord.conf")}"',
+        "",
     ]
-    print("\n".join(lines))
+
+    def program(name: str, command: str, *, start_s: int, retries: int, stop_wait_s: int) -> None:
+        out.extend([
+            f"[program:{name}]",
+            f"command={esc(command)}",
+            f"directory={esc(ROOT)}",
+            "autorestart=true",
+            f"startsecs={start_s}",
+            f"startretries={retries}",
+            "stopsignal=TERM",
+            f"stopwaitsecs={stop_wait_s}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={esc(var / 'log' / (name + '.log'))}",
+            "stdout_logfile_maxbytes=10MB",
+            "stdout_logfile_backups=1",
+            "stdout_events_enabled=true",
+            "",
+        ])
+
+    for name, command in servers.items():
+        program(name, command, start_s=1, retries=ROLE_START_RETRIES, stop_wait_s=10)
+    for name, args in ROLE_PROGRAMS:
+        program(name, f"{python} manage.py role {args}", start_s=ROLE_START_S, retries=ROLE_START_RETRIES,
+                stop_wait_s=ROLE_STOP_WAIT_S)
+    # Groups stop one after the other, highest priority first, every process of a group at once: the roles
+    # stop together (and deregister), then the servers they were using.
+    if servers:
+        out += ["[group:servers]", f"programs={','.join(servers)}", "priority=10", ""]
+    out += ["[group:roles]", f"programs={','.join(n for n, _ in ROLE_PROGRAMS)}", "priority=100", ""]
+    return "\n".join(out)
+
+
+def cmd_supervisor_conf(args: list[str]) -> None:
+    """Write the supervisord config to ``VAR/supervisord.conf`` and print its path.
+
+    ``--var DIR`` puts the config, logs, socket and pid file elsewhere (the tests' clusters); ``--python`` is
+    the interpreter the roles run with; ``--color`` colours the terminal's prefixes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bootstrap.py supervisor-conf")
+    parser.add_argument("--var", type=Path, default=VAR)
+    parser.add_argument("--python", default=str(VENV / "bin" / "python"))
+    parser.add_argument("--color", action="store_true")
+    opts = parser.parse_args(args)
+    var = opts.var.resolve()
+    path = var / "supervisord.conf"
+    text = supervisor_conf(var=var, python=opts.python, log_color=opts.color)
+    path.write_text(text + "\n")
+    print(path)
 
 
 def main(argv: list[str]) -> None:
-    commands = {"install": cmd_install, "procfile": cmd_procfile}
-    if len(argv) != 1 or argv[0] not in commands:
-        raise SystemExit(f"usage: bootstrap.py {{{','.join(commands)}}}")
-    os.chdir(ROOT)
-    commands[argv[0]]()
+    if argv == ["install"]:
+        os.chdir(ROOT)
+        cmd_install()
+    elif argv[:1] == ["supervisor-conf"]:
+        os.chdir(ROOT)
+        cmd_supervisor_conf(argv[1:])
+    else:
+        raise SystemExit("usage: bootstrap.py {install,supervisor-conf [--var DIR] [--python PATH] [--color]}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import configparser
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -65,14 +67,15 @@ def process_env(pid: int) -> dict[str, str]:
 
 
 class Cluster:
-    """The local cluster exactly as `make run` starts it (honcho + the bootstrap Procfile), on free ports."""
+    """The local cluster exactly as `make run` starts it (supervisord with the config scripts/bootstrap.py writes
+    for `make run`), on free ports."""
 
-    def __init__(self, workdir: Path, *, honcho: bool = True, **env: str) -> None:
-        """``honcho=False`` starts each Procfile line as its own process group instead, so a test can kill
-        one role without honcho stopping all the others (as it does in `make run`)."""
-        self.honcho = honcho
+    def __init__(self, workdir: Path, *, supervised: bool = True, **env: str) -> None:
+        """``supervised=False`` starts each role of the same config as its own process group instead, nothing
+        restarting it, so a test decides when a killed role comes back (``start_process``)."""
+        self.supervised = supervised
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.lines: dict[str, str] = {}
+        self.lines: dict[str, list[str]] = {}
         self.tag = uuid.uuid4().hex
         self.gateway_port = free_port()
         # Internal ports are PORT_BASE + 1..39: pick a base below Linux's ephemeral range (32768-60999), where
@@ -87,44 +90,78 @@ class Cluster:
             **env,
         )
         self.workdir = workdir
+        self.var = workdir / "var"
         self.log_path = workdir / "cluster.log"
+        self.conf_path = self.var / "supervisord.conf"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
 
+    def write_conf(self) -> configparser.RawConfigParser:
+        """Write the config `make run` would (bootstrap.py supervisor-conf) into this cluster's var dir."""
+        subprocess.run([sys.executable, "scripts/bootstrap.py", "supervisor-conf", "--var", str(self.var),
+                        "--python", sys.executable], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                       check=True)
+        conf = configparser.RawConfigParser()
+        conf.read(self.conf_path)
+        # The session's servers are reachable, so the config must hold only the roles.
+        assert not conf.has_section("program:redis") and not conf.has_section("program:ferretdb"), \
+            self.conf_path.read_text()
+        return conf
+
+    def program_set(self, name: str, **values: str) -> None:
+        """Change one program of the written config before ``start`` (e.g. a bad setting for one role)."""
+        conf = configparser.RawConfigParser()
+        conf.read(self.conf_path)
+        for key, value in values.items():
+            conf.set(f"program:{name}", key, value)
+        with open(self.conf_path, "w") as f:
+            conf.write(f)
+
     def start(self) -> None:
-        procfile = subprocess.run([sys.executable, "scripts/bootstrap.py", "procfile"], cwd=ROOT,
-                                  env=self.env, capture_output=True, text=True, check=True).stdout
-        # The session's servers are reachable, so the Procfile must hold only the roles.
-        assert "redis-server" not in procfile and "ferretdb" not in procfile, procfile
-        procfile = procfile.replace(".venv/bin/python", sys.executable)
-        (self.workdir / "Procfile").write_text(procfile)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the cluster
-        if not self.honcho:
-            for line in procfile.splitlines():
-                name, _, command = line.partition(":")
-                self.lines[name.strip()] = command.strip()
+        if not self.conf_path.exists():
+            self.write_conf()
+        conf = configparser.RawConfigParser()
+        conf.read(self.conf_path)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the cluster; O_APPEND: shared
+        if not self.supervised:
+            self.env["CHATSTREAM_RUN_ID"] = self.tag  # what supervisord's [supervisord] environment gives
+            for section in conf.sections():
+                if section.startswith("program:"):
+                    command = conf.get(section, "command").replace("%%", "%")
+                    self.lines[section.removeprefix("program:")] = shlex.split(command)
             for name in self.lines:
                 self.start_process(name)
             return
-        honcho = str(Path(sys.executable).parent / "honcho")
-        # honcho reads ROOT/.env by default and lets it override the environment (a developer's SECRET_KEY
-        # would then differ from the one the test signs tokens with): give it an empty file instead.
-        (self.workdir / "empty.env").write_text("")
-        self.proc = subprocess.Popen([honcho, "-f", str(self.workdir / "Procfile"), "-d", str(ROOT),
-                                      "start", "-e", str(self.workdir / "empty.env")],
-                                     cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        supervisord = str(Path(sys.executable).parent / "supervisord")
+        self.proc = subprocess.Popen([supervisord, "-c", str(self.conf_path)], cwd=ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def rpc(self) -> Any:
+        """supervisord's XML-RPC interface on its Unix socket (what supervisorctl uses)."""
+        import xmlrpc.client
+
+        from supervisor.xmlrpc import SupervisorTransport
+
+        conf = configparser.RawConfigParser()
+        conf.read(self.conf_path)
+        serverurl = conf.get("supervisorctl", "serverurl")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(None, None, serverurl))
+
+    def program_info(self, name: str) -> dict[str, Any]:
+        """supervisord's view of one role program (``statename``, ``pid``, ...), e.g. ``api1``."""
+        return dict(self.rpc().supervisor.getProcessInfo(f"roles:{name}"))
 
     def start_process(self, name: str) -> None:
-        """(Re)start one Procfile process (``honcho=False`` only), e.g. ``broker1``."""
+        """(Re)start one role program (``supervised=False`` only), e.g. ``broker1``."""
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.procs[name] = subprocess.Popen(["/bin/sh", "-c", self.lines[name]], cwd=ROOT, env=self.env,
+        self.procs[name] = subprocess.Popen(self.lines[name], cwd=ROOT, env=self.env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill_process(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one role program and reap it (``supervised=False``)."""
         proc = self.procs[name]
         os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
@@ -142,7 +179,8 @@ class Cluster:
             raise AssertionError(f"cluster not ready; log tail:\n{self.log_tail()}") from None
 
     def log_tail(self, lines: int = 60) -> str:
-        paths = [self.log_path] if self.honcho else sorted(self.workdir.glob("*.log"))
+        """The terminal's stream (supervised) or each process's log (not), last ``lines`` of each."""
+        paths = [self.var / "supervisord.log", self.log_path] if self.supervised else sorted(self.workdir.glob("*.log"))
         return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
                          for p in paths if p.exists())
 
@@ -155,7 +193,7 @@ class Cluster:
             if env.get("CHATSTREAM_ROLE") == role and instance in (None, env.get("CHATSTREAM_INSTANCE")):
                 yield pid
 
-    def stop(self, timeout_s: float = 30) -> None:
+    def stop(self, timeout_s: float = 60) -> None:
         """Ctrl-C, as a person would press it in `make run` (or SIGTERM to each process group)."""
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -168,10 +206,14 @@ class Cluster:
                 proc.wait()
         if self.proc is None or self.proc.poll() is not None:
             return
+        # The terminal sends SIGINT to its foreground group: supervisord and `make`; every program runs in a
+        # process group of its own, so supervisord alone stops them.
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-            raise AssertionError(f"honcho did not stop within {timeout_s}s:\n{self.log_tail()}") from None
+            for pid in tagged_pids(self.tag):
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"supervisord did not stop within {timeout_s}s:\n{self.log_tail()}") from None

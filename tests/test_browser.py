@@ -24,8 +24,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    # Each role in its own process group (no honcho), so one broker can be killed alone.
-    c = Cluster(tmp_path_factory.mktemp("browser-cluster"), honcho=False)
+    # Each role in its own process group, unsupervised, so one broker stays down until the test restarts it.
+    c = Cluster(tmp_path_factory.mktemp("browser-cluster"), supervised=False)
     c.start()
     try:
         c.wait_ready()

@@ -85,7 +85,7 @@ def test_ctrl_c_deregisters_every_instance(tmp_path: Path) -> None:
 
 
 def test_a_restarted_instance_joins_again_and_the_others_never_notice(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path, honcho=False)
+    cluster = Cluster(tmp_path, supervised=False)
     cluster.start()
     try:
         cluster.wait_ready()

@@ -77,3 +77,9 @@ def test_compose_never_sets_a_wildcard_host_list() -> None:
     for name, service in load()["services"].items():
         hosts = str(service.get("environment", {}).get("ALLOWED_HOSTS", ""))
         assert "*" not in hosts.split(","), (name, hosts)
+
+
+def test_every_service_is_restarted_when_it_dies() -> None:
+    """Docker's counterpart of `make run`'s supervisor (docs/adr/0024): no service stays down after a crash."""
+    services = load()["services"]
+    assert {name: s.get("restart") for name, s in services.items()} == dict.fromkeys(services, "unless-stopped")

@@ -62,12 +62,13 @@ def test_services_command_prints_json_and_table(client: redis.Redis) -> None:
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout) == [
         {"role": "gateway", "id": "gateway-0", "url": "http://127.0.0.1:9000",
-         "started_at": "2026-01-01T00:00:00+00:00", "last_seen": "2026-01-01T00:00:00+00:00"}
+         "started_at": "2026-01-01T00:00:00+00:00", "last_seen": "2026-01-01T00:00:00+00:00",
+         "restarts": 0, "run_id": ""}
     ]
     table = manage("services")
     assert table.returncode == 0
     header, row = table.stdout.strip().splitlines()
-    assert header.split() == ["ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN"]
+    assert header.split() == ["ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN", "RESTARTS"]
     assert row.split()[:3] == ["gateway", "gateway-0", "http://127.0.0.1:9000"]
 
 
@@ -75,3 +76,18 @@ def test_services_command_says_what_to_fix_when_redis_is_down() -> None:
     result = manage("services", "--json", env=child_env(REDIS_URL="redis://127.0.0.1:1/0"))
     assert result.returncode != 0
     assert "Redis unreachable" in result.stderr and "REDIS_URL=redis://127.0.0.1:1/0" in result.stderr
+
+
+def test_starts_are_counted_per_run_and_slot_and_older_entries_read_as_no_restarts(client: redis.Redis) -> None:
+    from chatstream_site.registry import start_count_incr
+
+    run = f"run-{time.time_ns()}"
+    assert [start_count_incr(client, run_id=run, role="api", instance="1") for _ in range(3)] == [1, 2, 3]
+    assert start_count_incr(client, run_id=run, role="api", instance="2") == 1  # another slot
+    assert start_count_incr(client, run_id=run + "-next", role="api", instance="1") == 1  # another run
+    assert 0 < client.ttl(f"cs:starts:{run}:api:1") <= 7 * 24 * 3600
+    # An entry written before `restarts` existed (an instance of the previous release) still reads.
+    client.set("cs:registry:api:old", json.dumps({"role": "api", "id": "old", "url": "http://127.0.0.1:1",
+                                                  "started_at": "t", "last_seen": "t"}), ex=10)
+    (old,) = instances_list(client, role="api")
+    assert (old.id, old.restarts, old.run_id) == ("old", 0, "")

@@ -327,7 +327,7 @@ def test_redis_crash_with_aof_keeps_streams_groups_pending_entries_and_seqs(rig:
 
 def test_make_run_cluster_persists_accepted_messages_and_serves_storage_metrics(tmp_path: Path,
                                                                                 servers: Any) -> None:
-    """The storage roles exactly as `make run` starts them (two workers and beat under honcho) drain what
+    """The storage roles exactly as `make run` starts them (two workers and beat under supervisord) drain what
     the write path's primitive appends, and each worker serves /metrics on its registered URL."""
     from tests.procs import Cluster, manage
 

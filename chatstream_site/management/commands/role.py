@@ -8,12 +8,13 @@ import sys
 import time
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatstream_site.health import bus_check, mongodb_check, redis_check
-from chatstream_site.registry import ROLES
-from chatstream_site.roles import role_port
+from chatstream_site.registry import ROLES, start_count_incr
+from chatstream_site.roles import role_port, run_id, url_redacted
 
 
 def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
@@ -23,9 +24,9 @@ def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
     while True:
         problems = []
         if (reason := redis_check()) is not None:
-            problems.append(f"{reason}; check REDIS_URL={settings.REDIS_URL}")
+            problems.append(f"{reason}; check REDIS_URL={url_redacted(settings.REDIS_URL)}")
         if need_mongodb and (reason := bus_check()) is not None:  # every role but the gateway uses the bus
-            problems.append(f"{reason}; check CHATSTREAM_STREAMS_REDIS_URL={settings.STREAMS_REDIS_URL}"
+            problems.append(f"{reason}; check CHATSTREAM_STREAMS_REDIS_URL={url_redacted(settings.STREAMS_REDIS_URL)}"
                             + (" (a Redis Cluster)" if settings.STREAMS_REDIS_CLUSTER else ""))
         if need_mongodb and (reason := mongodb_check(timeout_ms=1000)) is not None:
             problems.append(f"{reason}; check MONGODB_URI={settings.MONGODB_URI}")
@@ -41,6 +42,9 @@ def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
 
 class Command(BaseCommand):
     help = "Start one instance of a ChatStream role (gateway, broker, api, storage, storage-beat)."
+    # manage.py runs this command without django.setup() (apps are not loaded): the checks need them, and the
+    # server it execs never ran them either.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("role", choices=ROLES)
@@ -50,8 +54,20 @@ class Command(BaseCommand):
     def handle(self, *args: Any, role: str, instance: int, port: int | None, **options: Any) -> None:
         port = port or role_port(role, instance)
         wait_for_servers(need_mongodb=role != "gateway", wait_s=settings.STARTUP_WAIT_S)
+        # One more start of this slot in this run; the registration shows it as `restarts` (manage.py services).
+        # Counted here, once per process start, because a supervisor (or docker) restarts exactly this command.
+        run = run_id()
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            starts = start_count_incr(client, run_id=run, role=role, instance=str(instance))
+        except redis.RedisError as exc:
+            raise CommandError(f"cannot count this start: Redis unreachable ({exc}); "
+                               f"check REDIS_URL={url_redacted(settings.REDIS_URL)}") from None
+        finally:
+            client.close()
         os.environ.update(
-            CHATSTREAM_ROLE=role, CHATSTREAM_INSTANCE=str(instance), CHATSTREAM_INSTANCE_PORT=str(port)
+            CHATSTREAM_ROLE=role, CHATSTREAM_INSTANCE=str(instance), CHATSTREAM_INSTANCE_PORT=str(port),
+            CHATSTREAM_RESTARTS=str(starts - 1),
         )
         bindir = os.path.dirname(sys.executable)
         if role == "gateway":
@@ -90,8 +106,12 @@ class Command(BaseCommand):
         elif role == "storage":
             # solo pool: one drain at a time per process, and SIGKILL of the worker kills the work itself,
             # which is what the fault tests exercise; scale out by adding worker processes.
+            # No mingle, gossip or event heartbeats: nothing here uses worker-to-worker state (no revokes, no
+            # remote control, no event monitor), and mingle alone waits 1 s for neighbours at every start, which a
+            # restart after a crash should not (docs/adr/0024).
             argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "worker", "-Q", "storage",
-                    "--pool", "solo", "-n", f"storage{instance}@%h", "--loglevel", "INFO"]
+                    "--pool", "solo", "-n", f"storage{instance}@%h", "--loglevel", "INFO",
+                    "--without-mingle", "--without-gossip", "--without-heartbeat"]
         else:
             schedule = settings.BASE_DIR / "var" / "celerybeat-schedule"
             schedule.parent.mkdir(exist_ok=True)

@@ -1,4 +1,4 @@
-"""``manage.py services [--json]``: the live registry (DESIGN.md §9)."""
+"""``manage.py services [--json]``: the live registry, with each instance's restarts in this run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatstream_site.registry import instances_list
+from chatstream_site.roles import url_redacted
 
 
 class Command(BaseCommand):
@@ -26,16 +27,18 @@ class Command(BaseCommand):
             found = instances_list(client, role=role)
         except redis.RedisError as exc:
             raise CommandError(f"cannot read the registry: Redis unreachable ({exc}); "
-                               f"check REDIS_URL={settings.REDIS_URL}") from None
+                               f"check REDIS_URL={url_redacted(settings.REDIS_URL)}") from None
         if as_json:
             self.stdout.write(json.dumps([asdict(i) for i in found], indent=2))
             return
         if not found:
             self.stdout.write("no live instances (is `make run` running? same REDIS_URL?)")
             return
-        rows = [("ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN")]
-        rows += [(i.role, i.id, i.url, i.started_at, i.last_seen) for i in found]
-        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        # RESTARTS: how often this slot (role and instance number) was started again in this run
+        # (chatstream_site/registry.py); a new column goes last, so scripts cutting the first ones keep working.
+        rows = [("ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN", "RESTARTS")]
+        rows += [(i.role, i.id, i.url, i.started_at, i.last_seen, str(i.restarts)) for i in found]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
             self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
