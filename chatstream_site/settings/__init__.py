@@ -146,7 +146,10 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            # channels-redis blocks 5 s per receive (BZPOPMIN, its brpop_timeout) and redis-py's default socket
+            # timeout is 5 s too: every idle receive raced the timeout and the brokers' session task died with
+            # a TimeoutError every ~5 s (seen under `make run`). Three blocks' worth of margin.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
             "prefix": "cs:chl",
             # DESIGN.md §10: the defaults (capacity 100) silently dropped ~1/5 of deliveries under load.
             "capacity": env_int("CHATSTREAM_CHANNEL_CAPACITY", 1000, minimum=10),
