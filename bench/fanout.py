@@ -1,5 +1,6 @@
 """The real-time fan-out benchmark (``python manage.py bench``): ChatStream brokers and, in the same run,
-the Socket.IO 4 + redis-streams-adapter peer (``bench/peer/server.js``) under the same workload.
+the Socket.IO 4 + redis-streams-adapter peer (``bench/peer/server.js``) and the Centrifugo v6 peer
+(``bench/peer_centrifugo.py``) under the same workload.
 
 Workload: N connections (one user each) in R conversations of N/R members; the first member of each
 conversation sends messages, at a fixed total rate or "as fast as acked" (one in flight per sender); every
@@ -11,7 +12,7 @@ Measured per system: deliveries/s, latency p50/p95/p99, lost (acked x members - 
 deliveries, server CPU µs per delivery (utime+stime of the server processes from /proc/<pid>/stat), KB
 of server memory per idle connection (VmRSS delta / N) and server CPU while everyone is connected and idle.
 The client is one asyncio process; on a small machine it is often the bottleneck, which is why the ratio
-of CPU per delivery (the server's own cost) is the fair comparison, and why both systems run back to back
+of CPU per delivery (the server's own cost) is the fair comparison, and why the systems run back to back
 on the same Redis, in one run.
 """
 
@@ -32,10 +33,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import websockets
 from bson import ObjectId
+
+# Re-exported for manage.py bench, which imports this module only (the import-linter contract).
+from bench.peer_centrifugo import CentrifugoConn as CentrifugoConn
+from bench.peer_centrifugo import centrifugo_spawn as centrifugo_spawn
+from bench.peer_centrifugo import centrifugo_version as centrifugo_version
+from bench.peer_centrifugo import connect_token as connect_token
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT / "bench" / "peer"
@@ -139,7 +146,7 @@ class Counters:
             self.window_deliveries += 1
 
 
-# ------------------------------------------------------------------ clients of the two systems
+# ------------------------------------------------------------------ clients of the systems
 
 
 class ChatStreamConn:
@@ -239,7 +246,18 @@ class SocketIOConn:
             await asyncio.wait([self.task], timeout=5)
 
 
-Conn = ChatStreamConn | SocketIOConn
+class Conn(Protocol):
+    """A client connection of any system: ChatStreamConn, SocketIOConn, peer_centrifugo.CentrifugoConn."""
+
+    async def open(self) -> None: ...
+
+    async def send(self, conversation_id: str, client_msg_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# Builds connection ``index`` of a system the caller set up (its URL, credentials, channel).
+ConnFactory = Callable[[int, Counters, Callable[[str], None]], Conn]
 
 
 # ------------------------------------------------------------------ the workload
@@ -499,7 +517,10 @@ def processes_stop(spawned: list[tuple[subprocess.Popen[bytes], int]]) -> None:
 
 async def measure(*, system: str, urls: list[str], workload: Workload, members: list[list[int]],
                   conversation_ids: list[str], tickets: list[str] | None, server_pids: list[int],
-                  out: TextIO, settled: Callable[[], bool] | None = None) -> Result:
+                  out: TextIO, settled: Callable[[], bool] | None = None,
+                  conn_factory: ConnFactory | None = None) -> Result:
+    """Run ``workload`` against one system: ChatStream with ``tickets``, else a peer's ``conn_factory``
+    connections, else Socket.IO connections to ``urls``."""
     counters = Counters()
     acks: dict[str, asyncio.Future[None]] = {}
 
@@ -513,7 +534,9 @@ async def measure(*, system: str, urls: list[str], workload: Workload, members: 
     conns: list[Conn] = []
     for i in range(workload.connections):
         url = urls[i % len(urls)]
-        if tickets is not None:
+        if conn_factory is not None:
+            conns.append(conn_factory(i, counters, on_ack))
+        elif tickets is not None:
             conns.append(ChatStreamConn(i, f"{url}?ticket={tickets[i]}", counters, on_ack))
         else:
             conns.append(SocketIOConn(i, url, counters, on_ack, user=f"u{i}",
@@ -530,13 +553,15 @@ def plot(results: list[Result], path: Path, *, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5))
-    for result in results:
+    for index, result in enumerate(results):
         buckets: dict[int, list[float]] = {}
         for t, lat in result.timeline:
             buckets.setdefault(int(t * 4), []).append(lat)  # quarter-second buckets
         xs = sorted(buckets)
-        ax.plot([x / 4 for x in xs], [percentile(buckets[x], 0.5) for x in xs], label=f"{result.system} p50")
-        ax.plot([x / 4 for x in xs], [percentile(buckets[x], 0.99) for x in xs], linestyle="--",
+        color = f"C{index}"  # one colour per system: p50 solid, p99 dashed
+        ax.plot([x / 4 for x in xs], [percentile(buckets[x], 0.5) for x in xs], color=color,
+                label=f"{result.system} p50")
+        ax.plot([x / 4 for x in xs], [percentile(buckets[x], 0.99) for x in xs], color=color, linestyle="--",
                 label=f"{result.system} p99")
     ax.set_xlabel("seconds since the first send")
     ax.set_ylabel("WebSocket-to-WebSocket latency (ms)")
@@ -572,6 +597,12 @@ def summary_stats(results: list[Result]) -> dict[str, Any]:
                                             if sio.deliveries_per_core_s else None)
         out["ratio_deliveries_per_s"] = (cs.deliveries_per_s / sio.deliveries_per_s
                                          if sio.deliveries_per_s else None)
+    if "chatstream" in by and "centrifugo" in by:
+        cs, cf = by["chatstream"], by["centrifugo"]
+        out["ratio_centrifugo_deliveries_per_core"] = (cs.deliveries_per_core_s / cf.deliveries_per_core_s
+                                                       if cf.deliveries_per_core_s else None)
+        out["ratio_centrifugo_deliveries_per_s"] = (cs.deliveries_per_s / cf.deliveries_per_s
+                                                    if cf.deliveries_per_s else None)
     if "chatstream-daphne" in by and "socketio" in by and by["socketio"].deliveries_per_core_s:
         out["ratio_daphne_deliveries_per_core"] = (by["chatstream-daphne"].deliveries_per_core_s
                                                    / by["socketio"].deliveries_per_core_s)

@@ -10,6 +10,9 @@ Subcommands
               (``make run``), and print its path. Redis and FerretDB get a program of their own only when
               nothing answers at their address yet, so a server the user already runs is reused and never
               stopped by us.
+``centrifugo`` build Centrifugo v6 from the Go module proxy into ``.tools/bin`` (the second peer of
+              ``manage.py bench --systems ...,centrifugo``, which runs this step when the binary is missing; not
+              part of ``install``: the tests and the cluster never need it).
 
 Every failure ends with a line saying what to install or set. Second runs reuse everything the first
 one installed (a stamp file per step).
@@ -32,6 +35,8 @@ TOOLS = ROOT / ".tools"
 VAR = ROOT / "var"
 FERRETDB_VERSION = os.environ.get("CHATSTREAM_FERRETDB_VERSION", "v1.24.2")
 FERRETDB_BIN = TOOLS / "bin" / "ferretdb"
+CENTRIFUGO_VERSION = os.environ.get("CHATSTREAM_CENTRIFUGO_VERSION", "v6.9.1")
+CENTRIFUGO_BIN = TOOLS / "bin" / "centrifugo"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_FERRETDB_PORT = 27117
 
@@ -237,6 +242,32 @@ def ensure_ferretdb_binary(env: dict[str, str], *, required: bool) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def ensure_centrifugo_binary() -> None:
+    """Centrifugo v6 in ``.tools/bin``: ``go install github.com/centrifugal/centrifugo/v6@<version>`` with
+    ``GOBIN`` pointing there. Like FerretDB's version.txt, the release version is stamped by the project's own
+    release pipeline (a linker flag), so we pass the same flag: otherwise the binary calls itself 0.0.0 and
+    warns it is a development build. The compile runs at the lowest CPU priority: it takes minutes of both
+    cores, and a machine that benchmarks is often running tests too.
+    """
+    if CENTRIFUGO_BIN.exists():
+        return
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    if not go:
+        raise BootstrapError("the Centrifugo peer of the benchmark is built with Go, which is not installed",
+                             "install Go >= 1.26 (https://go.dev/dl/), or leave centrifugo out of --systems")
+    module = f"github.com/centrifugal/centrifugo/v6@{CENTRIFUGO_VERSION}"
+    log(f"building Centrifugo {CENTRIFUGO_VERSION} into .tools/bin (first run only, several minutes)")
+    nice = ["nice", "-n", "19"] if shutil.which("nice") else []
+    CENTRIFUGO_BIN.parent.mkdir(parents=True, exist_ok=True)
+    stamp = f"-ldflags=-X github.com/centrifugal/centrifugo/v6/internal/build.Version={CENTRIFUGO_VERSION[1:]}"
+    r = subprocess.run([*nice, go, "install", "-trimpath", stamp, module],
+                       env=dict(os.environ, GOBIN=str(CENTRIFUGO_BIN.parent)))
+    if r.returncode != 0 or not CENTRIFUGO_BIN.exists():
+        raise BootstrapError(f"go install {module} failed (output above)",
+                             "check access to the Go module proxy, or set CHATSTREAM_CENTRIFUGO_VERSION to "
+                             "another v6 release")
+
+
 def ensure_chromium() -> None:
     """Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser)."""
     if Path("/usr/bin/chromium").exists():
@@ -432,11 +463,15 @@ def main(argv: list[str]) -> None:
     if argv == ["install"]:
         os.chdir(ROOT)
         cmd_install()
+    elif argv == ["centrifugo"]:
+        os.chdir(ROOT)
+        ensure_centrifugo_binary()
     elif argv[:1] == ["supervisor-conf"]:
         os.chdir(ROOT)
         cmd_supervisor_conf(argv[1:])
     else:
-        raise SystemExit("usage: bootstrap.py {install,supervisor-conf [--var DIR] [--python PATH] [--color]}")
+        raise SystemExit("usage: bootstrap.py {install,centrifugo,"
+                         "supervisor-conf [--var DIR] [--python PATH] [--color]}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``manage.py bench``: the real-time fan-out benchmark, ChatStream and the Socket.IO peer in one run.
+"""``manage.py bench``: the real-time fan-out benchmark, ChatStream and its peers (Socket.IO, Centrifugo) in one
+run.
 
 See bench/fanout.py for what is measured and docs/benchmarks.md for results and how to read them.
 """
@@ -9,6 +10,7 @@ import asyncio
 import functools
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from bench import fanout as benchmark
 
 
 class Command(BaseCommand):
-    help = "Benchmark real-time fan-out: N connections over R conversations, ChatStream vs Socket.IO."
+    help = ("Benchmark real-time fan-out: N connections over R conversations, ChatStream vs Socket.IO and "
+            "Centrifugo.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--connections", type=int, default=1000)
@@ -33,7 +36,8 @@ class Command(BaseCommand):
                             help="how long idle memory and CPU are measured (40 covers every periodic task)")
         parser.add_argument("--systems", default="chatstream,socketio",
                             help="comma list of chatstream (brokers on CHATSTREAM_BROKER_SERVER, uvicorn by "
-                                 "default), chatstream-daphne (brokers on daphne), socketio")
+                                 "default), chatstream-daphne (brokers on daphne), socketio, centrifugo (built "
+                                 "into .tools/bin on first use)")
         parser.add_argument("--url", default=None,
                             help="use a running ChatStream at this ws:// URL (e.g. the gateway's /ws/) with the "
                                  "configured REDIS_URL/MONGODB_URI instead of private servers and brokers")
@@ -43,8 +47,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         systems = [s.strip() for s in opts["systems"].split(",") if s.strip()]
-        if not systems or set(systems) - {"chatstream", "chatstream-daphne", "socketio"}:
-            raise CommandError("--systems takes chatstream, chatstream-daphne and/or socketio")
+        if not systems or set(systems) - {"chatstream", "chatstream-daphne", "socketio", "centrifugo"}:
+            raise CommandError("--systems takes chatstream, chatstream-daphne, socketio and/or centrifugo")
         if opts["url"] and "chatstream-daphne" in systems:
             raise CommandError("--url measures a running cluster as it is: use --systems chatstream")
         if opts["connections"] < opts["conversations"] or opts["conversations"] < 1:
@@ -69,6 +73,10 @@ class Command(BaseCommand):
             self.stdout.write(f"\nChatStream / Socket.IO, deliveries per server core-second: "
                               f"{summary['ratio_deliveries_per_core']:.2f}x; deliveries/s: "
                               f"{summary['ratio_deliveries_per_s']:.2f}x")
+        if summary.get("ratio_centrifugo_deliveries_per_core") is not None:
+            self.stdout.write(f"\nChatStream / Centrifugo, deliveries per server core-second: "
+                              f"{summary['ratio_centrifugo_deliveries_per_core']:.2f}x; deliveries/s: "
+                              f"{summary['ratio_centrifugo_deliveries_per_s']:.2f}x")
         if summary.get("ratio_daphne_deliveries_per_core") is not None:
             self.stdout.write(f"\nChatStream on daphne / Socket.IO, deliveries per server core-second: "
                               f"{summary['ratio_daphne_deliveries_per_core']:.2f}x")
@@ -125,10 +133,41 @@ class Command(BaseCommand):
                         server_pids=[proc.pid for proc, _ in peers], out=self.stderr))
                 finally:
                     await asyncio.to_thread(benchmark.processes_stop, peers)
+            if "centrifugo" in systems:
+                results.append(await self._run_centrifugo(workload=workload, members=members, brokers=opts["brokers"],
+                                                          redis_url=redis_url, workdir=workdir))
         finally:
             if servers is not None:
                 servers.stop()
         return results
+
+    async def _run_centrifugo(self, *, workload: benchmark.Workload, members: list[list[int]], brokers: int,
+                              redis_url: str, workdir: Path) -> benchmark.Result:
+        """The Centrifugo peer: ``brokers`` nodes on the run's Redis, one channel per conversation, one user and
+        token per connection, connections spread round robin over the nodes like the other systems'."""
+        import secrets
+
+        secret = secrets.token_hex(32)
+        nodes = await asyncio.to_thread(benchmark.centrifugo_spawn, count=brokers, redis_url=redis_url,
+                                        secret=secret, log_dir=workdir)
+        self.stderr.write(f"centrifugo: {benchmark.centrifugo_version()}")
+        try:
+            channels = [f"conversation-{i}" for i in range(workload.conversations)]
+            channel_of = {i: channels[c] for c, group in enumerate(members) for i in group}
+            urls = [f"ws://127.0.0.1:{port}/connection/websocket" for _, port in nodes]
+            tokens = [benchmark.connect_token(user=f"u{i}", secret=secret) for i in range(workload.connections)]
+
+            def conn_factory(i: int, counters: benchmark.Counters,
+                             on_ack: Callable[[str], None]) -> benchmark.Conn:
+                return benchmark.CentrifugoConn(i, urls[i % len(urls)], counters, on_ack, token=tokens[i],
+                                                channel=channel_of[i])
+
+            return await benchmark.measure(
+                system="centrifugo", urls=urls, workload=workload, members=members, conversation_ids=channels,
+                tickets=None, server_pids=[proc.pid for proc, _ in nodes], out=self.stderr,
+                conn_factory=conn_factory)
+        finally:
+            await asyncio.to_thread(benchmark.processes_stop, nodes)
 
 
 def benchmark_env(*, redis_url: str, mongodb_uri: str) -> dict[str, str]:
