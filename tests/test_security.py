@@ -29,6 +29,7 @@ from messaging.frames import CLOSE_SESSION_ENDED
 from messaging.streams import partition_of, stream_key
 from storage.documents import Conversation, GroupChat
 from tests.gatewaykit import Fleet, Proc, settle
+from tests.procs import wait_until
 from tests.realtime import (
     brokers_running,
     connect,
@@ -210,7 +211,9 @@ def _gateway_refused(gateway: Proc, access: str, path: str = "/api/v1/users/me")
     answer = httpx.get(f"{gateway.url}{path}", timeout=10,
                        headers={"Authorization": f"Bearer {access}", "X-Request-Id": request_id})
     assert answer.status_code == 401 and answer.json()["error"]["code"] == "token_revoked", answer.text
-    entry = next(e for e in reversed(gateway.access_log()) if e["request_id"] == request_id)
+    # The access log line is written after the answer is sent: wait (bounded) for it.
+    entry = wait_until(lambda: next((e for e in gateway.access_log() if e["request_id"] == request_id), None),
+                       timeout_s=10, interval_s=0.05, what="the gateway's access-log line of the request")
     assert entry["upstream"] is None and entry["reason"] == "token_revoked", entry
     return entry
 
@@ -272,7 +275,8 @@ def test_removing_an_account_ends_every_session_and_refuses_its_tokens(
     async def scenario() -> None:
         phone = await connect_user(brokers[0].url, redis_url, user_id)
         laptop = await connect_user(brokers[1].url, redis_url, user_id)
-        async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        # Through the gateway: it forwards the DELETE's body (the password) to the api.
+        async with httpx.AsyncClient(base_url=account_gateway.url, timeout=10) as client:
             wrong = await client.request("DELETE", "/api/v1/users/me", headers=auth, json={"password": "nope nope"})
             assert wrong.status_code == 403, wrong.text
             removed = await client.request("DELETE", "/api/v1/users/me", headers=auth, json={"password": password})
