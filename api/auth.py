@@ -1,7 +1,8 @@
 """DRF authentication by JWT access token (``Authorization: Bearer <access>``).
 
 The token is checked with :func:`api.tokens.token_decode` (algorithm pinned) and against the revocation
-list (a logged-out session's access token is refused before it expires). The request's user is a small
+list (a logged-out session's access token, and every token of a user whose password changed or whose
+account was removed, is refused before it expires). The request's user is a small
 :class:`ApiUser`: the chat users live in MongoDB, not in Django's auth tables.
 """
 
@@ -44,7 +45,8 @@ class JWTAuthentication(BaseAuthentication):
         if scheme.lower() != "bearer" or not token.strip() or " " in token.strip():
             raise Unauthenticated("Authorization must be 'Bearer <access token>'", code="token_invalid")
         claims = token_decode(token.strip(), expected_type="access")
-        if revocation.is_revoked(jti=claims.jti):
+        # One MGET: the token's jti (logout) and the user's generation marker (password change, removal).
+        if revocation.access_refused(jti=claims.jti, user_id=claims.user_id, gen=claims.gen):
             raise Unauthenticated("token revoked; log in again", code="token_revoked")
         return ApiUser(id=claims.user_id, username=claims.username), claims
 

@@ -49,20 +49,22 @@ def user_get(*, user_id: str) -> User:
 
 
 def user_by_username(*, username: str) -> User:
-    """The user with this username (case-insensitive). Raises NotFound."""
-    user = User.objects(username_key=username.lower()).first()
+    """The user with this username (case-insensitive). Raises NotFound, also for a removed account (its
+    username stays reserved, but nobody can add it to a chat any more)."""
+    user = User.objects(username_key=username.lower(), deactivated_at=None).first()
     if user is None:
         raise NotFound("no such user", details={"username": username})
     return user
 
 
 def user_search(*, username: str, limit: int = USER_SEARCH_LIMIT) -> list[User]:
-    """Users whose username starts with ``username`` (case-insensitive), the exact match first.
+    """Users whose username starts with ``username`` (case-insensitive), the exact match first; removed
+    accounts are not listed.
     The prefix is escaped: a regex from the request never reaches the database as a pattern."""
     key = username.lower()
     pattern = "^" + re.escape(key)
     # A plain $regex string: mongoengine's __regex adds flags FerretDB v1 refuses ("invalid flag: u").
-    query = User.objects(__raw__={"username_key": {"$regex": pattern}})
+    query = User.objects(__raw__={"username_key": {"$regex": pattern}, "deactivated_at": None})
     found = list(query.only("id", "username", "username_key", "status", "last_seen")
                  .order_by("username_key").limit(limit))
     return sorted(found, key=lambda u: (u.username_key != key, u.username_key))

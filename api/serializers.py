@@ -79,6 +79,16 @@ class RefreshIn(serializers.Serializer):
     refresh = StrictCharField(max_length=4096)
 
 
+class PasswordChangeIn(serializers.Serializer):
+    old_password = StrictCharField(max_length=128, trim_whitespace=False)
+    new_password = StrictCharField(min_length=8, max_length=128, trim_whitespace=False,
+                                   help_text="checked by the same validators as at registration")
+
+
+class PasswordIn(serializers.Serializer):
+    password = StrictCharField(max_length=128, trim_whitespace=False, help_text="the account's current password")
+
+
 class StatusIn(serializers.Serializer):
     status = StrictCharField(max_length=16, help_text="online, away, busy or offline")
 

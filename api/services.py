@@ -9,6 +9,7 @@ two writes leaves a state the next call repairs (see each function).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -58,9 +59,9 @@ class TokenPair:
     token_type: str = "Bearer"  # noqa: S105 - the OAuth token type, not a secret
 
 
-def _token_pair(*, user_id: str, username: str) -> TokenPair:
-    return TokenPair(access=token_issue(user_id=user_id, username=username, type="access"),
-                     refresh=token_issue(user_id=user_id, username=username, type="refresh"),
+def _token_pair(*, user_id: str, username: str, gen: int = 0) -> TokenPair:
+    return TokenPair(access=token_issue(user_id=user_id, username=username, type="access", gen=gen),
+                     refresh=token_issue(user_id=user_id, username=username, type="refresh", gen=gen),
                      expires_in=int(settings.JWT_ACCESS_TTL_S))
 
 
@@ -94,8 +95,9 @@ def user_create(*, username: str, email: str, password: str) -> User:
 
 def auth_login(*, username: str, password: str) -> TokenPair:
     """Check the password and issue an access/refresh pair. Raises Unauthenticated (one message for an
-    unknown user and a wrong password). Side effect: re-hashes a password stored with an older hasher."""
-    user = User.objects(username_key=username.lower()).first()
+    unknown user, a removed account and a wrong password). Side effect: re-hashes a password stored with an
+    older hasher."""
+    user = User.objects(username_key=username.lower(), deactivated_at=None).first()
     if user is None:
         make_password(password)  # spend the same time as a real check: no user enumeration by timing
         raise Unauthenticated("wrong username or password", code="invalid_credentials")
@@ -105,20 +107,25 @@ def auth_login(*, username: str, password: str) -> TokenPair:
 
     if not check_password(password, user.password, setter=upgrade):
         raise Unauthenticated("wrong username or password", code="invalid_credentials")
-    return _token_pair(user_id=str(user.id), username=user.username)
+    return _token_pair(user_id=str(user.id), username=user.username, gen=user.token_gen or 0)
 
 
 def auth_refresh(*, refresh: str) -> TokenPair:
     """Rotate: revoke the presented refresh token and issue a new pair. A token already used or logged out
-    is refused (Unauthenticated ``token_revoked``). Side effect: one revocation entry in Redis."""
+    is refused (Unauthenticated ``token_revoked``), and so is one issued before the user's last password
+    change or of a removed account (its ``gen`` is below ``users.token_gen``: MongoDB, not Redis, is the
+    truth for the 14-day refresh tokens). Side effect: one revocation entry in Redis."""
     claims = token_decode(refresh, expected_type="refresh")
     if not revocation.revoke(jti=claims.jti, expires_at=claims.expires_at):
         logger.warning("refused a reused refresh token of user %s (jti %s)", claims.user_id, claims.jti)
         raise Unauthenticated("refresh token was already used or logged out; log in again", code="token_revoked")
-    user = User.objects(id=claims.user_id).only("id", "username").first()
+    user = User.objects(id=claims.user_id).only("id", "username", "token_gen", "deactivated_at").first()
     if user is None:
         raise Unauthenticated("the account no longer exists", code="token_invalid")
-    return _token_pair(user_id=str(user.id), username=user.username)
+    if user.deactivated_at is not None or claims.gen < (user.token_gen or 0):
+        raise Unauthenticated("the password changed or the account was removed; log in again",
+                              code="token_revoked")
+    return _token_pair(user_id=str(user.id), username=user.username, gen=user.token_gen or 0)
 
 
 def auth_logout(*, refresh: str, access: Claims | None = None) -> None:
@@ -146,9 +153,79 @@ def user_sessions_close(*, user_id: str) -> None:
         logger.exception("could not close the live sessions of user %s", user_id)
 
 
-def ws_ticket_create(*, user_id: str, username: str) -> tuple[str, int]:
-    """A single-use WebSocket ticket and its lifetime in seconds. Side effect: one Redis key with a TTL."""
-    return ws_ticket_issue(sync_redis(), user_id=user_id, username=username), int(settings.WS_TICKET_TTL_S)
+def ws_ticket_create(*, user_id: str, username: str, gen: int = 0) -> tuple[str, int]:
+    """A single-use WebSocket ticket and its lifetime in seconds; ``gen`` is the token generation of the
+    access token that asked for it (a ticket of an older generation is refused where it is consumed).
+    Side effect: one Redis key with a TTL."""
+    return (ws_ticket_issue(sync_redis(), user_id=user_id, username=username, gen=gen),
+            int(settings.WS_TICKET_TTL_S))
+
+
+def _password_checked(*, user_id: str, password: str) -> User:
+    """The user, if ``password`` is theirs. Raises Forbidden ``wrong_password`` (the caller counts it in the
+    login back-off), Unauthenticated when the account is gone. No hash upgrade here: the callers replace
+    the hash with a compare-and-set on the one read now."""
+    user = User.objects(id=object_id_or_404(user_id, what="user"), deactivated_at=None).first()
+    if user is None:
+        raise Unauthenticated("the account no longer exists", code="token_revoked")
+    if not check_password(password, user.password):
+        raise Forbidden("wrong password", code="wrong_password", details={"field": "password"})
+    return user
+
+
+def _password_validate(password: str, *, field: str, username: str, email: str) -> None:
+    try:
+        validate_password(password, user=DjangoUser(username=username, email=email))
+    except DjangoValidationError as exc:
+        raise ValidationFailed(" ".join(exc.messages), details={"field": field}) from None
+
+
+def auth_password_change(*, user_id: str, old_password: str, new_password: str) -> TokenPair:
+    """Change the password and end every session of the user; return a fresh pair for the caller's device.
+
+    Raises Forbidden ``wrong_password``, ValidationFailed (a weak new password, Django's validators as at
+    registration), Conflict (the password changed meanwhile). Side effects, in this order: the new hash and
+    ``users.token_gen`` + 1 in one MongoDB update (from then on every refresh token issued before is
+    refused); the user's generation marker in Redis (every older access token and ticket refused, at the
+    api and the gateway); every live WebSocket of the user closed with 4010 (:func:`user_sessions_close`).
+    """
+    user = _password_checked(user_id=user_id, password=old_password)
+    _password_validate(new_password, field="new_password", username=user.username, email=user.email)
+    # Compare-and-set on the hash that was checked: of two concurrent changes one wins, the other is a 409.
+    changed = User.objects(id=user.id, deactivated_at=None, password=user.password).modify(
+        new=True, set__password=make_password(new_password), inc__token_gen=1)
+    if changed is None:
+        raise Conflict("the password was changed meanwhile; log in again", code="password_changed")
+    gen = int(changed.token_gen)
+    revocation.user_tokens_revoke(user_id=user_id, gen=gen)
+    user_sessions_close(user_id=user_id)
+    logger.info("user %s changed their password (token generation %s)", user_id, gen)
+    return _token_pair(user_id=user_id, username=changed.username, gen=gen)
+
+
+def user_remove(*, user_id: str, password: str) -> None:
+    """Remove (deactivate) the caller's account (docs/api.md "Account removal").
+
+    Raises Forbidden ``wrong_password``. Side effects, in this order: the user leaves every group through
+    :func:`group_leave` (admin hand-over applies; a crash after this leaves an account its owner can remove
+    again); then one MongoDB update: ``deactivated_at`` set, ``token_gen`` + 1, an unusable password hash, the
+    e-mail address replaced by ``<id>@removed.invalid`` (released for a new account), contacts emptied; the
+    username stays reserved and the document stays, so the user's messages keep their sender. Then the
+    generation marker in Redis (every access token and ticket refused) and every live WebSocket closed with
+    4010. 1:1 conversations and sent messages are kept.
+    """
+    user = _password_checked(user_id=user_id, password=password)
+    for group in GroupChat.objects(members=user.id).only("id"):
+        with contextlib.suppress(NotFound):  # left (or was removed) concurrently
+            group_leave(user_id=user_id, group_id=str(group.id))
+    removed = User.objects(id=user.id, deactivated_at=None).modify(
+        new=True, set__deactivated_at=utcnow(), inc__token_gen=1, set__password=make_password(None),
+        set__email=f"{user.id}@removed.invalid", set__contacts=[], set__status="offline")
+    if removed is None:
+        raise Unauthenticated("the account no longer exists", code="token_revoked")
+    revocation.user_tokens_revoke(user_id=user_id, gen=int(removed.token_gen))
+    user_sessions_close(user_id=user_id)
+    logger.info("user %s removed their account", user_id)
 
 
 # ------------------------------------------------------------------ profile and contacts

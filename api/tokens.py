@@ -2,7 +2,9 @@
 
 * Tokens are HS256-signed with ``JWT_SIGNING_KEY`` and the algorithm is pinned on decode, so ``alg: none``
   and tokens signed with another key or algorithm are refused. Claims: ``sub`` (user id), ``username``,
-  ``typ`` (``access`` or ``refresh``), ``jti``, ``iat``, ``exp``, ``iss``.
+  ``typ`` (``access`` or ``refresh``), ``jti``, ``iat``, ``exp``, ``iss``, and ``gen``: the user's token
+  generation when it was issued (``users.token_gen``; a password change or an account removal raises it
+  and every token of an older generation is refused, :mod:`api.revocation`). Absent means 0.
 * A WebSocket ticket is an opaque random string stored in Redis (``cs:ticket:<ticket>``) for at most
   ``WS_TICKET_TTL_S`` and consumed with GETDEL, so it works exactly once, on any broker.
 
@@ -38,15 +40,16 @@ class Claims:
     jti: str
     issued_at: int
     expires_at: int
+    gen: int = 0
 
 
-def token_issue(*, user_id: str, username: str, type: TokenType, now: float | None = None) -> str:
+def token_issue(*, user_id: str, username: str, type: TokenType, now: float | None = None, gen: int = 0) -> str:
     """Sign a token of ``type`` for the user. Pure: no I/O."""
     issued = int(now if now is not None else time.time())
     ttl = settings.JWT_ACCESS_TTL_S if type == "access" else settings.JWT_REFRESH_TTL_S
     payload = {
         "sub": user_id, "username": username, "typ": type, "jti": uuid.uuid4().hex,
-        "iat": issued, "exp": issued + ttl, "iss": ISSUER,
+        "iat": issued, "exp": issued + ttl, "iss": ISSUER, "gen": gen,
     }
     return jwt.encode(payload, settings.JWT_SIGNING_KEY, algorithm=settings.JWT_ALGORITHM)
 
@@ -64,31 +67,36 @@ def token_decode(token: str, *, expected_type: TokenType) -> Claims:
         raise Unauthenticated(f"invalid token ({exc})", code="token_invalid") from None
     if payload.get("typ") != expected_type:
         raise Unauthenticated(f"expected an {expected_type} token", code="token_invalid")
+    gen = payload.get("gen", 0)
+    if type(gen) is not int or gen < 0:
+        raise Unauthenticated("invalid token (gen)", code="token_invalid")
     return Claims(user_id=str(payload["sub"]), username=str(payload.get("username", "")), type=expected_type,
-                  jti=str(payload["jti"]), issued_at=int(payload["iat"]), expires_at=int(payload["exp"]))
+                  jti=str(payload["jti"]), issued_at=int(payload["iat"]), expires_at=int(payload["exp"]), gen=gen)
 
 
 @dataclass(frozen=True, slots=True)
 class TicketOwner:
     user_id: str
     username: str
+    gen: int = 0  # the token generation of the access token the ticket was issued with (0: unknown)
 
 
-def _ticket_value(*, user_id: str, username: str) -> str:
-    return json.dumps({"user_id": user_id, "username": username})
+def _ticket_value(*, user_id: str, username: str, gen: int) -> str:
+    return json.dumps({"user_id": user_id, "username": username, "gen": gen})
 
 
 def _ticket_owner(raw: bytes | str | None) -> TicketOwner | None:
     if raw is None:
         return None
     data = json.loads(raw)
-    return TicketOwner(user_id=str(data["user_id"]), username=str(data["username"]))
+    return TicketOwner(user_id=str(data["user_id"]), username=str(data["username"]), gen=int(data.get("gen", 0)))
 
 
-def ws_ticket_issue(client: redis.Redis, *, user_id: str, username: str) -> str:
-    """Store a fresh single-use ticket for the user. Side effect: one Redis SET with EX."""
+def ws_ticket_issue(client: redis.Redis, *, user_id: str, username: str, gen: int = 0) -> str:
+    """Store a fresh single-use ticket for the user (``gen``: the caller's token generation, checked when the
+    ticket is consumed). Side effect: one Redis SET with EX."""
     ticket = secrets.token_urlsafe(32)
-    client.set(TICKET_PREFIX + ticket, _ticket_value(user_id=user_id, username=username),
+    client.set(TICKET_PREFIX + ticket, _ticket_value(user_id=user_id, username=username, gen=gen),
                ex=settings.WS_TICKET_TTL_S)
     return ticket
 

@@ -13,6 +13,7 @@ urlpatterns = [
     path("auth/refresh", views.RefreshView.as_view(), name="auth-refresh"),
     path("auth/logout", views.LogoutView.as_view(), name="auth-logout"),
     path("auth/ws-ticket", views.WsTicketView.as_view(), name="auth-ws-ticket"),
+    path("auth/password", views.PasswordView.as_view(), name="auth-password"),
     path("users", views.UsersView.as_view(), name="users"),
     path("users/me", views.MeView.as_view(), name="users-me"),
     path("users/me/contacts", views.ContactsView.as_view(), name="contacts"),

@@ -26,7 +26,7 @@ from api.ratelimit import (
 )
 from api.serializers import iso
 from api.tokens import Claims
-from chatstream_site.errors import NotFound, Unauthenticated, ValidationFailed
+from chatstream_site.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging.services import MESSAGE_ID_RE, Accepted
 from storage.documents import Conversation, GroupChat, Message, User
 
@@ -184,8 +184,36 @@ class WsTicketView(APIView):
                    summary="A single-use WebSocket ticket (valid for at most 30 s)")
     def post(self, request: Request) -> Response:
         user = request_user(request)
-        ticket, expires_in = services.ws_ticket_create(user_id=user.id, username=user.username)
+        gen = request.auth.gen if isinstance(request.auth, Claims) else 0
+        ticket, expires_in = services.ws_ticket_create(user_id=user.id, username=user.username, gen=gen)
         return Response({"ticket": ticket, "expires_in": expires_in}, headers=NO_STORE)
+
+
+def _password_guarded(request: Request, *, username: str, check: Any) -> Any:
+    """Run ``check`` (a service that verifies the caller's password) under the login back-off of
+    (username, client): a stolen access token must not become a way around it to guess the password."""
+    client = client_ip(request)
+    login_backoff_check(username=username, client=client)
+    try:
+        result = check()
+    except Forbidden as exc:
+        if exc.code == "wrong_password":
+            login_failure_record(username=username, client=client)
+        raise
+    login_success_record(username=username, client=client)
+    return result
+
+
+class PasswordView(APIView):
+    @extend_schema(request=s.PasswordChangeIn, responses={200: s.TokenPairOut}, tags=["auth"],
+                   summary="Change my password: every session ends (sockets close with 4010, all refresh "
+                           "tokens refused); a fresh pair for this device")
+    def post(self, request: Request) -> Response:
+        user = request_user(request)
+        data = _valid(s.PasswordChangeIn, request.data)
+        pair = _password_guarded(request, username=user.username, check=lambda: services.auth_password_change(
+            user_id=user.id, old_password=data["old_password"], new_password=data["new_password"]))
+        return Response(_pair_out(pair), headers=NO_STORE)
 
 
 # ------------------------------------------------------------------ users and contacts
@@ -200,6 +228,15 @@ class MeView(APIView):
     def patch(self, request: Request) -> Response:
         data = _valid(s.StatusIn, request.data)
         return Response(me_out(services.user_status_set(user_id=request_user(request).id, status=data["status"])))
+
+    @extend_schema(request=s.PasswordIn, responses={204: None}, tags=["users"],
+                   summary="Remove my account (password required): sessions end, groups are left, messages stay")
+    def delete(self, request: Request) -> Response:
+        user = request_user(request)
+        data = _valid(s.PasswordIn, request.data)
+        _password_guarded(request, username=user.username,
+                          check=lambda: services.user_remove(user_id=user.id, password=data["password"]))
+        return Response(status=204)
 
 
 class UsersView(APIView):

@@ -24,6 +24,7 @@ import redis.asyncio
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
+from api.revocation import access_refused_async
 from api.tokens import TicketOwner, token_decode, ws_ticket_consume
 from chatstream_site.errors import Unauthenticated
 from gateway.asgi import (
@@ -281,15 +282,27 @@ def query_param(scope: Scope, name: str) -> str | None:
 class AuthenticationLayer:
     """Verify the caller at the edge; nothing unauthenticated reaches an upstream on a protected route.
 
-    * ``jwt`` routes: an access token (algorithm pinned, expiry, issuer, type) → 401 with a reason if not.
+    * ``jwt`` routes: an access token (algorithm pinned, expiry, issuer, type, not revoked: one MGET of its
+      jti and its user's generation marker) → 401 with a reason if not.
     * ``ticket`` routes (``/ws/``): the single-use ticket is consumed HERE (GETDEL), → close 4001 if unknown,
-      expired or reused. The upstream receives the signed identity instead (:mod:`gateway.identity`).
+      expired, reused, or issued before its user's password change or account removal. The upstream
+      receives the signed identity instead (:mod:`gateway.identity`).
     * ``public`` and ``upstream`` routes: nothing checked.
     """
 
     def __init__(self, app: ASGIApp, *, redis_client: redis.asyncio.Redis) -> None:
         self.app = app
         self.redis = redis_client
+
+    async def _refused(self, *, jti: str | None, user_id: str, gen: int) -> bool:
+        """Whether a verified token (or a ticket, ``jti`` None) was revoked: logged out, or issued before the
+        user's password change or account removal (:func:`api.revocation.access_refused_async`, one MGET).
+        Fails open when Redis is down, like the rate limits (docs/adr/0005): the api checks again."""
+        try:
+            return await access_refused_async(self.redis, jti=jti, user_id=user_id, gen=gen)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("gateway: cannot read the revocation list: %s", exc)
+            return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = state_of(scope) if scope["type"] in ("http", "websocket") else None
@@ -304,6 +317,8 @@ class AuthenticationLayer:
                     raise Unauthenticated("an access token is required (Authorization: Bearer <token>)",
                                           code="unauthenticated")
                 claims = token_decode(token, expected_type="access")
+                if await self._refused(jti=claims.jti, user_id=claims.user_id, gen=claims.gen):
+                    raise Unauthenticated("token revoked; log in again", code="token_revoked")
             except Unauthenticated as exc:
                 state.reason = exc.code
                 if scope["type"] == "websocket":
@@ -326,7 +341,7 @@ class AuthenticationLayer:
                 state.reason = "ticket_store_unavailable"
                 await ws_refuse(receive, send, code=1013, reason="try again shortly")
                 return
-            if owner is None:
+            if owner is None or await self._refused(jti=None, user_id=owner.user_id, gen=owner.gen):
                 state.reason = "bad_ticket"
                 await ws_refuse(receive, send, code=CLOSE_BAD_TICKET, reason="unknown, expired or used ticket")
                 return

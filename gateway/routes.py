@@ -50,6 +50,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/api/v1/schema", "api", "public"),  # OpenAPI schema and its docs pages
     Route("/api/v1/docs", "api", "public"),
     Route("/api/v1/redoc", "api", "public"),
+    # Authenticated, but it checks a password: the stricter per-IP budget of the credential routes too.
+    Route("/api/v1/auth/password", "api", "jwt", exact=True, sensitive=True),
     Route("/api/", "api", "jwt"),
     Route("/admin/", "api", "upstream"),
     Route("/ws/", "broker", "ticket"),

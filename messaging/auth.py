@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+from api.revocation import access_refused_async
 from api.tokens import TicketOwner, ws_ticket_consume
 from gateway.identity import PREFIX as IDENTITY_PREFIX
 from gateway.identity import identity_verify
@@ -40,4 +41,9 @@ async def connection_identify(scope: Mapping[str, Any]) -> TicketOwner | None:
     ticket = _query_ticket(scope)
     if not ticket:
         return None
-    return await ws_ticket_consume(hub_get().redis, ticket=ticket)
+    owner = await ws_ticket_consume(hub_get().redis, ticket=ticket)
+    # A ticket issued before its user's password change or account removal is refused, as at the gateway.
+    if owner is not None and await access_refused_async(hub_get().redis, jti=None, user_id=owner.user_id,
+                                                        gen=owner.gen):
+        return None
+    return owner

@@ -28,6 +28,11 @@ class User(me.Document):
     status = me.StringField(default="offline", max_length=64)
     last_seen = me.DateTimeField()
     created_at = me.DateTimeField(default=utcnow)
+    # Raised by a password change or an account removal: tokens carry the generation they were issued in,
+    # and older ones are refused (docs/security.md, docs/adr/0027).
+    token_gen = me.IntField(default=0)
+    # Set when the account is removed (DELETE /users/me): the document stays, so messages keep a sender.
+    deactivated_at = me.DateTimeField()
 
     meta = {"collection": "users", "indexes": ["username_key", "email"]}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt as pyjwt
 import pytest
 import redis
 import websockets
@@ -26,8 +27,18 @@ from api.tokens import token_issue, ws_ticket_issue
 from gateway.proxy import CLOSE_TOO_MANY_SOCKETS
 from messaging.frames import CLOSE_SESSION_ENDED
 from messaging.streams import partition_of, stream_key
+from storage.documents import Conversation, GroupChat
 from tests.gatewaykit import Fleet, Proc, settle
-from tests.realtime import brokers_running, connect_user, group_create, send_frame, ticket_for, user_create
+from tests.procs import wait_until
+from tests.realtime import (
+    brokers_running,
+    connect,
+    connect_user,
+    group_create,
+    send_frame,
+    ticket_for,
+    user_create,
+)
 from tests.servers import Servers
 
 pytestmark = pytest.mark.cluster
@@ -137,7 +148,7 @@ def realtime(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iter
         try:
             api = fleet.api(1)
             api.wait_healthy()
-            yield {"brokers": brokers, "api": api, "redis_url": fleet.redis_url}
+            yield {"brokers": brokers, "api": api, "redis_url": fleet.redis_url, "fleet": fleet}
         finally:
             fleet.stop()
 
@@ -163,6 +174,133 @@ def test_logout_closes_the_users_sockets_on_every_broker_with_4010(realtime: dic
         await other.close()
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ medium: password change and account removal
+
+
+@pytest.fixture(scope="module")
+def account_gateway(realtime: dict[str, Any]) -> Proc:
+    """A real gateway in front of the ``realtime`` fixture's real api instance."""
+    fleet = realtime["fleet"]
+    gateway = fleet.gateway("gw-account")
+    gateway.wait_healthy()
+    fleet.wait_registered("api", 1)
+    settle(1.5)
+    return gateway
+
+
+def _account_with_sockets(realtime: dict[str, Any], client_ip: str) -> tuple[str, str, dict[str, Any]]:
+    """A registered user (real password hash) logged in through the real api: id, password, token pair."""
+    api = realtime["api"]
+    name, password = "p" + uuid.uuid4().hex[:10], "correct horse battery staple 9"
+    headers = {"X-Forwarded-For": client_ip}
+    with httpx.Client(base_url=api.url, timeout=10, headers=headers) as client:
+        created = client.post("/api/v1/auth/register",
+                              json={"username": name, "email": f"{name}@example.test", "password": password})
+        assert created.status_code == 201, created.text
+        pair = client.post("/api/v1/auth/login", json={"username": name, "password": password})
+        assert pair.status_code == 200, pair.text
+    return str(created.json()["id"]), password, dict(pair.json())
+
+
+def _gateway_refused(gateway: Proc, access: str, path: str = "/api/v1/users/me") -> dict[str, Any]:
+    """GET ``path`` through the gateway with ``access``: assert a 401 ``token_revoked`` that the gateway
+    itself gave (its access log names no upstream for it)."""
+    request_id = "refused-" + uuid.uuid4().hex
+    answer = httpx.get(f"{gateway.url}{path}", timeout=10,
+                       headers={"Authorization": f"Bearer {access}", "X-Request-Id": request_id})
+    assert answer.status_code == 401 and answer.json()["error"]["code"] == "token_revoked", answer.text
+    # The access log line is written after the answer is sent: wait (bounded) for it.
+    entry = wait_until(lambda: next((e for e in gateway.access_log() if e["request_id"] == request_id), None),
+                       timeout_s=10, interval_s=0.05, what="the gateway's access-log line of the request")
+    assert entry["upstream"] is None and entry["reason"] == "token_revoked", entry
+    return entry
+
+
+def test_a_password_change_ends_every_session_and_keeps_the_caller_logged_in(
+        realtime: dict[str, Any], account_gateway: Proc) -> None:
+    brokers, api, redis_url = realtime["brokers"], realtime["api"], realtime["redis_url"]
+    user_id, password, old = _account_with_sockets(realtime, "198.51.100.21")
+    auth = {"Authorization": f"Bearer {old['access']}", "X-Forwarded-For": "198.51.100.21"}
+    new_password = "another horse battery staple 7"
+
+    async def scenario() -> dict[str, Any]:
+        phone = await connect_user(brokers[0].url, redis_url, user_id)
+        laptop = await connect_user(brokers[1].url, redis_url, user_id)
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+            # A ticket fetched before the change (not used yet) must not open a socket after it.
+            ticket = (await client.post("/api/v1/auth/ws-ticket", headers=auth)).json()["ticket"]
+            wrong = await client.post("/api/v1/auth/password", headers=auth,
+                                      json={"old_password": "not my password", "new_password": new_password})
+            assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "wrong_password", wrong.text
+            changed = await client.post("/api/v1/auth/password", headers=auth,
+                                        json={"old_password": password, "new_password": new_password})
+            assert changed.status_code == 200, changed.text
+            assert changed.headers["cache-control"] == "no-store"
+        assert await phone.recv_closed() == CLOSE_SESSION_ENDED
+        assert await laptop.recv_closed() == CLOSE_SESSION_ENDED
+        late = await connect(brokers[0].url, ticket, expect_ready=False)
+        assert await late.recv_closed() == 4001
+        return dict(changed.json())
+
+    fresh = asyncio.run(scenario())
+    with httpx.Client(base_url=api.url, timeout=10, headers={"X-Forwarded-For": "198.51.100.21"}) as client:
+        stale = client.post("/api/v1/auth/refresh", json={"refresh": old["refresh"]})
+        assert stale.status_code == 401 and stale.json()["error"]["code"] == "token_revoked", stale.text
+        assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {old['access']}"}).status_code == 401
+        # The pair returned to the caller works: its access token, and its refresh token once.
+        me = client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {fresh['access']}"})
+        assert me.status_code == 200 and me.json()["id"] == user_id
+        assert client.post("/api/v1/auth/refresh", json={"refresh": fresh["refresh"]}).status_code == 200
+        name = me.json()["username"]
+        assert client.post("/api/v1/auth/login", json={"username": name, "password": password}).status_code == 401
+        assert client.post("/api/v1/auth/login",
+                           json={"username": name, "password": new_password}).status_code == 200
+    # The gateway refuses the old access token itself; the new one passes it.
+    _gateway_refused(account_gateway, old["access"])
+    through = httpx.get(f"{account_gateway.url}/api/v1/users/me", timeout=10,
+                        headers={"Authorization": f"Bearer {fresh['access']}"})
+    assert through.status_code == 200, through.text
+
+
+def test_removing_an_account_ends_every_session_and_refuses_its_tokens(
+        realtime: dict[str, Any], account_gateway: Proc) -> None:
+    brokers, api, redis_url = realtime["brokers"], realtime["api"], realtime["redis_url"]
+    user_id, password, pair = _account_with_sockets(realtime, "198.51.100.22")
+    peer, _ = user_create()
+    conversation = group_create([user_id, peer])  # the removed user is the group's only admin
+    auth = {"Authorization": f"Bearer {pair['access']}", "X-Forwarded-For": "198.51.100.22"}
+
+    async def scenario() -> None:
+        phone = await connect_user(brokers[0].url, redis_url, user_id)
+        laptop = await connect_user(brokers[1].url, redis_url, user_id)
+        # Through the gateway: it forwards the DELETE's body (the password) to the api.
+        async with httpx.AsyncClient(base_url=account_gateway.url, timeout=10) as client:
+            wrong = await client.request("DELETE", "/api/v1/users/me", headers=auth, json={"password": "nope nope"})
+            assert wrong.status_code == 403, wrong.text
+            removed = await client.request("DELETE", "/api/v1/users/me", headers=auth, json={"password": password})
+            assert removed.status_code == 204, removed.text
+        assert await phone.recv_closed() == CLOSE_SESSION_ENDED
+        assert await laptop.recv_closed() == CLOSE_SESSION_ENDED
+
+    asyncio.run(scenario())
+    with httpx.Client(base_url=api.url, timeout=10, headers={"X-Forwarded-For": "198.51.100.22"}) as client:
+        name = jwt_username(pair["access"])
+        login = client.post("/api/v1/auth/login", json={"username": name, "password": password})
+        assert login.status_code == 401, login.text
+        refresh = client.post("/api/v1/auth/refresh", json={"refresh": pair["refresh"]})
+        assert refresh.status_code == 401, refresh.text
+        assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {pair['access']}"}).status_code == 401
+    _gateway_refused(account_gateway, pair["access"])
+    # The group was left through the leave path: the remaining member inherited the admin rights.
+    group = GroupChat.objects(members=ObjectId(peer)).get()
+    assert ObjectId(user_id) not in group.members and group.admins == [ObjectId(peer)]
+    assert Conversation.objects(id=conversation).get().members == [ObjectId(peer)]
+
+
+def jwt_username(token: str) -> str:
+    return str(pyjwt.decode(token, options={"verify_signature": False})["username"])
 
 
 # ------------------------------------------------------------------ medium: nobody can lock the owner out
