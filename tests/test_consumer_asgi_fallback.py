@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from channels.testing import WebsocketCommunicator
 
-from messaging import consumers, hub, presence, services, transports
+from messaging import consumers, hub, membership, presence, transports
 from messaging.routing import websocket_application
 from tests.realtime import group_create, send_frame, ticket_for, user_create
 from tests.servers import Servers
@@ -25,10 +25,10 @@ def fresh_hub() -> Iterator[None]:
     """The hub and the in-process membership cache are per process and bound to the loop that ran them; this
     test's loop ends with it, so neither may leak into (or come from) another test."""
     hub._hub = None
-    services._local_members = None
+    membership._local_members = None
     yield
     hub._hub = None
-    services._local_members = None
+    membership._local_members = None
 
 
 async def frames_until(comm: WebsocketCommunicator, wanted: set[str]) -> dict[str, dict[str, Any]]:
