@@ -106,9 +106,3 @@ async def ws_ticket_consume(client: redis.asyncio.Redis, *, ticket: str) -> Tick
     if not ticket or len(ticket) > 128:
         return None
     return _ticket_owner(await client.getdel(TICKET_PREFIX + ticket))
-
-
-def ws_ticket_consume_sync(client: redis.Redis, *, ticket: str) -> TicketOwner | None:
-    if not ticket or len(ticket) > 128:
-        return None
-    return _ticket_owner(client.getdel(TICKET_PREFIX + ticket))

@@ -154,17 +154,10 @@ def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
 # ------------------------------------------------------------------ membership changes
 
 
-async def membership_changed(client: redis.asyncio.Redis, *, user_ids: list[str], conversation_id: str) -> None:
-    """Tell every broker that ``user_ids`` joined or left ``conversation_id``; their open connections start
-    or stop receiving its events at once. Call after the change is saved in MongoDB.
-    Side effects: drops the cached members, PUBLISHes one control message."""
-    await membership_invalidate(client, conversation_id=conversation_id)
-    await client.publish(frames.CONTROL_CHANNEL,
-                         frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
-
-
 def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id: str) -> None:
-    """:func:`membership_changed` for sync code (DRF services) with a sync ``redis.Redis`` client."""
+    """Tell every broker that ``user_ids`` joined or left ``conversation_id``; their open connections start
+    or stop receiving its events at once. Call after the change is saved in MongoDB (the REST services do).
+    Side effects: drops the cached members (and bumps their generation), PUBLISHes one control message."""
     membership_invalidate_sync(client, conversation_id=conversation_id)
     client.publish(frames.CONTROL_CHANNEL,
                    frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))

@@ -196,11 +196,6 @@ async def _presence_transition(client: redis.asyncio.Redis, *, user_id: str, ses
     return int(live), bool(int(flip))
 
 
-async def _presence_change(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool) -> int:
-    """Add or remove one session; returns the user's live sessions after the change."""
-    return (await _presence_transition(client, user_id=user_id, session_id=session_id, add=add))[0]
-
-
 async def presence_connect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
                            conversation_ids: list[str]) -> bool:
     """Count a new connection of the user; if the user was not online (no live session on any broker, and
@@ -310,8 +305,3 @@ async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = Non
             continue
         gone.append(user_id)
     return gone, len(due)
-
-
-async def presence_online(client: redis.asyncio.Redis, *, user_id: str) -> bool:
-    """Whether the user has a live connection on any broker. Read-only."""
-    return bool(await client.zcount(presence_key(user_id), int(time.time()), "+inf"))

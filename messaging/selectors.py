@@ -83,46 +83,6 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def stream_events_after(client: redis.asyncio.Redis, *, conversation_id: str, after_seq: int,
-                              last_seq: int, bus: BusAsync | None = None) -> StreamTail:
-    """Scan the conversation's partition stream backwards for its sequenced events with
-    ``after_seq < seq <= last_seq`` (seq order is stream order within a conversation). ``client`` is a
-    REDIS_URL client; the stream is read through ``bus`` (default: ``messaging.bus.bus_resolve``). Read-only."""
-    if last_seq <= after_seq:
-        return StreamTail(events=[], complete=True)
-    bus = bus_resolve(client, bus)
-    key = streams.stream_key(streams.partition_of(conversation_id))
-    conv = conversation_id.encode()
-    found: list[StreamEvent] = []
-    upper: bytes | str = "+"
-    scanned = 0
-    while scanned < RESUME_SCAN_MAX:
-        page: Any = await bus.xrevrange(key, max=upper, min="-", count=RESUME_SCAN_PAGE)
-        if not page:
-            break
-        for _entry_id, fields in page:
-            scanned += 1
-            if fields.get(b"c") != conv or fields.get(b"t") == b"read.updated":
-                continue
-            seq = int(fields[b"s"])
-            if seq > last_seq:
-                continue
-            if seq <= after_seq:
-                found.reverse()
-                return StreamTail(events=found, complete=True)
-            found.append(StreamEvent(type=_s(fields[b"t"]), seq=seq, payload_json=_s(fields[b"d"])))
-            if seq == after_seq + 1:
-                found.reverse()
-                return StreamTail(events=found, complete=True)
-        if len(page) < RESUME_SCAN_PAGE:
-            break
-        # Exclusive upper bound for the next page: "(" + id (Redis >= 6.2).
-        upper = "(" + _s(page[-1][0])
-    found.reverse()
-    return StreamTail(events=found, complete=False)
-
-
-
 @dataclass
 class _PartitionPages:
     """How far one resume frame has read one partition stream (stream ids of the newest and oldest entry)."""
@@ -141,7 +101,7 @@ class ResumeScan:
     read backwards at most once per frame (at most RESUME_SCAN_MAX entries, plus what is appended while the
     frame is served, read forwards), and only the named conversations' events after their ``after_seq`` are
     kept, until their turn. A frame thus reads at most PARTITIONS x RESUME_SCAN_MAX entries whatever it names,
-    and each answer is the one :func:`stream_events_after` would give. Read-only; one per frame."""
+    and each answer is what a backward scan of that conversation alone would give. Read-only; one per frame."""
 
     def __init__(self, client: redis.asyncio.Redis, *, wanted: dict[str, int], bus: BusAsync | None = None) -> None:
         self._client = client
@@ -168,7 +128,7 @@ class ResumeScan:
 
     async def events_after(self, *, conversation_id: str, last_seq: int) -> StreamTail:
         """The named conversation's sequenced events after its ``after_seq`` up to ``last_seq`` (as
-        :func:`stream_events_after` answers them); forgets the conversation afterwards."""
+        a backward scan of that conversation alone would answer them); forgets the conversation afterwards."""
         conv = conversation_id.encode()
         after_seq = self._after[conv]
         try:

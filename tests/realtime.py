@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import websockets
 from bson import ObjectId
 
 from api.tokens import ws_ticket_issue
+from messaging.presence import presence_key
 from messaging.streams import partition_of, stream_key
 from storage.documents import Conversation, GroupChat, User
 from tests.procs import child_env
@@ -364,3 +366,8 @@ async def resume_returns_exactly_the_missed_events(brokers: list[Broker], redis_
     assert await back.recv_type("resumed") == {"type": "resumed", "conversation_id": conv, "last_seq": 10}
     await back.close()
     await sender.close()
+
+
+async def presence_live(client: redis.asyncio.Redis, user_id: str) -> bool:
+    """Whether the user has an unexpired session on some broker (what the members endpoint reads)."""
+    return bool(await client.zcount(presence_key(user_id), int(time.time()), "+inf"))

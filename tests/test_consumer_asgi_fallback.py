@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from channels.testing import WebsocketCommunicator
 
-from messaging import consumers, hub, membership, presence, transports
+from messaging import consumers, hub, membership, transports
 from messaging.routing import websocket_application
 from tests.realtime import group_create, send_frame, ticket_for, user_create
 from tests.servers import Servers
+from tests.test_realtime_units import presence_live
 
 pytestmark = pytest.mark.cluster
 
@@ -108,15 +109,15 @@ def test_an_exception_anywhere_in_a_connection_runs_the_cleanup(servers: Servers
         the_hub = hub.hub_get()
         assert alice in the_hub.by_user and conv in the_hub.by_conversation
         for _ in range(2000):  # presence_connect runs in the background; bounded wait for it
-            if await presence.presence_online(the_hub.redis, user_id=alice):
+            if await presence_live(the_hub.redis, alice):
                 break
             await asyncio.sleep(0.01)
-        assert await presence.presence_online(the_hub.redis, user_id=alice)
+        assert await presence_live(the_hub.redis, alice)
         monkeypatch.setattr(consumers, "_ref_of", a_bug)
         await comm.send_json_to({"type": "ping"})
         assert await comm.receive_output(timeout=20) == {"type": "websocket.close", "code": 1011}
         await comm.wait(timeout=20)
         assert alice not in the_hub.by_user and conv not in the_hub.by_conversation
-        assert not await presence.presence_online(the_hub.redis, user_id=alice)
+        assert not await presence_live(the_hub.redis, alice)
 
     asyncio.run(body())

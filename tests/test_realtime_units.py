@@ -14,6 +14,7 @@ from messaging import frames, presence, services
 from messaging.streams import stream_key
 from messaging.transports import Flag as _Flag
 from messaging.transports import ReceiveQueue as _ReceiveQueue
+from tests.realtime import presence_live
 from tests.servers import Servers, run_with_redis
 
 
@@ -85,13 +86,16 @@ def test_presence_counts_devices_across_brokers(servers: Servers) -> None:
     user = uuid.uuid4().hex[:24]
 
     async def body(c: redis.asyncio.Redis) -> None:
-        first = await presence._presence_change(c, user_id=user, session_id="a", add=True)
-        second = await presence._presence_change(c, user_id=user, session_id="b", add=True)
-        assert (first, second) == (1, 2)
-        assert await presence.presence_online(c, user_id=user)
-        assert await presence._presence_change(c, user_id=user, session_id="a", add=False) == 1
-        assert await presence._presence_change(c, user_id=user, session_id="b", add=False) == 0
-        assert not await presence.presence_online(c, user_id=user)
+        async def change(session: str, *, add: bool) -> tuple[int, bool]:
+            return await presence._presence_transition(c, user_id=user, session_id=session, add=add)
+
+        # (live sessions after the change, whether this change took the user online/offline)
+        assert await change("a", add=True) == (1, True)
+        assert await change("b", add=True) == (2, False)  # a second device: already online, nothing announced
+        assert await presence_live(c, user)
+        assert await change("a", add=False) == (1, False)
+        assert await change("b", add=False) == (0, True)  # the last device: offline, announced once
+        assert not await presence_live(c, user)
 
     run(servers, body)
 
