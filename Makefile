@@ -12,7 +12,7 @@ bootstrap:
 run: bootstrap
 	@mkdir -p var
 	@python3 scripts/bootstrap.py supervisor-conf $$([ -t 1 ] && echo --color) > /dev/null
-	@echo "ChatStream: starting every role; the gateway is at http://$${CHATSTREAM_GATEWAY_HOST:-127.0.0.1}:$${CHATSTREAM_GATEWAY_PORT:-8000} (Ctrl-C stops all)"
+	@echo "ChatStream: starting every role; the gateway is at http://127.0.0.1:$${CHATSTREAM_GATEWAY_PORT:-8000} (Ctrl-C stops all)"
 	@$(PY) manage.py migrate --noinput -v 0
 	@exec .venv/bin/supervisord -c var/supervisord.conf
 
@@ -20,6 +20,7 @@ lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	.venv/bin/lint-imports
+	.venv/bin/vulture
 
 # pytest exit 5 (no tests collected) counts as a failure, like any other non-zero exit.
 test:
@@ -27,6 +28,7 @@ test:
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	.venv/bin/lint-imports
+	.venv/bin/vulture
 	$(PY) -m pytest
 
 clean:

@@ -29,10 +29,6 @@ def revoke(*, jti: str, expires_at: int) -> bool:
     return bool(sync_redis().set(PREFIX + jti, "1", nx=True, ex=ttl))
 
 
-def is_revoked(*, jti: str) -> bool:
-    return bool(sync_redis().exists(PREFIX + jti))
-
-
 # ------------------------------------------------------------------ every token of a user at once
 
 USER_PREFIX = "cs:revoked:user:"

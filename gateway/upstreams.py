@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
@@ -49,7 +49,6 @@ class Load:
     http: int = 0
     ws: int = 0
     probing: bool = False
-    served: int = field(default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +163,6 @@ class Upstreams:
             load.http += 1
         else:
             load.ws += 1
-        load.served += 1
         try:
             yield
         except UpstreamFailed as exc:

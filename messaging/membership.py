@@ -126,16 +126,6 @@ async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conve
         raise NotFound("no such conversation", details={"conversation_id": conversation_id})
 
 
-async def membership_invalidate(client: redis.asyncio.Redis, *, conversation_id: str) -> None:
-    """Forget the cached members; call after any change of a conversation's members.
-    Side effects: DEL of the Redis cache and INCR of its generation (atomically: a refill that read MongoDB
-    before the change is not written), PUBLISH so every broker drops its in-process copy."""
-    async with client.pipeline(transaction=True) as pipe:
-        _membership_invalidate_queue(pipe, conversation_id=conversation_id)
-        await pipe.execute()
-    await client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
-
-
 def _membership_invalidate_queue(pipe: Any, *, conversation_id: str) -> None:
     generation = membership_generation_key(conversation_id)
     pipe.incr(generation)

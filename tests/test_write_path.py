@@ -87,7 +87,8 @@ def test_membership_cache_is_invalidated(servers: Servers, conversation: str) ->
         assert await membership.conversation_members(c, conversation_id=conversation) == {ALICE, BOB}
         Conversation.objects(id=conversation).update_one(push__members=ObjectId(EVE))
         assert EVE not in (await membership.conversation_members(c, conversation_id=conversation) or set())
-        await membership.membership_invalidate(c, conversation_id=conversation)
+        membership.membership_changed_sync(redis.Redis.from_url(servers.redis_url), user_ids=[EVE],
+                                           conversation_id=conversation)  # what the REST services call
         await services.message_send(c, user_id=EVE, conversation_id=conversation, client_msg_id="e",
                                     content="joined")
 

@@ -163,7 +163,6 @@ CHANNEL_LAYERS = {
 ROLE = env_str("CHATSTREAM_ROLE", "")
 # Loopback by default: nothing but the gateway should be reachable from outside (containers set 0.0.0.0).
 BIND_HOST = env_str("CHATSTREAM_BIND", "127.0.0.1")
-GATEWAY_HOST = env_str("CHATSTREAM_GATEWAY_HOST", "127.0.0.1")
 GATEWAY_PORT = env_int("CHATSTREAM_GATEWAY_PORT", 8000, minimum=1, maximum=65535)
 # Internal instances listen on PORT_BASE + offset (see chatstream_site/roles.py); 8100 keeps them clear of
 # the gateway's 8000 and of the usual 8080/8443.
