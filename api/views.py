@@ -1,4 +1,4 @@
-"""REST API v1 views (DESIGN.md §9): thin. Each one validates with a serializer, calls one service (writes)
+"""REST API v1 views (docs/interface.md): thin. Each one validates with a serializer, calls one service (writes)
 or selector (reads), and renders the result; errors are raised and translated by ``api.exceptions``.
 """
 

@@ -16,7 +16,7 @@ urlpatterns = [
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    """JSON 404 everywhere (DESIGN.md §9 error body), so API clients never have to parse HTML."""
+    """JSON 404 everywhere (docs/interface.md error body), so API clients never have to parse HTML."""
     return JsonResponse(
         {"error": {"code": "not_found", "message": f"no route for {request.path}", "details": {}}}, status=404
     )

@@ -19,7 +19,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATE_KEY = "chatstream.gateway"
 
-# Close codes the gateway itself uses on client WebSockets (DESIGN.md §9 plus the proxy's own):
+# Close codes the gateway itself uses on client WebSockets (docs/interface.md plus the proxy's own):
 CLOSE_BAD_TICKET = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_RATE_LIMITED = 4008

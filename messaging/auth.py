@@ -6,7 +6,7 @@ Two ways in, in this order:
   a signed identity (``X-ChatStream-*`` headers, :func:`gateway.identity.identity_verify`). When those
   headers are present they decide: a forged, stale or partial set is refused (4001), never "fall back".
 * **Directly** (tests, the benchmark, internal tools on the private network): a single-use ticket
-  (``?ticket=``, DESIGN.md §9), consumed here with GETDEL, so it works exactly once on any broker. It is as
+  (``?ticket=``, docs/interface.md), consumed here with GETDEL, so it works exactly once on any broker. It is as
   strong as the gateway's check: tickets are issued only to holders of a valid access token.
 """
 

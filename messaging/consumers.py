@@ -29,7 +29,7 @@ from messaging.hub import Hub, hub_get
 
 logger = logging.getLogger(__name__)
 
-# DESIGN.md §9: frames over 64 KiB close the connection with 1009.
+# docs/interface.md: frames over 64 KiB close the connection with 1009.
 MAX_FRAME_BYTES = 64 * 1024
 CLOSE_BAD_TICKET = 4001
 CLOSE_FORBIDDEN = 4003

@@ -2,7 +2,7 @@
 
 Stream events are turned into frames by string splicing of the payload the write path already encoded
 (``d`` of the entry, compact JSON of a dict), not by ``json.loads`` + ``json.dumps``: a frame is built
-once per event per broker and the same ``str`` is handed to every local receiver (DESIGN.md §10).
+once per event per broker and the same ``str`` is handed to every local receiver (docs/adr/0020, the probe).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ long-lived tasks that feed them.
   local subscriber, from a remembered cursor per partition, so nothing appended after a connection
   subscribed is missed, even across a Redis hiccup (the reader is supervised and resumes from its
   cursors). Each event becomes one frame (its JSON and its WebSocket framing, built once) that is handed
-  to every local receiver (DESIGN.md §10: a channel-layer ``group_send`` per message costs ~20x this). On a
+  to every local receiver (docs/adr/0020, the probe: a channel-layer ``group_send`` per message costs ~20x this). On a
   Redis Cluster bus (docs/adr/0022) one XREAD may name keys of one slot only, and every partition has its
   own slot: there the reader task runs one ``XREAD BLOCK`` per subscribed partition instead, each from that
   partition's cursor.
@@ -39,7 +39,7 @@ from messaging.bus import BusAsync, bus_async_new, bus_is_cluster, bus_resolve
 
 logger = logging.getLogger(__name__)
 
-# XREAD BLOCK time. It must stay well below the reader client's socket timeout (DESIGN.md §10: redis-py's
+# XREAD BLOCK time. It must stay well below the reader client's socket timeout (docs/adr/0020, the probe: redis-py's
 # 5 s default silently killed a 5 s BLOCK). 1 s also bounds how late a newly subscribed partition joins the
 # read (its entries are not missed meanwhile: they are read from the cursor taken at subscribe time).
 BLOCK_MS = 1000

@@ -3,9 +3,9 @@
 Each function validates, authorizes (membership from a Redis cache filled from MongoDB on a miss, never a
 blocking MongoDB call on the event loop), then appends one durable event to the conversation's partition
 stream (``messaging/streams.py``). It returns only after Redis accepted the entry: that is what "accepted"
-means to clients (DESIGN.md §4). Fan-out to connected clients and persistence happen downstream, from the
-stream; nothing here talks to a socket. Who may write is ``messaging/membership.py``; who is online is
-``messaging/presence.py``.
+means to clients (docs/protocol.md, Delivery promises). Fan-out to connected clients and persistence happen
+downstream, from the stream; nothing here talks to a socket. Who may write is ``messaging/membership.py``;
+who is online is ``messaging/presence.py``.
 
 All functions are coroutines taking an asyncio client of REDIS_URL (membership, pub/sub); those
 that touch the partition streams also take ``bus``, a client of the message bus (``messaging/bus.py``; by

@@ -1,6 +1,6 @@
 """Redis Streams as the bus: partitions, keys, the atomic append, and the entry format.
 
-Layout (DESIGN.md §3, docs/adr/0002): ``CHATSTREAM_PARTITIONS`` streams ``cs:{pNN}:events``; a conversation
+Layout (docs/architecture.md, docs/adr/0002): ``CHATSTREAM_PARTITIONS`` streams ``cs:{pNN}:events``; a conversation
 lives in partition ``crc32(conversation_id) % PARTITIONS`` for ever. Every key of a partition carries the
 hash tag ``{pNN}``, so on a Redis Cluster the stream, its seq counters and its dedup keys share one slot and
 the append script may touch them all. These keys live on the message bus Redis (``messaging/bus.py``,

@@ -1,4 +1,4 @@
-"""The MongoDB data model (DESIGN.md §5): the seed's five collections, plus what the behaviour needs.
+"""The MongoDB data model (docs/storage.md): the seed's five collections, plus what the behaviour needs.
 
 Ids are strings everywhere outside this module (``str(ObjectId)`` for users, chats and conversations; a
 32-hex uuid for messages, chosen by the write path before the message reaches Redis, so the drain can

@@ -1,4 +1,4 @@
-"""The streams path on a real 3-master Redis Cluster (DESIGN.md §7, docs/adr/0022).
+"""The streams path on a real 3-master Redis Cluster (docs/adr/0022).
 
 A cluster started by this module on loopback ports holds the message bus (``CHATSTREAM_STREAMS_REDIS_URL``
 with ``CHATSTREAM_STREAMS_REDIS_CLUSTER=1``); everything else stays on the session's single Redis. Two real

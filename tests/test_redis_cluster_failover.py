@@ -1,4 +1,4 @@
-"""A master of the message bus fails over (DESIGN.md §7, docs/adr/0022): the brokers keep delivering.
+"""A master of the message bus fails over (docs/adr/0022): the brokers keep delivering.
 
 A real cluster of 3 masters with a replica each on loopback ports, two real broker processes with the cluster
 as their bus. The master that holds a conversation's partition is killed (SIGKILL: another master, then the

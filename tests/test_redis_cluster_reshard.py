@@ -1,4 +1,4 @@
-"""A partition's slot moves to another master while brokers read and write it (DESIGN.md §7, docs/adr/0022).
+"""A partition's slot moves to another master while brokers read and write it (docs/adr/0022).
 
 A real 3-master cluster on loopback ports, two real broker processes with the cluster as their bus. The slot
 of a conversation's partition is migrated the way `redis-cli --cluster reshard` does it (SETSLOT IMPORTING /

@@ -1,4 +1,4 @@
-// The peer the real-time benchmark compares ChatStream's brokers with (DESIGN.md §10): a Socket.IO 4 server
+// The peer the real-time benchmark compares ChatStream's brokers with (docs/adr/0020, the probe): a Socket.IO 4 server
 // with @socket.io/redis-streams-adapter on the same Redis, doing the same job per message: take a message
 // from a member of a room, ack it, and push it to every member of the room (the sender's own socket too).
 //

@@ -151,7 +151,7 @@ CHANNEL_LAYERS = {
             # a TimeoutError every ~5 s (seen under `make run`). Three blocks' worth of margin.
             "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
             "prefix": "cs:chl",
-            # DESIGN.md §10: the defaults (capacity 100) silently dropped ~1/5 of deliveries under load.
+            # docs/adr/0020, the probe: the defaults (capacity 100) silently dropped ~1/5 of deliveries under load.
             "capacity": env_int("CHATSTREAM_CHANNEL_CAPACITY", 1000, minimum=10),
             "expiry": 60,
         },
@@ -205,7 +205,7 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "ChatStream API",
-    "DESCRIPTION": "REST API v1 of ChatStream (DESIGN.md §9). Errors are {\"error\": {code, message, details}}.",
+    "DESCRIPTION": "REST API v1 of ChatStream (docs/interface.md). Errors are {\"error\": {code, message, details}}.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     # Swagger UI and Redoc from the installed sidecar package: the docs page works without a CDN.
@@ -236,7 +236,7 @@ for _name, _rate in (("CHATSTREAM_RATE_LOGIN_IP", API_RATE_LOGIN_IP),
 # Peers whose X-Forwarded-For is believed (the gateway, which replaces any client-sent one).
 TRUSTED_PROXIES = env_list("CHATSTREAM_TRUSTED_PROXIES", ["127.0.0.1", "::1"])
 
-# ------------------------------------------------------------------ gateway (issue 6)
+# ------------------------------------------------------------------ gateway
 
 # Connect timeout to an upstream: loopback/LAN connects take < 1 ms, so 1 s only passes a SYN that was
 # lost once; a dead host fails fast and the request retries on another instance.
@@ -363,7 +363,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 # Fetch a task only when the (solo) pool is free: a busy worker never holds drains another could run.
 CELERY_WORKER_DISABLE_PREFETCH = True
 
-# ------------------------------------------------------------------ storage drain (issue 5)
+# ------------------------------------------------------------------ storage drain
 # See docs/storage.md. Times in seconds unless the name says otherwise.
 # A queued or running drain holds its partition's lock this long at most: a drain of BATCH_SIZE (500) entries
 # takes ~0.1-0.5 s on the dev machine (docs/benchmarks.md), so 30 s never cuts a live chain short, while a lock

@@ -73,7 +73,7 @@ class Command(BaseCommand):
         if role == "gateway":
             # uvicorn + uvloop + httptools, WebSockets by websockets-sansio (2.4x the legacy implementation's
             # round trips through the gateway; daphne drops close reasons): docs/adr/0004. Frames above
-            # 64 KiB are closed with 1009 at the edge (DESIGN.md §9). Proxy headers (the client address from
+            # 64 KiB are closed with 1009 at the edge (docs/interface.md). Proxy headers (the client address from
             # X-Forwarded-For) only from CHATSTREAM_GATEWAY_TRUSTED_PROXIES: the gateway is the public edge,
             # and a client-chosen address would dodge the per-IP limits.
             argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
@@ -85,7 +85,7 @@ class Command(BaseCommand):
         elif role == "broker" and settings.BROKER_SERVER == "uvicorn":
             # The consumer writes pre-framed bytes to the transport (docs/adr/0023), so no permessage-deflate:
             # compressing would cost a deflate per receiver and defeat framing each fan-out once. 64 KiB
-            # frames at most (DESIGN.md §9): websockets closes bigger ones with 1009 while reading them.
+            # frames at most (docs/interface.md): websockets closes bigger ones with 1009 while reading them.
             argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
                     "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "on",
                     "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--no-access-log",
