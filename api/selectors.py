@@ -289,6 +289,8 @@ class AdminConversation:
     title: str
     last_accepted_seq: int  # Redis: the seq the write path last gave out
     last_persisted_seq: int  # MongoDB: the last event the storage pipeline applied
+    # A group's members as (member, who added them): usernames; "" for the creator (added by nobody).
+    added_by: tuple[tuple[str, str], ...] = ()
 
     @property
     def behind(self) -> int:
@@ -310,17 +312,30 @@ def admin_conversations(*, conversation_id: str = "", page: int = 1, per_page: i
     for conv in rows:
         pipe.hget(seq_key(partition_of(str(conv.id))), str(conv.id))
     accepted = [int(x or 0) for x in pipe.execute()] if rows else []
-    groups = {g.id: g.name for g in GroupChat.objects(id__in=[c.room_id for c in rows if c.type == "group"])
-              .only("id", "name")}
+    groups = {g.id: g for g in GroupChat.objects(id__in=[c.room_id for c in rows if c.type == "group"])
+              .only("id", "name", "members", "added_by")}
     names = users_by_id(ids=[m for c in rows if c.type == "single" for m in c.members])
+    adders = users_by_id(ids=list({ObjectId(u) for g in groups.values()
+                                   for u in [*(str(m) for m in g.members), *map(str, (g.added_by or {}).values())]}))
+
+    def name(user_id: str) -> str:
+        return adders[user_id].username if user_id in adders else user_id
+
+    def added_by(group: GroupChat | None) -> tuple[tuple[str, str], ...]:
+        if group is None:
+            return ()
+        by = {k: str(v) for k, v in (group.added_by or {}).items()}
+        return tuple((name(str(m)), name(by[str(m)]) if str(m) in by else "") for m in group.members)
+
     out = []
     for conv, seq in zip(rows, accepted, strict=True):
+        group = groups.get(conv.room_id) if conv.type == "group" else None
         if conv.type == "group":
-            title = groups.get(conv.room_id, "(group gone)")
+            title = group.name if group is not None else "(group gone)"
         else:
             title = " & ".join(names[str(m)].username for m in conv.members if str(m) in names)
         out.append(AdminConversation(conversation=conv, title=title, last_accepted_seq=seq,
-                                     last_persisted_seq=int(conv.last_seq or 0)))
+                                     last_persisted_seq=int(conv.last_seq or 0), added_by=added_by(group)))
     return out, has_next
 
 

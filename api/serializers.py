@@ -212,6 +212,8 @@ class GroupOut(serializers.Serializer):
     name = serializers.CharField()
     admins = serializers.ListField(child=serializers.CharField())
     members = serializers.ListField(child=serializers.CharField())
+    added_by = serializers.DictField(child=serializers.CharField(allow_null=True),
+                                     help_text="member id -> id of the admin who added them (null: the creator)")
     created_at = serializers.DateTimeField(allow_null=True)
     updated_at = serializers.DateTimeField(allow_null=True)
 

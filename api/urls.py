@@ -24,6 +24,8 @@ urlpatterns = [
     path("chats/group/<str:group_id>/members/<str:user_id>", views.GroupMemberView.as_view(),
          name="chat-group-member"),
     path("chats/group/<str:group_id>/admins", views.GroupAdminsView.as_view(), name="chat-group-admins"),
+    path("chats/group/<str:group_id>/admins/<str:user_id>", views.GroupAdminView.as_view(),
+         name="chat-group-admin"),
     path("chats/group/<str:group_id>/leave", views.GroupLeaveView.as_view(), name="chat-group-leave"),
     path("conversations", views.ConversationsView.as_view(), name="conversations"),
     path("conversations/<str:conversation_id>", views.ConversationView.as_view(), name="conversation"),

@@ -49,6 +49,9 @@ class GroupChat(me.Document):
     name = me.StringField(required=True, min_length=1, max_length=100)
     admins = me.ListField(me.ObjectIdField())
     members = me.ListField(me.ObjectIdField())
+    # member id -> id of the admin who added them (the creator added everyone named at creation; the creator
+    # has no entry). Set in the same update as the member is pushed, unset when they leave.
+    added_by = me.MapField(me.ObjectIdField(), default=dict)
     created_at = me.DateTimeField(default=utcnow)
     updated_at = me.DateTimeField(default=utcnow)
 

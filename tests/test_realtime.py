@@ -472,6 +472,32 @@ def test_membership_changes_apply_live(servers: Servers, brokers: list[Broker]) 
         sync_redis.close()
 
 
+def test_a_deleted_group_leaves_every_members_live_sockets(servers: Servers, brokers: list[Broker]) -> None:
+    from api import services as api_services
+
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+    group_id = str(Conversation.objects(id=conv).get().room_id)
+
+    async def body() -> None:
+        admin = await connect_user(brokers[0].url, servers.redis_url, alice)
+        member = await connect_user(brokers[1].url, servers.redis_url, bob)
+        assert conv in member.ready["conversations"]
+        await admin.send(send_frame(conv, "before"))
+        assert (await member.recv_type("message.new"))["message"]["content"] == "before"
+        await asyncio.to_thread(api_services.group_delete, user_id=alice, group_id=group_id)
+        for conn in (admin, member):
+            assert await conn.recv_type("membership") == {"type": "membership", "conversation_id": conv,
+                                                          "status": "left"}
+        await member.send(send_frame(conv, "after"))
+        assert (await member.recv_type("error"))["code"] == "not_found"
+        for c in (admin, member):
+            await c.close()
+
+    run(body)
+
+
 def test_killing_a_broker_does_not_disturb_the_others(servers: Servers, brokers: list[Broker],
                                                       tmp_path: Path) -> None:
     alice, _ = user_create()
