@@ -9,6 +9,7 @@ storage pipeline has persisted so far, a few seconds behind at most.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from bson import ObjectId
 from api.clients import sync_redis
 from chatstream_site.errors import NotFound
 from messaging.bus import bus_sync
+from messaging.events import message_meta_key
 from messaging.services import presence_key, read_cursor_key
 from messaging.streams import partition_of, seq_key
-from storage.documents import Conversation, GroupChat, Message, User
+from storage.documents import Conversation, GroupChat, Message, MessageVersion, User
 
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 MESSAGE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -239,6 +241,69 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     if backwards:
         rows.reverse()
     return HistoryPage(messages=rows, has_more=has_more)
+
+
+# ------------------------------------------------------------------ edit history
+
+# At most this many versions are answered (oldest first): bounds one answer's size (4,000 characters each).
+MESSAGE_VERSIONS_MAX = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVersionView:
+    seq: int  # the event that made this content: the send (the original), or an edit
+    content: str
+    at: datetime | str | None  # when: the send's timestamp or the edit's edited_at
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVersions:
+    message_id: str
+    conversation_id: str
+    versions: list[MessageVersionView]  # oldest first; the last is the current content
+    has_more: bool
+
+
+def message_versions_get(*, user_id: str, message_id: str) -> MessageVersions:
+    """The versions of a message, oldest first: the original, then the content each edit made (the last is the
+    current one); none for a message never edited. Raises NotFound for an unknown or deleted message and for one
+    of a conversation the caller is not in (no existence leak).
+
+    Two sources, merged by seq: the message's meta hash on the bus (``v<seq>`` fields, written by the edit right
+    after its ack, kept ~a day) and ``message_versions`` in MongoDB (written by the drain). Cost: one HGETALL;
+    one ``message_versions`` query by ``message_id`` (an index on MongoDB; FerretDB v1 scans that collection,
+    which holds only edited messages' versions, not every message); and, only for a message with neither (never
+    edited, or unknown), one read of ``messages`` by ``_id`` to tell the two apart (FerretDB v1 scans it)."""
+    if not MESSAGE_ID_RE.match(message_id):
+        raise NotFound("no such message", details={"message_id": message_id[:64]})
+    raw = bus_sync().hgetall(message_meta_key(message_id)) or {}
+    meta = {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+            for k, v in raw.items()}
+    rows = list(MessageVersion.objects(message_id=message_id).order_by("seq").limit(MESSAGE_VERSIONS_MAX + 2)
+                .as_pymongo())
+    conversation_id = meta.get("c") or (str(rows[0]["conversation_id"]) if rows else "")
+    deleted = meta.get("x") == "1" or any(r.get("deleted") for r in rows)
+    if not conversation_id:
+        message = Message.objects(id=message_id).only("conversation_id", "deleted").first()
+        if message is not None:
+            conversation_id, deleted = str(message.conversation_id), bool(message.deleted)
+    if not conversation_id or deleted:
+        raise NotFound("no such message", details={"message_id": message_id})
+    try:
+        conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
+    except NotFound:
+        raise NotFound("no such message", details={"message_id": message_id}) from None
+    found: dict[int, MessageVersionView] = {
+        int(r["seq"]): MessageVersionView(seq=int(r["seq"]), content=r.get("content", ""), at=r.get("at"))
+        for r in rows if not r.get("deleted")}
+    for name, value in meta.items():
+        if name.startswith("v") and name[1:].isdigit():
+            version = json.loads(value)
+            found.setdefault(int(version["seq"]), MessageVersionView(seq=int(version["seq"]),
+                                                                      content=version["content"], at=version["at"]))
+    ordered = [found[seq] for seq in sorted(found)]
+    return MessageVersions(message_id=message_id, conversation_id=conversation_id,
+                           versions=ordered[:MESSAGE_VERSIONS_MAX], has_more=len(ordered) > MESSAGE_VERSIONS_MAX)
 
 
 # ------------------------------------------------------------------ staff (Django admin) reads

@@ -276,3 +276,17 @@ class MemberOut(UserOut):
 
 class MemberListOut(serializers.Serializer):
     results = MemberOut(many=True)
+
+
+class MessageVersionOut(serializers.Serializer):
+    seq = serializers.IntegerField(help_text="the event that made this content: the send, or an edit")
+    content = serializers.CharField(allow_blank=True)
+    at = serializers.DateTimeField(allow_null=True, help_text="the send's timestamp, or the edit's edited_at")
+
+
+class MessageVersionsOut(serializers.Serializer):
+    message_id = serializers.CharField()
+    conversation_id = serializers.CharField()
+    results = MessageVersionOut(many=True, help_text="oldest first; the last is the current content; empty if "
+                                                     "the message was never edited")
+    has_more = serializers.BooleanField(help_text="more than 100 versions: the newest are left out")

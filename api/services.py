@@ -30,7 +30,7 @@ from messaging import services as messaging
 from messaging import streams
 from messaging.services import Accepted, membership_invalidate_sync
 from storage import services as storage_services
-from storage.documents import Conversation, GroupChat, Message, SingleChat, User, utcnow
+from storage.documents import Conversation, GroupChat, Message, MessageVersion, SingleChat, User, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def group_delete(*, user_id: str, group_id: str) -> None:
     sends (its membership cache is dropped and every broker told, through the membership-change announcement,
     that all members left: their live sockets get a ``membership left`` frame and stop receiving the
     conversation); then the group document (until then an admin still sees the group and may call again);
-    then the conversation's messages. Events still in the stream when the group is
+    then the conversation's messages and their edit versions. Events still in the stream when the group is
     deleted may be persisted afterwards; with no conversation they are never served.
     """
     group = _admin_group(user_id=user_id, group_id=group_id)
@@ -357,8 +357,9 @@ def group_delete(*, user_id: str, group_id: str) -> None:
         _membership_notify(conversation_id=cid, user_ids=sorted({*members, *(str(m) for m in conversation.members)}))
     GroupChat.objects(id=group.id).delete()
     if conversation is not None:
-        # One indexed delete on MongoDB ((conversation_id, seq)); FerretDB v1 scans the collection once.
+        # One indexed delete per collection on MongoDB; FerretDB v1 scans each collection once.
         Message.objects(conversation_id=conversation.id).delete()
+        MessageVersion.objects(conversation_id=conversation.id).delete()
 
 
 def _member_drop(group: GroupChat, member: ObjectId) -> None:

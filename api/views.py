@@ -398,3 +398,16 @@ class MessageView(APIView):
         _message_id_or_404(message_id)
         accepted = services.message_delete(user_id=user.id, message_id=message_id)
         return Response(event_out(accepted, deleted=True))
+
+
+class MessageVersionsView(APIView):
+    @extend_schema(responses={200: s.MessageVersionsOut}, tags=["messages"],
+                   parameters=[OpenApiParameter("message_id", str, OpenApiParameter.PATH)],
+                   summary="The versions of a message, oldest first (edit history; members only)")
+    def get(self, request: Request, message_id: str) -> Response:
+        found = selectors.message_versions_get(user_id=request_user(request).id, message_id=message_id)
+        return Response({"message_id": found.message_id, "conversation_id": found.conversation_id,
+                         "results": [{"seq": v.seq, "content": v.content,
+                                      "at": v.at if isinstance(v.at, str) or v.at is None else iso(v.at)}
+                                     for v in found.versions],
+                         "has_more": found.has_more})
