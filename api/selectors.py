@@ -261,7 +261,7 @@ class MessageVersions:
     message_id: str
     conversation_id: str
     versions: list[MessageVersionView]  # oldest first; the last is the current content
-    has_more: bool
+    has_more: bool  # older versions than these were left out (MESSAGE_VERSIONS_MAX)
 
 
 def message_versions_get(*, user_id: str, message_id: str) -> MessageVersions:
@@ -271,7 +271,8 @@ def message_versions_get(*, user_id: str, message_id: str) -> MessageVersions:
 
     Two sources, merged by seq: the message's meta hash on the bus (``v<seq>`` fields, written by the edit right
     after its ack, kept ~a day) and ``message_versions`` in MongoDB (written by the drain). Cost: one HGETALL;
-    one ``message_versions`` query by ``message_id`` (an index on MongoDB; FerretDB v1 scans that collection,
+    one ``message_versions`` query by ``message_id``, newest first, at most MESSAGE_VERSIONS_MAX + 2 rows (an
+    index on MongoDB; FerretDB v1 scans that collection,
     which holds only edited messages' versions, not every message); and, only for a message with neither (never
     edited, or unknown), one read of ``messages`` by ``_id`` to tell the two apart (FerretDB v1 scans it)."""
     if not MESSAGE_ID_RE.match(message_id):
@@ -279,7 +280,9 @@ def message_versions_get(*, user_id: str, message_id: str) -> MessageVersions:
     raw = bus_sync().hgetall(message_meta_key(message_id)) or {}
     meta = {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
             for k, v in raw.items()}
-    rows = list(MessageVersion.objects(message_id=message_id).order_by("seq").limit(MESSAGE_VERSIONS_MAX + 2)
+    # Newest first: a delete marker is always the newest (edits after a delete are refused), and beyond the
+    # limit the newest versions (the current one among them) are the ones worth answering.
+    rows = list(MessageVersion.objects(message_id=message_id).order_by("-seq").limit(MESSAGE_VERSIONS_MAX + 2)
                 .as_pymongo())
     conversation_id = meta.get("c") or (str(rows[0]["conversation_id"]) if rows else "")
     deleted = meta.get("x") == "1" or any(r.get("deleted") for r in rows)
@@ -303,7 +306,7 @@ def message_versions_get(*, user_id: str, message_id: str) -> MessageVersions:
                                                                       content=version["content"], at=version["at"]))
     ordered = [found[seq] for seq in sorted(found)]
     return MessageVersions(message_id=message_id, conversation_id=conversation_id,
-                           versions=ordered[:MESSAGE_VERSIONS_MAX], has_more=len(ordered) > MESSAGE_VERSIONS_MAX)
+                           versions=ordered[-MESSAGE_VERSIONS_MAX:], has_more=len(ordered) > MESSAGE_VERSIONS_MAX)
 
 
 # ------------------------------------------------------------------ staff (Django admin) reads

@@ -289,4 +289,5 @@ class MessageVersionsOut(serializers.Serializer):
     conversation_id = serializers.CharField()
     results = MessageVersionOut(many=True, help_text="oldest first; the last is the current content; empty if "
                                                      "the message was never edited")
-    has_more = serializers.BooleanField(help_text="more than 100 versions: the newest are left out")
+    has_more = serializers.BooleanField(help_text="more than 100 versions: these are the newest 100, the older "
+                                                  "ones are left out")

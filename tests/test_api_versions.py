@@ -124,3 +124,29 @@ def test_deleting_a_group_removes_its_versions(servers: Servers) -> None:
     assert alice.client.delete(f"/api/v1/chats/group/{created['group_id']}").status_code == 204
     assert get_db().message_versions.count_documents({"conversation_id": ObjectId(created["conversation_id"])}) == 0
     assert bob.client.get(f"/api/v1/messages/{mid}/versions").status_code == 404
+
+
+def test_past_the_limit_the_newest_versions_are_answered_and_a_delete_still_hides_them(
+        servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api import selectors
+
+    monkeypatch.setattr(selectors, "MESSAGE_VERSIONS_MAX", 2)
+    alice, bob = account("alice"), account("bob")
+    cid = group(alice, bob)
+    mid = send(alice, cid, "v0")
+    seqs = [edit(alice, mid, f"v{n}")["seq"] for n in (1, 2, 3)]
+    persist(servers, cid)
+    bus = redis.Redis.from_url(servers.redis_url)
+    try:
+        for from_meta in (True, False):
+            if not from_meta:
+                bus.delete(message_meta_key(mid))
+            answer = bob.client.get(f"/api/v1/messages/{mid}/versions").json()
+            assert [(v["seq"], v["content"]) for v in answer["results"]] == [(seqs[1], "v2"), (seqs[2], "v3")]
+            assert answer["has_more"] is True
+        assert alice.client.delete(f"/api/v1/messages/{mid}").status_code == 200
+        persist(servers, cid)
+        bus.delete(message_meta_key(mid))  # only MongoDB's marker says "deleted" now, past the limit's rows
+        assert bob.client.get(f"/api/v1/messages/{mid}/versions").status_code == 404
+    finally:
+        bus.close()
