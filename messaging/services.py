@@ -311,7 +311,10 @@ async def _sender_only(client: redis.asyncio.Redis, bus: BusAsync, *, user_id: s
 
 async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id: Any, content: Any,
                        bus: BusAsync | None = None) -> Accepted:
-    """Replace a message's content (sender only). Appends ``message.edited`` after the message it edits."""
+    """Replace a message's content (sender only). Appends ``message.edited`` after the message it edits; on
+    the message's first edit the event carries the original (``_message_original``: a MongoDB read, or a
+    bounded scan of the stream). Then writes this edit's versions into the message's meta hash
+    (``events.edit_versions_meta``), so ``GET /messages/{id}/versions`` has them before the drain."""
     content = _require_content(content)
     bus = bus_resolve(client, bus)
     conversation_id = await _sender_only(client, bus, user_id=user_id, message_id=message_id)
@@ -319,13 +322,18 @@ async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id:
     built = events.event_build(type="message.edited", conversation_id=conversation_id, actor_id=user_id,
                                message_id=message_id, content=content, original=original)
     accepted = await _message_event_append(bus, event=built)
-    # One more round trip, for edits only (the field names need the seq just given out). A crash before it
-    # costs only the early read: the drain still keeps both versions (the event carries them).
+    # One more round trip, for edits only (the field names need the seq just given out). The edit is accepted
+    # already: a failure here (or a crash before it) costs only the early read of these versions, since the
+    # drain keeps them anyway (the event carries them), so it is logged, never reported as a failed edit.
     key, fields, ttl = events.edit_versions_meta(built, seq=accepted.seq, sender_id=user_id)
-    async with bus.pipeline(transaction=False) as pipe:
-        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-        pipe.expire(key, ttl)
-        await pipe.execute()
+    try:
+        async with bus.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, ttl)
+            await pipe.execute()
+    except redis.exceptions.RedisError:
+        logger.exception("edit %s of message %s: its versions are readable only once persisted", accepted.seq,
+                         message_id)
     return accepted
 
 
