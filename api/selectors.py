@@ -9,6 +9,7 @@ storage pipeline has persisted so far, a few seconds behind at most.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ from bson import ObjectId
 from api.clients import sync_redis
 from chatstream_site.errors import NotFound
 from messaging.bus import bus_sync
+from messaging.events import message_meta_key
 from messaging.presence import presence_key
 from messaging.services import read_cursor_key
 from messaging.streams import partition_of, seq_key
-from storage.documents import Conversation, GroupChat, Message, User
+from storage.documents import Conversation, GroupChat, Message, MessageVersion, User
 
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 MESSAGE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -244,6 +246,72 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     return HistoryPage(messages=rows, has_more=has_more)
 
 
+# ------------------------------------------------------------------ edit history
+
+# At most this many versions are answered (oldest first): bounds one answer's size (4,000 characters each).
+MESSAGE_VERSIONS_MAX = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVersionView:
+    seq: int  # the event that made this content: the send (the original), or an edit
+    content: str
+    at: datetime | str | None  # when: the send's timestamp or the edit's edited_at
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVersions:
+    message_id: str
+    conversation_id: str
+    versions: list[MessageVersionView]  # oldest first; the last is the current content
+    has_more: bool  # older versions than these were left out (MESSAGE_VERSIONS_MAX)
+
+
+def message_versions_get(*, user_id: str, message_id: str) -> MessageVersions:
+    """The versions of a message, oldest first: the original, then the content each edit made (the last is the
+    current one); none for a message never edited. Raises NotFound for an unknown or deleted message and for one
+    of a conversation the caller is not in (no existence leak).
+
+    Two sources, merged by seq: the message's meta hash on the bus (``v<seq>`` fields, written by the edit right
+    after its ack, kept ~a day) and ``message_versions`` in MongoDB (written by the drain). Cost: one HGETALL;
+    one ``message_versions`` query by ``message_id``, newest first, at most MESSAGE_VERSIONS_MAX + 2 rows (an
+    index on MongoDB; FerretDB v1 scans that collection,
+    which holds only edited messages' versions, not every message); and, only for a message with neither (never
+    edited, or unknown), one read of ``messages`` by ``_id`` to tell the two apart (FerretDB v1 scans it)."""
+    if not MESSAGE_ID_RE.match(message_id):
+        raise NotFound("no such message", details={"message_id": message_id[:64]})
+    raw = bus_sync().hgetall(message_meta_key(message_id)) or {}
+    meta = {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+            for k, v in raw.items()}
+    # Newest first: a delete marker is always the newest (edits after a delete are refused), and beyond the
+    # limit the newest versions (the current one among them) are the ones worth answering.
+    rows = list(MessageVersion.objects(message_id=message_id).order_by("-seq").limit(MESSAGE_VERSIONS_MAX + 2)
+                .as_pymongo())
+    conversation_id = meta.get("c") or (str(rows[0]["conversation_id"]) if rows else "")
+    deleted = meta.get("x") == "1" or any(r.get("deleted") for r in rows)
+    if not conversation_id:
+        message = Message.objects(id=message_id).only("conversation_id", "deleted").first()
+        if message is not None:
+            conversation_id, deleted = str(message.conversation_id), bool(message.deleted)
+    if not conversation_id or deleted:
+        raise NotFound("no such message", details={"message_id": message_id})
+    try:
+        conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
+    except NotFound:
+        raise NotFound("no such message", details={"message_id": message_id}) from None
+    found: dict[int, MessageVersionView] = {
+        int(r["seq"]): MessageVersionView(seq=int(r["seq"]), content=r.get("content", ""), at=r.get("at"))
+        for r in rows if not r.get("deleted")}
+    for name, value in meta.items():
+        if name.startswith("v") and name[1:].isdigit():
+            version = json.loads(value)
+            found.setdefault(int(version["seq"]), MessageVersionView(seq=int(version["seq"]),
+                                                                      content=version["content"], at=version["at"]))
+    ordered = [found[seq] for seq in sorted(found)]
+    return MessageVersions(message_id=message_id, conversation_id=conversation_id,
+                           versions=ordered[-MESSAGE_VERSIONS_MAX:], has_more=len(ordered) > MESSAGE_VERSIONS_MAX)
+
+
 # ------------------------------------------------------------------ staff (Django admin) reads
 
 
@@ -292,6 +360,8 @@ class AdminConversation:
     title: str
     last_accepted_seq: int  # Redis: the seq the write path last gave out
     last_persisted_seq: int  # MongoDB: the last event the storage pipeline applied
+    # A group's members as (member, who added them): usernames; "" for the creator (added by nobody).
+    added_by: tuple[tuple[str, str], ...] = ()
 
     @property
     def behind(self) -> int:
@@ -313,17 +383,30 @@ def admin_conversations(*, conversation_id: str = "", page: int = 1, per_page: i
     for conv in rows:
         pipe.hget(seq_key(partition_of(str(conv.id))), str(conv.id))
     accepted = [int(x or 0) for x in pipe.execute()] if rows else []
-    groups = {g.id: g.name for g in GroupChat.objects(id__in=[c.room_id for c in rows if c.type == "group"])
-              .only("id", "name")}
+    groups = {g.id: g for g in GroupChat.objects(id__in=[c.room_id for c in rows if c.type == "group"])
+              .only("id", "name", "members", "added_by")}
     names = users_by_id(ids=[m for c in rows if c.type == "single" for m in c.members])
+    adders = users_by_id(ids=list({ObjectId(u) for g in groups.values()
+                                   for u in [*(str(m) for m in g.members), *map(str, (g.added_by or {}).values())]}))
+
+    def name(user_id: str) -> str:
+        return adders[user_id].username if user_id in adders else user_id
+
+    def added_by(group: GroupChat | None) -> tuple[tuple[str, str], ...]:
+        if group is None:
+            return ()
+        by = {k: str(v) for k, v in (group.added_by or {}).items()}
+        return tuple((name(str(m)), name(by[str(m)]) if str(m) in by else "") for m in group.members)
+
     out = []
     for conv, seq in zip(rows, accepted, strict=True):
+        group = groups.get(conv.room_id) if conv.type == "group" else None
         if conv.type == "group":
-            title = groups.get(conv.room_id, "(group gone)")
+            title = group.name if group is not None else "(group gone)"
         else:
             title = " & ".join(names[str(m)].username for m in conv.members if str(m) in names)
         out.append(AdminConversation(conversation=conv, title=title, last_accepted_seq=seq,
-                                     last_persisted_seq=int(conv.last_seq or 0)))
+                                     last_persisted_seq=int(conv.last_seq or 0), added_by=added_by(group)))
     return out, has_next
 
 

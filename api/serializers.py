@@ -222,6 +222,8 @@ class GroupOut(serializers.Serializer):
     name = serializers.CharField()
     admins = serializers.ListField(child=serializers.CharField())
     members = serializers.ListField(child=serializers.CharField())
+    added_by = serializers.DictField(child=serializers.CharField(allow_null=True),
+                                     help_text="member id -> id of the admin who added them (null: the creator)")
     created_at = serializers.DateTimeField(allow_null=True)
     updated_at = serializers.DateTimeField(allow_null=True)
 
@@ -284,3 +286,18 @@ class MemberOut(UserOut):
 
 class MemberListOut(serializers.Serializer):
     results = MemberOut(many=True)
+
+
+class MessageVersionOut(serializers.Serializer):
+    seq = serializers.IntegerField(help_text="the event that made this content: the send, or an edit")
+    content = serializers.CharField(allow_blank=True)
+    at = serializers.DateTimeField(allow_null=True, help_text="the send's timestamp, or the edit's edited_at")
+
+
+class MessageVersionsOut(serializers.Serializer):
+    message_id = serializers.CharField()
+    conversation_id = serializers.CharField()
+    results = MessageVersionOut(many=True, help_text="oldest first; the last is the current content; empty if "
+                                                     "the message was never edited")
+    has_more = serializers.BooleanField(help_text="more than 100 versions: these are the newest 100, the older "
+                                                  "ones are left out")

@@ -32,10 +32,10 @@ from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticate
 from messaging import services as messaging
 from messaging import streams
 from messaging.frames import CLOSE_SESSION_ENDED, SESSIONS_CLOSE, user_group
-from messaging.membership import membership_changed_sync
+from messaging.membership import membership_changed_sync, membership_invalidate_sync
 from messaging.services import Accepted
 from storage import services as storage_services
-from storage.documents import Conversation, GroupChat, SingleChat, User, utcnow
+from storage.documents import Conversation, GroupChat, Message, MessageVersion, SingleChat, User, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,8 @@ def group_create(*, creator_id: str, name: str, usernames: list[str]) -> tuple[G
         raise NotFound("unknown usernames", details={"usernames": missing})
     creator = ObjectId(creator_id)
     members = [creator, *(oid for oid in found.values() if oid != creator)]
-    group = GroupChat(name=name, admins=[creator], members=members).save()
+    group = GroupChat(name=name, admins=[creator], members=members,
+                      added_by={str(m): creator for m in members if m != creator}).save()
     conversation = _conversation_for_room(type="group", room_id=group.id, members=members)
     _membership_notify(conversation_id=str(conversation.id), user_ids=[str(m) for m in members])
     return group, conversation
@@ -384,8 +385,8 @@ def group_member_add(*, user_id: str, group_id: str, username: str) -> User:
     if len(group.members) >= GROUP_MAX_MEMBERS:
         raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", code="too_many_members",
                                details={"limit": GROUP_MAX_MEMBERS})
-    added = GroupChat.objects(id=group.id, members__ne=new.id).update_one(push__members=new.id,
-                                                                           set__updated_at=utcnow())
+    added = GroupChat.objects(id=group.id, members__ne=new.id).update_one(
+        push__members=new.id, **{f"set__added_by__{new.id}": ObjectId(user_id)}, set__updated_at=utcnow())
     if not added:
         raise Conflict("already a member", details={"user_id": str(new.id)})
     _members_changed(group, added=new.id)
@@ -404,12 +405,68 @@ def group_admin_add(*, user_id: str, group_id: str, username: str) -> User:
                                                                                 set__updated_at=utcnow())
     if not promoted:
         raise Conflict("already an admin", details={"user_id": str(member.id)})
+    _group_conversation_invalidate(group)
     return member
+
+
+def group_admin_remove(*, user_id: str, group_id: str, admin_id: str) -> None:
+    """Demote an admin to a plain member (admins only; an admin may demote themself).
+
+    Raises NotFound (not a member of the group; ``admin_id`` not one of its admins), Forbidden (not an admin),
+    Conflict ``last_admin`` (the group would be left without an admin: promote someone first, or leave, which
+    hands the rights over). Side effects: ``group_chats.admins`` loses the id; the membership cache is dropped
+    (admin rights are not cached, but every group change invalidates, so no reader is ever left stale).
+    """
+    target = object_id_or_404(admin_id, what="admin")
+    group = _admin_group(user_id=user_id, group_id=group_id)
+    if target not in group.admins:
+        raise NotFound("not an admin of this group", details={"user_id": admin_id})
+    # One conditional update, never a read-then-set: it matches only while the group still has a second admin
+    # ("admins.1" exists), so two admins demoting each other at once cannot leave the group with none.
+    demoted = GroupChat.objects(__raw__={"_id": group.id, "admins": target, "admins.1": {"$exists": True}}) \
+        .update_one(pull__admins=target, set__updated_at=utcnow())
+    if not demoted:
+        if target not in GroupChat.objects(id=group.id).only("admins").get().admins:
+            return  # demoted meanwhile by another admin: the outcome asked for
+        raise Conflict("a group keeps at least one admin: promote another member first",
+                       details={"user_id": admin_id}, code="last_admin")
+    _group_conversation_invalidate(group)
+
+
+def _group_conversation_invalidate(group: GroupChat) -> None:
+    conversation = Conversation.objects(room_id=group.id).only("id").first()
+    if conversation is not None:
+        membership_invalidate_sync(sync_redis(), conversation_id=str(conversation.id))
+
+
+def group_delete(*, user_id: str, group_id: str) -> None:
+    """Delete a group and its conversation for every member (admins only). Raises NotFound, Forbidden.
+
+    Side effects, in this order (no transactions: a crash part-way leaves a state the next call repairs):
+    the ``conversations`` document goes first, so from then on REST answers 404 and the write path refuses
+    sends (its membership cache is dropped and every broker told, through the membership-change announcement,
+    that all members left: their live sockets get a ``membership left`` frame and stop receiving the
+    conversation); then the group document (until then an admin still sees the group and may call again);
+    then the conversation's messages and their edit versions. Events still in the stream when the group is
+    deleted may be persisted afterwards; with no conversation they are never served.
+    """
+    group = _admin_group(user_id=user_id, group_id=group_id)
+    conversation = Conversation.objects(room_id=group.id).only("id", "members").first()
+    members = [str(m) for m in group.members]
+    if conversation is not None:
+        cid = str(conversation.id)
+        Conversation.objects(id=conversation.id).delete()
+        _membership_notify(conversation_id=cid, user_ids=sorted({*members, *(str(m) for m in conversation.members)}))
+    GroupChat.objects(id=group.id).delete()
+    if conversation is not None:
+        # One indexed delete per collection on MongoDB; FerretDB v1 scans each collection once.
+        Message.objects(conversation_id=conversation.id).delete()
+        MessageVersion.objects(conversation_id=conversation.id).delete()
 
 
 def _member_drop(group: GroupChat, member: ObjectId) -> None:
     GroupChat.objects(id=group.id).update_one(pull__members=member, pull__admins=member,
-                                              set__updated_at=utcnow())
+                                              **{f"unset__added_by__{member}": True}, set__updated_at=utcnow())
     # A group is never left without an admin while it has members: the longest-standing member inherits.
     fresh = GroupChat.objects(id=group.id).only("admins", "members").get()
     if not fresh.admins and fresh.members:

@@ -66,7 +66,13 @@ def me_out(user: User) -> dict[str, Any]:
 def group_out(group: GroupChat, conversation_id: str | None) -> dict[str, Any]:
     return {"conversation_id": conversation_id, "group_id": str(group.id), "name": group.name,
             "admins": [str(a) for a in group.admins], "members": [str(m) for m in group.members],
+            "added_by": _added_by_out(group),
             "created_at": iso(group.created_at), "updated_at": iso(group.updated_at)}
+
+
+def _added_by_out(group: GroupChat) -> dict[str, str | None]:
+    added_by = group.added_by or {}
+    return {str(m): (str(added_by[str(m)]) if added_by.get(str(m)) else None) for m in group.members}
 
 
 def conversation_out(summary: selectors.ConversationSummary) -> dict[str, Any]:
@@ -310,6 +316,12 @@ class GroupView(APIView):
         group = services.group_rename(user_id=request_user(request).id, group_id=group_id, name=data["name"])
         return Response(_group_answer(group))
 
+    @extend_schema(responses={204: None}, tags=["chats"],
+                   summary="Delete a group and its conversation for every member (admins only)")
+    def delete(self, request: Request, group_id: str) -> Response:
+        services.group_delete(user_id=request_user(request).id, group_id=group_id)
+        return Response(status=204)
+
 
 class GroupMembersView(APIView):
     @extend_schema(request=s.UsernameIn, responses={201: s.UserOut}, tags=["chats"],
@@ -337,6 +349,14 @@ class GroupAdminsView(APIView):
         admin = services.group_admin_add(user_id=request_user(request).id, group_id=group_id,
                                          username=data["username"])
         return Response(user_out(admin), status=201)
+
+
+class GroupAdminView(APIView):
+    @extend_schema(responses={204: None}, tags=["chats"],
+                   summary="Demote an admin to a member (admins only; never the last admin: 409 last_admin)")
+    def delete(self, request: Request, group_id: str, user_id: str) -> Response:
+        services.group_admin_remove(user_id=request_user(request).id, group_id=group_id, admin_id=user_id)
+        return Response(status=204)
 
 
 class GroupLeaveView(APIView):
@@ -433,3 +453,16 @@ class MessageView(APIView):
         _message_id_or_404(message_id)
         accepted = services.message_delete(user_id=user.id, message_id=message_id)
         return Response(event_out(accepted, deleted=True))
+
+
+class MessageVersionsView(APIView):
+    @extend_schema(responses={200: s.MessageVersionsOut}, tags=["messages"],
+                   parameters=[OpenApiParameter("message_id", str, OpenApiParameter.PATH)],
+                   summary="The versions of a message, oldest first (edit history; members only)")
+    def get(self, request: Request, message_id: str) -> Response:
+        found = selectors.message_versions_get(user_id=request_user(request).id, message_id=message_id)
+        return Response({"message_id": found.message_id, "conversation_id": found.conversation_id,
+                         "results": [{"seq": v.seq, "content": v.content,
+                                      "at": v.at if isinstance(v.at, str) or v.at is None else iso(v.at)}
+                                     for v in found.versions],
+                         "has_more": found.has_more})

@@ -5,7 +5,8 @@ send, edit and delete, a staff member's delete, and a read cursor's move (``mess
 ``message_send``, ``message_edit``, ``message_delete``, ``message_delete_by_staff``, ``read_mark``). The
 builder decides the payload's fields (``PAYLOAD_FIELDS``, documented in ``messaging/streams.py`` and
 docs/protocol.md), stamps the time, and says what the append writes beside the entry (the dedup key of a
-send, the meta hash of a send or a delete). :func:`event_emit` appends a built message event with
+send, the meta hash of a send or a delete, the versions an edit adds to it: :func:`edit_versions_meta`).
+:func:`event_emit` appends a built message event with
 ``streams.event_append``. A ``read.updated`` is appended by ``read_mark``'s own script, because the cursor
 it carries is decided inside that script (it moves forward only, clamped to the last accepted seq, and the
 event is appended only when it moved); the script takes the builder's JSON cut around the seq
@@ -30,7 +31,7 @@ from messaging.streams import EventType
 # The payload's fields of each event type, in the order they are written.
 PAYLOAD_FIELDS: dict[str, tuple[str, ...]] = {
     "message.new": ("id", "conversation_id", "sender_id", "content", "timestamp", "client_msg_id"),
-    "message.edited": ("id", "conversation_id", "content", "edited_at", "editor_id"),
+    "message.edited": ("id", "conversation_id", "content", "edited_at", "editor_id", "original"),
     "message.deleted": ("id", "conversation_id", "deleted_at", "deleter_id"),
     "read.updated": ("conversation_id", "user_id", "seq"),
 }
@@ -47,8 +48,9 @@ def iso_now() -> str:
 
 
 def message_meta_key(message_id: str) -> str:
-    """Hash ``{c: conversation id, u: sender id}`` (``x: "1"`` once deleted) of a message accepted recently
-    (before it is in MongoDB). On the bus Redis (no hash tag: a message id alone must find it)."""
+    """Hash ``{c: conversation id, u: sender id}`` (``x: "1"`` once deleted; ``e`` and ``v<seq>`` once edited,
+    see :func:`edit_versions_meta`) of a message accepted recently (before it is in MongoDB). On the bus Redis
+    (no hash tag: a message id alone must find it)."""
     return f"cs:msgmeta:{message_id}"
 
 
@@ -80,11 +82,13 @@ class BuiltEvent:
 
 def event_build(*, type: EventType, conversation_id: str, actor_id: str, message_id: str = "",
                 content: str | None = None, client_msg_id: str | None = None, sender_id: str | None = None,
-                seq: int | None = None) -> BuiltEvent:
+                seq: int | None = None, original: dict[str, Any] | None = None) -> BuiltEvent:
     """Build one event of ``type`` by ``actor_id`` (the sender, editor, deleter or reader). Pure: no I/O.
 
     Arguments by type: ``message.new`` takes ``message_id`` (a fresh id), ``content``, ``client_msg_id``;
-    ``message.edited`` ``message_id``, ``content``; ``message.deleted`` ``message_id`` and ``sender_id`` (the
+    ``message.edited`` ``message_id``, ``content`` and ``original`` (``{content, at, seq}`` of the message as
+    sent, on its first edit, so the drain can keep it as the first version; None on later edits: the earlier
+    edits' events kept it already); ``message.deleted`` ``message_id`` and ``sender_id`` (the
     message's sender, kept in its meta hash; the actor is the deleter: the sender, or ``staff:<username>``);
     ``read.updated`` ``seq`` (the cursor; 0 when the append script decides it). The caller has validated and
     authorized them. Raises ValueError for a missing argument (a programming error, not bad input)."""
@@ -103,7 +107,8 @@ def event_build(*, type: EventType, conversation_id: str, actor_id: str, message
                           meta=(message_meta_key(message_id), {"c": conversation_id, "u": actor_id}, _meta_ttl_s()))
     if type == "message.edited":
         payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id,
-                   "content": need(content, "content"), "edited_at": iso_now(), "editor_id": actor_id}
+                   "content": need(content, "content"), "edited_at": iso_now(), "editor_id": actor_id,
+                   "original": None if original is None else {k: original[k] for k in ("content", "at", "seq")}}
         return BuiltEvent(type=type, conversation_id=conversation_id, message_id=message_id, payload=payload)
     if type == "message.deleted":
         payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id,
@@ -116,6 +121,24 @@ def event_build(*, type: EventType, conversation_id: str, actor_id: str, message
         payload = {"conversation_id": conversation_id, "user_id": actor_id, "seq": int(need(seq, "seq"))}
         return BuiltEvent(type=type, conversation_id=conversation_id, message_id="", payload=payload)
     raise ValueError(f"unknown event type {type!r}")
+
+
+def edit_versions_meta(event: BuiltEvent, *, seq: int, sender_id: str) -> tuple[str, dict[str, str], int]:
+    """What an accepted ``message.edited`` (of seq ``seq``) writes into its message's meta hash, after the
+    append (the field names need the seq the append chose): ``e: "1"`` (the message has been edited: later
+    edits need no ``original``), ``v<seq>`` with the version this edit made and, on a first edit,
+    ``v<original seq>`` with the original, as JSON ``{content, at, seq}``; plus ``c``/``u``, so a hash that
+    had expired is whole again. ``(key, fields, ttl_s)``. These make the versions readable right after the
+    ack, before the drain has put them in MongoDB (``api.selectors.message_versions_get`` merges both)."""
+    if event.type != "message.edited":
+        raise ValueError(f"{event.type} writes no versions")
+    p = event.payload
+    fields = {"c": event.conversation_id, "u": sender_id, "e": "1",
+              f"v{seq}": json.dumps({"content": p["content"], "at": p["edited_at"], "seq": seq},
+                                    separators=(",", ":"))}
+    if p["original"] is not None:
+        fields[f"v{int(p['original']['seq'])}"] = json.dumps(p["original"], separators=(",", ":"))
+    return message_meta_key(event.message_id), fields, _meta_ttl_s()
 
 
 async def event_emit(bus: BusAsync, *, event: BuiltEvent) -> streams.Appended:

@@ -6,6 +6,7 @@ The MongoDB readers are synchronous (mongoengine/pymongo); async callers run the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -164,3 +165,33 @@ class ResumeScan:
             del self._after[conv]
             self._older.pop(conv, None)
             self._newer.pop(conv, None)
+
+
+# How far back the stream is scanned for the message.new of a message being edited for the first time while
+# it is not in MongoDB yet: it is then in the drain's backlog (seconds of traffic; a drain starts at
+# BATCH_SIZE entries), so a few pages reach it. Bounded, since a long MongoDB outage grows the backlog.
+ORIGINAL_SCAN_PAGE = 1000
+ORIGINAL_SCAN_MAX = 20_000
+
+
+async def stream_message_new_find(bus: BusAsync, *, conversation_id: str,
+                                  message_id: str) -> dict[str, Any] | None:
+    """``{content, at, seq}`` of the ``message.new`` of ``message_id`` if it is among the last
+    ``ORIGINAL_SCAN_MAX`` entries of its conversation's partition stream, newest first; else None. Read-only."""
+    key = streams.stream_key(streams.partition_of(conversation_id))
+    conv, needle = conversation_id.encode(), message_id.encode()
+    upper: bytes | str = "+"
+    scanned = 0
+    while scanned < ORIGINAL_SCAN_MAX:
+        page: Any = await bus.xrevrange(key, max=upper, min="-", count=ORIGINAL_SCAN_PAGE)
+        for _entry_id, fields in page:
+            scanned += 1
+            if fields.get(b"t") != b"message.new" or fields.get(b"c") != conv or needle not in fields.get(b"d", b""):
+                continue
+            data = json.loads(fields[b"d"])
+            if data.get("id") == message_id:
+                return {"content": data["content"], "at": data["timestamp"], "seq": int(fields[b"s"])}
+        if len(page) < ORIGINAL_SCAN_PAGE:
+            return None
+        upper = "(" + _s(page[-1][0])
+    return None

@@ -20,6 +20,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import redis.asyncio
@@ -173,13 +174,63 @@ async def _sender_only(client: redis.asyncio.Redis, bus: BusAsync, *, user_id: s
 
 async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id: Any, content: Any,
                        bus: BusAsync | None = None) -> Accepted:
-    """Replace a message's content (sender only). Appends ``message.edited`` after the message it edits."""
+    """Replace a message's content (sender only). Appends ``message.edited`` after the message it edits; on
+    the message's first edit the event carries the original (``_message_original``: a MongoDB read, or a
+    bounded scan of the stream). Then writes this edit's versions into the message's meta hash
+    (``events.edit_versions_meta``), so ``GET /messages/{id}/versions`` has them before the drain."""
     content = _require_content(content)
     bus = bus_resolve(client, bus)
     conversation_id = await _sender_only(client, bus, user_id=user_id, message_id=message_id)
+    original = await _message_original(bus, conversation_id=conversation_id, message_id=message_id)
     built = events.event_build(type="message.edited", conversation_id=conversation_id, actor_id=user_id,
-                               message_id=message_id, content=content)
-    return await _message_event_append(bus, event=built)
+                               message_id=message_id, content=content, original=original)
+    accepted = await _message_event_append(bus, event=built)
+    # One more round trip, for edits only (the field names need the seq just given out). The edit is accepted
+    # already: a failure here (or a crash before it) costs only the early read of these versions, since the
+    # drain keeps them anyway (the event carries them), so it is logged, never reported as a failed edit.
+    key, fields, ttl = events.edit_versions_meta(built, seq=accepted.seq, sender_id=user_id)
+    try:
+        async with bus.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, ttl)
+            await pipe.execute()
+    except redis.exceptions.RedisError:
+        logger.exception("edit %s of message %s: its versions are readable only once persisted", accepted.seq,
+                         message_id)
+    return accepted
+
+
+def _message_original_from_db(message_id: str) -> tuple[dict[str, Any] | None, bool] | None:
+    """``(original, edited)`` of a persisted message (``original``: ``{content, at, seq}`` while it has never
+    been edited), or None if it is not in MongoDB yet. Blocking."""
+    from storage.documents import Message
+
+    row = Message.objects(id=message_id).only("content", "timestamp", "seq", "edit_seq").as_pymongo().first()
+    if row is None:
+        return None
+    if row.get("edit_seq") is not None:
+        return None, True
+    stamp = row["timestamp"].replace(tzinfo=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"content": row["content"], "at": stamp, "seq": int(row["seq"])}, False
+
+
+async def _message_original(bus: BusAsync, *, conversation_id: str, message_id: str) -> dict[str, Any] | None:
+    """The message as sent (``{content, at, seq}``) if this is its first edit, else None. Edited before: the
+    meta hash says so (``e``; for ~a day after an edit), or MongoDB does (``edit_seq``). Never edited: the
+    content in MongoDB, or, not persisted yet, its ``message.new`` in the stream's undrained tail (bounded
+    scan; not found, e.g. dead-lettered: None, and the versions start at this edit)."""
+    if await bus.hget(message_meta_key(message_id), "e"):
+        return None
+    persisted = await sync_to_async(_message_original_from_db, thread_sensitive=False)(message_id)
+    if persisted is not None:
+        return persisted[0]
+    from messaging import selectors  # lazy, as in _user_expired
+
+    found = await selectors.stream_message_new_find(bus, conversation_id=conversation_id, message_id=message_id)
+    if found is None:
+        logger.warning("edit of message %s: its message.new is neither in MongoDB nor in the stream's last %d "
+                       "entries; its original version is not kept", message_id, selectors.ORIGINAL_SCAN_MAX)
+    return found
 
 
 async def _message_event_append(bus: BusAsync, *, event: events.BuiltEvent) -> Accepted:

@@ -18,7 +18,8 @@ the one builder, whose ``PAYLOAD_FIELDS`` lists them; the drain applies each typ
 ``storage.services.EVENT_RULES``):
 
 ``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id}``
-``message.edited``   ``{id, conversation_id, content, edited_at, editor_id}`` (``id`` is the message's)
+``message.edited``   ``{id, conversation_id, content, edited_at, editor_id, original}`` (``id`` is the message's;
+                     ``original`` ``{content, at, seq}`` of the message as sent on its first edit, else null)
 ``message.deleted``  ``{id, conversation_id, deleted_at, deleter_id}`` (the sender, or ``staff:<username>``)
 ``read.updated``     ``{conversation_id, user_id, seq}`` (``seq``: the reader's new cursor)
 

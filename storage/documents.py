@@ -54,6 +54,9 @@ class GroupChat(me.Document):
     name = me.StringField(required=True, min_length=1, max_length=100)
     admins = me.ListField(me.ObjectIdField())
     members = me.ListField(me.ObjectIdField())
+    # member id -> id of the admin who added them (the creator added everyone named at creation; the creator
+    # has no entry). Set in the same update as the member is pushed, unset when they leave.
+    added_by = me.MapField(me.ObjectIdField(), default=dict)
     created_at = me.DateTimeField(default=utcnow)
     updated_at = me.DateTimeField(default=utcnow)
 
@@ -112,3 +115,20 @@ class Message(me.Document):
             ("sender_id", "timestamp"),
         ],
     }
+
+
+class MessageVersion(me.Document):
+    """One version of an edited message, insert-only (written by the drain's ``message.edited`` rule; a
+    ``message.deleted`` adds a ``deleted`` marker). ``_id`` is ``"<message_id>:<seq>"``, ``seq`` the event
+    that produced the content: the ``message.new`` for the original (kept by the message's first edit), the
+    ``message.edited`` for each edit. So a redelivered entry inserts a duplicate ``_id`` and changes nothing."""
+
+    id = me.StringField(primary_key=True)
+    message_id = me.StringField(required=True)
+    conversation_id = me.ObjectIdField(required=True)
+    seq = me.IntField(required=True)
+    content = me.StringField(default="")
+    at = me.DateTimeField()  # when this version was written: the send's timestamp, an edit's edited_at
+    deleted = me.BooleanField(default=False)  # the marker of the message's deletion: no version is served
+
+    meta = {"collection": "message_versions", "indexes": [("message_id", "seq"), "conversation_id"]}

@@ -291,6 +291,28 @@ def _insert_new(db: Any, items: list[_Item]) -> None:
                              f"to another message")
 
 
+def _insert_versions(db: Any, items: list[_Item]) -> None:
+    """Insert the batch's ``message_versions`` documents (``EventRule.versions``) with one unordered ``insert``:
+    insert-only, keyed by "<message id>:<seq>", so a duplicate ``_id`` is a redelivery (done). A document
+    that does not encode dead-letters its entry; another error leaves it pending (its other writes wait too)."""
+    docs: list[dict[str, Any]] = []
+    owners: list[_Item] = []
+    for item in items:
+        make = _rule(item).versions if item.event is not None and item.dead is None else None
+        if make is not None and item.failure is None:
+            for doc in make(item):
+                docs.append(doc)
+                owners.append(item)
+    for err in _write_isolating_failures(db, "insert", "message_versions", docs, ordered=False):
+        item = owners[int(err["index"])]
+        if int(err.get("code", 0)) == DUPLICATE_KEY:
+            continue
+        if err.get("deterministic"):
+            item.dead = f"message_versions insert refused: {err['errmsg']}"[:1000]
+        else:
+            item.failure = f"message_versions insert error {err.get('code')}: {err.get('errmsg', '')}"[:1000]
+
+
 def _message_ops(items: list[_Item], single_chats: set[ObjectId]) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
     """The update statements of the batch on ``messages`` (edits, deletes, 1:1 read marks), each with the
     items it carries: first each item's own statement in stream order, then the statements a rule makes for
@@ -372,6 +394,8 @@ class EventRule:
     needs_chat_type: bool = False
     conversation_updates: Callable[[ObjectId, list[_Item]], list[tuple[dict[str, Any], list[_Item]]]] | None = None
     conversation_update: Callable[[ObjectId, _Item], dict[str, Any]] | None = None
+    # The ``message_versions`` documents it inserts (``_id`` "<message id>:<seq>": a redelivery is a duplicate).
+    versions: Callable[[_Item], list[dict[str, Any]]] | None = None
 
 
 def _ev(item: _Item) -> Event:
@@ -416,8 +440,33 @@ def _new_last_message(cid: ObjectId, news: list[_Item]) -> list[tuple[dict[str, 
 
 
 def _edited_parse(event: Event) -> dict[str, Any]:
+    original = event.data.get("original")
+    if original is not None:
+        if not isinstance(original, dict) or isinstance(original.get("seq"), bool) \
+                or not isinstance(original.get("seq"), int) or not 0 < original["seq"] < event.seq:
+            raise MalformedEntry(f"message.edited with original {str(original)[:100]!r}")
+        original = {"content": _text(original, "content"), "at": _time(original.get("at"), "original.at"),
+                    "seq": original["seq"]}
     return {"id": _text(event.data, "id"), "content": _text(event.data, "content"),
-            "edited_at": _time(event.data.get("edited_at"), "edited_at")}
+            "edited_at": _time(event.data.get("edited_at"), "edited_at"), "original": original}
+
+
+def _version(i: _Item, *, seq: int, content: str, at: datetime, deleted: bool = False) -> dict[str, Any]:
+    return {"_id": f"{i.doc['id']}:{seq}", "message_id": i.doc["id"], "conversation_id": i.conversation,
+            "seq": seq, "content": content, "at": at, "deleted": deleted}
+
+
+def _edited_versions(i: _Item) -> list[dict[str, Any]]:
+    """The version this edit made and, on a first edit, the original it carries."""
+    made = [_version(i, seq=_ev(i).seq, content=i.doc["content"], at=i.doc["edited_at"])]
+    original = i.doc["original"]
+    if original is None:
+        return made
+    return [_version(i, seq=original["seq"], content=original["content"], at=original["at"]), *made]
+
+
+def _deleted_versions(i: _Item) -> list[dict[str, Any]]:
+    return [_version(i, seq=_ev(i).seq, content="", at=i.doc["deleted_at"], deleted=True)]
 
 
 def _deleted_parse(event: Event) -> dict[str, Any]:
@@ -493,10 +542,10 @@ EVENT_RULES: dict[str, EventRule] = {
                              conversation_updates=_new_last_message),
     "message.edited": EventRule(parse=_edited_parse, message_update=_edited_update, needs_message=True,
                                 conversation_max=_sequenced_conversation_max,
-                                conversation_update=_edited_last_message),
+                                conversation_update=_edited_last_message, versions=_edited_versions),
     "message.deleted": EventRule(parse=_deleted_parse, message_update=_deleted_update, needs_message=True,
                                  conversation_max=_sequenced_conversation_max,
-                                 conversation_update=_deleted_last_message),
+                                 conversation_update=_deleted_last_message, versions=_deleted_versions),
     "read.updated": EventRule(parse=_read_parse, message_updates=_read_status_updates, needs_chat_type=True,
                               conversation_max=_read_conversation_max),
 }
@@ -565,7 +614,8 @@ def partition_drain(
     Preconditions: MongoDB is connected (``storage.mongo.mongo_connect``). Side effects: takes the
     partition's drain lease (returns ``busy`` at once if another drain holds it); reads as ``consumer`` of
     group ``storage`` (creating it if missing; taking over entries idle on dead consumers); one ``insert``
-    of new messages, one ``update`` of edits/deletes/read marks, one ``update`` of conversations; XADD of
+    of new messages, one ``update`` of edits/deletes/read marks, one ``insert`` of message versions (edit
+    history), one ``update`` of conversations; XADD of
     dead letters; XACK of what is persisted or dead-lettered; failure counters; stats; one log line.
     Raises :class:`Retryable` when MongoDB or Redis is away: nothing was acknowledged, and the batch is
     handed back to be taken by the next drain. A write that fails for any other reason is narrowed down to the
@@ -634,6 +684,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
                 if (_rule(i).needs_message and i.doc["id"] not in found
                         and i.failure is None and i.dead is None):
                     i.failure = f"message {i.doc['id']} is not persisted yet"
+        _insert_versions(db, live)
         ok = [i for i in live if i.failure is None and i.dead is None]
         cops, cowners = _conversation_ops(ok)
         for group, reason, _det in _update("conversations", cops, cowners):

@@ -111,3 +111,18 @@ def test_view_and_delete_a_message_is_a_logged_tombstone(servers: Servers, admin
     deletes = [e for e in events if e.type == "message.deleted" and e.data["id"] == mid]
     assert len(deletes) == 1 and deletes[0].data["deleter_id"] == "staff:admin"
     assert "deleted (tombstone)" in admin_client.get(f"/admin/api/mongomessage/{mid}/").content.decode()
+
+
+def test_the_conversation_list_shows_who_added_whom_to_a_group(admin_client: Client) -> None:
+    alice, bob, carol = account("alice"), account("bob"), account("carol")
+    group = alice.client.post("/api/v1/chats/group", {"name": "Admins see", "members": [bob.username]},
+                              format="json").json()
+    alice.client.post(f"/api/v1/chats/group/{group['group_id']}/admins", {"username": bob.username}, format="json")
+    bob.client.post(f"/api/v1/chats/group/{group['group_id']}/members", {"username": carol.username},
+                    format="json")
+    page = admin_client.get("/admin/api/mongoconversation/", {"id": group["conversation_id"]})
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert f"{alice.username} &larr; (creator)" in html
+    assert f"{bob.username} &larr; {alice.username}" in html
+    assert f"{carol.username} &larr; {bob.username}" in html

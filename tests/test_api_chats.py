@@ -151,3 +151,79 @@ def test_group_create_validation() -> None:
         assert response.status_code == 400, (body, response.content)
     alone = alice.client.post("/api/v1/chats/group", {"name": "Just me"}, format="json")
     assert alone.status_code == 201 and alone.json()["members"] == [alice.id]
+
+
+def test_demoting_an_admin_never_leaves_the_group_without_one(servers: Servers) -> None:
+    alice, bob, carol, dave = (account(n) for n in ("alice", "bob", "carol", "dave"))
+    group = alice.client.post("/api/v1/chats/group", {"name": "Ops", "members": [bob.username, carol.username]},
+                              format="json").json()
+    gid, cid = group["group_id"], group["conversation_id"]
+    url = f"/api/v1/chats/group/{gid}/admins"
+    # The last admin cannot step down: a documented 409.
+    last = alice.client.delete(f"{url}/{alice.id}")
+    assert last.status_code == 409 and error_code(last) == "last_admin", last.content
+    assert alice.client.post(url, {"username": bob.username}, format="json").status_code == 201
+    # Non-admins 403, strangers 404, a member who is no admin 404, a malformed id 404.
+    assert error_code(carol.client.delete(f"{url}/{bob.id}")) == "forbidden"
+    assert dave.client.delete(f"{url}/{bob.id}").status_code == 404
+    assert alice.client.delete(f"{url}/{carol.id}").status_code == 404
+    assert alice.client.delete(f"{url}/not-an-id").status_code == 404
+
+    # The demotion drops the cached membership (its generation moves), like every group change.
+    sync = redis.Redis.from_url(servers.redis_url)
+    try:
+        before = int(sync.get(membership.membership_generation_key(cid)) or 0)
+        assert bob.client.delete(f"{url}/{alice.id}").status_code == 204
+        assert int(sync.get(membership.membership_generation_key(cid)) or 0) > before
+    finally:
+        sync.close()
+    assert GroupChat.objects(id=gid).get().admins == [ObjectId(bob.id)]
+    # Alice is a plain member now; Bob is the last admin and cannot demote himself.
+    assert error_code(alice.client.delete(f"{url}/{bob.id}")) == "forbidden"
+    assert error_code(bob.client.delete(f"{url}/{bob.id}")) == "last_admin"
+    assert bob.client.get(f"/api/v1/chats/group/{gid}").json()["admins"] == [bob.id]
+
+
+def test_who_added_whom_is_recorded_and_visible_to_members() -> None:
+    alice, bob, carol, dave = (account(n) for n in ("alice", "bob", "carol", "dave"))
+    gid = alice.client.post("/api/v1/chats/group", {"name": "Crew", "members": [bob.username]},
+                            format="json").json()["group_id"]
+    alice.client.post(f"/api/v1/chats/group/{gid}/admins", {"username": bob.username}, format="json")
+    assert bob.client.post(f"/api/v1/chats/group/{gid}/members", {"username": carol.username},
+                           format="json").status_code == 201
+    seen = carol.client.get(f"/api/v1/chats/group/{gid}")
+    assert seen.status_code == 200
+    assert seen.json()["added_by"] == {alice.id: None, bob.id: alice.id, carol.id: bob.id}
+    # Removed and added again by someone else: the record follows the latest addition.
+    assert bob.client.delete(f"/api/v1/chats/group/{gid}/members/{carol.id}").status_code == 204
+    assert alice.client.post(f"/api/v1/chats/group/{gid}/members", {"username": carol.username},
+                             format="json").status_code == 201
+    assert alice.client.get(f"/api/v1/chats/group/{gid}").json()["added_by"][carol.id] == alice.id
+    assert dave.client.get(f"/api/v1/chats/group/{gid}").status_code == 404
+
+
+def test_deleting_a_group_removes_it_for_every_member(servers: Servers) -> None:
+    alice, bob, carol = (account(n) for n in ("alice", "bob", "carol"))
+    group = alice.client.post("/api/v1/chats/group", {"name": "Gone", "members": [bob.username]},
+                              format="json").json()
+    gid, cid = group["group_id"], group["conversation_id"]
+    sent = bob.client.post(f"/api/v1/conversations/{cid}/messages", {"content": "hello", "client_msg_id": "d1"},
+                           format="json")
+    assert sent.status_code == 201
+    api_support.persist(servers, cid)
+    assert error_code(bob.client.delete(f"/api/v1/chats/group/{gid}")) == "forbidden"
+    assert carol.client.delete(f"/api/v1/chats/group/{gid}").status_code == 404
+    assert alice.client.delete(f"/api/v1/chats/group/{gid}").status_code == 204
+    for member in (alice, bob):
+        assert member.client.get(f"/api/v1/chats/group/{gid}").status_code == 404
+        assert member.client.get(f"/api/v1/conversations/{cid}").status_code == 404
+        assert member.client.get(f"/api/v1/conversations/{cid}/messages").status_code == 404
+        assert cid not in [c["id"] for c in member.client.get("/api/v1/conversations").json()["results"]]
+    # The write path's cached membership was dropped: a send is refused at once.
+    late = bob.client.post(f"/api/v1/conversations/{cid}/messages", {"content": "anyone?", "client_msg_id": "d2"},
+                           format="json")
+    assert late.status_code == 404
+    assert alice.client.delete(f"/api/v1/chats/group/{gid}").status_code == 404
+    assert not GroupChat.objects(id=gid).first() and not Conversation.objects(id=cid).first()
+    from storage.documents import Message
+    assert Message.objects(conversation_id=ObjectId(cid)).count() == 0

@@ -272,3 +272,57 @@ def test_a_group_names_each_sender_and_counts_readers(cluster: Cluster, browser:
     finally:
         actx.close()
         bctx.close()
+
+
+def test_edit_history_opens_from_the_edited_label_and_admins_demote_and_delete(cluster: Cluster,
+                                                                                browser: Browser) -> None:
+    alice, bob = register(cluster, "alice"), register(cluster, "bob")
+    actx, apage = login_page(browser, cluster, alice)
+    bctx, bpage = login_page(browser, cluster, bob)
+    try:
+        group = f"history {uuid.uuid4().hex[:4]}"
+        apage.locator("#new-group-name").fill(group)
+        apage.locator("#new-group-members").fill(bob["username"])
+        apage.get_by_role("button", name="Create").click()
+        expect(apage.locator("#chat-title")).to_have_text(group)
+        send(apage, "draft one")
+        expect(apage.locator(".msg.pending")).to_have_count(0, timeout=10_000)  # acked
+        apage.get_by_role("button", name="Edit message").last.click()
+        box = apage.get_by_role("textbox", name="Edit message (Enter saves, Escape cancels)")
+        box.fill("draft two")
+        box.press("Enter")
+
+        # Bob sees the "edited" label (a button) and opens the versions, oldest first.
+        expect(bpage.locator("#conversation-list button", has_text=group)).to_have_count(1, timeout=15_000)
+        open_chat(bpage, group)
+        expect(bpage.locator(".msg .body").last).to_have_text("draft two", timeout=15_000)
+        label = bpage.get_by_role("button", name="Show edit history")
+        label.click()
+        history = bpage.get_by_role("list", name="Edit history")
+        expect(history.get_by_role("listitem")).to_have_count(2, timeout=10_000)
+        expect(history.get_by_role("listitem").first).to_contain_text("draft one")
+        expect(history.get_by_role("listitem").last).to_contain_text("draft two")
+        expect(bpage.get_by_role("button", name="Hide edit history")).to_have_attribute("aria-expanded", "true")
+        # Bob is no admin: no admin tools for him.
+        expect(bpage.get_by_role("button", name="Delete group for every member")).to_be_hidden()
+
+        # Alice promotes Bob, then demotes him again from the members list.
+        apage.once("dialog", lambda d: d.accept(bob["username"]))
+        apage.get_by_role("button", name="Make admin").click()
+        apage.locator("#members-panel summary").click()
+        demote = apage.get_by_role("button", name=f"Remove admin rights of {bob['username']}")
+        expect(demote).to_have_count(1, timeout=10_000)
+        apage.once("dialog", lambda d: d.accept())
+        demote.click()
+        expect(demote).to_have_count(0, timeout=10_000)
+        expect(apage.get_by_role("button", name=f"Remove admin rights of {alice['username']} (you)")).to_have_count(1)
+
+        # Alice deletes the group: it disappears from Bob's open page, live.
+        apage.once("dialog", lambda d: d.accept())
+        apage.get_by_role("button", name="Delete group for every member").click()
+        expect(apage.locator("#conversation-list button", has_text=group)).to_have_count(0, timeout=10_000)
+        expect(bpage.locator("#conversation-list button", has_text=group)).to_have_count(0, timeout=15_000)
+        expect(bpage.locator("#chat-title")).to_have_text("Pick a conversation")
+    finally:
+        actx.close()
+        bctx.close()

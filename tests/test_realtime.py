@@ -114,6 +114,42 @@ def test_edit_delete_and_read_reach_the_other_broker(servers: Servers, brokers: 
     run(body)
 
 
+def test_edit_history_is_live_on_the_other_broker_comes_back_on_resume_and_is_readable(
+        servers: Servers, brokers: list[Broker]) -> None:
+    from api.selectors import message_versions_get
+
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+
+    async def body() -> None:
+        reader = await connect_user(brokers[1].url, servers.redis_url, bob)
+        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
+        await sender.send(send_frame(conv, "first"))
+        mid = (await sender.recv_type("ack"))["message_id"]
+        for text in ("second", "third"):
+            await sender.send({"type": "message.edit", "message_id": mid, "content": text})
+            await sender.recv_type("ack")
+        await reader.recv_type("message.new")
+        first = await reader.recv_type("message.edited")
+        later = await reader.recv_type("message.edited")
+        # The first edit carries the original (the start of the history), later ones do not.
+        assert first["message"]["original"]["content"] == "first" and first["message"]["original"]["seq"] == 1
+        assert later["message"]["original"] is None and later["message"]["content"] == "third"
+        await reader.close()
+        # A reconnect that resumes from before the edits gets the same events back.
+        again = await connect_user(brokers[0].url, servers.redis_url, bob)
+        await again.send({"type": "resume", "conversations": {conv: 1}})
+        resumed = [await again.recv_type("message.edited") for _ in range(2)]
+        assert [e["message"]["original"] and e["message"]["original"]["content"] for e in resumed] == ["first", None]
+        await again.close()
+        await sender.close()
+        found = await asyncio.to_thread(message_versions_get, user_id=bob, message_id=mid)
+        assert [(v.seq, v.content) for v in found.versions] == [(1, "first"), (2, "second"), (3, "third")]
+
+    run(body)
+
+
 def test_resume_returns_exactly_the_missed_events_from_the_stream(servers: Servers,
                                                                   brokers: list[Broker]) -> None:
     alice, _ = user_create()
@@ -470,6 +506,32 @@ def test_membership_changes_apply_live(servers: Servers, brokers: list[Broker]) 
         run(body)
     finally:
         sync_redis.close()
+
+
+def test_a_deleted_group_leaves_every_members_live_sockets(servers: Servers, brokers: list[Broker]) -> None:
+    from api import services as api_services
+
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conv = group_create([alice, bob])
+    group_id = str(Conversation.objects(id=conv).get().room_id)
+
+    async def body() -> None:
+        admin = await connect_user(brokers[0].url, servers.redis_url, alice)
+        member = await connect_user(brokers[1].url, servers.redis_url, bob)
+        assert conv in member.ready["conversations"]
+        await admin.send(send_frame(conv, "before"))
+        assert (await member.recv_type("message.new"))["message"]["content"] == "before"
+        await asyncio.to_thread(api_services.group_delete, user_id=alice, group_id=group_id)
+        for conn in (admin, member):
+            assert await conn.recv_type("membership") == {"type": "membership", "conversation_id": conv,
+                                                          "status": "left"}
+        await member.send(send_frame(conv, "after"))
+        assert (await member.recv_type("error"))["code"] == "not_found"
+        for c in (admin, member):
+            await c.close()
+
+    run(body)
 
 
 def test_killing_a_broker_does_not_disturb_the_others(servers: Servers, brokers: list[Broker],

@@ -15,7 +15,7 @@ from tests.servers import ROOT
 STATE_JS = ROOT / "gateway" / "webclient" / "state.js"
 # normalizer in state.js -> the schema component of the REST answer it reads
 READERS = {"normalizeConversation": "ConversationOut", "normalizeMembers": "MemberOut",
-           "normalizeMessage": "MessageOut"}
+           "normalizeMessage": "MessageOut", "normalizeGroup": "GroupOut", "normalizeVersions": "MessageVersionOut"}
 
 
 def function_body(source: str, name: str) -> str:

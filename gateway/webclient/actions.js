@@ -2,10 +2,10 @@
 // redraw what changed.
 import { api, listOf } from "./api.js";
 import {
-  $, state, myId, store, addMessage, normalizeConversation, normalizeMembers, normalizeMessage,
-  PAGE_SIZE, READ_DEBOUNCE_MS, TYPING_SEND_EVERY_MS, readsOf, newClientMsgId,
+  $, state, myId, store, addMessage, normalizeConversation, normalizeMembers, normalizeMessage, normalizeGroup,
+  normalizeVersions, PAGE_SIZE, READ_DEBOUNCE_MS, TYPING_SEND_EVERY_MS, readsOf, newClientMsgId,
 } from "./state.js";
-import { notice, explain, renderConversations, renderMessages, renderMembers } from "./render.js";
+import { notice, explain, renderConversations, renderMessages, renderMembers, renderGroupTools } from "./render.js";
 
 let readTimer = null;
 let lastTypingSent = 0;
@@ -29,6 +29,67 @@ export async function loadMembers(conversationId) {
   } catch (err) { notice(explain(err), "error"); }
 }
 
+// The open group's admins and who added whom (GET /chats/group/{id}): what the admin tools depend on.
+export async function loadGroup(conversationId) {
+  const c = state.conversations.get(conversationId);
+  if (!c || c.type !== "group") return;
+  try {
+    normalizeGroup(await api("GET", `/api/v1/chats/group/${c.group_id || c.room_id}`));
+    if (conversationId === state.current) { renderMembers(); renderGroupTools(); }
+  } catch (err) { notice(explain(err), "error"); }
+}
+
+// Edit history: the "edited" label opens the message's versions (GET /messages/{id}/versions) below it.
+export async function loadVersions(m) {
+  try {
+    const data = await api("GET", `/api/v1/messages/${m.id}/versions`);
+    normalizeVersions(m.id, data.results || []);
+  } catch (err) {
+    state.versionsOpen.delete(m.id);
+    notice(explain(err), "error");
+  }
+  if (m.conversation_id === state.current) renderMessages();
+}
+
+export function versionsToggle(m) {
+  if (state.versionsOpen.has(m.id)) {
+    state.versionsOpen.delete(m.id);
+    renderMessages();
+  } else {
+    state.versionsOpen.add(m.id);
+    renderMessages();
+    loadVersions(m);
+  }
+  const again = $("messages").querySelector(`[data-versions-of="${CSS.escape(m.id)}"]`);
+  if (again) again.focus();
+}
+
+export async function adminRemove(userId) {
+  const c = state.conversations.get(state.current);
+  if (!c) return;
+  const name = state.names.get(userId) || "this member";
+  if (!confirm(`Remove admin rights of ${userId === myId() ? "yourself" : name}?`)) return;
+  try {
+    await api("DELETE", `/api/v1/chats/group/${c.group_id || c.room_id}/admins/${userId}`);
+    notice(`${userId === myId() ? "You are" : name + " is"} no longer an admin`);
+  } catch (err) { notice(explain(err), "error"); }
+  await loadGroup(c.id);
+}
+
+// The conversation is gone for me (I left, was removed, or the group was deleted): forget it.
+export function conversationForget(conversationId) {
+  const c = state.conversations.get(conversationId);
+  state.conversations.delete(conversationId);
+  state.messages.delete(conversationId);
+  state.lastSeq.delete(conversationId);
+  if (c && c.type === "group") state.groups.delete(String(c.group_id || c.room_id));
+  if (state.current === conversationId) {
+    closeConversation();
+    $("chat-title").textContent = "Pick a conversation";
+    renderMessages();
+  } else renderConversations();
+}
+
 export async function loadPage(conversationId, { before } = {}) {
   const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
   if (before) params.set("before_seq", String(before));
@@ -46,19 +107,21 @@ export async function openConversation(id) {
   const c = state.conversations.get(id);
   $("chat-title").textContent = c ? c.title : "Conversation";
   $("group-tools").hidden = !(c && c.type === "group");
+  renderGroupTools();
   $("members-panel").hidden = false;
   $("composer-input").disabled = false;
   $("send").disabled = false;
   renderConversations();
   renderMembers();
   const members = loadMembers(id);
+  const group = loadGroup(id);
   try {
     if (!state.messages.has(id) || store(id).size === 0) await loadPage(id);
   } catch (err) { notice(explain(err), "error"); }
   renderMessages({ stickToBottom: true });
   scheduleRead();
   $("composer-input").focus();
-  await members;
+  await Promise.all([members, group]);
 }
 
 export function closeConversation() {
@@ -149,13 +212,16 @@ export async function groupAction(kind) {
       await api("POST", `/api/v1/chats/group/${gid}/${kind === "member" ? "members" : "admins"}`, { username: username.trim() });
       notice(kind === "member" ? `${username} added` : `${username} is now an admin`);
       loadMembers(c.id);
+      loadGroup(c.id);
     } else if (kind === "leave") {
       if (!confirm(`Leave ${c.title}?`)) return;
       await api("POST", `/api/v1/chats/group/${gid}/leave`, {});
-      state.conversations.delete(c.id);
-      closeConversation();
-      $("chat-title").textContent = "Pick a conversation";
-      renderMessages();
+      conversationForget(c.id);
+    } else if (kind === "delete") {
+      if (!confirm(`Delete ${c.title} for every member? This cannot be undone.`)) return;
+      await api("DELETE", `/api/v1/chats/group/${gid}`);
+      notice(`${c.title} deleted`);
+      conversationForget(c.id);
     }
   } catch (err) { notice(explain(err), "error"); }
 }

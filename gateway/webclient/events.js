@@ -2,7 +2,7 @@
 import { tokensSave } from "./api.js";
 import { state, myId, store, addMessage, bumpSeq, findMessage, normalizeMessage, readMove, TYPING_SHOW_MS } from "./state.js";
 import { notice, renderConversations, renderMessages, renderMembers, renderTyping } from "./render.js";
-import { loadConversations, loadMembers, scheduleRead } from "./actions.js";
+import { loadConversations, loadMembers, loadGroup, loadVersions, scheduleRead, conversationForget } from "./actions.js";
 
 let onAuthLost = () => {};
 export function setAuthLostHandler(fn) { onAuthLost = fn; }
@@ -39,6 +39,8 @@ function onMessageChanged(frame) {
   const m = findMessage(conv, String(data.id));
   if (!m) return;
   if (frame.type === "message.edited") { m.content = data.content; m.edited = true; } else { m.deleted = true; m.content = ""; }
+  if (frame.type === "message.edited" && state.versionsOpen.has(m.id)) loadVersions(m);
+  if (m.deleted) { state.versionsOpen.delete(m.id); state.versions.delete(m.id); }
   if (state.editing === m.id && m.deleted) state.editing = null;
   if (m.conversation_id === state.current) renderMessages();
 }
@@ -79,6 +81,18 @@ export function handleEvent(frame) {
       renderConversations();
       if (state.current) renderMembers();
       break;
+    case "membership": {
+      const conv = String(frame.conversation_id);
+      if (frame.status === "left") {
+        const c = state.conversations.get(conv);
+        if (c && conv === state.current) notice(`You are no longer in ${c.title}.`);
+        conversationForget(conv);
+      } else {
+        loadConversations();
+      }
+      if (frame.status !== "left" && state.current === conv) { loadMembers(conv); loadGroup(conv); }
+      break;
+    }
     case "resumed":
       bumpSeq(String(frame.conversation_id), Number(frame.last_seq));
       break;

@@ -98,6 +98,7 @@ function wire() {
   $("group-add-member").addEventListener("click", () => groupAction("member"));
   $("group-add-admin").addEventListener("click", () => groupAction("admin"));
   $("group-leave").addEventListener("click", () => groupAction("leave"));
+  $("group-delete").addEventListener("click", () => groupAction("delete"));
   document.addEventListener("visibilitychange", scheduleRead);
   setInterval(renderTyping, 1000);
   setAuthLostHandler(showAuth);

@@ -1,8 +1,8 @@
 // Drawing: each function rebuilds one part of the page from `state`. All text goes in with textContent
 // (never innerHTML). Clicks call into actions.js.
 import { ApiError } from "./api.js";
-import { $, state, myId, store, readersOf, senderName, otherMemberId } from "./state.js";
-import { openConversation, editStart, editCancel, editSave, messageDelete } from "./actions.js";
+import { $, state, myId, store, readersOf, senderName, otherMemberId, groupOf, iAmAdmin } from "./state.js";
+import { openConversation, editStart, editCancel, editSave, messageDelete, versionsToggle, adminRemove } from "./actions.js";
 
 export function notice(text, kind = "info") {
   const el = document.createElement("div");
@@ -62,10 +62,19 @@ export function renderConversations() {
   if (focusedId) { const again = list.querySelector(`[data-conversation="${CSS.escape(focusedId)}"]`); if (again) again.focus(); }
 }
 
+// Admin-only group tools: "Delete group" is shown to the group's admins only (the server checks again).
+export function renderGroupTools() {
+  const del = $("group-delete");
+  if (del) del.hidden = !iAmAdmin(state.current);
+}
+
 export function renderMembers() {
   const list = $("member-list");
+  const focused = document.activeElement && document.activeElement.dataset && document.activeElement.dataset.adminOf;
   list.replaceChildren();
   const ids = state.members.get(state.current) || [];
+  const group = groupOf(state.current);
+  const amAdmin = iAmAdmin(state.current);
   $("members-count").textContent = ids.length ? `Members (${ids.length})` : "Members";
   for (const id of ids) {
     const li = document.createElement("li");
@@ -76,9 +85,27 @@ export function renderMembers() {
     const name = document.createElement("span");
     name.textContent = id === myId() ? `${state.names.get(id) || "you"} (you)` : state.names.get(id) || id;
     li.append(dot, name);
-    li.setAttribute("aria-label", `${name.textContent}, ${online ? "online" : "offline"}`);
+    const isAdmin = Boolean(group && group.admins.includes(id));
+    const adder = group && group.added_by[id];
+    const about = [online ? "online" : "offline", isAdmin ? "admin" : null,
+      adder ? `added by ${adder === myId() ? "you" : state.names.get(adder) || "a former member"}` : null].filter(Boolean);
+    if (isAdmin || adder) {
+      const tag = document.createElement("span");
+      tag.className = "member-about";
+      tag.textContent = about.slice(1).join(", ");
+      li.append(" ", tag);
+    }
+    const label = `${name.textContent}, ${about.join(", ")}`;
+    if (amAdmin && isAdmin) {
+      const b = button("Remove admin", `Remove admin rights of ${name.textContent}`, () => adminRemove(id));
+      b.dataset.adminOf = id;
+      li.append(" ", b);
+    }
+    li.setAttribute("aria-label", label);
     list.append(li);
   }
+  if (focused) { const again = list.querySelector(`[data-admin-of="${CSS.escape(focused)}"]`); if (again) again.focus(); }
+  renderGroupTools();
 }
 
 // The receipt under my newest message that someone read: "seen" in a 1:1 chat, "read by N of M" in a group
@@ -140,6 +167,34 @@ function editForm(m) {
   return form;
 }
 
+// The versions of an edited message, oldest first (the last is what it says now).
+function versionsList(m) {
+  const ol = document.createElement("ol");
+  ol.className = "versions";
+  ol.setAttribute("aria-label", "Edit history");
+  const versions = state.versions.get(m.id);
+  if (!versions) {
+    const li = document.createElement("li");
+    li.textContent = "loading…";
+    ol.append(li);
+    return ol;
+  }
+  versions.forEach((v, i) => {
+    const li = document.createElement("li");
+    const when = document.createElement("time");
+    if (v.at) { when.dateTime = v.at; when.textContent = new Date(v.at).toLocaleString([], { dateStyle: "short", timeStyle: "short" }); }
+    const what = document.createElement("span");
+    what.className = "version-label";
+    what.textContent = i === 0 ? "original" : i === versions.length - 1 ? "current" : `edit ${i}`;
+    const text = document.createElement("span");
+    text.className = "version-content";
+    text.textContent = v.content;
+    li.append(what, " · ", when, ": ", text);
+    ol.append(li);
+  });
+  return ol;
+}
+
 function messageItem(m, { receipt }) {
   const li = document.createElement("li");
   const mine = m.sender_id === myId();
@@ -153,7 +208,14 @@ function messageItem(m, { receipt }) {
   const when = document.createElement("time");
   if (m.timestamp) { when.dateTime = m.timestamp; when.textContent = new Date(m.timestamp).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }); }
   meta.append(who, when);
-  if (m.edited && !m.deleted) { const e = document.createElement("span"); e.textContent = "edited"; meta.append(e); }
+  if (m.edited && !m.deleted && !m.pending) {
+    const open = state.versionsOpen.has(m.id);
+    const e = button("edited", open ? "Hide edit history" : "Show edit history", () => versionsToggle(m));
+    e.className = "edited-toggle";
+    e.dataset.versionsOf = m.id;
+    e.setAttribute("aria-expanded", String(open));
+    meta.append(e);
+  }
   if (m.pending) { const e = document.createElement("span"); e.textContent = "sending…"; meta.append(e); }
   if (receipt) { const e = document.createElement("span"); e.className = "seen"; e.textContent = receipt.text; e.title = receipt.title; meta.append(e); }
   li.append(meta);
@@ -162,6 +224,7 @@ function messageItem(m, { receipt }) {
   body.className = "body";
   body.textContent = m.deleted ? "message deleted" : m.content;
   li.append(body);
+  if (state.versionsOpen.has(m.id) && !m.deleted) li.append(versionsList(m));
   if (mine && !m.pending && !m.deleted) {
     const actions = document.createElement("div");
     actions.className = "actions";

@@ -23,6 +23,9 @@ export const state = {
   typing: new Map(),        // conversation id -> Map(user id -> until)
   names: new Map(),         // user id -> username
   editing: null,            // id of the message being edited in place
+  groups: new Map(),        // group id -> {id, admins: [user id], added_by: {member -> adder | null}}
+  versions: new Map(),      // message id -> [{seq, content, at}] (GET /messages/{id}/versions), oldest first
+  versionsOpen: new Set(),  // message ids whose edit history is shown
 };
 
 export const $ = (id) => document.getElementById(id);
@@ -75,6 +78,30 @@ export function normalizeMembers(conversationId, rows) {
   }
   state.members.set(conversationId, ids);
   return ids;
+}
+
+// GroupOut -> state: who administers the group and who added whom.
+export function normalizeGroup(raw) {
+  const g = { id: String(raw.group_id), admins: (raw.admins || []).map(String), added_by: raw.added_by || {} };
+  state.groups.set(g.id, g);
+  return g;
+}
+
+// MessageVersionOut rows -> state, oldest first.
+export function normalizeVersions(messageId, rows) {
+  const versions = rows.map((raw) => ({ seq: Number(raw.seq), content: raw.content ?? "", at: raw.at }));
+  state.versions.set(messageId, versions);
+  return versions;
+}
+
+export function groupOf(conversationId) {
+  const c = state.conversations.get(conversationId);
+  return c && c.type === "group" ? state.groups.get(String(c.group_id || c.room_id)) || null : null;
+}
+
+export function iAmAdmin(conversationId) {
+  const g = groupOf(conversationId);
+  return Boolean(g && g.admins.includes(myId()));
 }
 
 // MessageOut (history) or a live frame's message -> state.
