@@ -319,7 +319,8 @@ def group_create(*, creator_id: str, name: str, usernames: list[str]) -> tuple[G
     if len(keys) + 1 > GROUP_MAX_MEMBERS:
         raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", code="too_many_members",
                                details={"field": "members", "limit": GROUP_MAX_MEMBERS})
-    found = {u.username_key: u.id for u in User.objects(username_key__in=keys).only("id", "username_key")}
+    found = {u.username_key: u.id
+             for u in User.objects(username_key__in=keys, deactivated_at=None).only("id", "username_key")}
     missing = [k for k in keys if k not in found]
     if missing:
         raise NotFound("unknown usernames", details={"usernames": missing})

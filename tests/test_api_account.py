@@ -116,6 +116,8 @@ def test_removing_an_account_deactivates_it_and_keeps_its_messages_sender(server
     found = peer.client.get("/api/v1/users", {"username": user.username}).json()["results"]
     assert found == []
     assert peer.client.post("/api/v1/chats/single", {"username": user.username}, format="json").status_code == 404
+    assert peer.client.post("/api/v1/chats/group", {"name": "h", "members": [user.username]},
+                            format="json").status_code == 404
     email = f"{user.username}@example.com"
     again = anonymous().post("/api/v1/auth/register", {"username": user.username, "email": email,
                                                         "password": PASSWORD}, format="json")
