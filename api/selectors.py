@@ -9,6 +9,7 @@ storage pipeline has persisted so far, a few seconds behind at most.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,10 +17,12 @@ from typing import Any
 
 from bson import ObjectId
 
+from api.clients import sync_redis
 from chatstream_site.errors import NotFound
 from messaging.bus import bus_sync
-from messaging.services import read_cursor_key
-from messaging.streams import partition_of, seq_key
+from messaging.services import _NO_MEMBERS as NO_MEMBERS
+from messaging.services import MEMBERSHIP_MISS_TTL_S, MEMBERSHIP_TTL_S, membership_key, read_cursor_key
+from messaging.streams import partition_of, recent_docs_key, recent_edits_key, recent_key, seq_key
 from storage.documents import Conversation, GroupChat, Message, User
 
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -210,9 +213,113 @@ class HistoryPage:
     has_more: bool  # more messages exist beyond the page in the direction of travel
 
 
+def conversation_members_cached(*, conversation_id: str) -> set[str] | None:
+    """Member ids of a conversation (None: no such conversation) from the write path's Redis membership cache
+    (``messaging.services.membership_key``), so a hot read does not touch the document store. Side effect, on
+    a miss: reads MongoDB once and fills the cache exactly as the write path does (same key, format, TTLs);
+    the API's membership changes invalidate it."""
+    client = sync_redis()
+    key = membership_key(conversation_id)
+    cached = client.smembers(key)
+    if cached:
+        members = {m.decode() if isinstance(m, bytes) else str(m) for m in cached}
+        return None if members == {NO_MEMBERS} else members - {NO_MEMBERS}
+    conversation = Conversation.objects(id=ObjectId(conversation_id)).only("members").first()
+    found = None if conversation is None else [str(m) for m in conversation.members]
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(key)
+    pipe.sadd(key, *(found or [NO_MEMBERS]))
+    pipe.expire(key, MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S)
+    pipe.execute()
+    return set(found) if found is not None else None
+
+
+def _member_require(*, user_id: str, conversation_id: str) -> set[str]:
+    object_id_or_404(conversation_id, what="conversation")
+    members = conversation_members_cached(conversation_id=conversation_id)
+    if members is None or user_id not in members:
+        raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+    return members
+
+
+def _window_message(raw: bytes | str, *, cursors: dict[str, int], members: set[str]) -> Message:
+    """A message of the recent window (JSON written by the append script) as an unsaved ``Message``. Its
+    ``read_status`` is derived from the read cursors of a two-member conversation (1:1), as the drain mirrors
+    it into the store."""
+    doc = json.loads(raw)
+    seq = int(doc["seq"])
+    sender = str(doc["sender_id"])
+    read = len(members) == 2 and any(cursors.get(m, 0) >= seq for m in members if m != sender)
+    return Message(id=doc["id"], conversation_id=ObjectId(doc["conversation_id"]), seq=seq,
+                   sender_id=ObjectId(sender), client_msg_id=doc.get("client_msg_id"),
+                   content=doc.get("content") or "", timestamp=_parse_time(doc["timestamp"]),
+                   edited_at=_parse_time(doc.get("edited_at")), deleted=bool(doc.get("deleted")),
+                   deleted_at=_parse_time(doc.get("deleted_at")), edit_seq=doc.get("edit_seq"),
+                   read_status="read" if read else "sent")
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _edits_apply(rows: list[Message], edits: dict[str, dict[str, Any]]) -> None:
+    """Apply to store-read messages the edits/deletes the append script recorded for messages older than the
+    window and the drain may not have written yet (the newer edit seq wins)."""
+    for m in rows:
+        edit = edits.get(m.id)
+        if edit is None or int(edit.get("edit_seq") or 0) <= int(m.edit_seq or 0):
+            continue
+        if edit.get("deleted"):
+            m.deleted, m.content, m.deleted_at = True, "", _parse_time(edit.get("deleted_at"))
+        elif not m.deleted:
+            m.content, m.edited_at = edit.get("content") or "", _parse_time(edit.get("edited_at"))
+        m.edit_seq = int(edit["edit_seq"])
+
+
+# KEYS[1] recent_key, KEYS[2] recent_docs_key, KEYS[3] recent_edits_key, KEYS[4] read-cursor hash (one slot);
+# ARGV[1] "1" newest first, ARGV[2] min, ARGV[3] max (ZRANGEBYSCORE syntax), ARGV[4] count
+# -> {floor or false, [message JSON...], [edits field, value...], [cursor field, value...]}: one atomic read,
+# so a concurrent append's eviction can never show a floor that does not match the messages read.
+_WINDOW_READ_LUA = """
+local floor = redis.call('HGET', KEYS[2], 'floor')
+local edits = redis.call('HGETALL', KEYS[3])
+local cursors = redis.call('HGETALL', KEYS[4])
+if not floor then return {false, {}, edits, cursors} end
+local ids
+if ARGV[1] == '1' then
+  ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[3], ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
+else
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+end
+if #ids == 0 then return {floor, {}, edits, cursors} end
+return {floor, redis.call('HMGET', KEYS[2], unpack(ids)), edits, cursors}
+"""
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _store_page(*, conversation_id: str, after: int | None, below: int | None, limit: int,
+                backwards: bool) -> list[Message]:
+    """Up to ``limit`` stored messages with ``after < seq < below`` (either bound optional), newest first
+    when ``backwards``, else oldest first."""
+    query: dict[str, Any] = {}
+    if below is not None:
+        query["seq__lt"] = below
+    if after is not None:
+        query["seq__gt"] = after
+    base = Message.objects(conversation_id=ObjectId(conversation_id), **query)
+    return list(base.order_by("-seq" if backwards else "seq").limit(limit))
+
+
 def message_history_get(*, user_id: str, conversation_id: str, before_seq: int | None = None,
                         after_seq: int | None = None, limit: int = 50) -> HistoryPage:
-    """A page of persisted messages ordered by ``seq`` (ascending in the page).
+    """A page of messages ordered by ``seq`` (ascending in the page): every acknowledged one, from the
+    conversation's recent window in Redis (docs/adr/0028) above its ``floor`` and from the store at or below
+    it, so the newest pages cost no document-store read and the seam has no gap and no duplicate.
 
     * neither bound: the newest ``limit`` messages;
     * ``before_seq``: the ``limit`` messages just below it (paging back in time);
@@ -220,18 +327,31 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     * both: those strictly between, oldest first.
 
     Deleted messages are included as tombstones (their seq keeps the order gap-free to the client).
-    Raises NotFound if the caller is not a member.
+    Raises NotFound if the caller is not a member (membership from the Redis cache).
     """
-    conversation = conversation_get_for_member(user_id=user_id, conversation_id=conversation_id)
+    members = _member_require(user_id=user_id, conversation_id=conversation_id)
     limit = max(1, min(limit, HISTORY_MAX_LIMIT))
-    query: dict[str, Any] = {}
-    if before_seq is not None:
-        query["seq__lt"] = before_seq
-    if after_seq is not None:
-        query["seq__gt"] = after_seq
-    base = Message.objects(conversation_id=conversation.id, **query)
     backwards = after_seq is None  # newest-first read, then reversed
-    rows = list(base.order_by("-seq" if backwards else "seq").limit(limit + 1))
+    partition = partition_of(conversation_id)
+    raw_floor, docs, raw_edits, raw_cursors = bus_sync().register_script(_WINDOW_READ_LUA)(
+        keys=[recent_key(partition, conversation_id), recent_docs_key(partition, conversation_id),
+              recent_edits_key(partition, conversation_id), read_cursor_key(conversation_id)],
+        args=["1" if backwards else "0", f"({after_seq}" if after_seq is not None else "-inf",
+              f"({before_seq}" if before_seq is not None else "+inf", limit + 1])
+    cursors = {_s(k): int(v) for k, v in zip(raw_cursors[::2], raw_cursors[1::2], strict=True)}
+    # No window (never written, or expired with the conversation idle): everything is in the store.
+    floor = int(raw_floor) if raw_floor else None
+    rows = [_window_message(d, cursors=cursors, members=members) for d in docs] if floor is not None else []
+    # The store serves exactly the messages at or below the floor (all of them when there is no window).
+    below = before_seq if floor is None else min(floor + 1, before_seq if before_seq is not None else floor + 1)
+    lowest = after_seq or 0
+    if (not backwards or len(rows) <= limit) and (below is None or below > lowest + 1):
+        stored = _store_page(conversation_id=conversation_id, after=after_seq, below=below,
+                             limit=limit + 1 - (len(rows) if backwards else 0), backwards=backwards)
+        edits = {_s(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
+        _edits_apply(stored, edits)
+        # Newest first, the window's part is above the store's; oldest first, below it.
+        rows = rows + stored if backwards else (stored + rows)[:limit + 1]
     has_more = len(rows) > limit
     rows = rows[:limit]
     if backwards:

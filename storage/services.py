@@ -31,7 +31,7 @@ from mongoengine.connection import get_db
 
 from chatstream_site.errors import NotFound, Retryable
 from messaging.bus import BusSync
-from messaging.streams import Event, MalformedEntry, event_decode, stream_key
+from messaging.streams import Event, MalformedEntry, event_decode, persisted_key, stream_key
 from storage.keys import (
     DEADLETTERS,
     GROUP,
@@ -491,6 +491,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
     _pause_before_ack(partition, len(items))
     try:
         _settle(r, partition=partition, items=items, result=result)
+        recent_persisted_advance(r, partition=partition, items=items)
         state = partitions_state(partitions=[partition], client=r)[0]
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise Retryable(f"redis unavailable: {exc}") from exc
@@ -502,6 +503,43 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         "backlog": state.backlog, "lag_s": round(state.lag_s(), 3), "more": result.more,
         "ms": round(result.duration_s * 1000, 1)}))
     return result
+
+
+# Raise a conversation's persisted watermark, never lower it (drains of one partition run one at a time, but a
+# reclaimed old batch may settle after a newer one).
+_WATERMARK_LUA = """
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+
+def recent_persisted_watermarks(items: list[_Item]) -> dict[str, int]:
+    """Per conversation of the batch, the seq up to which its events are settled (persisted, or dead-lettered
+    and so never in the store): the highest settled seq, or just below the first deferred one."""
+    done: dict[str, int] = {}
+    deferred: dict[str, int] = {}
+    for i in items:
+        if i.event is None or i.event.seq <= 0:
+            continue
+        cid, seq = i.event.conversation_id, i.event.seq
+        if i.failure is not None and i.dead is None:
+            deferred[cid] = min(deferred.get(cid, seq), seq)
+        else:
+            done[cid] = max(done.get(cid, 0), seq)
+    return {cid: min(top, deferred[cid] - 1) if cid in deferred else top for cid, top in done.items()}
+
+
+def recent_persisted_advance(r: BusSync, *, partition: int, items: list[_Item]) -> None:
+    """After a batch is settled: move each of its conversations' persisted watermark
+    (``messaging.streams.persisted_key``) up, so the append script may drop those messages from the
+    conversation's recent window (docs/adr/0028). Side effect: one script call on the partition's slot."""
+    marks = recent_persisted_watermarks(items)
+    if marks:
+        args = [x for cid, seq in marks.items() for x in (cid, seq)]
+        r.register_script(_WATERMARK_LUA)(keys=[persisted_key(partition)], args=args)
 
 
 def _hand_back(r: BusSync, *, partition: int, consumer: str, ids: list[str]) -> None:

@@ -1,0 +1,219 @@
+"""The recent window (docs/adr/0028): REST history sees every acknowledged message, edit and delete in the very
+next request, served from Redis for the newest messages and from the store below the window's floor, with no
+gap and no duplicate at the seam; the window survives a Redis crash (AOF) and a killed drain; its memory stays
+within the budget. Against the session's real Redis and FerretDB (and a private Redis for the crash)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from django.test import override_settings
+
+from messaging.streams import partition_of, persisted_key, recent_docs_key, recent_key, stream_key
+from storage import services as storage
+from storage.keys import GROUP
+from tests import api_support
+from tests.api_support import Account, account
+from tests.realtime import Broker, brokers_running, connect_user, send_frame
+from tests.servers import Servers, redis_server
+from tests.storage_helpers import edit_event, new_event, send_messages
+
+generous_rates = api_support.generous_rates
+pytestmark = pytest.mark.usefixtures("servers", "generous_rates")
+
+
+def single(a: Account, b: Account) -> str:
+    return str(a.client.post("/api/v1/chats/single", {"username": b.username}, format="json")
+               .json()["conversation_id"])
+
+
+def send(a: Account, cid: str, content: str) -> dict[str, Any]:
+    response = a.client.post(f"/api/v1/conversations/{cid}/messages",
+                             {"content": content, "client_msg_id": uuid.uuid4().hex}, format="json")
+    assert response.status_code == 201, response.content
+    return dict(response.json())
+
+
+def history(a: Account, cid: str, **query: int) -> dict[str, Any]:
+    response = a.client.get(f"/api/v1/conversations/{cid}/messages", query)
+    assert response.status_code == 200, response.content
+    return dict(response.json())
+
+
+def drain(partition: int) -> None:
+    """The real drain, in this process, until the partition is empty (bounded)."""
+    for _ in range(200):
+        if not storage.partition_drain(partition=partition, batch_size=500, consumer="window-test").more:
+            return
+    raise AssertionError("the drain did not finish")
+
+
+def floor_of(servers: Servers, cid: str) -> int | None:
+    raw = redis.Redis.from_url(servers.redis_url).hget(recent_docs_key(partition_of(cid), cid), "floor")
+    return None if raw is None else int(raw)
+
+
+def walk(a: Account, cid: str, *, limit: int, backwards: bool) -> list[int]:
+    """Every seq of the conversation, page by page in one direction (bounded)."""
+    seqs: list[int] = []
+    query: dict[str, int] = {"limit": limit} if backwards else {"limit": limit, "after_seq": 0}
+    for _ in range(1000):
+        page = history(a, cid, **query)
+        got = [m["seq"] for m in page["results"]]
+        seqs = got + seqs if backwards else seqs + got
+        if not page["has_more"]:
+            return seqs
+        query = {"limit": limit, "before_seq": got[0]} if backwards else {"limit": limit, "after_seq": got[-1]}
+    raise AssertionError("paging did not end")
+
+
+def test_a_rest_send_edit_and_delete_are_in_history_in_the_very_next_request() -> None:
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    sent = send(alice, cid, "hello")  # nothing drains here: the store has none of it
+    page = history(bob, cid)
+    assert [(m["id"], m["seq"], m["content"]) for m in page["results"]] == [(sent["id"], 1, "hello")]
+    assert page["results"][0]["sender_id"] == alice.id and page["results"][0]["timestamp"] == sent["timestamp"]
+    assert alice.client.patch(f"/api/v1/messages/{sent['id']}", {"content": "hello!"}, format="json").status_code == 200
+    edited = history(bob, cid)["results"][0]
+    assert edited["content"] == "hello!" and edited["edited_at"] is not None
+    assert alice.client.delete(f"/api/v1/messages/{sent['id']}").status_code == 200
+    assert [(m["seq"], m["deleted"], m["content"]) for m in history(bob, cid)["results"]] == [(1, True, "")]
+    # 1:1 read status follows the reader's cursor at once, as the drain mirrors it into the store.
+    second = send(alice, cid, "read me")
+    assert history(alice, cid)["results"][-1]["read_status"] == "sent"
+    read = bob.client.post(f"/api/v1/conversations/{cid}/read", {"seq": second["seq"]}, format="json")
+    assert read.status_code == 200
+    assert history(alice, cid)["results"][-1]["read_status"] == "read"
+
+
+def test_pages_across_the_window_and_the_store_have_no_gap_and_no_duplicate(servers: Servers) -> None:
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    with override_settings(RECENT_MESSAGES=10):
+        first = [send(alice if i % 2 else bob, cid, f"m{i}") for i in range(25)]
+        assert floor_of(servers, cid) == 0  # nothing persisted: the window keeps all 25
+        drain(partition_of(cid))
+        later = [send(alice, cid, f"n{i}") for i in range(12)]
+    ids = [m["id"] for m in first + later]
+    floor = floor_of(servers, cid)
+    # The drain persisted the first 25; the next appends dropped persisted ones down to 10 messages.
+    assert floor is not None and 0 < floor < 37
+    assert redis.Redis.from_url(servers.redis_url).zcard(recent_key(partition_of(cid), cid)) <= 12 + 10
+    for limit in (1, 3, 7, 10, 50):
+        assert walk(bob, cid, limit=limit, backwards=True) == list(range(1, 38)), limit
+        assert walk(bob, cid, limit=limit, backwards=False) == list(range(1, 38)), limit
+    full = history(bob, cid, limit=200)["results"]
+    assert [m["id"] for m in full] == ids and [m["content"] for m in full][24:26] == ["m24", "n0"]
+    # Pages that start exactly at the seam, on both sides.
+    assert [m["seq"] for m in history(bob, cid, before_seq=floor + 1, limit=2)["results"]] == [floor - 1, floor]
+    assert [m["seq"] for m in history(bob, cid, after_seq=floor - 1, limit=2)["results"]] == [floor, floor + 1]
+    assert [m["seq"] for m in history(bob, cid, after_seq=floor - 2, before_seq=floor + 2)["results"]] == [
+        floor - 1, floor, floor + 1]
+    # An edit of a message below the window is visible at once, before the drain writes it.
+    edit = alice.client.patch(f"/api/v1/messages/{first[1]['id']}", {"content": "old, edited"}, format="json")
+    assert edit.status_code == 200
+    assert history(bob, cid, after_seq=1, limit=1)["results"][0]["content"] == "old, edited"
+    assert bob.client.delete(f"/api/v1/messages/{first[0]['id']}").status_code == 200
+    assert history(bob, cid, before_seq=2)["results"][0]["deleted"] is True
+
+
+def test_a_killed_drain_loses_nothing_the_window_keeps_what_is_not_persisted(servers: Servers,
+                                                                              settings: Any) -> None:
+    settings.RECENT_MESSAGES = 5
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    r = redis.Redis.from_url(servers.redis_url)
+    partition = partition_of(cid)
+    drain(partition)  # other tests' entries out of the way
+    for i in range(8):
+        send(alice, cid, f"a{i}")
+    storage.group_ensure(partition=partition, client=r)
+    # A worker reads the batch and dies before it writes or acknowledges anything.
+    taken: Any = r.xreadgroup(GROUP, "dead-worker", {stream_key(partition): ">"}, count=1000)
+    for i in range(8):
+        send(alice, cid, f"b{i}")
+    assert floor_of(servers, cid) == 0  # nothing persisted, so nothing was dropped past the budget of 5
+    assert walk(bob, cid, limit=4, backwards=True) == list(range(1, 17))
+    # Its entries have been idle past the reclaim threshold (as after DRAIN_RECLAIM_IDLE_S): the next drain
+    # takes them over.
+    storage._hand_back(r, partition=partition, consumer="dead-worker", ids=[e.decode() for e, _ in taken[0][1]])
+    drain(partition)
+    assert int(r.hget(persisted_key(partition), cid) or 0) == 16
+    send(alice, cid, "c")
+    assert r.zcard(recent_key(partition, cid)) == 5 and floor_of(servers, cid) == 12
+    assert walk(bob, cid, limit=4, backwards=True) == list(range(1, 18))
+    assert walk(bob, cid, limit=4, backwards=False) == list(range(1, 18))
+
+
+def test_watermark_stops_below_a_deferred_entry() -> None:
+    from messaging.streams import Event
+    from storage.services import _Item, recent_persisted_watermarks
+
+    def item(cid: str, seq: int, *, failure: str | None = None, dead: str | None = None) -> _Item:
+        it = _Item(entry_id=f"1-{seq}", fields={}, failure=failure, dead=dead)
+        it.event = Event(entry_id=it.entry_id, type="message.new", conversation_id=cid, seq=seq, data={})
+        return it
+
+    marks = recent_persisted_watermarks([item("a", 1), item("a", 2, failure="x"), item("a", 3),
+                                         item("b", 4), item("b", 5, dead="poison"), item("c", 6, failure="x")])
+    assert marks == {"a": 1, "b": 5}
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Any]:
+    server = redis_server(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_window_survives_a_redis_crash_with_aof(private_redis: Any) -> None:
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    cid, sender = "6650f0c0a1b2c3d4e5f60718", "6650f0c0a1b2c3d4e5f60719"
+    sent = send_messages(url, cid, sender, 3)
+    from tests.storage_helpers import append_events
+
+    append_events(url, [edit_event(cid, sent[1].message_id, "edited", sender)])
+    private_redis.stop(sig=signal.SIGKILL)
+    private_redis.start()
+    r = redis.Redis.from_url(url)
+    p = partition_of(cid)
+    assert [m.decode() for m in r.zrange(recent_key(p, cid), 0, -1)] == [s.message_id for s in sent]
+    assert r.hget(recent_docs_key(p, cid), "floor") == b"0"
+    assert b'"content":"edited"' in (r.hget(recent_docs_key(p, cid), sent[1].message_id) or b"")
+    assert append_events(url, [new_event(cid, sender, "after")])[0].seq == 5
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with brokers_running(tmp_path_factory.mktemp("window-broker"), 1) as started:
+        yield started[0]
+
+
+@pytest.mark.cluster
+def test_a_websocket_send_is_in_rest_history_in_the_next_request_after_its_ack(servers: Servers,
+                                                                                 broker: Broker) -> None:
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+
+    async def over_ws() -> dict[str, Any]:
+        client = await connect_user(broker.url, servers.redis_url, alice.id)
+        try:
+            await client.send(send_frame(cid, "over the socket"))
+            return await client.recv_type("ack")
+        finally:
+            await client.close()
+
+    ack = asyncio.run(over_ws())
+    page = history(bob, cid)["results"]
+    assert [(m["seq"], m["content"], m["sender_id"]) for m in page] == [(ack["seq"], "over the socket", alice.id)]
