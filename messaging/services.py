@@ -392,6 +392,9 @@ async def membership_changed(client: redis.asyncio.Redis, *, user_ids: list[str]
     or stop receiving its events at once. Call after the change is saved in MongoDB.
     Side effects: drops the cached members, PUBLISHes one control message."""
     await membership_invalidate(client, conversation_id=conversation_id)
+    from messaging import selectors  # lazy, like user_conversation_ids below
+
+    await selectors.user_conversations_forget(client, user_ids=list(user_ids))
     await client.publish(frames.CONTROL_CHANNEL,
                          frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
 
@@ -399,6 +402,9 @@ async def membership_changed(client: redis.asyncio.Redis, *, user_ids: list[str]
 def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id: str) -> None:
     """:func:`membership_changed` for sync code (DRF services) with a sync ``redis.Redis`` client."""
     membership_invalidate_sync(client, conversation_id=conversation_id)
+    from messaging import selectors
+
+    selectors.user_conversations_forget(client, user_ids=list(user_ids))
     client.publish(frames.CONTROL_CHANNEL,
                    frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
 

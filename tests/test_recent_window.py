@@ -217,3 +217,106 @@ def test_a_websocket_send_is_in_rest_history_in_the_next_request_after_its_ack(s
     ack = asyncio.run(over_ws())
     page = history(bob, cid)["results"]
     assert [(m["seq"], m["content"], m["sender_id"]) for m in page] == [(ack["seq"], "over the socket", alice.id)]
+
+
+# ------------------------------------------------------------------ conversation list and connect from Redis
+
+
+class StoreRead(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_store_reads(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Call it to make every document-store query from then on fail the test."""
+    import pymongo.collection
+
+    def forbid() -> None:
+        def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+            raise StoreRead(f"a document-store read of {self.name}: {args!r:.200}")
+
+        for name in ("find", "find_one", "aggregate", "count_documents"):
+            monkeypatch.setattr(pymongo.collection.Collection, name, refuse)
+
+    return forbid
+
+
+def listed(a: Account) -> list[dict[str, Any]]:
+    response = a.client.get("/api/v1/conversations", {"limit": 50})
+    assert response.status_code == 200, response.content
+    return list(response.json()["results"])
+
+
+def test_the_conversation_list_is_right_the_moment_after_a_send_and_served_from_redis(no_store_reads: Any) -> None:
+    alice, bob, carol = account("alice"), account("bob"), account("carol")
+    ab, ac = single(alice, bob), single(alice, carol)
+    group = alice.client.post("/api/v1/chats/group", {"name": "G", "members": [bob.username, carol.username]},
+                              format="json").json()["conversation_id"]
+    send(bob, ab, "first")
+    send(carol, ac, "second")
+    send(bob, group, "third")
+    assert [c["id"] for c in listed(alice)] == [group, ac, ab]  # warms the caches
+    assert len(listed(bob)) == 2
+    no_store_reads()
+    send(bob, ab, "newest")  # nothing drained: the store knows none of these messages
+    mine = listed(alice)
+    assert [c["id"] for c in mine] == [ab, group, ac]
+    top = mine[0]
+    assert top["last_message"]["content"] == "newest" and top["last_message"]["sender_id"] == bob.id
+    assert top["last_seq"] == 2 and top["unread"] == 2 and top["title"] == bob.username
+    assert mine[1]["title"] == "G" and mine[1]["unread"] == 1
+    assert alice.client.post(f"/api/v1/conversations/{ab}/read", {"seq": 1}, format="json").status_code == 200
+    assert listed(alice)[0]["unread"] == 1
+    mid = send(bob, ab, "to be deleted")["id"]
+    assert listed(alice)[0]["unread"] == 2
+    assert bob.client.delete(f"/api/v1/messages/{mid}").status_code == 200
+    assert listed(alice)[0]["unread"] == 1  # a deleted message is not unread
+    assert listed(alice)[0]["last_message"]["deleted"] is True
+    assert [c["unread"] for c in listed(bob) if c["id"] == ab] == [0]  # own messages never count
+    page = alice.client.get(f"/api/v1/conversations/{ab}/messages", {"limit": 2}).json()
+    assert [m["content"] for m in page["results"]] == ["newest", ""]
+
+
+def test_a_new_conversation_is_listed_at_once_and_unread_counts_beyond_the_window(servers: Servers) -> None:
+    alice, bob, dave = account("alice"), account("bob"), account("dave")
+    ab = single(alice, bob)
+    assert [c["id"] for c in listed(alice)] == [ab]  # the cached list of alice's conversations is warm
+    ad = single(dave, alice)  # a membership change through the services drops it
+    assert {c["id"] for c in listed(alice)} == {ab, ad}
+    with override_settings(RECENT_MESSAGES=5):
+        for i in range(12):
+            send(bob, ab, f"b{i}")
+        drain(partition_of(ab))
+        send(alice, ab, "mine")
+        for i in range(3):
+            send(bob, ab, f"c{i}")
+    floor = floor_of(servers, ab)
+    assert floor is not None and floor > 2
+    # Alice read up to seq 2, below the window: the store counts (2, floor], the window the rest.
+    assert alice.client.post(f"/api/v1/conversations/{ab}/read", {"seq": 2}, format="json").status_code == 200
+    assert next(c for c in listed(alice) if c["id"] == ab)["unread"] == 13
+    assert bob.client.get(f"/api/v1/conversations/{ab}").json()["unread"] == 1
+
+
+@pytest.mark.cluster
+def test_a_connect_reads_the_conversations_from_redis(servers: Servers, broker: Broker) -> None:
+    from messaging import selectors
+
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    assert selectors.user_conversation_ids(user_id=alice.id) == [cid]  # as the API's first read warms it
+    raw = redis.Redis.from_url(servers.redis_url).smembers(selectors.user_conversations_key(alice.id))
+    assert raw == {cid.encode()}
+
+    async def ready() -> dict[str, Any]:
+        client = await connect_user(broker.url, servers.redis_url, alice.id)
+        try:
+            return dict(client.ready)
+        finally:
+            await client.close()
+
+    # The broker's connect uses the same cache: a conversation only the cache knows proves where it read.
+    fake = "6650f0c0a1b2c3d4e5f6aaaa"
+    redis.Redis.from_url(servers.redis_url).sadd(selectors.user_conversations_key(alice.id), fake)
+    frame = asyncio.run(ready())
+    assert sorted(frame["conversations"]) == sorted([cid, fake])
