@@ -20,7 +20,7 @@ from bson import ObjectId
 from api.clients import sync_redis
 from chatstream_site.errors import NotFound
 from messaging.bus import bus_is_cluster, bus_sync
-from messaging.selectors import user_conversation_ids
+from messaging.selectors import conversation_card_key, user_conversation_ids
 from messaging.services import _NO_MEMBERS as NO_MEMBERS
 from messaging.services import MEMBERSHIP_MISS_TTL_S, MEMBERSHIP_TTL_S, membership_key, read_cursor_key
 from messaging.streams import partition_of, recent_docs_key, recent_edits_key, recent_key, seq_key
@@ -182,10 +182,6 @@ def conversation_summary_for_member(*, user_id: str, conversation_id: str) -> Co
 CONVERSATION_CARD_TTL_S = 3600
 GROUP_CARD_TTL_S = 3600
 USER_CARD_TTL_S = 60
-
-
-def conversation_card_key(conversation_id: str) -> str:
-    return f"cs:card:conv:{conversation_id}"
 
 
 def group_card_key(group_id: str) -> str:

@@ -85,10 +85,18 @@ def user_conversation_ids(*, user_id: str) -> list[str]:
     return found
 
 
-def user_conversations_forget(client: Any, *, user_ids: list[str]) -> Any:
-    """Queue on ``client`` (a sync or async Redis client or pipeline) the commands that drop the users' cached
-    conversation ids and bump their versions; returns what ``client.execute``/the last call returns."""
+def conversation_card_key(conversation_id: str) -> str:
+    """String: the conversation's card (JSON) the conversation list shows (``api.selectors``; on REDIS_URL)."""
+    return f"cs:card:conv:{conversation_id}"
+
+
+def user_conversations_forget(client: Any, *, user_ids: list[str], conversation_id: str | None = None) -> Any:
+    """After a membership change: drop the users' cached conversation ids (bumping their versions) and the
+    conversation's card, in one pipeline on ``client`` (a sync or async REDIS_URL client); returns the
+    pipeline's ``execute()`` (a coroutine for an async client)."""
     pipe = client.pipeline(transaction=False)
+    if conversation_id is not None:
+        pipe.delete(conversation_card_key(conversation_id))
     for uid in user_ids:
         pipe.delete(user_conversations_key(uid))
         pipe.incr(user_conversations_version_key(uid))

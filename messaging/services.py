@@ -394,7 +394,7 @@ async def membership_changed(client: redis.asyncio.Redis, *, user_ids: list[str]
     await membership_invalidate(client, conversation_id=conversation_id)
     from messaging import selectors  # lazy, like user_conversation_ids below
 
-    await selectors.user_conversations_forget(client, user_ids=list(user_ids))
+    await selectors.user_conversations_forget(client, user_ids=list(user_ids), conversation_id=conversation_id)
     await client.publish(frames.CONTROL_CHANNEL,
                          frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
 
@@ -404,7 +404,7 @@ def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id
     membership_invalidate_sync(client, conversation_id=conversation_id)
     from messaging import selectors
 
-    selectors.user_conversations_forget(client, user_ids=list(user_ids))
+    selectors.user_conversations_forget(client, user_ids=list(user_ids), conversation_id=conversation_id)
     client.publish(frames.CONTROL_CHANNEL,
                    frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
 

@@ -320,3 +320,21 @@ def test_a_connect_reads_the_conversations_from_redis(servers: Servers, broker: 
     redis.Redis.from_url(servers.redis_url).sadd(selectors.user_conversations_key(alice.id), fake)
     frame = asyncio.run(ready())
     assert sorted(frame["conversations"]) == sorted([cid, fake])
+
+
+def test_membership_changes_and_a_rename_show_in_the_cached_lists_at_once() -> None:
+    alice, bob, carol = account("alice"), account("bob"), account("carol")
+    made = alice.client.post("/api/v1/chats/group", {"name": "Team", "members": [bob.username]},
+                             format="json").json()
+    gid, cid = made["group_id"], made["conversation_id"]
+    assert [c["title"] for c in listed(alice)] == ["Team"] and listed(carol) == []  # both cached now
+    added = alice.client.post(f"/api/v1/chats/group/{gid}/members", {"username": carol.username}, format="json")
+    assert added.status_code in (200, 201), added.content
+    assert [c["id"] for c in listed(carol)] == [cid]
+    assert sorted(next(c for c in listed(alice) if c["id"] == cid)["members"]) == sorted(
+        [alice.id, bob.id, carol.id])
+    assert alice.client.patch(f"/api/v1/chats/group/{gid}", {"name": "Team 2"}, format="json").status_code == 200
+    assert [c["title"] for c in listed(carol)] == ["Team 2"]
+    assert alice.client.delete(f"/api/v1/chats/group/{gid}/members/{carol.id}").status_code == 204
+    assert listed(carol) == []
+    assert carol.client.get(f"/api/v1/conversations/{cid}/messages").status_code == 404
