@@ -32,6 +32,7 @@ from mongoengine.connection import get_db
 from chatstream_site.errors import NotFound, Retryable
 from messaging.bus import BusSync
 from messaging.streams import Event, MalformedEntry, event_decode, persisted_key, stream_key
+from storage.documents import BUCKET_SEQS, bucket_id
 from storage.keys import (
     DEADLETTERS,
     GROUP,
@@ -464,6 +465,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         single = {c["_id"] for c in db.conversations.find({"_id": {"$in": read_convs}, "type": "single"},
                                                           {"_id": 1})} if read_convs else set()
         _insert_new(db, live)
+        buckets_write(db, live)
         ops, owners = _message_ops(live, single)
         for group, reason, deterministic in _update("messages", ops, owners):
             for owner in group:
@@ -503,6 +505,112 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         "backlog": state.backlog, "lag_s": round(state.lag_s(), 3), "more": result.more,
         "ms": round(result.duration_s * 1000, 1)}))
     return result
+
+
+# ------------------------------------------------------------------ message buckets (docs/adr/0028)
+
+
+def _bucket_message(item: _Item) -> dict[str, Any]:
+    assert item.event is not None
+    return {"id": item.doc["id"], "seq": item.event.seq, "sender_id": item.doc["sender_id"],
+            "content": item.doc["content"], "timestamp": item.doc["timestamp"],
+            "client_msg_id": item.doc["client_msg_id"], "deleted": False}
+
+
+def buckets_write(db: Any, items: list[_Item]) -> None:
+    """Mirror the batch into ``message_buckets`` with inserts and ``_id``-keyed updates only: one unordered
+    ``insert`` of the shells of every bucket a sequenced event falls in (a duplicate ``_id``: it exists), one
+    unordered ``update`` per bucket ``$set``-ing its new messages under their seq (idempotent), then one
+    guarded update per edit/delete (its message's seq found by ``_id``). Entries that failed or are dead
+    are skipped. Raises the transient pymongo errors; any other write error fails the batch (it is retried),
+    since the buckets must not miss a message the entry's ack would declare persisted."""
+    live = [i for i in items if i.event is not None and i.event.seq > 0 and i.failure is None and i.dead is None]
+    if not live:
+        return
+    shells: dict[str, dict[str, Any]] = {}
+    news: dict[str, dict[str, Any]] = {}
+    for i in live:
+        assert i.event is not None
+        n = (i.event.seq - 1) // BUCKET_SEQS
+        bid = bucket_id(i.event.conversation_id, i.event.seq)
+        # A bucket created by a later event than its range's first one may lack messages persisted before the
+        # buckets existed (or a deferred first entry): readers skip a partial bucket until the first seq's
+        # event (or manage.py buckets_build) completes it.
+        first = i.event.seq == n * BUCKET_SEQS + 1
+        shells.setdefault(bid, {"_id": bid, "conversation_id": i.conversation, "n": n, "m": {},
+                                "partial": not first})
+        if first:
+            news.setdefault(bid, {})["partial"] = False
+        if i.event.type == "message.new":
+            news.setdefault(bid, {})[f"m.{i.event.seq}"] = _bucket_message(i)
+    reply = db.command("insert", "message_buckets", documents=list(shells.values()), ordered=False)
+    _buckets_raise([e for e in reply.get("writeErrors") or [] if int(e.get("code", 0)) != DUPLICATE_KEY])
+    if news:
+        reply = db.command("update", "message_buckets", ordered=False,
+                           updates=[{"q": {"_id": bid}, "u": {"$set": fields}} for bid, fields in news.items()])
+        _buckets_raise(reply.get("writeErrors") or [])
+    changes = [i for i in live if i.event is not None and i.event.type in ("message.edited", "message.deleted")]
+    ops = []
+    for i in changes:
+        assert i.event is not None
+        found = db.messages.find_one({"_id": i.doc["id"]}, {"seq": 1})  # by _id: no scan, even on FerretDB
+        if found is None:
+            continue  # not persisted yet: the drain defers this entry and comes back
+        at = f"m.{int(found['seq'])}"
+        newer = {"$or": [{f"{at}.edit_seq": {"$exists": False}}, {f"{at}.edit_seq": None},
+                         {f"{at}.edit_seq": {"$lt": i.event.seq}}]}
+        q = {"_id": bucket_id(i.event.conversation_id, int(found["seq"])), f"{at}.id": i.doc["id"], **newer}
+        if i.event.type == "message.edited":
+            ops.append({"q": {**q, f"{at}.deleted": {"$ne": True}}, "u": {"$set": {
+                f"{at}.content": i.doc["content"], f"{at}.edited_at": i.doc["edited_at"],
+                f"{at}.edit_seq": i.event.seq}}})
+        else:
+            ops.append({"q": q, "u": {"$set": {f"{at}.deleted": True, f"{at}.content": "",
+                                               f"{at}.deleted_at": i.doc["deleted_at"],
+                                               f"{at}.edit_seq": i.event.seq}}})
+    if ops:
+        reply = db.command("update", "message_buckets", updates=ops, ordered=True)
+        _buckets_raise(reply.get("writeErrors") or [])
+
+
+def _buckets_raise(errors: list[dict[str, Any]]) -> None:
+    if errors:
+        raise RuntimeError(f"message_buckets write error {errors[0].get('code')}: {errors[0].get('errmsg', '')}"[:500])
+
+
+def buckets_build(*, batch: int = 1000) -> int:
+    """Build ``message_buckets`` from ``messages`` (existing data, once: ``manage.py buckets_build``); safe to
+    run again and beside the drain (every write is an idempotent ``$set`` of a message's final state, guarded
+    by ``edit_seq``). Returns how many messages it wrote. One scan of ``messages``."""
+    db = get_db()
+    written = 0
+    pending: dict[str, dict[str, Any]] = {}
+    shells: dict[str, dict[str, Any]] = {}
+
+    def flush() -> None:
+        if shells:
+            db.command("insert", "message_buckets", documents=list(shells.values()), ordered=False)
+        if pending:
+            db.command("update", "message_buckets", ordered=False,
+                       updates=[{"q": {"_id": bid}, "u": {"$set": f}} for bid, f in pending.items()])
+        shells.clear()
+        pending.clear()
+
+    for row in db.messages.find({}, batch_size=batch):
+        cid, seq = str(row["conversation_id"]), int(row["seq"])
+        bid = bucket_id(cid, seq)
+        shells.setdefault(bid, {"_id": bid, "conversation_id": row["conversation_id"], "n": (seq - 1) // BUCKET_SEQS,
+                                "m": {}, "partial": False})
+        pending.setdefault(bid, {"partial": False})[f"m.{seq}"] = {
+            "id": row["_id"], "seq": seq, "sender_id": row["sender_id"], "content": row.get("content", ""),
+            "timestamp": row.get("timestamp"), "client_msg_id": row.get("client_msg_id"),
+            "deleted": bool(row.get("deleted")), "edited_at": row.get("edited_at"),
+            "deleted_at": row.get("deleted_at"), "edit_seq": row.get("edit_seq")}
+        written += 1
+        if len(pending) >= batch:
+            flush()
+    flush()
+    return written
 
 
 # Raise a conversation's persisted watermark, never lower it (drains of one partition run one at a time, but a

@@ -338,3 +338,74 @@ def test_membership_changes_and_a_rename_show_in_the_cached_lists_at_once() -> N
     assert alice.client.delete(f"/api/v1/chats/group/{gid}/members/{carol.id}").status_code == 204
     assert listed(carol) == []
     assert carol.client.get(f"/api/v1/conversations/{cid}/messages").status_code == 404
+
+
+# ------------------------------------------------------------------ cold history from message_buckets
+
+
+@pytest.fixture
+def no_messages_reads(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Call it to make every query of the ``messages`` collection fail the test (buckets stay readable)."""
+    import pymongo.collection
+
+    def forbid() -> None:
+        for name in ("find", "find_one", "aggregate", "count_documents"):
+            original = getattr(pymongo.collection.Collection, name)
+
+            def refuse(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                if self.name == "messages":
+                    raise StoreRead(f"a query of messages: {args!r:.200}")
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(pymongo.collection.Collection, name, refuse)
+
+    return forbid
+
+
+def test_pages_below_the_window_come_from_buckets_by_id_with_edits_applied(servers: Servers,
+                                                                            no_messages_reads: Any) -> None:
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    with override_settings(RECENT_MESSAGES=5):
+        sent = [send(alice, cid, f"m{i}") for i in range(60)]
+        drain(partition_of(cid))
+        assert alice.client.patch(f"/api/v1/messages/{sent[2]['id']}", {"content": "edited"},
+                                  format="json").status_code == 200
+        assert alice.client.delete(f"/api/v1/messages/{sent[3]['id']}").status_code == 200
+        sent += [send(alice, cid, f"n{i}") for i in range(8)]
+        drain(partition_of(cid))
+        send(alice, cid, "last")  # drops persisted ones from the window
+    no_messages_reads()
+    seqs = [m["seq"] for m in history(bob, cid, limit=200)["results"]]
+    assert seqs == list(range(1, 61)) + list(range(63, 72)), seqs  # 61, 62: the edit and the delete
+    assert walk(bob, cid, limit=7, backwards=True) == seqs
+    assert walk(bob, cid, limit=7, backwards=False) == seqs
+    old = history(bob, cid, after_seq=2, limit=2)["results"]
+    assert [(m["content"], m["deleted"]) for m in old] == [("edited", False), ("", True)]
+    assert old[0]["edited_at"] is not None
+
+
+def test_existing_messages_are_bucketed_by_one_command_and_a_partial_bucket_is_not_trusted(
+        servers: Servers, no_messages_reads: Any) -> None:
+    from tests.api_support import bulk_messages
+
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    bulk_messages(conversation_id=cid, sender_id=bob.id, count=10)  # stored before the buckets existed
+    r = redis.Redis.from_url(servers.redis_url)
+    from messaging.streams import seq_key
+
+    r.hset(seq_key(partition_of(cid)), cid, 10)
+    with override_settings(RECENT_MESSAGES=2):
+        for i in range(5):
+            send(alice, cid, f"new{i}")
+        drain(partition_of(cid))
+        send(alice, cid, "last")
+    # The drain created bucket 0 at seq 11: it lacks 1..10, so it is partial and the page reads messages.
+    assert [m["seq"] for m in history(bob, cid, before_seq=12)["results"]] == list(range(1, 12))
+    from storage.services import buckets_build
+
+    assert buckets_build() >= 15
+    no_messages_reads()
+    assert [m["seq"] for m in history(bob, cid, before_seq=12)["results"]] == list(range(1, 12))
+    assert walk(bob, cid, limit=4, backwards=True) == list(range(1, 17))
