@@ -33,8 +33,9 @@ ARCHIVE_PAGE = 500
 # A user's conversation ids are cached in Redis (docs/adr/0028): connects and the conversation list read them
 # without a document-store query. Every membership change through the services drops them (and bumps the
 # version, so a fill racing the change is not stored); the TTL only bounds staleness after a change that
-# bypassed the services (a manual database edit). 10 minutes: one store read per active user per 10 minutes.
-USER_CONVERSATIONS_TTL_S = 600
+# bypassed the services (a manual database edit). A day: a user's first connect or list of the day fills it
+# (one members query, a scan on FerretDB), later ones read Redis.
+USER_CONVERSATIONS_TTL_S = 24 * 3600
 _NONE = "-"  # the cached set of a user in no conversation (a set cannot be empty)
 
 
