@@ -131,9 +131,9 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     pipe = client.pipeline(transaction=False)
-    for cid, members in convs:
-        pipe.sadd(membership_key(cid), *members)
-        pipe.expire(membership_key(cid), MEMBERSHIP_TTL_S)
+    for conv_id, members in convs:
+        pipe.sadd(membership_key(conv_id), *members)
+        pipe.expire(membership_key(conv_id), MEMBERSHIP_TTL_S)
     pipe.execute()
     client.close()
     return [str(u) for u in uids], convs

@@ -3,15 +3,17 @@ store) or ``--mongodb-uri``: the measurement behind docs/adr/0028.
 
     .venv/bin/python bench/store_scale.py --sizes 10000 100000 [--tries 5] [--json out.json]
 
-It seeds ``messages`` directly (``insert_many``, the chat schema and its unique ``(conversation_id, seq)``
-index) with N messages over ``--conversations`` conversations, plus the same messages as 50-message buckets
-(``_id = "conversation:bucket"``) in ``message_buckets``, then times, per size (median and max of ``--tries``):
+Each size is seeded from empty: ``messages`` directly (``insert_many``, the chat schema and its unique
+``(conversation_id, seq)`` index) with N messages over ``--conversations`` conversations, plus the same
+messages as 50-message buckets (``_id = "conversation:bucket"``) in ``message_buckets``; then times, per
+size (median and max of ``--tries``):
 
 * ``latest_page``: the newest 50 messages of one conversation (``find({conversation_id}).sort(seq -1).limit(51)``),
 * ``page_before``: the 50 below a seq,
 * ``find_id``: ``find_one({_id})`` of one message,
 * ``update_id``: ``update_one({_id}, $set)`` of one message,
-* ``bucket_get``: ``find({_id: {$in: [two bucket ids]}})``: a page from the bucket collection.
+* ``bucket_get``: ``find({_id: {$in: [two bucket ids]}})``: a page from the bucket collection,
+* ``bucket_get_eq``: ``find_one({_id: bucket id})``: one bucket by ``_id`` equality.
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ def seed(db: Any, *, upto: int, have: int, conversations: list[ObjectId], seqs: 
             batch = []
     if batch:
         db.messages.insert_many(batch, ordered=False)
-    for bid, docs in buckets.items():
-        # A bench shortcut: whole buckets are written at once (the drain appends with $push by _id).
-        db.message_buckets.update_one({"_id": bid}, {"$push": {"m": {"$each": docs}}}, upsert=True)
+    # A bench shortcut: whole buckets are inserted at once (each size is seeded from empty).
+    rows = [{"_id": bid, "m": {str(d["seq"]): d for d in docs}} for bid, docs in buckets.items()]
+    for start in range(0, len(rows), 200):
+        db.message_buckets.insert_many(rows[start:start + 200], ordered=False)
 
 
 def timed(fn: Any, tries: int) -> dict[str, float]:
@@ -97,6 +100,10 @@ def main() -> None:
             results: list[dict[str, Any]] = []
             have = 0
             for size in sorted(args.sizes):
+                db.messages.delete_many({})
+                db.message_buckets.delete_many({})
+                seqs = dict.fromkeys(conversations, 0)
+                have = 0
                 t = time.perf_counter()
                 seed(db, upto=size, have=have, conversations=conversations, seqs=seqs)
                 seeded_s = time.perf_counter() - t

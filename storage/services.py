@@ -55,6 +55,11 @@ logger = logging.getLogger("chatstream.storage")
 TRANSIENT_MONGO = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTimeout,
                    pymongo.errors.WriteConcernError)
 DUPLICATE_KEY = 11000
+# Statements per ``update`` command. FerretDB v1 (SQLite) holds one pooled connection per statement until the
+# command ends, and its pool has 100: an update of 101 statements waits for a connection forever, and every
+# later command with it (bench/ferretdb_update_limit.py; a drain batch touching over 100 conversations hung
+# `make run`'s store). 50 leaves room for the other commands running at the same time.
+UPDATE_STATEMENTS_MAX = 50
 
 _groups_ready: set[str] = set()
 # Delete the lease only if it is still ours (it may have expired and been taken by another drain).
@@ -377,10 +382,12 @@ def _update(collection: str, ops: list[dict[str, Any]], owners: list[Any]) -> li
     retried: set[int] = set()
     start = 0
     while start < len(ops):
-        reply = db.command("update", collection, updates=ops[start:], ordered=True)
+        chunk = ops[start:start + UPDATE_STATEMENTS_MAX]
+        reply = db.command("update", collection, updates=chunk, ordered=True)
         errors = reply.get("writeErrors") or []
         if not errors:
-            break
+            start += len(chunk)
+            continue
         err = errors[0]
         at = start + int(err["index"])
         code = int(err.get("code", 0))
@@ -552,9 +559,10 @@ def buckets_write(db: Any, items: list[_Item]) -> None:
             news.setdefault(bid, {})[f"m.{i.event.seq}"] = _bucket_message(i)
     reply = db.command("insert", "message_buckets", documents=list(shells.values()), ordered=False)
     _buckets_raise([e for e in reply.get("writeErrors") or [] if int(e.get("code", 0)) != DUPLICATE_KEY])
-    if news:
+    statements = [{"q": {"_id": bid}, "u": {"$set": fields}} for bid, fields in news.items()]
+    for at in range(0, len(statements), UPDATE_STATEMENTS_MAX):
         reply = db.command("update", "message_buckets", ordered=False,
-                           updates=[{"q": {"_id": bid}, "u": {"$set": fields}} for bid, fields in news.items()])
+                           updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         _buckets_raise(reply.get("writeErrors") or [])
     changes = [i for i in live if i.event is not None and i.event.type in ("message.edited", "message.deleted")]
     ops = []
@@ -563,20 +571,20 @@ def buckets_write(db: Any, items: list[_Item]) -> None:
         found = db.messages.find_one({"_id": i.doc["id"]}, {"seq": 1})  # by _id: no scan, even on FerretDB
         if found is None:
             continue  # not persisted yet: the drain defers this entry and comes back
-        at = f"m.{int(found['seq'])}"
-        newer = {"$or": [{f"{at}.edit_seq": {"$exists": False}}, {f"{at}.edit_seq": None},
-                         {f"{at}.edit_seq": {"$lt": i.event.seq}}]}
-        q = {"_id": bucket_id(i.event.conversation_id, int(found["seq"])), f"{at}.id": i.doc["id"], **newer}
+        path = f"m.{int(found['seq'])}"
+        newer = {"$or": [{f"{path}.edit_seq": {"$exists": False}}, {f"{path}.edit_seq": None},
+                         {f"{path}.edit_seq": {"$lt": i.event.seq}}]}
+        q = {"_id": bucket_id(i.event.conversation_id, int(found["seq"])), f"{path}.id": i.doc["id"], **newer}
         if i.event.type == "message.edited":
-            ops.append({"q": {**q, f"{at}.deleted": {"$ne": True}}, "u": {"$set": {
-                f"{at}.content": i.doc["content"], f"{at}.edited_at": i.doc["edited_at"],
-                f"{at}.edit_seq": i.event.seq}}})
+            ops.append({"q": {**q, f"{path}.deleted": {"$ne": True}}, "u": {"$set": {
+                f"{path}.content": i.doc["content"], f"{path}.edited_at": i.doc["edited_at"],
+                f"{path}.edit_seq": i.event.seq}}})
         else:
-            ops.append({"q": q, "u": {"$set": {f"{at}.deleted": True, f"{at}.content": "",
-                                               f"{at}.deleted_at": i.doc["deleted_at"],
-                                               f"{at}.edit_seq": i.event.seq}}})
-    if ops:
-        reply = db.command("update", "message_buckets", updates=ops, ordered=True)
+            ops.append({"q": q, "u": {"$set": {f"{path}.deleted": True, f"{path}.content": "",
+                                               f"{path}.deleted_at": i.doc["deleted_at"],
+                                               f"{path}.edit_seq": i.event.seq}}})
+    for at in range(0, len(ops), UPDATE_STATEMENTS_MAX):
+        reply = db.command("update", "message_buckets", updates=ops[at:at + UPDATE_STATEMENTS_MAX], ordered=True)
         _buckets_raise(reply.get("writeErrors") or [])
 
 
@@ -597,9 +605,9 @@ def buckets_build(*, batch: int = 1000) -> int:
     def flush() -> None:
         if shells:
             db.command("insert", "message_buckets", documents=list(shells.values()), ordered=False)
-        if pending:
-            db.command("update", "message_buckets", ordered=False,
-                       updates=[{"q": {"_id": bid}, "u": {"$set": f}} for bid, f in pending.items()])
+        statements = [{"q": {"_id": bid}, "u": {"$set": f}} for bid, f in pending.items()]
+        for at in range(0, len(statements), UPDATE_STATEMENTS_MAX):
+            db.command("update", "message_buckets", ordered=False, updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         shells.clear()
         pending.clear()
 

@@ -409,3 +409,19 @@ def test_existing_messages_are_bucketed_by_one_command_and_a_partial_bucket_is_n
     no_messages_reads()
     assert [m["seq"] for m in history(bob, cid, before_seq=12)["results"]] == list(range(1, 12))
     assert walk(bob, cid, limit=4, backwards=True) == list(range(1, 17))
+
+
+def test_a_drain_batch_touching_many_conversations_completes(servers: Servers) -> None:
+    """FerretDB v1 hangs on an update command of over 100 statements (bench/ferretdb_update_limit.py): a batch
+    over 150 conversations (one conversations statement and one bucket statement each) must still persist."""
+    from storage.documents import MessageBucket
+    from tests.storage_helpers import append_events, conversation_in
+
+    partition = 5
+    drain(partition)
+    sender = "6650f0c0a1b2c3d4e5f60719"
+    cids = [conversation_in(partition) for _ in range(150)]
+    append_events(servers.redis_url, [new_event(cid, sender, "hi") for cid in cids])
+    result = storage.partition_drain(partition=partition, batch_size=500, consumer="window-test")
+    assert result.persisted >= 150 and result.deferred == 0
+    assert MessageBucket.objects(conversation_id__in=cids[:3]).count() == 3
