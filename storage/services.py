@@ -56,10 +56,11 @@ TRANSIENT_MONGO = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTim
                    pymongo.errors.WriteConcernError)
 DUPLICATE_KEY = 11000
 # Statements per ``update`` command. FerretDB v1 (SQLite) holds one pooled connection per statement until the
-# command ends, and its pool has 100: an update of 101 statements waits for a connection forever, and every
-# later command with it (bench/ferretdb_update_limit.py; a drain batch touching over 100 conversations hung
-# `make run`'s store). 50 leaves room for the other commands running at the same time.
-UPDATE_STATEMENTS_MAX = 50
+# command ends, and its pool has 100 for all clients together: an update of 101 statements waits for a
+# connection forever, and so does every later command (bench/ferretdb_update_limit.py; a drain batch touching
+# over 100 conversations hung `make run`'s store, and so did two workers sending 50 each at once). 16 keeps
+# `make run`'s two workers (and a third for a `manage.py drain`) far below it, beside the other roles' reads.
+UPDATE_STATEMENTS_MAX = 16
 
 _groups_ready: set[str] = set()
 # Delete the lease only if it is still ours (it may have expired and been taken by another drain).
