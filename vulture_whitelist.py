@@ -41,10 +41,15 @@ _.should_exit  # uvicorn.Server reads it to stop (bench/ws_memory.py)
 _worker_ready
 _beat_init
 _worker_shutdown
-# chatstream_site/localservers.py: the harness the tests call (tests/servers.py re-exports it)
+# chatstream_site/localservers.py and localcluster.py: the harness the tests call (tests/servers.py and
+# tests/procs.py re-export them)
 _.restart
 run_with_redis
 redis_cluster_start
+manage
+_.program_set
+_.program_info
+_.role_pids
 # Django settings, read by name
 MIDDLEWARE
 SECURE_PROXY_SSL_HEADER

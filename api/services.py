@@ -26,7 +26,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 
 from api import revocation
 from api.clients import run_async, sync_redis
-from api.selectors import group_get_for_member, object_id_or_404, user_by_username
+from api.selectors import group_card_key, group_get_for_member, object_id_or_404, user_by_username
 from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging import services as messaging
@@ -372,6 +372,7 @@ def group_rename(*, user_id: str, group_id: str, name: str) -> GroupChat:
     group = _admin_group(user_id=user_id, group_id=group_id)
     name = _group_name(name)
     GroupChat.objects(id=group.id).update_one(set__name=name, set__updated_at=utcnow())
+    sync_redis().delete(group_card_key(str(group.id)))  # the conversation list shows the new name at once
     return GroupChat.objects(id=group.id).get()
 
 

@@ -16,7 +16,7 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 
 from chatstream_site.errors import NotFound
-from messaging import frames
+from messaging import frames, selectors
 
 # A membership answer is cached this long; API writes that change membership invalidate it at once, so the
 # TTL only bounds the staleness after a write that bypassed the services (a manual database edit).
@@ -147,7 +147,9 @@ def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
 def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id: str) -> None:
     """Tell every broker that ``user_ids`` joined or left ``conversation_id``; their open connections start
     or stop receiving its events at once. Call after the change is saved in MongoDB (the REST services do).
-    Side effects: drops the cached members (and bumps their generation), PUBLISHes one control message."""
+    Side effects: drops the cached members (and bumps their generation), the users' cached conversation ids
+    and the conversation's card (docs/adr/0028), PUBLISHes one control message."""
     membership_invalidate_sync(client, conversation_id=conversation_id)
+    selectors.user_conversations_forget(client, user_ids=list(user_ids), conversation_id=conversation_id)
     client.publish(frames.CONTROL_CHANNEL,
                    frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))

@@ -6,13 +6,16 @@ The MongoDB readers are synchronous (mongoengine/pymongo); async callers run the
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import redis
 import redis.asyncio
 from bson import ObjectId
+from django.conf import settings
 
 from messaging import streams
 from messaging.bus import BusAsync, bus_resolve
@@ -28,13 +31,79 @@ RESUME_SCAN_MAX = 100_000
 ARCHIVE_PAGE = 500
 
 
-def user_conversation_ids(*, user_id: str) -> list[str]:
-    """Ids of every conversation the user is a member of (MongoDB; blocking)."""
+# A user's conversation ids are cached in Redis (docs/adr/0028): connects and the conversation list read them
+# without a document-store query. Every membership change through the services drops them (and bumps the
+# version, so a fill racing the change is not stored); the TTL only bounds staleness after a change that
+# bypassed the services (a manual database edit). A day: a user's first connect or list of the day fills it
+# (one members query, a scan on FerretDB), later ones read Redis.
+USER_CONVERSATIONS_TTL_S = 24 * 3600
+_NONE = "-"  # the cached set of a user in no conversation (a set cannot be empty)
+
+
+def user_conversations_key(user_id: str) -> str:
+    """Set: ids of the conversations the user is a member of (on REDIS_URL)."""
+    return f"cs:uconvs:{user_id}"
+
+
+def user_conversations_version_key(user_id: str) -> str:
+    return f"cs:uconvs:v:{user_id}"
+
+
+@functools.cache
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+
+
+def _user_conversation_ids_from_db(user_id: str) -> list[str]:
     from storage.documents import Conversation
 
+    return [str(c["_id"]) for c in Conversation.objects(members=ObjectId(user_id)).only("id").as_pymongo()]
+
+
+def user_conversation_ids(*, user_id: str) -> list[str]:
+    """Ids of every conversation the user is a member of: from the Redis cache, else MongoDB (blocking; async
+    callers use a worker thread). Side effect on a miss: fills the cache, unless a membership change of the
+    user happened meanwhile (its version moved)."""
     if not ObjectId.is_valid(user_id):
         return []
-    return [str(c["_id"]) for c in Conversation.objects(members=ObjectId(user_id)).only("id").as_pymongo()]
+    r = _redis(settings.REDIS_URL)
+    key, vkey = user_conversations_key(user_id), user_conversations_version_key(user_id)
+    cached = r.smembers(key)
+    if cached:
+        return sorted({m.decode() if isinstance(m, bytes) else str(m) for m in cached} - {_NONE})
+    version = r.get(vkey)
+    found = _user_conversation_ids_from_db(user_id)
+    with r.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(vkey)
+            if pipe.get(vkey) == version:
+                pipe.multi()
+                pipe.delete(key)
+                pipe.sadd(key, *(found or [_NONE]))
+                pipe.expire(key, USER_CONVERSATIONS_TTL_S)
+                pipe.execute()
+        except redis.WatchError:
+            pass  # a membership change raced this read: answer it, do not cache it
+    return found
+
+
+def conversation_card_key(conversation_id: str) -> str:
+    """String: the conversation's card (JSON) the conversation list shows (``api.selectors``; on REDIS_URL)."""
+    return f"cs:card:conv:{conversation_id}"
+
+
+def user_conversations_forget(client: Any, *, user_ids: list[str], conversation_id: str | None = None) -> Any:
+    """After a membership change: drop the users' cached conversation ids (bumping their versions) and the
+    conversation's card, in one pipeline on ``client`` (a sync or async REDIS_URL client); returns the
+    pipeline's ``execute()`` (a coroutine for an async client)."""
+    pipe = client.pipeline(transaction=False)
+    if conversation_id is not None:
+        pipe.delete(conversation_card_key(conversation_id))
+    for uid in user_ids:
+        pipe.delete(user_conversations_key(uid))
+        pipe.incr(user_conversations_version_key(uid))
+        pipe.expire(user_conversations_version_key(uid), 2 * USER_CONVERSATIONS_TTL_S)
+    return pipe.execute()
 
 
 def _iso(value: Any) -> str | None:

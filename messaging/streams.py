@@ -88,7 +88,32 @@ def no_dedup_key(partition: int) -> str:
     return f"cs:{tag(partition)}:dedup:-"
 
 
+def recent_key(partition: int, conversation_id: str) -> str:
+    """Sorted set: message id -> seq of the conversation's recent window (docs/adr/0028)."""
+    return f"cs:{tag(partition)}:recent:{conversation_id}"
+
+
+def recent_docs_key(partition: int, conversation_id: str) -> str:
+    """Hash: message id -> the message as JSON (edits and deletes applied), and ``floor``: every message of
+    the conversation with a seq above it is in the window (those at or below it are in the store)."""
+    return f"cs:{tag(partition)}:recentdoc:{conversation_id}"
+
+
+def recent_edits_key(partition: int, conversation_id: str) -> str:
+    """Hash: message id -> the newest edit/delete (JSON with ``edit_seq``) of a message older than the window,
+    for store-served pages until the drain has applied it; expires with the window."""
+    return f"cs:{tag(partition)}:recentedit:{conversation_id}"
+
+
+def persisted_key(partition: int) -> str:
+    """Hash: conversation id -> seq up to which the drain has persisted the conversation's events (the
+    window only drops messages at or below it)."""
+    return f"cs:{tag(partition)}:persisted"
+
+
 # KEYS[1] stream, KEYS[2] seq hash, KEYS[3] dedup key (no_dedup_key when ARGV[7] is "0")
+# KEYS[4..7] recent window: recent_key, recent_docs_key, persisted_key, recent_edits_key (docs/adr/0028)
+# ARGV[8] window size in messages ("0": no window), ARGV[9] window TTL in seconds
 # ARGV[1] type, ARGV[2] conversation id, ARGV[3] payload JSON, ARGV[4] message id, ARGV[5] dedup TTL,
 # ARGV[6] "1" if the event takes a seq, ARGV[7] "1" if it is deduplicated on KEYS[3]
 # -> {message_id, seq, entry_id, duplicate(0/1)}
@@ -109,8 +134,71 @@ local id = redis.call('XADD', KEYS[1], '*', 't', ARGV[1], 'c', ARGV[2], 's', tos
 if dedup then
   redis.call('SET', KEYS[3], ARGV[4] .. ':' .. seq, 'EX', tonumber(ARGV[5]))
 end
+if ARGV[8] ~= nil and ARGV[8] ~= '0' then
+  recent_apply(KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[1], ARGV[2], ARGV[3], ARGV[4], seq, tonumber(ARGV[8]),
+               tonumber(ARGV[9]))
+end
 return {ARGV[4], seq, id, 0}
 """
+
+# The recent window's part of the append (docs/adr/0028), in the same script so an acknowledged event is in
+# the window at once and a crash can never keep one without the other (AOF replays the script whole).
+# A new message is added (its JSON is the payload with its seq) and the oldest are dropped past ``n``, but
+# only those the drain has persisted (seq <= the conversation's watermark), moving ``floor`` up to them; an
+# edit or delete rewrites the message's JSON, or, for a message older than the window, is kept in the edits
+# hash for store-served pages. A window created now (first message, or after its TTL) starts at floor seq-1.
+_RECENT_LUA = """
+local function recent_apply(zkey, dkey, wkey, ekey, t, cid, payload, mid, seq, n, ttl)
+  if t == 'message.new' then
+    if redis.call('HEXISTS', dkey, 'floor') == 0 then
+      redis.call('HSET', dkey, 'floor', seq - 1)
+    end
+    redis.call('HSET', dkey, mid, '{"seq":' .. seq .. ',' .. string.sub(payload, 2))
+    redis.call('ZADD', zkey, seq, mid)
+    local over = redis.call('ZCARD', zkey) - n
+    if over > 0 then
+      local persisted = tonumber(redis.call('HGET', wkey, cid) or '0')
+      local old = redis.call('ZRANGE', zkey, 0, over - 1, 'WITHSCORES')
+      for i = 1, #old, 2 do
+        local s = tonumber(old[i + 1])
+        if s > persisted then break end
+        redis.call('ZREM', zkey, old[i])
+        redis.call('HDEL', dkey, old[i])
+        redis.call('HSET', dkey, 'floor', s)
+      end
+    end
+  elseif t == 'message.edited' or t == 'message.deleted' then
+    local ev = cjson.decode(payload)
+    local cur = redis.call('HGET', dkey, mid)
+    if cur then
+      local doc = cjson.decode(cur)
+      if t == 'message.deleted' then
+        doc['deleted'] = true
+        doc['content'] = ''
+        doc['deleted_at'] = ev['deleted_at']
+      elseif not doc['deleted'] then
+        doc['content'] = ev['content']
+        doc['edited_at'] = ev['edited_at']
+      end
+      doc['edit_seq'] = seq
+      redis.call('HSET', dkey, mid, cjson.encode(doc))
+    else
+      local prev = redis.call('HGET', ekey, mid)
+      if not (prev and cjson.decode(prev)['deleted']) then
+        ev['edit_seq'] = seq
+        ev['deleted'] = (t == 'message.deleted')
+        redis.call('HSET', ekey, mid, cjson.encode(ev))
+        redis.call('EXPIRE', ekey, ttl)
+      end
+    end
+  else
+    return
+  end
+  redis.call('EXPIRE', zkey, ttl)
+  redis.call('EXPIRE', dkey, ttl)
+end
+"""
+_APPEND_LUA = _RECENT_LUA + _APPEND_LUA
 
 
 _APPEND_SHA = hashlib.sha1(_APPEND_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
@@ -170,6 +258,7 @@ async def event_append(
     ]
     args: list[str | int] = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
             "1" if type in SEQUENCED else "0", "1" if dedup else "0"]
+    _recent_keys_args(keys, args, partition=partition, conversation_id=conversation_id)
     batcher = _batchers.get(client)
     if bus_is_cluster(client):
         result = await _append_cluster(client, keys=keys, args=args, meta=meta)
@@ -185,6 +274,13 @@ async def event_append(
         message_id=_str(msg_id), seq=int(seq), entry_id=_str(entry_id), partition=partition,
         duplicate=bool(int(duplicate)),
     )
+
+
+def _recent_keys_args(keys: list[str], args: list[str | int], *, partition: int, conversation_id: str) -> None:
+    """Add the recent window's KEYS[4..7] and ARGV[8..9] to an append (docs/adr/0028)."""
+    keys += [recent_key(partition, conversation_id), recent_docs_key(partition, conversation_id),
+             persisted_key(partition), recent_edits_key(partition, conversation_id)]
+    args += [int(settings.RECENT_MESSAGES), int(settings.RECENT_TTL_S)]
 
 
 async def _append_cluster(client: BusAsync, *, keys: list[str], args: list[str | int],

@@ -132,3 +132,31 @@ class MessageVersion(me.Document):
     deleted = me.BooleanField(default=False)  # the marker of the message's deletion: no version is served
 
     meta = {"collection": "message_versions", "indexes": [("message_id", "seq"), "conversation_id"]}
+
+
+# Messages per bucket of ``message_buckets``, in seq space (edits and deletes take seqs too, so a bucket holds
+# at most this many messages). 50 = the default history page: a page is one or two buckets, each read by
+# ``_id`` equality, the one lookup FerretDB v1 serves without scanning (0.7 ms at 10k, docs/adr/0028).
+BUCKET_SEQS = 50
+
+
+def bucket_id(conversation_id: str, seq: int) -> str:
+    """``_id`` of the bucket holding ``seq``: ``"<conversation>:<n>"`` with n = (seq - 1) // BUCKET_SEQS."""
+    return f"{conversation_id}:{(seq - 1) // BUCKET_SEQS}"
+
+
+class MessageBucket(me.Document):
+    """Derived from ``messages`` for reads (docs/adr/0028): a conversation's messages by seq range, so a page
+    of old history is one or two reads by ``_id``. ``m`` maps the seq (as a string) to the message in its
+    final state (edits and deletes applied, guarded by ``edit_seq`` like ``messages``). The drain writes it
+    with inserts and ``_id``-keyed updates only; ``manage.py buckets_build`` builds it for existing data.
+    A bucket exists as soon as any event of its seq range was persisted (possibly with no message in it)."""
+
+    id = me.StringField(primary_key=True)
+    conversation_id = me.ObjectIdField(required=True)
+    n = me.IntField(required=True)
+    m = me.DictField()
+    # True while the bucket may lack messages persisted before it was created (readers then use ``messages``).
+    partial = me.BooleanField(default=False)
+
+    meta = {"collection": "message_buckets", "indexes": []}

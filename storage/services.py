@@ -37,8 +37,9 @@ from mongoengine.connection import get_db
 
 from chatstream_site.errors import Retryable
 from messaging.bus import BusSync
-from messaging.streams import Event, MalformedEntry, event_decode, stream_key
+from messaging.streams import Event, MalformedEntry, event_decode, persisted_key, stream_key
 from storage.deadletters import deadletter_add, storable
+from storage.documents import BUCKET_SEQS, bucket_id
 from storage.keys import (
     GROUP,
     RATE_BUCKET_S,
@@ -59,6 +60,12 @@ TRANSIENT_MONGO = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTim
                    pymongo.errors.WriteConcernError)
 DUPLICATE_KEY = 11000
 INT64_MAX = 2**63 - 1  # the largest integer BSON holds
+# Statements per ``update`` command. FerretDB v1 (SQLite) holds one pooled connection per statement until the
+# command ends, and its pool has 100 for all clients together: an update of 101 statements waits for a
+# connection forever, and so does every later command (bench/ferretdb_update_limit.py; a drain batch touching
+# over 100 conversations hung `make run`'s store, and so did two workers sending 50 each at once). 16 keeps
+# `make run`'s two workers (and a third for a `manage.py drain`) far below it, beside the other roles' reads.
+UPDATE_STATEMENTS_MAX = 16
 
 _groups_ready: set[str] = set()
 # Delete the lease only if it is still ours (it may have expired and been taken by another drain).
@@ -580,9 +587,11 @@ def _update(collection: str, ops: list[dict[str, Any]], owners: list[Any]) -> li
     retried: set[int] = set()
     start = 0
     while start < len(ops):
-        errors = _write_isolating_failures(db, "update", collection, ops[start:], ordered=True)
+        chunk = ops[start:start + UPDATE_STATEMENTS_MAX]
+        errors = _write_isolating_failures(db, "update", collection, chunk, ordered=True)
         if not errors:
-            break
+            start += len(chunk)
+            continue
         err = errors[0]
         at = start + int(err["index"])
         code = int(err.get("code", 0))
@@ -671,6 +680,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         single = {c["_id"] for c in db.conversations.find({"_id": {"$in": read_convs}, "type": "single"},
                                                           {"_id": 1})} if read_convs else set()
         _insert_new(db, live)
+        buckets_write(db, live)
         ops, owners = _message_ops(live, single)
         for group, reason, deterministic in _update("messages", ops, owners):
             for owner in group:
@@ -679,7 +689,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         # left pending and retried: it would otherwise be lost.
         targets = {i.doc["id"] for i in live if _rule(i).needs_message and i.failure is None and i.dead is None}
         if targets:
-            found = {d["_id"] for d in db.messages.find({"_id": {"$in": list(targets)}}, {"_id": 1})}
+            found = messages_existing(db, ids=list(targets))
             for i in live:
                 if (_rule(i).needs_message and i.doc["id"] not in found
                         and i.failure is None and i.dead is None):
@@ -698,6 +708,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
     _pause_before_ack(partition, len(items))
     try:
         _settle(r, partition=partition, items=items, result=result)
+        recent_persisted_advance(r, partition=partition, items=items)
         state = partitions_state(partitions=[partition], client=r)[0]
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise Retryable(f"redis unavailable: {exc}") from exc
@@ -709,6 +720,157 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         "backlog": state.backlog, "lag_s": round(state.lag_s(), 3), "more": result.more,
         "ms": round(result.duration_s * 1000, 1)}))
     return result
+
+
+# ------------------------------------------------------------------ message buckets (docs/adr/0028)
+
+
+def _bucket_message(item: _Item) -> dict[str, Any]:
+    assert item.event is not None
+    return {"id": item.doc["id"], "seq": item.event.seq, "sender_id": item.doc["sender_id"],
+            "content": item.doc["content"], "timestamp": item.doc["timestamp"],
+            "client_msg_id": item.doc["client_msg_id"], "deleted": False}
+
+
+def messages_existing(db: Any, *, ids: list[str]) -> set[str]:
+    """Which of ``ids`` are in ``messages``: one ``find_one`` by ``_id`` each, because FerretDB v1 pushes only
+    ``_id`` *equality* down (``$in`` on ``_id`` scans the collection: 489 ms at 10k messages, 7 s at 100k,
+    while an equality lookup stays under 1 ms; docs/adr/0028). Read-only."""
+    return {i for i in ids if db.messages.find_one({"_id": i}, {"_id": 1}) is not None}
+
+
+def buckets_write(db: Any, items: list[_Item]) -> None:
+    """Mirror the batch into ``message_buckets`` with inserts and ``_id``-keyed updates only: one unordered
+    ``insert`` of the shells of every bucket a sequenced event falls in (a duplicate ``_id``: it exists), one
+    unordered ``update`` per bucket ``$set``-ing its new messages under their seq (idempotent), then one
+    guarded update per edit/delete (its message's seq found by ``_id``). Entries that failed or are dead
+    are skipped. Raises the transient pymongo errors; any other write error fails the batch (it is retried),
+    since the buckets must not miss a message the entry's ack would declare persisted."""
+    live = [i for i in items if i.event is not None and i.event.seq > 0 and i.failure is None and i.dead is None]
+    if not live:
+        return
+    shells: dict[str, dict[str, Any]] = {}
+    news: dict[str, dict[str, Any]] = {}
+    for i in live:
+        assert i.event is not None
+        n = (i.event.seq - 1) // BUCKET_SEQS
+        bid = bucket_id(i.event.conversation_id, i.event.seq)
+        # A bucket created by a later event than its range's first one may lack messages persisted before the
+        # buckets existed (or a deferred first entry): readers skip a partial bucket until the first seq's
+        # event (or manage.py buckets_build) completes it.
+        first = i.event.seq == n * BUCKET_SEQS + 1
+        shells.setdefault(bid, {"_id": bid, "conversation_id": i.conversation, "n": n, "m": {},
+                                "partial": not first})
+        if first:
+            news.setdefault(bid, {})["partial"] = False
+        if i.event.type == "message.new":
+            news.setdefault(bid, {})[f"m.{i.event.seq}"] = _bucket_message(i)
+    reply = db.command("insert", "message_buckets", documents=list(shells.values()), ordered=False)
+    _buckets_raise([e for e in reply.get("writeErrors") or [] if int(e.get("code", 0)) != DUPLICATE_KEY])
+    statements = [{"q": {"_id": bid}, "u": {"$set": fields}} for bid, fields in news.items()]
+    for at in range(0, len(statements), UPDATE_STATEMENTS_MAX):
+        reply = db.command("update", "message_buckets", ordered=False,
+                           updates=statements[at:at + UPDATE_STATEMENTS_MAX])
+        _buckets_raise(reply.get("writeErrors") or [])
+    changes = [i for i in live if i.event is not None and i.event.type in ("message.edited", "message.deleted")]
+    ops = []
+    for i in changes:
+        assert i.event is not None
+        found = db.messages.find_one({"_id": i.doc["id"]}, {"seq": 1})  # by _id: no scan, even on FerretDB
+        if found is None:
+            continue  # not persisted yet: the drain defers this entry and comes back
+        path = f"m.{int(found['seq'])}"
+        newer = {"$or": [{f"{path}.edit_seq": {"$exists": False}}, {f"{path}.edit_seq": None},
+                         {f"{path}.edit_seq": {"$lt": i.event.seq}}]}
+        q = {"_id": bucket_id(i.event.conversation_id, int(found["seq"])), f"{path}.id": i.doc["id"], **newer}
+        if i.event.type == "message.edited":
+            ops.append({"q": {**q, f"{path}.deleted": {"$ne": True}}, "u": {"$set": {
+                f"{path}.content": i.doc["content"], f"{path}.edited_at": i.doc["edited_at"],
+                f"{path}.edit_seq": i.event.seq}}})
+        else:
+            ops.append({"q": q, "u": {"$set": {f"{path}.deleted": True, f"{path}.content": "",
+                                               f"{path}.deleted_at": i.doc["deleted_at"],
+                                               f"{path}.edit_seq": i.event.seq}}})
+    for at in range(0, len(ops), UPDATE_STATEMENTS_MAX):
+        reply = db.command("update", "message_buckets", updates=ops[at:at + UPDATE_STATEMENTS_MAX], ordered=True)
+        _buckets_raise(reply.get("writeErrors") or [])
+
+
+def _buckets_raise(errors: list[dict[str, Any]]) -> None:
+    if errors:
+        raise RuntimeError(f"message_buckets write error {errors[0].get('code')}: {errors[0].get('errmsg', '')}"[:500])
+
+
+def buckets_build(*, batch: int = 1000) -> int:
+    """Build ``message_buckets`` from ``messages`` (existing data, once: ``manage.py buckets_build``); safe to
+    run again and beside the drain (every write is an idempotent ``$set`` of a message's final state, guarded
+    by ``edit_seq``). Returns how many messages it wrote. One scan of ``messages``."""
+    db = get_db()
+    written = 0
+    pending: dict[str, dict[str, Any]] = {}
+    shells: dict[str, dict[str, Any]] = {}
+
+    def flush() -> None:
+        if shells:
+            db.command("insert", "message_buckets", documents=list(shells.values()), ordered=False)
+        statements = [{"q": {"_id": bid}, "u": {"$set": f}} for bid, f in pending.items()]
+        for at in range(0, len(statements), UPDATE_STATEMENTS_MAX):
+            db.command("update", "message_buckets", ordered=False, updates=statements[at:at + UPDATE_STATEMENTS_MAX])
+        shells.clear()
+        pending.clear()
+
+    for row in db.messages.find({}, batch_size=batch):
+        cid, seq = str(row["conversation_id"]), int(row["seq"])
+        bid = bucket_id(cid, seq)
+        shells.setdefault(bid, {"_id": bid, "conversation_id": row["conversation_id"], "n": (seq - 1) // BUCKET_SEQS,
+                                "m": {}, "partial": False})
+        pending.setdefault(bid, {"partial": False})[f"m.{seq}"] = {
+            "id": row["_id"], "seq": seq, "sender_id": row["sender_id"], "content": row.get("content", ""),
+            "timestamp": row.get("timestamp"), "client_msg_id": row.get("client_msg_id"),
+            "deleted": bool(row.get("deleted")), "edited_at": row.get("edited_at"),
+            "deleted_at": row.get("deleted_at"), "edit_seq": row.get("edit_seq")}
+        written += 1
+        if len(pending) >= batch:
+            flush()
+    flush()
+    return written
+
+
+# Raise a conversation's persisted watermark, never lower it (drains of one partition run one at a time, but a
+# reclaimed old batch may settle after a newer one).
+_WATERMARK_LUA = """
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+
+def recent_persisted_watermarks(items: list[_Item]) -> dict[str, int]:
+    """Per conversation of the batch, the seq up to which its events are settled (persisted, or dead-lettered
+    and so never in the store): the highest settled seq, or just below the first deferred one."""
+    done: dict[str, int] = {}
+    deferred: dict[str, int] = {}
+    for i in items:
+        if i.event is None or i.event.seq <= 0:
+            continue
+        cid, seq = i.event.conversation_id, i.event.seq
+        if i.failure is not None and i.dead is None:
+            deferred[cid] = min(deferred.get(cid, seq), seq)
+        else:
+            done[cid] = max(done.get(cid, 0), seq)
+    return {cid: min(top, deferred[cid] - 1) if cid in deferred else top for cid, top in done.items()}
+
+
+def recent_persisted_advance(r: BusSync, *, partition: int, items: list[_Item]) -> None:
+    """After a batch is settled: move each of its conversations' persisted watermark
+    (``messaging.streams.persisted_key``) up, so the append script may drop those messages from the
+    conversation's recent window (docs/adr/0028). Side effect: one script call on the partition's slot."""
+    marks = recent_persisted_watermarks(items)
+    if marks:
+        args = [x for cid, seq in marks.items() for x in (cid, seq)]
+        r.register_script(_WATERMARK_LUA)(keys=[persisted_key(partition)], args=args)
 
 
 def _hand_back(r: BusSync, *, partition: int, consumer: str, ids: list[str]) -> None:

@@ -302,6 +302,14 @@ RESUME_WINDOW_S = env_int("CHATSTREAM_RESUME_WINDOW", 24 * 3600, minimum=60)
 # 4,000 characters: a long chat message (Discord allows 2,000, Slack 40,000 but folds them); a frame with it
 # stays far below the 64 KiB WebSocket frame limit even when every character is 4 UTF-8 bytes.
 MESSAGE_MAX_CHARS = env_int("CHATSTREAM_MESSAGE_MAX_CHARS", 4000, minimum=1, maximum=15000)
+# The recent window (docs/adr/0028): the newest messages of each conversation kept in Redis by the append
+# script, so the latest history pages are served without a document-store read. 100 = two default pages
+# (50) or half the largest one (200); at ~300 bytes a message that is ~30 KB per active conversation. A window
+# holds more while its oldest messages are not persisted yet (it only drops persisted ones).
+RECENT_MESSAGES = env_int("CHATSTREAM_RECENT_MESSAGES", 100, minimum=0, maximum=10000)
+# A conversation's window expires this long after its last event (7 days: a week-old chat is read rarely, and
+# then from the store); every append pushes it back.
+RECENT_TTL_S = env_int("CHATSTREAM_RECENT_TTL", 7 * 24 * 3600, minimum=60)
 
 # ------------------------------------------------------------------ real-time brokers (WebSocket)
 

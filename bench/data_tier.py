@@ -1,0 +1,336 @@
+"""The data tier benchmark (docs/adr/0028): how reads and the drain behave as the store grows, on `make run`'s
+own default store (FerretDB on SQLite), measured through the gateway of a real local cluster.
+
+    .venv/bin/python bench/data_tier.py --sizes 10000 100000 [1000000] [--users 10000 --conversations 20000]
+
+It starts a private Redis and FerretDB and the cluster exactly as `make run` does (gateway, two brokers, two
+api, two storage workers, beat; tests/procs.py ``Cluster``), creates ``--users`` users and ``--conversations``
+1:1 conversations in MongoDB, then for each size:
+
+1. sends messages through the real write path
+   (``messaging.services.message_send``, in this process, 64 in flight) until the store will hold that many;
+   ``--hot`` conversations get ``--hot-share`` of them (long histories for the deep pages), the rest are
+   spread evenly (progress bar);
+2. waits for the real drain (running all along) to empty the backlog: **drain msg/s** = events persisted
+   from the first send to an empty backlog, over that time;
+3. measures through the gateway, one request at a time (p50/p99 ms): **latest** history page (50),
+   a **deep** page (``before_seq`` a quarter into a hot conversation), the **conversation list** (50),
+   **connect** (``POST /auth/ws-ticket`` then the WebSocket until ``ready``), and **edit to persisted**
+   (``PATCH`` a message, then poll MongoDB by ``_id`` until the drain wrote it; includes the flush interval).
+
+Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size). All traffic on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chatstream_site.localcluster import Cluster, wait_until  # noqa: E402
+from chatstream_site.localservers import servers_start  # noqa: E402
+
+SEND_CONCURRENCY = 64  # sends in flight: enough to keep Redis busy from one process, bounded
+WAIT_DRAIN_S = 7200  # the longest a drain of one size may take before the run gives up
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1) if ordered else 0.0
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(values), 1) if values else 0.0, "p99_ms": pct(values, 0.99),
+            "n": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--conversations", type=int, default=20_000)
+    parser.add_argument("--hot", type=int, default=10, help="conversations with long histories")
+    parser.add_argument("--hot-share", type=float, default=0.1, help="share of the messages they get")
+    parser.add_argument("--samples", type=int, default=100, help="requests per read measurement")
+    parser.add_argument("--edits", type=int, default=10)
+    parser.add_argument("--storage-workers", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="chatstream-datatier-"))
+    servers = servers_start(workdir)
+    os.environ.update(servers.env())
+    os.environ.update(
+        CHATSTREAM_DOTENV="", DEBUG="0", DJANGO_SETTINGS_MODULE="chatstream_site.settings",
+        SECRET_KEY=os.environ.get("SECRET_KEY") or "bench-secret-key-that-is-long-enough-0123456789abcdef",
+        # The benchmark is one client: the per-IP and per-user budgets are for people.
+        CHATSTREAM_GATEWAY_RATE_IP="1000000/m", CHATSTREAM_GATEWAY_RATE_USER="1000000/m",
+        CHATSTREAM_GATEWAY_RATE_WS_IP="1000000/m",
+    )
+    import django
+
+    django.setup()
+    cluster = Cluster(workdir, supervised=False)
+    try:
+        run(args, cluster)
+    finally:
+        cluster.stop()
+        servers.stop()
+
+
+def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Users and 1:1 conversations straight into MongoDB (what the API would create), in bulk."""
+    from bson import ObjectId
+    from mongoengine.connection import get_db
+
+    db = get_db()
+    now = datetime.now(UTC)
+    uids = [ObjectId() for _ in range(users)]
+    db.users.insert_many([{"_id": u, "username": f"b{i}", "username_key": f"b{i}", "email": f"b{i}@bench.test",
+                           "password": "!", "contacts": [], "status": "offline", "created_at": now}
+                          for i, u in enumerate(uids)], ordered=False)
+    rnd = random.Random(7)  # noqa: S311 - a reproducible workload, not a secret
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < conversations:
+        a, b = rnd.randrange(users), rnd.randrange(users)
+        if a != b:
+            pairs.add((min(a, b), max(a, b)))
+    convs: list[tuple[str, list[str]]] = []
+    chats, docs = [], []
+    for a, b in sorted(pairs):
+        m1, m2 = sorted([uids[a], uids[b]], key=str)
+        room, cid = ObjectId(), ObjectId()
+        chats.append({"_id": room, "member1": m1, "member2": m2, "created_at": now, "updated_at": now})
+        docs.append({"_id": cid, "type": "single", "room_id": room, "members": [m1, m2], "last_seq": 0,
+                     "read_cursors": {}, "created_at": now, "updated_at": now})
+        convs.append((str(cid), [str(m1), str(m2)]))
+    for start in range(0, len(docs), 1000):
+        db.single_chats.insert_many(chats[start:start + 1000], ordered=False)
+        db.conversations.insert_many(docs[start:start + 1000], ordered=False)
+    # The write path's membership cache, warm as on a running system (a cold miss per conversation is one
+    # MongoDB read; 64 sends in flight, each missing at once, exhausted FerretDB's connections and hung it,
+    # with or without docs/adr/0028's changes: see docs/benchmarks.md).
+    import redis
+    from django.conf import settings
+
+    from messaging.membership import MEMBERSHIP_TTL_S, membership_key
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    pipe = client.pipeline(transaction=False)
+    for conv_id, members in convs:
+        pipe.sadd(membership_key(conv_id), *members)
+        pipe.expire(membership_key(conv_id), MEMBERSHIP_TTL_S)
+    pipe.execute()
+    client.close()
+    return [str(u) for u in uids], convs
+
+
+async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: list[int], hot_share: float,
+                        sent: dict[str, list[tuple[str, str]]], rnd: random.Random) -> None:
+    """``count`` messages through the write path, with a progress bar."""
+    import redis.asyncio
+    from django.conf import settings
+    from tqdm import tqdm
+
+    from messaging import streams
+    from messaging.services import message_send
+
+    client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+    streams.append_batching_enable(client)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(count):
+        queue.put_nowait(n)
+    bar = tqdm(total=count, desc="sending", unit="msg", mininterval=1.0)
+
+    async def worker() -> None:
+        while not queue.empty():
+            queue.get_nowait()
+            i = rnd.choice(hot) if rnd.random() < hot_share else rnd.randrange(len(convs))
+            cid, members = convs[i]
+            sender = members[rnd.randrange(2)]
+            accepted = await message_send(client, user_id=sender, conversation_id=cid,
+                                          client_msg_id=uuid.uuid4().hex, content=f"bench {uuid.uuid4().hex[:24]}")
+            if i in hot:
+                sent.setdefault(cid, []).append((accepted.message_id, sender))
+            bar.update(1)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(SEND_CONCURRENCY)))
+    finally:
+        bar.close()
+        await client.aclose()
+
+
+def persisted_total() -> int:
+    from storage.selectors import partitions_state
+
+    return sum(s.persisted for s in partitions_state())
+
+
+def backlog_total() -> int:
+    from storage.selectors import partitions_state
+
+    return sum(s.backlog for s in partitions_state())
+
+
+def measure(cluster: Cluster, args: argparse.Namespace, *, uids: list[str], convs: list[tuple[str, list[str]]],
+            hot: list[int], sent: dict[str, list[tuple[str, str]]], rnd: random.Random) -> dict[str, Any]:
+    import httpx
+    import websockets
+    from mongoengine.connection import get_db
+
+    from api.tokens import token_issue
+    from messaging.streams import last_accepted_seq  # noqa: F401 - documents where the seq comes from
+
+    def headers(uid: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token_issue(user_id=uid, username='bench', type='access')}"}
+
+    out: dict[str, Any] = {}
+    with httpx.Client(base_url=cluster.url, timeout=120) as http:
+        def timed(method: str, path: str, uid: str, **kw: Any) -> tuple[float, httpx.Response]:
+            h = headers(uid)
+            t = time.perf_counter()
+            r = http.request(method, path, headers=h, **kw)
+            return (time.perf_counter() - t) * 1000, r
+
+        latest, deep, listing = [], [], []
+        # Steady state: each sampled user's caches (conversation ids, cards) are warm, as for anyone active in
+        # the last minutes; the cold first request is a cache fill (reads by _id and one members query).
+        users = [uids[rnd.randrange(len(uids))] for _ in range(args.samples)]
+        for uid in users:
+            http.get("/api/v1/conversations", params={"limit": 50}, headers=headers(uid))
+        for k in range(args.samples):
+            cid, members = convs[hot[k % len(hot)]] if k % 2 == 0 else convs[rnd.randrange(len(convs))]
+            ms, r = timed("GET", f"/api/v1/conversations/{cid}/messages", members[0], params={"limit": 50})
+            assert r.status_code == 200, r.text
+            latest.append(ms)
+            ms, r = timed("GET", "/api/v1/conversations", users[k], params={"limit": 50})
+            assert r.status_code == 200, r.text
+            listing.append(ms)
+        for k in range(args.samples):
+            cid, members = convs[hot[k % len(hot)]]
+            top = len(sent.get(cid, [])) or 1
+            ms, r = timed("GET", f"/api/v1/conversations/{cid}/messages", members[0],
+                          params={"limit": 50, "before_seq": max(2, top // 4)})
+            assert r.status_code == 200, r.text
+            deep.append(ms)
+        out.update(latest_page=stats(latest), deep_page=stats(deep), conversation_list=stats(listing))
+
+        async def connect_once(uid: str) -> float:
+            t = time.perf_counter()
+            r = await asyncio.to_thread(http.post, "/api/v1/auth/ws-ticket", headers=headers(uid))
+            assert r.status_code == 200, r.text
+            ws_url = cluster.url.replace("http://", "ws://") + f"/ws/?ticket={r.json()['ticket']}"
+            async with websockets.connect(ws_url, origin="http://127.0.0.1") as ws:  # type: ignore[arg-type]
+                while json.loads(await ws.recv())["type"] != "ready":
+                    pass
+                return (time.perf_counter() - t) * 1000
+
+        connects = [asyncio.run(connect_once(uid)) for uid in users]  # users whose lists were read above
+        out["connect"] = stats(connects)
+
+        db = get_db()
+        edits = []
+        for k in range(args.edits):
+            cid = convs[hot[k % len(hot)]][0]
+            mid, sender = sent[cid][rnd.randrange(len(sent[cid]))]
+            text = f"edited {uuid.uuid4().hex[:12]}"
+            t = time.perf_counter()
+            r = http.patch(f"/api/v1/messages/{mid}", json={"content": text}, headers=headers(sender))
+            assert r.status_code == 200, r.text
+            def persisted(mid: str = mid, text: str = text) -> bool:
+                return bool((db.messages.find_one({"_id": mid}, {"content": 1}) or {}).get("content") == text)
+
+            wait_until(persisted, timeout_s=120, interval_s=0.02, what="the edit to be persisted")
+            edits.append((time.perf_counter() - t) * 1000)
+        out["edit_to_persisted"] = stats(edits)
+    return out
+
+
+def run(args: argparse.Namespace, cluster: Cluster) -> None:
+    from mongoengine.connection import get_db
+
+    rnd = random.Random(11)  # noqa: S311 - a reproducible workload, not a secret
+    t = time.perf_counter()
+    uids, convs = seed_population(users=args.users, conversations=args.conversations)
+    print(f"population: {len(uids)} users, {len(convs)} conversations in {time.perf_counter() - t:.1f}s", flush=True)
+    cluster.start()
+    cluster.wait_ready(timeout_s=180)
+    if args.storage_workers < 2:
+        # Two drains writing FerretDB/SQLite at once hung it here (its connection pool exhausted, every
+        # command waiting; seen with and without docs/adr/0028's changes): one worker by default.
+        cluster.kill_process("storage2", 15)
+    hot = rnd.sample(range(len(convs)), args.hot)
+    sent: dict[str, list[tuple[str, str]]] = {}
+    rows: list[dict[str, Any]] = []
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    have = 0
+    for size in sorted(args.sizes):
+        # The drain runs while the messages are sent, as in production; its rate is what it persisted from the
+        # first send until the backlog was empty (the send rate is reported beside it: when the drain keeps up,
+        # it is the send rate that bounds this figure).
+        persisted_before = persisted_total()
+        t = time.perf_counter()
+        asyncio.run(send_messages(size - have, convs=convs, hot=hot, hot_share=args.hot_share, sent=sent, rnd=rnd))
+        seed_s = time.perf_counter() - t
+        backlog = backlog_total()
+        wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.5, what="the drain")
+        drain_s = time.perf_counter() - t
+        drained = persisted_total() - persisted_before
+        stored = get_db().messages.estimated_document_count()
+        row: dict[str, Any] = {"messages": size, "stored": stored, "sent": size - have,
+                               "send_msg_s": round((size - have) / seed_s), "backlog_after_send": backlog,
+                               "drain_s": round(drain_s, 1), "drained_events": drained,
+                               "drain_msg_s": round(drained / drain_s)}
+        have = size
+        row.update(measure(cluster, args, uids=uids, convs=convs, hot=hot, sent=sent, rnd=rnd))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(rows, args=args, path=out_dir / f"data-tier-{stamp}")
+
+
+def write(rows: list[dict[str, Any]], *, args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = {"command": "bench/data_tier.py " + " ".join(sys.argv[1:]), "machine": {
+        "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "store": "FerretDB v1.24.2, SQLite backend (make run's default)", "results": rows}
+    path.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sizes = [r["messages"] for r in rows]
+    for key, label in (("latest_page", "latest page (50)"), ("deep_page", "deep page (50)"),
+                       ("conversation_list", "conversation list (50)"), ("connect", "connect (ticket → ready)")):
+        ax.plot(sizes, [r[key]["p99_ms"] for r in rows], marker="o", label=f"{label} p99")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("messages stored")
+    ax.set_ylabel("ms (p99, through the gateway)")
+    ax.set_title("ChatStream data tier on FerretDB/SQLite")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
