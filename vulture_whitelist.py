@@ -50,6 +50,8 @@ manage
 _.program_set
 _.program_info
 _.role_pids
+_.access_log
+settle
 # Django settings, read by name
 MIDDLEWARE
 SECURE_PROXY_SSL_HEADER

@@ -1,5 +1,5 @@
 """The gateway as `make run` starts it (``manage.py role gateway``), in front of several real processes:
-real api instances (``manage.py role api``) and stand-in upstreams (tests/gateway_upstream.py) that report
+real api instances (``manage.py role api``) and stand-in upstreams (chatstream_site/localstandin.py) that report
 what reached them. Each fleet registers in its own Redis database, so fleets never see each other.
 
 Client addresses: several tests connect from other loopback addresses (127.0.0.2, ...) so that each one's

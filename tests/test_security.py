@@ -1,6 +1,6 @@
 """Security hardening (issue 14, docs/security.md): one test per finding, each against real processes —
 a real gateway (``manage.py role gateway``) in front of stand-in upstreams that report what reached them
-(tests/gateway_upstream.py), real brokers and api instances. Run: ``pytest tests/test_security.py``.
+(chatstream_site/localstandin.py), real brokers and api instances. Run: ``pytest tests/test_security.py``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Gateway benchmark: the same small GET straight to an api instance and through the gateway, in one run.
 
-    .venv/bin/python scripts/bench_gateway.py [--seconds 5] [--concurrency 32] [--runs 3]
+    .venv/bin/python bench/gateway_proxy.py [--seconds 5] [--concurrency 32] [--runs 3]
 
 Starts private Redis and FerretDB (as the tests do), one real api instance (``manage.py role api``), a
-stand-in broker (``tests/gateway_upstream.py``) and one gateway (``manage.py role gateway``), then
+stand-in broker (``chatstream_site/localstandin.py``) and one gateway (``manage.py role gateway``), then
 alternates direct and proxied runs and prints the median of ``--runs`` of each:
 
 * HTTP: ``GET /api/v1/bench-missing`` with a valid access token (Django answers its small JSON 404; through
@@ -158,7 +158,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--upstream", choices=("api", "standin"), default="api",
-                        help="api: a real `manage.py role api` (Django); standin: tests/gateway_upstream.py (raw ASGI)")
+                        help="api: a real `manage.py role api` (Django); "
+                             "standin: chatstream_site/localstandin.py (raw ASGI)")
     parser.add_argument("--ws-rate", type=float, default=5000.0,
                         help="frames/s of the open-loop WebSocket test (each echoed once: deliveries/s)")
     parser.add_argument("--ws-clients", type=int, default=32,
@@ -182,7 +183,7 @@ def main() -> None:
     import redis
 
     from api.tokens import token_issue, ws_ticket_issue
-    from tests.gatewaykit import Fleet
+    from chatstream_site.localfleet import Fleet
 
     fleet = Fleet(servers, workdir, db=0)
     try:

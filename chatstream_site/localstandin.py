@@ -1,7 +1,8 @@
-"""A stand-in upstream for the gateway tests: registers in the registry as ``CHATSTREAM_ROLE`` and reports
-what reached it, so tests can prove what the gateway forwarded (and what it never forwarded).
+"""A stand-in upstream for the gateway tests and benchmark (never a role): registers in the registry as
+``CHATSTREAM_ROLE`` and reports what reached it, so tests can prove what the gateway forwarded (and what it
+never forwarded).
 
-Run as ``daphne -p PORT tests.gateway_upstream:app`` with ``CHATSTREAM_ROLE`` (api or broker) and
+Run as ``daphne -p PORT chatstream_site.localstandin:app`` with ``CHATSTREAM_ROLE`` (api or broker) and
 ``CHATSTREAM_INSTANCE_PORT`` set. It serves:
 
 * ``GET /__upstream/stats``: ``{"instance", "http", "ws_handshakes", "ws_open"}`` — counters of what arrived;
