@@ -41,8 +41,8 @@ _.should_exit  # uvicorn.Server reads it to stop (bench/ws_memory.py)
 _worker_ready
 _beat_init
 _worker_shutdown
-# chatstream_site/localservers.py and localcluster.py: the harness the tests call (tests/servers.py and
-# tests/procs.py re-export them)
+# chatstream_site/localservers.py and localcluster.py: the harness the tests call (tests import them
+# directly)
 _.restart
 run_with_redis
 redis_cluster_start
@@ -84,7 +84,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS
 CELERY_WORKER_DISABLE_PREFETCH
 CELERY_BEAT_SCHEDULE
 LOGGING
-# read-only views of gateway state, for tests and operators (tests/test_gateway_units.py)
+# read-only views of gateway state, for tests and operators (tests/gateway/test_gateway_units.py)
 public_paths
 _.breaker_state
 # Channels' consumer attributes and autobahn/uvicorn protocol attributes, read by those libraries
@@ -93,5 +93,5 @@ _.channel_layer
 _.maxFramePayloadSize
 _.failByDrop
 _.close_timer
-# messaging/events.py: the payload fields of each event type, the table tests/test_events.py checks
+# messaging/events.py: the payload fields of each event type, the table tests/realtime/test_events.py checks
 PAYLOAD_FIELDS

@@ -4,8 +4,8 @@ own default store (FerretDB on SQLite), measured through the gateway of a real l
     .venv/bin/python bench/data_tier.py --sizes 10000 100000 [1000000] [--users 10000 --conversations 20000]
 
 It starts a private Redis and FerretDB and the cluster exactly as `make run` does (gateway, two brokers, two
-api, two storage workers, beat; tests/procs.py ``Cluster``), creates ``--users`` users and ``--conversations``
-1:1 conversations in MongoDB, then for each size:
+api, two storage workers, beat; chatstream_site/localcluster.py ``Cluster``), creates ``--users`` users and
+``--conversations`` 1:1 conversations in MongoDB, then for each size:
 
 1. sends messages through the real write path
    (``messaging.services.message_send``, in this process, 64 in flight) until the store will hold that many;

@@ -1,7 +1,7 @@
 """The local cluster exactly as `make run` starts it, and the helpers that drive processes from outside
 (manage.py commands, waits, process lookup by environment), for the tests and the benchmarks.
 
-No role imports this module (an import-linter contract keeps it so); tests/procs.py re-exports it.
+No role imports this module (an import-linter contract keeps it so); the tests and bench/ import it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Private Redis, FerretDB and Redis Cluster servers on free loopback ports, for the tests and the benchmarks.
 
-No role imports this module: it is the harness that tests/ (through tests/servers.py) and bench/ share, so a
+No role imports this module: it is the harness that tests/ and bench/ share, so a
 benchmark never imports the test suite. Each pytest session (and each benchmark run) gets its own servers with data
 in a temporary folder, so runs never see each other's keys and a developer's `make run` keeps working beside `make
 test`. Precondition: `scripts/bootstrap.py install` put `redis-server` on PATH and FerretDB in .tools/bin.

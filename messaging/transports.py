@@ -6,8 +6,8 @@ server's transport, which no ASGI API exposes, so :class:`UvicornOutput` and :cl
 private attributes of uvicorn's websockets-sansio protocol and of autobahn/Twisted. That code is confined to
 this module and used only with the versions it was written and tested against (``TESTED``): with any other
 version of the server the connection gets :class:`AsgiOutput` (correct everywhere, slower) and one warning
-says what to re-check. tests/test_realtime.py runs every broker test under both servers;
-tests/test_realtime_units.py tests the slim queue and flag, and the version gate.
+says what to re-check. tests/realtime/test_realtime.py runs every broker test under both servers;
+tests/realtime/test_realtime_units.py tests the slim queue and flag, and the version gate.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def internals_known(package: str) -> bool:
     if version.startswith(tuple(f"{v}." for v in TESTED.get(package, ())) + TESTED.get(package, ())):
         return True
     logger.warning("%s %s is not a release messaging/transports.py was tested with (%s): its connections "
-                   "use plain ASGI sends (slower). Run tests/test_realtime.py against it, then add it to "
+                   "use plain ASGI sends (slower). Run tests/realtime/test_realtime.py against it, then add it to "
                    "TESTED.", package, version, ", ".join(TESTED.get(package, ())) or "none")
     return False
 

@@ -1,6 +1,6 @@
 // Client state and the rules that fold server data into it. No DOM here: render.js draws, events.js applies
 // live frames, actions.js talks to the server. Field names are the API's (docs/api.md, the OpenAPI schema):
-// tests/test_webclient_schema.py checks every `raw.<field>` read below against the schema.
+// tests/web/test_webclient_schema.py checks every `raw.<field>` read below against the schema.
 
 export const PAGE_SIZE = 30;
 export const TYPING_SHOW_MS = 4000;      // how long "x is typing" stays after the last typing frame

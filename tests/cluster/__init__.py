@@ -1,0 +1,1 @@
+"""The local cluster as `make run` starts it, its configuration, bootstrap and discovery."""

@@ -1,0 +1,69 @@
+"""scripts/bootstrap.py's secrets on disk (issue 14): `.env` is its owner's only, and the Redis `make run` starts
+gets a generated password in it. Pure unit tests on a temporary project root."""
+
+from __future__ import annotations
+
+import importlib.util
+import stat
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from chatstream_site.localservers import ROOT
+from chatstream_site.roles import url_redacted
+
+
+@pytest.fixture
+def bootstrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bootstrap_under_test", ROOT / "scripts" / "bootstrap.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bootstrap_under_test", module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "VAR", tmp_path / "var")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    return module
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_dotenv_is_written_0600_and_an_existing_readable_one_is_tightened(bootstrap: ModuleType,
+                                                                          tmp_path: Path) -> None:
+    bootstrap.ensure_dotenv()
+    assert mode(tmp_path / ".env") == 0o600
+    assert "SECRET_KEY=" in (tmp_path / ".env").read_text()
+    (tmp_path / ".env").chmod(0o644)
+    bootstrap.ensure_dotenv()
+    assert mode(tmp_path / ".env") == 0o600
+
+
+def test_the_local_redis_gets_a_generated_password_kept_in_dotenv(bootstrap: ModuleType, tmp_path: Path) -> None:
+    bootstrap.ensure_dotenv()
+    (tmp_path / ".env").write_text((tmp_path / ".env").read_text() + "REDIS_URL=redis://127.0.0.1:6390/2\n")
+    password = bootstrap.redis_password_ensure(bootstrap.read_dotenv())
+    assert password and len(password) >= 32
+    text = (tmp_path / ".env").read_text()
+    assert f"REDIS_URL=redis://:{password}@127.0.0.1:6390/2\n" in text and text.count("REDIS_URL=") == 1
+    assert "SECRET_KEY=" in text and mode(tmp_path / ".env") == 0o600
+    # The next run reuses it.
+    assert bootstrap.redis_password_ensure(bootstrap.read_dotenv()) == password
+
+
+def test_a_redis_url_from_the_environment_is_left_as_it_is(bootstrap: ModuleType, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    bootstrap.ensure_dotenv()
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6390/0")
+    before = (tmp_path / ".env").read_text()
+    assert bootstrap.redis_password_ensure(bootstrap.read_dotenv()) is None
+    assert (tmp_path / ".env").read_text() == before
+
+
+def test_messages_never_show_the_redis_password() -> None:
+    assert url_redacted("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert url_redacted("redis://user:s3cret@127.0.0.1:6379/0") == "redis://user:***@127.0.0.1:6379/0"
+    assert url_redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

@@ -1,0 +1,1 @@
+"""The gateway (gateway/) and the security findings, against real gateway, api and broker processes."""

@@ -1,0 +1,175 @@
+"""Pure and single-process parts of the real-time path: frames, the size trigger, presence counting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from chatstream_site.localservers import Servers, run_with_redis
+from messaging import frames, presence, services
+from messaging.streams import stream_key
+from messaging.transports import Flag as _Flag
+from messaging.transports import ReceiveQueue as _ReceiveQueue
+from tests.support.realtime import presence_live
+
+
+def test_event_frames_are_spliced_from_the_stored_payload() -> None:
+    payload = json.dumps({"id": "m1", "conversation_id": "c1", "sender_id": "u1", "content": "hé \"quoted\"",
+                          "timestamp": "t", "client_msg_id": "k"}, separators=(",", ":"))
+    new = json.loads(frames.event_frame(type="message.new", conversation_id="c1", seq=7, payload_json=payload)
+                     or "")
+    assert new == {"type": "message.new", "conversation_id": "c1", "seq": 7,
+                   "message": {**json.loads(payload), "seq": 7}}
+    edited = json.loads(frames.event_frame(type="message.edited", conversation_id="c1", seq=8,
+                                           payload_json='{"id":"m1","content":"x"}') or "")
+    assert edited == {"type": "message.edited", "conversation_id": "c1", "seq": 8,
+                      "message": {"id": "m1", "content": "x"}}
+    read = json.loads(frames.event_frame(type="read.updated", conversation_id="c1", seq=0,
+                                         payload_json='{"conversation_id":"c1","user_id":"u2","seq":5}') or "")
+    assert read == {"type": "read.updated", "conversation_id": "c1", "user_id": "u2", "seq": 5}
+    assert frames.event_frame(type="message.new", conversation_id="c1", seq=1, payload_json="[1]") is None
+    assert frames.event_frame(type="something.else", conversation_id="c1", seq=1, payload_json="{}") is None
+
+
+def run(servers: Servers, body: Any) -> Any:
+    return run_with_redis(servers.redis_url, body)
+
+
+def test_backlog_is_the_drain_groups_lag_or_the_stream_length(servers: Servers) -> None:
+    partition = 900 + uuid.uuid4().int % 100  # a key no other test uses
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        key = stream_key(partition)
+        assert await services.partition_backlog(c, partition=partition) == 0
+        for i in range(5):
+            await c.xadd(key, {"n": i})
+        assert await services.partition_backlog(c, partition=partition) == 5
+        await c.xgroup_create(key, "drain", id="0")
+        await c.xreadgroup("drain", "w1", {key: ">"}, count=3)
+        assert await services.partition_backlog(c, partition=partition) == 2
+
+    run(servers, body)
+
+
+def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(
+        servers: Servers, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings.BATCH_SIZE = 3
+    import storage.trigger
+
+    calls: list[int] = []
+
+    async def drain_enqueue_async(*, partition: int) -> bool:
+        calls.append(partition)
+        return True
+
+    monkeypatch.setattr(storage.trigger, "drain_enqueue_async", drain_enqueue_async)
+    partition = 800 + uuid.uuid4().int % 100
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        await c.xadd(stream_key(partition), {"n": 1})
+        await services._drain_check(c, partition=partition)
+        assert calls == []
+        for i in range(2):
+            await c.xadd(stream_key(partition), {"n": i})
+        await services._drain_check(c, partition=partition)
+        assert calls == [partition]
+
+    run(servers, body)
+
+
+def test_presence_counts_devices_across_brokers(servers: Servers) -> None:
+    user = uuid.uuid4().hex[:24]
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        async def change(session: str, *, add: bool) -> tuple[int, bool]:
+            return await presence._presence_transition(c, user_id=user, session_id=session, add=add)
+
+        # (live sessions after the change, whether this change took the user online/offline)
+        assert await change("a", add=True) == (1, True)
+        assert await change("b", add=True) == (2, False)  # a second device: already online, nothing announced
+        assert await presence_live(c, user)
+        assert await change("a", add=False) == (1, False)
+        assert await change("b", add=False) == (0, True)  # the last device: offline, announced once
+        assert not await presence_live(c, user)
+
+    run(servers, body)
+
+
+def test_the_slim_receive_queue_keeps_order_and_loses_nothing_to_a_cancelled_get() -> None:
+    """What uvicorn's protocol gets instead of an asyncio.Queue after the handshake (consumers._ReceiveQueue)."""
+
+    async def body() -> None:
+        queue = _ReceiveQueue()
+        assert queue.empty()
+        with pytest.raises(asyncio.QueueEmpty):
+            queue.get_nowait()
+        queue.put_nowait(1)
+        queue.put_nowait(2)
+        assert [await queue.get(), queue.get_nowait()] == [1, 2]
+        getter = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        assert not getter.done()
+        queue.put_nowait(3)
+        assert await getter == 3
+        # Woken, then cancelled before it ran: the item stays for the next get.
+        getter = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        queue.put_nowait(4)
+        getter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await getter
+        assert not queue.empty() and await queue.get() == 4
+        assert queue.waiter is None
+
+    asyncio.run(body())
+
+
+def test_the_slim_flag_waits_while_clear_and_wakes_every_waiter_on_set() -> None:
+    async def body() -> None:
+        flag = _Flag(True)
+        assert flag.is_set() and await flag.wait()
+        flag.clear()
+        waiters = [asyncio.create_task(flag.wait()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        waiters[0].cancel()
+        await asyncio.sleep(0)
+        assert flag.waiters is not None and len(flag.waiters) == 2  # a cancelled wait leaves no waiter behind
+        flag.set()
+        assert await asyncio.gather(*waiters[1:]) == [True, True]
+        assert flag.is_set() and flag.waiters is None
+
+    asyncio.run(body())
+
+
+def test_server_internals_are_used_only_with_the_releases_they_were_tested_against(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """messaging/transports.py writes to uvicorn's transport directly only for a uvicorn release it knows;
+    any other release gets plain ASGI sends and one warning that says what to re-check."""
+    from messaging import transports
+
+    class Protocol:  # the attributes UvicornOutput reads of uvicorn's protocol
+        transport = object()
+        conn = object()
+        close_sent = False
+
+        def send(self, message: Any) -> None: ...
+
+    send = Protocol().send
+    transports.internals_known.cache_clear()
+    try:
+        assert isinstance(transports.UvicornOutput.of(send), transports.UvicornOutput)
+        monkeypatch.setitem(transports.TESTED, "uvicorn", ("0.1",))
+        transports.internals_known.cache_clear()
+        with caplog.at_level("WARNING", logger="messaging.transports"):
+            assert transports.UvicornOutput.of(send) is None
+            assert transports.UvicornOutput.of(send) is None
+        warnings = [r for r in caplog.records if "not a release" in r.getMessage()]
+        assert len(warnings) == 1 and "uvicorn" in warnings[0].getMessage()
+    finally:
+        transports.internals_known.cache_clear()

@@ -1,0 +1,1 @@
+"""The storage pipeline (storage/): the drain into FerretDB, its faults and dead letters."""

@@ -1,0 +1,1 @@
+"""What the tests share: the pytest plugin that starts the session's servers, and helpers by role."""
