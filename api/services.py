@@ -28,10 +28,11 @@ from api import revocation
 from api.clients import run_async, sync_redis
 from api.selectors import group_card_key, group_get_for_member, object_id_or_404, user_by_username
 from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
+from chatstream_site.closecodes import CLOSE_SESSION_ENDED
 from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from messaging import services as messaging
 from messaging import streams
-from messaging.frames import CLOSE_SESSION_ENDED, SESSIONS_CLOSE, user_group
+from messaging.frames import SESSIONS_CLOSE, user_group
 from messaging.membership import membership_changed_sync, membership_invalidate_sync
 from messaging.services import Accepted
 from storage import services as storage_services

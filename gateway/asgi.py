@@ -19,12 +19,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATE_KEY = "chatstream.gateway"
 
-# Close codes the gateway itself uses on client WebSockets (docs/interface.md plus the proxy's own):
-CLOSE_BAD_TICKET = 4001
-CLOSE_FORBIDDEN = 4003
-CLOSE_RATE_LIMITED = 4008
-CLOSE_TRY_AGAIN = 1013  # no broker available (all gone or their breakers open): reconnect after a pause
-CLOSE_UPSTREAM_LOST = 1012  # the broker vanished without a close frame (killed): reconnect at once
 
 
 @dataclass

@@ -26,10 +26,9 @@ from django.http.request import split_domain_port, validate_host
 
 from api.revocation import access_refused_async
 from api.tokens import TicketOwner, token_decode, ws_ticket_consume
+from chatstream_site.closecodes import CLOSE_BAD_TICKET, CLOSE_RATE_LIMITED
 from chatstream_site.errors import Unauthenticated
 from gateway.asgi import (
-    CLOSE_BAD_TICKET,
-    CLOSE_RATE_LIMITED,
     STATE_KEY,
     ASGIApp,
     Message,

@@ -26,11 +26,14 @@ from django.conf import settings
 from multidict import CIMultiDict
 from websockets.asyncio.client import ClientConnection
 
-from gateway.asgi import (
+from chatstream_site.closecodes import (
     CLOSE_FORBIDDEN,
     CLOSE_RATE_LIMITED,
+    CLOSE_TOO_MANY_SOCKETS,
     CLOSE_TRY_AGAIN,
     CLOSE_UPSTREAM_LOST,
+)
+from gateway.asgi import (
     Receive,
     RequestState,
     Scope,
@@ -59,8 +62,6 @@ WS_SKIP = HOP_BY_HOP | {b"host", b"sec-websocket-key", b"sec-websocket-version",
 # At most 3 instances tried per request: enough to ride out one or two dead instances, bounded so a
 # request never walks a large fleet while every breaker is still closed.
 MAX_ATTEMPTS = 3
-# A user already holds GATEWAY_WS_MAX_SOCKETS_PER_USER open sockets (docs/protocol.md, docs/security.md).
-CLOSE_TOO_MANY_SOCKETS = 4011
 
 
 def _upstream_headers(scope: Scope, *, state: RequestState, skip: frozenset[bytes]) -> list[tuple[bytes, bytes]]:

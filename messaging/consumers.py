@@ -22,6 +22,13 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from chatstream_site.closecodes import (
+    CLOSE_BAD_TICKET,
+    CLOSE_INTERNAL,
+    CLOSE_RATE_LIMITED,
+    CLOSE_TOO_LARGE,
+    CLOSE_TOO_SLOW,
+)
 from chatstream_site.errors import DomainError, NotFound, ValidationFailed
 from messaging import frames, membership, presence, selectors, services, streams, transports
 from messaging.auth import connection_identify
@@ -31,12 +38,6 @@ logger = logging.getLogger(__name__)
 
 # docs/interface.md: frames over 64 KiB close the connection with 1009.
 MAX_FRAME_BYTES = 64 * 1024
-CLOSE_BAD_TICKET = 4001
-CLOSE_FORBIDDEN = 4003
-CLOSE_RATE_LIMITED = 4008
-CLOSE_TOO_SLOW = 4009
-CLOSE_TOO_LARGE = 1009
-CLOSE_INTERNAL = 1011
 # Refused frames in a row (each answered with ``error rate_limited``) before the connection is closed with
 # 4008: ten is enough for a client to notice the errors and back off, few enough that a flood stops fast.
 RATE_STRIKES = 10

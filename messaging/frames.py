@@ -96,8 +96,7 @@ def control_invalidate(*, conversation_id: str) -> str:
 
 
 # A user's sessions ended elsewhere (logout, password change, account removal): every socket of theirs is
-# closed with this code, on every broker (docs/protocol.md, docs/adr/0027).
-CLOSE_SESSION_ENDED = 4010
+# closed with CLOSE_SESSION_ENDED, on every broker (docs/protocol.md, docs/adr/0027).
 SESSIONS_CLOSE = "sessions.close"
 
 

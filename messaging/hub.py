@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import redis.asyncio
 from django.conf import settings
 
+from chatstream_site.closecodes import CLOSE_SESSION_ENDED
 from messaging import frames, membership, presence, streams
 from messaging.bus import BusAsync, bus_async_new, bus_is_cluster, bus_resolve
 
@@ -413,7 +414,7 @@ class Hub:
             conns = tuple(self.by_user.get(str(message.get("user_id")), ()))
             self.stats["sessions_closed"] += len(conns)
             for conn in conns:
-                conn.session_end(code=int(message.get("code", frames.CLOSE_SESSION_ENDED)))
+                conn.session_end(code=int(message.get("code", CLOSE_SESSION_ENDED)))
 
     async def _sessions_renew_loop(self) -> None:
         """Renew this broker's membership of its users' groups before channels-redis forgets it (1 day)."""
