@@ -23,7 +23,7 @@ from chatstream_site.errors import NotFound
 from messaging.bus import bus_is_cluster, bus_sync
 from messaging.events import message_meta_key
 from messaging.membership import _NO_MEMBERS as NO_MEMBERS
-from messaging.membership import MEMBERSHIP_MISS_TTL_S, MEMBERSHIP_TTL_S, membership_key
+from messaging.membership import membership_generation_key, membership_key, membership_refill_sync
 from messaging.presence import presence_key
 from messaging.selectors import conversation_card_key, user_conversation_ids
 from messaging.services import read_cursor_key
@@ -397,13 +397,10 @@ def conversation_members_cached(*, conversation_id: str) -> set[str] | None:
     if cached:
         members = {m.decode() if isinstance(m, bytes) else str(m) for m in cached}
         return None if members == {NO_MEMBERS} else members - {NO_MEMBERS}
-    conversation = Conversation.objects(id=ObjectId(conversation_id)).only("members").first()
-    found = None if conversation is None else [str(m) for m in conversation.members]
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(key)
-    pipe.sadd(key, *(found or [NO_MEMBERS]))
-    pipe.expire(key, MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S)
-    pipe.execute()
+    # The write path's guarded refill: with the generation read first, a removal racing this read cannot be
+    # undone by it (the set lives MEMBERSHIP_TTL_S, a month).
+    generation = client.get(membership_generation_key(conversation_id))
+    found = membership_refill_sync(client, conversation_id=conversation_id, generation=generation)
     return set(found) if found is not None else None
 
 

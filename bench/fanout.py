@@ -450,6 +450,11 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
         {"_id": cid, "type": "group", "room_id": ObjectId(), "members": [user_ids[i] for i in group],
          "last_seq": 0, "read_cursors": {}} for cid, group in zip(conversation_ids, members, strict=True)])
     client = redis_sync.Redis.from_url(redis_url)
+    # What the REST service's group creation does after its MongoDB writes (api.services._membership_notify):
+    # the members' set goes into Redis, so the first send of each conversation reads no MongoDB (issue 16).
+    from messaging.membership import membership_changed_sync
+    for cid, group in zip(conversation_ids, members, strict=True):
+        membership_changed_sync(client, user_ids=[str(user_ids[i]) for i in group], conversation_id=str(cid))
     tickets = [ObjectId().binary.hex() + os.urandom(8).hex() for _ in range(connections)]
     with client.pipeline(transaction=False) as pipe:
         for i, ticket in enumerate(tickets):
@@ -608,6 +613,12 @@ def summary_stats(results: list[Result]) -> dict[str, Any]:
                                                    / by["socketio"].deliveries_per_core_s)
     out["median_latency_all_ms"] = {r.system: statistics.median([lat for _, lat in r.timeline] or [0.0])
                                     for r in results}
+    # The cold start, apart (issue 16): p99 of the deliveries of messages SENT in the first second of traffic
+    # (send time = arrival - latency) against those sent later. Both are inside p99_ms, which excludes nothing.
+    out["p99_sent_first_second_ms"] = {
+        r.system: percentile([lat for t, lat in r.timeline if t - lat / 1000.0 < 1.0], 0.99) for r in results}
+    out["p99_sent_after_first_second_ms"] = {
+        r.system: percentile([lat for t, lat in r.timeline if t - lat / 1000.0 >= 1.0], 0.99) for r in results}
     return out
 
 

@@ -18,9 +18,13 @@ from asgiref.sync import sync_to_async
 from chatstream_site.errors import NotFound
 from messaging import frames, selectors
 
-# A membership answer is cached this long; API writes that change membership invalidate it at once, so the
-# TTL only bounds the staleness after a write that bypassed the services (a manual database edit).
-MEMBERSHIP_TTL_S = 3600
+# A membership answer is cached this long. The API's membership changes write the new set at once
+# (membership_invalidate_sync), so the TTL is not what keeps it fresh: it bounds the staleness after a write
+# that bypassed the services (a manual database edit) and lets the sets of conversations quiet for a month
+# leave Redis. 30 days, not an hour: with an hour, the first send after an hour of quiet read MongoDB on the
+# hot path (~350 ms under load, issue 16). A set of member ids costs ~160 bytes + ~64 per member on Redis 7.0
+# (MEMORY USAGE: 288 B for a 1:1 chat, 16.5 KB for a full group of 256; docs/architecture.md, membership).
+MEMBERSHIP_TTL_S = 30 * 24 * 3600
 # "Not a conversation" answers are cached briefly: enough to absorb a client hammering a bad id.
 MEMBERSHIP_MISS_TTL_S = 30
 _NO_MEMBERS = "-"  # the cached set of a conversation that does not exist
@@ -35,13 +39,19 @@ def membership_generation_key(conversation_id: str) -> str:
     is unchanged since before its MongoDB read (``_MEMBERS_REFILL_LUA``)."""
     return f"cs:membersgen:{conversation_id}"
 
-def _members_from_db(conversation_id: str) -> list[str] | None:
+def _members_query(conversation_id: str) -> list[str] | None:
     from storage.documents import Conversation
 
     conversation = Conversation.objects(id=conversation_id).only("members").first()
     if conversation is None:
         return None
     return [str(m) for m in conversation.members]
+
+
+def _members_from_db(conversation_id: str) -> list[str] | None:
+    """The hot path's read on a miss (in a worker thread). Its own name, apart from the write path's read
+    (membership_refill_sync), so a test can make it fail and prove a warmed send never reaches it."""
+    return _members_query(conversation_id)
 
 
 # A second, in-process cache in front of the Redis one, enabled only in processes that hear every
@@ -133,11 +143,31 @@ def _membership_invalidate_queue(pipe: Any, *, conversation_id: str) -> None:
     pipe.delete(membership_key(conversation_id))
 
 
+def membership_refill_sync(client: Any, *, conversation_id: str, generation: bytes | str | int | None) -> \
+        list[str] | None:
+    """Read the conversation's members from MongoDB and cache them, unless the generation moved from
+    ``generation`` (read by the caller before this) meanwhile: then an invalidation came in after a read that
+    may predate its change, and nothing is written (the next reader refills). Returns what MongoDB said (None:
+    no such conversation). For sync code with a sync ``redis.Redis`` client; side effect: the cached set."""
+    found = _members_query(conversation_id)
+    client.eval(_MEMBERS_REFILL_LUA, 2, membership_key(conversation_id), membership_generation_key(conversation_id),
+                b"" if generation is None else generation,
+                MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S, *(found or [_NO_MEMBERS]))
+    return found
+
+
 def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
-    """The same for sync code (DRF services) with a sync ``redis.Redis`` client."""
+    """After a change of the conversation's members in MongoDB: bump the generation and drop the cached set
+    (one MULTI), then write the new set read from MongoDB after the bump, so the next send finds it in Redis
+    and reads no MongoDB (issue 16's cold start); then PUBLISH the invalidation to the brokers. The write is
+    the refill's compare-and-set on the generation this bump returned, not part of the MULTI: a set read
+    before the bump could be older than a concurrent change whose own write landed first, and would overwrite
+    it for MEMBERSHIP_TTL_S; with the compare-and-set, of two racing changes only the later bump's write can
+    land (or none, and the next send refills). For sync code (DRF services) with a sync ``redis.Redis``."""
     with client.pipeline(transaction=True) as pipe:
         _membership_invalidate_queue(pipe, conversation_id=conversation_id)
-        pipe.execute()
+        generation = pipe.execute()[0]
+    membership_refill_sync(client, conversation_id=conversation_id, generation=generation)
     client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
 
 
@@ -147,8 +177,8 @@ def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
 def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id: str) -> None:
     """Tell every broker that ``user_ids`` joined or left ``conversation_id``; their open connections start
     or stop receiving its events at once. Call after the change is saved in MongoDB (the REST services do).
-    Side effects: drops the cached members (and bumps their generation), the users' cached conversation ids
-    and the conversation's card (docs/adr/0028), PUBLISHes one control message."""
+    Side effects: rewrites the cached members from MongoDB (and bumps their generation), drops the users'
+    cached conversation ids and the conversation's card (docs/adr/0028), PUBLISHes one control message."""
     membership_invalidate_sync(client, conversation_id=conversation_id)
     selectors.user_conversations_forget(client, user_ids=list(user_ids), conversation_id=conversation_id)
     client.publish(frames.CONTROL_CHANNEL,

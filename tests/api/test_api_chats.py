@@ -226,3 +226,47 @@ def test_deleting_a_group_removes_it_for_every_member(servers: Servers) -> None:
     assert not GroupChat.objects(id=gid).first() and not Conversation.objects(id=cid).first()
     from storage.documents import Message
     assert Message.objects(conversation_id=ObjectId(cid)).count() == 0
+
+
+def test_membership_changes_leave_the_members_in_redis(servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16's cold start: every REST membership change writes the conversation's member set into Redis,
+    so the first send after it reads no MongoDB (the hot path's reader fails here if called)."""
+    alice, bob, carol = account("alice"), account("bob"), account("carol")
+
+    def no_mongodb(conversation_id: str) -> list[str] | None:
+        raise AssertionError(f"the hot path read MongoDB for {conversation_id}")
+
+    monkeypatch.setattr(membership, "_members_from_db", no_mongodb)
+    sync = redis.Redis.from_url(servers.redis_url)
+
+    def cached(cid: str) -> set[str]:
+        return {m.decode() for m in sync.smembers(membership.membership_key(cid))}
+
+    def send(who: Any, cid: str, text: str) -> int:
+        return int(who.client.post(f"/api/v1/conversations/{cid}/messages",
+                                   {"content": text, "client_msg_id": text}, format="json").status_code)
+
+    try:
+        single = alice.client.post("/api/v1/chats/single", {"username": bob.username}, format="json").json()
+        assert cached(single["conversation_id"]) == {alice.id, bob.id}
+        assert send(bob, single["conversation_id"], "s1") == 201
+
+        group = alice.client.post("/api/v1/chats/group", {"name": "Warm", "members": [bob.username]},
+                                  format="json").json()
+        gid, cid = group["group_id"], group["conversation_id"]
+        assert cached(cid) == {alice.id, bob.id}
+        assert send(alice, cid, "g1") == 201
+        assert alice.client.post(f"/api/v1/chats/group/{gid}/members", {"username": carol.username},
+                                 format="json").status_code == 201
+        assert cached(cid) == {alice.id, bob.id, carol.id}
+        assert send(carol, cid, "g2") == 201
+        assert alice.client.delete(f"/api/v1/chats/group/{gid}/members/{bob.id}").status_code == 204
+        assert cached(cid) == {alice.id, carol.id}
+        assert send(bob, cid, "g3") == 404
+        assert carol.client.delete(f"/api/v1/chats/group/{gid}/members/{carol.id}").status_code == 204  # leaves
+        assert cached(cid) == {alice.id}
+        assert send(carol, cid, "g4") == 404
+        assert alice.client.delete(f"/api/v1/chats/group/{gid}").status_code == 204
+        assert send(alice, cid, "g5") == 404
+    finally:
+        sync.close()

@@ -242,3 +242,43 @@ def test_a_removal_racing_the_cache_refill_is_not_cached(servers: Servers, conve
         run(servers, body)
     finally:
         sync.close()
+
+
+def test_two_racing_membership_changes_leave_the_later_set(servers: Servers, conversation: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write path writes the new member set (issue 16), so a stale write must not land: eve is added and
+    her change's MongoDB read returns bob still in; before that change writes its set, bob is removed (MongoDB
+    write and membership_invalidate_sync, as api.services does). bob must not come back, and the set that
+    stays is the removal's, read after both changes; the sends below never read MongoDB."""
+    query = membership._members_query
+    sync = redis.Redis.from_url(servers.redis_url)
+    interleaved: list[bool] = []
+
+    def read_then_removal(conversation_id: str) -> list[str] | None:
+        found = query(conversation_id)
+        if not interleaved:
+            interleaved.append(True)
+            Conversation.objects(id=conversation_id).update_one(pull__members=ObjectId(BOB))
+            membership.membership_invalidate_sync(sync, conversation_id=conversation_id)
+        return found
+
+    def no_mongodb(conversation_id: str) -> list[str] | None:
+        raise AssertionError("the hot path read MongoDB")
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        with pytest.raises(NotFound):
+            await services.message_send(c, user_id=BOB, conversation_id=conversation, client_msg_id="b",
+                                        content="gone")
+        await services.message_send(c, user_id=EVE, conversation_id=conversation, client_msg_id="e",
+                                    content="joined")
+
+    try:
+        Conversation.objects(id=conversation).update_one(push__members=ObjectId(EVE))
+        monkeypatch.setattr(membership, "_members_query", read_then_removal)
+        membership.membership_changed_sync(sync, user_ids=[EVE], conversation_id=conversation)
+        assert interleaved
+        assert {m.decode() for m in sync.smembers(membership.membership_key(conversation))} == {ALICE, EVE}
+        monkeypatch.setattr(membership, "_members_from_db", no_mongodb)
+        run(servers, body)
+    finally:
+        sync.close()

@@ -80,6 +80,9 @@ class Command(BaseCommand):
         if summary.get("ratio_daphne_deliveries_per_core") is not None:
             self.stdout.write(f"\nChatStream on daphne / Socket.IO, deliveries per server core-second: "
                               f"{summary['ratio_daphne_deliveries_per_core']:.2f}x")
+        for system, first in summary["p99_sent_first_second_ms"].items():
+            self.stdout.write(f"\n{system}: p99 of messages sent in the first second {first:.1f} ms, after it "
+                              f"{summary['p99_sent_after_first_second_ms'][system]:.1f} ms")
         self.stdout.write(f"\nplot: {png}\nresults: {out_dir / f'fanout-{stamp}.json'}")
 
     async def _run(self, *, workload: benchmark.Workload, systems: list[str], opts: dict[str, Any],
