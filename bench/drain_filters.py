@@ -6,7 +6,8 @@ scan the collection: the measurement behind the drain's "``_id``-keyed writes on
 Each size is seeded from empty (``messages`` with the chat schema over ``--conversations`` conversations, and
 as many ``conversations`` documents with a ``lastMessage``); then, median and max of ``--tries`` (ms):
 
-* ``update_id``: ``update_one({_id}, $set)`` of one message,
+* ``update_id``: ``update_one({_id}, $set)`` of one message that changes nothing (the value it has),
+* ``update_id_modifying``: the same setting a new value each time (what the drain's writes do),
 * ``update_id_or_guard`` / ``_nomatch``: ``{_id, deleted: {$ne: true}, $or: [edit_seq ...]}`` (an edit's guard),
   matching and not matching,
 * ``conv_update_id_or_guard``: ``{_id: cid, $or: [{lastMessage: null}, {lastMessage.seq: {$lt}}]}``,
@@ -87,6 +88,9 @@ def main() -> None:
                 row: dict[str, Any] = {"messages": size, "conversations": len(convs)}
                 row["update_id"] = timed(lambda: db.messages.update_one(
                     {"_id": mid}, {"$set": {"read_status": "sent"}}), args.tries)  # noqa: B023
+                counter = iter(range(10**9))
+                row["update_id_modifying"] = timed(lambda: db.messages.update_one(
+                    {"_id": mid}, {"$set": {"edit_seq": next(counter)}}), args.tries)  # noqa: B023
                 row["update_id_or_guard"] = timed(lambda: db.messages.update_one(
                     {"_id": mid, "deleted": {"$ne": True}, **guard}, {"$set": {"read_status": "sent"}}),  # noqa: B023
                     args.tries)
