@@ -12,6 +12,9 @@ size (median and max of ``--tries``):
 * ``page_before``: the 50 below a seq,
 * ``find_id``: ``find_one({_id})`` of one message,
 * ``update_id``: ``update_one({_id}, $set)`` of one message,
+* ``update_id_guarded``: the same with the guard the drain used to add to ``_id`` (an edit's
+  ``{_id, deleted: {$ne: true}, $or: [edit_seq missing/None/lower]}``): FerretDB v1 pushes down only ``_id``
+  equality, so any further condition makes it scan the collection,
 * ``bucket_get``: ``find({_id: {$in: [two bucket ids]}})``: a page from the bucket collection,
 * ``bucket_get_eq``: ``find_one({_id: bucket id})``: one bucket by ``_id`` equality.
 """
@@ -122,6 +125,10 @@ def main() -> None:
                 row["find_id"] = timed(lambda: db.messages.find_one({"_id": some_id}), args.tries)  # noqa: B023
                 row["update_id"] = timed(lambda: db.messages.update_one(
                     {"_id": some_id}, {"$set": {"read_status": "sent"}}), args.tries)  # noqa: B023
+                row["update_id_guarded"] = timed(lambda: db.messages.update_one(
+                    {"_id": some_id, "deleted": {"$ne": True},  # noqa: B023
+                     "$or": [{"edit_seq": {"$exists": False}}, {"edit_seq": None}, {"edit_seq": {"$lt": 10**9}}]},
+                    {"$set": {"read_status": "sent"}}), args.tries)
                 ids = [f"{cid}:{(top - 1) // BUCKET}", f"{cid}:{max(0, (top - 1) // BUCKET - 1)}"]
                 row["bucket_get"] = timed(lambda: list(db.message_buckets.find({"_id": {"$in": ids}})),  # noqa: B023
                                           args.tries)

@@ -290,7 +290,7 @@ def _insert_new(db: Any, items: list[_Item]) -> None:
             what = "refused" if err.get("code") == REFUSED else f"error {err.get('code')}"
             item.failure = f"messages insert {what}: {err.get('errmsg', '')}"[:1000]
     if dup:
-        there = {d["_id"] for d in db.messages.find({"_id": {"$in": list(dup)}}, {"_id": 1})}
+        there = messages_existing(db, ids=list(dup))  # by _id each: $in scans on FerretDB v1
         for mid, item in dup.items():
             if mid not in there:
                 assert item.event is not None
@@ -320,7 +320,7 @@ def _insert_versions(db: Any, items: list[_Item]) -> None:
             item.failure = f"message_versions insert error {err.get('code')}: {err.get('errmsg', '')}"[:1000]
 
 
-def _message_ops(items: list[_Item], single_chats: set[ObjectId]) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
+def _message_ops(items: list[_Item], seen: _Seen) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
     """The update statements of the batch on ``messages`` (edits, deletes, 1:1 read marks), each with the
     items it carries: first each item's own statement in stream order, then the statements a rule makes for
     all of its type's items at once."""
@@ -329,19 +329,19 @@ def _message_ops(items: list[_Item], single_chats: set[ObjectId]) -> tuple[list[
     pending = [i for i in items if i.event is not None and i.failure is None and i.dead is None]
     for item in pending:
         update = _rule(item).message_update
-        if update is not None:
-            ops.append(update(item))
+        if update is not None and (op := update(item, seen)) is not None:
+            ops.append(op)
             owners.append([item])
     for type_, rule in EVENT_RULES.items():
         if rule.message_updates is not None:
-            batched = rule.message_updates([i for i in pending if i.event and i.event.type == type_], single_chats)
+            batched = rule.message_updates([i for i in pending if i.event and i.event.type == type_], seen)
             for op, group in batched:
                 ops.append(op)
                 owners.append(group)
     return ops, owners
 
 
-def _conversation_ops(items: list[_Item]) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
+def _conversation_ops(items: list[_Item], seen: _Seen) -> tuple[list[dict[str, Any]], list[list[_Item]]]:
     """Per conversation: one ``$max`` of what each item's rule contributes (last_seq, updated_at, read
     cursors); then what a rule makes of all its type's items (lastMessage moved only forward); then each
     item's own statement in stream order (an edit or delete of the current lastMessage mirrored into it, only
@@ -353,6 +353,8 @@ def _conversation_ops(items: list[_Item]) -> tuple[list[dict[str, Any]], list[li
     ops: list[dict[str, Any]] = []
     owners: list[list[_Item]] = []
     for cid, group in by_conv.items():
+        if seen.conversation(cid) is None:
+            continue  # no such document: every statement would match nothing (and scan on FerretDB v1)
         maxes: dict[str, Any] = {}
         for item in group:
             for path, value in _rule(item).conversation_max(item).items():
@@ -364,13 +366,13 @@ def _conversation_ops(items: list[_Item]) -> tuple[list[dict[str, Any]], list[li
             if rule.conversation_updates is not None:
                 mine = [i for i in group if i.event and i.event.type == type_]
                 if mine:
-                    for op, carried in rule.conversation_updates(cid, mine):
+                    for op, carried in rule.conversation_updates(cid, mine, seen):
                         ops.append(op)
                         owners.append(carried)
         for item in group:
             update = _rule(item).conversation_update
-            if update is not None:
-                ops.append(update(cid, item))
+            if update is not None and (own := update(cid, item, seen)) is not None:
+                ops.append(own)
                 owners.append([item])
     return ops, owners
 
@@ -382,27 +384,70 @@ def _conversation_ops(items: list[_Item]) -> tuple[list[dict[str, Any]], list[li
 
 @dataclass(frozen=True, slots=True)
 class EventRule:
-    """How the drain applies one event type. Every function is pure (parsed items in, statements out).
+    """How the drain applies one event type. Every function is pure but for ``_Seen``: it reads the documents
+    it guards on by ``_id`` and records there what its statements change.
 
     ``parse``: the payload checked and converted (raises MalformedEntry). ``document``: the ``messages``
-    document it inserts. ``message_update``: its own guarded update of ``messages``. ``message_updates``:
-    statements for all the batch's items of the type at once, with the items each carries (given the 1:1
-    chats among their conversations, looked up when ``needs_chat_type``). ``needs_message``: left pending
-    while its message is not in MongoDB. ``conversation_max``: the fields it raises with ``$max`` on its
-    conversation. ``conversation_updates``: statements on the conversation for all of the type's items in it.
-    ``conversation_update``: its own statement on its conversation."""
+    document it inserts. ``message_update``: its own update of ``messages`` (None: its guard says there is
+    nothing to write). ``message_updates``: statements for all the batch's items of the type at once, with the
+    items each carries. Every statement filters on ``_id`` equality alone; its guard is decided from the
+    documents read by ``_id`` (``_Seen``). ``needs_message``: left pending while its message is not in MongoDB.
+    ``needs_chat_type``: reads its conversation's type. ``conversation_max``: the fields it raises with
+    ``$max`` on its conversation. ``conversation_updates``: statements on the conversation for all of the
+    type's items in it. ``conversation_update``: its own statement on its conversation (None: nothing)."""
 
     parse: Callable[[Event], dict[str, Any]]
     conversation_max: Callable[[_Item], dict[str, Any]]
     document: Callable[[_Item], dict[str, Any]] | None = None
-    message_update: Callable[[_Item], dict[str, Any]] | None = None
-    message_updates: Callable[[list[_Item], set[ObjectId]], list[tuple[dict[str, Any], list[_Item]]]] | None = None
+    message_update: Callable[[_Item, _Seen], dict[str, Any] | None] | None = None
+    message_updates: Callable[[list[_Item], _Seen], list[tuple[dict[str, Any], list[_Item]]]] | None = None
     needs_message: bool = False
     needs_chat_type: bool = False
-    conversation_updates: Callable[[ObjectId, list[_Item]], list[tuple[dict[str, Any], list[_Item]]]] | None = None
-    conversation_update: Callable[[ObjectId, _Item], dict[str, Any]] | None = None
+    conversation_updates: Callable[[ObjectId, list[_Item], _Seen], list[tuple[dict[str, Any], list[_Item]]]] | None \
+        = None
+    conversation_update: Callable[[ObjectId, _Item, _Seen], dict[str, Any] | None] | None = None
     # The ``message_versions`` documents it inserts (``_id`` "<message id>:<seq>": a redelivery is a duplicate).
     versions: Callable[[_Item], list[dict[str, Any]]] | None = None
+
+
+@dataclass
+class _Seen:
+    """The documents the drain is about to update, each read once by ``_id`` equality (memoized for the batch)
+    and then kept up to date with the statements the batch emits. Why: FerretDB v1 pushes only ``_id``
+    equality down, and a filter with more conditions that does not match (an older edit, a lastMessage that
+    is not the edited message, a redelivery) makes it scan the whole collection (bench/drain_filters.py:
+    509 ms at 10,000 messages against 0.4 ms when it matches). So every drain statement filters on ``_id``
+    alone and its guard is decided here, from the document as read: safe because a partition's drain holds
+    its lease (one drain per partition at a time, and a conversation's events are all in one partition).
+    Side effect: ``find_one`` reads, no writes."""
+
+    db: Any
+    messages: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    conversations: dict[ObjectId, dict[str, Any] | None] = field(default_factory=dict)
+    buckets: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+
+    def message(self, mid: str) -> dict[str, Any] | None:
+        if mid not in self.messages:
+            self.messages[mid] = self.db.messages.find_one({"_id": mid}, {"seq": 1, "deleted": 1, "edit_seq": 1})
+        return self.messages[mid]
+
+    def conversation(self, cid: ObjectId) -> dict[str, Any] | None:
+        if cid not in self.conversations:
+            self.conversations[cid] = self.db.conversations.find_one(
+                {"_id": cid}, {"type": 1, "lastMessage": 1, "read_cursors": 1})
+        return self.conversations[cid]
+
+    def bucket(self, bid: str) -> dict[str, Any] | None:
+        if bid not in self.buckets:
+            self.buckets[bid] = self.db.message_buckets.find_one({"_id": bid})
+        return self.buckets[bid]
+
+
+def _older_edit(doc: dict[str, Any], seq: int) -> bool:
+    """Whether ``doc``'s ``edit_seq`` (missing, None or lower) is older than ``seq``: the guard the statements
+    carried as ``$or`` in their filter, decided on the document read by ``_id``."""
+    current = doc.get("edit_seq")
+    return current is None or (isinstance(current, int) and current < seq)
 
 
 def _ev(item: _Item) -> Event:
@@ -432,15 +477,19 @@ def _new_conversation_max(i: _Item) -> dict[str, Any]:
     return {"last_seq": max(_ev(i).seq, 0), "updated_at": i.doc["timestamp"]}
 
 
-def _new_last_message(cid: ObjectId, news: list[_Item]) -> list[tuple[dict[str, Any], list[_Item]]]:
+def _new_last_message(cid: ObjectId, news: list[_Item], seen: _Seen) -> list[tuple[dict[str, Any], list[_Item]]]:
     """lastMessage becomes the conversation's newest message of the batch, unless it shows a newer one."""
     last_new = news[-1]
     d, seq = last_new.doc, _ev(last_new).seq
-    older = [{"lastMessage": None}, {"lastMessage.seq": {"$lt": seq}}]
-    return [({"q": {"_id": cid, "$or": older},
-              "u": {"$set": {"lastMessage": {"id": d["id"], "seq": seq, "sender_id": str(d["sender_id"]),
-                                             "content": d["content"], "timestamp": d["timestamp"],
-                                             "deleted": False}}}}, [last_new])]
+    conv = seen.conversation(cid)
+    shown = conv.get("lastMessage") if conv is not None else None
+    if conv is None or (shown is not None and not (isinstance(shown, dict) and isinstance(shown.get("seq"), int)
+                                                    and shown["seq"] < seq)):
+        return []  # no such conversation, or it shows this message or a newer one already
+    last = {"id": d["id"], "seq": seq, "sender_id": str(d["sender_id"]), "content": d["content"],
+            "timestamp": d["timestamp"], "deleted": False}
+    conv["lastMessage"] = dict(last)
+    return [({"q": {"_id": cid}, "u": {"$set": {"lastMessage": last}}}, [last_new])]
 
 
 # message.edited and message.deleted
@@ -480,18 +529,23 @@ def _deleted_parse(event: Event) -> dict[str, Any]:
     return {"id": _text(event.data, "id"), "deleted_at": _time(event.data.get("deleted_at"), "deleted_at")}
 
 
-def _newer_edit(seq: int) -> dict[str, Any]:
-    # Guarded by the event's seq: an older edit arriving late (redelivery, retry) matches nothing.
-    return {"$or": [{"edit_seq": {"$exists": False}}, {"edit_seq": None}, {"edit_seq": {"$lt": seq}}]}
-
-
-def _edited_update(i: _Item) -> dict[str, Any]:
+def _edited_update(i: _Item, seen: _Seen) -> dict[str, Any] | None:
+    # Guarded by the event's seq: an older edit arriving late (redelivery, retry), or one of a deleted
+    # message, writes nothing.
     seq = _ev(i).seq
-    return {"q": {"_id": i.doc["id"], "deleted": {"$ne": True}, **_newer_edit(seq)},
+    message = seen.message(i.doc["id"])
+    if message is None or message.get("deleted") is True or not _older_edit(message, seq):
+        return None
+    message["edit_seq"] = seq
+    return {"q": {"_id": i.doc["id"]},
             "u": {"$set": {"content": i.doc["content"], "edited_at": i.doc["edited_at"], "edit_seq": seq}}}
 
 
-def _deleted_update(i: _Item) -> dict[str, Any]:
+def _deleted_update(i: _Item, seen: _Seen) -> dict[str, Any] | None:
+    message = seen.message(i.doc["id"])
+    if message is None:
+        return None  # not persisted yet: the entry is deferred
+    message.update(deleted=True, edit_seq=_ev(i).seq)
     return {"q": {"_id": i.doc["id"]}, "u": {"$set": {
         "deleted": True, "content": "", "deleted_at": i.doc["deleted_at"], "edit_seq": _ev(i).seq}}}
 
@@ -500,19 +554,24 @@ def _sequenced_conversation_max(i: _Item) -> dict[str, Any]:
     return {"last_seq": max(_ev(i).seq, 0)}
 
 
-def _last_message_mirror(cid: ObjectId, i: _Item, change: dict[str, Any]) -> dict[str, Any]:
+def _last_message_mirror(cid: ObjectId, i: _Item, change: dict[str, Any], seen: _Seen) -> dict[str, Any] | None:
+    """The edit or delete mirrored into lastMessage if it shows that message and no newer change of it."""
     seq = _ev(i).seq
-    return {"q": {"_id": cid, "lastMessage.id": i.doc["id"],
-                  "$or": [{"lastMessage.edit_seq": {"$exists": False}}, {"lastMessage.edit_seq": {"$lt": seq}}]},
-            "u": {"$set": {**change, "lastMessage.edit_seq": seq}}}
+    conv = seen.conversation(cid)
+    shown = conv.get("lastMessage") if conv is not None else None
+    if not isinstance(shown, dict) or shown.get("id") != i.doc["id"] \
+            or ("edit_seq" in shown and not (isinstance(shown["edit_seq"], int) and shown["edit_seq"] < seq)):
+        return None
+    shown.update({k.removeprefix("lastMessage."): v for k, v in change.items()}, edit_seq=seq)
+    return {"q": {"_id": cid}, "u": {"$set": {**change, "lastMessage.edit_seq": seq}}}
 
 
-def _edited_last_message(cid: ObjectId, i: _Item) -> dict[str, Any]:
-    return _last_message_mirror(cid, i, {"lastMessage.content": i.doc["content"]})
+def _edited_last_message(cid: ObjectId, i: _Item, seen: _Seen) -> dict[str, Any] | None:
+    return _last_message_mirror(cid, i, {"lastMessage.content": i.doc["content"]}, seen)
 
 
-def _deleted_last_message(cid: ObjectId, i: _Item) -> dict[str, Any]:
-    return _last_message_mirror(cid, i, {"lastMessage.content": "", "lastMessage.deleted": True})
+def _deleted_last_message(cid: ObjectId, i: _Item, seen: _Seen) -> dict[str, Any] | None:
+    return _last_message_mirror(cid, i, {"lastMessage.content": "", "lastMessage.deleted": True}, seen)
 
 
 # read.updated
@@ -527,17 +586,39 @@ def _read_parse(event: Event) -> dict[str, Any]:
     return {"user_id": str(_oid(event.data.get("user_id"), "user_id")), "seq": seq}
 
 
-def _read_status_updates(reads: list[_Item], single_chats: set[ObjectId]) -> list[tuple[dict[str, Any], list[_Item]]]:
-    """1:1 chats mirror the cursor into read_status of the other member's messages: one statement per reader
-    and conversation (an update by conversation scans the collection on FerretDB v1: keep them few)."""
+# The most seqs one reader's cursor move mirrors into read_status (2 buckets of BUCKET_SEQS, so at most 2
+# bucket reads and 100 one-message statements, ~50 ms on FerretDB v1): a reader catching up on more leaves the
+# older messages' stored read_status at "sent"; history derives read_status from the read cursors anyway
+# (api.selectors), so what users see is unaffected.
+READ_MIRROR_MAX = 2 * BUCKET_SEQS
+
+
+def _read_status_updates(reads: list[_Item], seen: _Seen) -> list[tuple[dict[str, Any], list[_Item]]]:
+    """1:1 chats mirror the cursor into read_status of the other member's messages, by their ``_id``: the
+    messages between the reader's stored cursor and the new one (at most ``READ_MIRROR_MAX``), found in the
+    conversation's ``message_buckets`` read by ``_id`` (an update by conversation scans the collection on
+    FerretDB v1). A redelivered or older cursor is at or below the stored one: nothing to write."""
     by_reader: dict[tuple[ObjectId, str], list[_Item]] = {}
     for item in reads:
-        if item.conversation in single_chats:
+        assert item.conversation is not None
+        conv = seen.conversation(item.conversation)
+        if conv is not None and conv.get("type") == "single":
             by_reader.setdefault((item.conversation, item.doc["user_id"]), []).append(item)
-    return [({"q": {"conversation_id": cid, "seq": {"$lte": max(i.doc["seq"] for i in group)},
-                    "sender_id": {"$ne": ObjectId(user)}, "read_status": {"$ne": "read"}},
-              "u": {"$set": {"read_status": "read"}}, "multi": True}, group)
-            for (cid, user), group in by_reader.items()]
+    out: list[tuple[dict[str, Any], list[_Item]]] = []
+    for (cid, user), group in by_reader.items():
+        conv = seen.conversation(cid)
+        assert conv is not None
+        stored = (conv.get("read_cursors") or {}).get(user)
+        top = max(i.doc["seq"] for i in group)
+        low = max(stored if isinstance(stored, int) else 0, top - READ_MIRROR_MAX)
+        bids = sorted({bucket_id(str(cid), seq) for seq in range(low + 1, top + 1)})
+        for bid in bids:
+            bucket = seen.bucket(bid)
+            for key, m in sorted(((bucket or {}).get("m") or {}).items()):
+                if (isinstance(m, dict) and low < int(key) <= top and str(m.get("sender_id")) != user
+                        and m.get("id")):
+                    out.append(({"q": {"_id": m["id"]}, "u": {"$set": {"read_status": "read"}}}, group))
+    return out
 
 
 def _read_conversation_max(i: _Item) -> dict[str, Any]:
@@ -571,7 +652,12 @@ def message_event_write(*, event: Event) -> bool:
     update = _rule(item).message_update
     if update is None:
         raise ValueError(f"{event.type} has no statement of its own on messages")
-    for _owners, reason, _deterministic in _update("messages", [update(item)], [[item]]):
+    op = update(item, _Seen(get_db()))
+    if op is None:
+        logger.warning("storage.write_now %s of message %s not written (the drain applies it): nothing to write "
+                       "(no such message yet, or a newer change)", event.type, item.doc["id"])
+        return False
+    for _owners, reason, _deterministic in _update("messages", [op], [[item]]):
         logger.warning("storage.write_now %s of message %s not written (the drain applies it): %s", event.type,
                        item.doc["id"], reason)
         return False
@@ -676,12 +762,10 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         return result
     try:
         db = get_db()
-        read_convs = list({i.conversation for i in live if _rule(i).needs_chat_type})
-        single = {c["_id"] for c in db.conversations.find({"_id": {"$in": read_convs}, "type": "single"},
-                                                          {"_id": 1})} if read_convs else set()
+        seen = _Seen(db)  # read by _id after the inserts below, under the lease
         _insert_new(db, live)
-        buckets_write(db, live)
-        ops, owners = _message_ops(live, single)
+        buckets_write(db, live, seen=seen)
+        ops, owners = _message_ops(live, seen)
         for group, reason, deterministic in _update("messages", ops, owners):
             for owner in group:
                 owner.dead, owner.failure = (reason, None) if deterministic else (None, reason)
@@ -689,14 +773,14 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         # left pending and retried: it would otherwise be lost.
         targets = {i.doc["id"] for i in live if _rule(i).needs_message and i.failure is None and i.dead is None}
         if targets:
-            found = messages_existing(db, ids=list(targets))
+            found = {mid for mid in targets if seen.message(mid) is not None}
             for i in live:
                 if (_rule(i).needs_message and i.doc["id"] not in found
                         and i.failure is None and i.dead is None):
                     i.failure = f"message {i.doc['id']} is not persisted yet"
         _insert_versions(db, live)
         ok = [i for i in live if i.failure is None and i.dead is None]
-        cops, cowners = _conversation_ops(ok)
+        cops, cowners = _conversation_ops(ok, seen)
         for group, reason, _det in _update("conversations", cops, cowners):
             for owner in group:
                 owner.failure = reason
@@ -739,11 +823,12 @@ def messages_existing(db: Any, *, ids: list[str]) -> set[str]:
     return {i for i in ids if db.messages.find_one({"_id": i}, {"_id": 1}) is not None}
 
 
-def buckets_write(db: Any, items: list[_Item]) -> None:
+def buckets_write(db: Any, items: list[_Item], *, seen: _Seen | None = None) -> None:
     """Mirror the batch into ``message_buckets`` with inserts and ``_id``-keyed updates only: one unordered
     ``insert`` of the shells of every bucket a sequenced event falls in (a duplicate ``_id``: it exists), one
     unordered ``update`` per bucket ``$set``-ing its new messages under their seq (idempotent), then one
-    guarded update per edit/delete (its message's seq found by ``_id``). Entries that failed or are dead
+    update by ``_id`` per edit/delete (its message's seq found by ``_id``; its guard decided on the bucket read by
+    ``_id``, ``seen``, as FerretDB v1 scans for a filter that does not match). Entries that failed or are dead
     are skipped. Raises the transient pymongo errors; any other write error fails the batch (it is retried),
     since the buckets must not miss a message the entry's ack would declare persisted."""
     live = [i for i in items if i.event is not None and i.event.seq > 0 and i.failure is None and i.dead is None]
@@ -773,21 +858,30 @@ def buckets_write(db: Any, items: list[_Item]) -> None:
                            updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         _buckets_raise(reply.get("writeErrors") or [])
     changes = [i for i in live if i.event is not None and i.event.type in ("message.edited", "message.deleted")]
+    seen = seen or _Seen(db)
     ops = []
     for i in changes:
         assert i.event is not None
-        found = db.messages.find_one({"_id": i.doc["id"]}, {"seq": 1})  # by _id: no scan, even on FerretDB
+        found = seen.message(i.doc["id"])  # by _id: no scan, even on FerretDB
         if found is None:
             continue  # not persisted yet: the drain defers this entry and comes back
-        path = f"m.{int(found['seq'])}"
-        newer = {"$or": [{f"{path}.edit_seq": {"$exists": False}}, {f"{path}.edit_seq": None},
-                         {f"{path}.edit_seq": {"$lt": i.event.seq}}]}
-        q = {"_id": bucket_id(i.event.conversation_id, int(found["seq"])), f"{path}.id": i.doc["id"], **newer}
+        seq = int(found["seq"])
+        path = f"m.{seq}"
+        bid = bucket_id(i.event.conversation_id, seq)
+        bucket = seen.bucket(bid)
+        entry = ((bucket or {}).get("m") or {}).get(str(seq))
+        if not isinstance(entry, dict) or entry.get("id") != i.doc["id"] or not _older_edit(entry, i.event.seq):
+            continue  # not in its bucket (a partial one), or a newer change is there already
+        q = {"_id": bid}
         if i.event.type == "message.edited":
-            ops.append({"q": {**q, f"{path}.deleted": {"$ne": True}}, "u": {"$set": {
+            if entry.get("deleted") is True:
+                continue
+            entry.update(edit_seq=i.event.seq)
+            ops.append({"q": q, "u": {"$set": {
                 f"{path}.content": i.doc["content"], f"{path}.edited_at": i.doc["edited_at"],
                 f"{path}.edit_seq": i.event.seq}}})
         else:
+            entry.update(deleted=True, edit_seq=i.event.seq)
             ops.append({"q": q, "u": {"$set": {f"{path}.deleted": True, f"{path}.content": "",
                                                f"{path}.deleted_at": i.doc["deleted_at"],
                                                f"{path}.edit_seq": i.event.seq}}})

@@ -538,3 +538,73 @@ def test_a_read_mark_whose_seq_does_not_fit_in_64_bits_is_dead_lettered_alone(
     results = _drain_until_settled(PARTITION)
     assert len(results) == 1 and results[0].dead_lettered == 1 and results[0].persisted == 10
     _assert_only_the_bad_entry_is_dead(r, mixed, "does not fit in 64 bits")
+
+
+def test_every_statement_and_read_of_the_drain_is_keyed_by_id_equality_alone(
+        servers: Servers, r: redis.Redis, monkeypatch: Any) -> None:
+    """FerretDB v1 pushes only ``_id`` equality down: a filter with anything else (a guard that does not match,
+    ``$in``, a conversation's messages) scans the collection (bench/drain_filters.py). So every update statement
+    and every read of the drain names one ``_id``, including redeliveries in the worst order, older edits and
+    the 1:1 read-status mirror; and the result is still right."""
+    drain_until_empty(PARTITION)
+    alice, bob = str(ObjectId()), str(ObjectId())
+    cid = conversation_in(PARTITION)
+    make_conversation(cid, [alice, bob])
+    group = conversation_in(PARTITION)
+    make_conversation(group, [alice, bob, str(ObjectId())], type="group")
+    ids = [a.message_id for a in send_messages(servers.redis_url, cid, alice, 5)]
+    send_messages(servers.redis_url, group, alice, 2)
+    append_events(servers.redis_url, [
+        edit_event(cid, ids[1], "first edit", alice), edit_event(cid, ids[1], "second edit", alice),
+        delete_event(cid, ids[2], alice), read_event(cid, bob, 4), read_event(group, bob, 2),
+        edit_event(cid, ids[4], "last one, edited", alice)])
+    real_get_db = services.get_db
+    filters: list[tuple[str, str, Any]] = []
+
+    class Recording:  # a collection that records the filters it is read with
+        def __init__(self, coll: Any) -> None:
+            self.coll = coll
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("find", "find_one"):
+                def read(flt: Any, *args: Any, **kwargs: Any) -> Any:
+                    filters.append((name, self.coll.name, flt))
+                    return getattr(self.coll, name)(flt, *args, **kwargs)
+                return read
+            return getattr(self.coll, name)
+
+    class RecordingDb:  # the drain's database, recording every update statement and every read
+        def __init__(self) -> None:
+            self.db = real_get_db()
+
+        def __getattr__(self, name: str) -> Any:
+            return Recording(getattr(self.db, name))
+
+        def command(self, name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == "update":
+                filters.extend(("update", args[0], s["q"]) for s in kwargs["updates"])
+            return self.db.command(name, *args, **kwargs)
+
+    monkeypatch.setattr(services, "get_db", RecordingDb)
+    drain_until_empty(PARTITION)
+    db = get_db()
+    msgs = list(db.messages.find({"conversation_id": ObjectId(cid)}).sort("seq", 1))
+    conv = db.conversations.find_one({"_id": ObjectId(cid)})
+    assert [m["content"] for m in msgs] == ["m0", "second edit", "", "m3", "last one, edited"]
+    assert [m["read_status"] for m in msgs] == ["read"] * 4 + ["sent"]
+    assert conv["lastMessage"]["content"] == "last one, edited" and conv["read_cursors"] == {bob: 4}
+    # Redelivered newest first, and an older cursor: nothing changes, and still only _id.
+    key = stream_key(PARTITION)
+    entries: Any = r.xrange(key)
+    for _eid, fields in reversed(entries):
+        if fields[b"c"].decode() == cid:
+            r.xadd(key, fields)
+    append_events(servers.redis_url, [read_event(cid, bob, 2)])
+    drain_until_empty(PARTITION)
+    assert list(db.messages.find({"conversation_id": ObjectId(cid)}).sort("seq", 1)) == msgs
+    assert db.conversations.find_one({"_id": ObjectId(cid)}) == conv
+
+    assert {kind for kind, _, _ in filters} >= {"update", "find_one"}
+    not_by_id = [(kind, coll, flt) for kind, coll, flt in filters
+                 if set(flt) != {"_id"} or isinstance(flt["_id"], dict)]
+    assert not_by_id == []
