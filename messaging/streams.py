@@ -168,7 +168,11 @@ local function recent_apply(zkey, dkey, wkey, ekey, t, cid, payload, mid, seq, n
       end
     end
   elseif t == 'message.edited' or t == 'message.deleted' then
-    local ev = cjson.decode(payload)
+    -- The XADD above has happened: an error now would answer a failure for an appended event (Redis does not
+    -- roll a script back). A payload cjson cannot read (the write path refuses such content; a stray entry
+    -- could still carry one) leaves the window alone: the drain dead-letters the entry.
+    local ok, ev = pcall(cjson.decode, payload)
+    if not ok or type(ev) ~= 'table' then return end
     local cur = redis.call('HGET', dkey, mid)
     if cur then
       local doc = cjson.decode(cur)

@@ -392,7 +392,7 @@ class EventRule:
     nothing to write). ``message_updates``: statements for all the batch's items of the type at once, with the
     items each carries. Every statement filters on ``_id`` equality alone; its guard is decided from the
     documents read by ``_id`` (``_Seen``). ``needs_message``: left pending while its message is not in MongoDB.
-    ``needs_chat_type``: reads its conversation's type. ``conversation_max``: the fields it raises with
+    ``conversation_max``: the fields it raises with
     ``$max`` on its conversation. ``conversation_updates``: statements on the conversation for all of the
     type's items in it. ``conversation_update``: its own statement on its conversation (None: nothing)."""
 
@@ -402,7 +402,6 @@ class EventRule:
     message_update: Callable[[_Item, _Seen], dict[str, Any] | None] | None = None
     message_updates: Callable[[list[_Item], _Seen], list[tuple[dict[str, Any], list[_Item]]]] | None = None
     needs_message: bool = False
-    needs_chat_type: bool = False
     conversation_updates: Callable[[ObjectId, list[_Item], _Seen], list[tuple[dict[str, Any], list[_Item]]]] | None \
         = None
     conversation_update: Callable[[ObjectId, _Item, _Seen], dict[str, Any] | None] | None = None
@@ -634,7 +633,7 @@ EVENT_RULES: dict[str, EventRule] = {
     "message.deleted": EventRule(parse=_deleted_parse, message_update=_deleted_update, needs_message=True,
                                  conversation_max=_sequenced_conversation_max,
                                  conversation_update=_deleted_last_message, versions=_deleted_versions),
-    "read.updated": EventRule(parse=_read_parse, message_updates=_read_status_updates, needs_chat_type=True,
+    "read.updated": EventRule(parse=_read_parse, message_updates=_read_status_updates,
                               conversation_max=_read_conversation_max),
 }
 
@@ -885,9 +884,22 @@ def buckets_write(db: Any, items: list[_Item], *, seen: _Seen | None = None) -> 
             ops.append({"q": q, "u": {"$set": {f"{path}.deleted": True, f"{path}.content": "",
                                                f"{path}.deleted_at": i.doc["deleted_at"],
                                                f"{path}.edit_seq": i.event.seq}}})
+    # An edit whose content no store can hold fails its own messages update next, where it is isolated and
+    # dead-lettered (docs/adr/0025); here it must not fail the bucket writes of the whole batch first.
+    ops = [op for op in ops if _encodable(op)]
     for at in range(0, len(ops), UPDATE_STATEMENTS_MAX):
         reply = db.command("update", "message_buckets", updates=ops[at:at + UPDATE_STATEMENTS_MAX], ordered=True)
         _buckets_raise(reply.get("writeErrors") or [])
+
+
+def _encodable(statement: dict[str, Any]) -> bool:
+    """Whether pymongo can encode ``statement`` (a lone surrogate, a NUL in a key or an integer past 64 bits
+    cannot be sent at all)."""
+    try:
+        bson.encode(statement)
+    except (bson.errors.InvalidDocument, UnicodeEncodeError, OverflowError, ValueError):
+        return False
+    return True
 
 
 def _buckets_raise(errors: list[dict[str, Any]]) -> None:
