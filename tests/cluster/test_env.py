@@ -60,3 +60,17 @@ def test_env_url_rejects_malformed(monkeypatch: pytest.MonkeyPatch, raw: str, me
 def test_env_url_accepts_good(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CS_T_URL", "redis://127.0.0.1:6380/2")
     assert env_url("CS_T_URL", None, schemes=("redis",)) == "redis://127.0.0.1:6380/2"
+
+
+def test_every_setting_read_from_the_environment_is_in_env_example() -> None:
+    """`.env.example` is where users find every variable (README, Configuration): a setting added without
+    its line there fails here."""
+    import re
+
+    from chatstream_site.localservers import ROOT
+
+    settings_source = (ROOT / "chatstream_site" / "settings" / "__init__.py").read_text()
+    read = set(re.findall(r'env_[a-z]+\("([A-Z][A-Z0-9_]+)"', settings_source))
+    example = (ROOT / ".env.example").read_text()
+    assert read, "no env_* call found: the pattern no longer matches settings"
+    assert sorted(v for v in read if v not in example) == []
