@@ -20,7 +20,7 @@ from django_ratelimit.exceptions import Ratelimited
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 
-from chatstream_site.errors import Conflict, DomainError, RateLimited, Unavailable, ValidationFailed
+from chatstream_site.errors import Conflict, DomainError, RateLimited, Unavailable, ValidationFailed, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ UNAVAILABLE_RETRY_AFTER_S = 5
 
 
 def _body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details or {}}}
+    return error_body(code=code, message=message, details=details)
 
 
 def _domain_response(exc: DomainError) -> Response:

@@ -19,6 +19,7 @@ from django.core.asgi import get_asgi_application
 
 django_application = get_asgi_application()  # sets Django up before anything imports models
 
+from chatstream_site.errors import error_body  # noqa: E402
 from chatstream_site.roles import heartbeat_start  # noqa: E402
 from messaging.routing import broker_lifespan, websocket_application  # noqa: E402
 
@@ -28,8 +29,8 @@ BROKER_HTTP_PATHS = frozenset({"/healthz", "/readyz"})
 def broker_http(app: Any) -> Any:
     """The broker's HTTP: its health views only. Everything else (the admin, the API) is the api role's and
     is answered 404 here, so a broker's port exposes nothing of it (docs/security.md)."""
-    body = json.dumps({"error": {"code": "not_found", "message": "a broker serves /ws/, /healthz and /readyz only",
-                                 "details": {}}}).encode()
+    body = json.dumps(error_body(code="not_found",
+                                 message="a broker serves /ws/, /healthz and /readyz only")).encode()
 
     async def serve(scope: Any, receive: Any, send: Any) -> None:
         if scope.get("path") in BROKER_HTTP_PATHS:

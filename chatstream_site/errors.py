@@ -22,7 +22,13 @@ class DomainError(Exception):
             self.code = code
 
     def as_body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        return error_body(code=self.code, message=self.message, details=self.details)
+
+
+def error_body(*, code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one error shape of every HTTP answer of every role (docs/interface.md):
+    ``{"error": {"code", "message", "details"}}``. Pure."""
+    return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
 class ValidationFailed(DomainError):

@@ -18,6 +18,8 @@ import redis
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
+from chatstream_site.errors import error_body
+
 logger = logging.getLogger(__name__)
 
 
@@ -127,8 +129,8 @@ def health_server_start(*, port: int, extra_routes: dict[str, Route] | None = No
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             route = routes.get(self.path.split("?", 1)[0])
-            status, ctype, body = route() if route else _json(404, {"error": {
-                "code": "not_found", "message": f"no route {self.path}", "details": {}}})
+            status, ctype, body = route() if route else _json(404, error_body(
+                code="not_found", message=f"no route {self.path}"))
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))

@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 
+from chatstream_site.errors import error_body
 from chatstream_site.health import healthz_view, readyz_view
 
 urlpatterns = [
@@ -18,13 +19,13 @@ urlpatterns = [
 def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     """JSON 404 everywhere (docs/interface.md error body), so API clients never have to parse HTML."""
     return JsonResponse(
-        {"error": {"code": "not_found", "message": f"no route for {request.path}", "details": {}}}, status=404
+        error_body(code="not_found", message=f"no route for {request.path}"), status=404
     )
 
 
 def server_error(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
-        {"error": {"code": "internal", "message": "internal error; it has been logged", "details": {}}},
+        error_body(code="internal", message="internal error; it has been logged"),
         status=500,
     )
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.tokens import TicketOwner
+from chatstream_site import errors
 from gateway.routes import Route
 
 Scope = MutableMapping[str, Any]
@@ -56,8 +57,8 @@ def client_ip(scope: Scope) -> str:
 
 
 def error_body(*, code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
-    """The one error shape of every role: ``{"error": {"code", "message", "details"}}``. Pure."""
-    return json.dumps({"error": {"code": code, "message": message, "details": details or {}}}).encode()
+    """:func:`chatstream_site.errors.error_body` as the bytes of a response. Pure."""
+    return json.dumps(errors.error_body(code=code, message=message, details=details)).encode()
 
 
 async def send_response(send: Send, *, status: int, body: bytes, content_type: bytes = b"application/json",
