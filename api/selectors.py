@@ -13,13 +13,14 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
 
 from api.clients import sync_redis
 from chatstream_site.errors import NotFound
+from chatstream_site.values import as_str, iso_ms
 from messaging.bus import bus_is_cluster, bus_sync
 from messaging.events import message_meta_key
 from messaging.membership import _NO_MEMBERS as NO_MEMBERS
@@ -210,19 +211,11 @@ def user_card_key(user_id: str) -> str:
 def _conversation_card(conv: Conversation) -> dict[str, Any]:
     last = conv.last_message
     return {"type": conv.type, "room_id": str(conv.room_id), "members": [str(m) for m in conv.members],
-            "created_at": _iso(conv.created_at), "updated_at": _iso(conv.updated_at),
+            "created_at": iso_ms(conv.created_at), "updated_at": iso_ms(conv.updated_at),
             "last_seq": int(conv.last_seq or 0), "read_cursors": dict(conv.read_cursors or {}),
             "last_message": None if last is None else {
                 "id": last.id, "seq": last.seq, "sender_id": last.sender_id, "content": last.content,
-                "timestamp": _iso(last.timestamp), "deleted": bool(last.deleted)}}
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                "timestamp": iso_ms(last.timestamp), "deleted": bool(last.deleted)}}
 
 
 def _cards(keys: list[str], ids: list[str], load: Any, ttl_s: int) -> dict[str, dict[str, Any] | None]:
@@ -262,7 +255,7 @@ def _group_card_load(gid: str) -> dict[str, Any] | None:
 def _user_card_load(uid: str) -> dict[str, Any] | None:
     user = User.objects(id=ObjectId(uid)).only("id", "username", "status", "last_seen").first()
     return None if user is None else {"username": user.username, "status": user.status,
-                                      "last_seen": _iso(user.last_seen)}
+                                      "last_seen": iso_ms(user.last_seen)}
 
 
 # Per conversation, for one user: KEYS seq hash, read-cursor hash, window zset, window docs; ARGV conversation
@@ -468,10 +461,6 @@ return {floor, redis.call('HMGET', KEYS[2], unpack(ids)), edits, cursors}
 """
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 # Buckets a page may read before it falls back to a ``messages`` query (a long run of seqs taken by edits and
 # deletes has few messages per bucket); each read is ~1 ms by ``_id`` on FerretDB.
 BUCKET_READS_MAX = 20
@@ -558,7 +547,7 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
               recent_edits_key(partition, conversation_id), read_cursor_key(conversation_id)],
         args=["1" if backwards else "0", f"({after_seq}" if after_seq is not None else "-inf",
               f"({before_seq}" if before_seq is not None else "+inf", limit + 1])
-    cursors = {_s(k): int(v) for k, v in zip(raw_cursors[::2], raw_cursors[1::2], strict=True)}
+    cursors = {as_str(k): int(v) for k, v in zip(raw_cursors[::2], raw_cursors[1::2], strict=True)}
     # No window (never written, or expired with the conversation idle): everything is in the store.
     floor = int(raw_floor) if raw_floor else None
     rows = [_window_message(d, cursors=cursors, members=members) for d in docs] if floor is not None else []
@@ -569,7 +558,7 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
         stored = _store_page(conversation_id=conversation_id, after=after_seq, below=below,
                              limit=limit + 1 - (len(rows) if backwards else 0), backwards=backwards,
                              cursors=cursors, members=members)
-        edits = {_s(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
+        edits = {as_str(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
         _edits_apply(stored, edits)
         # Newest first, the window's part is above the store's; oldest first, below it.
         rows = rows + stored if backwards else (stored + rows)[:limit + 1]
@@ -766,7 +755,7 @@ def conversation_members_get(*, user_id: str, conversation_id: str) -> list[Memb
     members = [str(m) for m in conversation.members]
     users = {str(u.id): u for u in User.objects(id__in=[ObjectId(m) for m in members])
              .only("id", "username", "status", "last_seen")}
-    cursors = {(k.decode() if isinstance(k, bytes) else str(k)): int(v)
+    cursors = {as_str(k): int(v)
                for k, v in (bus_sync().hgetall(read_cursor_key(cid)) or {}).items()}
     persisted = {str(k): int(v) for k, v in (conversation.read_cursors or {}).items()}
     now = int(time.time())

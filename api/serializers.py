@@ -7,7 +7,6 @@ OpenAPI schema (schemathesis checks that the two agree).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
@@ -271,12 +270,6 @@ class ReadOut(serializers.Serializer):
     seq = serializers.IntegerField(help_text="the read cursor now in force")
 
 
-def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # MongoDB stores UTC; a naive value is UTC without its label
-        value = value.replace(tzinfo=UTC)
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class MemberOut(UserOut):

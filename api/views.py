@@ -24,9 +24,9 @@ from api.ratelimit import (
     login_success_record,
     rate_limit,
 )
-from api.serializers import iso
 from api.tokens import Claims
 from chatstream_site.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
+from chatstream_site.values import iso_ms as iso
 from messaging.services import MESSAGE_ID_RE, Accepted
 from storage.documents import Conversation, GroupChat, Message, User
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,16 +34,8 @@ sys.path.insert(0, str(ROOT))
 import pymongo  # noqa: E402
 from bson import ObjectId  # noqa: E402
 
+from bench.store_scale import timed  # noqa: E402
 from chatstream_site.localservers import ferretdb_server  # noqa: E402
-
-
-def timed(fn: Any, tries: int) -> dict[str, float]:
-    out = []
-    for _ in range(tries):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return {"p50_ms": round(statistics.median(out), 1), "max_ms": round(max(out), 1)}
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio
 from django.conf import settings
 
+from chatstream_site.values import as_str
 from messaging import frames
 
 logger = logging.getLogger(__name__)
@@ -236,12 +237,8 @@ async def presence_refresh(client: redis.asyncio.Redis, *, sessions: list[tuple[
     for user_id, session_ids in by_user.items():
         args += [user_id, len(session_ids), *session_ids]
     script = client.register_script(_PRESENCE_REFRESH_LUA)
-    flat = [_s(v) for v in await script(keys=[PRESENCE_EXPIRING_KEY, *map(presence_key, by_user)], args=args)]
+    flat = [as_str(v) for v in await script(keys=[PRESENCE_EXPIRING_KEY, *map(presence_key, by_user)], args=args)]
     return list(zip(flat[0::2], flat[1::2], strict=True))
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def presence_claim(client: redis.asyncio.Redis, *, user_id: str, now: int | None = None) -> int | None:
@@ -287,7 +284,7 @@ async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = Non
     gone: list[str] = []
     loop = asyncio.get_running_loop()
     for raw in due:
-        user_id = _s(raw)
+        user_id = as_str(raw)
         at = await presence_claim(client, user_id=user_id, now=now)
         if at is None:
             continue

@@ -17,6 +17,7 @@ import redis.asyncio
 from bson import ObjectId
 from django.conf import settings
 
+from chatstream_site.values import as_str
 from messaging import streams
 from messaging.bus import BusAsync, bus_resolve
 
@@ -149,10 +150,6 @@ class StreamTail:
     complete: bool
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass
 class _PartitionPages:
     """How far one resume frame has read one partition stream (stream ids of the newest and oldest entry)."""
@@ -194,7 +191,7 @@ class ResumeScan:
                 self._reached.add(conversation)
             if seq > after:
                 kept.setdefault(conversation, []).append(
-                    StreamEvent(type=_s(fields[b"t"]), seq=seq, payload_json=_s(fields[b"d"])))
+                    StreamEvent(type=as_str(fields[b"t"]), seq=seq, payload_json=as_str(fields[b"d"])))
 
     async def events_after(self, *, conversation_id: str, last_seq: int) -> StreamTail:
         """The named conversation's sequenced events after its ``after_seq`` up to ``last_seq`` (as
@@ -211,14 +208,14 @@ class ResumeScan:
             if pages.top != "+":
                 # What was appended since this partition was first read: forwards from there, bounded pages.
                 while True:
-                    newer: Any = await bus.xrange(key, min="(" + _s(pages.top), max="+", count=RESUME_SCAN_PAGE)
+                    newer: Any = await bus.xrange(key, min="(" + as_str(pages.top), max="+", count=RESUME_SCAN_PAGE)
                     if newer:
                         pages.top = newer[-1][0]
                         self._index(newer, newer=True)
                     if len(newer) < RESUME_SCAN_PAGE:
                         break
             while conv not in self._reached and not pages.at_start and pages.scanned < RESUME_SCAN_MAX:
-                upper = "+" if pages.bottom == "+" else "(" + _s(pages.bottom)
+                upper = "+" if pages.bottom == "+" else "(" + as_str(pages.bottom)
                 page: Any = await bus.xrevrange(key, max=upper, min="-", count=RESUME_SCAN_PAGE)
                 if page:
                     if pages.top == "+":
@@ -262,5 +259,5 @@ async def stream_message_new_find(bus: BusAsync, *, conversation_id: str,
                 return {"content": data["content"], "at": data["timestamp"], "seq": int(fields[b"s"])}
         if len(page) < ORIGINAL_SCAN_PAGE:
             return None
-        upper = "(" + _s(page[-1][0])
+        upper = "(" + as_str(page[-1][0])
     return None

@@ -20,7 +20,6 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any
 
 import redis.asyncio
@@ -28,6 +27,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chatstream_site.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from chatstream_site.values import iso_ms
 from messaging import events, frames, streams
 from messaging.bus import BusAsync, bus_resolve
 from messaging.events import message_meta_key
@@ -210,8 +210,7 @@ def _message_original_from_db(message_id: str) -> tuple[dict[str, Any] | None, b
         return None
     if row.get("edit_seq") is not None:
         return None, True
-    stamp = row["timestamp"].replace(tzinfo=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return {"content": row["content"], "at": stamp, "seq": int(row["seq"])}, False
+    return {"content": row["content"], "at": iso_ms(row["timestamp"]), "seq": int(row["seq"])}, False
 
 
 async def _message_original(bus: BusAsync, *, conversation_id: str, message_id: str) -> dict[str, Any] | None:

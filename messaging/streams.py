@@ -43,6 +43,7 @@ import redis.asyncio
 import redis.exceptions
 from django.conf import settings
 
+from chatstream_site.values import as_str
 from messaging.bus import BusAsync, bus_is_cluster, bus_resolve
 
 EventType = Literal["message.new", "message.edited", "message.deleted", "read.updated"]
@@ -275,7 +276,7 @@ async def event_append(
         raise result
     msg_id, seq, entry_id, duplicate = result
     return Appended(
-        message_id=_str(msg_id), seq=int(seq), entry_id=_str(entry_id), partition=partition,
+        message_id=as_str(msg_id), seq=int(seq), entry_id=as_str(entry_id), partition=partition,
         duplicate=bool(int(duplicate)),
     )
 
@@ -406,17 +407,17 @@ def append_batching_enable(client: BusAsync) -> None:
 def event_decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
     """Decode one XREAD/XREADGROUP entry; raise :class:`MalformedEntry` if it is not a v1 event."""
     try:
-        f = {_str(k): _str(v) for k, v in fields.items()}
+        f = {as_str(k): as_str(v) for k, v in fields.items()}
         if f.get("v") != FORMAT_VERSION:
             raise MalformedEntry(f"unknown entry format version {f.get('v')!r}")
         data = json.loads(f["d"])
         if not isinstance(data, dict):
             raise MalformedEntry("payload is not a JSON object")
-        return Event(entry_id=_str(entry_id), type=f["t"], conversation_id=f["c"], seq=int(f["s"]), data=data)
+        return Event(entry_id=as_str(entry_id), type=f["t"], conversation_id=f["c"], seq=int(f["s"]), data=data)
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, MalformedEntry):
             raise
-        raise MalformedEntry(f"undecodable entry {_str(entry_id)}: {exc}") from None
+        raise MalformedEntry(f"undecodable entry {as_str(entry_id)}: {exc}") from None
 
 
 async def last_accepted_seq(client: redis.asyncio.Redis, *, conversation_id: str, bus: BusAsync | None = None) -> int:
@@ -425,6 +426,3 @@ async def last_accepted_seq(client: redis.asyncio.Redis, *, conversation_id: str
     raw = await bus_resolve(client, bus).hget(seq_key(partition_of(conversation_id)), conversation_id)
     return int(raw) if raw is not None else 0
 
-
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

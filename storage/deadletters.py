@@ -13,10 +13,11 @@ from typing import Any
 from django.conf import settings
 
 from chatstream_site.errors import NotFound
+from chatstream_site.values import as_str
 from messaging.bus import BusSync
 from messaging.streams import stream_key
 from storage.keys import DEADLETTERS, redis_sync
-from storage.selectors import _s, deadletter_get
+from storage.selectors import deadletter_get
 
 logger = logging.getLogger("chatstream.storage")
 
@@ -29,7 +30,7 @@ def storable(text: str) -> str:
 
 def deadletter_add(pipe: Any, *, partition: int, entry_id: str, fields: dict[Any, Any], reason: str,
                     now_ms: int) -> None:
-    original = {_s(k): (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in fields.items()}
+    original = {as_str(k): (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in fields.items()}
     pipe.xadd(DEADLETTERS, {"partition": partition, "entry_id": entry_id, "reason": storable(reason[:1000]),
                             "failed_at_ms": now_ms, "fields": json.dumps(original)},
               maxlen=settings.DEADLETTER_MAXLEN, approximate=True)
@@ -44,7 +45,7 @@ def deadletter_retry(*, id: str, client: BusSync | None = None) -> str:
     if letter is None or letter.partition < 0:
         raise NotFound("no such dead letter", details={"id": id})
     fields: dict[Any, Any] = letter.fields or {"v": "?"}
-    new_id = _s(r.xadd(stream_key(letter.partition), fields))
+    new_id = as_str(r.xadd(stream_key(letter.partition), fields))
     r.xdel(DEADLETTERS, id)
     logger.info("storage.deadletter retried id=%s partition=%d as %s", id, letter.partition, new_id)
     return new_id

@@ -9,10 +9,11 @@ import time
 import redis
 from django.conf import settings
 
+from chatstream_site.values import as_str
 from messaging.bus import BusSync
 from messaging.streams import stream_key
 from storage.keys import GROUP, redis_sync
-from storage.selectors import _s, entry_key, partitions_state
+from storage.selectors import entry_key, partitions_state
 
 
 def trim_boundary(*, partition: int, now_ms: int | None = None, client: BusSync | None = None) -> str:
@@ -24,7 +25,7 @@ def trim_boundary(*, partition: int, now_ms: int | None = None, client: BusSync 
         groups = r.xinfo_groups(stream_key(partition))
     except redis.ResponseError:
         return "0-0"
-    if not any(_s(g["name"]) == GROUP for g in groups):
+    if not any(as_str(g["name"]) == GROUP for g in groups):
         return "0-0"
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     window = f"{now_ms - int(settings.RESUME_WINDOW_S) * 1000}-0"
@@ -56,6 +57,6 @@ def consumers_forget(*, partition: int, idle_s: int = 3600, client: BusSync | No
     gone = 0
     for c in consumers:
         if int(c["pending"]) == 0 and int(c["idle"]) > idle_s * 1000:
-            r.xgroup_delconsumer(stream_key(partition), GROUP, _s(c["name"]))
+            r.xgroup_delconsumer(stream_key(partition), GROUP, as_str(c["name"]))
             gone += 1
     return gone

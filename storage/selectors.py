@@ -13,13 +13,10 @@ from typing import Any
 
 from django.conf import settings
 
+from chatstream_site.values import as_str
 from messaging.bus import BusSync
 from messaging.streams import stream_key
 from storage.keys import DEADLETTERS, GROUP, RATE_BUCKET_S, RATE_WINDOW_S, rate_key, redis_sync, stats_key
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def entry_ms(entry_id: str) -> int:
@@ -74,9 +71,9 @@ def partitions_state(*, partitions: list[int] | None = None, client: BusSync | N
         groups, pending, info, stats = first[4 * i: 4 * i + 4]
         group = None
         if not isinstance(groups, Exception):
-            group = next((g for g in groups if _s(g["name"]) == GROUP), None)
+            group = next((g for g in groups if as_str(g["name"]) == GROUP), None)
         appended = 0 if isinstance(info, Exception) else int(info.get("entries-added") or info.get("length") or 0)
-        stats = {} if isinstance(stats, Exception) else {_s(k): _s(v) for k, v in stats.items()}
+        stats = {} if isinstance(stats, Exception) else {as_str(k): as_str(v) for k, v in stats.items()}
         row: dict[str, Any] = {"partition": p, "appended": appended, "stats": stats}
         if group is None:
             # No group yet: nothing was ever drained, every entry still in the stream is unpersisted.
@@ -85,8 +82,8 @@ def partitions_state(*, partitions: list[int] | None = None, client: BusSync | N
         else:
             lag = group.get("lag")
             row.update(undelivered=lag, pending=int(group["pending"]),
-                       pending_min=_s(pending["min"]) if not isinstance(pending, Exception) and pending["min"]
-                       else None, after="(" + _s(group["last-delivered-id"]))
+                       pending_min=as_str(pending["min"]) if not isinstance(pending, Exception) and pending["min"]
+                       else None, after="(" + as_str(group["last-delivered-id"]))
         rows.append(row)
         pipe.xrange(stream_key(p), min=row["after"], count=1)
         if row["undelivered"] is None:  # Redis cannot say (entries deleted mid-stream): count them
@@ -100,7 +97,7 @@ def partitions_state(*, partitions: list[int] | None = None, client: BusSync | N
             row["undelivered"] = max(0, int(total) - row["pending"]) if not isinstance(total, Exception) else 0
         candidates = [row["pending_min"]] if row["pending_min"] else []
         if not isinstance(nxt, Exception) and nxt:
-            candidates.append(_s(nxt[0][0]))
+            candidates.append(as_str(nxt[0][0]))
         elif not isinstance(nxt, Exception):
             # Nothing after last-delivered-id: nothing undelivered, whatever the group's lag says (after a
             # restart Redis 7.0 restores the group's entries-read inexactly, and the lag overcounts).
@@ -126,7 +123,7 @@ def persisted_rates(*, client: BusSync | None = None, now_s: float | None = None
     totals: dict[int, int] = {}
     for found in pipe.execute():
         for k, v in found.items():
-            totals[int(_s(k))] = totals.get(int(_s(k)), 0) + int(v)
+            totals[int(as_str(k))] = totals.get(int(as_str(k)), 0) + int(v)
     return {p: n / RATE_WINDOW_S for p, n in totals.items()}
 
 
@@ -141,12 +138,12 @@ class DeadLetter:
 
 
 def _deadletter(entry_id: Any, raw: dict[Any, Any]) -> DeadLetter:
-    f = {_s(k): _s(v) for k, v in raw.items()}
+    f = {as_str(k): as_str(v) for k, v in raw.items()}
     try:
         fields = json.loads(f.get("fields", "{}"))
     except ValueError:
         fields = {}
-    return DeadLetter(id=_s(entry_id), partition=int(f.get("partition", -1)), entry_id=f.get("entry_id", ""),
+    return DeadLetter(id=as_str(entry_id), partition=int(f.get("partition", -1)), entry_id=f.get("entry_id", ""),
                       reason=f.get("reason", ""), failed_at_ms=int(f.get("failed_at_ms", 0)), fields=fields)
 
 

@@ -36,6 +36,7 @@ from django.conf import settings
 from mongoengine.connection import get_db
 
 from chatstream_site.errors import Retryable
+from chatstream_site.values import as_str
 from messaging.bus import BusSync
 from messaging.streams import Event, MalformedEntry, event_decode, persisted_key, stream_key
 from storage.deadletters import deadletter_add, storable
@@ -50,7 +51,7 @@ from storage.keys import (
     redis_sync,
     stats_key,
 )
-from storage.selectors import _s, entry_key, partitions_state
+from storage.selectors import entry_key, partitions_state
 
 logger = logging.getLogger("chatstream.storage")
 
@@ -137,19 +138,19 @@ def _read_batch(r: BusSync, *, partition: int, consumer: str, batch_size: int) -
             group_ensure(partition=partition, client=r)
             claimed = []
         if claimed:
-            ids = [_s(eid) for eid, _ in claimed]
-            counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in r.xpending_range(
+            ids = [as_str(eid) for eid, _ in claimed]
+            counts = {as_str(p["message_id"]): int(p["times_delivered"]) for p in r.xpending_range(
                 key, GROUP, min=min(ids, key=entry_key), max=max(ids, key=entry_key), count=len(ids) + 100,
                 consumername=consumer)}
             for eid, fields in claimed:
-                if _s(eid) not in items:
-                    items[_s(eid)] = _Item(_s(eid), fields, deliveries=counts.get(_s(eid), 1))
+                if as_str(eid) not in items:
+                    items[as_str(eid)] = _Item(as_str(eid), fields, deliveries=counts.get(as_str(eid), 1))
                     reclaimed += 1
     room = batch_size - len(items)
     if room > 0:
         new: Any = r.xreadgroup(GROUP, consumer, {key: ">"}, count=room)
         for eid, fields in (new[0][1] if new else []):
-            items[_s(eid)] = _Item(_s(eid), fields)
+            items[as_str(eid)] = _Item(as_str(eid), fields)
     return sorted(items.values(), key=lambda i: entry_key(i.entry_id)), reclaimed
 
 
