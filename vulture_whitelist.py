@@ -95,3 +95,7 @@ _.failByDrop
 _.close_timer
 # messaging/events.py: the payload fields of each event type, the table tests/realtime/test_events.py checks
 PAYLOAD_FIELDS
+# asyncio.Protocol callbacks of the lean Redis client (messaging/resp.py), called by the event loop
+connection_made
+data_received
+connection_lost
