@@ -41,6 +41,9 @@ MENTION_LIST_KEEP = 1000
 # Both indexes live as long as the membership cache does (30 days without a new mention).
 MENTION_TTL_S = 30 * 24 * 3600
 USERNAMES_KEY = "cs:usernames"
+# Names kept in-process (mentions_resolve): ~150 bytes each, so at most ~15 MB per process; cleared when full.
+KNOWN_IDS_MAX = 100_000
+_known_ids: dict[str, str] = {}
 # A username (api.services.USERNAME_RE: 3-32 of A-Z a-z 0-9 _ . -) after an @ that does not follow a word
 # character (so e-mail addresses are not mentions).
 _MENTION_RE = re.compile(r"(?<![\w@])@([A-Za-z0-9_.\-]{3,32})")
@@ -82,8 +85,17 @@ async def mentions_resolve(client: redis.asyncio.Redis, *, conversation_id: str,
     names = mention_names(content)
     if not names:
         return []
-    ids = await client.hmget(USERNAMES_KEY, names)
-    found = [i.decode() if isinstance(i, bytes) else str(i) for i in ids if i is not None]
+    # Usernames never change and are never reused, so a name found once is kept in-process: a conversation's
+    # usual names cost no round trip after their first mention. Names not found are asked again each time
+    # (the account may be registered since).
+    unknown = [n for n in names if n not in _known_ids]
+    if unknown:
+        for name, uid in zip(unknown, await client.hmget(USERNAMES_KEY, unknown), strict=True):
+            if uid is not None:
+                if len(_known_ids) >= KNOWN_IDS_MAX:
+                    _known_ids.clear()
+                _known_ids[name] = uid.decode() if isinstance(uid, bytes) else str(uid)
+    found = [_known_ids[n] for n in names if n in _known_ids]
     if not found:
         return []
     members = await conversation_members(client, conversation_id=conversation_id) or set()
