@@ -35,6 +35,13 @@ def state(a: Any) -> list[tuple[str, int, str | None, int]]:
             for c in listed(a)]
 
 
+def _answers(r: redis.Redis) -> bool:
+    try:
+        return bool(r.ping())
+    except (redis.BusyLoadingError, redis.ConnectionError):
+        return False
+
+
 def test_a_killed_storage_worker_and_a_redis_crash_lose_nothing_of_history_or_the_list(
         servers: Servers, settings: Any, tmp_path: Path) -> None:
     settings.DRAIN_RECLAIM_IDLE_S = 1.0  # the killed worker's entries are taken over after 1 s
@@ -87,10 +94,11 @@ def test_a_killed_storage_worker_and_a_redis_crash_lose_nothing_of_history_or_th
     # Redis crashes (no clean shutdown) and comes back from its AOF.
     servers.redis.stop(sig=signal.SIGKILL)
     servers.redis.start()
+    r = redis.Redis.from_url(servers.redis_url)
+    wait_until(lambda: _answers(r), timeout_s=120, what="Redis to load its AOF")
     assert (state(bob), state(alice)) == before
     agree()
     # The next drain takes the killed worker's entries over; the window then drops what is persisted.
-    r = redis.Redis.from_url(servers.redis_url)
     wait_until(lambda: storage.drain_all(batch_size=500, consumer="faults-after") >= 0
                and r.hget(persisted_key(partition_of(busy)), busy) == b"13",
                timeout_s=60, interval_s=1.1, what="the drain to persist the killed worker's batch")
