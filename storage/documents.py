@@ -107,6 +107,13 @@ class Message(me.Document):
     # Seq of the last edit/delete event applied (set by the drain): a redelivered or reordered older edit
     # matches nothing, so the newest edit always wins whatever order the entries are written in.
     edit_seq = me.IntField()
+    # The quote of the message this one answers, as the send made it (messaging/replies.py, docs/adr/0037):
+    # {id, seq, sender_id, username, excerpt, deleted}.
+    reply_to = me.DictField(default=None)
+    # [{emoji, user_ids}] (docs/adr/0037), and the seq of the last reaction event applied (the drain's guard,
+    # as edit_seq is for edits).
+    reactions = me.ListField(me.DictField())
+    rx_seq = me.IntField()
 
     meta = {
         "collection": "messages",
