@@ -192,9 +192,9 @@ def test_reaction_limits_bad_input_strangers_and_deleted_messages_get_their_erro
         "scope": "message", "limit": REACTIONS_PER_MESSAGE_MAX}
     assert react(carol, mid, REACTION_EMOJI[0]).json()["count"] == 2  # an emoji already there is fine
     # Bad input: 400 invalid, nothing changes.
-    for emoji in ("+1", "", "👍👍", 5, {"$gt": ""}, None, ["👍"]):
-        response = react(bob, mid, emoji)
-        assert response.status_code == 400 and error_code(response) == "invalid", (emoji, response.content)
+    for bad in ("+1", "", "👍👍", 5, {"$gt": ""}, None, ["👍"]):
+        response = react(bob, mid, bad)
+        assert response.status_code == 400 and error_code(response) == "invalid", (bad, response.content)
     assert error_code(unreact(bob, mid, "nope")) == "invalid"
     response = react(bob, "not-a-message", REACTION_EMOJI[0])
     assert response.status_code == 404
