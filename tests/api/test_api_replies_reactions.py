@@ -207,3 +207,19 @@ def test_reaction_limits_bad_input_strangers_and_deleted_messages_get_their_erro
     assert alice.client.delete(f"/api/v1/messages/{mid}").status_code == 200
     assert react(bob, mid, REACTION_EMOJI[0]).status_code == 404
     assert by_id(bob, cid)[mid]["reactions"] == []
+
+
+@pytest.mark.django_db
+def test_the_admin_shows_a_replys_quote_and_the_reactions_once_persisted(servers: Servers, admin_client: Any) -> None:
+    alice, bob = account("alice"), account("bob")
+    cid = group(alice, bob)
+    original = sent(alice, cid, "the admin sees this quoted")
+    reply = sent(bob, cid, "replying", reply_to=original["id"])
+    assert react(alice, reply["id"], "🎉").json()["changed"] is True
+    assert react(bob, reply["id"], "🎉").json()["changed"] is True
+    persist(servers, cid)
+    page = admin_client.get(f"/admin/api/mongomessage/{reply['id']}/").content.decode()
+    assert "the admin sees this quoted" in page and original["id"] in page and alice.username in page
+    assert "🎉 2" in page and f"{alice.id}, {bob.id}" in page
+    listing = admin_client.get("/admin/api/mongomessage/", {"conversation": cid}).content.decode()
+    assert "🎉 2" in listing and "↪ " + alice.username in listing
