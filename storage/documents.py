@@ -107,6 +107,8 @@ class Message(me.Document):
     # Seq of the last edit/delete event applied (set by the drain): a redelivered or reordered older edit
     # matches nothing, so the newest edit always wins whatever order the entries are written in.
     edit_seq = me.IntField()
+    # Ids of the members the message's @usernames named when it was sent (messaging/mentions.py); absent: none.
+    mentions = me.ListField(me.StringField(), default=list)
     # The quote of the message this one answers, as the send made it (messaging/replies.py, docs/adr/0037):
     # {id, seq, sender_id, username, excerpt, deleted}.
     reply_to = me.DictField(default=None)
