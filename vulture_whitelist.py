@@ -100,3 +100,9 @@ PAYLOAD_FIELDS
 connection_made
 data_received
 connection_lost
+# messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_replies_reactions.py
+PAYLOAD_OPTIONAL
+# storage/documents.py: the reaction guard the drain writes ($set) and reads by _id; api/serializers.py:
+# the quote's field, described for the OpenAPI schema
+_.rx_seq
+_.excerpt
