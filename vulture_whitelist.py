@@ -95,3 +95,5 @@ _.failByDrop
 _.close_timer
 # messaging/events.py: the payload fields of each event type, the table tests/realtime/test_events.py checks
 PAYLOAD_FIELDS
+# core.keys: which Redis each key lives on, read by tests/cluster/test_keys.py
+REDIS_OF

@@ -127,7 +127,8 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
     import redis
     from django.conf import settings
 
-    from messaging.membership import MEMBERSHIP_TTL_S, membership_key
+    from core.keys import membership_key
+    from messaging.membership import MEMBERSHIP_TTL_S
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     pipe = client.pipeline(transaction=False)
@@ -193,7 +194,7 @@ def measure(cluster: Cluster, args: argparse.Namespace, *, uids: list[str], conv
     import websockets
     from mongoengine.connection import get_db
 
-    from api.tokens import token_issue
+    from core.tokens import token_issue
     from messaging.streams import last_accepted_seq  # noqa: F401 - documents where the seq comes from
 
     def headers(uid: str) -> dict[str, str]:
