@@ -218,7 +218,7 @@ USERNAMES_KEY = "cs:usernames"  # COORD. Hash: lower-cased username -> user id (
 
 
 def search_cursor_key(user_id: str, token: str) -> str:
-    """COORD. String: JSON ``{"q": [terms], "b": {conversation id: seq bound}}`` of an unfinished search
+    """COORD. String: JSON ``{"q": [terms], "s": {conversation id: [below, bound]}}`` of an unfinished search
     (``api.finders``)."""
     return f"cs:search:{user_id}:{token}"
 

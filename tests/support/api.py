@@ -57,7 +57,7 @@ def anonymous() -> APIClient:
 @pytest.fixture
 def generous_rates(settings: Any) -> None:
     """Most tests log in and register far more often than a person would."""
-    for name in ("API_RATE_LOGIN_IP", "API_RATE_REGISTER_IP", "API_RATE_REGISTER_USER"):
+    for name in ("API_RATE_LOGIN_IP", "API_RATE_REGISTER_IP", "API_RATE_REGISTER_USER", "API_RATE_SEARCH_USER"):
         setattr(settings, name, "100000/m")
 
 
