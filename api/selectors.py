@@ -520,7 +520,16 @@ def _store_page(*, conversation_id: str, after: int | None, below: int | None, l
     when ``backwards``, else oldest first: from the buckets when they cover the range, else ``messages``."""
     highest = below - 1 if below is not None else int(
         bus_sync().hget(seq_key(partition_of(conversation_id)), conversation_id) or 0)
-    # highest 0 with no bound: Redis knows no seq (messages stored by other means): ask ``messages``.
+    if highest <= 0 and below is None:
+        # Redis knows no seq (a conversation with no message yet, or a Redis that lost its data): the stored
+        # conversation's last_seq, read by _id, bounds the buckets; 0 is an empty history, answered without
+        # a ``messages`` query (a scan on FerretDB: seconds at 1M messages; docs/adr/0036).
+        stored = Conversation._get_collection().find_one({"_id": ObjectId(conversation_id)}, {"last_seq": 1})
+        if stored is not None and isinstance(stored.get("last_seq"), int):
+            if stored["last_seq"] <= (after or 0):
+                return []
+            highest = stored["last_seq"]
+    # highest 0 with no bound: nothing says how far the conversation goes (data stored by other means).
     from_buckets = None if highest <= 0 and below is None else _bucket_page(
         conversation_id=conversation_id, lowest=(after or 0) + 1, highest=highest, limit=limit,
         backwards=backwards, cursors=cursors, members=members)
