@@ -100,6 +100,8 @@ PAYLOAD_FIELDS
 connection_made
 data_received
 connection_lost
+# core.keys: which Redis each key lives on, read by tests/cluster/test_keys.py
+REDIS_OF
 # messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_replies_reactions.py
 PAYLOAD_OPTIONAL
 # storage/documents.py: the reaction guard the drain writes ($set) and reads by _id; api/serializers.py:

@@ -484,8 +484,8 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     import redis as redis_sync
     from django.conf import settings
 
-    from api.tokens import TICKET_PREFIX
-    from storage.documents import Conversation, User
+    from core.documents import Conversation, User
+    from core.keys import TICKET_PREFIX
 
     user_ids = [ObjectId() for _ in range(connections)]
     run = ObjectId()
@@ -519,7 +519,7 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
 def chatstream_online_all(user_ids: list[ObjectId]) -> bool:
     """Whether the broker finished its connect work for every one of ``user_ids``: their ``users.status`` is
     online, which the broker writes (and then announces) in the background after ``ready``."""
-    from storage.documents import User
+    from core.documents import User
 
     return bool(User._get_collection().count_documents({"_id": {"$in": user_ids}, "status": "online"})
                 >= len(user_ids))

@@ -34,10 +34,12 @@ from typing import Any, Protocol
 import redis.asyncio
 from django.conf import settings
 
-from chatstream_site.closecodes import CLOSE_SESSION_ENDED
+from core import keys
+from core.bus import BusAsync, bus_async_new, bus_is_cluster
+from core.closecodes import CLOSE_SESSION_ENDED
 from messaging import frames, membership, presence, streams
-from messaging.bus import BusAsync, bus_async_new, bus_is_cluster, bus_resolve
 from messaging.resp import resp_client_for
+from messaging.streams import bus_resolve
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class Hub:
         self._partition_refs: Counter[int] = Counter()
         self._cursors: dict[int, bytes | str] = {}
         self._cursor_pending: dict[int, asyncio.Future[None]] = {}
-        self._keys = {p: streams.stream_key(p) for p in range(int(settings.PARTITIONS))}
+        self._keys = {p: keys.stream_key(p) for p in range(int(settings.PARTITIONS))}
         self._key_partition = {k.encode(): p for p, k in self._keys.items()}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -160,7 +162,7 @@ class Hub:
             subscribers = self.by_conversation.setdefault(conversation_id, set())
             if conn not in subscribers:
                 subscribers.add(conn)
-                partitions.append(streams.partition_of(conversation_id))
+                partitions.append(keys.partition_of(conversation_id))
         await self._partitions_acquire(partitions)
 
     def connection_remove(self, conn: Subscriber, *, conversation_ids: list[str]) -> None:
@@ -178,7 +180,7 @@ class Hub:
         if conn in subscribers:
             return
         subscribers.add(conn)
-        await self._partitions_acquire([streams.partition_of(conversation_id)])
+        await self._partitions_acquire([keys.partition_of(conversation_id)])
 
     def unsubscribe(self, conn: Subscriber, *, conversation_id: str) -> None:
         subscribers = self.by_conversation.get(conversation_id)
@@ -187,7 +189,7 @@ class Hub:
         subscribers.discard(conn)
         if not subscribers:
             del self.by_conversation[conversation_id]
-        partition = streams.partition_of(conversation_id)
+        partition = keys.partition_of(conversation_id)
         self._partition_refs[partition] -= 1
         if self._partition_refs[partition] <= 0:
             del self._partition_refs[partition]

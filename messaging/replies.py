@@ -26,9 +26,9 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
-from chatstream_site.errors import ValidationFailed
-from messaging import streams
-from messaging.bus import BusAsync
+from core.bus import BusAsync
+from core.errors import ValidationFailed
+from core.keys import partition_of, recent_docs_key, recent_edits_key
 
 # The quote's length: enough to recognise a message in one line of a client (Slack and Telegram show about as
 # much), and it bounds what a reply adds to its frame (~100 characters plus ~150 bytes of ids).
@@ -59,7 +59,7 @@ def _refused(reply_to: str, reason: str) -> ValidationFailed:
 
 def _original_from_db(message_id: str) -> dict[str, Any] | None:
     """The persisted message (conversation, seq, sender, content, deleted) or None. Blocking; by ``_id``."""
-    from storage.documents import Message
+    from core.documents import Message
 
     row = Message.objects(id=message_id).only("conversation_id", "seq", "sender_id", "content", "deleted") \
         .as_pymongo().first()
@@ -73,7 +73,7 @@ def _original_from_db(message_id: str) -> dict[str, Any] | None:
 def _username_from_db(user_id: str) -> str:
     from bson import ObjectId
 
-    from storage.documents import User
+    from core.documents import User
 
     row = User.objects(id=ObjectId(user_id)).only("username").as_pymongo().first()
     return str(row["username"]) if row is not None else ""
@@ -102,8 +102,8 @@ async def reply_quote(bus: BusAsync, *, conversation_id: str, reply_to: Any) -> 
     ``deleted`` when it was deleted. Read-only."""
     if not isinstance(reply_to, str) or not MESSAGE_ID_RE.match(reply_to):
         raise ValidationFailed("reply_to must be a 32-character hex message id", details={"field": "reply_to"})
-    partition = streams.partition_of(conversation_id)
-    raw = await bus.hget(streams.recent_docs_key(partition, conversation_id), reply_to)
+    partition = partition_of(conversation_id)
+    raw = await bus.hget(recent_docs_key(partition, conversation_id), reply_to)
     if raw is not None:
         doc = json.loads(raw)
         original: dict[str, Any] = {"seq": int(doc["seq"]), "sender_id": str(doc["sender_id"]),
@@ -114,7 +114,7 @@ async def reply_quote(bus: BusAsync, *, conversation_id: str, reply_to: Any) -> 
             raise _refused(reply_to, "not_found")
         original = found
         # An edit or delete of an old message the drain has not written yet is in the window's edits hash.
-        edit = await bus.hget(streams.recent_edits_key(partition, conversation_id), reply_to)
+        edit = await bus.hget(recent_edits_key(partition, conversation_id), reply_to)
         if edit is not None:
             change = json.loads(edit)
             original["deleted"] = original["deleted"] or bool(change.get("deleted"))
