@@ -96,7 +96,7 @@ _.failByDrop
 _.close_timer
 # messaging/events.py: the payload fields of each event type, the table tests/realtime/test_events.py checks
 PAYLOAD_FIELDS
-# messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_replies_reactions.py
+# messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_events.py
 PAYLOAD_OPTIONAL
 # storage/documents.py: the reaction guard the drain writes ($set) and reads by _id; api/serializers.py:
 # the quote's field, described for the OpenAPI schema
