@@ -18,21 +18,10 @@ from typing import Any
 
 from bson import ObjectId
 
-from api.clients import sync_redis
 from api.message_extras import extras_apply
-from chatstream_site.errors import NotFound
-from chatstream_site.values import as_str, iso_ms
-from messaging.bus import bus_is_cluster, bus_sync
-from messaging.events import message_meta_key
-from messaging.membership import _NO_MEMBERS as NO_MEMBERS
-from messaging.membership import membership_generation_key, membership_key, membership_refill_sync
-from messaging.mentions import mention_counts_sync
-from messaging.presence import presence_key
-from messaging.reactions import reactions_live_sync, reactions_ordered
-from messaging.selectors import conversation_card_key, user_conversation_ids
-from messaging.services import read_cursor_key
-from messaging.streams import partition_of, recent_docs_key, recent_edits_key, recent_key, seq_key
-from storage.documents import (
+from core.bus import bus_is_cluster, bus_sync
+from core.clients import sync_redis
+from core.documents import (
     BUCKET_SEQS,
     Conversation,
     GroupChat,
@@ -42,6 +31,28 @@ from storage.documents import (
     MessageVersion,
     User,
 )
+from core.errors import NotFound
+from core.keys import (
+    conversation_card_key,
+    group_card_key,
+    membership_generation_key,
+    membership_key,
+    message_meta_key,
+    partition_of,
+    presence_key,
+    read_cursor_key,
+    recent_docs_key,
+    recent_edits_key,
+    recent_key,
+    seq_key,
+    user_card_key,
+)
+from core.values import as_str, iso_ms
+from messaging.membership import _NO_MEMBERS as NO_MEMBERS
+from messaging.membership import membership_refill_sync
+from messaging.mentions import mention_counts_sync
+from messaging.reactions import reactions_live_sync, reactions_ordered
+from messaging.selectors import user_conversation_ids
 
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 MESSAGE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -204,12 +215,6 @@ GROUP_CARD_TTL_S = 3600
 USER_CARD_TTL_S = 60
 
 
-def group_card_key(group_id: str) -> str:
-    return f"cs:card:group:{group_id}"
-
-
-def user_card_key(user_id: str) -> str:
-    return f"cs:card:user:{user_id}"
 
 
 def _conversation_card(conv: Conversation) -> dict[str, Any]:
@@ -389,7 +394,7 @@ class HistoryPage:
 
 def conversation_members_cached(*, conversation_id: str) -> set[str] | None:
     """Member ids of a conversation (None: no such conversation) from the write path's Redis membership cache
-    (``messaging.services.membership_key``), so a hot read does not touch the document store. Side effect, on
+    (``core.keys.membership_key``), so a hot read does not touch the document store. Side effect, on
     a miss: reads MongoDB once and fills the cache exactly as the write path does (same key, format, TTLs);
     the API's membership changes invalidate it."""
     client = sync_redis()

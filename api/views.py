@@ -24,12 +24,12 @@ from api.ratelimit import (
     login_success_record,
     rate_limit,
 )
-from api.tokens import Claims
-from chatstream_site.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
-from chatstream_site.values import iso_ms as iso
+from core.documents import Conversation, GroupChat, Message, User
+from core.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
+from core.tokens import Claims
+from core.values import iso_ms as iso
 from messaging.reactions import ReactionChange, reactions_ordered
 from messaging.services import MESSAGE_ID_RE, Accepted
-from storage.documents import Conversation, GroupChat, Message, User
 
 
 def _valid(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:

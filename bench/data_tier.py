@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100, help="requests per read measurement")
     parser.add_argument("--burst", type=int, default=10, help="messages a sender writes into one conversation")
     parser.add_argument("--drain-probe", type=int, default=5000, help="messages of the drain measurement")
+    parser.add_argument("--seed-minutes", type=float, default=0.0,
+                        help="stop seeding this many minutes after the start and measure the size reached (0: never)")
     parser.add_argument("--edits", type=int, default=10)
     parser.add_argument("--storage-workers", type=int, default=1, choices=(1, 2))
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench"))
@@ -139,7 +141,8 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
     import redis
     from django.conf import settings
 
-    from messaging.membership import MEMBERSHIP_TTL_S, membership_key
+    from core.keys import membership_key
+    from messaging.membership import MEMBERSHIP_TTL_S
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     pipe = client.pipeline(transaction=False)
@@ -153,9 +156,10 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
 
 async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: list[int], hot_share: float,
                         sent: dict[str, list[tuple[str, str]]], rnd: random.Random, burst: int,
-                        spread: bool = False, desc: str = "sending") -> None:
+                        spread: bool = False, desc: str = "sending", until: float = float("inf")) -> int:
     """``count`` messages through the write path, with a progress bar: bursts of ``burst`` into one
-    conversation each (``spread``: every message into another random conversation)."""
+    conversation each (``spread``: every message into another random conversation); no new burst is started
+    after the wall-clock time ``until`` (epoch seconds). Returns how many were sent."""
     import redis.asyncio
     from django.conf import settings
     from tqdm import tqdm
@@ -170,7 +174,7 @@ async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: 
     hot_set = set(hot)
 
     async def worker() -> None:
-        while left[0] > 0:  # bounded: count messages in all
+        while left[0] > 0 and time.time() < until:  # bounded: count messages in all, and the deadline
             n = 1 if spread else min(burst, left[0])
             left[0] -= n
             i = rnd.choice(hot) if rnd.random() < hot_share else rnd.randrange(len(convs))
@@ -190,6 +194,7 @@ async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: 
     finally:
         bar.close()
         await client.aclose()
+    return count - left[0]
 
 
 def persisted_total() -> int:
@@ -205,13 +210,13 @@ def backlog_total() -> int:
 
 
 def headers(uid: str) -> dict[str, str]:
-    from api.tokens import token_issue
+    from core.tokens import token_issue
 
     return {"Authorization": f"Bearer {token_issue(user_id=uid, username='bench', type='access')}"}
 
 
 def warm(cluster: Cluster, users: list[str], convs: list[tuple[str, list[str]]], *,
-         cold_samples: int = 10) -> dict[str, Any]:
+         cold_samples: int = 5) -> dict[str, Any]:
     """Each sampled user's first conversation list fills their conversation-id cache, which a user pays once a
     day (one members query: a scan of ``conversations`` on FerretDB, seconds at 20,000 conversations). The
     first ``cold_samples`` are timed through the gateway one at a time (**cold list**; an answer other than 200,
@@ -222,7 +227,8 @@ def warm(cluster: Cluster, users: list[str], convs: list[tuple[str, list[str]]],
     import redis
     from django.conf import settings
 
-    from messaging.selectors import USER_CONVERSATIONS_TTL_S, user_conversations_key
+    from core.keys import user_conversations_key
+    from messaging.selectors import USER_CONVERSATIONS_TTL_S
 
     cold: list[float] = []
     failed = 0
@@ -349,21 +355,27 @@ def run(args: argparse.Namespace, cluster: Cluster) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     have = 0
     cold_list: dict[str, Any] | None = None
+    until = time.time() + args.seed_minutes * 60 if args.seed_minutes > 0 else float("inf")
     for size in sorted(args.sizes):
+        if have >= size:
+            continue
         # The drain runs while the messages are sent, as in production (its own rate is measured apart, below).
         t = time.perf_counter()
-        asyncio.run(send_messages(size - have - args.drain_probe, convs=convs, hot=hot, hot_share=args.hot_share,
-                                  sent=sent, rnd=rnd, burst=args.burst))
+        sent_now = asyncio.run(send_messages(size - have - args.drain_probe, convs=convs, hot=hot,
+                                             hot_share=args.hot_share, sent=sent, rnd=rnd, burst=args.burst,
+                                             until=until))
         seed_s = time.perf_counter() - t
         backlog = backlog_total()
         wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.5, what="the drain")
         settle_s = time.perf_counter() - t
-        row: dict[str, Any] = {"messages": size, "sent": size - have - args.drain_probe,
-                               "send_msg_s": round((size - have - args.drain_probe) / seed_s),
+        # Past the seeding deadline, the size reached (not the one asked for) is measured and reported.
+        reached = have + sent_now + args.drain_probe
+        row: dict[str, Any] = {"messages": reached, "target": size, "sent": sent_now,
+                               "send_msg_s": round(sent_now / seed_s),
                                "backlog_after_send": backlog, "seed_and_drain_s": round(settle_s, 1)}
         row.update(drain_rate(cluster, args, convs=convs, rnd=rnd))
         row["stored"] = get_db().messages.estimated_document_count()
-        have = size
+        have = reached
         if cold_list is None:
             cold_list = warm(cluster, users, convs)
         row["cold_list_first_size_only"] = cold_list

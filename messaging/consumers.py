@@ -22,14 +22,8 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chatstream_site.closecodes import (
-    CLOSE_BAD_TICKET,
-    CLOSE_INTERNAL,
-    CLOSE_RATE_LIMITED,
-    CLOSE_TOO_LARGE,
-    CLOSE_TOO_SLOW,
-)
-from chatstream_site.errors import DomainError, NotFound, ValidationFailed
+from core.closecodes import CLOSE_BAD_TICKET, CLOSE_INTERNAL, CLOSE_RATE_LIMITED, CLOSE_TOO_LARGE, CLOSE_TOO_SLOW
+from core.errors import DomainError, NotFound, ValidationFailed
 from messaging import frames, membership, presence, reactions, selectors, services, streams, transports
 from messaging.auth import connection_identify
 from messaging.hub import Hub, hub_get

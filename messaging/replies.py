@@ -30,9 +30,9 @@ from typing import Any
 import redis.asyncio
 from asgiref.sync import sync_to_async
 
-from chatstream_site.errors import ValidationFailed
-from messaging import streams
-from messaging.bus import BusAsync
+from core.bus import BusAsync
+from core.errors import ValidationFailed
+from core.keys import partition_of, recent_docs_key, recent_edits_key
 
 # The quote's length: enough to recognise a message in one line of a client (Slack and Telegram show about as
 # much), and it bounds what a reply adds to its frame (~100 characters plus ~150 bytes of ids).
@@ -106,8 +106,8 @@ async def _window_read(bus: BusAsync, *, partition: int, conversation_id: str, m
     """``(window JSON, edits-hash JSON)`` of ``message_id`` in its conversation's recent window (None: not
     there), batched with the other quote reads of this loop turn on a single Redis (a cluster: one pipeline
     each, since the keys share their partition's slot)."""
-    doc_key = streams.recent_docs_key(partition, conversation_id)
-    edit_key = streams.recent_edits_key(partition, conversation_id)
+    doc_key = recent_docs_key(partition, conversation_id)
+    edit_key = recent_edits_key(partition, conversation_id)
     if isinstance(bus, redis.asyncio.Redis):
         reader = _readers.get(bus)
         if reader is None:
@@ -128,7 +128,7 @@ def _refused(reply_to: str, reason: str) -> ValidationFailed:
 
 def _original_from_db(message_id: str) -> dict[str, Any] | None:
     """The persisted message (conversation, seq, sender, content, deleted) or None. Blocking; by ``_id``."""
-    from storage.documents import Message
+    from core.documents import Message
 
     row = Message.objects(id=message_id).only("conversation_id", "seq", "sender_id", "content", "deleted") \
         .as_pymongo().first()
@@ -142,7 +142,7 @@ def _original_from_db(message_id: str) -> dict[str, Any] | None:
 def _username_from_db(user_id: str) -> str:
     from bson import ObjectId
 
-    from storage.documents import User
+    from core.documents import User
 
     row = User.objects(id=ObjectId(user_id)).only("username").as_pymongo().first()
     return str(row["username"]) if row is not None else ""
@@ -171,7 +171,7 @@ async def reply_quote(bus: BusAsync, *, conversation_id: str, reply_to: Any) -> 
     ``deleted`` when it was deleted. Read-only."""
     if not isinstance(reply_to, str) or not MESSAGE_ID_RE.match(reply_to):
         raise ValidationFailed("reply_to must be a 32-character hex message id", details={"field": "reply_to"})
-    partition = streams.partition_of(conversation_id)
+    partition = partition_of(conversation_id)
     raw, edit = await _window_read(bus, partition=partition, conversation_id=conversation_id, message_id=reply_to)
     if raw is not None:
         doc = json.loads(raw)

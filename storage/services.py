@@ -35,22 +35,23 @@ from bson.errors import InvalidId
 from django.conf import settings
 from mongoengine.connection import get_db
 
-from chatstream_site.errors import Retryable
-from chatstream_site.values import as_str
-from messaging.bus import BusSync
-from messaging.streams import Event, MalformedEntry, event_decode, persisted_key, stream_key
-from storage.deadletters import deadletter_add, storable
-from storage.documents import BUCKET_SEQS, bucket_id
-from storage.keys import (
+from core.bus import BusSync, bus_sync
+from core.documents import BUCKET_SEQS, bucket_id
+from core.entries import Event, MalformedEntry, event_decode
+from core.errors import Retryable
+from core.keys import (
     GROUP,
     RATE_BUCKET_S,
     RATE_WINDOW_S,
     drain_lease_key,
     failures_key,
+    persisted_key,
     rate_key,
-    redis_sync,
     stats_key,
+    stream_key,
 )
+from core.values import as_str
+from storage.deadletters import deadletter_add, storable
 from storage.selectors import entry_key, partitions_state
 
 logger = logging.getLogger("chatstream.storage")
@@ -109,7 +110,7 @@ def group_ensure(*, partition: int, client: BusSync | None = None) -> None:
     key = stream_key(partition)
     if key in _groups_ready:
         return
-    r = client or redis_sync()
+    r = client or bus_sync()
     try:
         r.xgroup_create(key, GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
@@ -820,7 +821,7 @@ def partition_drain(
     reclaimed after ``DRAIN_RECLAIM_IDLE_S`` and dead-lettered after ``DRAIN_MAX_DELIVERIES`` such failures.
     """
     started = time.monotonic()
-    r = client or redis_sync()
+    r = client or bus_sync()
     result = DrainResult(partition=partition)
     token = secrets.token_hex(8)
     try:
@@ -1083,7 +1084,7 @@ def recent_persisted_watermarks(items: list[_Item]) -> dict[str, int]:
 
 def recent_persisted_advance(r: BusSync, *, partition: int, items: list[_Item]) -> None:
     """After a batch is settled: move each of its conversations' persisted watermark
-    (``messaging.streams.persisted_key``) up, so the append script may drop those messages from the
+    (``core.keys.persisted_key``) up, so the append script may drop those messages from the
     conversation's recent window (docs/adr/0028). Side effect: one script call on the partition's slot."""
     marks = recent_persisted_watermarks(items)
     if marks:

@@ -16,12 +16,12 @@ from bson import ObjectId
 from mongoengine.connection import get_db
 
 from api import services as api_services
-from chatstream_site.errors import NotFound
 from chatstream_site.localservers import Servers, run_with_redis
+from core.documents import Conversation
+from core.entries import Event, event_decode
+from core.errors import NotFound
+from core.keys import DEADLETTERS, partition_of, stream_key
 from messaging import events, reactions, services
-from messaging.streams import Event, event_decode, partition_of, stream_key
-from storage.documents import Conversation
-from storage.keys import DEADLETTERS
 from storage.services import EVENT_RULES
 from tests.support.api import persist
 
