@@ -34,6 +34,7 @@ from messaging import services as messaging
 from messaging import streams
 from messaging.frames import SESSIONS_CLOSE, user_group
 from messaging.membership import membership_changed_sync, membership_invalidate_sync
+from messaging.selectors import user_conversations_init
 from messaging.services import Accepted
 from storage import services as storage_services
 from storage.documents import Conversation, GroupChat, Message, MessageVersion, SingleChat, User, utcnow
@@ -91,6 +92,8 @@ def user_create(*, username: str, email: str, password: str) -> User:
         user.save()
     except mongoengine.NotUniqueError:
         raise Conflict("username or email is taken", code="username_taken") from None
+    # In no conversation yet: cached so, and kept by every membership change, so connects read no store.
+    user_conversations_init(sync_redis(), user_id=str(user.id))
     return user
 
 

@@ -89,7 +89,9 @@ def redis_server(workdir: Path, *, port: int | None = None) -> Server:
     return Server("redis", port, argv, data)
 
 
-def ferretdb_server(workdir: Path, *, port: int | None = None) -> Server:
+def ferretdb_server(workdir: Path, *, port: int | None = None, metrics_port: int | None = None) -> Server:
+    """FerretDB on SQLite; ``metrics_port``: also serve its Prometheus metrics (``/debug/metrics``, which count
+    the commands it ran by name: bench/connects.py reads them to count document-store reads)."""
     if not FERRETDB_BIN.exists():
         raise RuntimeError("FerretDB not found in .tools/bin: run `python3 scripts/bootstrap.py install`")
     port = port or free_port()
@@ -98,7 +100,7 @@ def ferretdb_server(workdir: Path, *, port: int | None = None) -> Server:
     (data / "state").mkdir(parents=True, exist_ok=True)
     argv = [str(FERRETDB_BIN), "--handler=sqlite", f"--sqlite-url=file:{data / 'db'}/",
             f"--listen-addr=127.0.0.1:{port}", f"--state-dir={data / 'state'}", "--telemetry=disable",
-            "--log-level=warn", "--debug-addr=-"]
+            "--log-level=warn", f"--debug-addr=127.0.0.1:{metrics_port}" if metrics_port else "--debug-addr=-"]
     return Server("ferretdb", port, argv, data)
 
 
@@ -134,14 +136,14 @@ def run_with_redis(redis_url: str, body: Callable[[redis.asyncio.Redis], Awaitab
     return asyncio.run(main())
 
 
-def servers_start(workdir: Path) -> Servers:
+def servers_start(workdir: Path, *, ferretdb_metrics_port: int | None = None) -> Servers:
     """Start Redis and FerretDB (or use ``CHATSTREAM_TEST_MONGODB_URI`` for a real MongoDB)."""
     redis = redis_server(workdir)
     redis.start()
     external = os.environ.get("CHATSTREAM_TEST_MONGODB_URI")
     if external:
         return Servers(workdir, redis, None, f"redis://127.0.0.1:{redis.port}/0", external)
-    mongo = ferretdb_server(workdir)
+    mongo = ferretdb_server(workdir, metrics_port=ferretdb_metrics_port)
     mongo.start()
     return Servers(workdir, redis, mongo, f"redis://127.0.0.1:{redis.port}/0",
                    f"mongodb://127.0.0.1:{mongo.port}/chatstream_test")

@@ -148,8 +148,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.out.identified()
         self.session_id = uuid.uuid4().hex
         try:
-            found = await sync_to_async(selectors.user_conversation_ids, thread_sensitive=False)(
-                user_id=self.user_id)
+            found = await selectors.user_conversation_ids_async(self.hub.redis, user_id=self.user_id)
             self.conversations = set(found)
             await self.hub.connection_add(self, conversation_ids=found)
             self.registered = True
