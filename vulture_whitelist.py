@@ -28,6 +28,7 @@ member2
 edit_seq
 deleted_at
 last_batch_ms
+next_cursor
 _.behind  # api/templates/admin/api/conversation_list.html
 # bench/fanout.py: fields of the result dataclass, written to the run's JSON with dataclasses.asdict
 server_cpu_s
@@ -95,3 +96,9 @@ _.failByDrop
 _.close_timer
 # messaging/events.py: the payload fields of each event type, the table tests/realtime/test_events.py checks
 PAYLOAD_FIELDS
+# asyncio calls a protocol's callbacks (gateway/wslink.py UpstreamLink)
+connection_made
+data_received
+connection_lost
+pause_writing
+resume_writing

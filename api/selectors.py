@@ -25,6 +25,7 @@ from messaging.bus import bus_is_cluster, bus_sync
 from messaging.events import message_meta_key
 from messaging.membership import _NO_MEMBERS as NO_MEMBERS
 from messaging.membership import membership_generation_key, membership_key, membership_refill_sync
+from messaging.mentions import mention_counts_sync
 from messaging.presence import presence_key
 from messaging.selectors import conversation_card_key, user_conversation_ids
 from messaging.services import read_cursor_key
@@ -128,6 +129,7 @@ class ConversationSummary:
     title: str  # the group's name, or the other member's username
     peer: User | None  # the other member of a 1:1 chat
     group: GroupChat | None
+    mentions: int = 0  # messages mentioning the caller above their read cursor (messaging/mentions.py)
 
 
 @functools.cache
@@ -334,6 +336,9 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
     floors = {cid: floor for _a, _c, cid, _card, _l, _cur, floor, _last, _u in page if floor is not None}
     stored_unread = unread_counts(user_id=user_id, after=behind, upto={
         ObjectId(cid): f for cid, f in floors.items() if ObjectId(cid) in behind}) if behind else {}
+    mention_counts = mention_counts_sync(bus_sync(), user_id=user_id, read_seqs={
+        cid: max(cursor, int(card["read_cursors"].get(user_id, 0)))
+        for _a, _c, cid, card, _l, cursor, _f, _last, _u in page})
     out = []
     for activity, _c, cid, card, last_seq, cursor, floor, last, unread in page:
         read_seq = max(cursor, int(card["read_cursors"].get(user_id, 0)))
@@ -366,7 +371,8 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
                 group = GroupChat(id=ObjectId(card["room_id"]), name=group_card["name"])
             title = group.name if group is not None else ""
         out.append(ConversationSummary(conversation=conv, last_seq=conv.last_seq, read_seq=read_seq,
-                                       unread=unread, title=title, peer=peer, group=group))
+                                       unread=unread, title=title, peer=peer, group=group,
+                                       mentions=mention_counts.get(cid, 0)))
     return out
 
 
@@ -418,7 +424,7 @@ def _window_message(raw: bytes | str, *, cursors: dict[str, int], members: set[s
                    content=doc.get("content") or "", timestamp=_parse_time(doc["timestamp"]),
                    edited_at=_parse_time(doc.get("edited_at")), deleted=bool(doc.get("deleted")),
                    deleted_at=_parse_time(doc.get("deleted_at")), edit_seq=doc.get("edit_seq"),
-                   read_status="read" if read else "sent")
+                   read_status="read" if read else "sent", mentions=list(doc.get("mentions") or ()))
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -500,7 +506,7 @@ def _bucket_message(m: dict[str, Any], *, conversation_id: str, cursors: dict[st
                    client_msg_id=m.get("client_msg_id"), content=m.get("content") or "",
                    timestamp=m.get("timestamp"), edited_at=m.get("edited_at"), deleted=bool(m.get("deleted")),
                    deleted_at=m.get("deleted_at"), edit_seq=m.get("edit_seq"),
-                   read_status="read" if read else "sent")
+                   read_status="read" if read else "sent", mentions=list(m.get("mentions") or ()))
 
 
 def _store_page(*, conversation_id: str, after: int | None, below: int | None, limit: int,

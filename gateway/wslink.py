@@ -48,7 +48,7 @@ MAX_HEAD = 16 * 1024  # a broker's handshake answer is a few hundred bytes
 PAUSE_ABOVE = 1024 * 1024
 RESUME_BELOW = 256 * 1024
 RESUME_POLL_S = 0.05
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 1, 2, 8, 9, 10
 
 
 def frame_masked(opcode: int, payload: bytes) -> bytes:
