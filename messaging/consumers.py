@@ -31,7 +31,7 @@ from chatstream_site.closecodes import (
 )
 from chatstream_site.errors import DomainError, NotFound, ValidationFailed
 from messaging import frames, membership, presence, selectors, services, streams, transports
-from messaging.auth import connection_identify
+from messaging.auth import connection_identify, connection_proxied
 from messaging.hub import Hub, hub_get
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.out: transports.Output = (daphne or transports.UvicornOutput.of(self.base_send)
                                        or transports.AsgiOutput(self.base_send))
         await self.accept()  # close codes exist only on an accepted WebSocket (a refused handshake is a 403)
+        proxied = connection_proxied(self.scope)
         try:
             owner = await connection_identify(self.scope)
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
@@ -146,6 +147,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.user_id, self.username = owner.user_id, owner.username
         self.out.identified()
+        if proxied:
+            self.out.keepalive_by_kernel()
         self.session_id = uuid.uuid4().hex
         try:
             found = await selectors.user_conversation_ids_async(self.hub.redis, user_id=self.user_id)

@@ -401,3 +401,27 @@ def test_only_canonical_paths_are_routed() -> None:
                          (b"/static/./x", "/static/./x"), (b"/a//b", "/a//b"), (b"/a%5cb", "/a\\b"),
                          (b"/a%0ab", "/a\nb"), (b"/a%00", "/a\x00"), (b"/a/..", "/a/..")):
         assert path_checked(raw_path=raw, path=decoded) is None, raw
+
+
+def test_socket_slots_are_renewed_while_held_and_a_released_one_stays_released(servers: Servers) -> None:
+    from gateway.userlimits import KEY_PREFIX, SocketSlots
+
+    async def scenario() -> tuple[int, int, float]:
+        client = redis.asyncio.Redis.from_url(servers.redis_url)
+        try:
+            user = f"u-renew-{uuid.uuid4().hex[:8]}"
+            slots = SocketSlots(client=client, cap=5, ttl_s=1.5)
+            kept, released = await slots.acquire(user_id=user), await slots.acquire(user_id=user)
+            assert kept is not None and released is not None
+            await slots.release(released)
+            await asyncio.sleep(2.5)  # past the TTL: only the renewal keeps the slot
+            members = await client.zrange(KEY_PREFIX + user, 0, -1, withscores=True)
+            await slots.release(kept)
+            left = await client.zcard(KEY_PREFIX + user)
+            return len(members), left, float(members[0][1]) - time.time() if members else 0.0
+        finally:
+            await client.aclose()
+
+    held, left, ahead = asyncio.run(scenario())
+    assert held == 1 and left == 0  # the released slot was not renewed back
+    assert ahead > 0  # the kept slot's expiry was moved past the original TTL
