@@ -226,10 +226,10 @@ def population(*, users: int, conversations: int, redis_url: str) -> list[tuple[
     import redis
     from bson import ObjectId
 
-    from api.tokens import token_issue
+    from core.documents import Conversation, User
+    from core.tokens import token_issue
     from messaging.membership import membership_changed_sync
     from messaging.selectors import user_conversations_init
-    from storage.documents import Conversation, User
 
     run = ObjectId()
     user_ids = [ObjectId() for _ in range(users)]

@@ -25,13 +25,14 @@ import aiohttp
 from django.conf import settings
 from multidict import CIMultiDict
 
-from chatstream_site.closecodes import (
+from core.closecodes import (
     CLOSE_FORBIDDEN,
     CLOSE_RATE_LIMITED,
     CLOSE_TOO_MANY_SOCKETS,
     CLOSE_TRY_AGAIN,
     CLOSE_UPSTREAM_LOST,
 )
+from core.identity import identity_headers, identity_strip
 from gateway.asgi import (
     Receive,
     RequestState,
@@ -42,7 +43,6 @@ from gateway.asgi import (
     state_of,
     ws_refuse,
 )
-from gateway.identity import identity_headers, identity_strip
 from gateway.ratelimit import RateLimiter, TokenBucket
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
 from gateway.userlimits import SocketSlots

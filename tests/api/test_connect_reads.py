@@ -13,8 +13,8 @@ import pytest
 import redis
 from rest_framework.test import APIClient
 
-from api.tokens import token_issue
 from chatstream_site.localservers import Servers
+from core.tokens import token_issue
 from messaging import membership, selectors
 from tests.support.api import PASSWORD
 

@@ -13,11 +13,11 @@ import redis.asyncio
 from django.test import RequestFactory
 from django_ratelimit.core import get_usage
 
-from api.tokens import TicketOwner
 from chatstream_site.localservers import Servers, free_port
-from chatstream_site.registry import Instance
+from core.identity import identity_headers, identity_strip, identity_verify
+from core.registry import Instance
+from core.tokens import TicketOwner
 from gateway.asgi import STATE_KEY, RequestState
-from gateway.identity import identity_headers, identity_strip, identity_verify
 from gateway.middleware import REQUEST_ID_RE, bearer_token, ip_key, origin_allowed
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter, rate_validate
@@ -404,7 +404,8 @@ def test_only_canonical_paths_are_routed() -> None:
 
 
 def test_socket_slots_are_renewed_while_held_and_a_released_one_stays_released(servers: Servers) -> None:
-    from gateway.userlimits import KEY_PREFIX, SocketSlots
+    from core.keys import GATEWAY_SOCKETS_PREFIX as KEY_PREFIX
+    from gateway.userlimits import SocketSlots
 
     async def scenario() -> tuple[int, int, float]:
         client = redis.asyncio.Redis.from_url(servers.redis_url)
