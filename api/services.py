@@ -38,6 +38,7 @@ from messaging.frames import SESSIONS_CLOSE, user_group
 from messaging.membership import membership_changed_sync, membership_invalidate_sync
 from messaging.mentions import usernames_remember_sync
 from messaging.reactions import ReactionChange, reaction_change
+from messaging.selectors import user_conversations_init
 from messaging.services import Accepted
 from storage import services as storage_services
 
@@ -96,6 +97,8 @@ def user_create(*, username: str, email: str, password: str) -> User:
         raise Conflict("username or email is taken", code="username_taken") from None
     # The write path resolves @username from this index, never from MongoDB (messaging/mentions.py).
     usernames_remember_sync(sync_redis(), names={key: str(user.id)})
+    # In no conversation yet: cached so, and kept by every membership change, so connects read no store.
+    user_conversations_init(sync_redis(), user_id=str(user.id))
     return user
 
 

@@ -326,7 +326,7 @@ class AuthenticationLayer:
                 await send_error(send, status=401, code=exc.code, message=exc.message,
                                  headers=[(b"www-authenticate", b'Bearer realm="chatstream"')])
                 return
-            state.user = TicketOwner(user_id=claims.user_id, username=claims.username)
+            state.user = TicketOwner(user_id=claims.user_id, username=claims.username, gen=claims.gen)
         elif route.auth == "ticket":
             if scope["type"] != "websocket":
                 state.reason = "websocket_only"

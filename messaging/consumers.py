@@ -25,7 +25,7 @@ from django.conf import settings
 from core.closecodes import CLOSE_BAD_TICKET, CLOSE_INTERNAL, CLOSE_RATE_LIMITED, CLOSE_TOO_LARGE, CLOSE_TOO_SLOW
 from core.errors import DomainError, NotFound, ValidationFailed
 from messaging import frames, membership, presence, reactions, selectors, services, streams, transports
-from messaging.auth import connection_identify
+from messaging.auth import connection_identify, connection_proxied
 from messaging.hub import Hub, hub_get
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.out: transports.Output = (daphne or transports.UvicornOutput.of(self.base_send)
                                        or transports.AsgiOutput(self.base_send))
         await self.accept()  # close codes exist only on an accepted WebSocket (a refused handshake is a 403)
+        proxied = connection_proxied(self.scope)
         try:
             owner = await connection_identify(self.scope)
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
@@ -140,10 +141,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.user_id, self.username = owner.user_id, owner.username
         self.out.identified()
+        if proxied:
+            self.out.keepalive_by_kernel()
         self.session_id = uuid.uuid4().hex
         try:
-            found = await sync_to_async(selectors.user_conversation_ids, thread_sensitive=False)(
-                user_id=self.user_id)
+            found = await selectors.user_conversation_ids_async(self.hub.redis, user_id=self.user_id)
             self.conversations = set(found)
             await self.hub.connection_add(self, conversation_ids=found)
             self.registered = True
