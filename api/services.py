@@ -37,7 +37,7 @@ from messaging import services as messaging
 from messaging.frames import SESSIONS_CLOSE, user_group
 from messaging.membership import membership_changed_sync, membership_invalidate_sync
 from messaging.services import Accepted
-from storage import services as storage_services
+from storage.writes import message_event_write
 
 logger = logging.getLogger(__name__)
 
@@ -532,7 +532,7 @@ def message_tombstone_by_staff(*, message_id: str, staff_username: str) -> int:
 
     The event is built and appended by ``messaging.services.message_delete_by_staff``, like a sender's delete
     (live clients see it, the storage pipeline applies it, later edits are refused); the drain's own statement
-    for it is also written to MongoDB at once (``storage.services.message_event_write``), so the admin shows
+    for it is also written to MongoDB at once (``storage.writes.message_event_write``), so the admin shows
     the result without waiting for the drain (the drain's later write of the same entry changes nothing).
     Raises NotFound (no such message, or already deleted). The caller logs the action (``api.admin`` writes a
     Django LogEntry).
@@ -542,7 +542,7 @@ def message_tombstone_by_staff(*, message_id: str, staff_username: str) -> int:
     accepted = run_async(lambda c, b: messaging.message_delete_by_staff(c, bus=b, staff_username=staff_username,
                                                                         message_id=message_id))
     payload = {k: v for k, v in accepted.event.items() if k != "seq"}  # the entry's payload (the ack adds seq)
-    storage_services.message_event_write(event=Event(
+    message_event_write(event=Event(
         entry_id="", type="message.deleted", conversation_id=accepted.conversation_id, seq=accepted.seq,
         data=payload))
     logger.info("staff %s deleted message %s of conversation %s (event seq %s)", staff_username, message_id,

@@ -9,7 +9,7 @@ decoder are in ``core/entries.py``.
 
 Payloads (``d``; ids are strings, times ISO-8601 UTC with milliseconds; built by ``messaging.events.event_build``,
 the one builder, whose ``PAYLOAD_FIELDS`` lists them; the drain applies each type by its rule in
-``storage.services.EVENT_RULES``):
+``storage.rules.EVENT_RULES``):
 
 ``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id}``
 ``message.edited``   ``{id, conversation_id, content, edited_at, editor_id, original}`` (``id`` is the message's;
