@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api import selectors, services
+from api import conversation_list, history, selectors, services
 from api import serializers as s
 from api.auth import request_user
 from api.ratelimit import (
@@ -75,7 +75,7 @@ def _added_by_out(group: GroupChat) -> dict[str, str | None]:
     return {str(m): (str(added_by[str(m)]) if added_by.get(str(m)) else None) for m in group.members}
 
 
-def conversation_out(summary: selectors.ConversationSummary) -> dict[str, Any]:
+def conversation_out(summary: conversation_list.ConversationSummary) -> dict[str, Any]:
     conv: Conversation = summary.conversation
     last = conv.last_message
     return {
@@ -375,7 +375,7 @@ class ConversationsView(APIView):
                    summary="My conversations, most recently active first")
     def get(self, request: Request) -> Response:
         query = _valid_query(s.ListQuery, request)
-        summaries = selectors.conversation_list_for_user(user_id=request_user(request).id, limit=query["limit"],
+        summaries = conversation_list.conversation_list_for_user(user_id=request_user(request).id, limit=query["limit"],
                                                          offset=query["offset"])
         return Response({"results": [conversation_out(x) for x in summaries]})
 
@@ -383,7 +383,7 @@ class ConversationsView(APIView):
 class ConversationView(APIView):
     @extend_schema(responses={200: s.ConversationOut}, tags=["conversations"], summary="One of my conversations")
     def get(self, request: Request, conversation_id: str) -> Response:
-        summary = selectors.conversation_summary_for_member(user_id=request_user(request).id,
+        summary = conversation_list.conversation_summary_for_member(user_id=request_user(request).id,
                                                             conversation_id=conversation_id)
         return Response(conversation_out(summary))
 
@@ -403,7 +403,7 @@ class MessagesView(APIView):
                    summary="A page of history ordered by seq (before_seq pages back, after_seq forward)")
     def get(self, request: Request, conversation_id: str) -> Response:
         query = _valid_query(s.HistoryQuery, request)
-        page = selectors.message_history_get(
+        page = history.message_history_get(
             user_id=request_user(request).id, conversation_id=conversation_id, before_seq=query.get("before_seq"),
             after_seq=query.get("after_seq"), limit=query["limit"])
         return Response({"results": [message_out(m) for m in page.messages], "has_more": page.has_more})

@@ -285,7 +285,7 @@ def _read_parse(event: Event) -> dict[str, Any]:
 # The most seqs one reader's cursor move mirrors into read_status (2 buckets of BUCKET_SEQS, so at most 2
 # bucket reads and 100 one-message statements, ~50 ms on FerretDB v1): a reader catching up on more leaves the
 # older messages' stored read_status at "sent"; history derives read_status from the read cursors anyway
-# (api.selectors), so what users see is unaffected.
+# (api.history), so what users see is unaffected.
 READ_MIRROR_MAX = 2 * BUCKET_SEQS
 
 
