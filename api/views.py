@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api import conversation_list, history, selectors, services
+from api import accounts, conversation_list, history, selectors, services
 from api import serializers as s
 from api.auth import request_user
 from api.ratelimit import (
@@ -127,7 +127,7 @@ class RegisterView(APIView):
         data = _valid(s.RegisterIn, request.data)
         rate_limit(request, group="register.user", value=data["username"].lower(),
                    rate=settings.API_RATE_REGISTER_USER)
-        user = services.user_create(username=data["username"], email=data["email"], password=data["password"])
+        user = accounts.user_create(username=data["username"], email=data["email"], password=data["password"])
         return Response({"id": str(user.id), "username": user.username, "email": user.email}, status=201)
 
 
@@ -145,7 +145,7 @@ class LoginView(APIView):
         client = client_ip(request)
         login_backoff_check(username=data["username"], client=client)
         try:
-            pair = services.auth_login(username=data["username"], password=data["password"])
+            pair = accounts.auth_login(username=data["username"], password=data["password"])
         except Unauthenticated:
             login_failure_record(username=data["username"], client=client)
             raise
@@ -157,7 +157,7 @@ class LoginView(APIView):
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def _pair_out(pair: services.TokenPair) -> dict[str, Any]:
+def _pair_out(pair: accounts.TokenPair) -> dict[str, Any]:
     return {"access": pair.access, "refresh": pair.refresh, "token_type": pair.token_type,
             "expires_in": pair.expires_in}
 
@@ -170,7 +170,7 @@ class RefreshView(APIView):
                    summary="Rotate: the refresh token is spent and a new pair is issued")
     def post(self, request: Request) -> Response:
         data = _valid(s.RefreshIn, request.data)
-        return Response(_pair_out(services.auth_refresh(refresh=data["refresh"])), headers=NO_STORE)
+        return Response(_pair_out(accounts.auth_refresh(refresh=data["refresh"])), headers=NO_STORE)
 
 
 class LogoutView(APIView):
@@ -181,7 +181,7 @@ class LogoutView(APIView):
     def post(self, request: Request) -> Response:
         data = _valid(s.RefreshIn, request.data)
         access = request.auth if isinstance(request.auth, Claims) else None
-        services.auth_logout(refresh=data["refresh"], access=access)
+        accounts.auth_logout(refresh=data["refresh"], access=access)
         return Response(status=204)
 
 
@@ -191,7 +191,7 @@ class WsTicketView(APIView):
     def post(self, request: Request) -> Response:
         user = request_user(request)
         gen = request.auth.gen if isinstance(request.auth, Claims) else 0
-        ticket, expires_in = services.ws_ticket_create(user_id=user.id, username=user.username, gen=gen)
+        ticket, expires_in = accounts.ws_ticket_create(user_id=user.id, username=user.username, gen=gen)
         return Response({"ticket": ticket, "expires_in": expires_in}, headers=NO_STORE)
 
 
@@ -217,7 +217,7 @@ class PasswordView(APIView):
     def post(self, request: Request) -> Response:
         user = request_user(request)
         data = _valid(s.PasswordChangeIn, request.data)
-        pair = _password_guarded(request, username=user.username, check=lambda: services.auth_password_change(
+        pair = _password_guarded(request, username=user.username, check=lambda: accounts.auth_password_change(
             user_id=user.id, old_password=data["old_password"], new_password=data["new_password"]))
         return Response(_pair_out(pair), headers=NO_STORE)
 
@@ -233,7 +233,7 @@ class MeView(APIView):
     @extend_schema(request=s.StatusIn, responses={200: s.MeOut}, tags=["users"], summary="Set my status")
     def patch(self, request: Request) -> Response:
         data = _valid(s.StatusIn, request.data)
-        return Response(me_out(services.user_status_set(user_id=request_user(request).id, status=data["status"])))
+        return Response(me_out(accounts.user_status_set(user_id=request_user(request).id, status=data["status"])))
 
     @extend_schema(request=s.PasswordIn, responses={204: None}, tags=["users"],
                    summary="Remove my account (password required): sessions end, groups are left, messages stay")
@@ -241,7 +241,7 @@ class MeView(APIView):
         user = request_user(request)
         data = _valid(s.PasswordIn, request.data)
         _password_guarded(request, username=user.username,
-                          check=lambda: services.user_remove(user_id=user.id, password=data["password"]))
+                          check=lambda: accounts.user_remove(user_id=user.id, password=data["password"]))
         return Response(status=204)
 
 
@@ -262,14 +262,14 @@ class ContactsView(APIView):
     @extend_schema(request=s.UsernameIn, responses={201: s.UserOut}, tags=["users"], summary="Add a contact")
     def post(self, request: Request) -> Response:
         data = _valid(s.UsernameIn, request.data)
-        contact = services.contact_add(user_id=request_user(request).id, username=data["username"])
+        contact = accounts.contact_add(user_id=request_user(request).id, username=data["username"])
         return Response(user_out(contact), status=201)
 
 
 class ContactView(APIView):
     @extend_schema(responses={204: None}, tags=["users"], summary="Remove a contact")
     def delete(self, request: Request, user_id: str) -> Response:
-        services.contact_remove(user_id=request_user(request).id, contact_id=user_id)
+        accounts.contact_remove(user_id=request_user(request).id, contact_id=user_id)
         return Response(status=204)
 
 
