@@ -1,6 +1,6 @@
 """The gateway: the only public entry, a plain ASGI app in front of every other role.
 
-The stack, outermost first (each layer in ``gateway/middleware.py`` or ``gateway/proxy.py``):
+The stack, outermost first (each layer in ``gateway/middleware.py``, ``gateway/proxy.py`` or ``gateway/wsproxy.py``):
 
 1. request id — the client's ``X-Request-Id`` if well-formed, else a new one; echoed and passed upstream;
 2. access log — one JSON line per request (status, upstream instance, user, duration) + security headers;
@@ -39,11 +39,12 @@ from gateway.middleware import (
     RouteAuthorizationLayer,
     UserRateLimitLayer,
 )
-from gateway.proxy import HttpProxy, WebSocketProxy
+from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter
 from gateway.upstreams import Upstreams
 from gateway.userlimits import SocketSlots
 from gateway.webclient import webclient_file, webclient_headers
+from gateway.wsproxy import WebSocketProxy
 
 logger = logging.getLogger(__name__)
 

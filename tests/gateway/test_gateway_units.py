@@ -315,7 +315,7 @@ def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
     close code reaches the client."""
     from types import SimpleNamespace
 
-    from gateway.proxy import WebSocketProxy
+    from gateway.wsproxy import WebSocketProxy
 
     async def scenario() -> tuple[int, list[dict[str, Any]]]:
         release = asyncio.Event()
