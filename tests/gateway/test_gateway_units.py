@@ -18,7 +18,8 @@ from core.identity import identity_headers, identity_strip, identity_verify
 from core.registry import Instance
 from core.tokens import TicketOwner
 from gateway.asgi import STATE_KEY, RequestState
-from gateway.middleware import REQUEST_ID_RE, bearer_token, ip_key, origin_allowed
+from gateway.auth import bearer_token
+from gateway.middleware import REQUEST_ID_RE, ip_key, origin_allowed
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter, rate_validate
 from gateway.routes import path_checked, public_paths, route_match
