@@ -1,5 +1,7 @@
 """REST API v1 views (docs/interface.md): thin. Each one validates with a serializer, calls one service (writes)
 or selector (reads), and renders the result; errors are raised and translated by ``api.exceptions``.
+Over 400 lines because it is the list of the API's 25 endpoint views, one short class each with its schema
+annotation, in the order of docs/api.md: one place to read the whole HTTP surface.
 """
 
 from __future__ import annotations
