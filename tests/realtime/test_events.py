@@ -29,13 +29,6 @@ ALICE, BOB = str(ObjectId()), str(ObjectId())
 
 
 @pytest.fixture
-def r(servers: Servers) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(servers.redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def conversation(servers: Servers) -> str:
     """A fresh 1:1 chat of ALICE and BOB."""
     return str(Conversation(type="single", room_id=ObjectId(), members=[ObjectId(ALICE), ObjectId(BOB)]).save().id)
