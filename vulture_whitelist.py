@@ -28,6 +28,7 @@ member2
 edit_seq
 deleted_at
 last_batch_ms
+next_cursor
 _.behind  # api/templates/admin/api/conversation_list.html
 # bench/fanout.py: fields of the result dataclass, written to the run's JSON with dataclasses.asdict
 server_cpu_s

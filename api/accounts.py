@@ -30,6 +30,7 @@ from core.documents import GroupChat, User, utcnow
 from core.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from core.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from messaging.frames import SESSIONS_CLOSE, user_group
+from messaging.mentions import usernames_remember_sync
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def user_create(*, username: str, email: str, password: str) -> User:
         user.save()
     except mongoengine.NotUniqueError:
         raise Conflict("username or email is taken", code="username_taken") from None
+    # The write path resolves @username from this index, never from MongoDB (messaging/mentions.py).
+    usernames_remember_sync(sync_redis(), names={key: str(user.id)})
     return user
 
 

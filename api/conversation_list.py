@@ -35,6 +35,7 @@ from core.keys import (
     user_card_key,
 )
 from core.values import iso_ms
+from messaging.mentions import mention_counts_sync
 from messaging.selectors import user_conversation_ids
 
 
@@ -47,6 +48,7 @@ class ConversationSummary:
     title: str  # the group's name, or the other member's username
     peer: User | None  # the other member of a 1:1 chat
     group: GroupChat | None
+    mentions: int = 0  # messages mentioning the caller above their read cursor (messaging/mentions.py)
 
 
 @functools.cache
@@ -247,6 +249,9 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
     floors = {cid: floor for _a, _c, cid, _card, _l, _cur, floor, _last, _u in page if floor is not None}
     stored_unread = unread_counts(user_id=user_id, after=behind, upto={
         ObjectId(cid): f for cid, f in floors.items() if ObjectId(cid) in behind}) if behind else {}
+    mention_counts = mention_counts_sync(bus_sync(), user_id=user_id, read_seqs={
+        cid: max(cursor, int(card["read_cursors"].get(user_id, 0)))
+        for _a, _c, cid, card, _l, cursor, _f, _last, _u in page})
     out = []
     for activity, _c, cid, card, last_seq, cursor, floor, last, unread in page:
         read_seq = max(cursor, int(card["read_cursors"].get(user_id, 0)))
@@ -279,5 +284,6 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
                 group = GroupChat(id=ObjectId(card["room_id"]), name=group_card["name"])
             title = group.name if group is not None else ""
         out.append(ConversationSummary(conversation=conv, last_seq=conv.last_seq, read_seq=read_seq,
-                                       unread=unread, title=title, peer=peer, group=group))
+                                       unread=unread, title=title, peer=peer, group=group,
+                                       mentions=mention_counts.get(cid, 0)))
     return out

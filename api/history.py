@@ -49,7 +49,7 @@ def _window_message(raw: bytes | str, *, cursors: dict[str, int], members: set[s
                    content=doc.get("content") or "", timestamp=time_parse(doc["timestamp"]),
                    edited_at=time_parse(doc.get("edited_at")), deleted=bool(doc.get("deleted")),
                    deleted_at=time_parse(doc.get("deleted_at")), edit_seq=doc.get("edit_seq"),
-                   read_status="read" if read else "sent")
+                   read_status="read" if read else "sent", mentions=list(doc.get("mentions") or ()))
 
 
 def _edits_apply(rows: list[Message], edits: dict[str, dict[str, Any]]) -> None:
@@ -70,7 +70,7 @@ def _edits_apply(rows: list[Message], edits: dict[str, dict[str, Any]]) -> None:
 # ARGV[1] "1" newest first, ARGV[2] min, ARGV[3] max (ZRANGEBYSCORE syntax), ARGV[4] count
 # -> {floor or false, [message JSON...], [edits field, value...], [cursor field, value...]}: one atomic read,
 # so a concurrent append's eviction can never show a floor that does not match the messages read.
-_WINDOW_READ_LUA = """
+WINDOW_READ_LUA = """
 local floor = redis.call('HGET', KEYS[2], 'floor')
 local edits = redis.call('HGETALL', KEYS[3])
 local cursors = redis.call('HGETALL', KEYS[4])
@@ -125,7 +125,7 @@ def _bucket_message(m: dict[str, Any], *, conversation_id: str, cursors: dict[st
                    client_msg_id=m.get("client_msg_id"), content=m.get("content") or "",
                    timestamp=m.get("timestamp"), edited_at=m.get("edited_at"), deleted=bool(m.get("deleted")),
                    deleted_at=m.get("deleted_at"), edit_seq=m.get("edit_seq"),
-                   read_status="read" if read else "sent")
+                   read_status="read" if read else "sent", mentions=list(m.get("mentions") or ()))
 
 
 def _store_page(*, conversation_id: str, after: int | None, below: int | None, limit: int,
@@ -167,7 +167,7 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     limit = max(1, min(limit, HISTORY_MAX_LIMIT))
     backwards = after_seq is None  # newest-first read, then reversed
     partition = partition_of(conversation_id)
-    raw_floor, docs, raw_edits, raw_cursors = bus_sync().register_script(_WINDOW_READ_LUA)(
+    raw_floor, docs, raw_edits, raw_cursors = bus_sync().register_script(WINDOW_READ_LUA)(
         keys=[recent_key(partition, conversation_id), recent_docs_key(partition, conversation_id),
               recent_edits_key(partition, conversation_id), read_cursor_key(conversation_id)],
         args=["1" if backwards else "0", f"({after_seq}" if after_seq is not None else "-inf",

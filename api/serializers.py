@@ -135,6 +135,20 @@ class HistoryQuery(serializers.Serializer):
     limit = serializers.IntegerField(required=False, min_value=1, max_value=200, default=50)
 
 
+class MentionsQuery(serializers.Serializer):
+    before = serializers.CharField(required=False, max_length=20, help_text="an item's cursor: older mentions")
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=100, default=50)
+
+
+class SearchQuery(serializers.Serializer):
+    # The length limit (100, code query_too_long) and the words' (8, too_many_terms) are the selector's, so
+    # their errors carry their own codes; this only keeps a huge value out.
+    q = serializers.CharField(max_length=2000, trim_whitespace=False,
+                              help_text="words to find, all of them, whole words, case-insensitive")
+    cursor = serializers.CharField(required=False, max_length=64, help_text="next_cursor of the previous page")
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=50, default=20)
+
+
 class ListQuery(serializers.Serializer):
     limit = serializers.IntegerField(required=False, min_value=1, max_value=500, default=100)
     offset = serializers.IntegerField(required=False, min_value=0, max_value=100_000, default=0)
@@ -199,6 +213,7 @@ class ConversationOut(serializers.Serializer):
     last_seq = serializers.IntegerField()
     read_seq = serializers.IntegerField()
     unread = serializers.IntegerField()
+    mentions = serializers.IntegerField(help_text="messages mentioning me above my read cursor (at most 100)")
     created_at = serializers.DateTimeField(allow_null=True)
     updated_at = serializers.DateTimeField(allow_null=True)
 
@@ -238,6 +253,8 @@ class MessageOut(serializers.Serializer):
     deleted = serializers.BooleanField()
     read_status = serializers.CharField()
     client_msg_id = serializers.CharField(allow_null=True)
+    mentions = serializers.ListField(child=serializers.CharField(),
+                                     help_text="ids of the members its @usernames named when it was sent")
 
 
 class HistoryOut(serializers.Serializer):
@@ -294,3 +311,35 @@ class MessageVersionsOut(serializers.Serializer):
                                                      "the message was never edited")
     has_more = serializers.BooleanField(help_text="more than 100 versions: these are the newest 100, the older "
                                                   "ones are left out")
+
+
+class MentionOut(serializers.Serializer):
+    conversation_id = serializers.CharField()
+    message_id = serializers.CharField()
+    seq = serializers.IntegerField()
+    sender_id = serializers.CharField()
+    content = serializers.CharField(allow_blank=True, help_text="the current content (empty once deleted)")
+    timestamp = serializers.DateTimeField(allow_null=True)
+    deleted = serializers.BooleanField()
+    cursor = serializers.CharField(help_text="pass as before= for the mentions older than this one")
+
+
+class MentionListOut(serializers.Serializer):
+    results = MentionOut(many=True, help_text="newest first")
+    has_more = serializers.BooleanField()
+
+
+class SearchHitOut(serializers.Serializer):
+    conversation_id = serializers.CharField()
+    message_id = serializers.CharField()
+    seq = serializers.IntegerField()
+    sender_id = serializers.CharField()
+    content = serializers.CharField()
+    timestamp = serializers.DateTimeField(allow_null=True)
+    highlights = serializers.ListField(child=serializers.ListField(child=serializers.IntegerField()),
+                                       help_text="[start, end) of each word found, in Unicode code points")
+
+
+class SearchOut(serializers.Serializer):
+    results = SearchHitOut(many=True, help_text="newest first")
+    next_cursor = serializers.CharField(allow_null=True, help_text="more may follow: pass as cursor= (10 min)")

@@ -23,6 +23,7 @@ from core.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from core.keys import group_card_key
 from messaging import services as messaging
 from messaging.membership import membership_changed_sync, membership_invalidate_sync
+from messaging.mentions import usernames_remember_sync
 from messaging.services import Accepted
 from storage.writes import message_event_write
 
@@ -56,6 +57,7 @@ def chat_single_get_or_create(*, user_id: str, username: str) -> tuple[Conversat
     is repaired by the next call (the conversation is looked up by the chat's id).
     """
     peer = user_by_username(username=username)
+    usernames_remember_sync(sync_redis(), names={peer.username_key: str(peer.id)})  # accounts made before it
     if str(peer.id) == user_id:
         raise ValidationFailed("a single chat needs another user", details={"field": "username"})
     first, second = sorted([user_id, str(peer.id)])
@@ -94,6 +96,7 @@ def group_create(*, creator_id: str, name: str, usernames: list[str]) -> tuple[G
     missing = [k for k in keys if k not in found]
     if missing:
         raise NotFound("unknown usernames", details={"usernames": missing})
+    usernames_remember_sync(sync_redis(), names={k: str(v) for k, v in found.items()})  # accounts made before it
     creator = ObjectId(creator_id)
     members = [creator, *(oid for oid in found.values() if oid != creator)]
     group = GroupChat(name=name, admins=[creator], members=members,
@@ -154,6 +157,7 @@ def group_member_add(*, user_id: str, group_id: str, username: str) -> User:
     """
     group = _admin_group(user_id=user_id, group_id=group_id)
     new = user_by_username(username=username)
+    usernames_remember_sync(sync_redis(), names={new.username_key: str(new.id)})  # accounts made before it
     if len(group.members) >= GROUP_MAX_MEMBERS:
         raise ValidationFailed(f"a group has at most {GROUP_MAX_MEMBERS} members", code="too_many_members",
                                details={"limit": GROUP_MAX_MEMBERS})

@@ -36,6 +36,8 @@ urlpatterns = [
     path("conversations/<str:conversation_id>/read", views.ReadView.as_view(), name="read"),
     path("messages/<str:message_id>", views.MessageView.as_view(), name="message"),
     path("messages/<str:message_id>/versions", views.MessageVersionsView.as_view(), name="message-versions"),
+    path("mentions", views.MentionsView.as_view(), name="mentions"),
+    path("search", views.SearchView.as_view(), name="search"),
     path("schema", SpectacularAPIView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),

@@ -1,6 +1,6 @@
 """REST API v1 views (docs/interface.md): thin. Each one validates with a serializer, calls one service (writes)
 or selector (reads), and renders the result; errors are raised and translated by ``api.exceptions``.
-Over 400 lines because it is the list of the API's 25 endpoint views, one short class each with its schema
+Over 400 lines because it is the list of the API's endpoint views, one short class each with its schema
 annotation, in the order of docs/api.md: one place to read the whole HTTP surface.
 """
 
@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api import accounts, conversation_list, history, selectors, services
+from api import accounts, conversation_list, finders, history, selectors, services
 from api import serializers as s
 from api.auth import request_user
 from api.ratelimit import (
@@ -90,7 +90,7 @@ def conversation_out(summary: conversation_list.ConversationSummary) -> dict[str
             "content": "" if last.deleted else (last.content or ""), "timestamp": iso(last.timestamp),
             "deleted": bool(last.deleted)},
         "last_seq": summary.last_seq, "read_seq": summary.read_seq, "unread": summary.unread,
-        "created_at": iso(conv.created_at), "updated_at": iso(conv.updated_at),
+        "mentions": summary.mentions, "created_at": iso(conv.created_at), "updated_at": iso(conv.updated_at),
     }
 
 
@@ -100,6 +100,7 @@ def message_out(message: Message) -> dict[str, Any]:
         "sender_id": str(message.sender_id), "content": "" if message.deleted else message.content,
         "timestamp": iso(message.timestamp), "edited_at": iso(message.edited_at), "deleted": bool(message.deleted),
         "read_status": message.read_status or "sent", "client_msg_id": message.client_msg_id,
+        "mentions": list(message.mentions or ()),
     }
 
 
@@ -468,3 +469,40 @@ class MessageVersionsView(APIView):
                                       "at": v.at if isinstance(v.at, str) or v.at is None else iso(v.at)}
                                      for v in found.versions],
                          "has_more": found.has_more})
+
+
+def _not_blank(request: Request, name: str) -> None:
+    """DRF takes an optional query parameter given empty (``?before=``) as absent; a cursor given empty is a
+    client mistake (it would restart from the newest), so it is refused like any malformed cursor."""
+    if request.query_params.get(name, None) == "":
+        raise ValidationFailed(f"{name} must not be empty", details={"field": name})
+
+
+class MentionsView(APIView):
+    @extend_schema(parameters=[s.MentionsQuery], responses={200: s.MentionListOut}, tags=["messages"],
+                   summary="Messages that mention me, newest first")
+    def get(self, request: Request) -> Response:
+        query = _valid_query(s.MentionsQuery, request)
+        _not_blank(request, "before")
+        found, more = finders.mentions_list(user_id=request_user(request).id, before=query.get("before"),
+                                            limit=query["limit"])
+        return Response({"results": [{"conversation_id": m.conversation_id, "message_id": m.message_id,
+                                      "seq": m.seq, "sender_id": m.sender_id, "content": m.content,
+                                      "timestamp": m.timestamp, "deleted": m.deleted, "cursor": m.cursor}
+                                     for m in found], "has_more": more})
+
+
+class SearchView(APIView):
+    @extend_schema(parameters=[s.SearchQuery], responses={200: s.SearchOut}, tags=["messages"],
+                   summary="Search the text of messages in my conversations, newest first")
+    def get(self, request: Request) -> Response:
+        user = request_user(request)
+        query = _valid_query(s.SearchQuery, request)
+        _not_blank(request, "cursor")
+        rate_limit(request, group="search.user", value=user.id, rate=settings.API_RATE_SEARCH_USER)
+        hits, cursor = finders.messages_search(user_id=user.id, query=query["q"], cursor=query.get("cursor"),
+                                               limit=query["limit"])
+        return Response({"results": [{"conversation_id": h.conversation_id, "message_id": h.message_id,
+                                      "seq": h.seq, "sender_id": h.sender_id, "content": h.content,
+                                      "timestamp": h.timestamp, "highlights": [list(x) for x in h.highlights]}
+                                     for h in hits], "next_cursor": cursor})

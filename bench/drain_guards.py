@@ -41,16 +41,19 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--news", type=int, default=1_000)
     parser.add_argument("--changes", type=int, default=30)
+    parser.add_argument("--ferretdb-bin", default="", help="another FerretDB build (default: .tools/bin's)")
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # one size, in a child process
     args = parser.parse_args()
     if not args.one:  # every size in its own process (Django reads its settings once) on fresh servers
         for size in sorted(args.sizes):
             subprocess.run([sys.executable, __file__, "--one", str(size), "--conversations", str(args.conversations),
-                            "--news", str(args.news), "--changes", str(args.changes)], check=True)
+                            "--news", str(args.news), "--changes", str(args.changes),
+                            "--ferretdb-bin", args.ferretdb_bin], check=True)
         return
     for size in [args.one]:
         workdir = Path(tempfile.mkdtemp(prefix="cs-drain-guards-"))
-        rd, mg = redis_server(workdir), ferretdb_server(workdir)
+        rd = redis_server(workdir)
+        mg = ferretdb_server(workdir, binary=Path(args.ferretdb_bin) if args.ferretdb_bin else None)
         rd.start()
         mg.start()
         os.environ.update(REDIS_URL=f"redis://127.0.0.1:{rd.port}/0", CHATSTREAM_DOTENV="", DEBUG="1",

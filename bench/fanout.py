@@ -151,7 +151,11 @@ class Counters:
 
 
 class ChatStreamConn:
-    def __init__(self, index: int, url: str, counters: Counters, on_ack: Callable[[str], None]) -> None:
+    def __init__(self, index: int, url: str, counters: Counters, on_ack: Callable[[str], None],
+                 mention: str = "") -> None:
+        # " @<username>" after the send time in every message this connection sends (--mention): the cost of
+        # resolving and recording a mention (docs/benchmarks.md, "Features").
+        self.mention = mention
         self.index, self.url, self.counters, self.on_ack = index, url, counters, on_ack
         self.ws: Any = None
         self.task: asyncio.Task[None] | None = None
@@ -172,7 +176,8 @@ class ChatStreamConn:
                 kind = frame.get("type")
                 if kind == "message.new":
                     message = frame["message"]
-                    counters.on_message(self.index, message["client_msg_id"], float(message["content"]))
+                    counters.on_message(self.index, message["client_msg_id"],
+                                        float(message["content"].split(" ", 1)[0]))
                 elif kind == "ack":
                     self.on_ack(frame["client_msg_id"])
                 elif kind == "error":
@@ -182,7 +187,8 @@ class ChatStreamConn:
 
     async def send(self, conversation_id: str, client_msg_id: str) -> None:
         await self.ws.send(json.dumps({"type": "message.send", "conversation_id": conversation_id,
-                                       "client_msg_id": client_msg_id, "content": f"{time.time():.6f}"}))
+                                       "client_msg_id": client_msg_id,
+                                       "content": f"{time.time():.6f}{self.mention}"}))
 
     async def close(self) -> None:
         await self.ws.close()
@@ -273,6 +279,9 @@ class Workload:
     # Seconds everyone sits connected and idle while memory and idle CPU are measured: the 3 s default keeps
     # runs short; 40 s covers a full presence refresh (20 s) and keepalive ping (20 s) cycle.
     idle_s: float = 3.0
+    # ChatStream only: every message names the conversation's second member (@username), resolved by the
+    # write path (messaging/mentions.py).
+    mention: bool = False
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -431,6 +440,10 @@ def population(*, connections: int, conversations: int) -> list[list[int]]:
     return members
 
 
+# Connection index -> username of the last chatstream_setup (for --mention).
+USERNAMES: dict[int, str] = {}
+
+
 def chatstream_setup(*, redis_url: str, members: list[list[int]],
                      connections: int) -> tuple[list[str], list[str], list[ObjectId]]:
     """Users, conversations (MongoDB) and one ticket per connection (Redis). Returns (conversation ids,
@@ -456,6 +469,10 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     from messaging.membership import membership_changed_sync
     for cid, group in zip(conversation_ids, members, strict=True):
         membership_changed_sync(client, user_ids=[str(user_ids[i]) for i in group], conversation_id=str(cid))
+    from messaging.mentions import usernames_remember_sync
+    USERNAMES.clear()
+    USERNAMES.update({i: f"b{run}{i}" for i in range(connections)})
+    usernames_remember_sync(client, names={f"b{run}{i}": str(uid) for i, uid in enumerate(user_ids)})
     tickets = [ObjectId().binary.hex() + os.urandom(8).hex() for _ in range(connections)]
     with client.pipeline(transaction=False) as pipe:
         for i, ticket in enumerate(tickets):
@@ -543,7 +560,10 @@ async def measure(*, system: str, urls: list[str], workload: Workload, members: 
         if conn_factory is not None:
             conns.append(conn_factory(i, counters, on_ack))
         elif tickets is not None:
-            conns.append(ChatStreamConn(i, f"{url}?ticket={tickets[i]}", counters, on_ack))
+            group = members[conv_of[i]]
+            named = USERNAMES.get(group[1 % len(group)], "") if workload.mention else ""
+            conns.append(ChatStreamConn(i, f"{url}?ticket={tickets[i]}", counters, on_ack,
+                                        mention=f" @{named}" if named else ""))
         else:
             conns.append(SocketIOConn(i, url, counters, on_ack, user=f"u{i}",
                                       rooms=[conversation_ids[conv_of[i]]]))

@@ -89,14 +89,16 @@ def redis_server(workdir: Path, *, port: int | None = None) -> Server:
     return Server("redis", port, argv, data)
 
 
-def ferretdb_server(workdir: Path, *, port: int | None = None) -> Server:
-    if not FERRETDB_BIN.exists():
-        raise RuntimeError("FerretDB not found in .tools/bin: run `python3 scripts/bootstrap.py install`")
+def ferretdb_server(workdir: Path, *, port: int | None = None, binary: Path | None = None) -> Server:
+    """A FerretDB v1 (SQLite) server; ``binary``: another build than .tools/bin's (benchmarks compare builds)."""
+    binary = binary or FERRETDB_BIN
+    if not binary.exists():
+        raise RuntimeError(f"FerretDB not found at {binary}: run `python3 scripts/bootstrap.py install`")
     port = port or free_port()
     data = workdir / f"ferretdb-{port}"
     (data / "db").mkdir(parents=True, exist_ok=True)
     (data / "state").mkdir(parents=True, exist_ok=True)
-    argv = [str(FERRETDB_BIN), "--handler=sqlite", f"--sqlite-url=file:{data / 'db'}/",
+    argv = [str(binary), "--handler=sqlite", f"--sqlite-url=file:{data / 'db'}/",
             f"--listen-addr=127.0.0.1:{port}", f"--state-dir={data / 'state'}", "--telemetry=disable",
             "--log-level=warn", "--debug-addr=-"]
     return Server("ferretdb", port, argv, data)

@@ -107,6 +107,8 @@ class Message(me.Document):
     # Seq of the last edit/delete event applied (set by the drain): a redelivered or reordered older edit
     # matches nothing, so the newest edit always wins whatever order the entries are written in.
     edit_seq = me.IntField()
+    # Ids of the members the message's @usernames named when it was sent (messaging/mentions.py); absent: none.
+    mentions = me.ListField(me.StringField(), default=list)
 
     meta = {
         "collection": "messages",

@@ -98,6 +98,18 @@ def read_cursor_key(conversation_id: str) -> str:
     return f"cs:{tag(partition_of(conversation_id))}:read:{conversation_id}"
 
 
+def mention_seqs_key(conversation_id: str, user_id: str) -> str:
+    """BUS. Sorted set: message id -> seq of the messages of the conversation that mention the user (the newest
+    ``messaging.mentions.MENTION_SEQS_KEEP``). In the conversation's partition slot."""
+    return f"cs:{tag(partition_of(conversation_id))}:mentions:{conversation_id}:{user_id}"
+
+
+def mention_list_key(user_id: str) -> str:
+    """BUS. Sorted set: ``<conversation>:<message id>:<seq>`` -> a score unique per entry
+    (``messaging.mentions.mention_score``) of the user's newest ``MENTION_LIST_KEEP`` mentions."""
+    return f"cs:mentionlist:{user_id}"
+
+
 def message_meta_key(message_id: str) -> str:
     """BUS. Hash ``{c: conversation id, u: sender id}`` (``x: "1"`` once deleted; ``e`` and ``v<seq>`` once
     edited, see ``messaging.events.edit_versions_meta``) of a message accepted recently (before it is in
@@ -202,6 +214,15 @@ def user_card_key(user_id: str) -> str:
     return f"cs:card:user:{user_id}"
 
 
+USERNAMES_KEY = "cs:usernames"  # COORD. Hash: lower-cased username -> user id (messaging.mentions)
+
+
+def search_cursor_key(user_id: str, token: str) -> str:
+    """COORD. String: JSON ``{"q": [terms], "b": {conversation id: seq bound}}`` of an unfinished search
+    (``api.finders``)."""
+    return f"cs:search:{user_id}:{token}"
+
+
 # Presence (messaging.presence).
 
 
@@ -248,13 +269,13 @@ CELERY_PREFIX = "cs:celery:"  # Celery's broker and result keys
 REDIS_OF: dict[str, Literal["bus", "coord"]] = {
     "stream_key": BUS, "seq_key": BUS, "dedup_key": BUS, "no_dedup_key": BUS, "recent_key": BUS,
     "recent_docs_key": BUS, "recent_edits_key": BUS, "persisted_key": BUS, "read_cursor_key": BUS,
-    "message_meta_key": BUS, "DEADLETTERS": BUS, "drain_lock_key": BUS, "drain_lease_key": BUS,
-    "failures_key": BUS, "stats_key": BUS, "maintenance_key": BUS, "rate_key": BUS,
-    "TICKET_PREFIX": COORD, "REVOKED_PREFIX": COORD, "REVOKED_USER_PREFIX": COORD, "LOGIN_FAIL_PREFIX": COORD,
-    "membership_key": COORD, "membership_generation_key": COORD, "user_conversations_key": COORD,
-    "user_conversations_version_key": COORD, "conversation_card_key": COORD, "group_card_key": COORD,
-    "user_card_key": COORD, "presence_key": COORD, "PRESENCE_EXPIRING_KEY": COORD, "PRESENCE_CLAIMS_KEY": COORD,
-    "CONTROL_CHANNEL": COORD, "GATEWAY_SOCKETS_PREFIX": COORD, "REGISTRY_PREFIX": COORD, "STARTS_PREFIX": COORD,
-    "registry_key": COORD, "starts_key": COORD, "CACHE_PREFIX": COORD, "CHANNELS_PREFIX": COORD,
-    "CELERY_PREFIX": COORD,
+    "message_meta_key": BUS, "mention_seqs_key": BUS, "mention_list_key": BUS, "DEADLETTERS": BUS,
+    "drain_lock_key": BUS, "drain_lease_key": BUS, "failures_key": BUS, "stats_key": BUS, "maintenance_key": BUS,
+    "rate_key": BUS, "TICKET_PREFIX": COORD, "REVOKED_PREFIX": COORD, "REVOKED_USER_PREFIX": COORD,
+    "LOGIN_FAIL_PREFIX": COORD, "membership_key": COORD, "membership_generation_key": COORD,
+    "user_conversations_key": COORD, "user_conversations_version_key": COORD, "conversation_card_key": COORD,
+    "group_card_key": COORD, "user_card_key": COORD, "USERNAMES_KEY": COORD, "search_cursor_key": COORD,
+    "presence_key": COORD, "PRESENCE_EXPIRING_KEY": COORD, "PRESENCE_CLAIMS_KEY": COORD, "CONTROL_CHANNEL": COORD,
+    "GATEWAY_SOCKETS_PREFIX": COORD, "REGISTRY_PREFIX": COORD, "STARTS_PREFIX": COORD, "registry_key": COORD,
+    "starts_key": COORD, "CACHE_PREFIX": COORD, "CHANNELS_PREFIX": COORD, "CELERY_PREFIX": COORD,
 }

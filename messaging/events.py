@@ -31,7 +31,7 @@ from messaging import streams
 
 # The payload's fields of each event type, in the order they are written.
 PAYLOAD_FIELDS: dict[str, tuple[str, ...]] = {
-    "message.new": ("id", "conversation_id", "sender_id", "content", "timestamp", "client_msg_id"),
+    "message.new": ("id", "conversation_id", "sender_id", "content", "timestamp", "client_msg_id", "mentions"),
     "message.edited": ("id", "conversation_id", "content", "edited_at", "editor_id", "original"),
     "message.deleted": ("id", "conversation_id", "deleted_at", "deleter_id"),
     "read.updated": ("conversation_id", "user_id", "seq"),
@@ -77,10 +77,12 @@ class BuiltEvent:
 
 def event_build(*, type: EventType, conversation_id: str, actor_id: str, message_id: str = "",
                 content: str | None = None, client_msg_id: str | None = None, sender_id: str | None = None,
-                seq: int | None = None, original: dict[str, Any] | None = None) -> BuiltEvent:
+                seq: int | None = None, original: dict[str, Any] | None = None,
+                mentions: list[str] | None = None) -> BuiltEvent:
     """Build one event of ``type`` by ``actor_id`` (the sender, editor, deleter or reader). Pure: no I/O.
 
-    Arguments by type: ``message.new`` takes ``message_id`` (a fresh id), ``content``, ``client_msg_id``;
+    Arguments by type: ``message.new`` takes ``message_id`` (a fresh id), ``content``, ``client_msg_id`` and
+    ``mentions`` (the member ids ``messaging.mentions.mentions_resolve`` found; default none);
     ``message.edited`` ``message_id``, ``content`` and ``original`` (``{content, at, seq}`` of the message as
     sent, on its first edit, so the drain can keep it as the first version; None on later edits: the earlier
     edits' events kept it already); ``message.deleted`` ``message_id`` and ``sender_id`` (the
@@ -96,7 +98,7 @@ def event_build(*, type: EventType, conversation_id: str, actor_id: str, message
     if type == "message.new":
         payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id, "sender_id": actor_id,
                    "content": need(content, "content"), "timestamp": iso_now(),
-                   "client_msg_id": need(client_msg_id, "client_msg_id")}
+                   "client_msg_id": need(client_msg_id, "client_msg_id"), "mentions": list(mentions or ())}
         return BuiltEvent(type=type, conversation_id=conversation_id, message_id=message_id, payload=payload,
                           dedup=(actor_id, payload["client_msg_id"]),
                           meta=(message_meta_key(message_id), {"c": conversation_id, "u": actor_id}, _meta_ttl_s()))

@@ -64,7 +64,7 @@ def message_frame_from_document(doc: dict[str, Any]) -> str:
     message = {
         "id": doc["id"], "conversation_id": doc["conversation_id"], "sender_id": doc["sender_id"],
         "content": doc["content"], "timestamp": doc["timestamp"], "client_msg_id": doc.get("client_msg_id"),
-        "seq": doc["seq"],
+        "seq": doc["seq"], "mentions": list(doc.get("mentions") or ()),
     }
     if doc.get("edited_at"):
         message["edited_at"] = doc["edited_at"]

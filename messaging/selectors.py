@@ -119,7 +119,7 @@ def archived_messages(*, conversation_id: str, after_seq: int, before_seq: int |
             "id": str(r["_id"]), "conversation_id": str(r["conversation_id"]), "sender_id": str(r["sender_id"]),
             "content": r.get("content", ""), "timestamp": _iso(r.get("timestamp")), "seq": int(r["seq"]),
             "client_msg_id": r.get("client_msg_id"), "edited_at": _iso(r.get("edited_at")),
-            "deleted": bool(r.get("deleted", False)),
+            "deleted": bool(r.get("deleted", False)), "mentions": list(r.get("mentions") or ()),
         }
         for r in rows
     ]

@@ -32,7 +32,7 @@ from core.entries import FORMAT_VERSION
 from core.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from core.keys import message_meta_key, read_cursor_key
 from core.values import iso_ms
-from messaging import events, frames
+from messaging import events, frames, mentions
 from messaging.membership import membership_require
 from messaging.streams import bus_resolve
 
@@ -122,20 +122,27 @@ async def message_send(
     """Accept a new message. Retrying with the same ``client_msg_id`` in the same conversation returns the
     first ``(id, seq)``; in another conversation it is another message.
 
-    Raises ValidationFailed, PayloadTooLarge, NotFound. Side effects: appends ``message.new`` to the
-    partition stream and remembers the message's sender for edits made before it reaches MongoDB.
+    Raises ValidationFailed, PayloadTooLarge, NotFound. Side effects: appends ``message.new`` (with the
+    members its ``@username``s name: ``messaging/mentions.py``) to the partition stream, remembers the
+    message's sender for edits made before it reaches MongoDB, and records the mentions for the named users.
     """
     conversation_id = _require_object_id(conversation_id, field="conversation_id")
     client_msg_id = _require_client_msg_id(client_msg_id)
     content = _require_content(content)
     await membership_require(client, user_id=user_id, conversation_id=conversation_id)
     bus = bus_resolve(client, bus)
+    named = await mentions.mentions_resolve(client, conversation_id=conversation_id, sender_id=user_id,
+                                            content=content)
     built = events.event_build(type="message.new", conversation_id=conversation_id, actor_id=user_id,
-                               message_id=uuid.uuid4().hex, content=content, client_msg_id=client_msg_id)
+                               message_id=uuid.uuid4().hex, content=content, client_msg_id=client_msg_id,
+                               mentions=named)
     # The sender is remembered (meta hash) for edits made before the message reaches MongoDB, in the append's
     # round trip. A retry writes it for its own fresh (never used) id: harmless, and it expires.
     appended = await events.event_emit(bus, event=built)
     if not appended.duplicate:
+        if named:
+            await mentions.mentions_record(bus, conversation_id=conversation_id, message_id=appended.message_id,
+                                           seq=appended.seq, timestamp=built.payload["timestamp"], user_ids=named)
         drain_nudge(bus, partition=appended.partition)
     return Accepted(message_id=appended.message_id, conversation_id=conversation_id, seq=appended.seq,
                     duplicate=appended.duplicate,

@@ -11,7 +11,9 @@ Payloads (``d``; ids are strings, times ISO-8601 UTC with milliseconds; built by
 the one builder, whose ``PAYLOAD_FIELDS`` lists them; the drain applies each type by its rule in
 ``storage.rules.EVENT_RULES``):
 
-``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id}``
+``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id, mentions}`` (``mentions``:
+                     ids of the members its ``@username``s name, ``messaging/mentions.py``; absent in entries
+                     appended before mentions existed)
 ``message.edited``   ``{id, conversation_id, content, edited_at, editor_id, original}`` (``id`` is the message's;
                      ``original`` ``{content, at, seq}`` of the message as sent on its first edit, else null)
 ``message.deleted``  ``{id, conversation_id, deleted_at, deleter_id}`` (the sender, or ``staff:<username>``)

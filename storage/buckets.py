@@ -20,7 +20,8 @@ def _bucket_message(item: Item) -> dict[str, Any]:
     assert item.event is not None
     return {"id": item.doc["id"], "seq": item.event.seq, "sender_id": item.doc["sender_id"],
             "content": item.doc["content"], "timestamp": item.doc["timestamp"],
-            "client_msg_id": item.doc["client_msg_id"], "deleted": False}
+            "client_msg_id": item.doc["client_msg_id"], "deleted": False,
+            **({"mentions": item.doc["mentions"]} if item.doc["mentions"] else {})}
 
 
 def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None) -> None:

@@ -160,13 +160,24 @@ def _new_parse(event: Event) -> dict[str, Any]:
     data = event.data
     return {"id": _text(data, "id"), "sender_id": _oid(data.get("sender_id"), "sender_id"),
             "content": _text(data, "content"), "timestamp": _time(data.get("timestamp"), "timestamp"),
-            "client_msg_id": data.get("client_msg_id")}
+            "client_msg_id": data.get("client_msg_id"), "mentions": _mentions(data.get("mentions"))}
+
+
+def _mentions(value: Any) -> list[str]:
+    """A payload's ``mentions`` (member ids; absent before mentions existed): a list of 24-hex ids, else the
+    entry is malformed (dead-lettered)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and len(v) == 24 for v in value):
+        raise MalformedEntry("message.new with malformed mentions")
+    return list(value)
 
 
 def _new_document(i: Item) -> dict[str, Any]:
     return {"_id": i.doc["id"], "conversation_id": i.conversation, "seq": _ev(i).seq,
             "sender_id": i.doc["sender_id"], "client_msg_id": i.doc["client_msg_id"], "content": i.doc["content"],
-            "timestamp": i.doc["timestamp"], "deleted": False, "read_status": "sent"}
+            "timestamp": i.doc["timestamp"], "deleted": False, "read_status": "sent",
+            **({"mentions": i.doc["mentions"]} if i.doc["mentions"] else {})}
 
 
 def _new_conversation_max(i: Item) -> dict[str, Any]:

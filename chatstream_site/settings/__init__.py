@@ -231,7 +231,11 @@ LOGIN_BACKOFF_BASE_S = env_float("CHATSTREAM_LOGIN_BACKOFF_BASE", 1.0, minimum=0
 LOGIN_BACKOFF_MAX_S = env_float("CHATSTREAM_LOGIN_BACKOFF_MAX", 900.0, minimum=1.0)
 API_RATE_REGISTER_IP = env_str("CHATSTREAM_RATE_REGISTER_IP", "20/h")
 API_RATE_REGISTER_USER = env_str("CHATSTREAM_RATE_REGISTER_USER", "5/h")
+# Searches per user (GET /search, docs/api.md): each may read up to 200 buckets (~0.3 s of FerretDB), so 30 a
+# minute bounds one user to ~15 % of one store connection while a person typing queries never meets it.
+API_RATE_SEARCH_USER = env_str("CHATSTREAM_RATE_SEARCH_USER", "30/m")
 for _name, _rate in (("CHATSTREAM_RATE_LOGIN_IP", API_RATE_LOGIN_IP),
+                     ("CHATSTREAM_RATE_SEARCH_USER", API_RATE_SEARCH_USER),
                      ("CHATSTREAM_RATE_REGISTER_IP", API_RATE_REGISTER_IP),
                      ("CHATSTREAM_RATE_REGISTER_USER", API_RATE_REGISTER_USER)):
     if not re.fullmatch(r"[1-9][0-9]*/[0-9]*[smhd]", _rate):

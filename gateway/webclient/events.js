@@ -26,6 +26,7 @@ function onMessageNew(frame) {
   const c = state.conversations.get(m.conversation_id);
   const away = m.conversation_id !== state.current || document.visibilityState !== "visible";
   if (!known && m.sender_id !== myId() && away) c.unread = (c.unread || 0) + 1;
+  if (!known && away && m.mentions.includes(myId())) c.mentions = (c.mentions || 0) + 1;
   // A sender has read their own message.
   readMove(m.conversation_id, m.sender_id, m.seq);
   touchConversation(m.conversation_id, m);
@@ -64,7 +65,7 @@ export function handleEvent(frame) {
     case "read.updated": {
       const conv = String(frame.conversation_id);
       readMove(conv, String(frame.user_id), Number(frame.seq));
-      if (String(frame.user_id) === myId()) { const c = state.conversations.get(conv); if (c) { c.unread = 0; renderConversations(); } }
+      if (String(frame.user_id) === myId()) { const c = state.conversations.get(conv); if (c) { c.unread = 0; c.mentions = 0; renderConversations(); } }
       if (conv === state.current) renderMessages();
       break;
     }

@@ -9,6 +9,7 @@ import { handleEvent, setAuthLostHandler } from "./events.js";
 import {
   loadConversations, loadPage, openConversation, closeConversation, scheduleRead, messageSend, typingSignal, groupAction,
 } from "./actions.js";
+import { searchRun } from "./finders.js";
 
 function showAuth() {
   $("auth-view").hidden = false;
@@ -78,6 +79,8 @@ function wire() {
     } catch (err) { notice(explain(err), "error"); }
   });
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); messageSend(); });
+  $("search-form").addEventListener("submit", (e) => { e.preventDefault(); searchRun($("search-input").value); });
+  $("search-more").addEventListener("click", () => searchRun("", { more: true }));
   $("composer-input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); messageSend(); return; }
     typingSignal();

@@ -3,6 +3,7 @@
 import { ApiError } from "./api.js";
 import { $, state, myId, store, readersOf, senderName, otherMemberId, groupOf, iAmAdmin } from "./state.js";
 import { openConversation, editStart, editCancel, editSave, messageDelete, versionsToggle, adminRemove } from "./actions.js";
+import { mentionsMark, readersDetails } from "./finders.js";
 
 export function notice(text, kind = "info") {
   const el = document.createElement("div");
@@ -48,12 +49,15 @@ export function renderConversations() {
     name.textContent = c.title;
     const badge = document.createElement("span");
     if (c.unread > 0) { badge.className = "badge"; badge.textContent = String(c.unread); }
+    const atBadge = document.createElement("span");
+    if (c.mentions > 0) { atBadge.className = "badge mention-badge"; atBadge.textContent = `@${c.mentions > 99 ? "99+" : c.mentions}`; }
     const last = document.createElement("span");
     last.className = "conv-last";
     const lm = c.last_message;
     last.textContent = lm ? (lm.deleted ? "message deleted" : lm.content || "") : "no messages yet";
-    b.append(dot, name, badge, last);
-    const extra = [online ? "online" : null, c.unread ? `${c.unread} unread` : null].filter(Boolean).join(", ");
+    b.append(dot, name, atBadge, badge, last);
+    const extra = [online ? "online" : null, c.unread ? `${c.unread} unread` : null,
+      c.mentions ? `${c.mentions} mention${c.mentions > 1 ? "s" : ""} of you` : null].filter(Boolean).join(", ");
     b.setAttribute("aria-label", `${c.title}${extra ? ", " + extra : ""}`);
     b.addEventListener("click", () => openConversation(c.id));
     li.append(b);
@@ -117,7 +121,8 @@ function receiptOf(m) {
   if (!c || c.type === "single") return { text: "seen", title: "seen" };
   const others = (state.members.get(m.conversation_id) || c.members || []).filter((u) => u !== myId()).length;
   const names = readers.map((u) => state.names.get(u) || "member").join(", ");
-  return { text: `read by ${readers.length} of ${Math.max(others, readers.length)}`, title: `read by ${names}` };
+  return { text: `read by ${readers.length} of ${Math.max(others, readers.length)}`, title: `read by ${names}`,
+    readers: readers.map((u) => state.names.get(u) || "member") };
 }
 
 export function renderMessages({ stickToBottom = false, keepOffsetFrom = null } = {}) {
@@ -217,12 +222,14 @@ function messageItem(m, { receipt }) {
     meta.append(e);
   }
   if (m.pending) { const e = document.createElement("span"); e.textContent = "sending…"; meta.append(e); }
-  if (receipt) { const e = document.createElement("span"); e.className = "seen"; e.textContent = receipt.text; e.title = receipt.title; meta.append(e); }
+  if (receipt && receipt.readers) meta.append(readersDetails(m, receipt));
+  else if (receipt) { const e = document.createElement("span"); e.className = "seen"; e.textContent = receipt.text; e.title = receipt.title; meta.append(e); }
   li.append(meta);
   if (state.editing === m.id && !m.deleted) { li.append(editForm(m)); return li; }
   const body = document.createElement("div");
   body.className = "body";
-  body.textContent = m.deleted ? "message deleted" : m.content;
+  if (m.deleted) body.textContent = "message deleted";
+  else mentionsMark(body, m);
   li.append(body);
   if (state.versionsOpen.has(m.id) && !m.deleted) li.append(versionsList(m));
   if (mine && !m.pending && !m.deleted) {

@@ -67,3 +67,17 @@ def test_messages_never_show_the_redis_password() -> None:
     assert url_redacted("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert url_redacted("redis://user:s3cret@127.0.0.1:6379/0") == "redis://user:***@127.0.0.1:6379/0"
     assert url_redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_the_ferretdb_patch_applies_to_the_release_source_and_refuses_a_source_without_its_line(
+        bootstrap: ModuleType, tmp_path: Path) -> None:
+    """docs/adr/0035: the one-line patch of FerretDB's _id filter; another source fails loudly, not silently."""
+    rel, text, replacement = bootstrap.FERRETDB_PATCHES[0]
+    target = tmp_path / "src" / rel
+    target.parent.mkdir(parents=True)
+    target.write_text(f"const (\n\t{text}\n)\n")
+    bootstrap.ferretdb_patch(tmp_path / "src")
+    assert target.read_text() == f"const (\n\t{replacement}\n)\n"
+    with pytest.raises(SystemExit, match="cannot apply the patch"):
+        bootstrap.ferretdb_patch(tmp_path / "src")  # the line is gone now: another release
+    assert "patches" in bootstrap.ferretdb_build_stamp()

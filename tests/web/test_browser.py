@@ -326,3 +326,58 @@ def test_edit_history_opens_from_the_edited_label_and_admins_demote_and_delete(c
     finally:
         actx.close()
         bctx.close()
+
+
+def test_mentions_search_and_read_by_in_a_group(cluster: Cluster, browser: Browser) -> None:
+    alice, bob, carol = (register(cluster, n) for n in ("alice", "bob", "carol"))
+    actx, apage = login_page(browser, cluster, alice)
+    bctx, bpage = login_page(browser, cluster, bob)
+    try:
+        group = f"zoo {uuid.uuid4().hex[:4]}"
+        apage.locator("#new-group-name").fill(group)
+        apage.locator("#new-group-members").fill(f"{bob['username']}, {carol['username']}")
+        apage.get_by_role("button", name="Create").click()
+        expect(apage.locator("#chat-title")).to_have_text(group)
+        send(apage, f"hey @{bob['username']}, the quokka is back")
+        expect(apage.locator(".msg.pending")).to_have_count(0, timeout=10_000)
+
+        # Bob's list counts the mention beside unread, and says so to a screen reader.
+        row = bpage.get_by_role("button", name=f"{group}, 1 unread, 1 mention of you")
+        expect(row).to_have_count(1, timeout=15_000)
+        expect(row.locator(".mention-badge")).to_have_text("@1")
+        shot(bpage, "mention-badge")
+        open_chat(bpage, group)
+        mark = bpage.locator(".msg .body.mentions-me mark.mention")
+        expect(mark).to_have_text(f"@{bob['username']}", timeout=10_000)
+        expect(bpage.locator(".msg .body").last).to_contain_text("(mentions you)")
+        expect(bpage.locator("#conversation-list .mention-badge")).to_have_count(0)
+
+        # Search: bob's own conversations only, the word marked; a hit opens its conversation.
+        bpage.get_by_role("searchbox", name="Search messages").fill("QUOKKA")
+        bpage.get_by_role("button", name="Search", exact=True).click()
+        results = bpage.get_by_role("list", name="Search results")
+        expect(results.get_by_role("listitem")).to_have_count(1, timeout=10_000)
+        expect(results.locator("mark")).to_have_text("quokka")
+        expect(bpage.locator("#search-status")).to_have_text("1 result")
+        shot(bpage, "search-results")
+        bpage.get_by_role("searchbox", name="Search messages").fill("giraffe")
+        bpage.get_by_role("button", name="Search", exact=True).click()
+        expect(bpage.locator("#search-status")).to_have_text("no results", timeout=10_000)
+
+        # Read-by: "read by 1 of 2" under alice's message, opening the list of who read it; live, then
+        # after a reload from the members endpoint.
+        receipt = apage.locator(".msg.mine details.readers")
+        expect(receipt.locator("summary")).to_have_text("read by 1 of 2", timeout=15_000)
+        receipt.locator("summary").click()
+        expect(apage.get_by_role("list", name="Read by").get_by_role("listitem")).to_have_text([bob["username"]])
+        apage.reload()
+        expect(apage.locator("#connection")).to_have_text("live", timeout=20_000)
+        open_chat(apage, group)
+        receipt = apage.locator(".msg.mine details.readers")
+        expect(receipt.locator("summary")).to_have_text("read by 1 of 2", timeout=15_000)
+        receipt.locator("summary").click()
+        expect(apage.get_by_role("list", name="Read by").get_by_role("listitem")).to_have_text([bob["username"]])
+        shot(apage, "read-by")
+    finally:
+        actx.close()
+        bctx.close()

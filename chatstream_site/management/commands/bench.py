@@ -43,6 +43,8 @@ class Command(BaseCommand):
                                  "configured REDIS_URL/MONGODB_URI instead of private servers and brokers")
         parser.add_argument("--server-pids", default="",
                             help="with --url: comma list of pids whose CPU and memory to measure")
+        parser.add_argument("--mention", action="store_true",
+                            help="ChatStream: every message names a member (@username): the cost of mentions")
         parser.add_argument("--out", default="var/bench", help="folder for the PNG and JSON results")
 
     def handle(self, *args: Any, **opts: Any) -> None:
@@ -55,7 +57,7 @@ class Command(BaseCommand):
             raise CommandError("need at least one connection per conversation")
         workload = benchmark.Workload(connections=opts["connections"], conversations=opts["conversations"],
                                       duration_s=opts["duration"], rate=opts["rate"],
-                                      idle_s=opts["idle_seconds"])
+                                      idle_s=opts["idle_seconds"], mention=opts["mention"])
         out_dir = Path(opts["out"])
         out_dir.mkdir(parents=True, exist_ok=True)
         results = asyncio.run(self._run(workload=workload, systems=systems, opts=opts, out_dir=out_dir))

@@ -1,0 +1,348 @@
+"""Reads of ``GET /mentions`` and ``GET /search`` (no side effects but a search's cursor): a user's mentions,
+and the messages of their own conversations that contain a query's words (docs/api.md, docs/adr/0038).
+
+Search on the default store (FerretDB v1 on SQLite, where only ``_id`` equality reads are cheap) reads what a
+history page reads: each of the caller's conversations newest first, its recent window from Redis (every
+acknowledged message, edits applied: searchable at once) and then its ``message_buckets`` by ``_id``, 50
+messages per read. Conversations are merged newest first; a request reads at most ``SEARCH_BUCKET_READS``
+buckets, and its cursor (kept in Redis for ``SEARCH_CURSOR_TTL_S``, owned by the caller) says where each
+conversation stopped, so the next page continues there. Only the caller's conversations are ever read, so
+the cost follows the size of the caller's history, not of the store. Why not an inverted index: ADR 0038.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+
+from api.history import WINDOW_READ_LUA
+from api.selectors import conversation_members_cached
+from core.bus import bus_is_cluster, bus_sync
+from core.clients import sync_redis
+from core.documents import BUCKET_SEQS, Message, MessageBucket
+from core.errors import ValidationFailed
+from core.keys import (
+    mention_list_key,
+    partition_of,
+    read_cursor_key,
+    recent_docs_key,
+    recent_edits_key,
+    recent_key,
+    search_cursor_key,
+    seq_key,
+)
+from core.values import as_str, iso_ms
+from messaging.selectors import user_conversation_ids
+
+MENTIONS_PAGE_MAX = 100
+SEARCH_PAGE_MAX = 50
+# A query: at most 100 characters and 8 words (the words are ANDed; more words narrow a chat search no further
+# in practice, and each costs a regex pass over every message read).
+SEARCH_QUERY_MAX_CHARS = 100
+SEARCH_TERMS_MAX = 8
+# Bucket reads (50 messages each, ~0.5-1 ms by _id on FerretDB v1) one request may make: 200 bounds a
+# request to ~10,000 stored messages and ~0.2-0.4 s (docs/benchmarks.md, "Search"); past it the page ends
+# early with a cursor.
+SEARCH_BUCKET_READS = 200
+SEARCH_CURSOR_TTL_S = 600
+_WORD_RE = re.compile(r"\w+")
+
+
+# ------------------------------------------------------------------ mentions
+
+
+@dataclass(frozen=True, slots=True)
+class MentionView:
+    conversation_id: str
+    message_id: str
+    seq: int
+    sender_id: str
+    content: str
+    timestamp: str | None
+    deleted: bool
+    cursor: str  # pass as ``before`` to get the mentions older than this one
+
+
+def _message_current(*, conversation_id: str, message_id: str) -> dict[str, Any] | None:
+    """A message's current state: from its conversation's recent window (Redis) if it is there, else from
+    ``messages`` by ``_id``, with an edit the drain has not applied yet taken from the window's edits hash."""
+    p = partition_of(conversation_id)
+    bus = bus_sync()
+    raw, edit = bus.hget(recent_docs_key(p, conversation_id), message_id), \
+        bus.hget(recent_edits_key(p, conversation_id), message_id)
+    if raw is not None:
+        return dict(json.loads(raw))
+    row = Message.objects(id=message_id).as_pymongo().first()
+    if row is None:
+        return None
+    doc = {"id": row["_id"], "sender_id": str(row["sender_id"]), "content": row.get("content") or "",
+           "timestamp": iso_ms(row.get("timestamp")), "deleted": bool(row.get("deleted")), "seq": row["seq"],
+           "edit_seq": row.get("edit_seq")}
+    if edit is not None:
+        change = json.loads(edit)
+        if int(change.get("edit_seq") or 0) > int(doc["edit_seq"] or 0):
+            doc["deleted"] = doc["deleted"] or bool(change.get("deleted"))
+            doc["content"] = "" if doc["deleted"] else change.get("content") or ""
+    return doc
+
+
+def mentions_list(*, user_id: str, before: str | None, limit: int) -> tuple[list[MentionView], bool]:
+    """The caller's mentions, newest first, older than ``before`` (a previous item's ``cursor``), at most
+    ``limit``; and whether there are more. From the caller's own list in Redis (messaging/mentions.py, the
+    newest 1,000); a conversation the caller has left since is skipped. Raises ValidationFailed (bad cursor)."""
+    limit = max(1, min(limit, MENTIONS_PAGE_MAX))
+    top: str = "+inf"
+    if before is not None:
+        if not re.fullmatch(r"[0-9]{1,17}", before):
+            raise ValidationFailed("before must be a cursor from an earlier page", details={"field": "before"})
+        top = f"({before}"
+    bus = bus_sync()
+    out: list[MentionView] = []
+    offset = 0
+    member_of: dict[str, bool] = {}
+    while len(out) <= limit:
+        rows: list[tuple[Any, float]] = list(bus.zrevrangebyscore(  # type: ignore[arg-type]
+            mention_list_key(user_id), top, "-inf", start=offset, num=limit + 1, withscores=True))
+        if not rows:
+            break
+        offset += len(rows)
+        for member, score in rows:
+            parts = as_str(member).split(":")
+            cid, mid, seq = parts[0], parts[1], parts[2]
+            if cid not in member_of:
+                members = conversation_members_cached(conversation_id=cid)
+                member_of[cid] = members is not None and user_id in members
+            if not member_of[cid]:
+                continue
+            doc = _message_current(conversation_id=cid, message_id=mid)
+            if doc is None:
+                continue
+            deleted = bool(doc.get("deleted"))
+            out.append(MentionView(conversation_id=cid, message_id=mid, seq=int(seq),
+                                   sender_id=str(doc["sender_id"]), content="" if deleted else doc.get("content") or "",
+                                   timestamp=doc.get("timestamp"), deleted=deleted, cursor=str(int(score))))
+            if len(out) > limit:
+                break
+    return out[:limit], len(out) > limit
+
+
+# ------------------------------------------------------------------ search
+
+
+def search_terms(query: Any) -> list[str]:
+    """The distinct lower-cased words of a query. Raises ValidationFailed: ``query_too_long`` (over
+    SEARCH_QUERY_MAX_CHARS), ``too_many_terms`` (over SEARCH_TERMS_MAX words), ``invalid_query`` (no word). Pure."""
+    if not isinstance(query, str):
+        raise ValidationFailed("q must be a string", code="invalid_query", details={"field": "q"})
+    if len(query) > SEARCH_QUERY_MAX_CHARS:
+        raise ValidationFailed(f"q is {len(query)} characters; the limit is {SEARCH_QUERY_MAX_CHARS}",
+                               code="query_too_long", details={"field": "q", "limit": SEARCH_QUERY_MAX_CHARS})
+    terms = list(dict.fromkeys(_WORD_RE.findall(query.lower())))
+    if not terms:
+        raise ValidationFailed("q must contain a word (letters or digits)", code="invalid_query",
+                               details={"field": "q"})
+    if len(terms) > SEARCH_TERMS_MAX:
+        raise ValidationFailed(f"q has {len(terms)} words; the limit is {SEARCH_TERMS_MAX}", code="too_many_terms",
+                               details={"field": "q", "limit": SEARCH_TERMS_MAX})
+    return terms
+
+
+def search_match(content: str, terms: list[str]) -> list[tuple[int, int]] | None:
+    """The ``[start, end)`` character offsets of every occurrence of the terms as whole words of ``content``
+    (case-insensitive), in order, if every term occurs; else None. The one predicate of search on every store.
+    Pure."""
+    words = set(_WORD_RE.findall(content.lower()))
+    if not all(t in words for t in terms):
+        return None
+    spans: list[tuple[int, int]] = []
+    lowered = content.lower()
+    for match in _WORD_RE.finditer(lowered):
+        if match.group() in terms:
+            spans.append((match.start(), match.end()))
+    return spans
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    conversation_id: str
+    message_id: str
+    seq: int
+    sender_id: str
+    content: str
+    timestamp: str | None
+    highlights: list[tuple[int, int]]
+
+
+@dataclass(slots=True)
+class _Source:
+    """One conversation read newest first: its window's messages (already read), then its buckets from
+    ``next_bucket`` down. ``below``: every message with a seq below it is still to be read."""
+
+    conversation_id: str
+    below: int
+    window: list[dict[str, Any]]
+    edits: dict[str, dict[str, Any]]
+    next_bucket: int  # -1: no stored message left to read
+    buffered: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _ts_key(doc: dict[str, Any]) -> tuple[str, int]:
+    ts = doc.get("timestamp")
+    text = iso_ms(ts) if isinstance(ts, datetime) else str(ts or "")
+    return text or "", int(doc["seq"])
+
+
+def _sources(conversation_ids: list[str], bounds: dict[str, int] | None) -> list[_Source]:
+    """Each conversation's window below its bound (newest first), in one pipeline of window reads."""
+    bus = bus_sync()
+    script = bus.register_script(WINDOW_READ_LUA)
+    wanted = [c for c in conversation_ids if bounds is None or bounds.get(c, 0) > 0]
+
+    def call(cid: str, client: Any = None) -> Any:
+        p = partition_of(cid)
+        top = "+inf" if bounds is None else f"({bounds[cid]}"
+        return script(keys=[recent_key(p, cid), recent_docs_key(p, cid), recent_edits_key(p, cid),
+                            read_cursor_key(cid)], args=["1", "-inf", top, 100_000], client=client)
+
+    if bus_is_cluster(bus):
+        replies = [call(c) for c in wanted]
+    else:
+        pipe = bus.pipeline(transaction=False)
+        for cid in wanted:
+            call(cid, pipe)
+        replies = list(pipe.execute())
+    sources = []
+    for cid, (raw_floor, docs, raw_edits, _cursors) in zip(wanted, replies, strict=True):
+        window = [json.loads(d) for d in docs if d is not None] if raw_floor else []
+        edits = {as_str(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
+        top_stored = int(raw_floor) if raw_floor else _last_seq(cid)
+        if bounds is not None:
+            top_stored = min(top_stored, bounds[cid] - 1)
+        sources.append(_Source(conversation_id=cid, below=bounds[cid] if bounds else 1 << 53, window=window,
+                               edits=edits, next_bucket=(top_stored - 1) // BUCKET_SEQS if top_stored > 0 else -1))
+    return sources
+
+
+def _last_seq(conversation_id: str) -> int:
+    return int(bus_sync().hget(seq_key(partition_of(conversation_id)), conversation_id) or 0)
+
+
+class _Budget:
+    def __init__(self, reads: int) -> None:
+        self.left = reads
+
+
+def _stream(source: _Source, budget: _Budget) -> Iterator[dict[str, Any] | None]:
+    """The conversation's messages newest first (None: the read budget ran out before the next one)."""
+    while source.window:
+        yield source.window.pop(0)
+    while True:
+        while source.buffered:
+            yield source.buffered.pop(0)
+        if source.next_bucket < 0:
+            return
+        if budget.left <= 0:
+            yield None
+            continue
+        budget.left -= 1
+        n = source.next_bucket
+        source.next_bucket -= 1
+        doc = MessageBucket._get_collection().find_one({"_id": f"{source.conversation_id}:{n}"})
+        rows = list(((doc or {}).get("m") or {}).values())
+        if doc is None or doc.get("partial"):
+            # Data from before the buckets (or a bucket not complete yet): this range from ``messages``.
+            rows = list(Message.objects(conversation_id=ObjectId(source.conversation_id), seq__gt=n * BUCKET_SEQS,
+                                        seq__lte=(n + 1) * BUCKET_SEQS).as_pymongo())
+            for r in rows:
+                r["id"] = r["_id"]
+        rows = [r for r in rows if int(r["seq"]) < source.below]
+        for r in rows:
+            edit = source.edits.get(str(r["id"]))
+            if edit is not None and int(edit.get("edit_seq") or 0) > int(r.get("edit_seq") or 0):
+                r["deleted"] = bool(r.get("deleted")) or bool(edit.get("deleted"))
+                r["content"] = edit.get("content") or ""
+        source.buffered = sorted(rows, key=lambda r: int(r["seq"]), reverse=True)
+
+
+def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int) -> tuple[list[SearchHit],
+                                                                                         str | None]:
+    """The caller's messages whose content has every word of ``query`` (whole words, case-insensitive),
+    newest first, at most ``limit``, with the words' offsets; and a cursor for the next page (None: no more).
+    Only conversations the caller is a member of are read. A page may hold fewer than ``limit`` hits and a
+    cursor when the request's read budget ran out first. Raises ValidationFailed (``invalid_query``,
+    ``query_too_long``, ``too_many_terms``, ``invalid_cursor``: unknown, expired, another user's or another
+    query's). Side effect: the cursor's state in Redis (SEARCH_CURSOR_TTL_S)."""
+    terms = search_terms(query)
+    limit = max(1, min(limit, SEARCH_PAGE_MAX))
+    redis_client = sync_redis()
+    mine = user_conversation_ids(user_id=user_id)
+    bounds: dict[str, int] | None = None
+    if cursor is not None:
+        raw = redis_client.get(search_cursor_key(user_id, cursor)) if re.fullmatch(r"[A-Za-z0-9_-]{8,64}",
+                                                                                    cursor) else None
+        state = json.loads(raw) if raw else None
+        if state is None or state.get("q") != terms:
+            raise ValidationFailed("cursor is unknown or expired; search again", code="invalid_cursor",
+                                   details={"field": "cursor"})
+        bounds = {c: int(b) for c, b in state["b"].items() if c in set(mine)}
+    sources = _sources(mine, bounds)
+    budget = _Budget(SEARCH_BUCKET_READS)
+    streams = {s.conversation_id: _stream(s, budget) for s in sources}
+    by_id = {s.conversation_id: s for s in sources}
+    heap: list[tuple[tuple[str, int], str, dict[str, Any]]] = []
+    # Conversations whose budget ran out -> the (inverted) key of their last message taken: everything they
+    # still hold is older, so the heap's head may be taken only while it is newer than all of these.
+    last_taken: dict[str, tuple[str, int]] = {}
+    stalled: dict[str, tuple[str, int]] = {}
+
+    def advance(cid: str) -> None:
+        doc = next(streams[cid], "end")
+        if doc == "end":
+            by_id[cid].below = 0
+        elif doc is None:
+            stalled[cid] = last_taken.get(cid, ("", -(1 << 62)))  # nothing taken yet: newest possible
+        else:
+            assert isinstance(doc, dict)
+            heapq.heappush(heap, (_neg(_ts_key(doc)), cid, doc))
+
+    for cid in list(streams):
+        advance(cid)
+    hits: list[SearchHit] = []
+    while heap and len(hits) < limit:
+        if stalled and not all(heap[0][0] < key for key in stalled.values()):
+            break
+        key, cid, doc = heapq.heappop(heap)
+        last_taken[cid] = key
+        by_id[cid].below = int(doc["seq"])
+        if not doc.get("deleted"):
+            spans = search_match(str(doc.get("content") or ""), terms)
+            if spans is not None:
+                ts = doc.get("timestamp")
+                hits.append(SearchHit(conversation_id=cid, message_id=str(doc["id"]), seq=int(doc["seq"]),
+                                      sender_id=str(doc["sender_id"]), content=str(doc["content"]),
+                                      timestamp=iso_ms(ts) if isinstance(ts, datetime) else ts, highlights=spans))
+        advance(cid)
+    # Where each conversation stands: a message still in the heap is unread again next time.
+    for _key, cid, doc in heap:
+        by_id[cid].below = int(doc["seq"]) + 1
+    remaining = {s.conversation_id: s.below for s in sources if s.below > 1}
+    if not remaining:
+        return hits, None
+    token = secrets.token_urlsafe(16)
+    redis_client.set(search_cursor_key(user_id, token), json.dumps({"q": terms, "b": remaining}),
+                     ex=SEARCH_CURSOR_TTL_S)
+    return hits, token
+
+
+def _neg(key: tuple[str, int]) -> tuple[str, int]:
+    """Max-heap order on heapq's min-heap: invert each character of the ISO time (all ASCII) and the seq."""
+    return "".join(chr(255 - ord(ch)) for ch in key[0]), -key[1]
+

@@ -1,0 +1,159 @@
+"""Mentions: ``@username`` of a member, resolved when a message is sent (docs/protocol.md, "Mentions";
+docs/adr/0038).
+
+The write path (``messaging.services.message_send``) calls :func:`mentions_resolve` before building the
+``message.new`` event, which then carries ``mentions``: the ids of the members named, so every reader of the
+event (live frames, ``resume``, the recent window, the drain into ``messages`` and ``message_buckets``) has them
+without resolving again. After the append, :func:`mentions_record` writes the two Redis indexes a mentioned
+user reads: the per-conversation mention seqs (their unread-mention count beside ``unread``) and their own
+newest-first list (``GET /mentions``).
+
+Cheap on the hot path: a message without ``@`` costs one substring test; one with ``@`` costs one HMGET of
+the username index (REDIS_URL) and, when someone was named, one pipelined write after the append. No
+document-store read: the username index ``cs:usernames`` (lower-cased username -> user id) is written at
+registration (``api.services.user_create``) and by ``manage.py usernames_index`` for accounts made before it;
+a name it does not hold is not a mention (it stays plain text).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio
+
+from core.bus import BusAsync
+from core.keys import USERNAMES_KEY, mention_list_key, mention_seqs_key
+from messaging.membership import conversation_members
+
+# Distinct @names resolved per message: bounds the HMGET and the writes one message may cause (a message
+# naming 200 people is an announcement, not a mention; 20 covers every real message we have seen in group
+# chats of other products, whose own limits are 10-50). Names past it stay plain text; nothing is refused.
+MENTIONS_MAX = 20
+# Unread-mention seqs kept per (conversation, user): the count shown caps here ("99+" in clients), so one
+# noisy group cannot grow the key without bound.
+MENTION_SEQS_KEEP = 100
+# Entries of a user's mention list (GET /mentions) kept, newest first: older ones are dropped on the next
+# mention. 1,000 x ~90 bytes per entry ≈ 100 KB per user at most.
+MENTION_LIST_KEEP = 1000
+# Both indexes live as long as the membership cache does (30 days without a new mention).
+MENTION_TTL_S = 30 * 24 * 3600
+# Names kept in-process (mentions_resolve): ~150 bytes each, so at most ~15 MB per process; cleared when full.
+KNOWN_IDS_MAX = 100_000
+_known_ids: dict[str, str] = {}
+# A username (api.services.USERNAME_RE: 3-32 of A-Z a-z 0-9 _ . -) after an @ that does not follow a word
+# character (so e-mail addresses are not mentions).
+_MENTION_RE = re.compile(r"(?<![\w@])@([A-Za-z0-9_.\-]{3,32})")
+
+
+def mention_names(content: str) -> list[str]:
+    """The distinct lower-cased names after an ``@`` in ``content``, in order, at most MENTIONS_MAX; a name
+    ending in ``.`` or ``-`` (end of a sentence) is also tried without them. Pure."""
+    if "@" not in content:
+        return []
+    out: list[str] = []
+    for match in _MENTION_RE.finditer(content):
+        name = match.group(1).lower()
+        for candidate in (name, name.rstrip(".-")):
+            if len(candidate) >= 3 and candidate not in out:
+                out.append(candidate)
+        if len(out) >= MENTIONS_MAX:
+            break
+    return out[:MENTIONS_MAX]
+
+
+async def mentions_resolve(client: redis.asyncio.Redis, *, conversation_id: str, sender_id: str,
+                           content: str) -> list[str]:
+    """Ids of the conversation's members named ``@username`` in ``content`` (not the sender), in the order
+    named. Precondition: the sender is a member (checked by the caller). Read-only: at most one HMGET of
+    ``cs:usernames`` and the members from the membership cache (in-process on brokers)."""
+    names = mention_names(content)
+    if not names:
+        return []
+    # Usernames never change and are never reused, so a name found once is kept in-process: a conversation's
+    # usual names cost no round trip after their first mention. Names not found are asked again each time
+    # (the account may be registered since).
+    unknown = [n for n in names if n not in _known_ids]
+    if unknown:
+        for name, uid in zip(unknown, await client.hmget(USERNAMES_KEY, unknown), strict=True):
+            if uid is not None:
+                if len(_known_ids) >= KNOWN_IDS_MAX:
+                    _known_ids.clear()
+                _known_ids[name] = uid.decode() if isinstance(uid, bytes) else str(uid)
+    found = [_known_ids[n] for n in names if n in _known_ids]
+    if not found:
+        return []
+    members = await conversation_members(client, conversation_id=conversation_id) or set()
+    out: list[str] = []
+    for uid in found:
+        if uid in members and uid != sender_id and uid not in out:
+            out.append(uid)
+    return out
+
+
+def mention_score(*, timestamp: str, message_id: str) -> int:
+    """Newest-first order of a user's mention list: the message's time in ms times 1000, plus 0-999 from its
+    id so that two mentions in one millisecond differ (below 2^53: exact as a Redis score). Pure."""
+    ms = int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() * 1000)
+    return ms * 1000 + zlib.crc32(message_id.encode()) % 1000
+
+
+async def mentions_record(bus: BusAsync, *, conversation_id: str, message_id: str, seq: int, timestamp: str,
+                          user_ids: list[str]) -> None:
+    """Write an accepted message's mentions into each named user's per-conversation seqs and own list, in one
+    pipeline on the bus, trimmed to their bounds. Idempotent (ZADD of the same member and score). Side effects
+    only in Redis. Called after the append and before the ack, so an acknowledged mention is counted."""
+    score = mention_score(timestamp=timestamp, message_id=message_id)
+    async with bus.pipeline(transaction=False) as pipe:
+        for uid in user_ids:
+            seqs = mention_seqs_key(conversation_id, uid)
+            pipe.zadd(seqs, {message_id: seq})
+            pipe.zremrangebyrank(seqs, 0, -MENTION_SEQS_KEEP - 1)
+            pipe.expire(seqs, MENTION_TTL_S)
+            listed = mention_list_key(uid)
+            pipe.zadd(listed, {f"{conversation_id}:{message_id}:{seq}": score})
+            pipe.zremrangebyrank(listed, 0, -MENTION_LIST_KEEP - 1)
+            pipe.expire(listed, MENTION_TTL_S)
+        await pipe.execute()
+
+
+def mention_counts_sync(bus: Any, *, user_id: str, read_seqs: dict[str, int]) -> dict[str, int]:
+    """Per conversation id, the user's mentions above their read cursor (``read_seqs``: conversation id ->
+    cursor): one pipelined ZCOUNT each on a sync bus client. Read-only. A conversation read past its last
+    mention counts 0, which is how the count resets."""
+    if not read_seqs:
+        return {}
+    pipe = bus.pipeline(transaction=False)
+    ids = list(read_seqs)
+    for cid in ids:
+        pipe.zcount(mention_seqs_key(cid, user_id), f"({int(read_seqs[cid])}", "+inf")
+    return {cid: int(n) for cid, n in zip(ids, pipe.execute(), strict=True)}
+
+
+def usernames_remember_sync(client: Any, *, names: dict[str, str]) -> None:
+    """Put ``names`` (lower-cased username -> user id) into the username index (sync REDIS_URL client).
+    Usernames never change and stay reserved after an account's removal, so entries are never rewritten."""
+    if names:
+        client.hset(USERNAMES_KEY, mapping=names)
+
+
+def usernames_index_build(*, batch: int = 1000) -> int:
+    """Write every account into the username index (``manage.py usernames_index``); returns how many. Blocking:
+    one scan of ``users`` and one HSET per ``batch`` accounts on REDIS_URL."""
+    import redis
+    from django.conf import settings
+
+    from core.documents import User
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    names: dict[str, str] = {}
+    count = 0
+    for row in User.objects.only("id", "username_key").as_pymongo():
+        names[str(row["username_key"])] = str(row["_id"])
+        if len(names) >= batch:
+            usernames_remember_sync(client, names=names)
+            count, names = count + len(names), {}
+    usernames_remember_sync(client, names=names)
+    return count + len(names)
