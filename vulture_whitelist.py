@@ -98,3 +98,9 @@ _.close_timer
 PAYLOAD_FIELDS
 # core.keys: which Redis each key lives on, read by tests/cluster/test_keys.py
 REDIS_OF
+# messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_replies_reactions.py
+PAYLOAD_OPTIONAL
+# storage/documents.py: the reaction guard the drain writes ($set) and reads by _id; api/serializers.py:
+# the quote's field, described for the OpenAPI schema
+_.rx_seq
+_.excerpt

@@ -16,7 +16,7 @@ import heapq
 import json
 import re
 import secrets
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -52,6 +52,11 @@ SEARCH_TERMS_MAX = 8
 # request to ~10,000 stored messages and ~0.2-0.4 s (docs/benchmarks.md, "Search"); past it the page ends
 # early with a cursor.
 SEARCH_BUCKET_READS = 200
+# ... and at most this long reading buckets (a loaded store reads a 50-message bucket in 40 ms rather than 4: at
+# load average 30 on 2 cores, 200 reads took 8 s); a person waits about a second for a page. The first
+# SEARCH_BUCKET_READS_MIN reads of a request are always made, so every page moves the cursor on.
+SEARCH_TIME_BUDGET_S = 1.0
+SEARCH_BUCKET_READS_MIN = 4
 SEARCH_CURSOR_TTL_S = 600
 _WORD_RE = re.compile(r"\w+")
 
@@ -184,14 +189,24 @@ class SearchHit:
 @dataclass(slots=True)
 class _Source:
     """One conversation read newest first: its window's messages (already read), then its buckets from
-    ``next_bucket`` down. ``below``: every message with a seq below it is still to be read."""
+    ``next_bucket`` down. ``below``: every message with a seq below it is still to be read; ``bound``: a key
+    ``(time, seq)`` no unread message of it exceeds (None: unknown, as new as can be)."""
 
     conversation_id: str
     below: int
     window: list[dict[str, Any]]
     edits: dict[str, dict[str, Any]]
     next_bucket: int  # -1: no stored message left to read
+    bound: tuple[str, int] | None = None
     buffered: list[dict[str, Any]] = field(default_factory=list)
+
+    def take(self) -> dict[str, Any] | None:
+        """The next message already read (window, then the last bucket read), or None."""
+        if self.window:
+            return self.window.pop(0)
+        if self.buffered:
+            return self.buffered.pop(0)
+        return None
 
 
 def _ts_key(doc: dict[str, Any]) -> tuple[str, int]:
@@ -200,15 +215,16 @@ def _ts_key(doc: dict[str, Any]) -> tuple[str, int]:
     return text or "", int(doc["seq"])
 
 
-def _sources(conversation_ids: list[str], bounds: dict[str, int] | None) -> list[_Source]:
-    """Each conversation's window below its bound (newest first), in one pipeline of window reads."""
+def _sources(conversation_ids: list[str], state: dict[str, Any] | None) -> list[_Source]:
+    """Each conversation's window below its bound (newest first), in one pipeline of window reads.
+    ``state``: a cursor's ``{conversation id: [below, bound key or null]}`` (None: a first page)."""
     bus = bus_sync()
     script = bus.register_script(WINDOW_READ_LUA)
-    wanted = [c for c in conversation_ids if bounds is None or bounds.get(c, 0) > 0]
+    wanted = [c for c in conversation_ids if state is None or c in state]
 
     def call(cid: str, client: Any = None) -> Any:
         p = partition_of(cid)
-        top = "+inf" if bounds is None else f"({bounds[cid]}"
+        top = "+inf" if state is None else f"({int(state[cid][0])}"
         return script(keys=[recent_key(p, cid), recent_docs_key(p, cid), recent_edits_key(p, cid),
                             read_cursor_key(cid)], args=["1", "-inf", top, 100_000], client=client)
 
@@ -224,10 +240,11 @@ def _sources(conversation_ids: list[str], bounds: dict[str, int] | None) -> list
         window = [json.loads(d) for d in docs if d is not None] if raw_floor else []
         edits = {as_str(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
         top_stored = int(raw_floor) if raw_floor else _last_seq(cid)
-        if bounds is not None:
-            top_stored = min(top_stored, bounds[cid] - 1)
-        sources.append(_Source(conversation_id=cid, below=bounds[cid] if bounds else 1 << 53, window=window,
-                               edits=edits, next_bucket=(top_stored - 1) // BUCKET_SEQS if top_stored > 0 else -1))
+        below, bound = (1 << 53, None) if state is None else (int(state[cid][0]), state[cid][1])
+        top_stored = min(top_stored, below - 1)
+        sources.append(_Source(conversation_id=cid, below=below, window=window, edits=edits,
+                               next_bucket=(top_stored - 1) // BUCKET_SEQS if top_stored > 0 else -1,
+                               bound=None if bound is None else (str(bound[0]), int(bound[1]))))
     return sources
 
 
@@ -236,40 +253,46 @@ def _last_seq(conversation_id: str) -> int:
 
 
 class _Budget:
+    """Bucket reads left to a request, and its deadline (SEARCH_TIME_BUDGET_S)."""
+
     def __init__(self, reads: int) -> None:
         self.left = reads
+        self.made = 0
+        self.deadline = time.monotonic() + SEARCH_TIME_BUDGET_S
+
+    def spend(self) -> bool:
+        """Take one read if the budget allows it."""
+        if self.left <= 0 or (self.made >= SEARCH_BUCKET_READS_MIN and time.monotonic() > self.deadline):
+            return False
+        self.left -= 1
+        self.made += 1
+        return True
 
 
-def _stream(source: _Source, budget: _Budget) -> Iterator[dict[str, Any] | None]:
-    """The conversation's messages newest first (None: the read budget ran out before the next one)."""
-    while source.window:
-        yield source.window.pop(0)
-    while True:
-        while source.buffered:
-            yield source.buffered.pop(0)
-        if source.next_bucket < 0:
-            return
-        if budget.left <= 0:
-            yield None
-            continue
-        budget.left -= 1
-        n = source.next_bucket
-        source.next_bucket -= 1
-        doc = MessageBucket._get_collection().find_one({"_id": f"{source.conversation_id}:{n}"})
-        rows = list(((doc or {}).get("m") or {}).values())
-        if doc is None or doc.get("partial"):
-            # Data from before the buckets (or a bucket not complete yet): this range from ``messages``.
-            rows = list(Message.objects(conversation_id=ObjectId(source.conversation_id), seq__gt=n * BUCKET_SEQS,
-                                        seq__lte=(n + 1) * BUCKET_SEQS).as_pymongo())
-            for r in rows:
-                r["id"] = r["_id"]
-        rows = [r for r in rows if int(r["seq"]) < source.below]
+def _bucket_read(source: _Source) -> None:
+    """Read the source's next bucket (by ``_id``; a missing or partial one from ``messages``) into its buffer,
+    newest first, with the window's pending edits applied."""
+    n = source.next_bucket
+    source.next_bucket -= 1
+    doc = MessageBucket._get_collection().find_one({"_id": f"{source.conversation_id}:{n}"})
+    rows = list(((doc or {}).get("m") or {}).values())
+    if doc is None or doc.get("partial"):
+        # Data from before the buckets (or a bucket not complete yet): this range from ``messages``.
+        rows = list(Message.objects(conversation_id=ObjectId(source.conversation_id), seq__gt=n * BUCKET_SEQS,
+                                    seq__lte=(n + 1) * BUCKET_SEQS).as_pymongo())
         for r in rows:
-            edit = source.edits.get(str(r["id"]))
-            if edit is not None and int(edit.get("edit_seq") or 0) > int(r.get("edit_seq") or 0):
-                r["deleted"] = bool(r.get("deleted")) or bool(edit.get("deleted"))
-                r["content"] = edit.get("content") or ""
-        source.buffered = sorted(rows, key=lambda r: int(r["seq"]), reverse=True)
+            r["id"] = r["_id"]
+    rows = [r for r in rows if int(r["seq"]) < source.below]
+    for r in rows:
+        edit = source.edits.get(str(r["id"]))
+        if edit is not None and int(edit.get("edit_seq") or 0) > int(r.get("edit_seq") or 0):
+            r["deleted"] = bool(r.get("deleted")) or bool(edit.get("deleted"))
+            r["content"] = edit.get("content") or ""
+    source.buffered = sorted(rows, key=lambda r: int(r["seq"]), reverse=True)
+
+
+# "As new as can be": sorts before every inverted key (an inverted ISO time is never empty).
+_NEWEST = ("", -(1 << 62))
 
 
 def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int) -> tuple[list[SearchHit],
@@ -277,51 +300,56 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
     """The caller's messages whose content has every word of ``query`` (whole words, case-insensitive),
     newest first, at most ``limit``, with the words' offsets; and a cursor for the next page (None: no more).
     Only conversations the caller is a member of are read. A page may hold fewer than ``limit`` hits and a
-    cursor when the request's read budget ran out first. Raises ValidationFailed (``invalid_query``,
-    ``query_too_long``, ``too_many_terms``, ``invalid_cursor``: unknown, expired, another user's or another
-    query's). Side effect: the cursor's state in Redis (SEARCH_CURSOR_TTL_S)."""
+    cursor when the request's read budget ran out first; every page moves on by at least one bucket. Raises
+    ValidationFailed (``invalid_query``, ``query_too_long``, ``too_many_terms``, ``invalid_cursor``: unknown,
+    expired, another user's or another query's). Side effect: the cursor's state in Redis
+    (SEARCH_CURSOR_TTL_S).
+
+    A k-way merge by time: the heap holds, per conversation, either its next message (exact key) or, when
+    its next message is in a bucket not read yet, a placeholder keyed by an upper bound of that message's
+    time; popping a placeholder reads the bucket (one of the budget's reads)."""
     terms = search_terms(query)
     limit = max(1, min(limit, SEARCH_PAGE_MAX))
     redis_client = sync_redis()
-    mine = user_conversation_ids(user_id=user_id)
-    bounds: dict[str, int] | None = None
+    mine = set(user_conversation_ids(user_id=user_id))
+    state: dict[str, Any] | None = None
     if cursor is not None:
         raw = redis_client.get(search_cursor_key(user_id, cursor)) if re.fullmatch(r"[A-Za-z0-9_-]{8,64}",
                                                                                     cursor) else None
-        state = json.loads(raw) if raw else None
-        if state is None or state.get("q") != terms:
+        saved = json.loads(raw) if raw else None
+        if saved is None or saved.get("q") != terms:
             raise ValidationFailed("cursor is unknown or expired; search again", code="invalid_cursor",
                                    details={"field": "cursor"})
-        bounds = {c: int(b) for c, b in state["b"].items() if c in set(mine)}
-    sources = _sources(mine, bounds)
+        state = {c: v for c, v in saved["s"].items() if c in mine}
+    sources = {s.conversation_id: s for s in _sources(sorted(mine), state)}
     budget = _Budget(SEARCH_BUCKET_READS)
-    streams = {s.conversation_id: _stream(s, budget) for s in sources}
-    by_id = {s.conversation_id: s for s in sources}
-    heap: list[tuple[tuple[str, int], str, dict[str, Any]]] = []
-    # Conversations whose budget ran out -> the (inverted) key of their last message taken: everything they
-    # still hold is older, so the heap's head may be taken only while it is newer than all of these.
-    last_taken: dict[str, tuple[str, int]] = {}
-    stalled: dict[str, tuple[str, int]] = {}
+    heap: list[tuple[tuple[str, int], str, dict[str, Any] | None]] = []
 
-    def advance(cid: str) -> None:
-        doc = next(streams[cid], "end")
-        if doc == "end":
-            by_id[cid].below = 0
-        elif doc is None:
-            stalled[cid] = last_taken.get(cid, ("", -(1 << 62)))  # nothing taken yet: newest possible
+    def push_next(source: _Source) -> None:
+        doc = source.take()
+        if doc is not None:
+            heapq.heappush(heap, (_neg(_ts_key(doc)), source.conversation_id, doc))
+        elif source.next_bucket >= 0:
+            bound = _NEWEST if source.bound is None else _neg(source.bound)
+            heapq.heappush(heap, (bound, source.conversation_id, None))
         else:
-            assert isinstance(doc, dict)
-            heapq.heappush(heap, (_neg(_ts_key(doc)), cid, doc))
+            source.below = 0  # nothing left
 
-    for cid in list(streams):
-        advance(cid)
+    for source in sources.values():
+        push_next(source)
     hits: list[SearchHit] = []
     while heap and len(hits) < limit:
-        if stalled and not all(heap[0][0] < key for key in stalled.values()):
-            break
-        key, cid, doc = heapq.heappop(heap)
-        last_taken[cid] = key
-        by_id[cid].below = int(doc["seq"])
+        _key, cid, doc = heap[0]
+        source = sources[cid]
+        if doc is None:
+            if not budget.spend():
+                break
+            heapq.heappop(heap)
+            _bucket_read(source)
+            push_next(source)
+            continue
+        heapq.heappop(heap)
+        source.below, source.bound = int(doc["seq"]), _ts_key(doc)
         if not doc.get("deleted"):
             spans = search_match(str(doc.get("content") or ""), terms)
             if spans is not None:
@@ -329,15 +357,17 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
                 hits.append(SearchHit(conversation_id=cid, message_id=str(doc["id"]), seq=int(doc["seq"]),
                                       sender_id=str(doc["sender_id"]), content=str(doc["content"]),
                                       timestamp=iso_ms(ts) if isinstance(ts, datetime) else ts, highlights=spans))
-        advance(cid)
-    # Where each conversation stands: a message still in the heap is unread again next time.
+        push_next(source)
+    # Where each conversation stands: a message still in the heap is read again next time (its key is exact).
     for _key, cid, doc in heap:
-        by_id[cid].below = int(doc["seq"]) + 1
-    remaining = {s.conversation_id: s.below for s in sources if s.below > 1}
+        if doc is not None:
+            sources[cid].below, sources[cid].bound = int(doc["seq"]) + 1, _ts_key(doc)
+    remaining = {cid: [s.below, None if s.bound is None else list(s.bound)] for cid, s in sources.items()
+                 if s.below > 1 and any(c == cid for _k, c, _d in heap)}
     if not remaining:
         return hits, None
     token = secrets.token_urlsafe(16)
-    redis_client.set(search_cursor_key(user_id, token), json.dumps({"q": terms, "b": remaining}),
+    redis_client.set(search_cursor_key(user_id, token), json.dumps({"q": terms, "s": remaining}),
                      ex=SEARCH_CURSOR_TTL_S)
     return hits, token
 
@@ -345,4 +375,3 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
 def _neg(key: tuple[str, int]) -> tuple[str, int]:
     """Max-heap order on heapq's min-heap: invert each character of the ISO time (all ASCII) and the seq."""
     return "".join(chr(255 - ord(ch)) for ch in key[0]), -key[1]
-

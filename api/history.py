@@ -10,10 +10,12 @@ from typing import Any
 
 from bson import ObjectId
 
+from api.message_extras import extras_apply
 from api.selectors import HISTORY_MAX_LIMIT, member_require, time_parse
 from core.bus import bus_sync
 from core.documents import (
     BUCKET_SEQS,
+    Conversation,
     Message,
     MessageBucket,
 )
@@ -49,7 +51,8 @@ def _window_message(raw: bytes | str, *, cursors: dict[str, int], members: set[s
                    content=doc.get("content") or "", timestamp=time_parse(doc["timestamp"]),
                    edited_at=time_parse(doc.get("edited_at")), deleted=bool(doc.get("deleted")),
                    deleted_at=time_parse(doc.get("deleted_at")), edit_seq=doc.get("edit_seq"),
-                   read_status="read" if read else "sent", mentions=list(doc.get("mentions") or ()))
+                   read_status="read" if read else "sent", mentions=list(doc.get("mentions") or ()),
+                   reply_to=doc.get("reply_to"), reactions=doc.get("reactions") or [])
 
 
 def _edits_apply(rows: list[Message], edits: dict[str, dict[str, Any]]) -> None:
@@ -125,7 +128,8 @@ def _bucket_message(m: dict[str, Any], *, conversation_id: str, cursors: dict[st
                    client_msg_id=m.get("client_msg_id"), content=m.get("content") or "",
                    timestamp=m.get("timestamp"), edited_at=m.get("edited_at"), deleted=bool(m.get("deleted")),
                    deleted_at=m.get("deleted_at"), edit_seq=m.get("edit_seq"),
-                   read_status="read" if read else "sent", mentions=list(m.get("mentions") or ()))
+                   read_status="read" if read else "sent", mentions=list(m.get("mentions") or ()),
+                   reply_to=m.get("reply_to"), reactions=m.get("reactions") or [])
 
 
 def _store_page(*, conversation_id: str, after: int | None, below: int | None, limit: int,
@@ -134,7 +138,16 @@ def _store_page(*, conversation_id: str, after: int | None, below: int | None, l
     when ``backwards``, else oldest first: from the buckets when they cover the range, else ``messages``."""
     highest = below - 1 if below is not None else int(
         bus_sync().hget(seq_key(partition_of(conversation_id)), conversation_id) or 0)
-    # highest 0 with no bound: Redis knows no seq (messages stored by other means): ask ``messages``.
+    if highest <= 0 and below is None:
+        # Redis knows no seq (a conversation with no message yet, or a Redis that lost its data): the stored
+        # conversation's last_seq, read by _id, bounds the buckets; 0 is an empty history, answered without
+        # a ``messages`` query (a scan on FerretDB: seconds at 1M messages; docs/adr/0036).
+        stored = Conversation._get_collection().find_one({"_id": ObjectId(conversation_id)}, {"last_seq": 1})
+        if stored is not None and isinstance(stored.get("last_seq"), int):
+            if stored["last_seq"] <= (after or 0):
+                return []
+            highest = stored["last_seq"]
+    # highest 0 with no bound: nothing says how far the conversation goes (data stored by other means).
     from_buckets = None if highest <= 0 and below is None else _bucket_page(
         conversation_id=conversation_id, lowest=(after or 0) + 1, highest=highest, limit=limit,
         backwards=backwards, cursors=cursors, members=members)
@@ -160,7 +173,8 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     * ``after_seq``: the ``limit`` messages just above it (catching up, paging forward);
     * both: those strictly between, oldest first.
 
-    Deleted messages are included as tombstones (their seq keeps the order gap-free to the client).
+    Deleted messages are included as tombstones (their seq keeps the order gap-free to the client). Replies'
+    quotes and reactions are brought up to date by ``api.message_extras.extras_apply`` (docs/adr/0037).
     Raises NotFound if the caller is not a member (membership from the Redis cache).
     """
     members = member_require(user_id=user_id, conversation_id=conversation_id)
@@ -176,6 +190,8 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     # No window (never written, or expired with the conversation idle): everything is in the store.
     floor = int(raw_floor) if raw_floor else None
     rows = [_window_message(d, cursors=cursors, members=members) for d in docs] if floor is not None else []
+    window_ids = {m.id for m in rows}
+    edits = {as_str(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
     # The store serves exactly the messages at or below the floor (all of them when there is no window).
     below = before_seq if floor is None else min(floor + 1, before_seq if before_seq is not None else floor + 1)
     lowest = after_seq or 0
@@ -183,7 +199,6 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
         stored = _store_page(conversation_id=conversation_id, after=after_seq, below=below,
                              limit=limit + 1 - (len(rows) if backwards else 0), backwards=backwards,
                              cursors=cursors, members=members)
-        edits = {as_str(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
         _edits_apply(stored, edits)
         # Newest first, the window's part is above the store's; oldest first, below it.
         rows = rows + stored if backwards else (stored + rows)[:limit + 1]
@@ -191,4 +206,5 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     rows = rows[:limit]
     if backwards:
         rows.reverse()
+    extras_apply(rows, conversation_id=conversation_id, window_ids=window_ids, edits=edits)
     return HistoryPage(messages=rows, has_more=has_more)

@@ -41,19 +41,23 @@ _DESCRIPTIONS = {
 }
 ALWAYS = ("400", "404", "405", "406", "415", "503")
 WITH_BODY = ("409", "413", "429")
+# Reads with a rate limit of their own (docs/api.md): they may answer 429 too.
+RATE_LIMITED_READS = frozenset({"/api/v1/search"})
 
 
 def error_responses_hook(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
     """drf-spectacular postprocessing hook: add the error responses to every operation."""
     result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
     ref = {"$ref": "#/components/schemas/Error"}
-    for methods in result.get("paths", {}).values():
+    for path, methods in result.get("paths", {}).items():
         for method, operation in methods.items():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             codes = [*ALWAYS, "401", "403"]
             if method in ("post", "patch", "put", "delete"):
                 codes += list(WITH_BODY)
+            elif path in RATE_LIMITED_READS:
+                codes.append("429")
             for code in codes:
                 operation["responses"].setdefault(code, {
                     "description": _DESCRIPTIONS[code],

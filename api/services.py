@@ -24,6 +24,7 @@ from core.keys import group_card_key
 from messaging import services as messaging
 from messaging.membership import membership_changed_sync, membership_invalidate_sync
 from messaging.mentions import usernames_remember_sync
+from messaging.reactions import ReactionChange, reaction_change
 from messaging.services import Accepted
 from storage.writes import message_event_write
 
@@ -272,11 +273,20 @@ def group_leave(*, user_id: str, group_id: str) -> None:
 # ------------------------------------------------------------------ message events (the shared write path)
 
 
-def conversation_message_send(*, user_id: str, conversation_id: str, client_msg_id: str, content: str) -> Accepted:
+def conversation_message_send(*, user_id: str, conversation_id: str, client_msg_id: str, content: str,
+                              reply_to: str | None = None) -> Accepted:
     """Send through ``messaging.services.message_send`` (the WebSocket path's function): the message is in
-    the stream, and so on its way to live clients and MongoDB, when this returns."""
+    the stream, and so on its way to live clients and MongoDB, when this returns. ``reply_to``: a reply."""
     return run_async(lambda c, b: messaging.message_send(c, bus=b, user_id=user_id, conversation_id=conversation_id,
-                                                         client_msg_id=client_msg_id, content=content))
+                                                         client_msg_id=client_msg_id, content=content,
+                                                         reply_to=reply_to))
+
+
+def message_reaction_change(*, user_id: str, message_id: str, emoji: str, op: str) -> ReactionChange:
+    """Add (``op`` "add") or remove ("remove") the caller's reaction through
+    ``messaging.reactions.reaction_change`` (the WebSocket path's function)."""
+    return run_async(lambda c, b: reaction_change(c, bus=b, user_id=user_id, message_id=message_id, emoji=emoji,
+                                                  op=op))
 
 
 def message_edit(*, user_id: str, message_id: str, content: str) -> Accepted:

@@ -133,6 +133,7 @@ class Counters:
         self.started = 0.0
         self.measuring = False
         self.window_deliveries = 0
+        self.sent_at: dict[str, float] = {}  # client_msg_id -> send time, for frames that cannot carry it
 
     def on_message(self, conn: int, client_msg_id: str, sent_at: float) -> None:
         now = time.time()
@@ -150,15 +151,28 @@ class Counters:
 # ------------------------------------------------------------------ clients of the systems
 
 
+# What a ChatStream "system" sends (docs/benchmarks.md, "Features"): plain messages; replies (every message
+# after the first answers the conversation's first message, so each carries a quote); reactions (after a first
+# message, each send toggles the sender's 👍 on it: reaction.add, then reaction.remove, ...; every one is an
+# event with its own seq, delivered to every member like a message).
+CHATSTREAM_MODES = {"chatstream": "send", "chatstream-daphne": "send", "chatstream-reply": "reply",
+                    "chatstream-react": "react"}
+
+
 class ChatStreamConn:
-    def __init__(self, index: int, url: str, counters: Counters, on_ack: Callable[[str], None],
-                 mention: str = "") -> None:
+    def __init__(self, index: int, url: str, counters: Counters, on_ack: Callable[[str], None], *,
+                 mode: str = "send", conversation_index: dict[str, int] | None = None, mention: str = "") -> None:
         # " @<username>" after the send time in every message this connection sends (--mention): the cost of
         # resolving and recording a mention (docs/benchmarks.md, "Features").
         self.mention = mention
         self.index, self.url, self.counters, self.on_ack = index, url, counters, on_ack
         self.ws: Any = None
         self.task: asyncio.Task[None] | None = None
+        self.mode = mode
+        # conversation id -> its index: a reaction frame's key is "<index>-<seq>" (the sender's n-th send of a
+        # conversation takes seq n: one sender per conversation, one send in flight).
+        self.conversation_index = conversation_index or {}
+        self.first: dict[str, str] = {}  # conversation id -> the id of the first message this connection sent
 
     async def open(self) -> None:
         self.ws = await websockets.connect(self.url, origin="http://127.0.0.1",  # type: ignore[arg-type]
@@ -178,17 +192,31 @@ class ChatStreamConn:
                     message = frame["message"]
                     counters.on_message(self.index, message["client_msg_id"],
                                         float(message["content"].split(" ", 1)[0]))
+                elif kind in ("reaction.added", "reaction.removed"):
+                    key = f"{self.conversation_index.get(frame['conversation_id'], -1)}-{frame['seq']}"
+                    counters.on_message(self.index, key, counters.sent_at.get(key, time.time()))
                 elif kind == "ack":
-                    self.on_ack(frame["client_msg_id"])
+                    if frame.get("message_id") and frame.get("conversation_id") not in self.first:
+                        self.first[frame["conversation_id"]] = frame["message_id"]
+                    self.on_ack(frame.get("client_msg_id") or frame.get("ref") or "")
                 elif kind == "error":
                     counters.errors += 1
         except websockets.exceptions.ConnectionClosed:
             pass
 
     async def send(self, conversation_id: str, client_msg_id: str) -> None:
-        await self.ws.send(json.dumps({"type": "message.send", "conversation_id": conversation_id,
-                                       "client_msg_id": client_msg_id,
-                                       "content": f"{time.time():.6f}{self.mention}"}))
+        first = self.first.get(conversation_id)
+        if self.mode == "react" and first is not None:
+            n = int(client_msg_id.rsplit("-", 1)[1])
+            self.counters.sent_at[client_msg_id] = time.time()
+            await self.ws.send(json.dumps({"type": "reaction.add" if n % 2 == 0 else "reaction.remove",
+                                           "ref": client_msg_id, "message_id": first, "emoji": "👍"}))
+            return
+        frame = {"type": "message.send", "conversation_id": conversation_id, "client_msg_id": client_msg_id,
+                 "content": f"{time.time():.6f}{self.mention}"}
+        if self.mode == "reply" and first is not None:
+            frame["reply_to"] = first
+        await self.ws.send(json.dumps(frame))
 
     async def close(self) -> None:
         await self.ws.close()
@@ -563,6 +591,8 @@ async def measure(*, system: str, urls: list[str], workload: Workload, members: 
             group = members[conv_of[i]]
             named = USERNAMES.get(group[1 % len(group)], "") if workload.mention else ""
             conns.append(ChatStreamConn(i, f"{url}?ticket={tickets[i]}", counters, on_ack,
+                                        mode=CHATSTREAM_MODES.get(system, "send"),
+                                        conversation_index={c: n for n, c in enumerate(conversation_ids)},
                                         mention=f" @{named}" if named else ""))
         else:
             conns.append(SocketIOConn(i, url, counters, on_ack, user=f"u{i}",
@@ -632,6 +662,11 @@ def summary_stats(results: list[Result]) -> dict[str, Any]:
     if "chatstream-daphne" in by and "socketio" in by and by["socketio"].deliveries_per_core_s:
         out["ratio_daphne_deliveries_per_core"] = (by["chatstream-daphne"].deliveries_per_core_s
                                                    / by["socketio"].deliveries_per_core_s)
+    # What a feature adds (docs/benchmarks.md, "Features"): server CPU per delivery against plain sends, same run.
+    for feature in ("chatstream-reply", "chatstream-react"):
+        if feature in by and "chatstream" in by and by["chatstream"].cpu_us_per_delivery:
+            out[f"ratio_{feature.split('-')[1]}_cpu_per_delivery"] = (by[feature].cpu_us_per_delivery
+                                                                      / by["chatstream"].cpu_us_per_delivery)
     out["median_latency_all_ms"] = {r.system: statistics.median([lat for _, lat in r.timeline] or [0.0])
                                     for r in results}
     # The cold start, apart (issue 16): p99 of the deliveries of messages SENT in the first second of traffic

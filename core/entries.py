@@ -6,7 +6,8 @@ in ``core.keys`` (on the message bus Redis).
 
 An entry is one durable conversation event with the fields
 
-``t``  event type: ``message.new``, ``message.edited``, ``message.deleted`` (these take a seq) or
+``t``  event type: ``message.new``, ``message.edited``, ``message.deleted``, ``reaction.added``,
+       ``reaction.removed`` (these take a seq) or
        ``read.updated`` (seq ``0``: it moves a cursor, it is not a conversation event),
 ``c``  conversation id, ``s`` its per-conversation seq (decimal), ``d`` the event's JSON payload,
 ``v``  format version (``1``).
@@ -22,8 +23,10 @@ from typing import Any, Literal
 
 from core.values import as_str
 
-EventType = Literal["message.new", "message.edited", "message.deleted", "read.updated"]
-SEQUENCED: frozenset[str] = frozenset({"message.new", "message.edited", "message.deleted"})
+EventType = Literal["message.new", "message.edited", "message.deleted", "read.updated", "reaction.added",
+                    "reaction.removed"]
+SEQUENCED: frozenset[str] = frozenset({"message.new", "message.edited", "message.deleted", "reaction.added",
+                                       "reaction.removed"})
 FORMAT_VERSION = "1"
 
 

@@ -110,6 +110,11 @@ def mention_list_key(user_id: str) -> str:
     return f"cs:mentionlist:{user_id}"
 
 
+def reactions_key(conversation_id: str, message_id: str) -> str:
+    """BUS. Hash of a message's reactions (``messaging.reactions``), in its conversation's partition slot."""
+    return f"cs:{tag(partition_of(conversation_id))}:rx:{message_id}"
+
+
 def message_meta_key(message_id: str) -> str:
     """BUS. Hash ``{c: conversation id, u: sender id}`` (``x: "1"`` once deleted; ``e`` and ``v<seq>`` once
     edited, see ``messaging.events.edit_versions_meta``) of a message accepted recently (before it is in
@@ -218,7 +223,7 @@ USERNAMES_KEY = "cs:usernames"  # COORD. Hash: lower-cased username -> user id (
 
 
 def search_cursor_key(user_id: str, token: str) -> str:
-    """COORD. String: JSON ``{"q": [terms], "b": {conversation id: seq bound}}`` of an unfinished search
+    """COORD. String: JSON ``{"q": [terms], "s": {conversation id: [below, bound]}}`` of an unfinished search
     (``api.finders``)."""
     return f"cs:search:{user_id}:{token}"
 
@@ -269,7 +274,7 @@ CELERY_PREFIX = "cs:celery:"  # Celery's broker and result keys
 REDIS_OF: dict[str, Literal["bus", "coord"]] = {
     "stream_key": BUS, "seq_key": BUS, "dedup_key": BUS, "no_dedup_key": BUS, "recent_key": BUS,
     "recent_docs_key": BUS, "recent_edits_key": BUS, "persisted_key": BUS, "read_cursor_key": BUS,
-    "message_meta_key": BUS, "mention_seqs_key": BUS, "mention_list_key": BUS, "DEADLETTERS": BUS,
+    "message_meta_key": BUS, "mention_seqs_key": BUS, "reactions_key": BUS, "mention_list_key": BUS, "DEADLETTERS": BUS,
     "drain_lock_key": BUS, "drain_lease_key": BUS, "failures_key": BUS, "stats_key": BUS, "maintenance_key": BUS,
     "rate_key": BUS, "TICKET_PREFIX": COORD, "REVOKED_PREFIX": COORD, "REVOKED_USER_PREFIX": COORD,
     "LOGIN_FAIL_PREFIX": COORD, "membership_key": COORD, "membership_generation_key": COORD,

@@ -17,12 +17,16 @@ a name it does not hold is not a mention (it stays plain text).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import weakref
 import zlib
 from datetime import datetime
 from typing import Any
 
 import redis.asyncio
+import redis.exceptions
 
 from core.bus import BusAsync
 from core.keys import USERNAMES_KEY, mention_list_key, mention_seqs_key
@@ -40,6 +44,7 @@ MENTION_SEQS_KEEP = 100
 MENTION_LIST_KEEP = 1000
 # Both indexes live as long as the membership cache does (30 days without a new mention).
 MENTION_TTL_S = 30 * 24 * 3600
+logger = logging.getLogger(__name__)
 # Names kept in-process (mentions_resolve): ~150 bytes each, so at most ~15 MB per process; cleared when full.
 KNOWN_IDS_MAX = 100_000
 _known_ids: dict[str, str] = {}
@@ -102,21 +107,81 @@ def mention_score(*, timestamp: str, message_id: str) -> int:
 
 async def mentions_record(bus: BusAsync, *, conversation_id: str, message_id: str, seq: int, timestamp: str,
                           user_ids: list[str]) -> None:
-    """Write an accepted message's mentions into each named user's per-conversation seqs and own list, in one
-    pipeline on the bus, trimmed to their bounds. Idempotent (ZADD of the same member and score). Side effects
-    only in Redis. Called after the append and before the ack, so an acknowledged mention is counted."""
+    """Write an accepted message's mentions into each named user's per-conversation seqs and own list, trimmed
+    to their bounds: in one pipeline on the bus shared with the other mentions recorded in the same event-loop
+    turn (on a broker many senders mention at once; one round trip for all of them). Idempotent (ZADD of the
+    same member and score). Never raises: the message is accepted already, and these are derived indexes, so a
+    Redis failure here is logged and costs only this mention's count and list entry (docs/storage.md)."""
     score = mention_score(timestamp=timestamp, message_id=message_id)
-    async with bus.pipeline(transaction=False) as pipe:
-        for uid in user_ids:
-            seqs = mention_seqs_key(conversation_id, uid)
-            pipe.zadd(seqs, {message_id: seq})
-            pipe.zremrangebyrank(seqs, 0, -MENTION_SEQS_KEEP - 1)
-            pipe.expire(seqs, MENTION_TTL_S)
-            listed = mention_list_key(uid)
-            pipe.zadd(listed, {f"{conversation_id}:{message_id}:{seq}": score})
-            pipe.zremrangebyrank(listed, 0, -MENTION_LIST_KEEP - 1)
-            pipe.expire(listed, MENTION_TTL_S)
-        await pipe.execute()
+    commands: list[tuple[str | int, ...]] = []
+    for uid in user_ids:
+        seqs, listed = mention_seqs_key(conversation_id, uid), mention_list_key(uid)
+        commands += [("ZADD", seqs, seq, message_id), ("ZREMRANGEBYRANK", seqs, 0, -MENTION_SEQS_KEEP - 1),
+                     ("EXPIRE", seqs, MENTION_TTL_S),
+                     ("ZADD", listed, score, f"{conversation_id}:{message_id}:{seq}"),
+                     ("ZREMRANGEBYRANK", listed, 0, -MENTION_LIST_KEEP - 1), ("EXPIRE", listed, MENTION_TTL_S)]
+    try:
+        if isinstance(bus, redis.asyncio.Redis):
+            batcher = _batchers.get(bus)
+            if batcher is None:
+                batcher = _batchers[bus] = _RecordBatcher(bus)
+            await batcher.submit(commands)
+        else:  # a cluster client: its pipeline spreads the commands over the slots' nodes
+            async with bus.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                await pipe.execute()
+    except redis.exceptions.RedisError:
+        logger.exception("mentions of message %s (seq %s of %s) not recorded", message_id, seq, conversation_id)
+
+
+class _RecordBatcher:
+    """The mention writes of one event-loop turn in one non-transactional pipeline (as
+    ``streams.AppendBatcher`` does for appends; each caller gets the pipeline's outcome)."""
+
+    def __init__(self, bus: redis.asyncio.Redis) -> None:
+        self.bus = bus
+        self.pending: list[tuple[list[tuple[str | int, ...]], asyncio.Future[None]]] = []
+        self.scheduled = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, commands: list[tuple[str | int, ...]]) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self.pending.append((commands, future))
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self._flush)
+        await future
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        batch, self.pending = self.pending, []
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, batch: list[tuple[list[tuple[str | int, ...]], asyncio.Future[None]]]) -> None:
+        try:
+            async with self.bus.pipeline(transaction=False) as pipe:
+                for commands, _ in batch:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                await pipe.execute()
+        except BaseException as exc:  # every waiter gets the failure, cancellation included
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, redis.exceptions.RedisError)
+                                         else redis.exceptions.ConnectionError(f"mention batch failed: {exc!r}"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
+
+
+_batchers: weakref.WeakKeyDictionary[redis.asyncio.Redis, _RecordBatcher] = weakref.WeakKeyDictionary()
 
 
 def mention_counts_sync(bus: Any, *, user_id: str, read_seqs: dict[str, int]) -> dict[str, int]:

@@ -109,6 +109,7 @@ def archived_messages(*, conversation_id: str, after_seq: int, before_seq: int |
     """Persisted messages of a conversation with ``after_seq < seq < before_seq``, in seq order, in their
     final state (MongoDB holds edited content and delete tombstones, not the edit events). Blocking."""
     from core.documents import Message
+    from messaging.reactions import reactions_ordered  # lazy: reactions -> services -> membership -> here
 
     query: dict[str, Any] = {"conversation_id": ObjectId(conversation_id), "seq__gt": after_seq}
     if before_seq is not None:
@@ -120,6 +121,7 @@ def archived_messages(*, conversation_id: str, after_seq: int, before_seq: int |
             "content": r.get("content", ""), "timestamp": _iso(r.get("timestamp")), "seq": int(r["seq"]),
             "client_msg_id": r.get("client_msg_id"), "edited_at": _iso(r.get("edited_at")),
             "deleted": bool(r.get("deleted", False)), "mentions": list(r.get("mentions") or ()),
+            "reply_to": r.get("reply_to"), "reactions": reactions_ordered(r.get("reactions")),
         }
         for r in rows
     ]

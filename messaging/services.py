@@ -32,7 +32,7 @@ from core.entries import FORMAT_VERSION
 from core.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from core.keys import message_meta_key, read_cursor_key
 from core.values import iso_ms
-from messaging import events, frames, mentions
+from messaging import events, frames, mentions, replies
 from messaging.membership import membership_require
 from messaging.streams import bus_resolve
 
@@ -117,12 +117,14 @@ class Accepted:
 
 async def message_send(
     client: redis.asyncio.Redis, *, user_id: str, conversation_id: Any, client_msg_id: Any, content: Any,
-    bus: BusAsync | None = None,
+    bus: BusAsync | None = None, reply_to: Any = None,
 ) -> Accepted:
     """Accept a new message. Retrying with the same ``client_msg_id`` in the same conversation returns the
-    first ``(id, seq)``; in another conversation it is another message.
+    first ``(id, seq)``; in another conversation it is another message. ``reply_to`` (optional) names a
+    message of the same conversation this one answers: the event carries its quote (``messaging.replies``).
 
-    Raises ValidationFailed, PayloadTooLarge, NotFound. Side effects: appends ``message.new`` (with the
+    Raises ValidationFailed (also for a ``reply_to`` that is not a message of this conversation, or a deleted
+    one), PayloadTooLarge, NotFound. Side effects: appends ``message.new`` (with the
     members its ``@username``s name: ``messaging/mentions.py``) to the partition stream, remembers the
     message's sender for edits made before it reaches MongoDB, and records the mentions for the named users.
     """
@@ -133,9 +135,11 @@ async def message_send(
     bus = bus_resolve(client, bus)
     named = await mentions.mentions_resolve(client, conversation_id=conversation_id, sender_id=user_id,
                                             content=content)
+    quote = None if reply_to is None else await replies.reply_quote(bus, conversation_id=conversation_id,
+                                                                     reply_to=reply_to)
     built = events.event_build(type="message.new", conversation_id=conversation_id, actor_id=user_id,
                                message_id=uuid.uuid4().hex, content=content, client_msg_id=client_msg_id,
-                               mentions=named)
+                               mentions=named, reply_to=quote)
     # The sender is remembered (meta hash) for edits made before the message reaches MongoDB, in the append's
     # round trip. A retry writes it for its own fresh (never used) id: harmless, and it expires.
     appended = await events.event_emit(bus, event=built)
@@ -158,7 +162,10 @@ def _message_owner_from_db(message_id: str) -> tuple[str, str, bool] | None:
     return str(message.conversation_id), str(message.sender_id), bool(message.deleted)
 
 
-async def _message_owner(bus: BusAsync, *, message_id: Any) -> tuple[str, str]:
+async def message_owner(bus: BusAsync, *, message_id: Any) -> tuple[str, str]:
+    """``(conversation id, sender id)`` of a message that is not deleted: from its meta hash (recent
+    messages), else MongoDB by ``_id`` in a worker thread. Raises ValidationFailed (not a message id),
+    NotFound (unknown or deleted). Read-only."""
     if not isinstance(message_id, str) or not MESSAGE_ID_RE.match(message_id):
         raise ValidationFailed("message_id must be a 32-character hex id", details={"field": "message_id"})
     meta = await bus.hgetall(message_meta_key(message_id))
@@ -175,7 +182,7 @@ async def _message_owner(bus: BusAsync, *, message_id: Any) -> tuple[str, str]:
 
 
 async def _sender_only(client: redis.asyncio.Redis, bus: BusAsync, *, user_id: str, message_id: Any) -> str:
-    conversation_id, sender_id = await _message_owner(bus, message_id=message_id)
+    conversation_id, sender_id = await message_owner(bus, message_id=message_id)
     await membership_require(client, user_id=user_id, conversation_id=conversation_id)
     if sender_id != user_id:
         raise Forbidden("only the sender may change a message", details={"message_id": message_id})
@@ -268,7 +275,7 @@ async def message_delete_by_staff(client: redis.asyncio.Redis, *, staff_username
     by the sender are refused. Raises ValidationFailed (not a message id), NotFound (no such message, or
     already deleted). Side effects: those of :func:`message_delete`."""
     bus = bus_resolve(client, bus)
-    conversation_id, sender_id = await _message_owner(bus, message_id=message_id)
+    conversation_id, sender_id = await message_owner(bus, message_id=message_id)
     built = events.event_build(type="message.deleted", conversation_id=conversation_id,
                                actor_id=f"{events.STAFF_DELETER_PREFIX}{staff_username}", message_id=message_id,
                                sender_id=sender_id)

@@ -13,11 +13,15 @@ the one builder, whose ``PAYLOAD_FIELDS`` lists them; the drain applies each typ
 
 ``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id, mentions}`` (``mentions``:
                      ids of the members its ``@username``s name, ``messaging/mentions.py``; absent in entries
-                     appended before mentions existed)
+                     appended before mentions existed) and, for a reply, ``reply_to`` ``{id, seq, sender_id,
+                     username, excerpt, deleted}`` (``messaging/replies.py``)
 ``message.edited``   ``{id, conversation_id, content, edited_at, editor_id, original}`` (``id`` is the message's;
                      ``original`` ``{content, at, seq}`` of the message as sent on its first edit, else null)
 ``message.deleted``  ``{id, conversation_id, deleted_at, deleter_id}`` (the sender, or ``staff:<username>``)
 ``read.updated``     ``{conversation_id, user_id, seq}`` (``seq``: the reader's new cursor)
+``reaction.added``, ``reaction.removed``  ``{id, conversation_id, user_id, emoji, user_ids, at}`` (``id`` is the
+                     message's; ``user_ids`` every user with that emoji on it after the change, in the order they
+                     reacted; appended by ``messaging/reactions.py``'s own script, docs/adr/0037)
 
 The seq is given inside the script (HINCRBY then XADD, atomically), so stream order equals seq order within
 a conversation and seqs are gap-free. ``message.new`` is deduplicated on ``(conversation, sender,

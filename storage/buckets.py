@@ -3,7 +3,6 @@ document, ``_id`` "<conversation>:<n>") so cold history is read by ``_id`` equal
 does not scan for; ``manage.py buckets_build`` builds them from existing messages.
 """
 
-
 from __future__ import annotations
 
 from typing import Any
@@ -12,7 +11,7 @@ import bson.errors
 from mongoengine.connection import get_db
 
 from core.documents import BUCKET_SEQS, bucket_id
-from storage.rules import Item, Seen, older_edit
+from storage.rules import Item, Seen, older_edit, reaction_bucket_update
 from storage.writes import DUPLICATE_KEY, UPDATE_STATEMENTS_MAX
 
 
@@ -21,7 +20,8 @@ def _bucket_message(item: Item) -> dict[str, Any]:
     return {"id": item.doc["id"], "seq": item.event.seq, "sender_id": item.doc["sender_id"],
             "content": item.doc["content"], "timestamp": item.doc["timestamp"],
             "client_msg_id": item.doc["client_msg_id"], "deleted": False,
-            **({"mentions": item.doc["mentions"]} if item.doc["mentions"] else {})}
+            **({"mentions": item.doc["mentions"]} if item.doc["mentions"] else {}),
+            **({"reply_to": item.doc["reply_to"]} if item.doc.get("reply_to") is not None else {})}
 
 
 def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None) -> None:
@@ -58,7 +58,8 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None) -> No
         reply = db.command("update", "message_buckets", ordered=False,
                            updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         _buckets_raise(reply.get("writeErrors") or [])
-    changes = [i for i in live if i.event is not None and i.event.type in ("message.edited", "message.deleted")]
+    changes = [i for i in live if i.event is not None and i.event.type in (
+        "message.edited", "message.deleted", "reaction.added", "reaction.removed")]
     seen = seen or Seen(db)
     ops = []
     for i in changes:
@@ -71,9 +72,15 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None) -> No
         bid = bucket_id(i.event.conversation_id, seq)
         bucket = seen.bucket(bid)
         entry = ((bucket or {}).get("m") or {}).get(str(seq))
-        if not isinstance(entry, dict) or entry.get("id") != i.doc["id"] or not older_edit(entry, i.event.seq):
-            continue  # not in its bucket (a partial one), or a newer change is there already
+        if not isinstance(entry, dict) or entry.get("id") != i.doc["id"]:
+            continue  # not in its bucket (a partial one)
         q = {"_id": bid}
+        if i.event.type in ("reaction.added", "reaction.removed"):
+            if (fields := reaction_bucket_update(i, entry, path)) is not None:
+                ops.append({"q": q, "u": {"$set": fields}})
+            continue
+        if not older_edit(entry, i.event.seq):
+            continue  # a newer change is there already
         if i.event.type == "message.edited":
             if entry.get("deleted") is True:
                 continue
@@ -136,7 +143,8 @@ def buckets_build(*, batch: int = 1000) -> int:
             "id": row["_id"], "seq": seq, "sender_id": row["sender_id"], "content": row.get("content", ""),
             "timestamp": row.get("timestamp"), "client_msg_id": row.get("client_msg_id"),
             "deleted": bool(row.get("deleted")), "edited_at": row.get("edited_at"),
-            "deleted_at": row.get("deleted_at"), "edit_seq": row.get("edit_seq")}
+            "deleted_at": row.get("deleted_at"), "edit_seq": row.get("edit_seq"), "reply_to": row.get("reply_to"),
+            "reactions": row.get("reactions") or [], "rx_seq": row.get("rx_seq")}
         written += 1
         if len(pending) >= batch:
             flush()

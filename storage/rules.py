@@ -1,11 +1,11 @@
 """The drain's table of event rules (docs/adr/0029): one rule per event type, saying how its payload is
-parsed and which write statements it turns into; the batch it belongs to and the documents it guards on.
+parsed and which write statements it turns into; the batch item it belongs to and the documents it guards on.
 
 ``storage/writes.py`` sends the statements of a whole batch as one command per kind, ``storage/services.py``
 drives a batch (read, parse, write, settle). Adding an event type is one rule here; a type without one is
-dead-lettered (``unknown event type``).
+dead-lettered (``unknown event type``). Just over 400 lines: the table and the functions it names, one block
+per event type, read together.
 """
-
 
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ class Seen:
 
     def message(self, mid: str) -> dict[str, Any] | None:
         if mid not in self.messages:
-            self.messages[mid] = self.db.messages.find_one({"_id": mid}, {"seq": 1, "deleted": 1, "edit_seq": 1})
+            self.messages[mid] = self.db.messages.find_one(
+                {"_id": mid}, {"seq": 1, "deleted": 1, "edit_seq": 1, "reactions": 1, "rx_seq": 1})
         return self.messages[mid]
 
     def conversation(self, cid: ObjectId) -> dict[str, Any] | None:
@@ -160,7 +161,8 @@ def _new_parse(event: Event) -> dict[str, Any]:
     data = event.data
     return {"id": _text(data, "id"), "sender_id": _oid(data.get("sender_id"), "sender_id"),
             "content": _text(data, "content"), "timestamp": _time(data.get("timestamp"), "timestamp"),
-            "client_msg_id": data.get("client_msg_id"), "mentions": _mentions(data.get("mentions"))}
+            "client_msg_id": data.get("client_msg_id"), "mentions": _mentions(data.get("mentions")),
+            "reply_to": _quote_parse(data.get("reply_to"))}
 
 
 def _mentions(value: Any) -> list[str]:
@@ -173,11 +175,23 @@ def _mentions(value: Any) -> list[str]:
     return list(value)
 
 
+def _quote_parse(quote: Any) -> dict[str, Any] | None:
+    """A reply's quote (``messaging.replies.quote_of``) checked field by field, or None for a plain message."""
+    if quote is None:
+        return None
+    if not isinstance(quote, dict) or isinstance(quote.get("seq"), bool) or not isinstance(quote.get("seq"), int) \
+            or not all(isinstance(quote.get(k), str) for k in ("id", "sender_id", "username", "excerpt")) \
+            or not isinstance(quote.get("deleted"), bool):
+        raise MalformedEntry(f"message.new with reply_to {str(quote)[:100]!r}")
+    return {k: quote[k] for k in ("id", "seq", "sender_id", "username", "excerpt", "deleted")}
+
+
 def _new_document(i: Item) -> dict[str, Any]:
     return {"_id": i.doc["id"], "conversation_id": i.conversation, "seq": _ev(i).seq,
             "sender_id": i.doc["sender_id"], "client_msg_id": i.doc["client_msg_id"], "content": i.doc["content"],
             "timestamp": i.doc["timestamp"], "deleted": False, "read_status": "sent",
-            **({"mentions": i.doc["mentions"]} if i.doc["mentions"] else {})}
+            **({"mentions": i.doc["mentions"]} if i.doc["mentions"] else {}),
+            **({"reply_to": i.doc["reply_to"]} if i.doc["reply_to"] is not None else {})}
 
 
 def _new_conversation_max(i: Item) -> dict[str, Any]:
@@ -296,7 +310,7 @@ def _read_parse(event: Event) -> dict[str, Any]:
 # The most seqs one reader's cursor move mirrors into read_status (2 buckets of BUCKET_SEQS, so at most 2
 # bucket reads and 100 one-message statements, ~50 ms on FerretDB v1): a reader catching up on more leaves the
 # older messages' stored read_status at "sent"; history derives read_status from the read cursors anyway
-# (api.history), so what users see is unaffected.
+# (api.selectors), so what users see is unaffected.
 READ_MIRROR_MAX = 2 * BUCKET_SEQS
 
 
@@ -332,6 +346,59 @@ def _read_conversation_max(i: Item) -> dict[str, Any]:
     return {f"read_cursors.{i.doc['user_id']}": i.doc["seq"]}
 
 
+# reaction.added and reaction.removed (docs/adr/0037). The event carries the emoji's whole list of users after
+# the change, so applying it sets that list (no counting): one $set by _id of the message's ``reactions``,
+# guarded by ``rx_seq`` (an older or redelivered reaction event writes nothing), decided on the document read
+# by _id (``Seen``).
+
+
+def _reaction_parse(event: Event) -> dict[str, Any]:
+    if event.seq < 1:
+        raise MalformedEntry(f"{event.type} with seq {event.seq}")
+    ids = event.data.get("user_ids")
+    if not isinstance(ids, list) or not all(isinstance(u, str) for u in ids):
+        raise MalformedEntry(f"{event.type} with user_ids {str(ids)[:100]!r}")
+    return {"id": _text(event.data, "id"), "emoji": _text(event.data, "emoji"),
+            "user_ids": [str(_oid(u, "user_ids")) for u in ids]}
+
+
+def reactions_with(reactions: Any, *, emoji: str, user_ids: list[str]) -> list[dict[str, Any]]:
+    """``reactions`` ([{emoji, user_ids}]) with ``emoji``'s users set to ``user_ids`` (an empty list removes
+    the emoji; a new one goes last). Pure."""
+    out = [dict(r) for r in reactions or [] if isinstance(r, dict) and r.get("emoji") != emoji]
+    at = next((n for n, r in enumerate(reactions or []) if isinstance(r, dict) and r.get("emoji") == emoji), None)
+    if user_ids:
+        entry = {"emoji": emoji, "user_ids": list(user_ids)}
+        out.insert(at if at is not None else len(out), entry)
+    return out
+
+
+def _older_reaction(doc: dict[str, Any], seq: int) -> bool:
+    current = doc.get("rx_seq")
+    return current is None or (isinstance(current, int) and current < seq)
+
+
+def _reaction_update(i: Item, seen: Seen) -> dict[str, Any] | None:
+    seq = _ev(i).seq
+    message = seen.message(i.doc["id"])
+    if message is None or message.get("deleted") is True or not _older_reaction(message, seq):
+        return None
+    reactions = reactions_with(message.get("reactions"), emoji=i.doc["emoji"], user_ids=i.doc["user_ids"])
+    message.update(reactions=reactions, rx_seq=seq)
+    return {"q": {"_id": i.doc["id"]}, "u": {"$set": {"reactions": reactions, "rx_seq": seq}}}
+
+
+def reaction_bucket_update(i: Item, entry: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The ``message_buckets`` statement of a reaction event on its message's ``entry`` (at ``path``), or None
+    when a newer reaction event is there already or the message is deleted."""
+    seq = _ev(i).seq
+    if entry.get("deleted") is True or not _older_reaction(entry, seq):
+        return None
+    reactions = reactions_with(entry.get("reactions"), emoji=i.doc["emoji"], user_ids=i.doc["user_ids"])
+    entry.update(reactions=reactions, rx_seq=seq)
+    return {f"{path}.reactions": reactions, f"{path}.rx_seq": seq}
+
+
 EVENT_RULES: dict[str, EventRule] = {
     "message.new": EventRule(parse=_new_parse, document=_new_document, conversation_max=_new_conversation_max,
                              conversation_updates=_new_last_message),
@@ -343,4 +410,8 @@ EVENT_RULES: dict[str, EventRule] = {
                                  conversation_update=_deleted_last_message, versions=_deleted_versions),
     "read.updated": EventRule(parse=_read_parse, message_updates=_read_status_updates,
                               conversation_max=_read_conversation_max),
+    "reaction.added": EventRule(parse=_reaction_parse, message_update=_reaction_update, needs_message=True,
+                                conversation_max=_sequenced_conversation_max),
+    "reaction.removed": EventRule(parse=_reaction_parse, message_update=_reaction_update, needs_message=True,
+                                  conversation_max=_sequenced_conversation_max),
 }

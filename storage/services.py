@@ -48,6 +48,7 @@ from storage.writes import TRANSIENT_MONGO, conversation_ops, insert_new, insert
 
 logger = logging.getLogger("chatstream.storage")
 
+
 _groups_ready: set[str] = set()
 # Delete the lease only if it is still ours (it may have expired and been taken by another drain).
 # Extend the lease only if it is still ours; 0 means another drain took the partition over.

@@ -423,3 +423,47 @@ def test_a_drain_batch_touching_many_conversations_completes(servers: Servers) -
     result = storage.partition_drain(partition=partition, batch_size=500, consumer="window-test")
     assert result.persisted >= 150 and result.deferred == 0
     assert MessageBucket.objects(conversation_id__in=cids[:3]).count() == 3
+
+
+def test_an_empty_conversation_and_one_whose_seq_redis_lost_are_paged_without_a_messages_query(
+        servers: Servers, no_messages_reads: Any) -> None:
+    """docs/adr/0036: with no seq in Redis, the stored conversation's last_seq (read by _id) bounds the buckets;
+    a ``messages`` query would scan the collection on FerretDB."""
+    from core.keys import seq_key
+
+    alice, bob = account("alice"), account("bob")
+    empty, full = single(alice, bob), single(bob, account("carol"))
+    with override_settings(RECENT_MESSAGES=2):
+        for i in range(7):
+            send(bob, full, f"m{i}")
+        drain(partition_of(full))
+    r = redis.Redis.from_url(servers.redis_url)
+    for key in (recent_key(partition_of(full), full), recent_docs_key(partition_of(full), full)):
+        r.delete(key)  # the window expired (a week idle) ...
+    r.hdel(seq_key(partition_of(full)), full)  # ... and the seq is gone too (a Redis restored without it)
+    no_messages_reads()
+    page = history(alice, empty)
+    assert page["results"] == [] and page["has_more"] is False
+    assert [m["seq"] for m in history(bob, full)["results"]] == list(range(1, 8))
+    assert [m["seq"] for m in history(bob, full, after_seq=3)["results"]] == [4, 5, 6, 7]
+
+
+def test_a_full_window_stays_within_its_documented_memory_budget(servers: Servers) -> None:
+    """docs/storage.md: a window of CHATSTREAM_RECENT_MESSAGES (100) messages with a 60-character text is ~45 KB;
+    budgeted at 64 KB per conversation; a user's cached conversation ids a few hundred bytes. Measured with
+    MEMORY USAGE on the real keys after 130 sends, a drain and one more send (which drops the persisted excess)."""
+    from core.keys import user_conversations_key
+
+    alice, bob = account("alice"), account("bob")
+    cid = single(alice, bob)
+    for i in range(130):
+        send(alice if i % 2 else bob, cid, f"{i:04d} " + "x" * 55)  # 60 characters
+    drain(partition_of(cid))
+    send(alice, cid, "one more " + "y" * 51)
+    r = redis.Redis.from_url(servers.redis_url)
+    p = partition_of(cid)
+    assert r.zcard(recent_key(p, cid)) == 100
+    window = sum(int(r.memory_usage(key) or 0) for key in (recent_key(p, cid), recent_docs_key(p, cid)))
+    assert 20_000 < window <= 64 * 1024, window
+    assert listed(alice)  # fills the user's conversation-id cache
+    assert int(r.memory_usage(user_conversations_key(alice.id)) or 0) <= 512

@@ -36,8 +36,9 @@ class Command(BaseCommand):
                             help="how long idle memory and CPU are measured (40 covers every periodic task)")
         parser.add_argument("--systems", default="chatstream,socketio",
                             help="comma list of chatstream (brokers on CHATSTREAM_BROKER_SERVER, uvicorn by "
-                                 "default), chatstream-daphne (brokers on daphne), socketio, centrifugo (built "
-                                 "into .tools/bin on first use)")
+                                 "default), chatstream-daphne (brokers on daphne), chatstream-reply (every message "
+                                 "a reply), chatstream-react (reaction toggles instead of messages; needs --rate 0), "
+                                 "socketio, centrifugo (built into .tools/bin on first use)")
         parser.add_argument("--url", default=None,
                             help="use a running ChatStream at this ws:// URL (e.g. the gateway's /ws/) with the "
                                  "configured REDIS_URL/MONGODB_URI instead of private servers and brokers")
@@ -49,8 +50,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         systems = [s.strip() for s in opts["systems"].split(",") if s.strip()]
-        if not systems or set(systems) - {"chatstream", "chatstream-daphne", "socketio", "centrifugo"}:
-            raise CommandError("--systems takes chatstream, chatstream-daphne, socketio and/or centrifugo")
+        if not systems or set(systems) - {*benchmark.CHATSTREAM_MODES, "socketio", "centrifugo"}:
+            raise CommandError(f"--systems takes {', '.join(benchmark.CHATSTREAM_MODES)}, socketio and/or centrifugo")
+        if "chatstream-react" in systems and opts["rate"]:
+            raise CommandError("chatstream-react keys each reaction by its seq: it needs one send in flight (--rate 0)")
         if opts["url"] and "chatstream-daphne" in systems:
             raise CommandError("--url measures a running cluster as it is: use --systems chatstream")
         if opts["connections"] < opts["conversations"] or opts["conversations"] < 1:
