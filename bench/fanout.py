@@ -105,6 +105,9 @@ class Result:
     kb_per_idle_connection: float = 0.0
     idle_cpu_pct: float = 0.0
     client_cpu_s: float = 0.0
+    # The load client's CPU over the timed window in % of one core: near 100 the client (one process, one
+    # thread), not the server, sets the pace, and deliveries/s say nothing about the server.
+    client_cpu_pct: float = 0.0
     missing_sample: list[str] = field(default_factory=list)  # for diagnosis when lost > 0
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t since start, latency ms)
 
@@ -418,6 +421,7 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     window = time.monotonic() - started
     window_deliveries = counters.window_deliveries
     cpu_window = cpu_total(server_pids) - cpu_start
+    client_window = resource.getrusage(resource.RUSAGE_SELF)
     await asyncio.gather(*tasks)
     on_progress_tick(workload.duration_s)
     out.write("\n")
@@ -449,6 +453,8 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     result.deliveries_per_core_s = window_deliveries / cpu_window if cpu_window else 0.0
     result.client_cpu_s = (client_end.ru_utime + client_end.ru_stime) - (client_start.ru_utime
                                                                           + client_start.ru_stime)
+    result.client_cpu_pct = 100.0 * ((client_window.ru_utime + client_window.ru_stime)
+                                     - (client_start.ru_utime + client_start.ru_stime)) / window
     result.timeline = counters.timeline
     missing = [(conn, k) for k, f in acks.items() if f.done()
                for conn in members[int(k.split("-")[0])] if (conn, k) not in counters.seen]
@@ -632,12 +638,12 @@ def plot(results: list[Result], path: Path, *, title: str) -> None:
 
 def table(results: list[Result]) -> str:
     rows = [("system", "deliv/s", "p50 ms", "p95 ms", "p99 ms", "lost", "dup", "CPU µs/deliv",
-             "deliv/core-s", "KB/idle conn", "idle CPU %")]
+             "deliv/core-s", "KB/idle conn", "idle CPU %", "client CPU %")]
     for r in results:
         rows.append((r.system, f"{r.deliveries_per_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
                      f"{r.p99_ms:.2f}", str(r.lost), str(r.duplicated), f"{r.cpu_us_per_delivery:.1f}",
                      f"{r.deliveries_per_core_s:,.0f}", f"{r.kb_per_idle_connection:.1f}",
-                     f"{r.idle_cpu_pct:.2f}"))
+                     f"{r.idle_cpu_pct:.2f}", f"{r.client_cpu_pct:.0f}"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -38,6 +38,7 @@ from django.conf import settings
 from core import keys
 from core.bus import BusAsync, bus_async_new, bus_is_cluster
 from messaging import frames, membership, presence, streams
+from messaging.resp import resp_client_for
 from messaging.sessions import UserGroups
 from messaging.streams import bus_resolve
 
@@ -87,6 +88,9 @@ class Hub:
         streams.append_batching_enable(self.redis)
         # The stream reader's own client: its XREAD BLOCK holds a connection (one per partition on a cluster).
         self._reader = bus_async_new(socket_timeout=READER_SOCKET_TIMEOUT_S)
+        # Its XREAD goes through the lean client when the bus is one plain Redis (docs/adr/0040): redis-py's
+        # per-call cost and its dict per entry were a fixed cost per event at low rates.
+        self._reader_fast = resp_client_for(self._reader, timeout_s=READER_SOCKET_TIMEOUT_S)
         self._control = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
                                                      socket_connect_timeout=COMMAND_TIMEOUT_S)
         self.by_conversation: dict[str, set[Subscriber]] = {}
@@ -227,15 +231,26 @@ class Hub:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._reader_fast is not None:
+                cursors = list(self._cursors.items())
+                reply = await self._reader_fast.call(
+                    "XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS", *[self._keys[p] for p, _ in cursors],
+                    *[cursor for _, cursor in cursors])
+                await self._read_consume(reply, flat=True)
+                continue
             request: dict[Any, Any] = {self._keys[p]: cursor for p, cursor in self._cursors.items()}
             await self._read_consume(await self._reader.xread(request, count=READ_COUNT, block=BLOCK_MS))
 
-    async def _read_consume(self, response: Any) -> None:
-        """Dispatch an XREAD reply's entries in stream order and move each partition's cursor past them."""
+    async def _read_consume(self, response: Any, *, flat: bool = False) -> None:
+        """Dispatch an XREAD reply's entries in stream order and move each partition's cursor past them.
+        ``flat``: a raw RESP reply (``messaging/resp.py``), each entry's fields a flat list of names and values."""
         for key, entries in response or []:
             partition = self._key_partition[key if isinstance(key, bytes) else key.encode()]
             for entry_id, fields in entries:
-                await self._dispatch(entry_id, fields)
+                if flat:
+                    pairs = iter(fields or ())
+                    fields = dict(zip(pairs, pairs, strict=False))
+                self._dispatch(entry_id, fields)
             if entries and partition in self._cursors:
                 self._cursors[partition] = entries[-1][0]
 
@@ -271,7 +286,7 @@ class Hub:
         while (cursor := self._cursors.get(partition)) is not None:
             await self._read_consume(await self._reader.xread({key: cursor}, count=READ_COUNT, block=BLOCK_MS))
 
-    async def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             conversation_id = fields[b"c"].decode()
             subscribers = self.by_conversation.get(conversation_id)

@@ -125,6 +125,14 @@ async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversat
 
 async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conversation_id: str) -> None:
     """Raise NotFound for an unknown conversation and for one the user is not in (no existence leak)."""
+    if _local_members is not None:
+        # The hot path of every send on a broker: the in-process answer, without the copy of the member set
+        # conversation_members hands its callers (a group of 256 is a 256-item copy per message).
+        hit = _local_members.get(conversation_id)
+        if hit is not None and hit[0] > time.monotonic():
+            if hit[1] is None or user_id not in hit[1]:
+                raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+            return
     members = await conversation_members(client, conversation_id=conversation_id)
     if members is None or user_id not in members:
         raise NotFound("no such conversation", details={"conversation_id": conversation_id})

@@ -32,6 +32,7 @@ client_msg_id)``: a retry returns the first attempt's ``(message_id, seq)`` and 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import weakref
@@ -56,6 +57,7 @@ from core.keys import (
     stream_key,
 )
 from core.values import as_str
+from messaging.resp import RespClient, resp_client_for
 
 # How long a (conversation, sender, client_msg_id) is remembered: a client retrying after a day is a new message.
 DEDUP_TTL_S = 24 * 3600
@@ -261,6 +263,45 @@ async def _appends_execute(client: redis.asyncio.Redis, appends: list[_Append]) 
     return results
 
 
+async def _appends_execute_resp(client: RespClient, appends: list[_Append]) -> list[Any]:
+    """:func:`_appends_execute` over the lean client (``messaging/resp.py``): the same commands and results,
+    one write and one future for the whole batch."""
+    results = await _appends_resp(client, appends)
+    retry = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+    if retry:
+        await client.call("SCRIPT", "LOAD", _APPEND_LUA)
+        for i, result in zip(retry, await _appends_resp(client, [appends[i] for i in retry]), strict=True):
+            results[i] = result
+    return results
+
+
+def _appends_commands(appends: list[_Append]) -> list[list[Any]]:
+    commands: list[list[Any]] = []
+    for append in appends:
+        commands.append(["EVALSHA", _APPEND_SHA, len(append.keys), *append.keys, *append.args])
+        if append.meta is not None:
+            key, fields, ttl = append.meta
+            commands.append(["HSET", key, *[x for pair in fields.items() for x in pair]])
+            commands.append(["EXPIRE", key, ttl])
+    return commands
+
+
+async def _appends_resp(client: RespClient, appends: list[_Append]) -> list[Any]:
+    return _appends_results(appends, await client.execute(_appends_commands(appends)))
+
+
+def _appends_results(appends: list[_Append], replies: list[Any]) -> list[Any]:
+    """Each append's script result, or the first error of its script or meta writes. Pure."""
+    results: list[Any] = []
+    at = 0
+    for append in appends:
+        width = 1 if append.meta is None else 3
+        errors = [r for r in replies[at:at + width] if isinstance(r, Exception)]
+        results.append(errors[0] if errors else replies[at])
+        at += width
+    return results
+
+
 async def _appends_pipeline(client: redis.asyncio.Redis, appends: list[_Append]) -> list[Any]:
     async with client.pipeline(transaction=False) as pipe:
         for append in appends:
@@ -291,6 +332,8 @@ class AppendBatcher:
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
+        # The lean client to the same server when it speaks to it (docs/adr/0040), else redis-py's pipeline.
+        self.fast = resp_client_for(client)
         self.pending: list[tuple[_Append, asyncio.Future[Any]]] = []
         self.scheduled = False
         self.tasks: set[asyncio.Task[None]] = set()
@@ -308,13 +351,46 @@ class AppendBatcher:
         self.scheduled = False
         pending, self.pending = self.pending, []
         for start in range(0, len(pending), self.MAX_BATCH):
-            task = asyncio.get_running_loop().create_task(self._run(pending[start:start + self.MAX_BATCH]))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            batch = pending[start:start + self.MAX_BATCH]
+            # On a connected lean client the batch is written now and answered by a callback: no task per
+            # batch, which at a low rate is a task per message (docs/adr/0040). A task otherwise (connecting).
+            sent = self.fast.send_nowait(_appends_commands([a for a, _ in batch])) if self.fast else None
+            if sent is not None:
+                sent.add_done_callback(functools.partial(self._answered, batch))
+            else:
+                self._run_in_task(batch)
+
+    def _run_in_task(self, batch: list[tuple[_Append, asyncio.Future[Any]]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _answered(self, batch: list[tuple[_Append, asyncio.Future[Any]]], sent: asyncio.Future[list[Any]]) -> None:
+        """The replies of a batch written by :meth:`_flush`: hand each append its result; appends the server
+        answered NOSCRIPT (restarted, failed over, first use) run again in a task, which loads the script."""
+        if sent.cancelled() or sent.exception() is not None:
+            failure = sent.exception() if not sent.cancelled() else None
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure or redis.exceptions.ConnectionError("append batch cancelled"))
+            return
+        results = _appends_results([a for a, _ in batch], sent.result())
+        retry = []
+        for (append, future), result in zip(batch, results, strict=True):
+            if isinstance(result, redis.exceptions.NoScriptError):
+                retry.append((append, future))
+            elif not future.done():
+                future.set_result(result)
+        if retry:
+            self._run_in_task(retry)
 
     async def _run(self, batch: list[tuple[_Append, asyncio.Future[Any]]]) -> None:
         try:
-            results = await _appends_execute(self.client, [append for append, _ in batch])
+            appends = [append for append, _ in batch]
+            if self.fast is not None:
+                results = await _appends_execute_resp(self.fast, appends)
+            else:
+                results = await _appends_execute(self.client, appends)
         except BaseException as exc:  # every waiter gets the failure, cancellation included
             for _, future in batch:
                 if not future.done():
