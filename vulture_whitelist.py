@@ -102,7 +102,7 @@ data_received
 connection_lost
 # core.keys: which Redis each key lives on, read by tests/cluster/test_keys.py
 REDIS_OF
-# messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_replies_reactions.py
+# messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_events.py
 PAYLOAD_OPTIONAL
 # storage/documents.py: the reaction guard the drain writes ($set) and reads by _id; api/serializers.py:
 # the quote's field, described for the OpenAPI schema
