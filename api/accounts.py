@@ -31,11 +31,12 @@ from core.errors import Conflict, Forbidden, NotFound, Unauthenticated, Validati
 from core.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from messaging.frames import SESSIONS_CLOSE, user_group
 from messaging.mentions import usernames_remember_sync
-
-logger = logging.getLogger(__name__)
+from messaging.selectors import user_conversations_init
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 STATUSES = ("online", "away", "busy", "offline")
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ accounts and tokens
@@ -82,6 +83,8 @@ def user_create(*, username: str, email: str, password: str) -> User:
         raise Conflict("username or email is taken", code="username_taken") from None
     # The write path resolves @username from this index, never from MongoDB (messaging/mentions.py).
     usernames_remember_sync(sync_redis(), names={key: str(user.id)})
+    # In no conversation yet: cached so, and kept by every membership change, so connects read no store.
+    user_conversations_init(sync_redis(), user_id=str(user.id))
     return user
 
 

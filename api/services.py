@@ -314,7 +314,7 @@ def message_tombstone_by_staff(*, message_id: str, staff_username: str) -> int:
 
     The event is built and appended by ``messaging.services.message_delete_by_staff``, like a sender's delete
     (live clients see it, the storage pipeline applies it, later edits are refused); the drain's own statement
-    for it is also written to MongoDB at once (``storage.writes.message_event_write``), so the admin shows
+    for it is also written to MongoDB at once (``storage.services.message_event_write``), so the admin shows
     the result without waiting for the drain (the drain's later write of the same entry changes nothing).
     Raises NotFound (no such message, or already deleted). The caller logs the action (``api.admin`` writes a
     Django LogEntry).

@@ -500,6 +500,7 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     client = redis_sync.Redis.from_url(redis_url)
     # What the REST service's group creation does after its MongoDB writes (api.services._membership_notify):
     # the members' set goes into Redis, so the first send of each conversation reads no MongoDB (issue 16).
+    from messaging import selectors
     from messaging.membership import membership_changed_sync
     for cid, group in zip(conversation_ids, members, strict=True):
         membership_changed_sync(client, user_ids=[str(user_ids[i]) for i in group], conversation_id=str(cid))
@@ -511,7 +512,15 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     with client.pipeline(transaction=False) as pipe:
         for i, ticket in enumerate(tickets):
             pipe.set(TICKET_PREFIX + ticket, json.dumps({"user_id": str(user_ids[i]), "username": f"b{i}"}),
-                     ex=max(600, int(settings.WS_TICKET_TTL_S)))
+                     ex=max(3600, int(settings.WS_TICKET_TTL_S)))  # 10,000 connects on a loaded machine: > 10 min
+        # Each user's cached conversation ids, as a user's registration and group joins through the API leave
+        # them in Redis (messaging.selectors.user_conversation_ids): a connect then reads no store, which is
+        # the steady state to measure; without this each of 10,000 first connects scanned FerretDB (issue 16).
+        for cid, group in zip(conversation_ids, members, strict=True):
+            for i in group:
+                key = selectors.user_conversations_key(str(user_ids[i]))
+                pipe.sadd(key, str(cid))
+                pipe.expire(key, selectors.USER_CONVERSATIONS_TTL_S)
         pipe.execute()
     client.close()
     return [str(c) for c in conversation_ids], tickets, user_ids

@@ -33,8 +33,6 @@ from gateway.asgi import (
 from gateway.middleware import refuse_limited
 from gateway.ratelimit import RateLimiter
 
-logger = logging.getLogger(__name__)
-
 
 def bearer_token(scope: Scope) -> str | None:
     """The token of an ``Authorization: Bearer`` header, or None. Pure."""
@@ -45,6 +43,8 @@ def bearer_token(scope: Scope) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
+
+logger = logging.getLogger(__name__)
 
 
 def query_param(scope: Scope, name: str) -> str | None:
@@ -100,7 +100,7 @@ class AuthenticationLayer:
                 await send_error(send, status=401, code=exc.code, message=exc.message,
                                  headers=[(b"www-authenticate", b'Bearer realm="chatstream"')])
                 return
-            state.user = TicketOwner(user_id=claims.user_id, username=claims.username)
+            state.user = TicketOwner(user_id=claims.user_id, username=claims.username, gen=claims.gen)
         elif route.auth == "ticket":
             if scope["type"] != "websocket":
                 state.reason = "websocket_only"

@@ -1,10 +1,11 @@
-"""The WebSocket proxy: load balancer → circuit breaker → proxy for ``/ws/`` (websockets).
+"""The WebSocket proxy: load balancer → circuit breaker → proxy for ``/ws/``.
 
-The gateway connects to the broker first and accepts the client only once the broker accepted, then pumps
-frames both ways. Back-pressure: each direction awaits the other side's send (websockets waits for its write
-buffer to drain), so a slow reader slows its writer instead of growing a buffer. Close codes pass through
-both ways; a broker that vanishes without a close frame closes the client with 1012. The HTTP proxy and the
-helpers both share are ``gateway/proxy.py``.
+The gateway connects to the broker first and accepts the client only once the broker accepted, then passes
+frames both ways: the broker's frames straight to the client's transport, the client's framed and masked to
+the broker (gateway/wslink.py, docs/adr/0039). Back-pressure: a client that does not read stops the gateway
+reading its broker link (the broker's slow-reader rule then applies); a broker that does not read makes the
+client's frames wait. Close codes pass through both ways; a broker that vanishes without a close frame closes
+the client with 1012. The HTTP proxy and the helpers both share are ``gateway/proxy.py``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from typing import Any
 
-import websockets
-import websockets.exceptions
 from django.conf import settings
-from websockets.asyncio.client import ClientConnection
 
 from core.closecodes import (
     CLOSE_FORBIDDEN,
@@ -38,8 +37,7 @@ from gateway.proxy import MAX_ATTEMPTS, WS_SKIP, upstream_headers, upstream_url
 from gateway.ratelimit import RateLimiter, TokenBucket
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
 from gateway.userlimits import SocketSlots
-
-logger = logging.getLogger(__name__)
+from gateway.wslink import SERVER_SEND, AsgiFrames, HandshakeRefused, UpstreamLink, link_open, raw_output
 
 
 def _client_close_code(code: int | None) -> int:
@@ -47,6 +45,8 @@ def _client_close_code(code: int | None) -> int:
     if code is None or code in (1005, 1006, 1015) or not (1000 <= code <= 4999):
         return 1000
     return code
+
+logger = logging.getLogger(__name__)
 
 
 class WebSocketProxy:
@@ -59,11 +59,13 @@ class WebSocketProxy:
         self.slots = slots
         self.limiter = limiter
 
-    async def _connect(self, scope: Scope, state: RequestState) -> tuple[ClientConnection, Any] | Unavailable | int:
-        """An open upstream connection and its instance, Unavailable, or a close code for the client."""
-        headers = upstream_headers(scope, state=state, skip=WS_SKIP)
+    async def _connect(self, scope: Scope, state: RequestState) -> tuple[UpstreamLink, Any] | Unavailable | int:
+        """An open upstream link and its instance, Unavailable, or a close code for the client."""
+        headers = [(k.decode("latin-1"), v.decode("latin-1"))
+                   for k, v in upstream_headers(scope, state=state, skip=WS_SKIP)]
         subprotocols = [p.strip() for p in _header_values(scope, b"sec-websocket-protocol") if p.strip()]
         origin = next(iter(_header_values(scope, b"origin")), None)
+        target = upstream_url("", scope, websocket=True, drop_query=frozenset({"ticket"}))
         tried: set[str] = set()
         unavailable: Unavailable | None = None
         while len(tried) < MAX_ATTEMPTS:
@@ -72,23 +74,19 @@ class WebSocketProxy:
                 unavailable = picked
                 break
             tried.add(picked.id)
-            url = upstream_url(picked.url, scope, websocket=True, drop_query=frozenset({"ticket"}))
+            address = urllib.parse.urlsplit(picked.url)
             try:
                 async with self.upstreams.attempt(picked, kind="ws"):
                     try:
-                        upstream = await websockets.connect(
-                            url, additional_headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
-                            subprotocols=subprotocols or None,  # type: ignore[arg-type]
-                            origin=origin,  # type: ignore[arg-type]
-                            open_timeout=settings.GATEWAY_CONNECT_TIMEOUT_S, max_size=None, compression=None,
-                            proxy=None, user_agent_header=None,
-                        )
-                    except websockets.exceptions.InvalidStatus as exc:
+                        link = await link_open(host=address.hostname or "127.0.0.1", port=address.port or 80,
+                                               target=target, headers=headers, subprotocols=subprotocols,
+                                               origin=origin, connect_timeout_s=settings.GATEWAY_CONNECT_TIMEOUT_S,
+                                               answer_timeout_s=settings.GATEWAY_READ_TIMEOUT_S)
+                    except HandshakeRefused as exc:
                         # The broker answered, and refused: its decision, not a transport failure.
-                        status = exc.response.status_code
-                        state.reason = f"upstream_refused_{status}"
-                        return CLOSE_FORBIDDEN if status in (401, 403) else 1011
-                    except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
+                        state.reason = f"upstream_refused_{exc.status}"
+                        return CLOSE_FORBIDDEN if exc.status in (401, 403) else 1011
+                    except (OSError, TimeoutError, ConnectionError) as exc:
                         raise UpstreamFailed("connect") from exc
             except OpenedState:
                 continue
@@ -96,7 +94,7 @@ class WebSocketProxy:
                 logger.warning("gateway: broker %s refused a WebSocket (%s)", picked.id, exc.__cause__)
                 continue
             state.upstream = picked.id
-            return upstream, picked
+            return link, picked
         return unavailable or Unavailable(role="broker", retry_after_s=1, instances=len(tried))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,41 +123,66 @@ class WebSocketProxy:
         if isinstance(connected, int):
             await ws_refuse(receive, send, code=connected, reason="refused by the broker")
             return
-        upstream, instance = connected
+        link, instance = connected
         try:
             message = await receive()
             if message["type"] != "websocket.connect":  # the client left while we connected upstream
                 return
             accept: dict[str, Any] = {"type": "websocket.accept"}
-            if upstream.subprotocol:
-                accept["subprotocol"] = upstream.subprotocol
+            if link.subprotocol:
+                accept["subprotocol"] = link.subprotocol
             await send(accept)
             async with self.upstreams.holding(instance, kind="ws"):
-                await self._pump(upstream, receive, send, state=state, limiter=self.limiter)
+                await self._pump(link, receive, send, state=state, limiter=self.limiter,
+                                 server_send=scope.get(SERVER_SEND))
         finally:
-            await upstream.close()
+            link.close()
 
     @staticmethod
-    async def _pump(upstream: ClientConnection, receive: Receive, send: Send, *, state: RequestState,
-                    limiter: RateLimiter | None = None) -> None:
+    async def _pump(link: UpstreamLink, receive: Receive, send: Send, *, state: RequestState,
+                    limiter: RateLimiter | None = None, server_send: Any = None) -> None:
+        """Pass frames both ways until either side ends. Broker -> client: the link writes the broker's frames
+        to the client's transport (uvicorn), or re-sends them as ASGI messages (any other server); the client's
+        frames are read here, in the connection's own task (no task per direction)."""
         bucket = TokenBucket(rate=settings.GATEWAY_WS_FRAME_RATE, burst=settings.GATEWAY_WS_FRAME_BURST)
         user_rate = settings.GATEWAY_RATE_WS_USER_FRAMES
         client_gone = False  # once the client side ended, nothing more is sent to it
+        closing: list[asyncio.Task[None]] = []
+        output = AsgiFrames(send) if (raw := raw_output(server_send)) is None else None
 
-        async def client_to_upstream() -> None:
-            nonlocal client_gone
+        def upstream_ended(ended: asyncio.Future[tuple[int, str] | None]) -> None:
+            received = None if ended.cancelled() else ended.result()
+            if received is None:
+                code, reason = CLOSE_UPSTREAM_LOST, "broker lost; reconnect"
+            else:
+                code = received[0] if received[0] not in (1005, 1006, 1015) else 1000
+                reason = received[1]
+            state.reason = state.reason or ("upstream_lost" if received is None else "")
+            if not client_gone:
+                # uvicorn queues the client's websocket.disconnect as it sends the close: the loop below ends.
+                closing.append(asyncio.ensure_future(_close_after(output, send, code=code, reason=reason)))
+
+        if raw is not None:
+            link.attach(raw.transport.write, raw.transport.get_write_buffer_size)
+        else:
+            assert output is not None
+            link.attach(output.feed, output.backlog)
+        link.ended.add_done_callback(upstream_ended)
+        try:
             while True:
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
                     client_gone = True
-                    await upstream.close(code=_client_close_code(message.get("code")))
+                    link.close(_client_close_code(message.get("code")))
                     return
+                if link.ended.done():
+                    continue  # the broker is gone: its close to the client is on its way
                 if not bucket.take():
                     client_gone = True
                     state.reason = "frame_rate_limited"
                     await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
                                 "reason": "too many frames; slow down"})
-                    await upstream.close(code=CLOSE_RATE_LIMITED, reason="client sent too many frames")
+                    link.close(CLOSE_RATE_LIMITED, "client sent too many frames")
                     return
                 if limiter is not None and state.user is not None and (await limiter.hit(
                         group="gw:ws-user-frames", rate=user_rate, value=state.user.user_id)).should_limit:
@@ -168,41 +191,28 @@ class WebSocketProxy:
                     state.reason = "user_frame_budget"
                     await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
                                 "reason": "too many frames from this user; slow down"})
-                    await upstream.close(code=CLOSE_RATE_LIMITED, reason="user sent too many frames")
+                    link.close(CLOSE_RATE_LIMITED, "user sent too many frames")
                     return
                 if message.get("text") is not None:
-                    await upstream.send(message["text"])
+                    await link.send(message["text"])
                 elif message.get("bytes") is not None:
-                    await upstream.send(message["bytes"])
-
-        async def upstream_to_client() -> None:
-            try:
-                async for data in upstream:
-                    await send({"type": "websocket.send", ("text" if isinstance(data, str) else "bytes"): data})
-            except websockets.exceptions.ConnectionClosed:
-                pass
-            received = upstream.protocol.close_rcvd  # None: the broker vanished without a close frame
-            if received is None:
-                code, reason = CLOSE_UPSTREAM_LOST, "broker lost; reconnect"
-            else:
-                code = received.code if received.code not in (1005, 1006, 1015) else 1000
-                reason = received.reason
-            state.reason = state.reason or ("upstream_lost" if received is None else "")
-            if not client_gone:
-                await send({"type": "websocket.close", "code": code, "reason": reason})
-
-        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    logger.info("gateway: WebSocket pump ended: %r", task.exception())
+                    await link.send(message["bytes"])
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
+            client_gone = True
+            link.ended.remove_done_callback(upstream_ended)
+            for task in closing:
+                with contextlib.suppress(Exception):
                     await task
+            if output is not None:
+                output.stop()
+
+
+async def _close_after(output: AsgiFrames | None, send: Send, *, code: int, reason: str) -> None:
+    """Close the client's socket once the broker's frames before its close have been sent."""
+    if output is not None:
+        await output.finish()
+    with contextlib.suppress(Exception):  # the client may have gone meanwhile
+        await send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 def _header_values(scope: Scope, name: bytes) -> list[str]:

@@ -4,7 +4,7 @@ One :class:`ChatConsumer` per connection. It is thin: it checks the frame (size,
 the write path in ``messaging.services`` or the reads in ``messaging.selectors``, and turns domain errors
 into ``error`` frames. Live events are pushed to it by the process' hub (``messaging.hub``), not by the
 channel layer: this consumer has no channel layer at all (no per-connection channel, no receive loop).
-Resume is ``messaging/resume.py``. Just over 400 lines: one class whose methods share one connection's state
+Resume is ``messaging/resume.py``. Over 400 lines: one class whose methods share one connection's state
 (connect, frames, delivery and its slowness checks, membership re-checks); splitting it would only spread that
 state over several files.
 """
@@ -28,7 +28,7 @@ from django.conf import settings
 from core.closecodes import CLOSE_BAD_TICKET, CLOSE_INTERNAL, CLOSE_RATE_LIMITED, CLOSE_TOO_LARGE, CLOSE_TOO_SLOW
 from core.errors import DomainError, ValidationFailed
 from messaging import frames, membership, presence, reactions, resume, selectors, services, streams, transports
-from messaging.auth import connection_identify
+from messaging.auth import connection_identify, connection_proxied
 from messaging.hub import Hub, hub_get
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.out: transports.Output = (daphne or transports.UvicornOutput.of(self.base_send)
                                        or transports.AsgiOutput(self.base_send))
         await self.accept()  # close codes exist only on an accepted WebSocket (a refused handshake is a 403)
+        proxied = connection_proxied(self.scope)
         try:
             owner = await connection_identify(self.scope)
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
@@ -141,10 +142,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.user_id, self.username = owner.user_id, owner.username
         self.out.identified()
+        if proxied:
+            self.out.keepalive_by_kernel()
         self.session_id = uuid.uuid4().hex
         try:
-            found = await sync_to_async(selectors.user_conversation_ids, thread_sensitive=False)(
-                user_id=self.user_id)
+            found = await selectors.user_conversation_ids_async(self.hub.redis, user_id=self.user_id)
             self.conversations = set(found)
             await self.hub.connection_add(self, conversation_ids=found)
             self.registered = True

@@ -436,6 +436,36 @@ def test_websocket_relays_with_a_direct_client_and_passes_close_codes(edge_fleet
     asyncio.run(scenario())
 
 
+def test_the_gateway_issues_websocket_tickets_itself_and_they_open_a_socket(edge_fleet: dict[str, Any]) -> None:
+    """POST /api/v1/auth/ws-ticket is answered at the edge (docs/adr/0039): the api never sees it, the answer is
+    the api's (docs/api.md), the ticket opens one socket with the token's identity, and bad tokens get 401."""
+    gateway, api = edge_fleet["gateway"], edge_fleet["api"]
+    before = stats(api)["http"]
+    token = token_issue(user_id="u-tk", username="tikka", type="access")
+    with httpx.Client(timeout=10) as client:
+        answer = client.post(f"{gateway.url}/api/v1/auth/ws-ticket", headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["cache-control"] == "no-store"
+        body = answer.json()
+        assert set(body) == {"ticket", "expires_in"} and 1 <= body["expires_in"] <= 30
+        assert client.get(f"{gateway.url}/api/v1/auth/ws-ticket",
+                          headers={"Authorization": f"Bearer {token}"}).status_code == 405
+        for name, forged in forged_tokens().items():
+            headers = {"Authorization": f"Bearer {forged}"} if forged else {}
+            assert client.post(f"{gateway.url}/api/v1/auth/ws-ticket", headers=headers).status_code == 401, name
+    assert stats(api)["http"] == before
+
+    async def scenario() -> None:
+        async with connect(f"ws://127.0.0.1:{gateway.port}/ws/?ticket={body['ticket']}") as ws:
+            assert json.loads(await ws.recv())["identity"] == {"user_id": "u-tk", "username": "tikka"}
+        again = await connect(f"ws://127.0.0.1:{gateway.port}/ws/?ticket={body['ticket']}")
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(again.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001  # single use
+
+    asyncio.run(scenario())
+
+
 def test_a_frame_above_64_kib_is_closed_with_1009_at_the_edge(edge_fleet: dict[str, Any]) -> None:
     gateway = edge_fleet["gateway"]
     ticket = ws_ticket_issue(_tickets(edge_fleet), user_id="u-big", username="big")
