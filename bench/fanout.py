@@ -40,6 +40,7 @@ import websockets
 from bson import ObjectId
 
 # Re-exported for manage.py bench, which imports this module only (the import-linter contract).
+from bench.peer_centrifugo import OPEN_TIMEOUT_S
 from bench.peer_centrifugo import CentrifugoConn as CentrifugoConn
 from bench.peer_centrifugo import centrifugo_spawn as centrifugo_spawn
 from bench.peer_centrifugo import centrifugo_version as centrifugo_version
@@ -179,7 +180,7 @@ class ChatStreamConn:
 
     async def open(self) -> None:
         self.ws = await websockets.connect(self.url, origin="http://127.0.0.1",  # type: ignore[arg-type]
-                                           open_timeout=60, max_queue=None, compression=None)
+                                           open_timeout=OPEN_TIMEOUT_S, max_queue=None, compression=None)
         ready = json.loads(await self.ws.recv())
         if ready.get("type") != "ready":
             raise RuntimeError(f"connection {self.index}: expected ready, got {ready}")
@@ -240,7 +241,7 @@ class SocketIOConn:
         self.next_ack = 0
 
     async def open(self) -> None:
-        self.ws = await websockets.connect(self.url, open_timeout=60, max_queue=None, compression=None)
+        self.ws = await websockets.connect(self.url, open_timeout=OPEN_TIMEOUT_S, max_queue=None, compression=None)
         opening = await self.ws.recv()
         if not opening.startswith("0"):
             raise RuntimeError(f"socket.io connection {self.index}: unexpected {opening[:80]!r}")
