@@ -18,19 +18,10 @@ from typing import Any
 
 from bson import ObjectId
 
-from api.clients import sync_redis
-from chatstream_site.errors import NotFound
-from chatstream_site.values import as_str, iso_ms
-from messaging.bus import bus_is_cluster, bus_sync
-from messaging.events import message_meta_key
-from messaging.membership import _NO_MEMBERS as NO_MEMBERS
-from messaging.membership import membership_generation_key, membership_key, membership_refill_sync
-from messaging.mentions import mention_counts_sync
-from messaging.presence import presence_key
-from messaging.selectors import conversation_card_key, user_conversation_ids
-from messaging.services import read_cursor_key
-from messaging.streams import partition_of, recent_docs_key, recent_edits_key, recent_key, seq_key
-from storage.documents import (
+from api.message_extras import extras_apply
+from core.bus import bus_is_cluster, bus_sync
+from core.clients import sync_redis
+from core.documents import (
     BUCKET_SEQS,
     Conversation,
     GroupChat,
@@ -40,6 +31,28 @@ from storage.documents import (
     MessageVersion,
     User,
 )
+from core.errors import NotFound
+from core.keys import (
+    conversation_card_key,
+    group_card_key,
+    membership_generation_key,
+    membership_key,
+    message_meta_key,
+    partition_of,
+    presence_key,
+    read_cursor_key,
+    recent_docs_key,
+    recent_edits_key,
+    recent_key,
+    seq_key,
+    user_card_key,
+)
+from core.values import as_str, iso_ms
+from messaging.membership import _NO_MEMBERS as NO_MEMBERS
+from messaging.membership import membership_refill_sync
+from messaging.mentions import mention_counts_sync
+from messaging.reactions import reactions_live_sync, reactions_ordered
+from messaging.selectors import user_conversation_ids
 
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 MESSAGE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -202,12 +215,6 @@ GROUP_CARD_TTL_S = 3600
 USER_CARD_TTL_S = 60
 
 
-def group_card_key(group_id: str) -> str:
-    return f"cs:card:group:{group_id}"
-
-
-def user_card_key(user_id: str) -> str:
-    return f"cs:card:user:{user_id}"
 
 
 def _conversation_card(conv: Conversation) -> dict[str, Any]:
@@ -387,7 +394,7 @@ class HistoryPage:
 
 def conversation_members_cached(*, conversation_id: str) -> set[str] | None:
     """Member ids of a conversation (None: no such conversation) from the write path's Redis membership cache
-    (``messaging.services.membership_key``), so a hot read does not touch the document store. Side effect, on
+    (``core.keys.membership_key``), so a hot read does not touch the document store. Side effect, on
     a miss: reads MongoDB once and fills the cache exactly as the write path does (same key, format, TTLs);
     the API's membership changes invalidate it."""
     client = sync_redis()
@@ -424,7 +431,8 @@ def _window_message(raw: bytes | str, *, cursors: dict[str, int], members: set[s
                    content=doc.get("content") or "", timestamp=_parse_time(doc["timestamp"]),
                    edited_at=_parse_time(doc.get("edited_at")), deleted=bool(doc.get("deleted")),
                    deleted_at=_parse_time(doc.get("deleted_at")), edit_seq=doc.get("edit_seq"),
-                   read_status="read" if read else "sent", mentions=list(doc.get("mentions") or ()))
+                   read_status="read" if read else "sent", mentions=list(doc.get("mentions") or ()),
+                   reply_to=doc.get("reply_to"), reactions=doc.get("reactions") or [])
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -506,7 +514,8 @@ def _bucket_message(m: dict[str, Any], *, conversation_id: str, cursors: dict[st
                    client_msg_id=m.get("client_msg_id"), content=m.get("content") or "",
                    timestamp=m.get("timestamp"), edited_at=m.get("edited_at"), deleted=bool(m.get("deleted")),
                    deleted_at=m.get("deleted_at"), edit_seq=m.get("edit_seq"),
-                   read_status="read" if read else "sent", mentions=list(m.get("mentions") or ()))
+                   read_status="read" if read else "sent", mentions=list(m.get("mentions") or ()),
+                   reply_to=m.get("reply_to"), reactions=m.get("reactions") or [])
 
 
 def _store_page(*, conversation_id: str, after: int | None, below: int | None, limit: int,
@@ -515,7 +524,16 @@ def _store_page(*, conversation_id: str, after: int | None, below: int | None, l
     when ``backwards``, else oldest first: from the buckets when they cover the range, else ``messages``."""
     highest = below - 1 if below is not None else int(
         bus_sync().hget(seq_key(partition_of(conversation_id)), conversation_id) or 0)
-    # highest 0 with no bound: Redis knows no seq (messages stored by other means): ask ``messages``.
+    if highest <= 0 and below is None:
+        # Redis knows no seq (a conversation with no message yet, or a Redis that lost its data): the stored
+        # conversation's last_seq, read by _id, bounds the buckets; 0 is an empty history, answered without
+        # a ``messages`` query (a scan on FerretDB: seconds at 1M messages; docs/adr/0036).
+        stored = Conversation._get_collection().find_one({"_id": ObjectId(conversation_id)}, {"last_seq": 1})
+        if stored is not None and isinstance(stored.get("last_seq"), int):
+            if stored["last_seq"] <= (after or 0):
+                return []
+            highest = stored["last_seq"]
+    # highest 0 with no bound: nothing says how far the conversation goes (data stored by other means).
     from_buckets = None if highest <= 0 and below is None else _bucket_page(
         conversation_id=conversation_id, lowest=(after or 0) + 1, highest=highest, limit=limit,
         backwards=backwards, cursors=cursors, members=members)
@@ -541,7 +559,8 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     * ``after_seq``: the ``limit`` messages just above it (catching up, paging forward);
     * both: those strictly between, oldest first.
 
-    Deleted messages are included as tombstones (their seq keeps the order gap-free to the client).
+    Deleted messages are included as tombstones (their seq keeps the order gap-free to the client). Replies'
+    quotes and reactions are brought up to date by ``api.message_extras.extras_apply`` (docs/adr/0037).
     Raises NotFound if the caller is not a member (membership from the Redis cache).
     """
     members = _member_require(user_id=user_id, conversation_id=conversation_id)
@@ -557,6 +576,8 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     # No window (never written, or expired with the conversation idle): everything is in the store.
     floor = int(raw_floor) if raw_floor else None
     rows = [_window_message(d, cursors=cursors, members=members) for d in docs] if floor is not None else []
+    window_ids = {m.id for m in rows}
+    edits = {as_str(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
     # The store serves exactly the messages at or below the floor (all of them when there is no window).
     below = before_seq if floor is None else min(floor + 1, before_seq if before_seq is not None else floor + 1)
     lowest = after_seq or 0
@@ -564,7 +585,6 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
         stored = _store_page(conversation_id=conversation_id, after=after_seq, below=below,
                              limit=limit + 1 - (len(rows) if backwards else 0), backwards=backwards,
                              cursors=cursors, members=members)
-        edits = {as_str(k): json.loads(v) for k, v in zip(raw_edits[::2], raw_edits[1::2], strict=True)}
         _edits_apply(stored, edits)
         # Newest first, the window's part is above the store's; oldest first, below it.
         rows = rows + stored if backwards else (stored + rows)[:limit + 1]
@@ -572,6 +592,7 @@ def message_history_get(*, user_id: str, conversation_id: str, before_seq: int |
     rows = rows[:limit]
     if backwards:
         rows.reverse()
+    extras_apply(rows, conversation_id=conversation_id, window_ids=window_ids, edits=edits)
     return HistoryPage(messages=rows, has_more=has_more)
 
 
@@ -639,6 +660,40 @@ def message_versions_get(*, user_id: str, message_id: str) -> MessageVersions:
     ordered = [found[seq] for seq in sorted(found)]
     return MessageVersions(message_id=message_id, conversation_id=conversation_id,
                            versions=ordered[-MESSAGE_VERSIONS_MAX:], has_more=len(ordered) > MESSAGE_VERSIONS_MAX)
+
+
+# ------------------------------------------------------------------ reactions (docs/adr/0037)
+
+
+def message_reactions_get(*, user_id: str, message_id: str) -> tuple[str, list[dict[str, Any]]]:
+    """``(conversation id, [{emoji, count, user_ids}])`` of a message, emoji in the reaction set's order.
+    Raises NotFound for an unknown or deleted message and for one of a conversation the caller is not in (no
+    existence leak). Sources, newest first: the reaction state hash (a day after a change), the recent
+    window's copy, the stored message (by ``_id``). Cost: one HGETALL of the meta hash (else one ``messages``
+    read by ``_id``), the membership cache, one HGETALL, at most one HGET and one read by ``_id``."""
+    if not MESSAGE_ID_RE.match(message_id):
+        raise NotFound("no such message", details={"message_id": message_id[:64]})
+    bus = bus_sync()
+    meta = {as_str(k): as_str(v) for k, v in (bus.hgetall(message_meta_key(message_id)) or {}).items()}
+    stored = None
+    if meta.get("c"):
+        conversation_id, deleted = meta["c"], meta.get("x") == "1"
+    else:
+        stored = Message.objects(id=message_id).only("conversation_id", "deleted", "reactions").as_pymongo().first()
+        conversation_id = str(stored["conversation_id"]) if stored else ""
+        deleted = bool(stored.get("deleted")) if stored else True
+    members = conversation_members_cached(conversation_id=conversation_id) if conversation_id else None
+    if deleted or members is None or user_id not in members:
+        raise NotFound("no such message", details={"message_id": message_id})
+    live = reactions_live_sync(bus, conversation_id=conversation_id, message_ids=[message_id])
+    if message_id in live:
+        return conversation_id, reactions_ordered(live[message_id])
+    raw = bus.hget(recent_docs_key(partition_of(conversation_id), conversation_id), message_id)
+    if raw is not None:
+        return conversation_id, reactions_ordered(json.loads(raw).get("reactions"))
+    if stored is None:
+        stored = Message.objects(id=message_id).only("reactions").as_pymongo().first()
+    return conversation_id, reactions_ordered((stored or {}).get("reactions"))
 
 
 # ------------------------------------------------------------------ staff (Django admin) reads

@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
-from chatstream_site.errors import PayloadTooLarge
+from core.errors import PayloadTooLarge
 from messaging.services import text_storable_require
 
 # ------------------------------------------------------------------ strict fields
@@ -113,6 +113,10 @@ class GroupRenameIn(serializers.Serializer):
 class MessageIn(serializers.Serializer):
     content = ContentField(trim_whitespace=False, help_text="at most CHATSTREAM_MESSAGE_MAX_CHARS (413)")
     client_msg_id = StrictCharField(max_length=64, help_text="the client's id for retries: 1-64 of A-Z a-z 0-9 _.:-")
+    reply_to = StrictCharField(required=False, allow_null=True, max_length=64,
+                               help_text="the id of a message of this conversation this one answers (a reply): the "
+                                         "message then carries its quote; 400 invalid with details.reason "
+                                         "not_found or deleted otherwise")
 
     def validate_content(self, value: str) -> str:
         return _content_limit(value)
@@ -242,6 +246,43 @@ class GroupOut(serializers.Serializer):
     updated_at = serializers.DateTimeField(allow_null=True)
 
 
+class ReactionIn(serializers.Serializer):
+    emoji = StrictCharField(max_length=16, help_text="one of the reaction set (docs/protocol.md, Reactions); 400 "
+                                                     "invalid otherwise, with details.allowed")
+
+
+class QuoteOut(serializers.Serializer):
+    id = serializers.CharField(help_text="the original message")
+    seq = serializers.IntegerField(help_text="the original's seq (to jump to it)")
+    sender_id = serializers.CharField()
+    username = serializers.CharField(allow_blank=True)
+    excerpt = serializers.CharField(allow_blank=True, help_text="the original's first 100 characters; never its "
+                                                                "own quote")
+    deleted = serializers.BooleanField(help_text="the original was deleted (excerpt is empty)")
+
+
+class ReactionOut(serializers.Serializer):
+    emoji = serializers.CharField()
+    count = serializers.IntegerField()
+    user_ids = serializers.ListField(child=serializers.CharField(), help_text="who, in the order they reacted")
+
+
+class ReactionChangeOut(serializers.Serializer):
+    message_id = serializers.CharField()
+    conversation_id = serializers.CharField()
+    emoji = serializers.CharField()
+    changed = serializers.BooleanField(help_text="false: I had (add) / had not (remove) it already; no event")
+    seq = serializers.IntegerField(allow_null=True, help_text="the seq of the reaction event, when changed")
+    count = serializers.IntegerField()
+    user_ids = serializers.ListField(child=serializers.CharField(), help_text="who has this emoji on it now")
+
+
+class ReactionsOut(serializers.Serializer):
+    message_id = serializers.CharField()
+    conversation_id = serializers.CharField()
+    results = ReactionOut(many=True, help_text="emoji in the order of the reaction set")
+
+
 class MessageOut(serializers.Serializer):
     id = serializers.CharField()
     conversation_id = serializers.CharField()
@@ -253,6 +294,8 @@ class MessageOut(serializers.Serializer):
     deleted = serializers.BooleanField()
     read_status = serializers.CharField()
     client_msg_id = serializers.CharField(allow_null=True)
+    reply_to = QuoteOut(allow_null=True, help_text="the quote of the message this one answers (null: not a reply)")
+    reactions = ReactionOut(many=True, help_text="empty for a deleted message")
     mentions = serializers.ListField(child=serializers.CharField(),
                                      help_text="ids of the members its @usernames named when it was sent")
 
@@ -271,6 +314,7 @@ class SentOut(serializers.Serializer):
     timestamp = serializers.CharField()
     client_msg_id = serializers.CharField()
     duplicate = serializers.BooleanField(help_text="true when this client_msg_id was already accepted")
+    reply_to = QuoteOut(allow_null=True, help_text="the quote the message carries (null: not a reply)")
 
 
 class MessageEventOut(serializers.Serializer):

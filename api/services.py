@@ -2,7 +2,7 @@
 message events (which go through ``messaging.services``, the one write path shared with WebSockets).
 
 Every function takes keyword-only, already type-checked arguments (serializers did that) and raises
-``chatstream_site.errors`` domain errors; the DRF exception handler turns them into HTTP answers.
+``core.errors`` domain errors; the DRF exception handler turns them into HTTP answers.
 MongoDB has no transactions here (FerretDB v1): multi-document changes are ordered so that a crash between
 two writes leaves a state the next call repairs (see each function).
 """
@@ -24,20 +24,22 @@ from django.contrib.auth.models import User as DjangoUser
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 
-from api import revocation
-from api.clients import run_async, sync_redis
-from api.selectors import group_card_key, group_get_for_member, object_id_or_404, user_by_username
-from api.tokens import Claims, token_decode, token_issue, ws_ticket_issue
-from chatstream_site.closecodes import CLOSE_SESSION_ENDED
-from chatstream_site.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
+from api.selectors import group_get_for_member, object_id_or_404, user_by_username
+from core import revocation
+from core.clients import run_async, sync_redis
+from core.closecodes import CLOSE_SESSION_ENDED
+from core.documents import Conversation, GroupChat, Message, MessageVersion, SingleChat, User, utcnow
+from core.entries import Event
+from core.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
+from core.keys import group_card_key
+from core.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from messaging import services as messaging
-from messaging import streams
 from messaging.frames import SESSIONS_CLOSE, user_group
 from messaging.membership import membership_changed_sync, membership_invalidate_sync
 from messaging.mentions import usernames_remember_sync
+from messaging.reactions import ReactionChange, reaction_change
 from messaging.services import Accepted
 from storage import services as storage_services
-from storage.documents import Conversation, GroupChat, Message, MessageVersion, SingleChat, User, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -505,11 +507,20 @@ def group_leave(*, user_id: str, group_id: str) -> None:
 # ------------------------------------------------------------------ message events (the shared write path)
 
 
-def conversation_message_send(*, user_id: str, conversation_id: str, client_msg_id: str, content: str) -> Accepted:
+def conversation_message_send(*, user_id: str, conversation_id: str, client_msg_id: str, content: str,
+                              reply_to: str | None = None) -> Accepted:
     """Send through ``messaging.services.message_send`` (the WebSocket path's function): the message is in
-    the stream, and so on its way to live clients and MongoDB, when this returns."""
+    the stream, and so on its way to live clients and MongoDB, when this returns. ``reply_to``: a reply."""
     return run_async(lambda c, b: messaging.message_send(c, bus=b, user_id=user_id, conversation_id=conversation_id,
-                                                         client_msg_id=client_msg_id, content=content))
+                                                         client_msg_id=client_msg_id, content=content,
+                                                         reply_to=reply_to))
+
+
+def message_reaction_change(*, user_id: str, message_id: str, emoji: str, op: str) -> ReactionChange:
+    """Add (``op`` "add") or remove ("remove") the caller's reaction through
+    ``messaging.reactions.reaction_change`` (the WebSocket path's function)."""
+    return run_async(lambda c, b: reaction_change(c, bus=b, user_id=user_id, message_id=message_id, emoji=emoji,
+                                                  op=op))
 
 
 def message_edit(*, user_id: str, message_id: str, content: str) -> Accepted:
@@ -547,7 +558,7 @@ def message_tombstone_by_staff(*, message_id: str, staff_username: str) -> int:
     accepted = run_async(lambda c, b: messaging.message_delete_by_staff(c, bus=b, staff_username=staff_username,
                                                                         message_id=message_id))
     payload = {k: v for k, v in accepted.event.items() if k != "seq"}  # the entry's payload (the ack adds seq)
-    storage_services.message_event_write(event=streams.Event(
+    storage_services.message_event_write(event=Event(
         entry_id="", type="message.deleted", conversation_id=accepted.conversation_id, seq=accepted.seq,
         data=payload))
     logger.info("staff %s deleted message %s of conversation %s (event seq %s)", staff_username, message_id,

@@ -24,11 +24,12 @@ from api.ratelimit import (
     login_success_record,
     rate_limit,
 )
-from api.tokens import Claims
-from chatstream_site.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
-from chatstream_site.values import iso_ms as iso
+from core.documents import Conversation, GroupChat, Message, User
+from core.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
+from core.tokens import Claims
+from core.values import iso_ms as iso
+from messaging.reactions import ReactionChange, reactions_ordered
 from messaging.services import MESSAGE_ID_RE, Accepted
-from storage.documents import Conversation, GroupChat, Message, User
 
 
 def _valid(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
@@ -98,6 +99,8 @@ def message_out(message: Message) -> dict[str, Any]:
         "sender_id": str(message.sender_id), "content": "" if message.deleted else message.content,
         "timestamp": iso(message.timestamp), "edited_at": iso(message.edited_at), "deleted": bool(message.deleted),
         "read_status": message.read_status or "sent", "client_msg_id": message.client_msg_id,
+        "reply_to": message.reply_to or None,
+        "reactions": [] if message.deleted else reactions_ordered(message.reactions),
         "mentions": list(message.mentions or ()),
     }
 
@@ -416,11 +419,13 @@ class MessagesView(APIView):
         selectors.object_id_or_404(conversation_id, what="conversation")
         data = _valid(s.MessageIn, request.data)
         accepted = services.conversation_message_send(user_id=user.id, conversation_id=conversation_id,
-                                                      client_msg_id=data["client_msg_id"], content=data["content"])
+                                                      client_msg_id=data["client_msg_id"], content=data["content"],
+                                                      reply_to=data.get("reply_to"))
         event = accepted.event
         body = {"id": accepted.message_id, "conversation_id": accepted.conversation_id, "seq": accepted.seq,
                 "sender_id": user.id, "content": event["content"], "timestamp": event["timestamp"],
-                "client_msg_id": event["client_msg_id"], "duplicate": accepted.duplicate}
+                "client_msg_id": event["client_msg_id"], "duplicate": accepted.duplicate,
+                "reply_to": event.get("reply_to")}
         return Response(body, status=201)
 
 
@@ -504,3 +509,43 @@ class SearchView(APIView):
                                       "seq": h.seq, "sender_id": h.sender_id, "content": h.content,
                                       "timestamp": h.timestamp, "highlights": [list(x) for x in h.highlights]}
                                      for h in hits], "next_cursor": cursor})
+
+
+def reaction_change_out(change: ReactionChange) -> dict[str, Any]:
+    return {"message_id": change.message_id, "conversation_id": change.conversation_id, "emoji": change.emoji,
+            "changed": change.changed, "seq": change.seq, "count": len(change.user_ids), "user_ids": change.user_ids}
+
+
+class ReactionsView(APIView):
+    @extend_schema(responses={200: s.ReactionsOut}, tags=["messages"],
+                   parameters=[OpenApiParameter("message_id", str, OpenApiParameter.PATH)],
+                   summary="The reactions of a message: count and who per emoji (members only)")
+    def get(self, request: Request, message_id: str) -> Response:
+        _message_id_or_404(message_id)
+        conversation_id, reactions = selectors.message_reactions_get(user_id=request_user(request).id,
+                                                                      message_id=message_id)
+        return Response({"message_id": message_id, "conversation_id": conversation_id, "results": reactions})
+
+    @extend_schema(request=s.ReactionIn, responses={200: s.ReactionChangeOut}, tags=["messages"],
+                   parameters=[OpenApiParameter("message_id", str, OpenApiParameter.PATH)],
+                   summary="Add my reaction (idempotent: one per user per emoji)")
+    def post(self, request: Request, message_id: str) -> Response:
+        user = request_user(request)
+        _message_id_or_404(message_id)
+        data = _valid(s.ReactionIn, request.data)
+        change = services.message_reaction_change(user_id=user.id, message_id=message_id, emoji=data["emoji"],
+                                                  op="add")
+        return Response(reaction_change_out(change))
+
+
+class ReactionView(APIView):
+    @extend_schema(responses={200: s.ReactionChangeOut}, tags=["messages"],
+                   parameters=[OpenApiParameter("message_id", str, OpenApiParameter.PATH),
+                               OpenApiParameter("emoji", str, OpenApiParameter.PATH,
+                                                description="the emoji, percent-encoded")],
+                   summary="Remove my reaction (idempotent)")
+    def delete(self, request: Request, message_id: str, emoji: str) -> Response:
+        user = request_user(request)
+        _message_id_or_404(message_id)
+        change = services.message_reaction_change(user_id=user.id, message_id=message_id, emoji=emoji, op="remove")
+        return Response(reaction_change_out(change))

@@ -1,24 +1,34 @@
-"""The data tier benchmark (docs/adr/0028): how reads and the drain behave as the store grows, on `make run`'s
-own default store (FerretDB on SQLite), measured through the gateway of a real local cluster.
+"""The data tier benchmark (docs/adr/0028, 0035, 0036): how reads and the drain behave as the store grows, on
+`make run`'s own default store (FerretDB on SQLite), measured through the gateway of a real local cluster.
 
-    .venv/bin/python bench/data_tier.py --sizes 10000 100000 [1000000] [--users 10000 --conversations 20000]
+    nice -n 5 .venv/bin/python bench/data_tier.py --sizes 10000 100000 1000000 [--users 10000 --conversations 20000]
 
 It starts a private Redis and FerretDB and the cluster exactly as `make run` does (gateway, two brokers, two
-api, two storage workers, beat; chatstream_site/localcluster.py ``Cluster``), creates ``--users`` users and
-``--conversations`` 1:1 conversations in MongoDB, then for each size:
+api, storage worker, beat; chatstream_site/localcluster.py ``Cluster``), creates ``--users`` users and
+``--conversations`` 1:1 conversations in MongoDB (bulk inserts of what the API would create: the population,
+not the messages), then for each size:
 
-1. sends messages through the real write path
-   (``messaging.services.message_send``, in this process, 64 in flight) until the store will hold that many;
-   ``--hot`` conversations get ``--hot-share`` of them (long histories for the deep pages), the rest are
-   spread evenly (progress bar);
-2. waits for the real drain (running all along) to empty the backlog: **drain msg/s** = events persisted
-   from the first send to an empty backlog, over that time;
-3. measures through the gateway, one request at a time (p50/p99 ms): **latest** history page (50),
-   a **deep** page (``before_seq`` a quarter into a hot conversation), the **conversation list** (50),
-   **connect** (``POST /auth/ws-ticket`` then the WebSocket until ``ready``), and **edit to persisted**
-   (``PATCH`` a message, then poll MongoDB by ``_id`` until the drain wrote it; includes the flush interval).
+1. sends messages through the real write path (``messaging.services.message_send`` in this process, 64 in
+   flight, appends batched as a broker batches them) until the store will hold that many, while the real
+   drain (the storage worker, triggered as in production) persists them; each sender writes a burst of
+   ``--burst`` messages into one conversation (chats are bursty; it also makes each drain batch touch fewer
+   conversations, which is what lets a 1M seed finish in an hour on two cores); ``--hot`` conversations get
+   ``--hot-share`` of the messages (long histories for the deep pages). Progress bar. Then waits for an empty
+   backlog;
+2. **drain msg/s**, the worst case, apart from the send rate: the storage worker is stopped, ``--drain-probe``
+   messages are sent each to another random conversation (every one costs the drain its conversation's and
+   bucket's statements), the worker is started again, and the rate is what it persisted from its first
+   progress until the backlog was empty;
+3. measures through the gateway, one request at a time (p50/p99 ms): **latest** history page (50), a **deep**
+   page (``before_seq`` a quarter into a hot conversation), the **conversation list** (50), **connect**
+   (``POST /auth/ws-ticket`` then the WebSocket until ``ready``), and **edit to persisted** (``PATCH`` a
+   message, then poll MongoDB by ``_id`` until the drain wrote it; includes the flush interval). The sampled
+   users are the same at every size, their caches warmed once, before the first size (steady state: the
+   conversation-id cache lives a day; its fill is a members query, a scan of ``conversations``, measured
+   apart as **cold list**).
 
-Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size). All traffic on 127.0.0.1.
+Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size) after every size. All traffic
+on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -66,6 +76,10 @@ def main() -> None:
     parser.add_argument("--hot", type=int, default=10, help="conversations with long histories")
     parser.add_argument("--hot-share", type=float, default=0.1, help="share of the messages they get")
     parser.add_argument("--samples", type=int, default=100, help="requests per read measurement")
+    parser.add_argument("--burst", type=int, default=10, help="messages a sender writes into one conversation")
+    parser.add_argument("--drain-probe", type=int, default=5000, help="messages of the drain measurement")
+    parser.add_argument("--seed-minutes", type=float, default=0.0,
+                        help="stop seeding this many minutes after the start and measure the size reached (0: never)")
     parser.add_argument("--edits", type=int, default=10)
     parser.add_argument("--storage-workers", type=int, default=1, choices=(1, 2))
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench"))
@@ -127,7 +141,8 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
     import redis
     from django.conf import settings
 
-    from messaging.membership import MEMBERSHIP_TTL_S, membership_key
+    from core.keys import membership_key
+    from messaging.membership import MEMBERSHIP_TTL_S
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     pipe = client.pipeline(transaction=False)
@@ -140,8 +155,11 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
 
 
 async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: list[int], hot_share: float,
-                        sent: dict[str, list[tuple[str, str]]], rnd: random.Random) -> None:
-    """``count`` messages through the write path, with a progress bar."""
+                        sent: dict[str, list[tuple[str, str]]], rnd: random.Random, burst: int,
+                        spread: bool = False, desc: str = "sending", until: float = float("inf")) -> int:
+    """``count`` messages through the write path, with a progress bar: bursts of ``burst`` into one
+    conversation each (``spread``: every message into another random conversation); no new burst is started
+    after the wall-clock time ``until`` (epoch seconds). Returns how many were sent."""
     import redis.asyncio
     from django.conf import settings
     from tqdm import tqdm
@@ -151,28 +169,32 @@ async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: 
 
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
     streams.append_batching_enable(client)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for n in range(count):
-        queue.put_nowait(n)
-    bar = tqdm(total=count, desc="sending", unit="msg", mininterval=1.0)
+    left = [count]
+    bar = tqdm(total=count, desc=desc, unit="msg", mininterval=2.0)
+    hot_set = set(hot)
 
     async def worker() -> None:
-        while not queue.empty():
-            queue.get_nowait()
+        while left[0] > 0 and time.time() < until:  # bounded: count messages in all, and the deadline
+            n = 1 if spread else min(burst, left[0])
+            left[0] -= n
             i = rnd.choice(hot) if rnd.random() < hot_share else rnd.randrange(len(convs))
             cid, members = convs[i]
-            sender = members[rnd.randrange(2)]
-            accepted = await message_send(client, user_id=sender, conversation_id=cid,
-                                          client_msg_id=uuid.uuid4().hex, content=f"bench {uuid.uuid4().hex[:24]}")
-            if i in hot:
-                sent.setdefault(cid, []).append((accepted.message_id, sender))
-            bar.update(1)
+            for k in range(n):  # one after the other, as a person types
+                sender = members[(k + rnd.randrange(2)) % 2]
+                accepted = await message_send(client, user_id=sender, conversation_id=cid,
+                                              client_msg_id=uuid.uuid4().hex,
+                                              content=f"bench {uuid.uuid4().hex[:24]}")
+                if i in hot_set:
+                    sent.setdefault(cid, []).append((accepted.message_id, sender))
+                bar.update(1)
 
     try:
         await asyncio.gather(*(worker() for _ in range(SEND_CONCURRENCY)))
+        await asyncio.sleep(1.0)  # the drain triggers' background backlog checks use the client
     finally:
         bar.close()
         await client.aclose()
+    return count - left[0]
 
 
 def persisted_total() -> int:
@@ -187,18 +209,71 @@ def backlog_total() -> int:
     return sum(s.backlog for s in partitions_state())
 
 
-def measure(cluster: Cluster, args: argparse.Namespace, *, uids: list[str], convs: list[tuple[str, list[str]]],
+def headers(uid: str) -> dict[str, str]:
+    from core.tokens import token_issue
+
+    return {"Authorization": f"Bearer {token_issue(user_id=uid, username='bench', type='access')}"}
+
+
+def warm(cluster: Cluster, users: list[str], convs: list[tuple[str, list[str]]], *,
+         cold_samples: int = 5) -> dict[str, Any]:
+    """Each sampled user's first conversation list fills their conversation-id cache, which a user pays once a
+    day (one members query: a scan of ``conversations`` on FerretDB, seconds at 20,000 conversations). The
+    first ``cold_samples`` are timed through the gateway one at a time (**cold list**; an answer other than 200,
+    e.g. the gateway's upstream timeout, is counted, not fatal). The other sampled users' caches are written as
+    that fill writes them (the ids the population gave them), as for users active in the last day: a hundred
+    scans would take the run's budget, and the population itself was written in bulk."""
+    import httpx
+    import redis
+    from django.conf import settings
+
+    from core.keys import user_conversations_key
+    from messaging.selectors import USER_CONVERSATIONS_TTL_S
+
+    cold: list[float] = []
+    failed = 0
+    with httpx.Client(base_url=cluster.url, timeout=300) as http:
+        for uid in users[:cold_samples]:
+            t = time.perf_counter()
+            r = http.get("/api/v1/conversations", params={"limit": 50}, headers=headers(uid))
+            cold.append((time.perf_counter() - t) * 1000)
+            failed += r.status_code != 200
+    mine: dict[str, list[str]] = {}
+    for cid, members in convs:
+        for m in members:
+            mine.setdefault(m, []).append(cid)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    pipe = client.pipeline(transaction=False)
+    for uid in users[cold_samples:]:
+        pipe.sadd(user_conversations_key(uid), *(mine.get(uid) or ["-"]))
+        pipe.expire(user_conversations_key(uid), USER_CONVERSATIONS_TTL_S)
+    pipe.execute()
+    client.close()
+    return {**stats(cold), "not_200": failed}
+
+
+def drain_rate(cluster: Cluster, args: argparse.Namespace, *, convs: list[tuple[str, list[str]]],
+               rnd: random.Random) -> dict[str, Any]:
+    """The drain's msg/s on a backlog of ``--drain-probe`` messages, each in another random conversation
+    (the worst case per message), with the storage worker stopped while they are sent."""
+    cluster.kill_process("storage1", 15)
+    asyncio.run(send_messages(args.drain_probe, convs=convs, hot=[], hot_share=0.0, sent={}, rnd=rnd, burst=1,
+                              spread=True, desc="drain probe"))
+    start = persisted_total()
+    cluster.start_process("storage1")
+    wait_until(lambda: persisted_total() > start, timeout_s=300, interval_s=0.05, what="the drain to start")
+    t, first = time.perf_counter(), persisted_total()
+    wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.1, what="the drain probe")
+    seconds = time.perf_counter() - t
+    done = persisted_total() - first
+    return {"drain_msg_s": round(done / seconds), "drain_probe": args.drain_probe, "drain_probe_s": round(seconds, 1)}
+
+
+def measure(cluster: Cluster, args: argparse.Namespace, *, users: list[str], convs: list[tuple[str, list[str]]],
             hot: list[int], sent: dict[str, list[tuple[str, str]]], rnd: random.Random) -> dict[str, Any]:
     import httpx
     import websockets
     from mongoengine.connection import get_db
-
-    from api.tokens import token_issue
-    from messaging.streams import last_accepted_seq  # noqa: F401 - documents where the seq comes from
-
-    def headers(uid: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {token_issue(user_id=uid, username='bench', type='access')}"}
-
     out: dict[str, Any] = {}
     with httpx.Client(base_url=cluster.url, timeout=120) as http:
         def timed(method: str, path: str, uid: str, **kw: Any) -> tuple[float, httpx.Response]:
@@ -208,11 +283,8 @@ def measure(cluster: Cluster, args: argparse.Namespace, *, uids: list[str], conv
             return (time.perf_counter() - t) * 1000, r
 
         latest, deep, listing = [], [], []
-        # Steady state: each sampled user's caches (conversation ids, cards) are warm, as for anyone active in
-        # the last minutes; the cold first request is a cache fill (reads by _id and one members query).
-        users = [uids[rnd.randrange(len(uids))] for _ in range(args.samples)]
-        for uid in users:
-            http.get("/api/v1/conversations", params={"limit": 50}, headers=headers(uid))
+        # Steady state: each sampled user's caches (conversation ids, cards) are warm (``warm``), as for anyone
+        # active in the last day.
         for k in range(args.samples):
             cid, members = convs[hot[k % len(hot)]] if k % 2 == 0 else convs[rnd.randrange(len(convs))]
             ms, r = timed("GET", f"/api/v1/conversations/{cid}/messages", members[0], params={"limit": 50})
@@ -267,6 +339,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> None:
     rnd = random.Random(11)  # noqa: S311 - a reproducible workload, not a secret
     t = time.perf_counter()
     uids, convs = seed_population(users=args.users, conversations=args.conversations)
+    users = [uids[rnd.randrange(len(uids))] for _ in range(args.samples)]
     print(f"population: {len(uids)} users, {len(convs)} conversations in {time.perf_counter() - t:.1f}s", flush=True)
     cluster.start()
     cluster.wait_ready(timeout_s=180)
@@ -281,25 +354,35 @@ def run(args: argparse.Namespace, cluster: Cluster) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     have = 0
+    cold_list: dict[str, Any] | None = None
+    until = time.time() + args.seed_minutes * 60 if args.seed_minutes > 0 else float("inf")
     for size in sorted(args.sizes):
-        # The drain runs while the messages are sent, as in production; its rate is what it persisted from the
-        # first send until the backlog was empty (the send rate is reported beside it: when the drain keeps up,
-        # it is the send rate that bounds this figure).
-        persisted_before = persisted_total()
+        if have >= size:
+            continue
+        # The drain runs while the messages are sent, as in production (its own rate is measured apart, below).
         t = time.perf_counter()
-        asyncio.run(send_messages(size - have, convs=convs, hot=hot, hot_share=args.hot_share, sent=sent, rnd=rnd))
+        sent_now = asyncio.run(send_messages(size - have - args.drain_probe, convs=convs, hot=hot,
+                                             hot_share=args.hot_share, sent=sent, rnd=rnd, burst=args.burst,
+                                             until=until))
         seed_s = time.perf_counter() - t
         backlog = backlog_total()
         wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.5, what="the drain")
-        drain_s = time.perf_counter() - t
-        drained = persisted_total() - persisted_before
-        stored = get_db().messages.estimated_document_count()
-        row: dict[str, Any] = {"messages": size, "stored": stored, "sent": size - have,
-                               "send_msg_s": round((size - have) / seed_s), "backlog_after_send": backlog,
-                               "drain_s": round(drain_s, 1), "drained_events": drained,
-                               "drain_msg_s": round(drained / drain_s)}
-        have = size
-        row.update(measure(cluster, args, uids=uids, convs=convs, hot=hot, sent=sent, rnd=rnd))
+        settle_s = time.perf_counter() - t
+        # Past the seeding deadline, the size reached (not the one asked for) is measured and reported.
+        reached = have + sent_now + args.drain_probe
+        row: dict[str, Any] = {"messages": reached, "target": size, "sent": sent_now,
+                               "send_msg_s": round(sent_now / seed_s),
+                               "backlog_after_send": backlog, "seed_and_drain_s": round(settle_s, 1)}
+        row.update(drain_rate(cluster, args, convs=convs, rnd=rnd))
+        row["stored"] = get_db().messages.estimated_document_count()
+        have = reached
+        if cold_list is None:
+            cold_list = warm(cluster, users, convs)
+        row["cold_list_first_size_only"] = cold_list
+        try:
+            row.update(measure(cluster, args, users=users, convs=convs, hot=hot, sent=sent, rnd=rnd))
+        except (AssertionError, OSError) as exc:  # keep the sizes measured so far, and say what went wrong
+            row["error"] = repr(exc)[:1000]
         rows.append(row)
         print(json.dumps(row), flush=True)
         write(rows, args=args, path=out_dir / f"data-tier-{stamp}")
@@ -319,7 +402,8 @@ def write(rows: list[dict[str, Any]], *, args: argparse.Namespace, path: Path) -
     sizes = [r["messages"] for r in rows]
     for key, label in (("latest_page", "latest page (50)"), ("deep_page", "deep page (50)"),
                        ("conversation_list", "conversation list (50)"), ("connect", "connect (ticket → ready)")):
-        ax.plot(sizes, [r[key]["p99_ms"] for r in rows], marker="o", label=f"{label} p99")
+        ax.plot(sizes, [float((r.get(key) or {}).get("p99_ms", "nan")) for r in rows], marker="o",
+                label=f"{label} p99")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("messages stored")

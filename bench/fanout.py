@@ -104,6 +104,9 @@ class Result:
     kb_per_idle_connection: float = 0.0
     idle_cpu_pct: float = 0.0
     client_cpu_s: float = 0.0
+    # The load client's CPU over the timed window in % of one core: near 100 the client (one process, one
+    # thread), not the server, sets the pace, and deliveries/s say nothing about the server.
+    client_cpu_pct: float = 0.0
     missing_sample: list[str] = field(default_factory=list)  # for diagnosis when lost > 0
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t since start, latency ms)
 
@@ -132,6 +135,7 @@ class Counters:
         self.started = 0.0
         self.measuring = False
         self.window_deliveries = 0
+        self.sent_at: dict[str, float] = {}  # client_msg_id -> send time, for frames that cannot carry it
 
     def on_message(self, conn: int, client_msg_id: str, sent_at: float) -> None:
         now = time.time()
@@ -149,15 +153,28 @@ class Counters:
 # ------------------------------------------------------------------ clients of the systems
 
 
+# What a ChatStream "system" sends (docs/benchmarks.md, "Features"): plain messages; replies (every message
+# after the first answers the conversation's first message, so each carries a quote); reactions (after a first
+# message, each send toggles the sender's 👍 on it: reaction.add, then reaction.remove, ...; every one is an
+# event with its own seq, delivered to every member like a message).
+CHATSTREAM_MODES = {"chatstream": "send", "chatstream-daphne": "send", "chatstream-reply": "reply",
+                    "chatstream-react": "react"}
+
+
 class ChatStreamConn:
-    def __init__(self, index: int, url: str, counters: Counters, on_ack: Callable[[str], None],
-                 mention: str = "") -> None:
+    def __init__(self, index: int, url: str, counters: Counters, on_ack: Callable[[str], None], *,
+                 mode: str = "send", conversation_index: dict[str, int] | None = None, mention: str = "") -> None:
         # " @<username>" after the send time in every message this connection sends (--mention): the cost of
         # resolving and recording a mention (docs/benchmarks.md, "Features").
         self.mention = mention
         self.index, self.url, self.counters, self.on_ack = index, url, counters, on_ack
         self.ws: Any = None
         self.task: asyncio.Task[None] | None = None
+        self.mode = mode
+        # conversation id -> its index: a reaction frame's key is "<index>-<seq>" (the sender's n-th send of a
+        # conversation takes seq n: one sender per conversation, one send in flight).
+        self.conversation_index = conversation_index or {}
+        self.first: dict[str, str] = {}  # conversation id -> the id of the first message this connection sent
 
     async def open(self) -> None:
         self.ws = await websockets.connect(self.url, origin="http://127.0.0.1",  # type: ignore[arg-type]
@@ -177,17 +194,31 @@ class ChatStreamConn:
                     message = frame["message"]
                     counters.on_message(self.index, message["client_msg_id"],
                                         float(message["content"].split(" ", 1)[0]))
+                elif kind in ("reaction.added", "reaction.removed"):
+                    key = f"{self.conversation_index.get(frame['conversation_id'], -1)}-{frame['seq']}"
+                    counters.on_message(self.index, key, counters.sent_at.get(key, time.time()))
                 elif kind == "ack":
-                    self.on_ack(frame["client_msg_id"])
+                    if frame.get("message_id") and frame.get("conversation_id") not in self.first:
+                        self.first[frame["conversation_id"]] = frame["message_id"]
+                    self.on_ack(frame.get("client_msg_id") or frame.get("ref") or "")
                 elif kind == "error":
                     counters.errors += 1
         except websockets.exceptions.ConnectionClosed:
             pass
 
     async def send(self, conversation_id: str, client_msg_id: str) -> None:
-        await self.ws.send(json.dumps({"type": "message.send", "conversation_id": conversation_id,
-                                       "client_msg_id": client_msg_id,
-                                       "content": f"{time.time():.6f}{self.mention}"}))
+        first = self.first.get(conversation_id)
+        if self.mode == "react" and first is not None:
+            n = int(client_msg_id.rsplit("-", 1)[1])
+            self.counters.sent_at[client_msg_id] = time.time()
+            await self.ws.send(json.dumps({"type": "reaction.add" if n % 2 == 0 else "reaction.remove",
+                                           "ref": client_msg_id, "message_id": first, "emoji": "👍"}))
+            return
+        frame = {"type": "message.send", "conversation_id": conversation_id, "client_msg_id": client_msg_id,
+                 "content": f"{time.time():.6f}{self.mention}"}
+        if self.mode == "reply" and first is not None:
+            frame["reply_to"] = first
+        await self.ws.send(json.dumps(frame))
 
     async def close(self) -> None:
         await self.ws.close()
@@ -389,6 +420,7 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     window = time.monotonic() - started
     window_deliveries = counters.window_deliveries
     cpu_window = cpu_total(server_pids) - cpu_start
+    client_window = resource.getrusage(resource.RUSAGE_SELF)
     await asyncio.gather(*tasks)
     on_progress_tick(workload.duration_s)
     out.write("\n")
@@ -420,6 +452,8 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     result.deliveries_per_core_s = window_deliveries / cpu_window if cpu_window else 0.0
     result.client_cpu_s = (client_end.ru_utime + client_end.ru_stime) - (client_start.ru_utime
                                                                           + client_start.ru_stime)
+    result.client_cpu_pct = 100.0 * ((client_window.ru_utime + client_window.ru_stime)
+                                     - (client_start.ru_utime + client_start.ru_stime)) / window
     result.timeline = counters.timeline
     missing = [(conn, k) for k, f in acks.items() if f.done()
                for conn in members[int(k.split("-")[0])] if (conn, k) not in counters.seen]
@@ -450,8 +484,8 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     import redis as redis_sync
     from django.conf import settings
 
-    from api.tokens import TICKET_PREFIX
-    from storage.documents import Conversation, User
+    from core.documents import Conversation, User
+    from core.keys import TICKET_PREFIX
 
     user_ids = [ObjectId() for _ in range(connections)]
     run = ObjectId()
@@ -465,6 +499,7 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     client = redis_sync.Redis.from_url(redis_url)
     # What the REST service's group creation does after its MongoDB writes (api.services._membership_notify):
     # the members' set goes into Redis, so the first send of each conversation reads no MongoDB (issue 16).
+    from messaging import selectors
     from messaging.membership import membership_changed_sync
     for cid, group in zip(conversation_ids, members, strict=True):
         membership_changed_sync(client, user_ids=[str(user_ids[i]) for i in group], conversation_id=str(cid))
@@ -476,7 +511,15 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     with client.pipeline(transaction=False) as pipe:
         for i, ticket in enumerate(tickets):
             pipe.set(TICKET_PREFIX + ticket, json.dumps({"user_id": str(user_ids[i]), "username": f"b{i}"}),
-                     ex=max(600, int(settings.WS_TICKET_TTL_S)))
+                     ex=max(3600, int(settings.WS_TICKET_TTL_S)))  # 10,000 connects on a loaded machine: > 10 min
+        # Each user's cached conversation ids, as a user's registration and group joins through the API leave
+        # them in Redis (messaging.selectors.user_conversation_ids): a connect then reads no store, which is
+        # the steady state to measure; without this each of 10,000 first connects scanned FerretDB (issue 16).
+        for cid, group in zip(conversation_ids, members, strict=True):
+            for i in group:
+                key = selectors.user_conversations_key(str(user_ids[i]))
+                pipe.sadd(key, str(cid))
+                pipe.expire(key, selectors.USER_CONVERSATIONS_TTL_S)
         pipe.execute()
     client.close()
     return [str(c) for c in conversation_ids], tickets, user_ids
@@ -485,7 +528,7 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
 def chatstream_online_all(user_ids: list[ObjectId]) -> bool:
     """Whether the broker finished its connect work for every one of ``user_ids``: their ``users.status`` is
     online, which the broker writes (and then announces) in the background after ``ready``."""
-    from storage.documents import User
+    from core.documents import User
 
     return bool(User._get_collection().count_documents({"_id": {"$in": user_ids}, "status": "online"})
                 >= len(user_ids))
@@ -562,6 +605,8 @@ async def measure(*, system: str, urls: list[str], workload: Workload, members: 
             group = members[conv_of[i]]
             named = USERNAMES.get(group[1 % len(group)], "") if workload.mention else ""
             conns.append(ChatStreamConn(i, f"{url}?ticket={tickets[i]}", counters, on_ack,
+                                        mode=CHATSTREAM_MODES.get(system, "send"),
+                                        conversation_index={c: n for n, c in enumerate(conversation_ids)},
                                         mention=f" @{named}" if named else ""))
         else:
             conns.append(SocketIOConn(i, url, counters, on_ack, user=f"u{i}",
@@ -601,12 +646,12 @@ def plot(results: list[Result], path: Path, *, title: str) -> None:
 
 def table(results: list[Result]) -> str:
     rows = [("system", "deliv/s", "p50 ms", "p95 ms", "p99 ms", "lost", "dup", "CPU µs/deliv",
-             "deliv/core-s", "KB/idle conn", "idle CPU %")]
+             "deliv/core-s", "KB/idle conn", "idle CPU %", "client CPU %")]
     for r in results:
         rows.append((r.system, f"{r.deliveries_per_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
                      f"{r.p99_ms:.2f}", str(r.lost), str(r.duplicated), f"{r.cpu_us_per_delivery:.1f}",
                      f"{r.deliveries_per_core_s:,.0f}", f"{r.kb_per_idle_connection:.1f}",
-                     f"{r.idle_cpu_pct:.2f}"))
+                     f"{r.idle_cpu_pct:.2f}", f"{r.client_cpu_pct:.0f}"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -631,6 +676,11 @@ def summary_stats(results: list[Result]) -> dict[str, Any]:
     if "chatstream-daphne" in by and "socketio" in by and by["socketio"].deliveries_per_core_s:
         out["ratio_daphne_deliveries_per_core"] = (by["chatstream-daphne"].deliveries_per_core_s
                                                    / by["socketio"].deliveries_per_core_s)
+    # What a feature adds (docs/benchmarks.md, "Features"): server CPU per delivery against plain sends, same run.
+    for feature in ("chatstream-reply", "chatstream-react"):
+        if feature in by and "chatstream" in by and by["chatstream"].cpu_us_per_delivery:
+            out[f"ratio_{feature.split('-')[1]}_cpu_per_delivery"] = (by[feature].cpu_us_per_delivery
+                                                                      / by["chatstream"].cpu_us_per_delivery)
     out["median_latency_all_ms"] = {r.system: statistics.median([lat for _, lat in r.timeline] or [0.0])
                                     for r in results}
     # The cold start, apart (issue 16): p99 of the deliveries of messages SENT in the first second of traffic

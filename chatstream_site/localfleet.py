@@ -121,7 +121,7 @@ class Fleet:
     def registered(self, role: str) -> list[dict[str, str]]:
         import redis
 
-        from chatstream_site.registry import instances_list
+        from core.registry import instances_list
 
         client = redis.Redis.from_url(self.redis_url)
         try:

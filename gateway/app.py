@@ -16,7 +16,7 @@ The stack, outermost first (each layer in ``gateway/middleware.py`` or ``gateway
    WebSocket).
 
 Routes and which of them are public are in ``gateway/routes.py``; the identity passed upstream is
-specified in ``gateway/identity.py``.
+specified in ``core/identity.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import logging
 import redis.asyncio
 from django.conf import settings
 
-from chatstream_site.registry import ROLES
+from core.registry import ROLES
 from gateway.asgi import ASGIApp, Receive, Scope, Send, header, send_error, send_response, state_of
 from gateway.middleware import (
     AccessLogLayer,
@@ -126,7 +126,7 @@ class GatewayApp:
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         """Deregister and close the upstream clients on shutdown (servers without lifespan never call this)."""
-        from chatstream_site.roles import lifespan_serve
+        from core.roles import lifespan_serve
 
         async def close() -> None:
             await self.router.http.aclose()

@@ -24,10 +24,10 @@ import redis.asyncio
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from api.revocation import access_refused_async
-from api.tokens import TicketOwner, token_decode, ws_ticket_consume
-from chatstream_site.closecodes import CLOSE_BAD_TICKET, CLOSE_RATE_LIMITED
-from chatstream_site.errors import Unauthenticated
+from core.closecodes import CLOSE_BAD_TICKET, CLOSE_RATE_LIMITED
+from core.errors import Unauthenticated
+from core.revocation import access_refused_async
+from core.tokens import TicketOwner, token_decode, ws_ticket_consume
 from gateway.asgi import (
     STATE_KEY,
     ASGIApp,
@@ -285,7 +285,7 @@ class AuthenticationLayer:
       jti and its user's generation marker) → 401 with a reason if not.
     * ``ticket`` routes (``/ws/``): the single-use ticket is consumed HERE (GETDEL), → close 4001 if unknown,
       expired, reused, or issued before its user's password change or account removal. The upstream
-      receives the signed identity instead (:mod:`gateway.identity`).
+      receives the signed identity instead (:mod:`core.identity`).
     * ``public`` and ``upstream`` routes: nothing checked.
     """
 
@@ -295,7 +295,7 @@ class AuthenticationLayer:
 
     async def _refused(self, *, jti: str | None, user_id: str, gen: int) -> bool:
         """Whether a verified token (or a ticket, ``jti`` None) was revoked: logged out, or issued before the
-        user's password change or account removal (:func:`api.revocation.access_refused_async`, one MGET).
+        user's password change or account removal (:func:`core.revocation.access_refused_async`, one MGET).
         Fails open when Redis is down, like the rate limits (docs/adr/0005): the api checks again."""
         try:
             return await access_refused_async(self.redis, jti=jti, user_id=user_id, gen=gen)

@@ -26,13 +26,14 @@ from django.conf import settings
 from multidict import CIMultiDict
 from websockets.asyncio.client import ClientConnection
 
-from chatstream_site.closecodes import (
+from core.closecodes import (
     CLOSE_FORBIDDEN,
     CLOSE_RATE_LIMITED,
     CLOSE_TOO_MANY_SOCKETS,
     CLOSE_TRY_AGAIN,
     CLOSE_UPSTREAM_LOST,
 )
+from core.identity import identity_headers, identity_strip
 from gateway.asgi import (
     Receive,
     RequestState,
@@ -43,7 +44,6 @@ from gateway.asgi import (
     state_of,
     ws_refuse,
 )
-from gateway.identity import identity_headers, identity_strip
 from gateway.ratelimit import RateLimiter, TokenBucket
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
 from gateway.userlimits import SocketSlots

@@ -23,9 +23,10 @@ import uuid
 import redis
 import redis.asyncio
 
+from core.keys import GATEWAY_SOCKETS_PREFIX
+
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "cs:gw:socks:"
 # KEYS[1] the user's set; ARGV: now, expiry, cap, member, key TTL. 1: admitted, 0: the user is at the cap.
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -52,8 +53,8 @@ class SocketSlots:
         member = uuid.uuid4().hex
         now = time.time()
         try:
-            admitted = await self._client.eval(_ACQUIRE, 1, KEY_PREFIX + user_id, now, now + self.ttl_s, self.cap,
-                                               member, int(self.ttl_s) + 1)
+            admitted = await self._client.eval(_ACQUIRE, 1, GATEWAY_SOCKETS_PREFIX + user_id, now, now + self.ttl_s,
+                                               self.cap, member, int(self.ttl_s) + 1)
         except (redis.RedisError, OSError) as exc:
             logger.warning("gateway: socket slots unavailable (%s); admitting the socket", exc)
             admitted = 1
@@ -70,7 +71,7 @@ class SocketSlots:
         if user_id is None:
             return
         with contextlib.suppress(redis.RedisError, OSError):
-            await self._client.zrem(KEY_PREFIX + user_id, member)
+            await self._client.zrem(GATEWAY_SOCKETS_PREFIX + user_id, member)
 
     async def _renew_loop(self) -> None:
         """Push the expiry of this process's slots forward every third of the TTL, while it holds any."""
@@ -80,8 +81,8 @@ class SocketSlots:
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for member, user_id in list(self.held.items()):
-                        pipe.zadd(KEY_PREFIX + user_id, {member: expiry}, xx=True)
-                        pipe.expire(KEY_PREFIX + user_id, int(self.ttl_s) + 1)
+                        pipe.zadd(GATEWAY_SOCKETS_PREFIX + user_id, {member: expiry}, xx=True)
+                        pipe.expire(GATEWAY_SOCKETS_PREFIX + user_id, int(self.ttl_s) + 1)
                     await pipe.execute()
             except (redis.RedisError, OSError) as exc:
                 logger.warning("gateway: could not renew socket slots (%s)", exc)

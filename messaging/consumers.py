@@ -22,15 +22,9 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chatstream_site.closecodes import (
-    CLOSE_BAD_TICKET,
-    CLOSE_INTERNAL,
-    CLOSE_RATE_LIMITED,
-    CLOSE_TOO_LARGE,
-    CLOSE_TOO_SLOW,
-)
-from chatstream_site.errors import DomainError, NotFound, ValidationFailed
-from messaging import frames, membership, presence, selectors, services, streams, transports
+from core.closecodes import CLOSE_BAD_TICKET, CLOSE_INTERNAL, CLOSE_RATE_LIMITED, CLOSE_TOO_LARGE, CLOSE_TOO_SLOW
+from core.errors import DomainError, NotFound, ValidationFailed
+from messaging import frames, membership, presence, reactions, selectors, services, streams, transports
 from messaging.auth import connection_identify
 from messaging.hub import Hub, hub_get
 
@@ -385,7 +379,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_send(self, data: dict[str, Any], ref: Any) -> None:
         accepted = await services.message_send(
             self.hub.redis, user_id=self.user_id, conversation_id=data.get("conversation_id"),
-            client_msg_id=data.get("client_msg_id"), content=data.get("content"))
+            client_msg_id=data.get("client_msg_id"), content=data.get("content"), reply_to=data.get("reply_to"))
         await self.send_frame(frames.frame("ack", client_msg_id=data.get("client_msg_id"),
                                            conversation_id=accepted.conversation_id,
                                            message_id=accepted.message_id, seq=accepted.seq,
@@ -408,6 +402,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
                                           conversation_id=data.get("conversation_id"), seq=data.get("seq"))
         await self.send_frame(frames.frame("ack", ref=ref, conversation_id=data.get("conversation_id"),
                                            read_seq=cursor))
+
+    async def _on_reaction(self, data: dict[str, Any], ref: Any, *, op: str) -> None:
+        change = await reactions.reaction_change(self.hub.redis, user_id=self.user_id,
+                                                 message_id=data.get("message_id"), emoji=data.get("emoji"), op=op)
+        await self.send_frame(frames.frame("ack", ref=ref, conversation_id=change.conversation_id,
+                                           message_id=change.message_id, emoji=change.emoji, changed=change.changed,
+                                           seq=change.seq, user_ids=change.user_ids))
+
+    async def on_reaction_add(self, data: dict[str, Any], ref: Any) -> None:
+        await self._on_reaction(data, ref, op="add")
+
+    async def on_reaction_remove(self, data: dict[str, Any], ref: Any) -> None:
+        await self._on_reaction(data, ref, op="remove")
 
     async def on_typing(self, data: dict[str, Any], ref: Any) -> None:
         await services.typing_signal(self.hub.redis, user_id=self.user_id,
@@ -487,5 +494,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
                      "websocket.disconnect": websocket_disconnect}
     HANDLERS = {
         "message.send": on_send, "message.edit": on_edit, "message.delete": on_delete, "read": on_read,
-        "typing": on_typing, "resume": on_resume, "ping": on_ping,
+        "typing": on_typing, "resume": on_resume, "ping": on_ping, "reaction.add": on_reaction_add,
+        "reaction.remove": on_reaction_remove,
     }

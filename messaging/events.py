@@ -1,8 +1,9 @@
 """The one builder of conversation events, and the append of a built event.
 
 Every state change that goes through a partition stream is built here, by :func:`event_build`: a sender's
-send, edit and delete, a staff member's delete, and a read cursor's move (``messaging/services.py``:
-``message_send``, ``message_edit``, ``message_delete``, ``message_delete_by_staff``, ``read_mark``). The
+send (a reply included), edit and delete, a staff member's delete, a read cursor's move and a reaction's
+change (``messaging/services.py``: ``message_send``, ``message_edit``, ``message_delete``,
+``message_delete_by_staff``, ``read_mark``; ``messaging/reactions.py``: ``reaction_change``). The
 builder decides the payload's fields (``PAYLOAD_FIELDS``, documented in ``messaging/streams.py`` and
 docs/protocol.md), stamps the time, and says what the append writes beside the entry (the dedup key of a
 send, the meta hash of a send or a delete, the versions an edit adds to it: :func:`edit_versions_meta`).
@@ -24,9 +25,10 @@ from typing import Any
 
 from django.conf import settings
 
+from core.bus import BusAsync
+from core.entries import SEQUENCED, EventType
+from core.keys import message_meta_key
 from messaging import streams
-from messaging.bus import BusAsync
-from messaging.streams import EventType
 
 # The payload's fields of each event type, in the order they are written.
 PAYLOAD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -34,7 +36,14 @@ PAYLOAD_FIELDS: dict[str, tuple[str, ...]] = {
     "message.edited": ("id", "conversation_id", "content", "edited_at", "editor_id", "original"),
     "message.deleted": ("id", "conversation_id", "deleted_at", "deleter_id"),
     "read.updated": ("conversation_id", "user_id", "seq"),
+    "reaction.added": ("id", "conversation_id", "user_id", "emoji", "user_ids", "at"),
+    "reaction.removed": ("id", "conversation_id", "user_id", "emoji", "user_ids", "at"),
 }
+# Optional fields of a payload, present only when they apply (so a plain send's frame carries no extra bytes).
+PAYLOAD_OPTIONAL: dict[str, tuple[str, ...]] = {"message.new": ("reply_to",)}
+# Types appended by a script of their own, which decides part of the payload atomically with the append
+# (``read_mark``'s cursor; ``messaging/reactions.py``'s ``user_ids``): never by :func:`event_emit`.
+OWN_SCRIPT: frozenset[str] = frozenset({"read.updated", "reaction.added", "reaction.removed"})
 # ``deleter_id`` of a delete made by staff: not a chat user's id, so no client mistakes it for a member.
 STAFF_DELETER_PREFIX = "staff:"
 # Stands in for the cursor in a ``read.updated`` payload while it is cut in two (json_around_seq); a string,
@@ -46,12 +55,6 @@ def iso_now() -> str:
     """The current time as events carry it: ISO-8601 UTC with milliseconds and a ``Z``."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-
-def message_meta_key(message_id: str) -> str:
-    """Hash ``{c: conversation id, u: sender id}`` (``x: "1"`` once deleted; ``e`` and ``v<seq>`` once edited,
-    see :func:`edit_versions_meta`) of a message accepted recently (before it is in MongoDB). On the bus Redis
-    (no hash tag: a message id alone must find it)."""
-    return f"cs:msgmeta:{message_id}"
 
 
 def _meta_ttl_s() -> int:
@@ -79,10 +82,21 @@ class BuiltEvent:
         head, tail = text.split(json.dumps(_SEQ_MARK))
         return head, tail
 
+    def json_around(self, name: str) -> tuple[str, str]:
+        """The compact JSON of the payload cut where the value of its field ``name`` goes: ``head + value +
+        tail`` is the payload with that value (JSON text decided by an append script). Raises KeyError for a
+        field the payload does not have."""
+        if name not in self.payload:
+            raise KeyError(name)
+        text = json.dumps({**self.payload, name: _SEQ_MARK}, separators=(",", ":"))
+        head, tail = text.split(json.dumps(_SEQ_MARK))
+        return head, tail
+
 
 def event_build(*, type: EventType, conversation_id: str, actor_id: str, message_id: str = "",
                 content: str | None = None, client_msg_id: str | None = None, sender_id: str | None = None,
                 seq: int | None = None, original: dict[str, Any] | None = None,
+                reply_to: dict[str, Any] | None = None, emoji: str | None = None,
                 mentions: list[str] | None = None) -> BuiltEvent:
     """Build one event of ``type`` by ``actor_id`` (the sender, editor, deleter or reader). Pure: no I/O.
 
@@ -92,7 +106,10 @@ def event_build(*, type: EventType, conversation_id: str, actor_id: str, message
     sent, on its first edit, so the drain can keep it as the first version; None on later edits: the earlier
     edits' events kept it already); ``message.deleted`` ``message_id`` and ``sender_id`` (the
     message's sender, kept in its meta hash; the actor is the deleter: the sender, or ``staff:<username>``);
-    ``read.updated`` ``seq`` (the cursor; 0 when the append script decides it). The caller has validated and
+    ``read.updated`` ``seq`` (the cursor; 0 when the append script decides it); ``message.new`` may take
+    ``reply_to``, the quote of the message it answers (``messaging.replies.reply_quote``); ``reaction.added`` and
+    ``reaction.removed`` take ``message_id`` and ``emoji`` (``user_ids`` is decided by their append script:
+    ``json_around("user_ids")``). The caller has validated and
     authorized them. Raises ValueError for a missing argument (a programming error, not bad input)."""
 
     def need(value: Any, name: str) -> Any:
@@ -104,6 +121,8 @@ def event_build(*, type: EventType, conversation_id: str, actor_id: str, message
         payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id, "sender_id": actor_id,
                    "content": need(content, "content"), "timestamp": iso_now(),
                    "client_msg_id": need(client_msg_id, "client_msg_id"), "mentions": list(mentions or ())}
+        if reply_to is not None:
+            payload["reply_to"] = reply_to
         return BuiltEvent(type=type, conversation_id=conversation_id, message_id=message_id, payload=payload,
                           dedup=(actor_id, payload["client_msg_id"]),
                           meta=(message_meta_key(message_id), {"c": conversation_id, "u": actor_id}, _meta_ttl_s()))
@@ -122,6 +141,10 @@ def event_build(*, type: EventType, conversation_id: str, actor_id: str, message
     if type == "read.updated":
         payload = {"conversation_id": conversation_id, "user_id": actor_id, "seq": int(need(seq, "seq"))}
         return BuiltEvent(type=type, conversation_id=conversation_id, message_id="", payload=payload)
+    if type in ("reaction.added", "reaction.removed"):
+        payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id, "user_id": actor_id,
+                   "emoji": need(emoji, "emoji"), "user_ids": [], "at": iso_now()}
+        return BuiltEvent(type=type, conversation_id=conversation_id, message_id=message_id, payload=payload)
     raise ValueError(f"unknown event type {type!r}")
 
 
@@ -147,7 +170,7 @@ async def event_emit(bus: BusAsync, *, event: BuiltEvent) -> streams.Appended:
     """Append a built ``message.*`` event (``streams.event_append``: seq, dedup and meta hash in one round
     trip). Side effects: those of ``event_append``. Raises ValueError for ``read.updated`` (its append is
     ``read_mark``'s cursor script)."""
-    if event.type not in streams.SEQUENCED:
+    if event.type in OWN_SCRIPT or event.type not in SEQUENCED:
         raise ValueError(f"{event.type} is appended by its own script, not event_emit")
     return await streams.event_append(bus, type=event.type, conversation_id=event.conversation_id,
                                       payload=event.payload, message_id=event.message_id, dedup=event.dedup,

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# The one Redis pub/sub channel every broker listens on for ephemeral events (typing, presence) and for
-# membership changes. One channel, not one per conversation: a broker has to look at every message anyway
-# to find its local receivers, and one SUBSCRIBE per process keeps Redis' pub/sub table tiny.
-CONTROL_CHANNEL = "cs:rt:control"
+# The one Redis pub/sub channel every broker listens on (core/keys.py says why one).
+from core.keys import CONTROL_CHANNEL as CONTROL_CHANNEL
 
 
 def dumps(obj: Any) -> str:
@@ -38,6 +36,9 @@ def event_frame(*, type: str, conversation_id: str, seq: int, payload_json: str)
         return f'{head}"message":{payload_json[:-1]},"seq":{seq}}}}}'
     if type in ("message.edited", "message.deleted"):
         return f'{head}"message":{payload_json}}}'
+    if type in ("reaction.added", "reaction.removed"):
+        # {id (the message's), conversation_id, user_id, emoji, user_ids (all with that emoji now), at}
+        return f'{head}"reaction":{payload_json}}}'
     if type == "read.updated":
         # The payload is {conversation_id, user_id, seq}: here seq is the reader's cursor, not an event seq.
         return f'{{"type":"read.updated",{payload_json[1:]}'
@@ -61,7 +62,8 @@ def message_frame_from_document(doc: dict[str, Any]) -> str:
     """A ``message.new`` frame for a message read back from MongoDB (resume beyond the stream).
 
     MongoDB holds a message's final state, not its edit events: an edited message carries ``edited_at`` and
-    its current content, a deleted one ``deleted: true`` and empty content.
+    its current content, a deleted one ``deleted: true`` and empty content; a reply its quote (``reply_to``,
+    as sent), a reacted one its ``reactions`` ([{emoji, count, user_ids}]).
     """
     message = {
         "id": doc["id"], "conversation_id": doc["conversation_id"], "sender_id": doc["sender_id"],
@@ -72,6 +74,10 @@ def message_frame_from_document(doc: dict[str, Any]) -> str:
         message["edited_at"] = doc["edited_at"]
     if doc.get("deleted"):
         message["deleted"] = True
+    if doc.get("reply_to"):
+        message["reply_to"] = doc["reply_to"]
+    if doc.get("reactions") and not doc.get("deleted"):
+        message["reactions"] = doc["reactions"]
     return frame("message.new", conversation_id=doc["conversation_id"], seq=doc["seq"], message=message,
                  source="archive")
 

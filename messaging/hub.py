@@ -34,9 +34,12 @@ from typing import Any, Protocol
 import redis.asyncio
 from django.conf import settings
 
-from chatstream_site.closecodes import CLOSE_SESSION_ENDED
+from core import keys
+from core.bus import BusAsync, bus_async_new, bus_is_cluster
+from core.closecodes import CLOSE_SESSION_ENDED
 from messaging import frames, membership, presence, streams
-from messaging.bus import BusAsync, bus_async_new, bus_is_cluster, bus_resolve
+from messaging.resp import resp_client_for
+from messaging.streams import bus_resolve
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,9 @@ class Hub:
         streams.append_batching_enable(self.redis)
         # The stream reader's own client: its XREAD BLOCK holds a connection (one per partition on a cluster).
         self._reader = bus_async_new(socket_timeout=READER_SOCKET_TIMEOUT_S)
+        # Its XREAD goes through the lean client when the bus is one plain Redis (docs/adr/0040): redis-py's
+        # per-call cost and its dict per entry were a fixed cost per event at low rates.
+        self._reader_fast = resp_client_for(self._reader, timeout_s=READER_SOCKET_TIMEOUT_S)
         self._control = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
                                                      socket_connect_timeout=COMMAND_TIMEOUT_S)
         self.by_conversation: dict[str, set[Subscriber]] = {}
@@ -93,7 +99,7 @@ class Hub:
         self._partition_refs: Counter[int] = Counter()
         self._cursors: dict[int, bytes | str] = {}
         self._cursor_pending: dict[int, asyncio.Future[None]] = {}
-        self._keys = {p: streams.stream_key(p) for p in range(int(settings.PARTITIONS))}
+        self._keys = {p: keys.stream_key(p) for p in range(int(settings.PARTITIONS))}
         self._key_partition = {k.encode(): p for p, k in self._keys.items()}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,7 +162,7 @@ class Hub:
             subscribers = self.by_conversation.setdefault(conversation_id, set())
             if conn not in subscribers:
                 subscribers.add(conn)
-                partitions.append(streams.partition_of(conversation_id))
+                partitions.append(keys.partition_of(conversation_id))
         await self._partitions_acquire(partitions)
 
     def connection_remove(self, conn: Subscriber, *, conversation_ids: list[str]) -> None:
@@ -174,7 +180,7 @@ class Hub:
         if conn in subscribers:
             return
         subscribers.add(conn)
-        await self._partitions_acquire([streams.partition_of(conversation_id)])
+        await self._partitions_acquire([keys.partition_of(conversation_id)])
 
     def unsubscribe(self, conn: Subscriber, *, conversation_id: str) -> None:
         subscribers = self.by_conversation.get(conversation_id)
@@ -183,7 +189,7 @@ class Hub:
         subscribers.discard(conn)
         if not subscribers:
             del self.by_conversation[conversation_id]
-        partition = streams.partition_of(conversation_id)
+        partition = keys.partition_of(conversation_id)
         self._partition_refs[partition] -= 1
         if self._partition_refs[partition] <= 0:
             del self._partition_refs[partition]
@@ -233,15 +239,26 @@ class Hub:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._reader_fast is not None:
+                cursors = list(self._cursors.items())
+                reply = await self._reader_fast.call(
+                    "XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS", *[self._keys[p] for p, _ in cursors],
+                    *[cursor for _, cursor in cursors])
+                await self._read_consume(reply, flat=True)
+                continue
             request: dict[Any, Any] = {self._keys[p]: cursor for p, cursor in self._cursors.items()}
             await self._read_consume(await self._reader.xread(request, count=READ_COUNT, block=BLOCK_MS))
 
-    async def _read_consume(self, response: Any) -> None:
-        """Dispatch an XREAD reply's entries in stream order and move each partition's cursor past them."""
+    async def _read_consume(self, response: Any, *, flat: bool = False) -> None:
+        """Dispatch an XREAD reply's entries in stream order and move each partition's cursor past them.
+        ``flat``: a raw RESP reply (``messaging/resp.py``), each entry's fields a flat list of names and values."""
         for key, entries in response or []:
             partition = self._key_partition[key if isinstance(key, bytes) else key.encode()]
             for entry_id, fields in entries:
-                await self._dispatch(entry_id, fields)
+                if flat:
+                    pairs = iter(fields or ())
+                    fields = dict(zip(pairs, pairs, strict=False))
+                self._dispatch(entry_id, fields)
             if entries and partition in self._cursors:
                 self._cursors[partition] = entries[-1][0]
 
@@ -277,7 +294,7 @@ class Hub:
         while (cursor := self._cursors.get(partition)) is not None:
             await self._read_consume(await self._reader.xread({key: cursor}, count=READ_COUNT, block=BLOCK_MS))
 
-    async def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             conversation_id = fields[b"c"].decode()
             subscribers = self.by_conversation.get(conversation_id)

@@ -15,7 +15,8 @@ from typing import Any
 import redis.asyncio
 from asgiref.sync import sync_to_async
 
-from chatstream_site.errors import NotFound
+from core.errors import NotFound
+from core.keys import membership_generation_key, membership_key
 from messaging import frames, selectors
 
 # A membership answer is cached this long. The API's membership changes write the new set at once
@@ -30,22 +31,15 @@ MEMBERSHIP_MISS_TTL_S = 30
 _NO_MEMBERS = "-"  # the cached set of a conversation that does not exist
 
 
-def membership_key(conversation_id: str) -> str:
-    return f"cs:members:{conversation_id}"
-
-
-def membership_generation_key(conversation_id: str) -> str:
-    """Counter bumped by every invalidation of the conversation's cached members: a refill writes only if it
-    is unchanged since before its MongoDB read (``_MEMBERS_REFILL_LUA``)."""
-    return f"cs:membersgen:{conversation_id}"
-
 def _members_query(conversation_id: str) -> list[str] | None:
-    from storage.documents import Conversation
+    from core.documents import Conversation
 
     conversation = Conversation.objects(id=conversation_id).only("members").first()
     if conversation is None:
         return None
     return [str(m) for m in conversation.members]
+
+
 
 
 def _members_from_db(conversation_id: str) -> list[str] | None:
@@ -131,6 +125,14 @@ async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversat
 
 async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conversation_id: str) -> None:
     """Raise NotFound for an unknown conversation and for one the user is not in (no existence leak)."""
+    if _local_members is not None:
+        # The hot path of every send on a broker: the in-process answer, without the copy of the member set
+        # conversation_members hands its callers (a group of 256 is a 256-item copy per message).
+        hit = _local_members.get(conversation_id)
+        if hit is not None and hit[0] > time.monotonic():
+            if hit[1] is None or user_id not in hit[1]:
+                raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+            return
     members = await conversation_members(client, conversation_id=conversation_id)
     if members is None or user_id not in members:
         raise NotFound("no such conversation", details={"conversation_id": conversation_id})

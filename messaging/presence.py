@@ -18,20 +18,14 @@ from typing import Any
 import redis.asyncio
 from django.conf import settings
 
-from chatstream_site.values import as_str
+from core.keys import PRESENCE_CLAIMS_KEY, PRESENCE_EXPIRING_KEY, presence_key
+from core.values import as_str
 from messaging import frames
 
 logger = logging.getLogger(__name__)
 
-def presence_key(user_id: str) -> str:
-    """Sorted set: session id -> expiry (unix seconds) of the user's open connections on every broker."""
-    return f"cs:presence:{user_id}"
-
-
-# Sorted set: user id -> the latest expiry among the user's sessions, for every user announced online whose
-# offline has not been announced yet. Its members with a score in the past are users whose last session
-# expired without a disconnect (their broker was killed): the sweep announces them offline.
-PRESENCE_EXPIRING_KEY = "cs:presence:expiring"
+# The keys (core/keys.py, on REDIS_URL): presence_key(user) (sessions -> expiry), PRESENCE_EXPIRING_KEY (user ->
+# latest expiry, for every user announced online and not yet offline), PRESENCE_CLAIMS_KEY (the sweep's claims).
 
 # A session is counted online until its broker stops refreshing it: settings.PRESENCE_TTL_S after a SIGKILL,
 # the killed broker's sessions stop counting, and the next sweep of any live broker (presence_sweep, every
@@ -111,11 +105,10 @@ end
 return missing
 """
 
-# Hash: user id -> the moment their last session expired, for users a sweep has claimed and not yet
-# released (their offline is being announced). The claim also moves the user's index score to the end of
+# PRESENCE_CLAIMS_KEY: user id -> the moment their last session expired, for users a sweep has claimed and not
+# yet released (their offline is being announced). The claim also moves the user's index score to the end of
 # a lease (PRESENCE_CLAIM_LEASE_S): a sweep that dies before it announced and released is redone by a later
 # sweep once the lease has run out, so an offline is announced at least once.
-PRESENCE_CLAIMS_KEY = "cs:presence:claims"
 # Long enough for a claim's users.status write and its PUBLISH on a loaded FerretDB (a few seconds at the
 # worst of a connect wave); short enough that a lost announcement is redone within a minute of the crash.
 PRESENCE_CLAIM_LEASE_S = 30
@@ -162,7 +155,7 @@ _presence_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_nam
 
 
 def _user_seen(user_id: str, status: str) -> None:
-    from storage.documents import User
+    from core.documents import User
 
     User.objects(id=user_id).update_one(set__status=status, set__last_seen=datetime.now(UTC))
 
@@ -173,8 +166,8 @@ def _user_expired(user_id: str, at: datetime) -> list[str]:
     user's conversation ids (for the announcement). Blocking (MongoDB)."""
     from mongoengine.queryset.visitor import Q
 
+    from core.documents import User
     from messaging import selectors
-    from storage.documents import User
 
     User.objects(Q(id=user_id) & (Q(last_seen=None) | Q(last_seen__lte=at))).update_one(
         set__status="offline", set__last_seen=at)

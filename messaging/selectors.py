@@ -17,9 +17,11 @@ import redis.asyncio
 from bson import ObjectId
 from django.conf import settings
 
-from chatstream_site.values import as_str
-from messaging import streams
-from messaging.bus import BusAsync, bus_resolve
+from core import keys
+from core.bus import BusAsync
+from core.keys import conversation_card_key, user_conversations_key, user_conversations_version_key
+from core.values import as_str
+from messaging.streams import bus_resolve
 
 # XREVRANGE page while looking for a conversation's missed events: big enough that a short absence is one
 # round trip, small enough that one page (~1,000 entries of ~300 bytes) is a few hundred KB at most.
@@ -41,13 +43,6 @@ USER_CONVERSATIONS_TTL_S = 24 * 3600
 _NONE = "-"  # the cached set of a user in no conversation (a set cannot be empty)
 
 
-def user_conversations_key(user_id: str) -> str:
-    """Set: ids of the conversations the user is a member of (on REDIS_URL)."""
-    return f"cs:uconvs:{user_id}"
-
-
-def user_conversations_version_key(user_id: str) -> str:
-    return f"cs:uconvs:v:{user_id}"
 
 
 @functools.cache
@@ -56,7 +51,7 @@ def _redis(url: str) -> redis.Redis:
 
 
 def _user_conversation_ids_from_db(user_id: str) -> list[str]:
-    from storage.documents import Conversation
+    from core.documents import Conversation
 
     return [str(c["_id"]) for c in Conversation.objects(members=ObjectId(user_id)).only("id").as_pymongo()]
 
@@ -88,10 +83,6 @@ def user_conversation_ids(*, user_id: str) -> list[str]:
     return found
 
 
-def conversation_card_key(conversation_id: str) -> str:
-    """String: the conversation's card (JSON) the conversation list shows (``api.selectors``; on REDIS_URL)."""
-    return f"cs:card:conv:{conversation_id}"
-
 
 def user_conversations_forget(client: Any, *, user_ids: list[str], conversation_id: str | None = None) -> Any:
     """After a membership change: drop the users' cached conversation ids (bumping their versions) and the
@@ -117,7 +108,8 @@ def archived_messages(*, conversation_id: str, after_seq: int, before_seq: int |
                       limit: int = ARCHIVE_PAGE) -> list[dict[str, Any]]:
     """Persisted messages of a conversation with ``after_seq < seq < before_seq``, in seq order, in their
     final state (MongoDB holds edited content and delete tombstones, not the edit events). Blocking."""
-    from storage.documents import Message
+    from core.documents import Message
+    from messaging.reactions import reactions_ordered  # lazy: reactions -> services -> membership -> here
 
     query: dict[str, Any] = {"conversation_id": ObjectId(conversation_id), "seq__gt": after_seq}
     if before_seq is not None:
@@ -129,6 +121,7 @@ def archived_messages(*, conversation_id: str, after_seq: int, before_seq: int |
             "content": r.get("content", ""), "timestamp": _iso(r.get("timestamp")), "seq": int(r["seq"]),
             "client_msg_id": r.get("client_msg_id"), "edited_at": _iso(r.get("edited_at")),
             "deleted": bool(r.get("deleted", False)), "mentions": list(r.get("mentions") or ()),
+            "reply_to": r.get("reply_to"), "reactions": reactions_ordered(r.get("reactions")),
         }
         for r in rows
     ]
@@ -202,8 +195,8 @@ class ResumeScan:
             if last_seq <= after_seq:
                 return StreamTail(events=[], complete=True)
             bus = bus_resolve(self._client, self._bus)
-            partition = streams.partition_of(conversation_id)
-            key = streams.stream_key(partition)
+            partition = keys.partition_of(conversation_id)
+            key = keys.stream_key(partition)
             pages = self._partitions.setdefault(partition, _PartitionPages())
             if pages.top != "+":
                 # What was appended since this partition was first read: forwards from there, bounded pages.
@@ -244,7 +237,7 @@ async def stream_message_new_find(bus: BusAsync, *, conversation_id: str,
                                   message_id: str) -> dict[str, Any] | None:
     """``{content, at, seq}`` of the ``message.new`` of ``message_id`` if it is among the last
     ``ORIGINAL_SCAN_MAX`` entries of its conversation's partition stream, newest first; else None. Read-only."""
-    key = streams.stream_key(streams.partition_of(conversation_id))
+    key = keys.stream_key(keys.partition_of(conversation_id))
     conv, needle = conversation_id.encode(), message_id.encode()
     upper: bytes | str = "+"
     scanned = 0

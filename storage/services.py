@@ -35,22 +35,23 @@ from bson.errors import InvalidId
 from django.conf import settings
 from mongoengine.connection import get_db
 
-from chatstream_site.errors import Retryable
-from chatstream_site.values import as_str
-from messaging.bus import BusSync
-from messaging.streams import Event, MalformedEntry, event_decode, persisted_key, stream_key
-from storage.deadletters import deadletter_add, storable
-from storage.documents import BUCKET_SEQS, bucket_id
-from storage.keys import (
+from core.bus import BusSync, bus_sync
+from core.documents import BUCKET_SEQS, bucket_id
+from core.entries import Event, MalformedEntry, event_decode
+from core.errors import Retryable
+from core.keys import (
     GROUP,
     RATE_BUCKET_S,
     RATE_WINDOW_S,
     drain_lease_key,
     failures_key,
+    persisted_key,
     rate_key,
-    redis_sync,
     stats_key,
+    stream_key,
 )
+from core.values import as_str
+from storage.deadletters import deadletter_add, storable
 from storage.selectors import entry_key, partitions_state
 
 logger = logging.getLogger("chatstream.storage")
@@ -109,7 +110,7 @@ def group_ensure(*, partition: int, client: BusSync | None = None) -> None:
     key = stream_key(partition)
     if key in _groups_ready:
         return
-    r = client or redis_sync()
+    r = client or bus_sync()
     try:
         r.xgroup_create(key, GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
@@ -360,6 +361,7 @@ def _conversation_ops(items: list[_Item], seen: _Seen) -> tuple[list[dict[str, A
         for item in group:
             for path, value in _rule(item).conversation_max(item).items():
                 maxes[path] = max(maxes.get(path, value), value)
+        first = len(ops)
         if maxes:
             ops.append({"q": {"_id": cid}, "u": {"$max": maxes}})
             owners.append(group)
@@ -368,6 +370,8 @@ def _conversation_ops(items: list[_Item], seen: _Seen) -> tuple[list[dict[str, A
                 mine = [i for i in group if i.event and i.event.type == type_]
                 if mine:
                     for op, carried in rule.conversation_updates(cid, mine, seen):
+                        if maxes and _merge_set(ops[first], op):
+                            continue  # carried by the conversation's first statement, whose owners are all
                         ops.append(op)
                         owners.append(carried)
         for item in group:
@@ -376,6 +380,22 @@ def _conversation_ops(items: list[_Item], seen: _Seen) -> tuple[list[dict[str, A
                 ops.append(own)
                 owners.append([item])
     return ops, owners
+
+
+def _merge_set(into: dict[str, Any], op: dict[str, Any]) -> bool:
+    """Fold ``op`` (a pure ``$set`` on the same ``_id``) into ``into`` when no path of one is a path of the other
+    or lies under it (one statement may not set ``a`` and ``a.b``); returns whether it did. Why: each statement
+    that changes a document costs FerretDB a read, a rewrite and an index update (~1-2 ms), and a batch of
+    messages spread over many conversations sent two per conversation (``$max`` of last_seq/updated_at, then
+    lastMessage): one is enough (docs/adr/0035)."""
+    if into["q"] != op["q"] or set(op["u"]) != {"$set"} or not set(into["u"]) <= {"$max", "$set"}:
+        return False
+    taken = [path for fields in into["u"].values() for path in fields]
+    for path in op["u"]["$set"]:
+        if any(path == t or path.startswith(t + ".") or t.startswith(path + ".") for t in taken):
+            return False
+    into["u"].setdefault("$set", {}).update(op["u"]["$set"])
+    return True
 
 
 # ------------------------------------------------------------------ the event table
@@ -428,7 +448,8 @@ class _Seen:
 
     def message(self, mid: str) -> dict[str, Any] | None:
         if mid not in self.messages:
-            self.messages[mid] = self.db.messages.find_one({"_id": mid}, {"seq": 1, "deleted": 1, "edit_seq": 1})
+            self.messages[mid] = self.db.messages.find_one(
+                {"_id": mid}, {"seq": 1, "deleted": 1, "edit_seq": 1, "reactions": 1, "rx_seq": 1})
         return self.messages[mid]
 
     def conversation(self, cid: ObjectId) -> dict[str, Any] | None:
@@ -464,7 +485,8 @@ def _new_parse(event: Event) -> dict[str, Any]:
     data = event.data
     return {"id": _text(data, "id"), "sender_id": _oid(data.get("sender_id"), "sender_id"),
             "content": _text(data, "content"), "timestamp": _time(data.get("timestamp"), "timestamp"),
-            "client_msg_id": data.get("client_msg_id"), "mentions": _mentions(data.get("mentions"))}
+            "client_msg_id": data.get("client_msg_id"), "mentions": _mentions(data.get("mentions")),
+            "reply_to": _quote_parse(data.get("reply_to"))}
 
 
 def _mentions(value: Any) -> list[str]:
@@ -477,11 +499,23 @@ def _mentions(value: Any) -> list[str]:
     return list(value)
 
 
+def _quote_parse(quote: Any) -> dict[str, Any] | None:
+    """A reply's quote (``messaging.replies.quote_of``) checked field by field, or None for a plain message."""
+    if quote is None:
+        return None
+    if not isinstance(quote, dict) or isinstance(quote.get("seq"), bool) or not isinstance(quote.get("seq"), int) \
+            or not all(isinstance(quote.get(k), str) for k in ("id", "sender_id", "username", "excerpt")) \
+            or not isinstance(quote.get("deleted"), bool):
+        raise MalformedEntry(f"message.new with reply_to {str(quote)[:100]!r}")
+    return {k: quote[k] for k in ("id", "seq", "sender_id", "username", "excerpt", "deleted")}
+
+
 def _new_document(i: _Item) -> dict[str, Any]:
     return {"_id": i.doc["id"], "conversation_id": i.conversation, "seq": _ev(i).seq,
             "sender_id": i.doc["sender_id"], "client_msg_id": i.doc["client_msg_id"], "content": i.doc["content"],
             "timestamp": i.doc["timestamp"], "deleted": False, "read_status": "sent",
-            **({"mentions": i.doc["mentions"]} if i.doc["mentions"] else {})}
+            **({"mentions": i.doc["mentions"]} if i.doc["mentions"] else {}),
+            **({"reply_to": i.doc["reply_to"]} if i.doc["reply_to"] is not None else {})}
 
 
 def _new_conversation_max(i: _Item) -> dict[str, Any]:
@@ -636,6 +670,59 @@ def _read_conversation_max(i: _Item) -> dict[str, Any]:
     return {f"read_cursors.{i.doc['user_id']}": i.doc["seq"]}
 
 
+# reaction.added and reaction.removed (docs/adr/0037). The event carries the emoji's whole list of users after
+# the change, so applying it sets that list (no counting): one $set by _id of the message's ``reactions``,
+# guarded by ``rx_seq`` (an older or redelivered reaction event writes nothing), decided on the document read
+# by _id (``_Seen``).
+
+
+def _reaction_parse(event: Event) -> dict[str, Any]:
+    if event.seq < 1:
+        raise MalformedEntry(f"{event.type} with seq {event.seq}")
+    ids = event.data.get("user_ids")
+    if not isinstance(ids, list) or not all(isinstance(u, str) for u in ids):
+        raise MalformedEntry(f"{event.type} with user_ids {str(ids)[:100]!r}")
+    return {"id": _text(event.data, "id"), "emoji": _text(event.data, "emoji"),
+            "user_ids": [str(_oid(u, "user_ids")) for u in ids]}
+
+
+def reactions_with(reactions: Any, *, emoji: str, user_ids: list[str]) -> list[dict[str, Any]]:
+    """``reactions`` ([{emoji, user_ids}]) with ``emoji``'s users set to ``user_ids`` (an empty list removes
+    the emoji; a new one goes last). Pure."""
+    out = [dict(r) for r in reactions or [] if isinstance(r, dict) and r.get("emoji") != emoji]
+    at = next((n for n, r in enumerate(reactions or []) if isinstance(r, dict) and r.get("emoji") == emoji), None)
+    if user_ids:
+        entry = {"emoji": emoji, "user_ids": list(user_ids)}
+        out.insert(at if at is not None else len(out), entry)
+    return out
+
+
+def _older_reaction(doc: dict[str, Any], seq: int) -> bool:
+    current = doc.get("rx_seq")
+    return current is None or (isinstance(current, int) and current < seq)
+
+
+def _reaction_update(i: _Item, seen: _Seen) -> dict[str, Any] | None:
+    seq = _ev(i).seq
+    message = seen.message(i.doc["id"])
+    if message is None or message.get("deleted") is True or not _older_reaction(message, seq):
+        return None
+    reactions = reactions_with(message.get("reactions"), emoji=i.doc["emoji"], user_ids=i.doc["user_ids"])
+    message.update(reactions=reactions, rx_seq=seq)
+    return {"q": {"_id": i.doc["id"]}, "u": {"$set": {"reactions": reactions, "rx_seq": seq}}}
+
+
+def _reaction_bucket_update(i: _Item, entry: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The ``message_buckets`` statement of a reaction event on its message's ``entry`` (at ``path``), or None
+    when a newer reaction event is there already or the message is deleted."""
+    seq = _ev(i).seq
+    if entry.get("deleted") is True or not _older_reaction(entry, seq):
+        return None
+    reactions = reactions_with(entry.get("reactions"), emoji=i.doc["emoji"], user_ids=i.doc["user_ids"])
+    entry.update(reactions=reactions, rx_seq=seq)
+    return {f"{path}.reactions": reactions, f"{path}.rx_seq": seq}
+
+
 EVENT_RULES: dict[str, EventRule] = {
     "message.new": EventRule(parse=_new_parse, document=_new_document, conversation_max=_new_conversation_max,
                              conversation_updates=_new_last_message),
@@ -647,6 +734,10 @@ EVENT_RULES: dict[str, EventRule] = {
                                  conversation_update=_deleted_last_message, versions=_deleted_versions),
     "read.updated": EventRule(parse=_read_parse, message_updates=_read_status_updates,
                               conversation_max=_read_conversation_max),
+    "reaction.added": EventRule(parse=_reaction_parse, message_update=_reaction_update, needs_message=True,
+                                conversation_max=_sequenced_conversation_max),
+    "reaction.removed": EventRule(parse=_reaction_parse, message_update=_reaction_update, needs_message=True,
+                                  conversation_max=_sequenced_conversation_max),
 }
 
 
@@ -730,7 +821,7 @@ def partition_drain(
     reclaimed after ``DRAIN_RECLAIM_IDLE_S`` and dead-lettered after ``DRAIN_MAX_DELIVERIES`` such failures.
     """
     started = time.monotonic()
-    r = client or redis_sync()
+    r = client or bus_sync()
     result = DrainResult(partition=partition)
     token = secrets.token_hex(8)
     try:
@@ -825,7 +916,8 @@ def _bucket_message(item: _Item) -> dict[str, Any]:
     return {"id": item.doc["id"], "seq": item.event.seq, "sender_id": item.doc["sender_id"],
             "content": item.doc["content"], "timestamp": item.doc["timestamp"],
             "client_msg_id": item.doc["client_msg_id"], "deleted": False,
-            **({"mentions": item.doc["mentions"]} if item.doc["mentions"] else {})}
+            **({"mentions": item.doc["mentions"]} if item.doc["mentions"] else {}),
+            **({"reply_to": item.doc["reply_to"]} if item.doc.get("reply_to") is not None else {})}
 
 
 def messages_existing(db: Any, *, ids: list[str]) -> set[str]:
@@ -869,7 +961,8 @@ def buckets_write(db: Any, items: list[_Item], *, seen: _Seen | None = None) -> 
         reply = db.command("update", "message_buckets", ordered=False,
                            updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         _buckets_raise(reply.get("writeErrors") or [])
-    changes = [i for i in live if i.event is not None and i.event.type in ("message.edited", "message.deleted")]
+    changes = [i for i in live if i.event is not None and i.event.type in (
+        "message.edited", "message.deleted", "reaction.added", "reaction.removed")]
     seen = seen or _Seen(db)
     ops = []
     for i in changes:
@@ -882,9 +975,15 @@ def buckets_write(db: Any, items: list[_Item], *, seen: _Seen | None = None) -> 
         bid = bucket_id(i.event.conversation_id, seq)
         bucket = seen.bucket(bid)
         entry = ((bucket or {}).get("m") or {}).get(str(seq))
-        if not isinstance(entry, dict) or entry.get("id") != i.doc["id"] or not _older_edit(entry, i.event.seq):
-            continue  # not in its bucket (a partial one), or a newer change is there already
+        if not isinstance(entry, dict) or entry.get("id") != i.doc["id"]:
+            continue  # not in its bucket (a partial one)
         q = {"_id": bid}
+        if i.event.type in ("reaction.added", "reaction.removed"):
+            if (fields := _reaction_bucket_update(i, entry, path)) is not None:
+                ops.append({"q": q, "u": {"$set": fields}})
+            continue
+        if not _older_edit(entry, i.event.seq):
+            continue  # a newer change is there already
         if i.event.type == "message.edited":
             if entry.get("deleted") is True:
                 continue
@@ -947,7 +1046,8 @@ def buckets_build(*, batch: int = 1000) -> int:
             "id": row["_id"], "seq": seq, "sender_id": row["sender_id"], "content": row.get("content", ""),
             "timestamp": row.get("timestamp"), "client_msg_id": row.get("client_msg_id"),
             "deleted": bool(row.get("deleted")), "edited_at": row.get("edited_at"),
-            "deleted_at": row.get("deleted_at"), "edit_seq": row.get("edit_seq")}
+            "deleted_at": row.get("deleted_at"), "edit_seq": row.get("edit_seq"), "reply_to": row.get("reply_to"),
+            "reactions": row.get("reactions") or [], "rx_seq": row.get("rx_seq")}
         written += 1
         if len(pending) >= batch:
             flush()
@@ -984,7 +1084,7 @@ def recent_persisted_watermarks(items: list[_Item]) -> dict[str, int]:
 
 def recent_persisted_advance(r: BusSync, *, partition: int, items: list[_Item]) -> None:
     """After a batch is settled: move each of its conversations' persisted watermark
-    (``messaging.streams.persisted_key``) up, so the append script may drop those messages from the
+    (``core.keys.persisted_key``) up, so the append script may drop those messages from the
     conversation's recent window (docs/adr/0028). Side effect: one script call on the partition's slot."""
     marks = recent_persisted_watermarks(items)
     if marks:

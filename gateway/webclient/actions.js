@@ -150,8 +150,10 @@ export function messageSend() {
   const content = input.value;
   if (!content.trim() || !state.current) return;
   const cid = newClientMsgId();
-  state.pending.set(cid, { conversation_id: state.current, content, createdAt: Date.now() });
-  state.socket.send({ type: "message.send", conversation_id: state.current, client_msg_id: cid, content });
+  const reply = state.replyTo && state.replyTo.conversation_id === state.current ? state.replyTo.id : null;
+  state.pending.set(cid, { conversation_id: state.current, content, createdAt: Date.now(), reply_to: reply });
+  state.socket.send({ type: "message.send", conversation_id: state.current, client_msg_id: cid, content, ...(reply ? { reply_to: reply } : {}) });
+  state.replyTo = null;
   input.value = "";
   renderMessages({ stickToBottom: true });
 }

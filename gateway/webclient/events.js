@@ -3,6 +3,7 @@ import { tokensSave } from "./api.js";
 import { state, myId, store, addMessage, bumpSeq, findMessage, normalizeMessage, readMove, TYPING_SHOW_MS } from "./state.js";
 import { notice, renderConversations, renderMessages, renderMembers, renderTyping } from "./render.js";
 import { loadConversations, loadMembers, loadGroup, loadVersions, scheduleRead, conversationForget } from "./actions.js";
+import { reactionApply, quotesRefresh } from "./replies.js";
 
 let onAuthLost = () => {};
 export function setAuthLostHandler(fn) { onAuthLost = fn; }
@@ -40,6 +41,7 @@ function onMessageChanged(frame) {
   const m = findMessage(conv, String(data.id));
   if (!m) return;
   if (frame.type === "message.edited") { m.content = data.content; m.edited = true; } else { m.deleted = true; m.content = ""; }
+  quotesRefresh(conv, m.id, { content: m.content, deleted: m.deleted });
   if (frame.type === "message.edited" && state.versionsOpen.has(m.id)) loadVersions(m);
   if (m.deleted) { state.versionsOpen.delete(m.id); state.versions.delete(m.id); }
   if (state.editing === m.id && m.deleted) state.editing = null;
@@ -50,7 +52,9 @@ export function handleEvent(frame) {
   switch (frame.type) {
     case "ready":
       // Un-acked sends from before the drop go again; the server deduplicates by client_msg_id.
-      for (const [cid, p] of state.pending) state.socket.send({ type: "message.send", conversation_id: p.conversation_id, client_msg_id: cid, content: p.content });
+      for (const [cid, p] of state.pending) {
+        state.socket.send({ type: "message.send", conversation_id: p.conversation_id, client_msg_id: cid, content: p.content, ...(p.reply_to ? { reply_to: p.reply_to } : {}) });
+      }
       loadConversations();
       if (state.current) loadMembers(state.current);
       break;
@@ -62,6 +66,14 @@ export function handleEvent(frame) {
       break;
     case "message.edited":
     case "message.deleted": onMessageChanged(frame); break;
+    case "reaction.added":
+    case "reaction.removed": {
+      const conv = String(frame.conversation_id);
+      if (frame.seq) bumpSeq(conv, Number(frame.seq));
+      reactionApply(frame);
+      if (conv === state.current) renderMessages();
+      break;
+    }
     case "read.updated": {
       const conv = String(frame.conversation_id);
       readMove(conv, String(frame.user_id), Number(frame.seq));

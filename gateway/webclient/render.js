@@ -2,8 +2,9 @@
 // (never innerHTML). Clicks call into actions.js.
 import { ApiError } from "./api.js";
 import { $, state, myId, store, readersOf, senderName, otherMemberId, groupOf, iAmAdmin } from "./state.js";
-import { openConversation, editStart, editCancel, editSave, messageDelete, versionsToggle, adminRemove } from "./actions.js";
+import { openConversation, editStart, editCancel, editSave, messageDelete, versionsToggle, adminRemove, loadPage } from "./actions.js";
 import { mentionsMark, readersDetails } from "./finders.js";
+import { repliesWire, quoteBlock, reactionsBar, replyStart, replyBannerRender } from "./replies.js";
 
 export function notice(text, kind = "info") {
   const el = document.createElement("div");
@@ -141,6 +142,7 @@ export function renderMessages({ stickToBottom = false, keepOffsetFrom = null } 
     if (mineIds.has(cid)) continue;
     list.append(messageItem({ id: cid, seq: 0, sender_id: myId(), content: p.content, pending: true }, {}));
   }
+  replyBannerRender();
   if (editingFocus) { const input = list.querySelector(".edit-input"); if (input) input.focus(); }
   if (keepOffsetFrom !== null) list.scrollTop = list.scrollHeight - keepOffsetFrom;
   else if (stickToBottom || nearBottom) list.scrollTop = list.scrollHeight;
@@ -226,17 +228,22 @@ function messageItem(m, { receipt }) {
   else if (receipt) { const e = document.createElement("span"); e.className = "seen"; e.textContent = receipt.text; e.title = receipt.title; meta.append(e); }
   li.append(meta);
   if (state.editing === m.id && !m.deleted) { li.append(editForm(m)); return li; }
+  if (m.reply_to) li.append(quoteBlock(m, loadPage));
   const body = document.createElement("div");
   body.className = "body";
   if (m.deleted) body.textContent = "message deleted";
   else mentionsMark(body, m);
   li.append(body);
   if (state.versionsOpen.has(m.id) && !m.deleted) li.append(versionsList(m));
-  if (mine && !m.pending && !m.deleted) {
+  if (!m.pending && !m.deleted) li.append(reactionsBar(m));
+  if (!m.pending && !m.deleted) {
     const actions = document.createElement("div");
     actions.className = "actions";
-    actions.append(button("edit", "Edit message", () => editStart(m)), document.createTextNode(" "),
-      button("delete", "Delete message", () => { if (confirm("Delete this message?")) messageDelete(m); }));
+    actions.append(button("reply", `Reply to ${senderName(m)}`, () => replyStart(m)));
+    if (mine) {
+      actions.append(document.createTextNode(" "), button("edit", "Edit message", () => editStart(m)), document.createTextNode(" "),
+        button("delete", "Delete message", () => { if (confirm("Delete this message?")) messageDelete(m); }));
+    }
     li.append(actions);
   }
   return li;
@@ -249,3 +256,5 @@ export function renderTyping() {
   const names = typers ? [...typers.entries()].filter(([, t]) => t > now).map(([u]) => state.names.get(u) || "someone") : [];
   el.textContent = names.length ? `${names.join(", ")} ${names.length > 1 ? "are" : "is"} typing…` : "";
 }
+
+repliesWire({ render: () => renderMessages(), notice });

@@ -26,6 +26,8 @@ export const state = {
   groups: new Map(),        // group id -> {id, admins: [user id], added_by: {member -> adder | null}}
   versions: new Map(),      // message id -> [{seq, content, at}] (GET /messages/{id}/versions), oldest first
   versionsOpen: new Set(),  // message ids whose edit history is shown
+  replyTo: null,            // {id, conversation_id, name, excerpt} of the message being answered (replies.js)
+  pickerFor: null,          // id of the message whose emoji picker is open
 };
 
 export const $ = (id) => document.getElementById(id);
@@ -119,6 +121,8 @@ export function normalizeMessage(raw) {
     edited: Boolean(raw.edited_at),
     client_msg_id: raw.client_msg_id,
     mentions: (raw.mentions || []).map(String),  // ids of the members its @usernames named
+    reply_to: raw.reply_to || null,
+    reactions: (raw.reactions || []).map((r) => ({ emoji: r.emoji, user_ids: (r.user_ids || []).map(String) })),
   };
 }
 

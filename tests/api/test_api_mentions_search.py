@@ -13,7 +13,7 @@ import redis
 from django.core.management import call_command
 
 from api.finders import SEARCH_QUERY_MAX_CHARS, SEARCH_TERMS_MAX, search_match
-from messaging.streams import partition_of, recent_docs_key, recent_key
+from core.keys import partition_of, recent_docs_key, recent_key
 from tests.support.api import Account, account, error_code, persist
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")
@@ -61,7 +61,7 @@ def test_mention_count_beside_unread_resets_on_read_and_history_carries_mentions
     persist(servers, cid)
     import redis
 
-    from messaging.streams import partition_of, recent_docs_key, recent_key
+    from core.keys import partition_of, recent_docs_key, recent_key
     r = redis.Redis.from_url(servers.redis_url)
     r.delete(recent_key(partition_of(cid), cid), recent_docs_key(partition_of(cid), cid))  # the store serves it
     assert [m["mentions"] for m in bob.client.get(url).json()["results"]] == from_window

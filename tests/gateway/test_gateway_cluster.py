@@ -26,11 +26,11 @@ from django_ratelimit.core import _get_window
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from api.tokens import TicketOwner, token_issue, ws_ticket_issue
 from chatstream_site.localcluster import wait_until
 from chatstream_site.localfleet import Fleet, Proc, settle
 from chatstream_site.localservers import Servers, redis_server
-from gateway.identity import identity_headers
+from core.identity import identity_headers
+from core.tokens import TicketOwner, token_issue, ws_ticket_issue
 
 pytestmark = pytest.mark.cluster
 

@@ -13,11 +13,11 @@ import redis.asyncio
 from django.test import RequestFactory
 from django_ratelimit.core import get_usage
 
-from api.tokens import TicketOwner
 from chatstream_site.localservers import Servers, free_port
-from chatstream_site.registry import Instance
+from core.identity import identity_headers, identity_strip, identity_verify
+from core.registry import Instance
+from core.tokens import TicketOwner
 from gateway.asgi import STATE_KEY, RequestState
-from gateway.identity import identity_headers, identity_strip, identity_verify
 from gateway.middleware import REQUEST_ID_RE, bearer_token, ip_key, origin_allowed
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter, rate_validate

@@ -23,13 +23,13 @@ import websockets.exceptions
 from bson import ObjectId
 from django_ratelimit.core import _get_window
 
-from api.tokens import token_issue, ws_ticket_issue
-from chatstream_site.closecodes import CLOSE_SESSION_ENDED, CLOSE_TOO_MANY_SOCKETS
 from chatstream_site.localcluster import wait_until
 from chatstream_site.localfleet import Fleet, Proc, settle
 from chatstream_site.localservers import Servers
-from messaging.streams import partition_of, stream_key
-from storage.documents import Conversation, GroupChat
+from core.closecodes import CLOSE_SESSION_ENDED, CLOSE_TOO_MANY_SOCKETS
+from core.documents import Conversation, GroupChat
+from core.keys import partition_of, stream_key
+from core.tokens import token_issue, ws_ticket_issue
 from tests.support.realtime import (
     brokers_running,
     connect,

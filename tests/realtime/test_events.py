@@ -16,12 +16,12 @@ from bson import ObjectId
 from mongoengine.connection import get_db
 
 from api import services as api_services
-from chatstream_site.errors import NotFound
 from chatstream_site.localservers import Servers, run_with_redis
-from messaging import events, services
-from messaging.streams import Event, event_decode, partition_of, stream_key
-from storage.documents import Conversation
-from storage.keys import DEADLETTERS
+from core.documents import Conversation
+from core.entries import Event, event_decode
+from core.errors import NotFound
+from core.keys import DEADLETTERS, partition_of, stream_key
+from messaging import events, reactions, services
 from storage.services import EVENT_RULES
 from tests.support.api import persist
 
@@ -69,16 +69,24 @@ def test_every_event_type_the_services_append_is_built_alike_and_applied_by_the_
         await services.message_delete(c, user_id=ALICE, message_id=sent[1].message_id)
         await services.message_delete_by_staff(c, staff_username="mod", message_id=sent[2].message_id)
         assert await services.read_mark(c, user_id=BOB, conversation_id=conversation, seq=2) == 2
+        reply = await services.message_send(c, user_id=BOB, conversation_id=conversation, client_msg_id="r",
+                                            content="a reply", reply_to=sent[0].message_id)
+        await reactions.reaction_change(c, user_id=BOB, message_id=reply.message_id, emoji="👍", op="add")
+        await reactions.reaction_change(c, user_id=BOB, message_id=reply.message_id, emoji="👍", op="remove")
         return [s.message_id for s in sent]
 
     ids = run(servers, body)
     mine = entries_of(r, conversation)
     # The services append every type the builder knows, and the drain has a rule for each, no more.
-    assert [e.type for _, _, e in mine] == ["message.new"] * 3 + ["message.edited", "message.deleted",
-                                                                  "message.deleted", "read.updated"]
+    assert [e.type for _, _, e in mine] == ["message.new"] * 3 + [
+        "message.edited", "message.deleted", "message.deleted", "read.updated", "message.new", "reaction.added",
+        "reaction.removed"]
     assert set(EVENT_RULES) == set(events.PAYLOAD_FIELDS) == {e.type for _, _, e in mine}
     for _, _, event in mine:
-        assert tuple(event.data) == events.PAYLOAD_FIELDS[event.type], event
+        optional = [f for f in events.PAYLOAD_OPTIONAL.get(event.type, ()) if f in event.data]
+        assert tuple(event.data) == events.PAYLOAD_FIELDS[event.type] + tuple(optional), event
+    assert [e.data.get("reply_to", {}).get("id") for _, _, e in mine if e.type == "message.new"] == [
+        None, None, None, ids[0]]
 
     persist(servers, conversation)  # the real drain
     db = get_db()
@@ -89,9 +97,11 @@ def test_every_event_type_the_services_append_is_built_alike_and_applied_by_the_
         (True, "", 5), (True, "", 6)]
     # 1:1: Bob read up to seq 2, so Alice's messages 1 and 2 are read, 3 is not.
     assert [msgs[i]["read_status"] for i in ids] == ["read", "read", "sent"]
+    reply = db.messages.find_one({"conversation_id": ObjectId(conversation), "seq": 7})
+    assert reply["reply_to"]["id"] == ids[0] and reply["reactions"] == [] and reply["rx_seq"] == 9
     conv = db.conversations.find_one({"_id": ObjectId(conversation)})
-    assert conv["last_seq"] == 6 and conv["read_cursors"] == {BOB: 2}
-    assert conv["lastMessage"]["id"] == ids[2] and conv["lastMessage"]["deleted"] is True
+    assert conv["last_seq"] == 9 and conv["read_cursors"] == {BOB: 2}
+    assert conv["lastMessage"]["id"] == reply["_id"]
     assert dead_letters_of(r, {eid for eid, _, _ in mine}) == []
 
 

@@ -24,11 +24,10 @@ from bson import ObjectId
 from mongoengine.connection import get_db
 
 from chatstream_site.localservers import RedisCluster, Servers, redis_cluster_start
+from core.bus import bus_async_new
+from core.keys import GROUP, partition_of, seq_key, stream_key
 from messaging import services, streams
-from messaging.bus import bus_async_new
-from messaging.streams import partition_of, seq_key, stream_key
 from storage import services as storage
-from storage.keys import GROUP
 from storage.selectors import partitions_state
 from tests.support.realtime import (
     Broker,
@@ -150,7 +149,7 @@ def test_append_without_dedup_key_runs_on_the_cluster(cluster: RedisCluster) -> 
 def test_a_fresh_bus_client_serves_concurrent_first_reads(cluster: RedisCluster, settings: Any) -> None:
     """A broker's first per-partition XREADs all start together on a fresh client. redis-py's own asyncio
     cluster client lost some of them for good (a third of fresh clients, measured); the bus client
-    (``messaging.bus.BusCluster``) must not. Twenty fresh clients, eight concurrent first reads each."""
+    (``core.bus.BusCluster``) must not. Twenty fresh clients, eight concurrent first reads each."""
     settings.STREAMS_REDIS_URL, settings.STREAMS_REDIS_CLUSTER = cluster.url, True
     writer = redis.cluster.RedisCluster.from_url(cluster.url)
 

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio
 
 from chatstream_site.localservers import Servers, run_with_redis
+from core.keys import stream_key
 from messaging import frames, presence, services
-from messaging.streams import stream_key
 from messaging.transports import Flag as _Flag
 from messaging.transports import ReceiveQueue as _ReceiveQueue
 from tests.support.realtime import presence_live

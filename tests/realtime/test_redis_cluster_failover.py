@@ -20,7 +20,7 @@ import redis
 import redis.cluster
 
 from chatstream_site.localservers import RedisCluster, Server, Servers, redis_cluster_start
-from messaging.streams import partition_of, seq_key, stream_key
+from core.keys import partition_of, seq_key, stream_key
 from tests.support.realtime import (
     Broker,
     brokers_running,

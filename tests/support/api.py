@@ -17,10 +17,10 @@ from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from rest_framework.test import APIClient
 
-from api.tokens import token_issue
 from chatstream_site.localservers import Servers
-from messaging.streams import partition_of
-from storage.documents import Message, User
+from core.documents import Conversation, Message, User
+from core.keys import partition_of
+from core.tokens import token_issue
 from storage.services import partition_drain
 
 PASSWORD = "correct-horse-battery-9"
@@ -96,7 +96,8 @@ PERSIST_CONSUMER = "api-tests"
 
 
 def bulk_messages(*, conversation_id: str, sender_id: str, count: int, start_seq: int = 1) -> None:
-    """Insert ``count`` persisted messages with consecutive seqs (fast: one insert_many per 1,000)."""
+    """Insert ``count`` persisted messages with consecutive seqs (fast: one insert_many per 1,000), and raise the
+    conversation's ``last_seq`` over them as the drain does (history trusts it when Redis has no seq)."""
     base = datetime(2026, 1, 1, tzinfo=UTC)
     collection = Message._get_collection()
     batch: list[dict[str, Any]] = []
@@ -109,6 +110,8 @@ def bulk_messages(*, conversation_id: str, sender_id: str, count: int, start_seq
             batch = []
     if batch:
         collection.insert_many(batch, ordered=False)
+    Conversation._get_collection().update_one({"_id": ObjectId(conversation_id)},
+                                              {"$max": {"last_seq": start_seq + count - 1}})
 
 
 def dumps(value: Any) -> str:

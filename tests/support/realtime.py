@@ -21,12 +21,11 @@ import redis.cluster
 import websockets
 from bson import ObjectId
 
-from api.tokens import ws_ticket_issue
 from chatstream_site.localcluster import child_env
 from chatstream_site.localservers import ROOT, free_port, wait_port
-from messaging.presence import presence_key
-from messaging.streams import partition_of, stream_key
-from storage.documents import Conversation, GroupChat, User
+from core.documents import Conversation, GroupChat, User
+from core.keys import partition_of, presence_key, stream_key
+from core.tokens import ws_ticket_issue
 
 # Every wait in these tests is bounded by this; reaching it fails the test (it is not a timing assertion).
 WAIT_S = 20.0

@@ -328,6 +328,67 @@ def test_edit_history_opens_from_the_edited_label_and_admins_demote_and_delete(c
         bctx.close()
 
 
+def test_reply_with_a_quote_that_jumps_to_the_original_and_react_by_keyboard(cluster: Cluster,
+                                                                            browser: Browser) -> None:
+    alice, bob = register(cluster, "alice"), register(cluster, "bob")
+    actx, apage = login_page(browser, cluster, alice)
+    bctx, bpage = login_page(browser, cluster, bob)
+    try:
+        apage.locator("#new-chat-username").fill(bob["username"])
+        apage.get_by_role("button", name="Start").click()
+        expect(apage.locator("#chat-title")).to_have_text(bob["username"])
+        send(apage, "which day suits you?")
+        for i in range(3):
+            send(apage, f"filler {i}")
+        expect(apage.locator(".msg.pending")).to_have_count(0, timeout=10_000)
+        open_chat(bpage, alice["username"])
+        expect(bpage.locator(".msg .body").last).to_have_text("filler 2", timeout=15_000)
+
+        # Bob replies to the first message: the banner says to what, the reply carries the quote.
+        bpage.get_by_role("button", name=f"Reply to {alice['username']}").first.click()
+        expect(bpage.locator("#reply-banner")).to_contain_text(f"Replying to {alice['username']}: which day suits you?")
+        expect(bpage.get_by_role("button", name="Cancel reply")).to_have_count(1)
+        expect(bpage.locator("#composer-input")).to_be_focused()
+        bpage.keyboard.type("Tuesday")
+        bpage.keyboard.press("Enter")
+        expect(bpage.locator("#reply-banner")).to_be_hidden()
+        quote = apage.get_by_role("button", name="In reply to you: which day suits you?. Go to the original message")
+        expect(quote).to_have_count(1, timeout=15_000)
+        # The quote jumps to the original, by keyboard: it gets the focus.
+        quote.focus()
+        apage.keyboard.press("Enter")
+        expect(apage.locator('li.msg[data-seq="1"]')).to_be_focused()
+
+        # Bob reacts with the keyboard only: open the picker, the first emoji has the focus, Enter picks it.
+        opener = bpage.get_by_role("button", name="Add reaction").first
+        opener.focus()
+        bpage.keyboard.press("Enter")
+        picker = bpage.get_by_role("group", name="Pick a reaction")
+        expect(picker.get_by_role("button")).to_have_count(12)
+        expect(picker.get_by_role("button", name="React with thumbs up")).to_be_focused()
+        bpage.keyboard.press("Enter")
+        expect(picker).to_have_count(0)
+        # Alice sees it live, with who reacted, and adds hers: a toggle button that says it is pressed.
+        theirs = apage.get_by_role("button", name=f"thumbs up, 1: {bob['username']}. React with thumbs up")
+        expect(theirs).to_have_count(1, timeout=15_000)
+        expect(theirs).to_have_attribute("aria-pressed", "false")
+        theirs.click()
+        both = apage.get_by_role("button", name=f"thumbs up, 2: {bob['username']}, you. Remove your reaction")
+        expect(both).to_have_attribute("aria-pressed", "true", timeout=15_000)
+        expect(bpage.locator(".msg").first.locator("button.reaction")).to_have_text("👍 2", timeout=15_000)
+        shot(apage, "reply-and-react")
+        # After a reload both are still there (history carries quotes and reactions).
+        apage.reload()
+        expect(apage.locator("#connection")).to_have_text("live", timeout=20_000)
+        open_chat(apage, bob["username"])
+        expect(apage.locator(".msg").first.locator("button.reaction")).to_have_text("👍 2", timeout=15_000)
+        expect(apage.get_by_role("button", name="In reply to you: which day suits you?. Go to the original message")
+               ).to_have_count(1)
+    finally:
+        actx.close()
+        bctx.close()
+
+
 def test_mentions_search_and_read_by_in_a_group(cluster: Cluster, browser: Browser) -> None:
     alice, bob, carol = (register(cluster, n) for n in ("alice", "bob", "carol"))
     actx, apage = login_page(browser, cluster, alice)

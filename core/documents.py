@@ -109,6 +109,13 @@ class Message(me.Document):
     edit_seq = me.IntField()
     # Ids of the members the message's @usernames named when it was sent (messaging/mentions.py); absent: none.
     mentions = me.ListField(me.StringField(), default=list)
+    # The quote of the message this one answers, as the send made it (messaging/replies.py, docs/adr/0037):
+    # {id, seq, sender_id, username, excerpt, deleted}.
+    reply_to = me.DictField(default=None)
+    # [{emoji, user_ids}] (docs/adr/0037), and the seq of the last reaction event applied (the drain's guard,
+    # as edit_seq is for edits).
+    reactions = me.ListField(me.DictField())
+    rx_seq = me.IntField()
 
     meta = {
         "collection": "messages",
