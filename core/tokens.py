@@ -101,6 +101,15 @@ def ws_ticket_issue(client: redis.Redis, *, user_id: str, username: str, gen: in
     return ticket
 
 
+async def ws_ticket_issue_async(client: redis.asyncio.Redis, *, user_id: str, username: str, gen: int = 0) -> str:
+    """:func:`ws_ticket_issue` for async code (the gateway answers ``POST /api/v1/auth/ws-ticket`` itself).
+    Side effect: one Redis SET with EX."""
+    ticket = secrets.token_urlsafe(32)
+    await client.set(TICKET_PREFIX + ticket, _ticket_value(user_id=user_id, username=username, gen=gen),
+                     ex=settings.WS_TICKET_TTL_S)
+    return ticket
+
+
 async def ws_ticket_consume(client: redis.asyncio.Redis, *, ticket: str) -> TicketOwner | None:
     """The ticket's owner, or None if unknown, expired or already used. Side effect: deletes it (GETDEL)."""
     if not ticket or len(ticket) > 128:

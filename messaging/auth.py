@@ -30,6 +30,11 @@ def _query_ticket(scope: Mapping[str, Any]) -> str:
     return values[0] if len(values) == 1 else ""
 
 
+def connection_proxied(scope: Mapping[str, Any]) -> bool:
+    """Whether the handshake came through a gateway (it carries the gateway's identity headers). Pure."""
+    return any(bytes(name).lower().startswith(IDENTITY_PREFIX) for name, _ in scope.get("headers", []))
+
+
 async def connection_identify(scope: Mapping[str, Any]) -> TicketOwner | None:
     """The user of a WebSocket handshake, or None (the caller closes with 4001).
 

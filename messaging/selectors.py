@@ -35,11 +35,14 @@ ARCHIVE_PAGE = 500
 
 
 # A user's conversation ids are cached in Redis (docs/adr/0028): connects and the conversation list read them
-# without a document-store query. Every membership change through the services drops them (and bumps the
-# version, so a fill racing the change is not stored); the TTL only bounds staleness after a change that
-# bypassed the services (a manual database edit). A day: a user's first connect or list of the day fills it
-# (one members query, a scan on FerretDB), later ones read Redis.
-USER_CONVERSATIONS_TTL_S = 24 * 3600
+# without a document-store query. Registration writes a new user's (empty) set, and every membership change
+# through the services adds or removes the conversation in each changed user's set (and bumps the version,
+# so a fill racing the change is not stored): messaging.membership.membership_changed_sync, docs/adr/0039.
+# Only a set that is not cached (a user from before this, one quiet for the TTL, a Redis restart without its
+# data) is filled from the store (one members query, a scan on FerretDB), once. The TTL only bounds staleness
+# after a change that bypassed the services (a manual database edit): 30 days, as the members sets'
+# (messaging.membership.MEMBERSHIP_TTL_S); with a day, every user's first connect of the day read the store.
+USER_CONVERSATIONS_TTL_S = 30 * 24 * 3600
 _NONE = "-"  # the cached set of a user in no conversation (a set cannot be empty)
 
 
@@ -81,6 +84,35 @@ def user_conversation_ids(*, user_id: str) -> list[str]:
         except redis.WatchError:
             pass  # a membership change raced this read: answer it, do not cache it
     return found
+
+
+async def user_conversation_ids_async(client: redis.asyncio.Redis, *, user_id: str) -> list[str]:
+    """:func:`user_conversation_ids` for a broker's connect: the cached set with the loop's own client (no
+    thread hop); only a miss runs the blocking fill in a worker thread."""
+    cached = await client.smembers(user_conversations_key(user_id)) if ObjectId.is_valid(user_id) else None
+    if cached:
+        return sorted({as_str(m) for m in cached} - {_NONE})
+    from asgiref.sync import sync_to_async
+
+    return await sync_to_async(user_conversation_ids, thread_sensitive=False)(user_id=user_id)
+
+
+# A new user's set: written only if no membership change of theirs bumped the version first (a change that
+# saw no set left it to the fill, and this must not then cache "no conversations" over it).
+_USER_CONVERSATIONS_INIT_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def user_conversations_init(client: Any, *, user_id: str) -> Any:
+    """After a user is created (registration): cache their conversation ids as none, so their first connect
+    reads no store. ``client``: a sync or async REDIS_URL client; returns the script's answer (a coroutine for
+    an async client). Side effect: one script call."""
+    return client.eval(_USER_CONVERSATIONS_INIT_LUA, 2, user_conversations_key(user_id),
+                       user_conversations_version_key(user_id), _NONE, USER_CONVERSATIONS_TTL_S)
 
 
 
