@@ -13,7 +13,8 @@ deliveries, server CPU µs per delivery (utime+stime of the server processes fro
 of server memory per idle connection (VmRSS delta / N) and server CPU while everyone is connected and idle.
 The client is one asyncio process; on a small machine it is often the bottleneck, which is why the ratio
 of CPU per delivery (the server's own cost) is the fair comparison, and why the systems run back to back
-on the same Redis, in one run.
+on the same Redis, in one run. Over 400 lines: the workload driver and its per-system measurement share the
+counters and the process table of one run; the peers' own code is in ``bench/peer_centrifugo.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import websockets
 from bson import ObjectId
 
 # Re-exported for manage.py bench, which imports this module only (the import-linter contract).
+from bench.peer_centrifugo import OPEN_TIMEOUT_S
 from bench.peer_centrifugo import CentrifugoConn as CentrifugoConn
 from bench.peer_centrifugo import centrifugo_spawn as centrifugo_spawn
 from bench.peer_centrifugo import centrifugo_version as centrifugo_version
@@ -178,7 +180,7 @@ class ChatStreamConn:
 
     async def open(self) -> None:
         self.ws = await websockets.connect(self.url, origin="http://127.0.0.1",  # type: ignore[arg-type]
-                                           open_timeout=60, max_queue=None, compression=None)
+                                           open_timeout=OPEN_TIMEOUT_S, max_queue=None, compression=None)
         ready = json.loads(await self.ws.recv())
         if ready.get("type") != "ready":
             raise RuntimeError(f"connection {self.index}: expected ready, got {ready}")
@@ -239,7 +241,7 @@ class SocketIOConn:
         self.next_ack = 0
 
     async def open(self) -> None:
-        self.ws = await websockets.connect(self.url, open_timeout=60, max_queue=None, compression=None)
+        self.ws = await websockets.connect(self.url, open_timeout=OPEN_TIMEOUT_S, max_queue=None, compression=None)
         opening = await self.ws.recv()
         if not opening.startswith("0"):
             raise RuntimeError(f"socket.io connection {self.index}: unexpected {opening[:80]!r}")
