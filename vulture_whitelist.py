@@ -96,7 +96,16 @@ _.failByDrop
 _.close_timer
 # messaging/events.py: the payload fields of each event type, the table tests/realtime/test_events.py checks
 PAYLOAD_FIELDS
-# messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_replies_reactions.py
+# asyncio.Protocol callbacks of the lean Redis client (messaging/resp.py) and of the gateway's broker link
+# (gateway/wslink.py), called by the event loop
+connection_made
+data_received
+connection_lost
+pause_writing
+resume_writing
+# core.keys: which Redis each key lives on, read by tests/cluster/test_keys.py
+REDIS_OF
+# messaging/events.py: optional payload fields (reply_to), checked by tests/realtime/test_events.py
 PAYLOAD_OPTIONAL
 # storage/documents.py: the reaction guard the drain writes ($set) and reads by _id; api/serializers.py:
 # the quote's field, described for the OpenAPI schema

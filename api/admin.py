@@ -23,8 +23,8 @@ from django.views.decorators.http import require_POST
 
 from api import selectors, services
 from api.models import MongoConversation, MongoMessage, MongoUser
-from chatstream_site.errors import NotFound
-from storage.documents import Message, User
+from core.documents import Message, User
+from core.errors import NotFound
 
 logger = logging.getLogger(__name__)
 PER_PAGE = 50

@@ -1,6 +1,6 @@
 """DRF authentication by JWT access token (``Authorization: Bearer <access>``).
 
-The token is checked with :func:`api.tokens.token_decode` (algorithm pinned) and against the revocation
+The token is checked with :func:`core.tokens.token_decode` (algorithm pinned) and against the revocation
 list (a logged-out session's access token, and every token of a user whose password changed or whose
 account was removed, is refused before it expires). The request's user is a small
 :class:`ApiUser`: the chat users live in MongoDB, not in Django's auth tables.
@@ -14,9 +14,9 @@ from typing import Any
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
-from api import revocation
-from api.tokens import Claims, token_decode
-from chatstream_site.errors import Unauthenticated
+from core import revocation
+from core.errors import Unauthenticated
+from core.tokens import Claims, token_decode
 
 
 @dataclass(frozen=True, slots=True)

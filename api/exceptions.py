@@ -20,7 +20,7 @@ from django_ratelimit.exceptions import Ratelimited
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 
-from chatstream_site.errors import Conflict, DomainError, RateLimited, Unavailable, ValidationFailed, error_body
+from core.errors import Conflict, DomainError, RateLimited, Unavailable, ValidationFailed, error_body
 
 logger = logging.getLogger(__name__)
 

@@ -23,16 +23,24 @@ from typing import Any
 
 from bson import ObjectId
 
-from api.clients import sync_redis
-from api.selectors import _WINDOW_READ_LUA, conversation_members_cached
-from chatstream_site.errors import ValidationFailed
-from chatstream_site.values import as_str, iso_ms
-from messaging.bus import bus_is_cluster, bus_sync
-from messaging.mentions import mention_list_key
+from api.history import WINDOW_READ_LUA
+from api.selectors import conversation_members_cached
+from core.bus import bus_is_cluster, bus_sync
+from core.clients import sync_redis
+from core.documents import BUCKET_SEQS, Message, MessageBucket
+from core.errors import ValidationFailed
+from core.keys import (
+    mention_list_key,
+    partition_of,
+    read_cursor_key,
+    recent_docs_key,
+    recent_edits_key,
+    recent_key,
+    search_cursor_key,
+    seq_key,
+)
+from core.values import as_str, iso_ms
 from messaging.selectors import user_conversation_ids
-from messaging.services import read_cursor_key
-from messaging.streams import partition_of, recent_docs_key, recent_edits_key, recent_key, seq_key
-from storage.documents import BUCKET_SEQS, Message, MessageBucket
 
 MENTIONS_PAGE_MAX = 100
 SEARCH_PAGE_MAX = 50
@@ -211,7 +219,7 @@ def _sources(conversation_ids: list[str], state: dict[str, Any] | None) -> list[
     """Each conversation's window below its bound (newest first), in one pipeline of window reads.
     ``state``: a cursor's ``{conversation id: [below, bound key or null]}`` (None: a first page)."""
     bus = bus_sync()
-    script = bus.register_script(_WINDOW_READ_LUA)
+    script = bus.register_script(WINDOW_READ_LUA)
     wanted = [c for c in conversation_ids if state is None or c in state]
 
     def call(cid: str, client: Any = None) -> Any:
@@ -281,11 +289,6 @@ def _bucket_read(source: _Source) -> None:
             r["deleted"] = bool(r.get("deleted")) or bool(edit.get("deleted"))
             r["content"] = edit.get("content") or ""
     source.buffered = sorted(rows, key=lambda r: int(r["seq"]), reverse=True)
-
-
-def search_cursor_key(user_id: str, token: str) -> str:
-    """JSON ``{"q": [terms], "s": {conversation id: [below, bound]}}`` of an unfinished search (REDIS_URL)."""
-    return f"cs:search:{user_id}:{token}"
 
 
 # "As new as can be": sorts before every inverted key (an inverted ISO time is never empty).

@@ -5,7 +5,7 @@ messages from the recent window and the store:
 
 * **Reactions.** A message of the recent window carries its reactions already (the reaction script rewrites
   its copy there). A message served from the store carries what the drain persisted; its reaction state hash
-  (``messaging.reactions.state_key``), present for a day after a change, is newer: one pipelined HGETALL for
+  (``core.keys.reactions_key``), present for a day after a change, is newer: one pipelined HGETALL for
   the store-served messages of the page.
 * **Quotes.** A reply carries the quote the send made (``messaging.replies``). The page refreshes it to the
   original's current content and deletion, from wherever that is known without a scan: the page itself, the
@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from messaging.bus import bus_sync
+from core.bus import bus_sync
+from core.documents import Message, MessageBucket, bucket_id
+from core.keys import partition_of, recent_docs_key
 from messaging.reactions import reactions_live_sync
 from messaging.replies import quote_refreshed
-from messaging.streams import partition_of, recent_docs_key
-from storage.documents import Message, MessageBucket, bucket_id
 
 # Bucket reads one page may spend on quotes of originals older than the window (~1 ms each by _id on
 # FerretDB v1): a page of 50 replies to 50 old messages costs at most this many, the rest keep their quotes.

@@ -18,10 +18,10 @@ from typing import Any
 from django.conf import settings
 from django_ratelimit.core import get_usage
 
-from api.clients import sync_redis
-from chatstream_site.errors import RateLimited
+from core.clients import sync_redis
+from core.errors import RateLimited
+from core.keys import LOGIN_FAIL_PREFIX
 
-LOGIN_FAIL_PREFIX = "cs:login:fail:"
 # A failed login of (username, client): count it; from the last free failure on, the pair must wait
 # base * 2^k seconds (k: failures past the free ones, 0 for the last free one), at most the cap, before its
 # next attempt. The key lives a day

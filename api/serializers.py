@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
-from chatstream_site.errors import PayloadTooLarge
+from core.errors import PayloadTooLarge
 from messaging.services import text_storable_require
 
 # ------------------------------------------------------------------ strict fields

@@ -141,7 +141,8 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
     import redis
     from django.conf import settings
 
-    from messaging.membership import MEMBERSHIP_TTL_S, membership_key
+    from core.keys import membership_key
+    from messaging.membership import MEMBERSHIP_TTL_S
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     pipe = client.pipeline(transaction=False)
@@ -209,7 +210,7 @@ def backlog_total() -> int:
 
 
 def headers(uid: str) -> dict[str, str]:
-    from api.tokens import token_issue
+    from core.tokens import token_issue
 
     return {"Authorization": f"Bearer {token_issue(user_id=uid, username='bench', type='access')}"}
 
@@ -226,7 +227,8 @@ def warm(cluster: Cluster, users: list[str], convs: list[tuple[str, list[str]]],
     import redis
     from django.conf import settings
 
-    from messaging.selectors import USER_CONVERSATIONS_TTL_S, user_conversations_key
+    from core.keys import user_conversations_key
+    from messaging.selectors import USER_CONVERSATIONS_TTL_S
 
     cold: list[float] = []
     failed = 0

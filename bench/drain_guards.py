@@ -75,9 +75,9 @@ def run(args: argparse.Namespace, size: int) -> dict[str, Any]:
     from django.conf import settings
     from mongoengine.connection import disconnect, get_db
 
+    from core.documents import Message
     from messaging.streams import event_append
     from storage import services
-    from storage.documents import Message
     from storage.mongo import mongo_connect
 
     disconnect()

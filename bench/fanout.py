@@ -13,7 +13,8 @@ deliveries, server CPU µs per delivery (utime+stime of the server processes fro
 of server memory per idle connection (VmRSS delta / N) and server CPU while everyone is connected and idle.
 The client is one asyncio process; on a small machine it is often the bottleneck, which is why the ratio
 of CPU per delivery (the server's own cost) is the fair comparison, and why the systems run back to back
-on the same Redis, in one run.
+on the same Redis, in one run. Over 400 lines: the workload driver and its per-system measurement share the
+counters and the process table of one run; the peers' own code is in ``bench/peer_centrifugo.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import websockets
 from bson import ObjectId
 
 # Re-exported for manage.py bench, which imports this module only (the import-linter contract).
+from bench.peer_centrifugo import OPEN_TIMEOUT_S
 from bench.peer_centrifugo import CentrifugoConn as CentrifugoConn
 from bench.peer_centrifugo import centrifugo_spawn as centrifugo_spawn
 from bench.peer_centrifugo import centrifugo_version as centrifugo_version
@@ -104,6 +106,9 @@ class Result:
     kb_per_idle_connection: float = 0.0
     idle_cpu_pct: float = 0.0
     client_cpu_s: float = 0.0
+    # The load client's CPU over the timed window in % of one core: near 100 the client (one process, one
+    # thread), not the server, sets the pace, and deliveries/s say nothing about the server.
+    client_cpu_pct: float = 0.0
     missing_sample: list[str] = field(default_factory=list)  # for diagnosis when lost > 0
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t since start, latency ms)
 
@@ -175,7 +180,7 @@ class ChatStreamConn:
 
     async def open(self) -> None:
         self.ws = await websockets.connect(self.url, origin="http://127.0.0.1",  # type: ignore[arg-type]
-                                           open_timeout=60, max_queue=None, compression=None)
+                                           open_timeout=OPEN_TIMEOUT_S, max_queue=None, compression=None)
         ready = json.loads(await self.ws.recv())
         if ready.get("type") != "ready":
             raise RuntimeError(f"connection {self.index}: expected ready, got {ready}")
@@ -236,7 +241,7 @@ class SocketIOConn:
         self.next_ack = 0
 
     async def open(self) -> None:
-        self.ws = await websockets.connect(self.url, open_timeout=60, max_queue=None, compression=None)
+        self.ws = await websockets.connect(self.url, open_timeout=OPEN_TIMEOUT_S, max_queue=None, compression=None)
         opening = await self.ws.recv()
         if not opening.startswith("0"):
             raise RuntimeError(f"socket.io connection {self.index}: unexpected {opening[:80]!r}")
@@ -417,6 +422,7 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     window = time.monotonic() - started
     window_deliveries = counters.window_deliveries
     cpu_window = cpu_total(server_pids) - cpu_start
+    client_window = resource.getrusage(resource.RUSAGE_SELF)
     await asyncio.gather(*tasks)
     on_progress_tick(workload.duration_s)
     out.write("\n")
@@ -448,6 +454,8 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     result.deliveries_per_core_s = window_deliveries / cpu_window if cpu_window else 0.0
     result.client_cpu_s = (client_end.ru_utime + client_end.ru_stime) - (client_start.ru_utime
                                                                           + client_start.ru_stime)
+    result.client_cpu_pct = 100.0 * ((client_window.ru_utime + client_window.ru_stime)
+                                     - (client_start.ru_utime + client_start.ru_stime)) / window
     result.timeline = counters.timeline
     missing = [(conn, k) for k, f in acks.items() if f.done()
                for conn in members[int(k.split("-")[0])] if (conn, k) not in counters.seen]
@@ -478,8 +486,8 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     import redis as redis_sync
     from django.conf import settings
 
-    from api.tokens import TICKET_PREFIX
-    from storage.documents import Conversation, User
+    from core.documents import Conversation, User
+    from core.keys import TICKET_PREFIX
 
     user_ids = [ObjectId() for _ in range(connections)]
     run = ObjectId()
@@ -493,6 +501,7 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     client = redis_sync.Redis.from_url(redis_url)
     # What the REST service's group creation does after its MongoDB writes (api.services._membership_notify):
     # the members' set goes into Redis, so the first send of each conversation reads no MongoDB (issue 16).
+    from messaging import selectors
     from messaging.membership import membership_changed_sync
     for cid, group in zip(conversation_ids, members, strict=True):
         membership_changed_sync(client, user_ids=[str(user_ids[i]) for i in group], conversation_id=str(cid))
@@ -504,7 +513,15 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     with client.pipeline(transaction=False) as pipe:
         for i, ticket in enumerate(tickets):
             pipe.set(TICKET_PREFIX + ticket, json.dumps({"user_id": str(user_ids[i]), "username": f"b{i}"}),
-                     ex=max(600, int(settings.WS_TICKET_TTL_S)))
+                     ex=max(3600, int(settings.WS_TICKET_TTL_S)))  # 10,000 connects on a loaded machine: > 10 min
+        # Each user's cached conversation ids, as a user's registration and group joins through the API leave
+        # them in Redis (messaging.selectors.user_conversation_ids): a connect then reads no store, which is
+        # the steady state to measure; without this each of 10,000 first connects scanned FerretDB (issue 16).
+        for cid, group in zip(conversation_ids, members, strict=True):
+            for i in group:
+                key = selectors.user_conversations_key(str(user_ids[i]))
+                pipe.sadd(key, str(cid))
+                pipe.expire(key, selectors.USER_CONVERSATIONS_TTL_S)
         pipe.execute()
     client.close()
     return [str(c) for c in conversation_ids], tickets, user_ids
@@ -513,7 +530,7 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
 def chatstream_online_all(user_ids: list[ObjectId]) -> bool:
     """Whether the broker finished its connect work for every one of ``user_ids``: their ``users.status`` is
     online, which the broker writes (and then announces) in the background after ``ready``."""
-    from storage.documents import User
+    from core.documents import User
 
     return bool(User._get_collection().count_documents({"_id": {"$in": user_ids}, "status": "online"})
                 >= len(user_ids))
@@ -631,12 +648,12 @@ def plot(results: list[Result], path: Path, *, title: str) -> None:
 
 def table(results: list[Result]) -> str:
     rows = [("system", "deliv/s", "p50 ms", "p95 ms", "p99 ms", "lost", "dup", "CPU µs/deliv",
-             "deliv/core-s", "KB/idle conn", "idle CPU %")]
+             "deliv/core-s", "KB/idle conn", "idle CPU %", "client CPU %")]
     for r in results:
         rows.append((r.system, f"{r.deliveries_per_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
                      f"{r.p99_ms:.2f}", str(r.lost), str(r.duplicated), f"{r.cpu_us_per_delivery:.1f}",
                      f"{r.deliveries_per_core_s:,.0f}", f"{r.kb_per_idle_connection:.1f}",
-                     f"{r.idle_cpu_pct:.2f}"))
+                     f"{r.idle_cpu_pct:.2f}", f"{r.client_cpu_pct:.0f}"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -182,8 +182,8 @@ def main() -> None:
     django.setup()
     import redis
 
-    from api.tokens import token_issue, ws_ticket_issue
     from chatstream_site.localfleet import Fleet
+    from core.tokens import token_issue, ws_ticket_issue
 
     fleet = Fleet(servers, workdir, db=0)
     try:

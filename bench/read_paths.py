@@ -61,8 +61,8 @@ async def recent(*, convs: list[tuple[str, list[str]]], hot: list[int], tops: di
     import redis.asyncio
     from django.conf import settings
 
+    from core.keys import partition_of, seq_key
     from messaging.services import message_send
-    from messaging.streams import partition_of, seq_key
 
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
     try:
@@ -81,7 +81,7 @@ def measure(args: argparse.Namespace, *, convs: list[tuple[str, list[str]]], hot
             tops: dict[str, int]) -> dict[str, Any]:
     from rest_framework.test import APIClient
 
-    from api.tokens import token_issue
+    from core.tokens import token_issue
     from messaging.selectors import user_conversation_ids
 
     def client(uid: str) -> APIClient:
@@ -133,7 +133,7 @@ def main() -> None:
     django.setup()
     from mongoengine.connection import get_db
 
-    from storage.services import buckets_build
+    from storage.buckets import buckets_build
 
     rnd = random.Random(5)  # noqa: S311 - a reproducible workload, not a secret
     rows = []

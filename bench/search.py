@@ -59,7 +59,7 @@ def fill(n: int, *, convs: list[tuple[str, list[str]]], tops: dict[str, int], rn
     from bson import ObjectId
     from mongoengine.connection import get_db
 
-    from storage.documents import BUCKET_SEQS
+    from core.documents import BUCKET_SEQS
 
     db = get_db()
     batch: list[dict[str, Any]] = []
@@ -104,8 +104,8 @@ async def recent(*, convs: list[tuple[str, list[str]]], tops: dict[str, int], co
     import redis.asyncio
     from django.conf import settings
 
+    from core.keys import partition_of, seq_key
     from messaging.services import message_send
-    from messaging.streams import partition_of, seq_key
 
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
     rnd = random.Random(11)  # noqa: S311 - a reproducible workload, not a secret
@@ -183,8 +183,7 @@ def main() -> None:
         import redis
         from django.conf import settings
 
-        from messaging.membership import membership_key
-        from messaging.selectors import user_conversations_key
+        from core.keys import membership_key, user_conversations_key
         client = redis.Redis.from_url(settings.REDIS_URL)
         for cid, members in mine:
             client.delete(membership_key(cid))

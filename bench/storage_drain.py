@@ -73,9 +73,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     from mongoengine.connection import get_db
     from tqdm import tqdm
 
+    from core.documents import Message
     from messaging.streams import event_append
     from storage import services
-    from storage.documents import Message
     from storage.selectors import partitions_state
 
     Message.ensure_indexes()

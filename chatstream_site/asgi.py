@@ -19,8 +19,8 @@ from django.core.asgi import get_asgi_application
 
 django_application = get_asgi_application()  # sets Django up before anything imports models
 
-from chatstream_site.errors import error_body  # noqa: E402
-from chatstream_site.roles import heartbeat_start  # noqa: E402
+from core.errors import error_body  # noqa: E402
+from core.roles import heartbeat_start  # noqa: E402
 from messaging.routing import broker_lifespan, websocket_application  # noqa: E402
 
 BROKER_HTTP_PATHS = frozenset({"/healthz", "/readyz"})

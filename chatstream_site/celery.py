@@ -22,7 +22,7 @@ app.autodiscover_tasks()
 
 def _join_cluster(*, metrics: bool = False) -> None:
     from chatstream_site.health import Route, health_server_start
-    from chatstream_site.roles import heartbeat_start
+    from core.roles import heartbeat_start
 
     port = os.environ.get("CHATSTREAM_INSTANCE_PORT")
     if port:
@@ -47,6 +47,6 @@ def _beat_init(**kwargs: Any) -> None:
 
 @worker_shutdown.connect
 def _worker_shutdown(**kwargs: Any) -> None:
-    from chatstream_site.roles import heartbeat_stop
+    from core.roles import heartbeat_stop
 
     heartbeat_stop()

@@ -18,7 +18,7 @@ import redis
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
-from chatstream_site.errors import error_body
+from core.errors import error_body
 
 logger = logging.getLogger(__name__)
 

@@ -105,6 +105,12 @@ class Fleet:
         return self._proc(name, [sys.executable, "manage.py", "role", "gateway", "--port", str(port)], port,
                           CHATSTREAM_GATEWAY_PORT=str(port), **env)
 
+    def broker(self, instance: int, *, port: int | None = None, **env: str) -> Proc:
+        """A real broker (``manage.py role broker``: uvicorn unless CHATSTREAM_BROKER_SERVER says daphne)."""
+        port = port or free_port()
+        return self._proc(f"broker{instance}", [sys.executable, "manage.py", "role", "broker", "--instance",
+                                                str(instance), "--port", str(port)], port, **env)
+
     def api(self, instance: int, *, port: int | None = None) -> Proc:
         port = port or free_port()
         return self._proc(f"api{instance}", [sys.executable, "manage.py", "role", "api", "--instance", str(instance),
@@ -121,7 +127,7 @@ class Fleet:
     def registered(self, role: str) -> list[dict[str, str]]:
         import redis
 
-        from chatstream_site.registry import instances_list
+        from core.registry import instances_list
 
         client = redis.Redis.from_url(self.redis_url)
         try:

@@ -89,8 +89,11 @@ def redis_server(workdir: Path, *, port: int | None = None) -> Server:
     return Server("redis", port, argv, data)
 
 
-def ferretdb_server(workdir: Path, *, port: int | None = None, binary: Path | None = None) -> Server:
-    """A FerretDB v1 (SQLite) server; ``binary``: another build than .tools/bin's (benchmarks compare builds)."""
+def ferretdb_server(workdir: Path, *, port: int | None = None, binary: Path | None = None,
+                    metrics_port: int | None = None) -> Server:
+    """A FerretDB v1 (SQLite) server; ``binary``: another build than .tools/bin's (benchmarks compare builds);
+    ``metrics_port``: also serve its Prometheus metrics (``/debug/metrics``, which count the commands it ran by
+    name: bench/connects.py reads them to count document-store reads)."""
     binary = binary or FERRETDB_BIN
     if not binary.exists():
         raise RuntimeError(f"FerretDB not found at {binary}: run `python3 scripts/bootstrap.py install`")
@@ -100,7 +103,7 @@ def ferretdb_server(workdir: Path, *, port: int | None = None, binary: Path | No
     (data / "state").mkdir(parents=True, exist_ok=True)
     argv = [str(binary), "--handler=sqlite", f"--sqlite-url=file:{data / 'db'}/",
             f"--listen-addr=127.0.0.1:{port}", f"--state-dir={data / 'state'}", "--telemetry=disable",
-            "--log-level=warn", "--debug-addr=-"]
+            "--log-level=warn", f"--debug-addr=127.0.0.1:{metrics_port}" if metrics_port else "--debug-addr=-"]
     return Server("ferretdb", port, argv, data)
 
 
@@ -136,14 +139,14 @@ def run_with_redis(redis_url: str, body: Callable[[redis.asyncio.Redis], Awaitab
     return asyncio.run(main())
 
 
-def servers_start(workdir: Path) -> Servers:
+def servers_start(workdir: Path, *, ferretdb_metrics_port: int | None = None) -> Servers:
     """Start Redis and FerretDB (or use ``CHATSTREAM_TEST_MONGODB_URI`` for a real MongoDB)."""
     redis = redis_server(workdir)
     redis.start()
     external = os.environ.get("CHATSTREAM_TEST_MONGODB_URI")
     if external:
         return Servers(workdir, redis, None, f"redis://127.0.0.1:{redis.port}/0", external)
-    mongo = ferretdb_server(workdir)
+    mongo = ferretdb_server(workdir, metrics_port=ferretdb_metrics_port)
     mongo.start()
     return Servers(workdir, redis, mongo, f"redis://127.0.0.1:{redis.port}/0",
                    f"mongodb://127.0.0.1:{mongo.port}/chatstream_test")

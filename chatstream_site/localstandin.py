@@ -8,7 +8,7 @@ Run as ``daphne -p PORT chatstream_site.localstandin:app`` with ``CHATSTREAM_ROL
 * ``GET /__upstream/stats``: ``{"instance", "http", "ws_handshakes", "ws_open"}`` — counters of what arrived;
 * a path ending in ``/__sleep?s=N``: the echo below, after N seconds (a slow upstream);
 * any other HTTP request: JSON echo of method, path, query, the forwarding/identity headers, and the
-  identity :func:`gateway.identity.identity_verify` accepts;
+  identity :func:`core.identity.identity_verify` accepts;
 * WebSocket on any path: accepts, sends ``{"type": "ready", "instance", "identity"}``, then for each text
   frame ``close:<code>`` closes with that code, anything else is relayed as ``{"type": "relay", "from",
   "data"}`` to every connection of this instance (including the sender); with ``?echo=1`` a frame is sent
@@ -27,8 +27,8 @@ import django
 
 django.setup()
 
-from chatstream_site.roles import heartbeat_start  # noqa: E402
-from gateway.identity import identity_verify  # noqa: E402
+from core.identity import identity_verify  # noqa: E402
+from core.roles import heartbeat_start  # noqa: E402
 
 STATS = {"http": 0, "ws_handshakes": 0, "ws_open": 0}
 ROOM: set[asyncio.Queue[str]] = set()

@@ -4,8 +4,8 @@ from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 
-from chatstream_site.errors import error_body
 from chatstream_site.health import healthz_view, readyz_view
+from core.errors import error_body
 
 urlpatterns = [
     path("healthz", healthz_view),

@@ -1,6 +1,7 @@
 """The gateway: the only public entry, a plain ASGI app in front of every other role.
 
-The stack, outermost first (each layer in ``gateway/middleware.py`` or ``gateway/proxy.py``):
+The stack, outermost first (each layer in ``gateway/middleware.py``, ``gateway/auth.py``, ``gateway/proxy.py`` or
+``gateway/wsproxy.py``):
 
 1. request id — the client's ``X-Request-Id`` if well-formed, else a new one; echoed and passed upstream;
 2. access log — one JSON line per request (status, upstream instance, user, duration) + security headers;
@@ -16,7 +17,7 @@ The stack, outermost first (each layer in ``gateway/middleware.py`` or ``gateway
    WebSocket).
 
 Routes and which of them are public are in ``gateway/routes.py``; the identity passed upstream is
-specified in ``gateway/identity.py``.
+specified in ``core/identity.py``.
 """
 
 from __future__ import annotations
@@ -27,35 +28,32 @@ import logging
 import redis.asyncio
 from django.conf import settings
 
-from chatstream_site.registry import ROLES
+from core.registry import ROLES
+from core.tokens import ws_ticket_issue_async
 from gateway.asgi import ASGIApp, Receive, Scope, Send, header, send_error, send_response, state_of
-from gateway.middleware import (
-    AccessLogLayer,
-    AuthenticationLayer,
-    IpRateLimitLayer,
-    OriginLayer,
-    PathLayer,
-    RequestIdLayer,
-    RouteAuthorizationLayer,
-    UserRateLimitLayer,
-)
-from gateway.proxy import HttpProxy, WebSocketProxy
+from gateway.auth import AuthenticationLayer, RouteAuthorizationLayer, UserRateLimitLayer
+from gateway.middleware import AccessLogLayer, IpRateLimitLayer, OriginLayer, PathLayer, RequestIdLayer
+from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter
 from gateway.upstreams import Upstreams
 from gateway.userlimits import SocketSlots
 from gateway.webclient import webclient_file, webclient_headers
+from gateway.wslink import SERVER_SEND
+from gateway.wsproxy import WebSocketProxy
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2
+WS_TICKET_PATH = "/api/v1/auth/ws-ticket"
 
 
 class Router:
     """The innermost layer: answer the gateway's own routes, proxy the rest."""
 
-    def __init__(self, *, upstreams: Upstreams, slots: SocketSlots | None = None,
+    def __init__(self, *, upstreams: Upstreams, tickets: redis.asyncio.Redis, slots: SocketSlots | None = None,
                  limiter: RateLimiter | None = None) -> None:
         self.upstreams = upstreams
+        self.tickets = tickets
         self.http = HttpProxy(upstreams=upstreams)
         self.ws = WebSocketProxy(upstreams=upstreams, slots=slots, limiter=limiter)
 
@@ -70,6 +68,8 @@ class Router:
             await send_response(send, status=200, body=b'{"status":"ok","role":"gateway"}')
         elif route.path == "/readyz":
             await self.readyz(send)
+        elif route.path == WS_TICKET_PATH:
+            await self.ws_ticket(scope, send)
         else:  # the web client: "/" and "/app/<file>"
             found = webclient_file(scope["path"]) if scope["method"] in ("GET", "HEAD") else None
             if found is None:
@@ -81,6 +81,30 @@ class Router:
                                 headers=webclient_headers(
                                     content_type, host=(header(scope, b"host") or b"").decode("latin-1"),
                                     secure=scope.get("scheme") == "https"))
+
+    async def ws_ticket(self, scope: Scope, send: Send) -> None:
+        """``POST /api/v1/auth/ws-ticket`` answered here, as the api answers it (docs/api.md): the access token
+        was verified by the authentication layer. Side effect: one Redis SET (the ticket, single use)."""
+        state = state_of(scope)
+        if scope["method"] != "POST":
+            state.reason = "method_not_allowed"
+            await send_error(send, status=405, code="method_not_allowed",
+                             message=f"method {scope['method']} not allowed; use POST", headers=[(b"allow", b"POST")])
+            return
+        owner = state.user
+        assert owner is not None  # a jwt route: the authentication layer answered 401 otherwise
+        try:
+            ticket = await ws_ticket_issue_async(self.tickets, user_id=owner.user_id, username=owner.username,
+                                                 gen=owner.gen)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("gateway: cannot store a ticket: %s", exc)
+            state.reason = "ticket_store_unavailable"
+            await send_error(send, status=503, code="unavailable", message="the ticket store is unavailable; retry "
+                             "in 1s", details={"retry_after": 1}, headers=[(b"retry-after", b"1")])
+            return
+        body = json.dumps({"ticket": ticket, "expires_in": int(settings.WS_TICKET_TTL_S)}).encode()
+        await send_response(send, status=200, body=body,
+                            headers=[(b"cache-control", b"no-store"), (b"pragma", b"no-cache")])
 
     async def readyz(self, send: Send) -> None:
         live = await self.upstreams.instances()
@@ -106,7 +130,7 @@ class GatewayApp:
         self.limiter = RateLimiter(client=self.limits_redis)
         self.slots = SocketSlots(client=self.limits_redis, cap=settings.GATEWAY_WS_MAX_SOCKETS_PER_USER,
                                  ttl_s=settings.GATEWAY_WS_SLOT_TTL_S)
-        self.router = Router(upstreams=self.upstreams, slots=self.slots, limiter=self.limiter)
+        self.router = Router(upstreams=self.upstreams, tickets=self.redis, slots=self.slots, limiter=self.limiter)
         stack: ASGIApp = self.router
         stack = RouteAuthorizationLayer(stack)
         stack = UserRateLimitLayer(stack, limiter=self.limiter)
@@ -122,11 +146,13 @@ class GatewayApp:
         if scope["type"] == "lifespan":
             await self.lifespan(receive, send)
             return
+        if scope["type"] == "websocket":
+            scope[SERVER_SEND] = send  # the server's own send, which the layers wrap (gateway/wslink.py)
         await self.stack(scope, receive, send)
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         """Deregister and close the upstream clients on shutdown (servers without lifespan never call this)."""
-        from chatstream_site.roles import lifespan_serve
+        from core.roles import lifespan_serve
 
         async def close() -> None:
             await self.router.http.aclose()

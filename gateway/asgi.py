@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.tokens import TicketOwner
-from chatstream_site import errors
+from core import errors
+from core.tokens import TicketOwner
 from gateway.routes import Route
 
 Scope = MutableMapping[str, Any]
@@ -57,7 +57,7 @@ def client_ip(scope: Scope) -> str:
 
 
 def error_body(*, code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
-    """:func:`chatstream_site.errors.error_body` as the bytes of a response. Pure."""
+    """:func:`core.errors.error_body` as the bytes of a response. Pure."""
     return json.dumps(errors.error_body(code=code, message=message, details=details)).encode()
 
 

@@ -52,6 +52,10 @@ ROUTES: tuple[Route, ...] = (
     Route("/api/v1/redoc", "api", "public"),
     # Authenticated, but it checks a password: the stricter per-IP budget of the credential routes too.
     Route("/api/v1/auth/password", "api", "jwt", exact=True, sensitive=True),
+    # The gateway issues WebSocket tickets itself: it has verified the access token (and its revocation) at
+    # the edge already, and a ticket is one Redis SET; the api's hop cost more than the rest of a connect
+    # (issue 16, docs/adr/0039). The api still serves the same route to direct callers.
+    Route("/api/v1/auth/ws-ticket", "gateway", "jwt", exact=True),
     Route("/api/", "api", "jwt"),
     Route("/admin/", "api", "upstream"),
     Route("/ws/", "broker", "ticket"),

@@ -30,7 +30,7 @@ import redis.asyncio
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 
-from chatstream_site.registry import Instance, instances_list_async
+from core.registry import Instance, instances_list_async
 
 logger = logging.getLogger(__name__)
 

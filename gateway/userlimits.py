@@ -6,7 +6,7 @@
   themselves within the TTL. Every client socket passes a gateway (brokers are internal), so the count is the
   user's, whichever broker holds each socket.
 * The aggregate frame budget per user is a fixed-window counter of :class:`gateway.ratelimit.RateLimiter`
-  (``gw:ws-user-frames``), hit for each client frame in ``gateway/proxy.py``.
+  (``gw:ws-user-frames``), hit for each client frame in ``gateway/wsproxy.py``.
 
 Both fail open when Redis is down (as the rate limits do, docs/adr/0005): a Redis outage must not close every
 socket; the per-socket limits still hold.
@@ -23,9 +23,10 @@ import uuid
 import redis
 import redis.asyncio
 
+from core.keys import GATEWAY_SOCKETS_PREFIX
+
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "cs:gw:socks:"
 # KEYS[1] the user's set; ARGV: now, expiry, cap, member, key TTL. 1: admitted, 0: the user is at the cap.
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -34,6 +35,20 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+
+# KEYS: the users' sets, one per slot (a user's set repeats for each of their slots); ARGV: expiry, key TTL,
+# then the slot members in KEYS order. Moves each slot's expiry forward if it is still there (XX: a slot
+# released meanwhile stays released).
+_RENEW = """
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', ARGV[1], ARGV[i + 2])
+  redis.call('EXPIRE', KEYS[i], ARGV[2])
+end
+return #KEYS
+"""
+# Slots per renewal script: each call is a few milliseconds of Redis time at most, so other clients never
+# wait long behind one.
+RENEW_SLICE = 500
 
 
 class SocketSlots:
@@ -52,8 +67,8 @@ class SocketSlots:
         member = uuid.uuid4().hex
         now = time.time()
         try:
-            admitted = await self._client.eval(_ACQUIRE, 1, KEY_PREFIX + user_id, now, now + self.ttl_s, self.cap,
-                                               member, int(self.ttl_s) + 1)
+            admitted = await self._client.eval(_ACQUIRE, 1, GATEWAY_SOCKETS_PREFIX + user_id, now, now + self.ttl_s,
+                                               self.cap, member, int(self.ttl_s) + 1)
         except (redis.RedisError, OSError) as exc:
             logger.warning("gateway: socket slots unavailable (%s); admitting the socket", exc)
             admitted = 1
@@ -70,18 +85,21 @@ class SocketSlots:
         if user_id is None:
             return
         with contextlib.suppress(redis.RedisError, OSError):
-            await self._client.zrem(KEY_PREFIX + user_id, member)
+            await self._client.zrem(GATEWAY_SOCKETS_PREFIX + user_id, member)
 
     async def _renew_loop(self) -> None:
-        """Push the expiry of this process's slots forward every third of the TTL, while it holds any."""
+        """Push the expiry of this process's slots forward every third of the TTL, while it holds any: one
+        script call per RENEW_SLICE slots (a pipeline of two commands per slot cost an idle gateway ~1 % of a
+        core at 5,000 sockets in redis-py's command packing alone; bench/connects.py)."""
         while self.held:
             await asyncio.sleep(self.ttl_s / 3)
             expiry = time.time() + self.ttl_s
+            held = list(self.held.items())
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for member, user_id in list(self.held.items()):
-                        pipe.zadd(KEY_PREFIX + user_id, {member: expiry}, xx=True)
-                        pipe.expire(KEY_PREFIX + user_id, int(self.ttl_s) + 1)
-                    await pipe.execute()
+                for start in range(0, len(held), RENEW_SLICE):
+                    part = held[start:start + RENEW_SLICE]
+                    await self._client.eval(_RENEW, len(part),
+                                            *(GATEWAY_SOCKETS_PREFIX + user_id for _, user_id in part),
+                                            expiry, int(self.ttl_s) + 1, *(member for member, _ in part))
             except (redis.RedisError, OSError) as exc:
                 logger.warning("gateway: could not renew socket slots (%s)", exc)

@@ -3,7 +3,7 @@
 Two ways in, in this order:
 
 * **Through the gateway** (docs/adr/0006): the gateway consumed the single-use ticket at the edge and passes
-  a signed identity (``X-ChatStream-*`` headers, :func:`gateway.identity.identity_verify`). When those
+  a signed identity (``X-ChatStream-*`` headers, :func:`core.identity.identity_verify`). When those
   headers are present they decide: a forged, stale or partial set is refused (4001), never "fall back".
 * **Directly** (tests, the benchmark, internal tools on the private network): a single-use ticket
   (``?ticket=``, docs/interface.md), consumed here with GETDEL, so it works exactly once on any broker. It is as
@@ -16,10 +16,10 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from api.revocation import access_refused_async
-from api.tokens import TicketOwner, ws_ticket_consume
-from gateway.identity import PREFIX as IDENTITY_PREFIX
-from gateway.identity import identity_verify
+from core.identity import PREFIX as IDENTITY_PREFIX
+from core.identity import identity_verify
+from core.revocation import access_refused_async
+from core.tokens import TicketOwner, ws_ticket_consume
 from messaging.hub import hub_get
 
 
@@ -28,6 +28,11 @@ def _query_ticket(scope: Mapping[str, Any]) -> str:
     query = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
     values = urllib.parse.parse_qs(query).get("ticket", [])
     return values[0] if len(values) == 1 else ""
+
+
+def connection_proxied(scope: Mapping[str, Any]) -> bool:
+    """Whether the handshake came through a gateway (it carries the gateway's identity headers). Pure."""
+    return any(bytes(name).lower().startswith(IDENTITY_PREFIX) for name, _ in scope.get("headers", []))
 
 
 async def connection_identify(scope: Mapping[str, Any]) -> TicketOwner | None:

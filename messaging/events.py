@@ -13,7 +13,7 @@ it carries is decided inside that script (it moves forward only, clamped to the 
 event is appended only when it moved); the script takes the builder's JSON cut around the seq
 (:meth:`BuiltEvent.json_around_seq`) and puts the cursor in between, so even that payload is built here.
 
-The storage drain applies each of these types through its own table (``storage.services.EVENT_RULES``).
+The storage drain applies each of these types through its own table (``storage.rules.EVENT_RULES``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from typing import Any
 
 from django.conf import settings
 
+from core.bus import BusAsync
+from core.entries import SEQUENCED, EventType
+from core.keys import message_meta_key
 from messaging import streams
-from messaging.bus import BusAsync
-from messaging.streams import EventType
 
 # The payload's fields of each event type, in the order they are written.
 PAYLOAD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -54,12 +55,6 @@ def iso_now() -> str:
     """The current time as events carry it: ISO-8601 UTC with milliseconds and a ``Z``."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-
-def message_meta_key(message_id: str) -> str:
-    """Hash ``{c: conversation id, u: sender id}`` (``x: "1"`` once deleted; ``e`` and ``v<seq>`` once edited,
-    see :func:`edit_versions_meta`) of a message accepted recently (before it is in MongoDB). On the bus Redis
-    (no hash tag: a message id alone must find it)."""
-    return f"cs:msgmeta:{message_id}"
 
 
 def _meta_ttl_s() -> int:
@@ -175,7 +170,7 @@ async def event_emit(bus: BusAsync, *, event: BuiltEvent) -> streams.Appended:
     """Append a built ``message.*`` event (``streams.event_append``: seq, dedup and meta hash in one round
     trip). Side effects: those of ``event_append``. Raises ValueError for ``read.updated`` (its append is
     ``read_mark``'s cursor script)."""
-    if event.type in OWN_SCRIPT or event.type not in streams.SEQUENCED:
+    if event.type in OWN_SCRIPT or event.type not in SEQUENCED:
         raise ValueError(f"{event.type} is appended by its own script, not event_emit")
     return await streams.event_append(bus, type=event.type, conversation_id=event.conversation_id,
                                       payload=event.payload, message_id=event.message_id, dedup=event.dedup,

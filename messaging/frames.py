@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# The one Redis pub/sub channel every broker listens on for ephemeral events (typing, presence) and for
-# membership changes. One channel, not one per conversation: a broker has to look at every message anyway
-# to find its local receivers, and one SUBSCRIBE per process keeps Redis' pub/sub table tiny.
-CONTROL_CHANNEL = "cs:rt:control"
+# The one Redis pub/sub channel every broker listens on (core/keys.py says why one).
+from core.keys import CONTROL_CHANNEL as CONTROL_CHANNEL
 
 
 def dumps(obj: Any) -> str:

@@ -18,12 +18,13 @@ long-lived tasks that feed them.
 
 The hub lives on the event loop of the ASGI server (uvicorn's uvloop, or daphne's asyncio reactor);
 everything here is non-blocking. Connections are duck-typed :class:`Subscriber` objects (the consumers).
+Sessions ended elsewhere (the users' channel-layer groups) are ``messaging/sessions.py``. Just over 400 lines:
+one class whose loops share the subscription maps and the per-partition cursors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -34,9 +35,12 @@ from typing import Any, Protocol
 import redis.asyncio
 from django.conf import settings
 
-from chatstream_site.closecodes import CLOSE_SESSION_ENDED
+from core import keys
+from core.bus import BusAsync, bus_async_new, bus_is_cluster
 from messaging import frames, membership, presence, streams
-from messaging.bus import BusAsync, bus_async_new, bus_is_cluster, bus_resolve
+from messaging.resp import resp_client_for
+from messaging.sessions import UserGroups
+from messaging.streams import bus_resolve
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +59,6 @@ COMMAND_TIMEOUT_S = 5.0
 SUPERVISOR_MAX_BACKOFF_S = 5.0
 # Sessions per presence-refresh pipeline (one Lua call each, ~10-20 us of Python to queue and parse).
 PRESENCE_REFRESH_SLICE = 250
-# channels-redis forgets a group member after its group_expiry (1 day): members are renewed hourly.
-GROUP_RENEW_S = 3600.0
 
 
 
@@ -86,6 +88,9 @@ class Hub:
         streams.append_batching_enable(self.redis)
         # The stream reader's own client: its XREAD BLOCK holds a connection (one per partition on a cluster).
         self._reader = bus_async_new(socket_timeout=READER_SOCKET_TIMEOUT_S)
+        # Its XREAD goes through the lean client when the bus is one plain Redis (docs/adr/0040): redis-py's
+        # per-call cost and its dict per entry were a fixed cost per event at low rates.
+        self._reader_fast = resp_client_for(self._reader, timeout_s=READER_SOCKET_TIMEOUT_S)
         self._control = redis.asyncio.Redis.from_url(redis_url, socket_timeout=READER_SOCKET_TIMEOUT_S,
                                                      socket_connect_timeout=COMMAND_TIMEOUT_S)
         self.by_conversation: dict[str, set[Subscriber]] = {}
@@ -93,20 +98,13 @@ class Hub:
         self._partition_refs: Counter[int] = Counter()
         self._cursors: dict[int, bytes | str] = {}
         self._cursor_pending: dict[int, asyncio.Future[None]] = {}
-        self._keys = {p: streams.stream_key(p) for p in range(int(settings.PARTITIONS))}
+        self._keys = {p: keys.stream_key(p) for p in range(int(settings.PARTITIONS))}
         self._key_partition = {k.encode(): p for p, k in self._keys.items()}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: Counter[str] = Counter()
-        # This process' one channel on the channel layer: it is in the group of every user with a socket here
-        # (frames.user_group), so a group_send from the api reaches each broker holding one once (docs/adr/0027).
-        self._layer: Any = None
-        self._session_channel = ""
-        self._session_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[None]] = set()
-        # A user's group_discard still in flight: a new socket of theirs waits for it before its group_add,
-        # so the two never cross on their way to Redis (which would leave the user out of the group).
-        self._discarding: dict[str, asyncio.Task[None]] = {}
+        # This process' groups of its users on the channel layer (sessions ended elsewhere, docs/adr/0027).
+        self.sessions = UserGroups(by_user=self.by_user, stats=self.stats)
 
     @property
     def bus(self) -> BusAsync:
@@ -123,7 +121,7 @@ class Hub:
             return
         for name, body in (("reader", self._read_loop), ("control", self._control_loop),
                            ("presence", self._presence_loop), ("presence_sweep", self._presence_sweep_loop),
-                           ("sessions", self._sessions_loop), ("sessions_renew", self._sessions_renew_loop)):
+                           ("sessions", self.sessions.receive_loop), ("sessions_renew", self.sessions.renew_loop)):
             self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(name, body)))
 
     async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
@@ -149,14 +147,14 @@ class Hub:
         appended from now on reaches the connection."""
         self.start()
         if conn.user_id not in self.by_user:  # the user's first socket here: this broker joins their group
-            await self._user_group_add(conn.user_id)
+            await self.sessions.add(conn.user_id)
         self.by_user.setdefault(conn.user_id, set()).add(conn)
         partitions = []
         for conversation_id in conversation_ids:
             subscribers = self.by_conversation.setdefault(conversation_id, set())
             if conn not in subscribers:
                 subscribers.add(conn)
-                partitions.append(streams.partition_of(conversation_id))
+                partitions.append(keys.partition_of(conversation_id))
         await self._partitions_acquire(partitions)
 
     def connection_remove(self, conn: Subscriber, *, conversation_ids: list[str]) -> None:
@@ -165,7 +163,7 @@ class Hub:
             users.discard(conn)
             if not users:
                 del self.by_user[conn.user_id]
-                self._user_group_discard(conn.user_id)
+                self.sessions.discard(conn.user_id)
         for conversation_id in conversation_ids:
             self.unsubscribe(conn, conversation_id=conversation_id)
 
@@ -174,7 +172,7 @@ class Hub:
         if conn in subscribers:
             return
         subscribers.add(conn)
-        await self._partitions_acquire([streams.partition_of(conversation_id)])
+        await self._partitions_acquire([keys.partition_of(conversation_id)])
 
     def unsubscribe(self, conn: Subscriber, *, conversation_id: str) -> None:
         subscribers = self.by_conversation.get(conversation_id)
@@ -183,7 +181,7 @@ class Hub:
         subscribers.discard(conn)
         if not subscribers:
             del self.by_conversation[conversation_id]
-        partition = streams.partition_of(conversation_id)
+        partition = keys.partition_of(conversation_id)
         self._partition_refs[partition] -= 1
         if self._partition_refs[partition] <= 0:
             del self._partition_refs[partition]
@@ -233,15 +231,26 @@ class Hub:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._reader_fast is not None:
+                cursors = list(self._cursors.items())
+                reply = await self._reader_fast.call(
+                    "XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS", *[self._keys[p] for p, _ in cursors],
+                    *[cursor for _, cursor in cursors])
+                await self._read_consume(reply, flat=True)
+                continue
             request: dict[Any, Any] = {self._keys[p]: cursor for p, cursor in self._cursors.items()}
             await self._read_consume(await self._reader.xread(request, count=READ_COUNT, block=BLOCK_MS))
 
-    async def _read_consume(self, response: Any) -> None:
-        """Dispatch an XREAD reply's entries in stream order and move each partition's cursor past them."""
+    async def _read_consume(self, response: Any, *, flat: bool = False) -> None:
+        """Dispatch an XREAD reply's entries in stream order and move each partition's cursor past them.
+        ``flat``: a raw RESP reply (``messaging/resp.py``), each entry's fields a flat list of names and values."""
         for key, entries in response or []:
             partition = self._key_partition[key if isinstance(key, bytes) else key.encode()]
             for entry_id, fields in entries:
-                await self._dispatch(entry_id, fields)
+                if flat:
+                    pairs = iter(fields or ())
+                    fields = dict(zip(pairs, pairs, strict=False))
+                self._dispatch(entry_id, fields)
             if entries and partition in self._cursors:
                 self._cursors[partition] = entries[-1][0]
 
@@ -277,7 +286,7 @@ class Hub:
         while (cursor := self._cursors.get(partition)) is not None:
             await self._read_consume(await self._reader.xread({key: cursor}, count=READ_COUNT, block=BLOCK_MS))
 
-    async def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             conversation_id = fields[b"c"].decode()
             subscribers = self.by_conversation.get(conversation_id)
@@ -362,67 +371,6 @@ class Hub:
             for user_id in data.get("u", []):
                 for conn in tuple(self.by_user.get(str(user_id), ())):
                     conn.membership_recheck(conversation_id=conversation_id)
-
-    # ------------------------------------------------------------------ sessions ended elsewhere (channel layer)
-
-    async def _session_layer(self) -> tuple[Any, str]:
-        """The channel layer and this process' channel on it (named once: a restarted loop keeps the groups)."""
-        async with self._session_lock:  # two first connects must not name two channels
-            if self._layer is None:
-                from channels.layers import get_channel_layer
-
-                layer = get_channel_layer()
-                self._session_channel = await layer.new_channel("cs.broker.")
-                self._layer = layer
-        return self._layer, self._session_channel
-
-    async def _user_group_add(self, user_id: str) -> None:
-        """Join the user's group before their socket is ready, so a logout from then on reaches it. Side
-        effect: one ZADD in Redis (channels-redis; membership expires after its group_expiry, 1 day, which the
-        sessions loop renews for the users still here)."""
-        layer, channel = await self._session_layer()
-        pending = self._discarding.get(user_id)
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(pending)
-        await layer.group_add(frames.user_group(user_id), channel)
-
-    def _user_group_discard(self, user_id: str) -> None:
-        """Leave the group of a user whose last socket here closed (in the background: called from a
-        synchronous cleanup). A discard that fails leaves a stale member, which only costs a message to it."""
-        if self._layer is None:
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._layer.group_discard(frames.user_group(user_id), self._session_channel))
-        self._background.add(task)
-        self._discarding[user_id] = task
-
-        def done(finished: asyncio.Task[None]) -> None:
-            self._background.discard(finished)
-            if self._discarding.get(user_id) is finished:
-                del self._discarding[user_id]
-
-        task.add_done_callback(done)
-
-    async def _sessions_loop(self) -> None:
-        """Receive ``sessions.close`` events on this process' channel and close the user's sockets here."""
-        layer, channel = await self._session_layer()
-        while True:
-            message = await layer.receive(channel)
-            if message.get("type") != frames.SESSIONS_CLOSE:
-                continue
-            conns = tuple(self.by_user.get(str(message.get("user_id")), ()))
-            self.stats["sessions_closed"] += len(conns)
-            for conn in conns:
-                conn.session_end(code=int(message.get("code", CLOSE_SESSION_ENDED)))
-
-    async def _sessions_renew_loop(self) -> None:
-        """Renew this broker's membership of its users' groups before channels-redis forgets it (1 day)."""
-        while True:
-            await asyncio.sleep(GROUP_RENEW_S)
-            layer, channel = await self._session_layer()
-            for user_id in list(self.by_user):
-                await layer.group_add(frames.user_group(user_id), channel)
 
     # ------------------------------------------------------------------ presence heartbeat
 

@@ -15,7 +15,14 @@ from typing import Any
 import redis.asyncio
 from asgiref.sync import sync_to_async
 
-from chatstream_site.errors import NotFound
+from core.errors import NotFound
+from core.keys import (
+    conversation_card_key,
+    membership_generation_key,
+    membership_key,
+    user_conversations_key,
+    user_conversations_version_key,
+)
 from messaging import frames, selectors
 
 # A membership answer is cached this long. The API's membership changes write the new set at once
@@ -30,22 +37,15 @@ MEMBERSHIP_MISS_TTL_S = 30
 _NO_MEMBERS = "-"  # the cached set of a conversation that does not exist
 
 
-def membership_key(conversation_id: str) -> str:
-    return f"cs:members:{conversation_id}"
-
-
-def membership_generation_key(conversation_id: str) -> str:
-    """Counter bumped by every invalidation of the conversation's cached members: a refill writes only if it
-    is unchanged since before its MongoDB read (``_MEMBERS_REFILL_LUA``)."""
-    return f"cs:membersgen:{conversation_id}"
-
 def _members_query(conversation_id: str) -> list[str] | None:
-    from storage.documents import Conversation
+    from core.documents import Conversation
 
     conversation = Conversation.objects(id=conversation_id).only("members").first()
     if conversation is None:
         return None
     return [str(m) for m in conversation.members]
+
+
 
 
 def _members_from_db(conversation_id: str) -> list[str] | None:
@@ -131,6 +131,14 @@ async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversat
 
 async def membership_require(client: redis.asyncio.Redis, *, user_id: str, conversation_id: str) -> None:
     """Raise NotFound for an unknown conversation and for one the user is not in (no existence leak)."""
+    if _local_members is not None:
+        # The hot path of every send on a broker: the in-process answer, without the copy of the member set
+        # conversation_members hands its callers (a group of 256 is a 256-item copy per message).
+        hit = _local_members.get(conversation_id)
+        if hit is not None and hit[0] > time.monotonic():
+            if hit[1] is None or user_id not in hit[1]:
+                raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+            return
     members = await conversation_members(client, conversation_id=conversation_id)
     if members is None or user_id not in members:
         raise NotFound("no such conversation", details={"conversation_id": conversation_id})
@@ -174,12 +182,64 @@ def membership_invalidate_sync(client: Any, *, conversation_id: str) -> None:
 # ------------------------------------------------------------------ membership changes
 
 
+# The members refill of a membership change, which also moves the conversation into or out of each changed
+# user's cached conversation ids (core.keys.user_conversations_key), so a connect after the change
+# reads Redis, not the store (issue 16, docs/adr/0039). KEYS[1] members set, KEYS[2] generation, then per
+# changed user their ids set and its version key; ARGV[1] the generation the change's bump returned, ARGV[2]
+# the set's TTL, ARGV[3] the conversation id, ARGV[4] the ids sets' TTL, ARGV[5] n users, ARGV[6..5+n] their
+# ids, ARGV[6+n..] the members read after the bump -> 1 if written, 0 if a later change bumped the generation
+# meanwhile (then nothing is written: the caller drops the users' sets instead, and the later change writes
+# its own). Under the generation's compare-and-set, so of racing changes only the latest one's read, which
+# follows every earlier change's write, lands. A user whose set is not cached is left to the fill on their
+# next read (a partial set must never be cached); every version moves, so a fill racing this is not stored.
+_MEMBERS_CHANGED_LUA = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+local n = tonumber(ARGV[5])
+redis.call('DEL', KEYS[1])
+redis.call('SADD', KEYS[1], unpack(ARGV, 6 + n))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local member = {}
+for i = 6 + n, #ARGV do member[ARGV[i]] = true end
+for i = 1, n do
+  local key, vkey = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  redis.call('INCR', vkey)
+  redis.call('EXPIRE', vkey, 2 * tonumber(ARGV[4]))
+  if redis.call('EXISTS', key) == 1 then
+    if member[ARGV[5 + i]] then
+      redis.call('SADD', key, ARGV[3])
+      redis.call('SREM', key, '-')
+    elseif redis.call('SREM', key, ARGV[3]) == 1 and redis.call('EXISTS', key) == 0 then
+      redis.call('SADD', key, '-')
+      redis.call('EXPIRE', key, ARGV[4])
+    end
+  end
+end
+return 1
+"""
+
+
 def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id: str) -> None:
     """Tell every broker that ``user_ids`` joined or left ``conversation_id``; their open connections start
     or stop receiving its events at once. Call after the change is saved in MongoDB (the REST services do).
-    Side effects: rewrites the cached members from MongoDB (and bumps their generation), drops the users'
-    cached conversation ids and the conversation's card (docs/adr/0028), PUBLISHes one control message."""
-    membership_invalidate_sync(client, conversation_id=conversation_id)
-    selectors.user_conversations_forget(client, user_ids=list(user_ids), conversation_id=conversation_id)
+    Side effects: bumps the members' generation and rewrites the cached members from MongoDB (one read by
+    ``_id``), adds or removes the conversation in each user's cached conversation ids (or drops them, if a
+    later change raced this one), drops the conversation's card (docs/adr/0028), PUBLISHes the invalidation
+    and one control message."""
+    users = list(user_ids)
+    with client.pipeline(transaction=True) as pipe:
+        _membership_invalidate_queue(pipe, conversation_id=conversation_id)
+        generation = pipe.execute()[0]
+    found = _members_query(conversation_id)
+    keys = [membership_key(conversation_id), membership_generation_key(conversation_id)]
+    for uid in users:
+        keys += [user_conversations_key(uid), user_conversations_version_key(uid)]
+    written = client.eval(_MEMBERS_CHANGED_LUA, len(keys), *keys, generation,
+                          MEMBERSHIP_TTL_S if found is not None else MEMBERSHIP_MISS_TTL_S, conversation_id,
+                          selectors.USER_CONVERSATIONS_TTL_S, len(users), *users, *(found or [_NO_MEMBERS]))
+    if written:
+        client.delete(conversation_card_key(conversation_id))
+    else:
+        selectors.user_conversations_forget(client, user_ids=users, conversation_id=conversation_id)
+    client.publish(frames.CONTROL_CHANNEL, frames.control_invalidate(conversation_id=conversation_id))
     client.publish(frames.CONTROL_CHANNEL,
-                   frames.control_members(user_ids=list(user_ids), conversation_id=conversation_id))
+                   frames.control_members(user_ids=users, conversation_id=conversation_id))

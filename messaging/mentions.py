@@ -28,8 +28,8 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 
-from messaging import streams
-from messaging.bus import BusAsync
+from core.bus import BusAsync
+from core.keys import USERNAMES_KEY, mention_list_key, mention_seqs_key
 from messaging.membership import conversation_members
 
 # Distinct @names resolved per message: bounds the HMGET and the writes one message may cause (a message
@@ -45,25 +45,12 @@ MENTION_LIST_KEEP = 1000
 # Both indexes live as long as the membership cache does (30 days without a new mention).
 MENTION_TTL_S = 30 * 24 * 3600
 logger = logging.getLogger(__name__)
-USERNAMES_KEY = "cs:usernames"
 # Names kept in-process (mentions_resolve): ~150 bytes each, so at most ~15 MB per process; cleared when full.
 KNOWN_IDS_MAX = 100_000
 _known_ids: dict[str, str] = {}
 # A username (api.services.USERNAME_RE: 3-32 of A-Z a-z 0-9 _ . -) after an @ that does not follow a word
 # character (so e-mail addresses are not mentions).
 _MENTION_RE = re.compile(r"(?<![\w@])@([A-Za-z0-9_.\-]{3,32})")
-
-
-def mention_seqs_key(conversation_id: str, user_id: str) -> str:
-    """Sorted set on the bus: message id -> seq of the messages of the conversation that mention the user (the
-    newest MENTION_SEQS_KEEP). In the conversation's partition slot."""
-    return f"cs:{streams.tag(streams.partition_of(conversation_id))}:mentions:{conversation_id}:{user_id}"
-
-
-def mention_list_key(user_id: str) -> str:
-    """Sorted set on the bus: ``<conversation>:<message id>:<seq>`` -> a score unique per entry (see
-    :func:`mention_score`) of the user's newest MENTION_LIST_KEEP mentions."""
-    return f"cs:mentionlist:{user_id}"
 
 
 def mention_names(content: str) -> list[str]:
@@ -223,7 +210,7 @@ def usernames_index_build(*, batch: int = 1000) -> int:
     import redis
     from django.conf import settings
 
-    from storage.documents import User
+    from core.documents import User
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     names: dict[str, str] = {}

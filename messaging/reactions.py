@@ -2,10 +2,10 @@
 
 Each change that changes something is one ``reaction.added`` / ``reaction.removed`` event in the message's
 conversation stream with its own seq (live on every broker, replayed by ``resume``, persisted by the drain's
-rule in ``storage.services.EVENT_RULES``). Adding a reaction the user already has, or removing one they do
+rule in ``storage.rules.EVENT_RULES``). Adding a reaction the user already has, or removing one they do
 not have, changes nothing and appends nothing: the answer says ``changed: false`` (idempotent).
 
-State: a hash per reacted message on the bus, in the conversation's partition slot (``state_key``):
+State: a hash per reacted message on the bus, in the conversation's partition slot (``core.keys.reactions_key``):
 
 ``_``             ``"1"``: the hash is loaded (a message with no reaction still has it)
 ``l:<emoji>``     JSON list of the user ids with that emoji, in the order they reacted
@@ -29,11 +29,13 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from chatstream_site.errors import Conflict, NotFound, ValidationFailed
-from messaging import events, streams
-from messaging.bus import BusAsync, bus_resolve
+from core.bus import BusAsync
+from core.errors import Conflict, NotFound, ValidationFailed
+from core.keys import partition_of, reactions_key, recent_docs_key, seq_key, stream_key
+from messaging import events
 from messaging.membership import membership_require
 from messaging.services import drain_nudge, message_owner
+from messaging.streams import bus_resolve
 
 # The emoji a message may carry: a bounded, documented set (docs/protocol.md, "Reactions"), so the stored
 # state stays small, every client can draw each one, and no user-chosen string becomes a field name. The
@@ -46,11 +48,6 @@ REACTIONS_PER_MESSAGE_MAX = 8
 REACTIONS_PER_USER_MAX = 4
 
 _OPS = {"add": "reaction.added", "remove": "reaction.removed"}
-
-
-def state_key(conversation_id: str, message_id: str) -> str:
-    """Hash of a message's reactions (module docstring), in its conversation's partition slot (bus Redis)."""
-    return f"cs:{streams.tag(streams.partition_of(conversation_id))}:rx:{message_id}"
 
 
 def _state_ttl_s() -> int:
@@ -185,15 +182,15 @@ class ReactionChange:
 
 def _stored_reactions(message_id: str) -> list[dict[str, Any]]:
     """The persisted ``reactions`` of a message ([] if none, or not persisted yet). Blocking; by ``_id``."""
-    from storage.documents import Message
+    from core.documents import Message
 
     row = Message.objects(id=message_id).only("reactions").as_pymongo().first()
     return list((row or {}).get("reactions") or [])
 
 
 async def _state_load(bus: BusAsync, *, conversation_id: str, message_id: str) -> None:
-    keys = [state_key(conversation_id, message_id),
-            streams.recent_docs_key(streams.partition_of(conversation_id), conversation_id)]
+    keys = [reactions_key(conversation_id, message_id),
+            recent_docs_key(partition_of(conversation_id), conversation_id)]
     fill = bus.register_script(_FILL_LUA)
     if int(await fill(keys=keys, args=[message_id, _state_ttl_s(), ""])):
         return
@@ -221,9 +218,9 @@ async def reaction_change(client: redis.asyncio.Redis, *, user_id: str, message_
     built = events.event_build(type=_OPS[op], conversation_id=conversation_id, actor_id=user_id,  # type: ignore[arg-type]
                                message_id=message_id, emoji=emoji)
     head, tail = built.json_around("user_ids")
-    partition = streams.partition_of(conversation_id)
-    keys = [state_key(conversation_id, message_id), streams.stream_key(partition), streams.seq_key(partition),
-            streams.recent_docs_key(partition, conversation_id)]
+    partition = partition_of(conversation_id)
+    keys = [reactions_key(conversation_id, message_id), stream_key(partition), seq_key(partition),
+            recent_docs_key(partition, conversation_id)]
     args = [op, emoji, user_id, conversation_id, built.type, head, tail, REACTIONS_PER_MESSAGE_MAX,
             REACTIONS_PER_USER_MAX, _state_ttl_s(), message_id]
     script = bus.register_script(_REACT_LUA)
@@ -257,7 +254,7 @@ def reactions_live_sync(bus: Any, *, conversation_id: str, message_ids: list[str
         return {}
     pipe = bus.pipeline(transaction=False)
     for mid in message_ids:
-        pipe.hgetall(state_key(conversation_id, mid))
+        pipe.hgetall(reactions_key(conversation_id, mid))
     replies = pipe.execute()
     return {mid: state_reactions(raw) for mid, raw in zip(message_ids, replies, strict=True) if raw}
 

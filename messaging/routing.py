@@ -61,7 +61,7 @@ async def broker_lifespan(scope: Any, receive: Any, send: Any) -> None:
     """ASGI lifespan of a broker under uvicorn (daphne sends none): start the hub at once, so the presence
     sweep runs on a broker nobody has connected to yet (under daphne it starts with the first connection);
     deregister on shutdown."""
-    from chatstream_site.roles import lifespan_serve
+    from core.roles import lifespan_serve
     from messaging.hub import hub_get
 
     await lifespan_serve(receive, send, on_startup=lambda: hub_get().start())

@@ -17,9 +17,11 @@ import redis.asyncio
 from bson import ObjectId
 from django.conf import settings
 
-from chatstream_site.values import as_str
-from messaging import streams
-from messaging.bus import BusAsync, bus_resolve
+from core import keys
+from core.bus import BusAsync
+from core.keys import conversation_card_key, user_conversations_key, user_conversations_version_key
+from core.values import as_str
+from messaging.streams import bus_resolve
 
 # XREVRANGE page while looking for a conversation's missed events: big enough that a short absence is one
 # round trip, small enough that one page (~1,000 entries of ~300 bytes) is a few hundred KB at most.
@@ -33,21 +35,17 @@ ARCHIVE_PAGE = 500
 
 
 # A user's conversation ids are cached in Redis (docs/adr/0028): connects and the conversation list read them
-# without a document-store query. Every membership change through the services drops them (and bumps the
-# version, so a fill racing the change is not stored); the TTL only bounds staleness after a change that
-# bypassed the services (a manual database edit). A day: a user's first connect or list of the day fills it
-# (one members query, a scan on FerretDB), later ones read Redis.
-USER_CONVERSATIONS_TTL_S = 24 * 3600
+# without a document-store query. Registration writes a new user's (empty) set, and every membership change
+# through the services adds or removes the conversation in each changed user's set (and bumps the version,
+# so a fill racing the change is not stored): messaging.membership.membership_changed_sync, docs/adr/0039.
+# Only a set that is not cached (a user from before this, one quiet for the TTL, a Redis restart without its
+# data) is filled from the store (one members query, a scan on FerretDB), once. The TTL only bounds staleness
+# after a change that bypassed the services (a manual database edit): 30 days, as the members sets'
+# (messaging.membership.MEMBERSHIP_TTL_S); with a day, every user's first connect of the day read the store.
+USER_CONVERSATIONS_TTL_S = 30 * 24 * 3600
 _NONE = "-"  # the cached set of a user in no conversation (a set cannot be empty)
 
 
-def user_conversations_key(user_id: str) -> str:
-    """Set: ids of the conversations the user is a member of (on REDIS_URL)."""
-    return f"cs:uconvs:{user_id}"
-
-
-def user_conversations_version_key(user_id: str) -> str:
-    return f"cs:uconvs:v:{user_id}"
 
 
 @functools.cache
@@ -56,7 +54,7 @@ def _redis(url: str) -> redis.Redis:
 
 
 def _user_conversation_ids_from_db(user_id: str) -> list[str]:
-    from storage.documents import Conversation
+    from core.documents import Conversation
 
     return [str(c["_id"]) for c in Conversation.objects(members=ObjectId(user_id)).only("id").as_pymongo()]
 
@@ -88,9 +86,34 @@ def user_conversation_ids(*, user_id: str) -> list[str]:
     return found
 
 
-def conversation_card_key(conversation_id: str) -> str:
-    """String: the conversation's card (JSON) the conversation list shows (``api.selectors``; on REDIS_URL)."""
-    return f"cs:card:conv:{conversation_id}"
+async def user_conversation_ids_async(client: redis.asyncio.Redis, *, user_id: str) -> list[str]:
+    """:func:`user_conversation_ids` for a broker's connect: the cached set with the loop's own client (no
+    thread hop); only a miss runs the blocking fill in a worker thread."""
+    cached = await client.smembers(user_conversations_key(user_id)) if ObjectId.is_valid(user_id) else None
+    if cached:
+        return sorted({as_str(m) for m in cached} - {_NONE})
+    from asgiref.sync import sync_to_async
+
+    return await sync_to_async(user_conversation_ids, thread_sensitive=False)(user_id=user_id)
+
+
+# A new user's set: written only if no membership change of theirs bumped the version first (a change that
+# saw no set left it to the fill, and this must not then cache "no conversations" over it).
+_USER_CONVERSATIONS_INIT_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def user_conversations_init(client: Any, *, user_id: str) -> Any:
+    """After a user is created (registration): cache their conversation ids as none, so their first connect
+    reads no store. ``client``: a sync or async REDIS_URL client; returns the script's answer (a coroutine for
+    an async client). Side effect: one script call."""
+    return client.eval(_USER_CONVERSATIONS_INIT_LUA, 2, user_conversations_key(user_id),
+                       user_conversations_version_key(user_id), _NONE, USER_CONVERSATIONS_TTL_S)
+
 
 
 def user_conversations_forget(client: Any, *, user_ids: list[str], conversation_id: str | None = None) -> Any:
@@ -117,8 +140,8 @@ def archived_messages(*, conversation_id: str, after_seq: int, before_seq: int |
                       limit: int = ARCHIVE_PAGE) -> list[dict[str, Any]]:
     """Persisted messages of a conversation with ``after_seq < seq < before_seq``, in seq order, in their
     final state (MongoDB holds edited content and delete tombstones, not the edit events). Blocking."""
+    from core.documents import Message
     from messaging.reactions import reactions_ordered  # lazy: reactions -> services -> membership -> here
-    from storage.documents import Message
 
     query: dict[str, Any] = {"conversation_id": ObjectId(conversation_id), "seq__gt": after_seq}
     if before_seq is not None:
@@ -204,8 +227,8 @@ class ResumeScan:
             if last_seq <= after_seq:
                 return StreamTail(events=[], complete=True)
             bus = bus_resolve(self._client, self._bus)
-            partition = streams.partition_of(conversation_id)
-            key = streams.stream_key(partition)
+            partition = keys.partition_of(conversation_id)
+            key = keys.stream_key(partition)
             pages = self._partitions.setdefault(partition, _PartitionPages())
             if pages.top != "+":
                 # What was appended since this partition was first read: forwards from there, bounded pages.
@@ -246,7 +269,7 @@ async def stream_message_new_find(bus: BusAsync, *, conversation_id: str,
                                   message_id: str) -> dict[str, Any] | None:
     """``{content, at, seq}`` of the ``message.new`` of ``message_id`` if it is among the last
     ``ORIGINAL_SCAN_MAX`` entries of its conversation's partition stream, newest first; else None. Read-only."""
-    key = streams.stream_key(streams.partition_of(conversation_id))
+    key = keys.stream_key(keys.partition_of(conversation_id))
     conv, needle = conversation_id.encode(), message_id.encode()
     upper: bytes | str = "+"
     scanned = 0

@@ -8,7 +8,7 @@ downstream, from the stream; nothing here talks to a socket. Who may write is ``
 who is online is ``messaging/presence.py``.
 
 All functions are coroutines taking an asyncio client of REDIS_URL (membership, pub/sub); those
-that touch the partition streams also take ``bus``, a client of the message bus (``messaging/bus.py``; by
+that touch the partition streams also take ``bus``, a client of the message bus (``core/bus.py``; by
 default ``bus_resolve(client, None)``: ``client`` itself unless the bus is another Redis or a cluster). Sync
 callers (DRF views) use ``asgiref.sync.async_to_sync`` and pass both clients.
 """
@@ -26,12 +26,15 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from chatstream_site.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
-from chatstream_site.values import iso_ms
-from messaging import events, frames, mentions, replies, streams
-from messaging.bus import BusAsync, bus_resolve
-from messaging.events import message_meta_key
+from core import keys
+from core.bus import BusAsync
+from core.entries import FORMAT_VERSION
+from core.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from core.keys import message_meta_key, read_cursor_key
+from core.values import iso_ms
+from messaging import events, frames, mentions, replies
 from messaging.membership import membership_require
+from messaging.streams import bus_resolve
 
 CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -151,7 +154,7 @@ async def message_send(
 
 
 def _message_owner_from_db(message_id: str) -> tuple[str, str, bool] | None:
-    from storage.documents import Message
+    from core.documents import Message
 
     message = Message.objects(id=message_id).only("conversation_id", "sender_id", "deleted").first()
     if message is None:
@@ -217,7 +220,7 @@ async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id:
 def _message_original_from_db(message_id: str) -> tuple[dict[str, Any] | None, bool] | None:
     """``(original, edited)`` of a persisted message (``original``: ``{content, at, seq}`` while it has never
     been edited), or None if it is not in MongoDB yet. Blocking."""
-    from storage.documents import Message
+    from core.documents import Message
 
     row = Message.objects(id=message_id).only("content", "timestamp", "seq", "edit_seq").as_pymongo().first()
     if row is None:
@@ -279,10 +282,6 @@ async def message_delete_by_staff(client: redis.asyncio.Redis, *, staff_username
     return await _message_event_append(bus, event=built)
 
 
-def read_cursor_key(conversation_id: str) -> str:
-    """Hash user id -> read seq, in the conversation's partition slot (on the bus Redis)."""
-    return f"cs:{streams.tag(streams.partition_of(conversation_id))}:read:{conversation_id}"
-
 
 # KEYS[1] read-cursor hash, KEYS[2] stream, KEYS[3] seq hash; ARGV[1] user, ARGV[2] seq, ARGV[3] conversation,
 # ARGV[4], ARGV[5] the payload's JSON before and after its seq (events.BuiltEvent.json_around_seq), ARGV[6] the
@@ -314,13 +313,13 @@ async def read_mark(client: redis.asyncio.Redis, *, user_id: str, conversation_i
         raise ValidationFailed("seq must be a non-negative integer", details={"field": "seq"})
     await membership_require(client, user_id=user_id, conversation_id=conversation_id)
     bus = bus_resolve(client, bus)
-    partition = streams.partition_of(conversation_id)
+    partition = keys.partition_of(conversation_id)
     head, tail = events.event_build(type="read.updated", conversation_id=conversation_id, actor_id=user_id,
                                     seq=0).json_around_seq()
     script = bus.register_script(_READ_LUA)
     cursor = await script(
-        keys=[read_cursor_key(conversation_id), streams.stream_key(partition), streams.seq_key(partition)],
-        args=[user_id, seq, conversation_id, head, tail, streams.FORMAT_VERSION],
+        keys=[read_cursor_key(conversation_id), keys.stream_key(partition), keys.seq_key(partition)],
+        args=[user_id, seq, conversation_id, head, tail, FORMAT_VERSION],
     )
     drain_nudge(bus, partition=partition)
     return int(cursor)
@@ -338,7 +337,7 @@ _background: set[asyncio.Task[None]] = set()
 async def partition_backlog(client: BusAsync, *, partition: int) -> int:
     """Entries of a partition not yet delivered to its drain's consumer group (XINFO GROUPS ``lag``);
     the whole stream length when no group exists yet or Redis cannot tell the lag. Read-only."""
-    key = streams.stream_key(partition)
+    key = keys.stream_key(partition)
     groups = await client.xinfo_groups(key) if await client.exists(key) else []
     lags = []
     for group in groups:

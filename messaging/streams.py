@@ -1,22 +1,16 @@
-"""Redis Streams as the bus: partitions, keys, the atomic append, and the entry format.
+"""Redis Streams as the bus: the atomic append, its batching, and each event loop's bus client.
 
 Layout (docs/architecture.md, docs/adr/0002): ``CHATSTREAM_PARTITIONS`` streams ``cs:{pNN}:events``; a conversation
 lives in partition ``crc32(conversation_id) % PARTITIONS`` for ever. Every key of a partition carries the
 hash tag ``{pNN}``, so on a Redis Cluster the stream, its seq counters and its dedup keys share one slot and
-the append script may touch them all. These keys live on the message bus Redis (``messaging/bus.py``,
-docs/adr/0022), which may be a cluster.
-
-An entry is one durable conversation event with the fields
-
-``t``  event type: ``message.new``, ``message.edited``, ``message.deleted``, ``reaction.added``,
-       ``reaction.removed`` (these take a seq) or
-       ``read.updated`` (seq ``0``: it moves a cursor, it is not a conversation event),
-``c``  conversation id, ``s`` its per-conversation seq (decimal), ``d`` the event's JSON payload,
-``v``  format version (``1``).
+the append script may touch them all. The keys are in ``core/keys.py``; they live on the message bus Redis
+(``core/bus.py``, docs/adr/0022), which may be a cluster. The entry format (fields ``t c s d v``) and its
+decoder are in ``core/entries.py``. Over 400 lines: the append script and every way it is sent (one call,
+a pipelined batch, the lean RESP client, a cluster) share one argument layout, which is safer read in one place.
 
 Payloads (``d``; ids are strings, times ISO-8601 UTC with milliseconds; built by ``messaging.events.event_build``,
 the one builder, whose ``PAYLOAD_FIELDS`` lists them; the drain applies each type by its rule in
-``storage.services.EVENT_RULES``):
+``storage.rules.EVENT_RULES``):
 
 ``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id, mentions}`` (``mentions``:
                      ids of the members its ``@username``s name, ``messaging/mentions.py``; absent in entries
@@ -39,86 +33,35 @@ client_msg_id)``: a retry returns the first attempt's ``(message_id, seq)`` and 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import weakref
-import zlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import redis.asyncio
 import redis.exceptions
 from django.conf import settings
 
-from chatstream_site.values import as_str
-from messaging.bus import BusAsync, bus_is_cluster, bus_resolve
+from core.bus import BusAsync, bus_async_new, bus_is_cluster, bus_is_separate
+from core.entries import SEQUENCED, EventType
+from core.keys import (
+    dedup_key,
+    no_dedup_key,
+    partition_of,
+    persisted_key,
+    recent_docs_key,
+    recent_edits_key,
+    recent_key,
+    seq_key,
+    stream_key,
+)
+from core.values import as_str
+from messaging.resp import RespClient, resp_client_for
 
-EventType = Literal["message.new", "message.edited", "message.deleted", "read.updated", "reaction.added",
-                    "reaction.removed"]
-SEQUENCED: frozenset[str] = frozenset({"message.new", "message.edited", "message.deleted", "reaction.added",
-                                       "reaction.removed"})
-FORMAT_VERSION = "1"
 # How long a (conversation, sender, client_msg_id) is remembered: a client retrying after a day is a new message.
 DEDUP_TTL_S = 24 * 3600
-
-
-def partition_of(conversation_id: str) -> int:
-    """Stable across processes, machines and Python versions (``hash()`` is salted; crc32 is not)."""
-    return zlib.crc32(conversation_id.encode()) % int(settings.PARTITIONS)
-
-
-def tag(partition: int) -> str:
-    return f"{{p{partition:02d}}}"
-
-
-def stream_key(partition: int) -> str:
-    return f"cs:{tag(partition)}:events"
-
-
-def seq_key(partition: int) -> str:
-    """Hash: conversation id -> last accepted seq."""
-    return f"cs:{tag(partition)}:seq"
-
-
-def dedup_key(partition: int, *, conversation_id: str, sender_id: str, client_msg_id: str) -> str:
-    """String ``message_id:seq`` of a ``message.new`` accepted in the conversation. The conversation is part of
-    the key: a ``client_msg_id`` reused in another conversation of the same partition must not be answered
-    with this message (it was, when the key was ``dedup:{sender}:{client_msg_id}``).
-
-    ``v2`` keeps these keys apart from that old format's (``cs:{pNN}:dedup:<24-hex sender>:...``; "v2" is
-    not a sender id), which this code never reads: in a rolling upgrade an old key cannot answer for another
-    conversation; it only expires (DEDUP_TTL_S). The cost, for one day after the upgrade: a send accepted by an
-    old broker and retried on a new one (or the reverse) is accepted twice. See docs/protocol.md."""
-    return f"cs:{tag(partition)}:dedup:v2:{conversation_id}:{sender_id}:{client_msg_id}"
-
-
-def no_dedup_key(partition: int) -> str:
-    """Stands in for KEYS[3] of an event that is not deduplicated; never read or written. A real key in the
-    partition's slot, because on a Redis Cluster every key of a script must be in one slot ("" is slot 0)."""
-    return f"cs:{tag(partition)}:dedup:-"
-
-
-def recent_key(partition: int, conversation_id: str) -> str:
-    """Sorted set: message id -> seq of the conversation's recent window (docs/adr/0028)."""
-    return f"cs:{tag(partition)}:recent:{conversation_id}"
-
-
-def recent_docs_key(partition: int, conversation_id: str) -> str:
-    """Hash: message id -> the message as JSON (edits and deletes applied), and ``floor``: every message of
-    the conversation with a seq above it is in the window (those at or below it are in the store)."""
-    return f"cs:{tag(partition)}:recentdoc:{conversation_id}"
-
-
-def recent_edits_key(partition: int, conversation_id: str) -> str:
-    """Hash: message id -> the newest edit/delete (JSON with ``edit_seq``) of a message older than the window,
-    for store-served pages until the drain has applied it; expires with the window."""
-    return f"cs:{tag(partition)}:recentedit:{conversation_id}"
-
-
-def persisted_key(partition: int) -> str:
-    """Hash: conversation id -> seq up to which the drain has persisted the conversation's events (the
-    window only drops messages at or below it)."""
-    return f"cs:{tag(partition)}:persisted"
 
 
 # KEYS[1] stream, KEYS[2] seq hash, KEYS[3] dedup key (no_dedup_key when ARGV[7] is "0")
@@ -227,21 +170,6 @@ class Appended:
     duplicate: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """A decoded stream entry."""
-
-    entry_id: str
-    type: str
-    conversation_id: str
-    seq: int
-    data: dict[str, Any]
-
-
-class MalformedEntry(ValueError):
-    """An entry that cannot be decoded (a poison entry for the drain)."""
-
-
 async def event_append(
     client: BusAsync,
     *,
@@ -258,7 +186,7 @@ async def event_append(
     (``dedup_key``). ``meta`` is ``(key, fields, ttl_s)`` of a hash written in the same round trip, after the
     script (on a Redis Cluster beside it; never atomically with it; for a duplicate it is written too, so it
     must be harmless then). Precondition: the caller
-    validated and authorized the event. ``client`` is a bus client (``messaging.bus``).
+    validated and authorized the event. ``client`` is a bus client (``core.bus``).
     Side effects: HINCRBY + XADD (+ SET of the dedup key), in one script (+ HSET/EXPIRE of ``meta``). On a
     client with :func:`append_batching_enable`, the round trip is shared with the other appends of the same
     event-loop turn.
@@ -336,6 +264,45 @@ async def _appends_execute(client: redis.asyncio.Redis, appends: list[_Append]) 
     return results
 
 
+async def _appends_execute_resp(client: RespClient, appends: list[_Append]) -> list[Any]:
+    """:func:`_appends_execute` over the lean client (``messaging/resp.py``): the same commands and results,
+    one write and one future for the whole batch."""
+    results = await _appends_resp(client, appends)
+    retry = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+    if retry:
+        await client.call("SCRIPT", "LOAD", _APPEND_LUA)
+        for i, result in zip(retry, await _appends_resp(client, [appends[i] for i in retry]), strict=True):
+            results[i] = result
+    return results
+
+
+def _appends_commands(appends: list[_Append]) -> list[list[Any]]:
+    commands: list[list[Any]] = []
+    for append in appends:
+        commands.append(["EVALSHA", _APPEND_SHA, len(append.keys), *append.keys, *append.args])
+        if append.meta is not None:
+            key, fields, ttl = append.meta
+            commands.append(["HSET", key, *[x for pair in fields.items() for x in pair]])
+            commands.append(["EXPIRE", key, ttl])
+    return commands
+
+
+async def _appends_resp(client: RespClient, appends: list[_Append]) -> list[Any]:
+    return _appends_results(appends, await client.execute(_appends_commands(appends)))
+
+
+def _appends_results(appends: list[_Append], replies: list[Any]) -> list[Any]:
+    """Each append's script result, or the first error of its script or meta writes. Pure."""
+    results: list[Any] = []
+    at = 0
+    for append in appends:
+        width = 1 if append.meta is None else 3
+        errors = [r for r in replies[at:at + width] if isinstance(r, Exception)]
+        results.append(errors[0] if errors else replies[at])
+        at += width
+    return results
+
+
 async def _appends_pipeline(client: redis.asyncio.Redis, appends: list[_Append]) -> list[Any]:
     async with client.pipeline(transaction=False) as pipe:
         for append in appends:
@@ -366,6 +333,8 @@ class AppendBatcher:
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
+        # The lean client to the same server when it speaks to it (docs/adr/0040), else redis-py's pipeline.
+        self.fast = resp_client_for(client)
         self.pending: list[tuple[_Append, asyncio.Future[Any]]] = []
         self.scheduled = False
         self.tasks: set[asyncio.Task[None]] = set()
@@ -383,13 +352,46 @@ class AppendBatcher:
         self.scheduled = False
         pending, self.pending = self.pending, []
         for start in range(0, len(pending), self.MAX_BATCH):
-            task = asyncio.get_running_loop().create_task(self._run(pending[start:start + self.MAX_BATCH]))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            batch = pending[start:start + self.MAX_BATCH]
+            # On a connected lean client the batch is written now and answered by a callback: no task per
+            # batch, which at a low rate is a task per message (docs/adr/0040). A task otherwise (connecting).
+            sent = self.fast.send_nowait(_appends_commands([a for a, _ in batch])) if self.fast else None
+            if sent is not None:
+                sent.add_done_callback(functools.partial(self._answered, batch))
+            else:
+                self._run_in_task(batch)
+
+    def _run_in_task(self, batch: list[tuple[_Append, asyncio.Future[Any]]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _answered(self, batch: list[tuple[_Append, asyncio.Future[Any]]], sent: asyncio.Future[list[Any]]) -> None:
+        """The replies of a batch written by :meth:`_flush`: hand each append its result; appends the server
+        answered NOSCRIPT (restarted, failed over, first use) run again in a task, which loads the script."""
+        if sent.cancelled() or sent.exception() is not None:
+            failure = sent.exception() if not sent.cancelled() else None
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure or redis.exceptions.ConnectionError("append batch cancelled"))
+            return
+        results = _appends_results([a for a, _ in batch], sent.result())
+        retry = []
+        for (append, future), result in zip(batch, results, strict=True):
+            if isinstance(result, redis.exceptions.NoScriptError):
+                retry.append((append, future))
+            elif not future.done():
+                future.set_result(result)
+        if retry:
+            self._run_in_task(retry)
 
     async def _run(self, batch: list[tuple[_Append, asyncio.Future[Any]]]) -> None:
         try:
-            results = await _appends_execute(self.client, [append for append, _ in batch])
+            appends = [append for append, _ in batch]
+            if self.fast is not None:
+                results = await _appends_execute_resp(self.fast, appends)
+            else:
+                results = await _appends_execute(self.client, appends)
         except BaseException as exc:  # every waiter gets the failure, cancellation included
             for _, future in batch:
                 if not future.done():
@@ -413,25 +415,36 @@ def append_batching_enable(client: BusAsync) -> None:
         _batchers[client] = AppendBatcher(client)
 
 
-def event_decode(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
-    """Decode one XREAD/XREADGROUP entry; raise :class:`MalformedEntry` if it is not a v1 event."""
-    try:
-        f = {as_str(k): as_str(v) for k, v in fields.items()}
-        if f.get("v") != FORMAT_VERSION:
-            raise MalformedEntry(f"unknown entry format version {f.get('v')!r}")
-        data = json.loads(f["d"])
-        if not isinstance(data, dict):
-            raise MalformedEntry("payload is not a JSON object")
-        return Event(entry_id=as_str(entry_id), type=f["t"], conversation_id=f["c"], seq=int(f["s"]), data=data)
-    except (KeyError, ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, MalformedEntry):
-            raise
-        raise MalformedEntry(f"undecodable entry {as_str(entry_id)}: {exc}") from None
+# One asyncio bus client per event loop (an asyncio client cannot be shared across loops). Brokers run one
+# loop for their life, so this is one client per broker; loops that come and go (``async_to_sync``) must
+# pass their own client instead (``core.clients.run_async`` does), or each would leave one behind.
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusAsync] = weakref.WeakKeyDictionary()
+
+
+def bus_for_loop() -> BusAsync:
+    """The running loop's bus client, created on first use (pool size ``BROKER_REDIS_POOL``).
+    Precondition: called on a running event loop."""
+    loop = asyncio.get_running_loop()
+    client = _by_loop.get(loop)
+    if client is None:
+        client = _by_loop[loop] = bus_async_new(max_connections=int(settings.BROKER_REDIS_POOL))
+        append_batching_enable(client)
+    return client
+
+
+def bus_resolve(client: redis.asyncio.Redis, bus: BusAsync | None) -> BusAsync:
+    """The bus client to use beside ``client`` (a client of REDIS_URL): ``bus`` if given; else ``client``
+    itself when the bus is that same Redis; else the running loop's bus client."""
+    if bus is not None:
+        return bus
+    if not bus_is_separate():
+        return client
+    return bus_for_loop()
 
 
 async def last_accepted_seq(client: redis.asyncio.Redis, *, conversation_id: str, bus: BusAsync | None = None) -> int:
     """The last seq given out in the conversation (0: none). ``client`` is a REDIS_URL client; the read goes
-    to ``bus`` (default: ``messaging.bus.bus_resolve``). Read-only."""
+    to ``bus`` (default: ``bus_resolve``). Read-only."""
     raw = await bus_resolve(client, bus).hget(seq_key(partition_of(conversation_id)), conversation_id)
     return int(raw) if raw is not None else 0
 

@@ -12,11 +12,10 @@ from typing import Any
 
 from django.conf import settings
 
-from chatstream_site.errors import NotFound
-from chatstream_site.values import as_str
-from messaging.bus import BusSync
-from messaging.streams import stream_key
-from storage.keys import DEADLETTERS, redis_sync
+from core.bus import BusSync, bus_sync
+from core.errors import NotFound
+from core.keys import DEADLETTERS, stream_key
+from core.values import as_str
 from storage.selectors import deadletter_get
 
 logger = logging.getLogger("chatstream.storage")
@@ -40,7 +39,7 @@ def deadletter_retry(*, id: str, client: BusSync | None = None) -> str:
     """Put a dead letter back at the end of its partition stream (fields unchanged, seq kept) and remove it
     from the dead letters; return the new entry id. The drain's writes are keyed and guarded, so the late
     copy cannot undo newer events. Raises NotFound."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     letter = deadletter_get(id=id, client=r)
     if letter is None or letter.partition < 0:
         raise NotFound("no such dead letter", details={"id": id})
@@ -53,4 +52,4 @@ def deadletter_retry(*, id: str, client: BusSync | None = None) -> str:
 
 def deadletter_discard(*, id: str, client: BusSync | None = None) -> bool:
     """Forget a dead letter for good; return whether it existed."""
-    return bool((client or redis_sync()).xdel(DEADLETTERS, id))
+    return bool((client or bus_sync()).xdel(DEADLETTERS, id))

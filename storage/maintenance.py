@@ -9,17 +9,16 @@ import time
 import redis
 from django.conf import settings
 
-from chatstream_site.values import as_str
-from messaging.bus import BusSync
-from messaging.streams import stream_key
-from storage.keys import GROUP, redis_sync
+from core.bus import BusSync, bus_sync
+from core.keys import GROUP, stream_key
+from core.values import as_str
 from storage.selectors import entry_key, partitions_state
 
 
 def trim_boundary(*, partition: int, now_ms: int | None = None, client: BusSync | None = None) -> str:
     """The MINID below which entries may go: both acknowledged by the storage group and older than the
     resume window. ``0-0`` (nothing) when the group does not exist yet."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     state = partitions_state(partitions=[partition], client=r)[0]
     try:
         groups = r.xinfo_groups(stream_key(partition))
@@ -39,7 +38,7 @@ def partition_trim(*, partition: int, now_ms: int | None = None, approximate: bo
                    client: BusSync | None = None) -> int:
     """XTRIM MINID the trim boundary; returns how many entries went. Approximate (``~``, the default):
     Redis removes whole nodes only, which is cheap and may keep a few more entries, never fewer."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     boundary = trim_boundary(partition=partition, now_ms=now_ms, client=r)
     if boundary == "0-0":
         return 0
@@ -49,7 +48,7 @@ def partition_trim(*, partition: int, now_ms: int | None = None, approximate: bo
 def consumers_forget(*, partition: int, idle_s: int = 3600, client: BusSync | None = None) -> int:
     """Delete consumers of the group that own no pending entry and were idle over ``idle_s`` (every
     restarted worker is a new consumer); returns how many."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     try:
         consumers = r.xinfo_consumers(stream_key(partition), GROUP)
     except redis.ResponseError:

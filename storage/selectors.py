@@ -13,10 +13,9 @@ from typing import Any
 
 from django.conf import settings
 
-from chatstream_site.values import as_str
-from messaging.bus import BusSync
-from messaging.streams import stream_key
-from storage.keys import DEADLETTERS, GROUP, RATE_BUCKET_S, RATE_WINDOW_S, rate_key, redis_sync, stats_key
+from core.bus import BusSync, bus_sync
+from core.keys import DEADLETTERS, GROUP, RATE_BUCKET_S, RATE_WINDOW_S, rate_key, stats_key, stream_key
+from core.values import as_str
 
 
 def entry_ms(entry_id: str) -> int:
@@ -56,7 +55,7 @@ class PartitionState:
 
 def partitions_state(*, partitions: list[int] | None = None, client: BusSync | None = None) -> list[PartitionState]:
     """The state of each partition (all by default), in two pipelined round trips."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     parts = partitions if partitions is not None else list(range(int(settings.PARTITIONS)))
     pipe = r.pipeline(transaction=False)
     for p in parts:
@@ -114,7 +113,7 @@ def partitions_state(*, partitions: list[int] | None = None, client: BusSync | N
 
 def persisted_rates(*, client: BusSync | None = None, now_s: float | None = None) -> dict[int, float]:
     """Events persisted per second per partition, averaged over the last ``RATE_WINDOW_S`` full buckets."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     current = int((now_s if now_s is not None else time.time()) // RATE_BUCKET_S)
     buckets = [current - i for i in range(1, RATE_WINDOW_S // RATE_BUCKET_S + 1)]
     pipe = r.pipeline(transaction=False)
@@ -149,16 +148,16 @@ def _deadletter(entry_id: Any, raw: dict[Any, Any]) -> DeadLetter:
 
 def deadletters_list(*, limit: int = 100, client: BusSync | None = None) -> list[DeadLetter]:
     """The newest ``limit`` dead letters, newest first."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     found: Any = r.xrevrange(DEADLETTERS, count=limit)
     return [_deadletter(i, f) for i, f in found]
 
 
 def deadletters_count(*, client: BusSync | None = None) -> int:
-    return int((client or redis_sync()).xlen(DEADLETTERS))
+    return int((client or bus_sync()).xlen(DEADLETTERS))
 
 
 def deadletter_get(*, id: str, client: BusSync | None = None) -> DeadLetter | None:
-    r = client or redis_sync()
+    r = client or bus_sync()
     found: Any = r.xrange(DEADLETTERS, min=id, max=id, count=1)
     return _deadletter(*found[0]) if found else None

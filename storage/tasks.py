@@ -11,9 +11,9 @@ import logging
 from celery import shared_task
 from django.conf import settings
 
-from chatstream_site.errors import Retryable
+from core.errors import Retryable
+from core.keys import consumer_name
 from storage import services, trigger
-from storage.keys import consumer_name
 
 logger = logging.getLogger("chatstream.storage")
 

@@ -11,8 +11,8 @@ import time
 
 from django.conf import settings
 
-from messaging.bus import BusSync
-from storage.keys import drain_lock_key, maintenance_key, redis_sync
+from core.bus import BusSync, bus_sync
+from core.keys import drain_lock_key, maintenance_key
 from storage.maintenance import consumers_forget, partition_trim
 from storage.selectors import partitions_state
 
@@ -24,7 +24,7 @@ def drain_enqueue(*, partition: int, client: BusSync | None = None) -> bool:
     (the size trigger). Side effects: SET NX of the partition's drain lock (TTL ``DRAIN_LOCK_TTL_S``, released
     by the drain when it ends), then one Celery message on queue ``storage``.
     """
-    r = client or redis_sync()
+    r = client or bus_sync()
     if not r.set(drain_lock_key(partition), str(int(time.time() * 1000)), nx=True, ex=settings.DRAIN_LOCK_TTL_S):
         return False
     from storage.tasks import partition_drain_task
@@ -47,7 +47,7 @@ async def drain_enqueue_async(*, partition: int) -> bool:
 
 def drain_release(*, partition: int, backoff_s: int = 0, client: BusSync | None = None) -> None:
     """End of a drain: free the partition's lock, or keep it ``backoff_s`` more seconds (after an outage)."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     if backoff_s > 0:
         r.set(drain_lock_key(partition), "backoff", ex=backoff_s)
     else:
@@ -57,7 +57,7 @@ def drain_release(*, partition: int, backoff_s: int = 0, client: BusSync | None 
 def drain_tick(*, client: BusSync | None = None) -> list[int]:
     """The time trigger (beat, every ``FLUSH_INTERVAL_S``): enqueue a drain of every partition with a backlog,
     and run each partition's maintenance at most once a minute. Returns the partitions it enqueued."""
-    r = client or redis_sync()
+    r = client or bus_sync()
     enqueued = []
     for state in partitions_state(client=r):
         if state.backlog > 0 and drain_enqueue(partition=state.partition, client=r):

@@ -13,7 +13,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from chatstream_site.errors import NotFound
+from core.errors import NotFound
 from storage import deadletters, selectors
 
 

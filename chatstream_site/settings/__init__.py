@@ -2,6 +2,8 @@
 
 Every variable is documented with its default in ``.env.example``. ``.env`` at the project root is read
 first (real environment variables win), so ``make run`` works with the file bootstrap writes.
+Over 400 lines because it is one flat list of settings, each with why its default was chosen; one module is
+what Django reads and what tests/cluster/test_env.py checks against ``.env.example``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from chatstream_site.env import (
     env_url,
     load_dotenv,
 )
+from core.keys import CACHE_PREFIX, CELERY_PREFIX, CHANNELS_PREFIX
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 # CHATSTREAM_DOTENV names another file; set it empty to read none (the test suite does).
@@ -138,7 +141,7 @@ CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
-        "KEY_PREFIX": "cs:cache",
+        "KEY_PREFIX": CACHE_PREFIX,
     }
 }
 
@@ -150,7 +153,7 @@ CHANNEL_LAYERS = {
             # timeout is 5 s too: every idle receive raced the timeout and the brokers' session task died with
             # a TimeoutError every ~5 s (seen under `make run`). Three blocks' worth of margin.
             "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
-            "prefix": "cs:chl",
+            "prefix": CHANNELS_PREFIX,
             # docs/adr/0020, the probe: the defaults (capacity 100) silently dropped ~1/5 of deliveries under load.
             "capacity": env_int("CHATSTREAM_CHANNEL_CAPACITY", 1000, minimum=10),
             "expiry": 60,
@@ -164,7 +167,7 @@ ROLE = env_str("CHATSTREAM_ROLE", "")
 # Loopback by default: nothing but the gateway should be reachable from outside (containers set 0.0.0.0).
 BIND_HOST = env_str("CHATSTREAM_BIND", "127.0.0.1")
 GATEWAY_PORT = env_int("CHATSTREAM_GATEWAY_PORT", 8000, minimum=1, maximum=65535)
-# Internal instances listen on PORT_BASE + offset (see chatstream_site/roles.py); 8100 keeps them clear of
+# Internal instances listen on PORT_BASE + offset (see core/roles.py); 8100 keeps them clear of
 # the gateway's 8000 and of the usual 8080/8443.
 PORT_BASE = env_int("CHATSTREAM_PORT_BASE", 8100, minimum=1024, maximum=65000)
 # A heartbeat every 2 s with a 6 s TTL: a SIGKILLed instance leaves the registry within 6 s, and two missed
@@ -370,7 +373,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Longer than any drain (a batch is bounded by BATCH_SIZE and takes well under a minute), so a slow
     # drain is never redelivered to a second worker while the first still runs.
     "visibility_timeout": env_int("CHATSTREAM_CELERY_VISIBILITY_TIMEOUT", 600, minimum=30),
-    "global_keyprefix": "cs:celery:",
+    "global_keyprefix": CELERY_PREFIX,
 }
 # Fetch a task only when the (solo) pool is free: a busy worker never holds drains another could run.
 CELERY_WORKER_DISABLE_PREFETCH = True

@@ -10,10 +10,10 @@ import pytest
 import redis
 from bson import ObjectId
 
-from api.revocation import USER_PREFIX
-from api.tokens import token_decode, token_issue
 from chatstream_site.localservers import Servers
-from storage.documents import Conversation, GroupChat, User
+from core.documents import Conversation, GroupChat, User
+from core.keys import REVOKED_USER_PREFIX as USER_PREFIX
+from core.tokens import token_decode, token_issue
 from tests.support.api import PASSWORD, account, anonymous, error_code
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")

@@ -12,8 +12,9 @@ from django.contrib.auth.models import User as StaffUser
 from django.test import Client
 
 from chatstream_site.localservers import Servers
-from messaging.streams import event_decode, partition_of, stream_key
-from storage.documents import Message
+from core.documents import Message
+from core.entries import event_decode
+from core.keys import partition_of, stream_key
 from tests.support.api import account, persist
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("servers", "generous_rates")]

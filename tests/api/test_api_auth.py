@@ -10,9 +10,10 @@ import pytest
 import redis
 from django.conf import settings
 
-from api.tokens import TICKET_PREFIX, token_issue
 from chatstream_site.localservers import Servers
-from storage.documents import User
+from core.documents import User
+from core.keys import TICKET_PREFIX
+from core.tokens import token_issue
 from tests.support.api import PASSWORD, account, anonymous, error_code
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")

@@ -10,8 +10,8 @@ import redis.asyncio
 from bson import ObjectId
 
 from chatstream_site.localservers import Servers
+from core.documents import Conversation, GroupChat
 from messaging import membership
-from storage.documents import Conversation, GroupChat
 from tests.support import api as api_support
 from tests.support.api import account, error_code
 
@@ -224,7 +224,7 @@ def test_deleting_a_group_removes_it_for_every_member(servers: Servers) -> None:
     assert late.status_code == 404
     assert alice.client.delete(f"/api/v1/chats/group/{gid}").status_code == 404
     assert not GroupChat.objects(id=gid).first() and not Conversation.objects(id=cid).first()
-    from storage.documents import Message
+    from core.documents import Message
     assert Message.objects(conversation_id=ObjectId(cid)).count() == 0
 
 

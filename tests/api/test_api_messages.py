@@ -11,8 +11,9 @@ import redis
 from bson import ObjectId
 
 from chatstream_site.localservers import Servers
-from messaging.streams import event_decode, partition_of, stream_key
-from storage.documents import Conversation
+from core.documents import Conversation
+from core.entries import event_decode
+from core.keys import partition_of, stream_key
 from tests.support.api import Account, account, bulk_messages, error_code, persist
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")

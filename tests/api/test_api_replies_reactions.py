@@ -16,10 +16,11 @@ from django.test import override_settings
 from mongoengine.connection import get_db
 
 from chatstream_site.localservers import Servers
-from messaging.reactions import REACTION_EMOJI, REACTIONS_PER_MESSAGE_MAX, REACTIONS_PER_USER_MAX, state_key
+from core.documents import bucket_id
+from core.keys import partition_of, recent_docs_key
+from core.keys import reactions_key as state_key
+from messaging.reactions import REACTION_EMOJI, REACTIONS_PER_MESSAGE_MAX, REACTIONS_PER_USER_MAX
 from messaging.replies import QUOTE_CHARS
-from messaging.streams import partition_of, recent_docs_key
-from storage.documents import bucket_id
 from tests.support.api import Account, account, error_code, persist
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")

@@ -13,8 +13,7 @@ from bson import ObjectId
 from mongoengine.connection import get_db
 
 from chatstream_site.localservers import Servers
-from messaging.events import message_meta_key
-from messaging.streams import partition_of, stream_key
+from core.keys import message_meta_key, partition_of, stream_key
 from tests.support.api import Account, account, error_code, persist
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")

@@ -17,9 +17,8 @@ import redis
 from django.test import override_settings
 
 from chatstream_site.localservers import Servers, redis_server
-from messaging.streams import partition_of, persisted_key, recent_docs_key, recent_key, stream_key
+from core.keys import GROUP, partition_of, persisted_key, recent_docs_key, recent_key, stream_key
 from storage import services as storage
-from storage.keys import GROUP
 from tests.support.api import Account, account
 from tests.support.realtime import Broker, brokers_running, connect_user, send_frame
 from tests.support.storage import edit_event, new_event, send_messages
@@ -152,8 +151,9 @@ def test_a_killed_drain_loses_nothing_the_window_keeps_what_is_not_persisted(ser
 
 
 def test_watermark_stops_below_a_deferred_entry() -> None:
-    from messaging.streams import Event
-    from storage.services import _Item, recent_persisted_watermarks
+    from core.entries import Event
+    from storage.rules import Item as _Item
+    from storage.services import recent_persisted_watermarks
 
     def item(cid: str, seq: int, *, failure: str | None = None, dead: str | None = None) -> _Item:
         it = _Item(entry_id=f"1-{seq}", fields={}, failure=failure, dead=dead)
@@ -391,7 +391,7 @@ def test_existing_messages_are_bucketed_by_one_command_and_a_partial_bucket_is_n
     cid = single(alice, bob)
     bulk_messages(conversation_id=cid, sender_id=bob.id, count=10)  # stored before the buckets existed
     r = redis.Redis.from_url(servers.redis_url)
-    from messaging.streams import seq_key
+    from core.keys import seq_key
 
     r.hset(seq_key(partition_of(cid)), cid, 10)
     with override_settings(RECENT_MESSAGES=2):
@@ -401,7 +401,7 @@ def test_existing_messages_are_bucketed_by_one_command_and_a_partial_bucket_is_n
         send(alice, cid, "last")
     # The drain created bucket 0 at seq 11: it lacks 1..10, so it is partial and the page reads messages.
     assert [m["seq"] for m in history(bob, cid, before_seq=12)["results"]] == list(range(1, 12))
-    from storage.services import buckets_build
+    from storage.buckets import buckets_build
 
     assert buckets_build() >= 15
     no_messages_reads()
@@ -412,7 +412,7 @@ def test_existing_messages_are_bucketed_by_one_command_and_a_partial_bucket_is_n
 def test_a_drain_batch_touching_many_conversations_completes(servers: Servers) -> None:
     """FerretDB v1 hangs on an update command of over 100 statements (bench/ferretdb_update_limit.py): a batch
     over 150 conversations (one conversations statement and one bucket statement each) must still persist."""
-    from storage.documents import MessageBucket
+    from core.documents import MessageBucket
     from tests.support.storage import append_events, conversation_in
 
     partition = 5
@@ -429,7 +429,7 @@ def test_an_empty_conversation_and_one_whose_seq_redis_lost_are_paged_without_a_
         servers: Servers, no_messages_reads: Any) -> None:
     """docs/adr/0036: with no seq in Redis, the stored conversation's last_seq (read by _id) bounds the buckets;
     a ``messages`` query would scan the collection on FerretDB."""
-    from messaging.streams import seq_key
+    from core.keys import seq_key
 
     alice, bob = account("alice"), account("bob")
     empty, full = single(alice, bob), single(bob, account("carol"))
@@ -452,7 +452,7 @@ def test_a_full_window_stays_within_its_documented_memory_budget(servers: Server
     """docs/storage.md: a window of CHATSTREAM_RECENT_MESSAGES (100) messages with a 60-character text is ~45 KB;
     budgeted at 64 KB per conversation; a user's cached conversation ids a few hundred bytes. Measured with
     MEMORY USAGE on the real keys after 130 sends, a drain and one more send (which drops the persisted excess)."""
-    from messaging.selectors import user_conversations_key
+    from core.keys import user_conversations_key
 
     alice, bob = account("alice"), account("bob")
     cid = single(alice, bob)

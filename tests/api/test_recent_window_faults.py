@@ -20,7 +20,7 @@ from django.test import override_settings
 
 from chatstream_site.localcluster import child_env, wait_until
 from chatstream_site.localservers import ROOT, Servers
-from messaging.streams import partition_of, persisted_key, recent_key
+from core.keys import partition_of, persisted_key, recent_key
 from storage import services as storage
 from tests.api.test_recent_window import floor_of, history, listed, send, single, walk
 from tests.support.api import account

@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 
 from chatstream_site.localservers import ROOT
-from chatstream_site.roles import url_redacted
+from core.roles import url_redacted
 
 
 @pytest.fixture

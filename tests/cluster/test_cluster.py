@@ -13,9 +13,9 @@ import httpx
 import pytest
 import redis
 
-from api.tokens import token_issue
 from chatstream_site.localcluster import Cluster, manage, tagged_pids, wait_until
-from chatstream_site.registry import instances_list
+from core.registry import instances_list
+from core.tokens import token_issue
 
 pytestmark = pytest.mark.cluster
 

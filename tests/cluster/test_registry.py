@@ -10,7 +10,7 @@ import redis
 
 from chatstream_site.localcluster import child_env, manage
 from chatstream_site.localservers import Servers
-from chatstream_site.registry import Heartbeat, Instance, instance_register, instances_list
+from core.registry import Heartbeat, Instance, instance_register, instances_list
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_services_command_says_what_to_fix_when_redis_is_down() -> None:
 
 
 def test_starts_are_counted_per_run_and_slot_and_older_entries_read_as_no_restarts(client: redis.Redis) -> None:
-    from chatstream_site.registry import start_count_incr
+    from core.registry import start_count_incr
 
     run = f"run-{time.time_ns()}"
     assert [start_count_incr(client, run_id=run, role="api", instance="1") for _ in range(3)] == [1, 2, 3]

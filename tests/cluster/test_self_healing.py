@@ -23,10 +23,10 @@ import websockets
 import websockets.exceptions
 from bson import ObjectId
 
-from api.tokens import token_issue
 from chatstream_site.localcluster import Cluster, manage, tagged_pids, wait_until
 from chatstream_site.localservers import Servers
-from chatstream_site.registry import instances_list
+from core.registry import instances_list
+from core.tokens import token_issue
 from tests.support.realtime import group_create, ticket_for, user_create
 
 pytestmark = pytest.mark.cluster

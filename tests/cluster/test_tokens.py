@@ -11,9 +11,9 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
-from api.tokens import token_decode, token_issue, ws_ticket_consume, ws_ticket_issue
-from chatstream_site.errors import Unauthenticated
 from chatstream_site.localservers import Servers
+from core.errors import Unauthenticated
+from core.tokens import token_decode, token_issue, ws_ticket_consume, ws_ticket_issue
 
 
 def test_round_trip_and_type_is_checked() -> None:

@@ -26,11 +26,12 @@ from django_ratelimit.core import _get_window
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from api.tokens import TicketOwner, token_issue, ws_ticket_issue
 from chatstream_site.localcluster import wait_until
 from chatstream_site.localfleet import Fleet, Proc, settle
 from chatstream_site.localservers import Servers, redis_server
-from gateway.identity import identity_headers
+from core.identity import identity_headers
+from core.tokens import TicketOwner, token_issue, ws_ticket_issue
+from tests.support.gateway import stand_in_fleet
 
 pytestmark = pytest.mark.cluster
 
@@ -301,19 +302,9 @@ def test_limits_fail_open_to_per_process_counts_when_redis_is_down(servers: Serv
 
 @pytest.fixture(scope="module")
 def edge_fleet(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    fleet = Fleet(servers, tmp_path_factory.mktemp("edge"), db=7, CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32",
-                  CHATSTREAM_GATEWAY_READ_TIMEOUT="2")
-    try:
-        procs: dict[str, Proc] = {"api": fleet.stand_in("api", 1), "broker1": fleet.stand_in("broker", 1),
-                 "broker2": fleet.stand_in("broker", 2), "gateway": fleet.gateway()}
-        for name, proc in procs.items():
-            proc.wait_healthy("/healthz" if name == "gateway" else "/__upstream/stats")
-        fleet.wait_registered("api", 1)
-        fleet.wait_registered("broker", 2)
-        settle(1.5)
-        yield {**procs, "fleet": fleet}
-    finally:
-        fleet.stop()
+    with stand_in_fleet(servers, tmp_path_factory.mktemp("edge"), db=7, brokers=2,
+                        CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32", CHATSTREAM_GATEWAY_READ_TIMEOUT="2") as fleet:
+        yield fleet
 
 
 def forged_tokens() -> dict[str, str]:
@@ -441,6 +432,36 @@ def test_websocket_relays_with_a_direct_client_and_passes_close_codes(edge_fleet
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(through.recv(), 10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4321
+
+    asyncio.run(scenario())
+
+
+def test_the_gateway_issues_websocket_tickets_itself_and_they_open_a_socket(edge_fleet: dict[str, Any]) -> None:
+    """POST /api/v1/auth/ws-ticket is answered at the edge (docs/adr/0039): the api never sees it, the answer is
+    the api's (docs/api.md), the ticket opens one socket with the token's identity, and bad tokens get 401."""
+    gateway, api = edge_fleet["gateway"], edge_fleet["api"]
+    before = stats(api)["http"]
+    token = token_issue(user_id="u-tk", username="tikka", type="access")
+    with httpx.Client(timeout=10) as client:
+        answer = client.post(f"{gateway.url}/api/v1/auth/ws-ticket", headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["cache-control"] == "no-store"
+        body = answer.json()
+        assert set(body) == {"ticket", "expires_in"} and 1 <= body["expires_in"] <= 30
+        assert client.get(f"{gateway.url}/api/v1/auth/ws-ticket",
+                          headers={"Authorization": f"Bearer {token}"}).status_code == 405
+        for name, forged in forged_tokens().items():
+            headers = {"Authorization": f"Bearer {forged}"} if forged else {}
+            assert client.post(f"{gateway.url}/api/v1/auth/ws-ticket", headers=headers).status_code == 401, name
+    assert stats(api)["http"] == before
+
+    async def scenario() -> None:
+        async with connect(f"ws://127.0.0.1:{gateway.port}/ws/?ticket={body['ticket']}") as ws:
+            assert json.loads(await ws.recv())["identity"] == {"user_id": "u-tk", "username": "tikka"}
+        again = await connect(f"ws://127.0.0.1:{gateway.port}/ws/?ticket={body['ticket']}")
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(again.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001  # single use
 
     asyncio.run(scenario())
 

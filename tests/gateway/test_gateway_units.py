@@ -13,12 +13,13 @@ import redis.asyncio
 from django.test import RequestFactory
 from django_ratelimit.core import get_usage
 
-from api.tokens import TicketOwner
 from chatstream_site.localservers import Servers, free_port
-from chatstream_site.registry import Instance
+from core.identity import identity_headers, identity_strip, identity_verify
+from core.registry import Instance
+from core.tokens import TicketOwner
 from gateway.asgi import STATE_KEY, RequestState
-from gateway.identity import identity_headers, identity_strip, identity_verify
-from gateway.middleware import REQUEST_ID_RE, bearer_token, ip_key, origin_allowed
+from gateway.auth import bearer_token
+from gateway.middleware import REQUEST_ID_RE, ip_key, origin_allowed
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter, rate_validate
 from gateway.routes import path_checked, public_paths, route_match
@@ -311,58 +312,87 @@ def test_a_hanging_registry_read_never_holds_a_request(monkeypatch: pytest.Monke
 
 
 def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
-    """A slow upstream writer stops the gateway reading the client (no unbounded buffer), and the upstream's
-    close code reaches the client."""
-    from types import SimpleNamespace
+    """Through a real broker-side WebSocket server: the client's frames reach it framed and masked, its frames
+    (a fragmented one too) and pings are handled by the link, a broker that does not take what is sent makes
+    the gateway stop reading the client (no unbounded buffer), and the broker's close code reaches the client.
+    Here the client's server is not uvicorn, so the broker's frames go out as ASGI messages (AsgiFrames)."""
+    from websockets.asyncio.server import serve
 
-    from gateway.proxy import WebSocketProxy
+    from gateway.wslink import link_open
+    from gateway.wsproxy import WebSocketProxy
 
-    async def scenario() -> tuple[int, list[dict[str, Any]]]:
-        release = asyncio.Event()
-        upstream_frames: asyncio.Queue[str] = asyncio.Queue()
-        received_calls = 0
-        sent_to_client: list[dict[str, Any]] = []
+    async def scenario() -> tuple[int, list[dict[str, Any]], list[str], list[str]]:
+        got_by_broker: list[str] = []
+        headers_seen: list[str] = []
+        go_on = asyncio.Event()
 
-        class SlowUpstream:
-            protocol = SimpleNamespace(close_rcvd=None)
+        async def broker(ws: Any) -> None:
+            headers_seen.append(ws.request.headers.get("X-Test", ""))
+            await ws.ping()
+            await ws.send(["to the ", "client"])  # a fragmented message
+            got_by_broker.append(await ws.recv())
+            await go_on.wait()
+            await ws.close(4321, "bye")
 
-            async def send(self, data: str) -> None:
-                await release.wait()  # the upstream's write buffer is full until released
+        async with serve(broker, "127.0.0.1", 0, compression=None) as server:
+            port = server.sockets[0].getsockname()[1]
+            link = await link_open(host="127.0.0.1", port=port, target="/ws/?a=1", headers=[("X-Test", "yes")],
+                                   subprotocols=[], origin=None, connect_timeout_s=2, answer_timeout_s=5)
+            received_calls = 0
+            sent_to_client: list[dict[str, Any]] = []
+            closed = asyncio.Event()
 
-            async def close(self, code: int = 1000, reason: str = "") -> None:
-                pass
+            async def receive() -> dict[str, Any]:
+                nonlocal received_calls
+                received_calls += 1
+                if received_calls > 1:
+                    await closed.wait()  # the client sends one frame, then waits
+                    return {"type": "websocket.disconnect", "code": 4321}
+                return {"type": "websocket.receive", "text": "frame"}
 
-            def __aiter__(self) -> SlowUpstream:
-                return self
+            async def send(message: dict[str, Any]) -> None:
+                sent_to_client.append(message)
+                if message["type"] == "websocket.close":
+                    closed.set()  # as uvicorn queues the disconnect when it sends a close
 
-            async def __anext__(self) -> str:
-                frame = await upstream_frames.get()
-                if frame == "CLOSE":
-                    self.protocol = SimpleNamespace(close_rcvd=SimpleNamespace(code=4321, reason="bye"))
-                    raise StopAsyncIteration
-                return frame
+            link.pause_writing()  # the broker's socket is full: the client's first frame is written, then waits
+            pump = asyncio.ensure_future(WebSocketProxy._pump(link, receive, send,
+                                                              state=RequestState(request_id="r" * 8)))
+            await asyncio.sleep(0.3)
+            calls_while_blocked = received_calls
+            link.resume_writing()
+            await asyncio.sleep(0.2)
+            go_on.set()
+            await asyncio.wait_for(pump, 5)
+            return calls_while_blocked, sent_to_client, got_by_broker, headers_seen
 
-        async def receive() -> dict[str, Any]:
-            nonlocal received_calls
-            received_calls += 1
-            return {"type": "websocket.receive", "text": "frame"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent_to_client.append(message)
-
-        pump = asyncio.ensure_future(WebSocketProxy._pump(SlowUpstream(), receive, send,
-                                                          state=RequestState(request_id="r" * 8)))
-        await asyncio.sleep(0.2)
-        calls_while_blocked = received_calls
-        await upstream_frames.put("to the client")
-        await upstream_frames.put("CLOSE")
-        await asyncio.wait_for(pump, 5)
-        return calls_while_blocked, sent_to_client
-
-    calls_while_blocked, sent = asyncio.run(scenario())
-    assert calls_while_blocked == 1  # one frame read, then the gateway waits on the upstream's send
+    calls_while_blocked, sent, got_by_broker, headers_seen = asyncio.run(scenario())
+    assert calls_while_blocked == 1  # one frame read, then the gateway waits for the broker to take it
+    assert got_by_broker == ["frame"] and headers_seen == ["yes"]
     assert sent[0] == {"type": "websocket.send", "text": "to the client"}
     assert sent[-1] == {"type": "websocket.close", "code": 4321, "reason": "bye"}
+
+
+def test_the_broker_link_refuses_a_wrong_handshake_and_reports_a_refusal() -> None:
+    from websockets.asyncio.server import serve
+    from websockets.http11 import Response
+
+    from gateway.wslink import HandshakeRefused, link_open
+
+    async def scenario() -> int:
+        def refuse(connection: Any, request: Any) -> Response:
+            return connection.respond(403, "no\n")
+
+        async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=refuse) as server:
+            port = server.sockets[0].getsockname()[1]
+            try:
+                await link_open(host="127.0.0.1", port=port, target="/ws/", headers=[], subprotocols=[],
+                                origin=None, connect_timeout_s=2, answer_timeout_s=5)
+            except HandshakeRefused as exc:
+                return exc.status
+        return 0
+
+    assert asyncio.run(scenario()) == 403
 
 
 def test_only_canonical_paths_are_routed() -> None:
@@ -372,3 +402,28 @@ def test_only_canonical_paths_are_routed() -> None:
                          (b"/static/./x", "/static/./x"), (b"/a//b", "/a//b"), (b"/a%5cb", "/a\\b"),
                          (b"/a%0ab", "/a\nb"), (b"/a%00", "/a\x00"), (b"/a/..", "/a/..")):
         assert path_checked(raw_path=raw, path=decoded) is None, raw
+
+
+def test_socket_slots_are_renewed_while_held_and_a_released_one_stays_released(servers: Servers) -> None:
+    from core.keys import GATEWAY_SOCKETS_PREFIX as KEY_PREFIX
+    from gateway.userlimits import SocketSlots
+
+    async def scenario() -> tuple[int, int, float]:
+        client = redis.asyncio.Redis.from_url(servers.redis_url)
+        try:
+            user = f"u-renew-{uuid.uuid4().hex[:8]}"
+            slots = SocketSlots(client=client, cap=5, ttl_s=1.5)
+            kept, released = await slots.acquire(user_id=user), await slots.acquire(user_id=user)
+            assert kept is not None and released is not None
+            await slots.release(released)
+            await asyncio.sleep(2.5)  # past the TTL: only the renewal keeps the slot
+            members = await client.zrange(KEY_PREFIX + user, 0, -1, withscores=True)
+            await slots.release(kept)
+            left = await client.zcard(KEY_PREFIX + user)
+            return len(members), left, float(members[0][1]) - time.time() if members else 0.0
+        finally:
+            await client.aclose()
+
+    held, left, ahead = asyncio.run(scenario())
+    assert held == 1 and left == 0  # the released slot was not renewed back
+    assert ahead > 0  # the kept slot's expiry was moved past the original TTL

@@ -1,12 +1,12 @@
-"""The close codes a client can receive are one table: chatstream_site/closecodes.py is what the gateway and
+"""The close codes a client can receive are one table: core/closecodes.py is what the gateway and
 the brokers send, docs/protocol.md is what clients read. A code added to one and not the other fails here."""
 
 from __future__ import annotations
 
 import re
 
-from chatstream_site import closecodes
 from chatstream_site.localservers import ROOT
+from core import closecodes
 
 
 def test_every_close_code_sent_is_documented_and_every_documented_one_is_sent() -> None:

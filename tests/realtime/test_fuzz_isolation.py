@@ -35,13 +35,13 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.tokens import token_issue
 from chatstream_site.localcluster import child_env
 from chatstream_site.localfleet import Proc
 from chatstream_site.localservers import Servers, free_port
+from core.documents import Message
+from core.keys import partition_of
+from core.tokens import token_issue
 from messaging.consumers import ChatConsumer
-from messaging.streams import partition_of
-from storage.documents import Message
 from storage.selectors import deadletters_list
 from storage.services import partition_drain
 from tests.support.realtime import (

@@ -11,8 +11,9 @@ import redis
 from django.core.management import call_command
 
 from chatstream_site.localservers import Servers
-from messaging.mentions import MENTIONS_MAX, mention_names, mention_seqs_key
-from storage.documents import Message, MessageBucket, bucket_id
+from core.documents import Message, MessageBucket, bucket_id
+from core.keys import mention_seqs_key
+from messaging.mentions import MENTIONS_MAX, mention_names
 from tests.support.api import persist
 from tests.support.realtime import (
     RESUMED,
@@ -101,7 +102,7 @@ def test_resume_beyond_the_stream_carries_mentions_from_mongodb(servers: Servers
     asyncio.run(send())
     persist(servers, conv)
     # The stream's copy gone (as after a trim): only MongoDB has it now.
-    from messaging.streams import partition_of, stream_key
+    from core.keys import partition_of, stream_key
 
     bus = redis.Redis.from_url(servers.redis_url)
     key = stream_key(partition_of(conv))

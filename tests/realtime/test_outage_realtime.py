@@ -11,7 +11,7 @@ from bson import ObjectId
 
 from chatstream_site.localcluster import wait_until
 from chatstream_site.localservers import free_port
-from messaging.streams import partition_of
+from core.keys import partition_of
 from tests.storage.test_storage_faults import Rig, assert_exactly_once, rig
 from tests.support.realtime import Broker, Client, connect, ticket_for
 

@@ -23,8 +23,8 @@ import redis.asyncio
 from django.conf import settings
 
 from chatstream_site.localservers import Servers, run_with_redis
+from core.documents import User
 from messaging import frames, presence
-from storage.documents import User
 from tests.support.realtime import (
     Broker,
     Client,

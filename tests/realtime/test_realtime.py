@@ -22,8 +22,8 @@ from bson import ObjectId
 
 from chatstream_site.localcluster import wait_until
 from chatstream_site.localservers import Servers
-from messaging.streams import partition_of, stream_key
-from storage.documents import Conversation, Message, User
+from core.documents import Conversation, Message, User
+from core.keys import partition_of, stream_key
 from tests.support.realtime import (
     RESUMED,
     Broker,
@@ -607,7 +607,7 @@ def test_a_reader_that_stops_reading_is_closed_4009_and_others_get_everything(se
 
 
 def test_a_backlog_of_a_batch_makes_the_broker_enqueue_a_drain(servers: Servers, tmp_path: Path) -> None:
-    from storage.keys import drain_lock_key
+    from core.keys import drain_lock_key
 
     (broker,) = brokers_start(tmp_path, 1, CHATSTREAM_BATCH_SIZE="5")
     alice, _ = user_create()
@@ -712,8 +712,8 @@ def test_the_gateways_signed_identity_is_trusted_and_a_forged_one_refused(server
                                                                            brokers: list[Broker]) -> None:
     import websockets
 
-    from api.tokens import TicketOwner
-    from gateway.identity import identity_headers
+    from core.identity import identity_headers
+    from core.tokens import TicketOwner
 
     alice, _ = user_create()
     signed = identity_headers(owner=TicketOwner(user_id=alice, username="alice"), request_id="req-1")

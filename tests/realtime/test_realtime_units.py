@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio
 
 from chatstream_site.localservers import Servers, run_with_redis
+from core.keys import stream_key
 from messaging import frames, presence, services
-from messaging.streams import stream_key
 from messaging.transports import Flag as _Flag
 from messaging.transports import ReceiveQueue as _ReceiveQueue
 from tests.support.realtime import presence_live
@@ -173,3 +173,26 @@ def test_server_internals_are_used_only_with_the_releases_they_were_tested_again
         assert len(warnings) == 1 and "uvicorn" in warnings[0].getMessage()
     finally:
         transports.internals_known.cache_clear()
+
+
+def test_a_socket_from_a_gateway_trades_websocket_pings_for_tcp_keepalive() -> None:
+    import socket
+    from types import SimpleNamespace
+
+    from messaging.transports import KEEPALIVE_IDLE_S, UvicornOutput
+
+    async def scenario() -> tuple[int, int, int]:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        stopped = []
+        protocol = SimpleNamespace(transport=writer.transport, stop_keepalive=lambda: stopped.append(1))
+        UvicornOutput(protocol).keepalive_by_kernel()
+        sock = writer.transport.get_extra_info("socket")
+        result = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                  sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), len(stopped))
+        writer.close()
+        server.close()
+        return result
+
+    keepalive, idle, stopped = asyncio.run(scenario())
+    assert keepalive == 1 and idle == KEEPALIVE_IDLE_S and stopped == 1

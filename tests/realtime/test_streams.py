@@ -9,14 +9,9 @@ import pytest
 import redis.asyncio
 
 from chatstream_site.localservers import Servers
-from messaging.streams import (
-    MalformedEntry,
-    event_append,
-    event_decode,
-    last_accepted_seq,
-    partition_of,
-    stream_key,
-)
+from core.entries import MalformedEntry, event_decode
+from core.keys import partition_of, stream_key
+from messaging.streams import event_append, last_accepted_seq
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ import pytest
 import redis.asyncio
 from bson import ObjectId
 
-from chatstream_site.errors import DomainError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from chatstream_site.localservers import Servers, run_with_redis
+from core.documents import Conversation
+from core.entries import event_decode
+from core.errors import DomainError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from core.keys import partition_of, stream_key
 from messaging import membership, services
-from messaging.streams import event_decode, partition_of, stream_key
-from storage.documents import Conversation
 
 ALICE, BOB, EVE = (str(ObjectId()) for _ in range(3))
 

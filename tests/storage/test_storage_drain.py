@@ -17,10 +17,10 @@ from mongoengine.connection import get_db
 
 from chatstream_site.localcluster import manage
 from chatstream_site.localservers import Servers
-from messaging.streams import MalformedEntry, event_decode, stream_key
+from core.documents import Conversation
+from core.entries import MalformedEntry, event_decode
+from core.keys import DEADLETTERS, GROUP, drain_lock_key, stream_key
 from storage import deadletters, maintenance, services, trigger
-from storage.documents import Conversation
-from storage.keys import DEADLETTERS, GROUP, drain_lock_key
 from storage.selectors import deadletters_list, partitions_state
 from tests.support.storage import (
     append_events,
@@ -34,13 +34,6 @@ from tests.support.storage import (
 )
 
 PARTITION = 3  # any: each test uses fresh conversations and looks only at its own entries
-
-
-@pytest.fixture
-def r(servers: Servers) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(servers.redis_url)
-    yield client
-    client.close()
 
 
 @pytest.fixture(autouse=True)
@@ -319,7 +312,7 @@ def test_the_tick_enqueues_a_drain_only_for_partitions_with_a_backlog(servers: S
 
 
 def test_a_drain_that_lost_its_lease_writes_nothing(servers: Servers, r: redis.Redis, monkeypatch: Any) -> None:
-    from storage.keys import drain_lease_key
+    from core.keys import drain_lease_key
 
     partition = 12
     services.group_ensure(partition=partition)

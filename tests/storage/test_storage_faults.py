@@ -23,8 +23,7 @@ from redis import Redis
 
 from chatstream_site.localcluster import child_env, wait_until
 from chatstream_site.localservers import ROOT, Server, ferretdb_server, free_port, redis_server
-from messaging.streams import stream_key
-from storage.keys import GROUP
+from core.keys import GROUP, stream_key
 from storage.selectors import deadletters_list, partitions_state
 from tests.support.storage import append_events, conversation_in, edit_event, new_event, send_messages
 

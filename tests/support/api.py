@@ -17,10 +17,10 @@ from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from rest_framework.test import APIClient
 
-from api.tokens import token_issue
 from chatstream_site.localservers import Servers
-from messaging.streams import partition_of
-from storage.documents import Conversation, Message, User
+from core.documents import Conversation, Message, User
+from core.keys import partition_of
+from core.tokens import token_issue
 from storage.services import partition_drain
 
 PASSWORD = "correct-horse-battery-9"

@@ -11,7 +11,8 @@ import redis
 import redis.asyncio
 from bson import ObjectId
 
-from messaging.streams import Appended, event_append, partition_of
+from core.keys import partition_of
+from messaging.streams import Appended, event_append
 
 MIN_PARTITION_CONV_TRIES = 10_000
 

@@ -13,8 +13,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatstream_site.health import bus_check, mongodb_check, redis_check
-from chatstream_site.registry import ROLES, start_count_incr
-from chatstream_site.roles import role_port, run_id, url_redacted
+from core.registry import ROLES, start_count_incr
+from core.roles import role_port, run_id, url_redacted
 
 
 def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:

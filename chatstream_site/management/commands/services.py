@@ -10,8 +10,8 @@ import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chatstream_site.registry import instances_list
-from chatstream_site.roles import url_redacted
+from core.registry import instances_list
+from core.roles import url_redacted
 
 
 class Command(BaseCommand):
@@ -35,7 +35,7 @@ class Command(BaseCommand):
             self.stdout.write("no live instances (is `make run` running? same REDIS_URL?)")
             return
         # RESTARTS: how often this slot (role and instance number) was started again in this run
-        # (chatstream_site/registry.py); a new column goes last, so scripts cutting the first ones keep working.
+        # (core/registry.py); a new column goes last, so scripts cutting the first ones keep working.
         rows = [("ROLE", "ID", "URL", "STARTED_AT", "LAST_SEEN", "RESTARTS")]
         rows += [(i.role, i.id, i.url, i.started_at, i.last_seen, str(i.restarts)) for i in found]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]

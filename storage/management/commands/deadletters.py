@@ -10,7 +10,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chatstream_site.errors import NotFound
+from core.errors import NotFound
 from storage.deadletters import deadletter_discard, deadletter_retry
 from storage.selectors import deadletters_count, deadletters_list
 

@@ -9,8 +9,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chatstream_site.errors import Retryable
-from storage.keys import consumer_name
+from core.errors import Retryable
+from core.keys import consumer_name
 from storage.services import drain_all
 
 

@@ -13,9 +13,7 @@ caller's own client, so that configuration behaves exactly as before the bus was
 
 from __future__ import annotations
 
-import asyncio
 import os
-import weakref
 from typing import Any, TypeAlias
 
 import redis
@@ -72,35 +70,6 @@ def bus_async_new(*, socket_timeout: float = COMMAND_TIMEOUT_S, max_connections:
         return redis.asyncio.Redis(connection_pool=pool)
     return redis.asyncio.Redis.from_url(settings.STREAMS_REDIS_URL, socket_timeout=socket_timeout,
                                         socket_connect_timeout=COMMAND_TIMEOUT_S)
-
-
-# One asyncio bus client per event loop (an asyncio client cannot be shared across loops). Brokers run one
-# loop for their life, so this is one client per broker; loops that come and go (``async_to_sync``) must
-# pass their own client instead (``api.clients.run_async`` does), or each would leave one behind.
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusAsync] = weakref.WeakKeyDictionary()
-
-
-def bus_for_loop() -> BusAsync:
-    """The running loop's bus client, created on first use (pool size ``BROKER_REDIS_POOL``).
-    Precondition: called on a running event loop."""
-    loop = asyncio.get_running_loop()
-    client = _by_loop.get(loop)
-    if client is None:
-        client = _by_loop[loop] = bus_async_new(max_connections=int(settings.BROKER_REDIS_POOL))
-        from messaging.streams import append_batching_enable  # streams imports this module
-
-        append_batching_enable(client)
-    return client
-
-
-def bus_resolve(client: redis.asyncio.Redis, bus: BusAsync | None) -> BusAsync:
-    """The bus client to use beside ``client`` (a client of REDIS_URL): ``bus`` if given; else ``client``
-    itself when the bus is that same Redis; else the running loop's bus client."""
-    if bus is not None:
-        return bus
-    if not bus_is_separate():
-        return client
-    return bus_for_loop()
 
 
 _sync: BusSync | None = None

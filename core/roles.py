@@ -17,7 +17,7 @@ from typing import Any
 
 from django.conf import settings
 
-from chatstream_site.registry import ROLES, Heartbeat
+from core.registry import ROLES, Heartbeat
 
 # Offsets from CHATSTREAM_PORT_BASE: instance N of a role listens on base + offset + N
 # (brokers 8101.., api 8111.., storage health 8121.., beat health 8131.. with the default base).
@@ -50,7 +50,7 @@ def heartbeat_start() -> Heartbeat | None:
     # A random suffix makes a restarted instance a new registration, so nobody mistakes it for the old one.
     instance_id = f"{role}-{instance}-{socket.gethostname()}-{secrets.token_hex(3)}"
     host = os.environ.get("CHATSTREAM_INSTANCE_HOST", "127.0.0.1")
-    # Counted by `manage.py role` before the exec (chatstream_site/registry.py: start_count_incr).
+    # Counted by `manage.py role` before the exec (core/registry.py: start_count_incr).
     restarts = os.environ.get("CHATSTREAM_RESTARTS", "0")
     _heartbeat = Heartbeat(
         redis_url=settings.REDIS_URL,

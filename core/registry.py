@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 
 import redis
 
+from core.keys import REGISTRY_PREFIX, registry_key, starts_key
+
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "cs:registry:"
-STARTS_PREFIX = "cs:starts:"
 # A run's start counters outlive any restart back-off; the heartbeat renews them, so they only lapse a week after
 # the slot's last instance stopped (then a new start counts from 0, as in a new run).
 STARTS_TTL_S = 7 * 24 * 3600
@@ -58,10 +58,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _key(role: str, instance_id: str) -> str:
-    return f"{KEY_PREFIX}{role}:{instance_id}"
-
-
 def _parse(raw: bytes | str | None) -> Instance | None:
     if raw is None:
         return None
@@ -75,15 +71,11 @@ def _parse(raw: bytes | str | None) -> Instance | None:
         return None
 
 
-def _starts_key(run_id: str, role: str, instance: str) -> str:
-    return f"{STARTS_PREFIX}{run_id}:{role}:{instance}"
-
-
 def start_count_incr(client: redis.Redis, *, run_id: str, role: str, instance: str) -> int:
     """Count one more start of the slot ``(run_id, role, instance)`` and return the count (1 on the first).
     Side effect: INCR and EXPIRE of ``cs:starts:{run_id}:{role}:{instance}`` in one transaction."""
     pipe = client.pipeline(transaction=True)
-    key = _starts_key(run_id, role, instance)
+    key = starts_key(run_id, role, instance)
     pipe.incr(key)
     pipe.expire(key, STARTS_TTL_S)
     count, _ = pipe.execute()
@@ -94,22 +86,22 @@ def instance_register(client: redis.Redis, *, instance: Instance, ttl_s: int, sl
     """Write (or refresh) ``instance`` with a TTL. Side effect: one SET with EX; with ``slot`` (the instance
     number) and a run id, the same round trip renews the slot's start counter."""
     if slot is None or not instance.run_id:
-        client.set(_key(instance.role, instance.id), instance.to_json(), ex=ttl_s)
+        client.set(registry_key(instance.role, instance.id), instance.to_json(), ex=ttl_s)
         return
     pipe = client.pipeline(transaction=False)
-    pipe.set(_key(instance.role, instance.id), instance.to_json(), ex=ttl_s)
-    pipe.expire(_starts_key(instance.run_id, instance.role, slot), STARTS_TTL_S)
+    pipe.set(registry_key(instance.role, instance.id), instance.to_json(), ex=ttl_s)
+    pipe.expire(starts_key(instance.run_id, instance.role, slot), STARTS_TTL_S)
     pipe.execute()
 
 
 def instance_deregister(client: redis.Redis, *, role: str, instance_id: str) -> None:
     """Remove an instance at once (clean shutdown)."""
-    client.delete(_key(role, instance_id))
+    client.delete(registry_key(role, instance_id))
 
 
 def instances_list(client: redis.Redis, *, role: str | None = None) -> list[Instance]:
     """Live instances, sorted by role then id. Reads with SCAN (never KEYS) and one MGET."""
-    pattern = f"{KEY_PREFIX}{role}:*" if role else f"{KEY_PREFIX}*"
+    pattern = f"{REGISTRY_PREFIX}{role}:*" if role else f"{REGISTRY_PREFIX}*"
     keys = sorted(client.scan_iter(match=pattern, count=500))
     if not keys:
         return []
@@ -119,7 +111,7 @@ def instances_list(client: redis.Redis, *, role: str | None = None) -> list[Inst
 
 async def instances_list_async(client: redis.asyncio.Redis, *, role: str | None = None) -> list[Instance]:
     """The same as :func:`instances_list`, on an asyncio client (for the gateway's event loop)."""
-    pattern = f"{KEY_PREFIX}{role}:*" if role else f"{KEY_PREFIX}*"
+    pattern = f"{REGISTRY_PREFIX}{role}:*" if role else f"{REGISTRY_PREFIX}*"
     keys = sorted([k async for k in client.scan_iter(match=pattern, count=500)])
     if not keys:
         return []

@@ -15,9 +15,8 @@ import time
 import redis.asyncio
 from django.conf import settings
 
-from api.clients import sync_redis
-
-PREFIX = "cs:revoked:"
+from core.clients import sync_redis
+from core.keys import REVOKED_PREFIX, REVOKED_USER_PREFIX
 
 
 def revoke(*, jti: str, expires_at: int) -> bool:
@@ -26,12 +25,11 @@ def revoke(*, jti: str, expires_at: int) -> bool:
     Atomic (SET NX): of two concurrent uses of one refresh token exactly one gets True.
     """
     ttl = max(1, int(expires_at - time.time()) + 1)
-    return bool(sync_redis().set(PREFIX + jti, "1", nx=True, ex=ttl))
+    return bool(sync_redis().set(REVOKED_PREFIX + jti, "1", nx=True, ex=ttl))
 
 
 # ------------------------------------------------------------------ every token of a user at once
 
-USER_PREFIX = "cs:revoked:user:"
 # Raise the user's marker to ARGV[1] (never lower it: of two concurrent password changes the later
 # generation must win whatever order the SETs land in) and (re)start its TTL.
 _MARKER_RAISE = """
@@ -54,7 +52,7 @@ def user_tokens_revoke(*, user_id: str, gen: int) -> None:
     """Refuse every access token and ticket of ``user_id`` issued in a generation below ``gen`` (the value
     ``users.token_gen`` was just raised to). Side effect: one Lua call on Redis (``cs:revoked:user:<id>``,
     expires after :func:`marker_ttl_s`)."""
-    sync_redis().eval(_MARKER_RAISE, 1, USER_PREFIX + user_id, gen, marker_ttl_s())
+    sync_redis().eval(_MARKER_RAISE, 1, REVOKED_USER_PREFIX + user_id, gen, marker_ttl_s())
 
 
 def _refused(values: list[bytes | str | None], *, gen: int) -> bool:
@@ -66,11 +64,11 @@ def access_refused(*, jti: str, user_id: str, gen: int) -> bool:
     """Whether an access token is refused: its ``jti`` was revoked (logout) or its generation is below the
     user's marker (password change, account removal). One MGET: the same single round trip as the jti check
     alone."""
-    return _refused(sync_redis().mget([PREFIX + jti, USER_PREFIX + user_id]), gen=gen)
+    return _refused(sync_redis().mget([REVOKED_PREFIX + jti, REVOKED_USER_PREFIX + user_id]), gen=gen)
 
 
 async def access_refused_async(client: redis.asyncio.Redis, *, jti: str | None, user_id: str, gen: int) -> bool:
     """:func:`access_refused` on an asyncio client (the gateway). ``jti`` None checks only the marker (a
     WebSocket ticket). Raises the client's errors (the caller decides to fail open)."""
-    keys = [PREFIX + (jti or "-"), USER_PREFIX + user_id]
+    keys = [REVOKED_PREFIX + (jti or "-"), REVOKED_USER_PREFIX + user_id]
     return _refused(list(await client.mget(keys)), gen=gen)

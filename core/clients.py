@@ -3,7 +3,7 @@
 A sync ``redis.Redis`` is thread-safe (it owns a connection pool), so one per process serves every request
 thread. An asyncio client is bound to the event loop it first ran on, so the async write path
 (``messaging.services``) gets fresh ones inside each :func:`run_async` call, closed before it returns.
-Keys of the message bus (streams, seq counters, read cursors) are read with ``messaging.bus.bus_sync()``.
+Keys of the message bus (streams, seq counters, read cursors) are read with ``core.bus.bus_sync()``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import redis.asyncio
 from asgiref.sync import async_to_sync
 from django.conf import settings
 
-from messaging.bus import BusAsync, bus_async_new, bus_is_separate
+from core.bus import BusAsync, bus_async_new, bus_is_separate
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ The gateway authenticates every protected request at the edge (a JWT for HTTP, t
   salt :data:`SALT`), so only holders of ``SECRET_KEY`` (the gateway and the upstreams) can sign.
 
 Upstreams (brokers, api) call :func:`identity_verify` on the request's headers and use the returned
-:class:`~api.tokens.TicketOwner`; a missing, stale or forged signature gives ``None`` (treat as anonymous).
+:class:`~core.tokens.TicketOwner`; a missing, stale or forged signature gives ``None`` (treat as anonymous).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from django.conf import settings
 from django.utils.crypto import salted_hmac
 
-from api.tokens import TicketOwner
+from core.tokens import TicketOwner
 
 SALT = "chatstream.gateway.identity.v1"
 PREFIX = b"x-chatstream-"

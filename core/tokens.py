@@ -4,7 +4,7 @@
   and tokens signed with another key or algorithm are refused. Claims: ``sub`` (user id), ``username``,
   ``typ`` (``access`` or ``refresh``), ``jti``, ``iat``, ``exp``, ``iss``, and ``gen``: the user's token
   generation when it was issued (``users.token_gen``; a password change or an account removal raises it
-  and every token of an older generation is refused, :mod:`api.revocation`). Absent means 0.
+  and every token of an older generation is refused, :mod:`core.revocation`). Absent means 0.
 * A WebSocket ticket is an opaque random string stored in Redis (``cs:ticket:<ticket>``) for at most
   ``WS_TICKET_TTL_S`` and consumed with GETDEL, so it works exactly once, on any broker.
 
@@ -25,11 +25,11 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
-from chatstream_site.errors import Unauthenticated
+from core.errors import Unauthenticated
+from core.keys import TICKET_PREFIX
 
 TokenType = Literal["access", "refresh"]
 ISSUER = "chatstream"
-TICKET_PREFIX = "cs:ticket:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,15 @@ def ws_ticket_issue(client: redis.Redis, *, user_id: str, username: str, gen: in
     ticket = secrets.token_urlsafe(32)
     client.set(TICKET_PREFIX + ticket, _ticket_value(user_id=user_id, username=username, gen=gen),
                ex=settings.WS_TICKET_TTL_S)
+    return ticket
+
+
+async def ws_ticket_issue_async(client: redis.asyncio.Redis, *, user_id: str, username: str, gen: int = 0) -> str:
+    """:func:`ws_ticket_issue` for async code (the gateway answers ``POST /api/v1/auth/ws-ticket`` itself).
+    Side effect: one Redis SET with EX."""
+    ticket = secrets.token_urlsafe(32)
+    await client.set(TICKET_PREFIX + ticket, _ticket_value(user_id=user_id, username=username, gen=gen),
+                     ex=settings.WS_TICKET_TTL_S)
     return ticket
 
 

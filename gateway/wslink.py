@@ -1,0 +1,380 @@
+"""The gateway's link to a broker for one proxied WebSocket: an asyncio protocol, not a WebSocket library.
+
+Why (issue 16, docs/adr/0039): with ``websockets``' asyncio client each proxied socket cost the gateway a
+client connection object (its frame assembler, keepalive task and buffers) and two pump tasks, ~50 KB and
+~5 ms of CPU per connect, and every frame from the broker was parsed, decoded, handed over as an ASGI message
+and framed again. A broker's frames are unmasked server frames, exactly what the client must receive: here
+they are written to the client's transport as they arrive, and only their headers are read, to answer the
+broker's pings (the gateway answers them: uvicorn does not hand a client's pongs to the app) and to turn its
+close frame into the client's close (the codes pass through, docs/protocol.md). The client's frames arrive
+as ASGI messages (uvicorn parsed and unmasked them, enforcing the 64 KiB limit) and are masked and framed
+here. The broker's own keepalive pings watch the link; the gateway sends none (a killed broker's socket is
+closed by the kernel, and the client is told 1012).
+
+Preconditions: one link per client socket; :meth:`attach` is called once the client is accepted. Frames the
+broker sends before that (its ``ready`` may arrive with the handshake's answer) are held until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import hashlib
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
+
+from messaging.transports import UvicornOutput
+
+try:  # websockets' C helper (a dependency of the gateway already); the pure-Python one otherwise
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - only without websockets' compiled extension
+    from websockets.utils import apply_mask
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# The scope key under which the gateway keeps the ASGI server's own ``send`` of a WebSocket (the layers wrap
+# the one they pass on), so the proxy can reach uvicorn's transport (messaging/transports.py UvicornOutput).
+SERVER_SEND = "chatstream.server_send"
+MAX_HEAD = 16 * 1024  # a broker's handshake answer is a few hundred bytes
+# A client that does not take what the broker sends: above this many unsent bytes the link stops reading the
+# broker (TCP pushes back on it, and the broker's own slow-reader rule applies), and reads again below
+# RESUME_BELOW. 1 MiB is the brokers' own send buffer bound (CHATSTREAM_WS_SEND_BUFFER).
+PAUSE_ABOVE = 1024 * 1024
+RESUME_BELOW = 256 * 1024
+RESUME_POLL_S = 0.05
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 1, 2, 8, 9, 10
+
+
+def frame_masked(opcode: int, payload: bytes) -> bytes:
+    """One final client-to-server frame (masked, as RFC 6455 requires of a client). Pure but for the mask."""
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+    elif length < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+    mask = os.urandom(4)
+    return head + mask + apply_mask(payload, mask)
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    return struct.pack("!H", code) + reason.encode()[:120]
+
+
+class HandshakeRefused(Exception):
+    """The broker answered the handshake with another status than 101 (its decision: ``status``)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"broker answered {status}")
+        self.status = status
+
+
+class UpstreamLink(asyncio.Protocol):
+    """One WebSocket to a broker, as a client. Create it with :func:`link_open`."""
+
+    def __init__(self, request: bytes, key: bytes) -> None:
+        self.request = request
+        self.accept_value = base64.b64encode(hashlib.sha1(key + GUID).digest())  # noqa: S324 - RFC 6455
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ended: asyncio.Future[tuple[int, str] | None] = asyncio.get_running_loop().create_future()
+        self.subprotocol: str | None = None
+        self.head = b""  # unparsed bytes: the handshake answer, then an incomplete frame header/control frame
+        self.passing = 0  # bytes of the current data frame still to pass through
+        self.held: list[bytes] = []  # broker frames that came before attach()
+        self.write: Callable[[bytes], None] | None = None  # the client's transport.write, once attached
+        self.client_backlog: Callable[[], int] | None = None
+        self.paused = False
+        self.drained: asyncio.Future[None] | None = None
+        self.close_sent = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.opened.done():
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.head) > MAX_HEAD:
+                    self._fail(ConnectionError("oversized handshake answer"))
+                return
+            answer, data, self.head = self.head[:end].decode("latin-1"), self.head[end + 4:], b""
+            try:
+                self._answer_check(answer)
+            except Exception as exc:
+                self._fail(exc)
+                return
+            self.opened.set_result(None)
+            if not data:
+                return
+        self._frames(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError("the broker closed the connection during the handshake"))
+        if not self.ended.done():
+            self.ended.set_result(None)  # no close frame: the broker vanished
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.drained = None
+
+    # ------------------------------------------------------------------ broker -> client
+
+    def _answer_check(self, answer: str) -> None:
+        lines = answer.split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ConnectionError(f"not an HTTP answer: {lines[0][:80]!r}")
+        if int(parts[1]) != 101:
+            raise HandshakeRefused(int(parts[1]))
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("sec-websocket-accept", "").encode() != self.accept_value:
+            raise ConnectionError("the broker's Sec-WebSocket-Accept does not match")
+        self.subprotocol = headers.get("sec-websocket-protocol") or None
+
+    def _frames(self, data: bytes) -> None:
+        """Pass data frames through as they are; act on control frames. ``data`` continues the stream."""
+        out: list[bytes] = []
+        view = memoryview(data)
+        at, size = 0, len(data)
+        if self.head:  # an incomplete header or control frame from the previous read
+            view = memoryview(self.head + data)
+            size = len(view)
+            self.head = b""
+        while at < size:
+            if self.passing:
+                take = min(self.passing, size - at)
+                out.append(view[at:at + take].tobytes())
+                self.passing -= take
+                at += take
+                continue
+            if size - at < 2:
+                break
+            first, second = view[at], view[at + 1]
+            length, offset = second & 0x7F, 2
+            if length == 126:
+                if size - at < 4:
+                    break
+                length, offset = struct.unpack_from("!H", view, at + 2)[0], 4
+            elif length == 127:
+                if size - at < 10:
+                    break
+                length, offset = struct.unpack_from("!Q", view, at + 2)[0], 10
+            if second & 0x80:
+                offset += 4  # a masked server frame is a protocol error; passed on, the client will say so
+            opcode = first & 0x0F
+            if opcode >= OP_CLOSE:
+                if size - at < offset + length:
+                    break  # control frames are at most 125 bytes: wait for the rest
+                self._control(opcode, view[at + offset:at + offset + length].tobytes())
+                at += offset + length
+                continue
+            if size - at < offset:
+                break
+            out.append(view[at:at + offset].tobytes())
+            self.passing = length
+            at += offset
+        if at < size:
+            self.head = view[at:size].tobytes()
+        if out:
+            self._to_client(b"".join(out))
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            self.send_frame(OP_PONG, payload)
+        elif opcode == OP_CLOSE:
+            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+            reason = payload[2:].decode("utf-8", "replace")
+            if not self.ended.done():
+                self.ended.set_result((code, reason))
+            self.close(code if 1000 <= code <= 4999 and code not in (1005, 1006, 1015) else 1000)
+
+    def _to_client(self, data: bytes) -> None:
+        if self.write is None:
+            self.held.append(data)
+            return
+        self.write(data)
+        if not self.paused and self.client_backlog is not None and self.client_backlog() > PAUSE_ABOVE:
+            self.paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(RESUME_POLL_S, self._resume_check)
+
+    def _resume_check(self) -> None:
+        if self.transport is None or self.transport.is_closing() or self.client_backlog is None:
+            return
+        if self.client_backlog() < RESUME_BELOW:
+            self.paused = False
+            self.transport.resume_reading()
+        else:
+            asyncio.get_running_loop().call_later(RESUME_POLL_S, self._resume_check)
+
+    def attach(self, write: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
+        """Start passing the broker's frames to the client (``write``: its transport's write). Side effect:
+        the frames held so far are written now."""
+        self.write, self.client_backlog = write, backlog
+        held, self.held = self.held, []
+        for data in held:
+            self._to_client(data)
+
+    # ------------------------------------------------------------------ client -> broker
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing() and not self.close_sent:
+            self.transport.write(frame_masked(opcode, payload))
+
+    async def send(self, payload: str | bytes) -> None:
+        """Frame one client message to the broker; waits while the broker is not taking what was sent."""
+        if isinstance(payload, str):
+            self.send_frame(OP_TEXT, payload.encode())
+        else:
+            self.send_frame(OP_BINARY, payload)
+        if self.drained is not None:
+            await self.drained
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send the close frame (once) and end the TCP connection once it is flushed. Idempotent."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self.close_sent:
+            self.transport.write(frame_masked(OP_CLOSE, close_payload(code, reason)))
+            self.close_sent = True
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc)
+        self.abort()
+
+
+async def link_open(*, host: str, port: int, target: str, headers: list[tuple[str, str]],
+                    subprotocols: list[str], origin: str | None, connect_timeout_s: float,
+                    answer_timeout_s: float) -> UpstreamLink:
+    """Connect to a broker (within ``connect_timeout_s``) and complete the WebSocket handshake for ``target``
+    (path and query; the answer within ``answer_timeout_s``: a broker busy with a wave of connects answers
+    late, it is not dead). Raises :class:`HandshakeRefused` with the broker's status, or
+    OSError/TimeoutError/ConnectionError when the broker cannot be reached or answers nonsense."""
+    key = base64.b64encode(os.urandom(16))
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key.decode()}", "Sec-WebSocket-Version: 13"]
+    if subprotocols:
+        lines.append(f"Sec-WebSocket-Protocol: {', '.join(subprotocols)}")
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    for name, value in headers:
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            continue  # the server parsed these already; never let one split the request
+        lines.append(f"{name}: {value}")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    loop = asyncio.get_running_loop()
+
+    _, link = await asyncio.wait_for(loop.create_connection(lambda: UpstreamLink(request, key), host, port),
+                                     connect_timeout_s)
+    try:
+        await asyncio.wait_for(asyncio.shield(link.opened), answer_timeout_s)
+    except BaseException:
+        link.abort()
+        raise
+    return link
+
+
+def raw_output(server_send: Any) -> UvicornOutput | None:
+    """The client's uvicorn connection, if the server is the uvicorn this was tested with, slimmed (what
+    uvicorn keeps per connection but needs no more once accepted: messaging/transports.py). Precondition:
+    the client is accepted and the caller is not waiting on ``receive``."""
+    output = UvicornOutput.of(server_send) if server_send is not None else None
+    if output is not None:
+        output.identified()
+    return output
+
+
+class AsgiFrames:
+    """For an ASGI server whose transport the gateway cannot reach: decode the broker's frames (as the link
+    passes them on, unmasked server frames) into whole messages and send them as ``websocket.send`` from one
+    writer task, in order. ``backlog`` is what waits to be sent."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self.send = send
+        self.reader = StreamReader()
+        self.parser = self._parse()
+        next(self.parser)
+        self.fragments: list[bytes] = []
+        self.fragment_opcode = Opcode.TEXT
+        self.queue: collections.deque[dict[str, Any]] = collections.deque()
+        self.queued = 0
+        self.wake = asyncio.Event()
+        self.finishing = False
+        self.task = asyncio.get_running_loop().create_task(self._writer())
+
+    def _parse(self) -> Any:
+        while True:
+            frame = yield from Frame.parse(self.reader.read_exact, mask=False)
+            self._message(frame)
+
+    def _message(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.CONT:
+            self.fragments.append(bytes(frame.data))
+        elif frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+            self.fragments, self.fragment_opcode = [bytes(frame.data)], frame.opcode
+        else:
+            return
+        if frame.fin:
+            data, self.fragments = b"".join(self.fragments), []
+            key = "text" if self.fragment_opcode is Opcode.TEXT else "bytes"
+            self.queue.append({"type": "websocket.send", key: data.decode() if key == "text" else data})
+            self.queued += len(data)
+            self.wake.set()
+
+    def feed(self, data: bytes) -> None:
+        self.reader.feed_data(data)
+        next(self.parser)
+
+    def backlog(self) -> int:
+        return self.queued
+
+    async def _writer(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.queue:
+                message = self.queue.popleft()
+                self.queued -= len(message.get("text") or message.get("bytes") or b"")
+                await self.send(message)
+            if self.finishing:
+                return
+
+    async def finish(self) -> None:
+        """Send what is queued (bounded: 5 s), then stop."""
+        self.finishing = True
+        self.wake.set()
+        with contextlib.suppress(Exception):  # a client gone or too slow: the close follows anyway
+            await asyncio.wait_for(asyncio.shield(self.task), 5.0)
+        self.stop()
+
+    def stop(self) -> None:
+        self.task.cancel()
