@@ -23,7 +23,8 @@ from typing import Any
 
 from bson import ObjectId
 
-from api.selectors import _WINDOW_READ_LUA, conversation_members_cached
+from api.history import WINDOW_READ_LUA
+from api.selectors import conversation_members_cached
 from core.bus import bus_is_cluster, bus_sync
 from core.clients import sync_redis
 from core.documents import BUCKET_SEQS, Message, MessageBucket
@@ -218,7 +219,7 @@ def _sources(conversation_ids: list[str], state: dict[str, Any] | None) -> list[
     """Each conversation's window below its bound (newest first), in one pipeline of window reads.
     ``state``: a cursor's ``{conversation id: [below, bound key or null]}`` (None: a first page)."""
     bus = bus_sync()
-    script = bus.register_script(_WINDOW_READ_LUA)
+    script = bus.register_script(WINDOW_READ_LUA)
     wanted = [c for c in conversation_ids if state is None or c in state]
 
     def call(cid: str, client: Any = None) -> Any:

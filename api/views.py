@@ -1,5 +1,7 @@
 """REST API v1 views (docs/interface.md): thin. Each one validates with a serializer, calls one service (writes)
 or selector (reads), and renders the result; errors are raised and translated by ``api.exceptions``.
+Over 400 lines because it is the list of the API's endpoint views, one short class each with its schema
+annotation, in the order of docs/api.md: one place to read the whole HTTP surface.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api import finders, selectors, services
+from api import accounts, conversation_list, finders, history, selectors, services
 from api import serializers as s
 from api.auth import request_user
 from api.ratelimit import (
@@ -76,7 +78,7 @@ def _added_by_out(group: GroupChat) -> dict[str, str | None]:
     return {str(m): (str(added_by[str(m)]) if added_by.get(str(m)) else None) for m in group.members}
 
 
-def conversation_out(summary: selectors.ConversationSummary) -> dict[str, Any]:
+def conversation_out(summary: conversation_list.ConversationSummary) -> dict[str, Any]:
     conv: Conversation = summary.conversation
     last = conv.last_message
     return {
@@ -131,7 +133,7 @@ class RegisterView(APIView):
         data = _valid(s.RegisterIn, request.data)
         rate_limit(request, group="register.user", value=data["username"].lower(),
                    rate=settings.API_RATE_REGISTER_USER)
-        user = services.user_create(username=data["username"], email=data["email"], password=data["password"])
+        user = accounts.user_create(username=data["username"], email=data["email"], password=data["password"])
         return Response({"id": str(user.id), "username": user.username, "email": user.email}, status=201)
 
 
@@ -149,7 +151,7 @@ class LoginView(APIView):
         client = client_ip(request)
         login_backoff_check(username=data["username"], client=client)
         try:
-            pair = services.auth_login(username=data["username"], password=data["password"])
+            pair = accounts.auth_login(username=data["username"], password=data["password"])
         except Unauthenticated:
             login_failure_record(username=data["username"], client=client)
             raise
@@ -161,7 +163,7 @@ class LoginView(APIView):
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def _pair_out(pair: services.TokenPair) -> dict[str, Any]:
+def _pair_out(pair: accounts.TokenPair) -> dict[str, Any]:
     return {"access": pair.access, "refresh": pair.refresh, "token_type": pair.token_type,
             "expires_in": pair.expires_in}
 
@@ -174,7 +176,7 @@ class RefreshView(APIView):
                    summary="Rotate: the refresh token is spent and a new pair is issued")
     def post(self, request: Request) -> Response:
         data = _valid(s.RefreshIn, request.data)
-        return Response(_pair_out(services.auth_refresh(refresh=data["refresh"])), headers=NO_STORE)
+        return Response(_pair_out(accounts.auth_refresh(refresh=data["refresh"])), headers=NO_STORE)
 
 
 class LogoutView(APIView):
@@ -185,7 +187,7 @@ class LogoutView(APIView):
     def post(self, request: Request) -> Response:
         data = _valid(s.RefreshIn, request.data)
         access = request.auth if isinstance(request.auth, Claims) else None
-        services.auth_logout(refresh=data["refresh"], access=access)
+        accounts.auth_logout(refresh=data["refresh"], access=access)
         return Response(status=204)
 
 
@@ -195,7 +197,7 @@ class WsTicketView(APIView):
     def post(self, request: Request) -> Response:
         user = request_user(request)
         gen = request.auth.gen if isinstance(request.auth, Claims) else 0
-        ticket, expires_in = services.ws_ticket_create(user_id=user.id, username=user.username, gen=gen)
+        ticket, expires_in = accounts.ws_ticket_create(user_id=user.id, username=user.username, gen=gen)
         return Response({"ticket": ticket, "expires_in": expires_in}, headers=NO_STORE)
 
 
@@ -221,7 +223,7 @@ class PasswordView(APIView):
     def post(self, request: Request) -> Response:
         user = request_user(request)
         data = _valid(s.PasswordChangeIn, request.data)
-        pair = _password_guarded(request, username=user.username, check=lambda: services.auth_password_change(
+        pair = _password_guarded(request, username=user.username, check=lambda: accounts.auth_password_change(
             user_id=user.id, old_password=data["old_password"], new_password=data["new_password"]))
         return Response(_pair_out(pair), headers=NO_STORE)
 
@@ -237,7 +239,7 @@ class MeView(APIView):
     @extend_schema(request=s.StatusIn, responses={200: s.MeOut}, tags=["users"], summary="Set my status")
     def patch(self, request: Request) -> Response:
         data = _valid(s.StatusIn, request.data)
-        return Response(me_out(services.user_status_set(user_id=request_user(request).id, status=data["status"])))
+        return Response(me_out(accounts.user_status_set(user_id=request_user(request).id, status=data["status"])))
 
     @extend_schema(request=s.PasswordIn, responses={204: None}, tags=["users"],
                    summary="Remove my account (password required): sessions end, groups are left, messages stay")
@@ -245,7 +247,7 @@ class MeView(APIView):
         user = request_user(request)
         data = _valid(s.PasswordIn, request.data)
         _password_guarded(request, username=user.username,
-                          check=lambda: services.user_remove(user_id=user.id, password=data["password"]))
+                          check=lambda: accounts.user_remove(user_id=user.id, password=data["password"]))
         return Response(status=204)
 
 
@@ -266,14 +268,14 @@ class ContactsView(APIView):
     @extend_schema(request=s.UsernameIn, responses={201: s.UserOut}, tags=["users"], summary="Add a contact")
     def post(self, request: Request) -> Response:
         data = _valid(s.UsernameIn, request.data)
-        contact = services.contact_add(user_id=request_user(request).id, username=data["username"])
+        contact = accounts.contact_add(user_id=request_user(request).id, username=data["username"])
         return Response(user_out(contact), status=201)
 
 
 class ContactView(APIView):
     @extend_schema(responses={204: None}, tags=["users"], summary="Remove a contact")
     def delete(self, request: Request, user_id: str) -> Response:
-        services.contact_remove(user_id=request_user(request).id, contact_id=user_id)
+        accounts.contact_remove(user_id=request_user(request).id, contact_id=user_id)
         return Response(status=204)
 
 
@@ -379,7 +381,7 @@ class ConversationsView(APIView):
                    summary="My conversations, most recently active first")
     def get(self, request: Request) -> Response:
         query = _valid_query(s.ListQuery, request)
-        summaries = selectors.conversation_list_for_user(user_id=request_user(request).id, limit=query["limit"],
+        summaries = conversation_list.conversation_list_for_user(user_id=request_user(request).id, limit=query["limit"],
                                                          offset=query["offset"])
         return Response({"results": [conversation_out(x) for x in summaries]})
 
@@ -387,7 +389,7 @@ class ConversationsView(APIView):
 class ConversationView(APIView):
     @extend_schema(responses={200: s.ConversationOut}, tags=["conversations"], summary="One of my conversations")
     def get(self, request: Request, conversation_id: str) -> Response:
-        summary = selectors.conversation_summary_for_member(user_id=request_user(request).id,
+        summary = conversation_list.conversation_summary_for_member(user_id=request_user(request).id,
                                                             conversation_id=conversation_id)
         return Response(conversation_out(summary))
 
@@ -407,7 +409,7 @@ class MessagesView(APIView):
                    summary="A page of history ordered by seq (before_seq pages back, after_seq forward)")
     def get(self, request: Request, conversation_id: str) -> Response:
         query = _valid_query(s.HistoryQuery, request)
-        page = selectors.message_history_get(
+        page = history.message_history_get(
             user_id=request_user(request).id, conversation_id=conversation_id, before_seq=query.get("before_seq"),
             after_seq=query.get("after_seq"), limit=query["limit"])
         return Response({"results": [message_out(m) for m in page.messages], "has_more": page.has_more})

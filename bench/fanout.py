@@ -13,7 +13,8 @@ deliveries, server CPU µs per delivery (utime+stime of the server processes fro
 of server memory per idle connection (VmRSS delta / N) and server CPU while everyone is connected and idle.
 The client is one asyncio process; on a small machine it is often the bottleneck, which is why the ratio
 of CPU per delivery (the server's own cost) is the fair comparison, and why the systems run back to back
-on the same Redis, in one run.
+on the same Redis, in one run. Over 400 lines: the workload driver and its per-system measurement share the
+counters and the process table of one run; the peers' own code is in ``bench/peer_centrifugo.py``.
 """
 
 from __future__ import annotations

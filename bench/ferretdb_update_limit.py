@@ -1,6 +1,6 @@
 """FerretDB v1 (SQLite) hangs on an ``update`` command of more than 100 statements: each statement holds one of
 its 100 pooled SQLite connections until the command ends, so the 101st waits forever (and so does every later
-command). Why the drain sends at most ``storage.services.UPDATE_STATEMENTS_MAX`` statements per command.
+command). Why the drain sends at most ``storage.writes.UPDATE_STATEMENTS_MAX`` statements per command.
 
     .venv/bin/python bench/ferretdb_update_limit.py
 

@@ -133,7 +133,7 @@ def main() -> None:
     django.setup()
     from mongoengine.connection import get_db
 
-    from storage.services import buckets_build
+    from storage.buckets import buckets_build
 
     rnd = random.Random(5)  # noqa: S311 - a reproducible workload, not a secret
     rows = []

@@ -191,7 +191,7 @@ def membership_generation_key(conversation_id: str) -> str:
     return f"cs:membersgen:{conversation_id}"
 
 
-# Conversation lists (messaging.selectors, api.selectors).
+# Conversation lists (messaging.selectors, api.conversation_list).
 
 
 def user_conversations_key(user_id: str) -> str:
@@ -205,17 +205,17 @@ def user_conversations_version_key(user_id: str) -> str:
 
 
 def conversation_card_key(conversation_id: str) -> str:
-    """COORD. String: the conversation's card (JSON) the conversation list shows (``api.selectors``)."""
+    """COORD. String: the conversation's card (JSON) the conversation list shows (``api.conversation_list``)."""
     return f"cs:card:conv:{conversation_id}"
 
 
 def group_card_key(group_id: str) -> str:
-    """COORD. String: a group's card (JSON) for the conversation list (``api.selectors``)."""
+    """COORD. String: a group's card (JSON) for the conversation list (``api.conversation_list``)."""
     return f"cs:card:group:{group_id}"
 
 
 def user_card_key(user_id: str) -> str:
-    """COORD. String: a user's card (JSON) for the conversation list (``api.selectors``)."""
+    """COORD. String: a user's card (JSON) for the conversation list (``api.conversation_list``)."""
     return f"cs:card:user:{user_id}"
 
 

@@ -1,6 +1,7 @@
 """The gateway: the only public entry, a plain ASGI app in front of every other role.
 
-The stack, outermost first (each layer in ``gateway/middleware.py`` or ``gateway/proxy.py``):
+The stack, outermost first (each layer in ``gateway/middleware.py``, ``gateway/auth.py``, ``gateway/proxy.py`` or
+``gateway/wsproxy.py``):
 
 1. request id — the client's ``X-Request-Id`` if well-formed, else a new one; echoed and passed upstream;
 2. access log — one JSON line per request (status, upstream instance, user, duration) + security headers;
@@ -30,22 +31,15 @@ from django.conf import settings
 from core.registry import ROLES
 from core.tokens import ws_ticket_issue_async
 from gateway.asgi import ASGIApp, Receive, Scope, Send, header, send_error, send_response, state_of
-from gateway.middleware import (
-    AccessLogLayer,
-    AuthenticationLayer,
-    IpRateLimitLayer,
-    OriginLayer,
-    PathLayer,
-    RequestIdLayer,
-    RouteAuthorizationLayer,
-    UserRateLimitLayer,
-)
-from gateway.proxy import HttpProxy, WebSocketProxy
+from gateway.auth import AuthenticationLayer, RouteAuthorizationLayer, UserRateLimitLayer
+from gateway.middleware import AccessLogLayer, IpRateLimitLayer, OriginLayer, PathLayer, RequestIdLayer
+from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter
 from gateway.upstreams import Upstreams
 from gateway.userlimits import SocketSlots
 from gateway.webclient import webclient_file, webclient_headers
 from gateway.wslink import SERVER_SEND
+from gateway.wsproxy import WebSocketProxy
 
 logger = logging.getLogger(__name__)
 

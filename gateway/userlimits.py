@@ -6,7 +6,7 @@
   themselves within the TTL. Every client socket passes a gateway (brokers are internal), so the count is the
   user's, whichever broker holds each socket.
 * The aggregate frame budget per user is a fixed-window counter of :class:`gateway.ratelimit.RateLimiter`
-  (``gw:ws-user-frames``), hit for each client frame in ``gateway/proxy.py``.
+  (``gw:ws-user-frames``), hit for each client frame in ``gateway/wsproxy.py``.
 
 Both fail open when Redis is down (as the rate limits do, docs/adr/0005): a Redis outage must not close every
 socket; the per-socket limits still hold.

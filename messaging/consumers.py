@@ -4,6 +4,9 @@ One :class:`ChatConsumer` per connection. It is thin: it checks the frame (size,
 the write path in ``messaging.services`` or the reads in ``messaging.selectors``, and turns domain errors
 into ``error`` frames. Live events are pushed to it by the process' hub (``messaging.hub``), not by the
 channel layer: this consumer has no channel layer at all (no per-connection channel, no receive loop).
+Resume is ``messaging/resume.py``. Over 400 lines: one class whose methods share one connection's state
+(connect, frames, delivery and its slowness checks, membership re-checks); splitting it would only spread that
+state over several files.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from core.closecodes import CLOSE_BAD_TICKET, CLOSE_INTERNAL, CLOSE_RATE_LIMITED, CLOSE_TOO_LARGE, CLOSE_TOO_SLOW
-from core.errors import DomainError, NotFound, ValidationFailed
-from messaging import frames, membership, presence, reactions, selectors, services, streams, transports
+from core.errors import DomainError, ValidationFailed
+from messaging import frames, membership, presence, reactions, resume, selectors, services, streams, transports
 from messaging.auth import connection_identify, connection_proxied
 from messaging.hub import Hub, hub_get
 
@@ -35,8 +38,6 @@ MAX_FRAME_BYTES = 64 * 1024
 # Refused frames in a row (each answered with ``error rate_limited``) before the connection is closed with
 # 4008: ten is enough for a client to notice the errors and back off, few enough that a flood stops fast.
 RATE_STRIKES = 10
-# A resume names at most this many conversations (a frame of 1,000 ids is ~40 KB, under the frame limit).
-RESUME_MAX_CONVERSATIONS = 1000
 # Live events of a conversation held while it is being resumed; past this the client is too slow (4009).
 RESUME_BUFFER_MAX = 10_000
 _background: set[asyncio.Task[None]] = set()
@@ -198,7 +199,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def send_frame(self, frame: str) -> None:
         """Send one frame of this connection's own (ready, ack, error, resume...). Async for the callers'
-        sake; it never waits (a resume paces itself with :meth:`_send_paced`)."""
+        sake; it never waits (a resume paces itself, ``messaging.resume``)."""
         if not self.closing and self.out.is_open():
             # A client's own strings come back in its frames (a ref, a key of a resume): one holding a lone
             # surrogate (legal in JSON as "\ud800") has no UTF-8; written back as that same JSON escape.
@@ -426,71 +427,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.send_frame(frames.frame("pong", ref=ref))
 
     async def on_resume(self, data: dict[str, Any], ref: Any) -> None:
-        wanted = data.get("conversations")
-        if not isinstance(wanted, dict) or len(wanted) > RESUME_MAX_CONVERSATIONS:
-            raise ValidationFailed(f"conversations must be an object of at most {RESUME_MAX_CONVERSATIONS} "
-                                   "{conversation_id: last_seq}", details={"field": "conversations"})
-        for conversation_id, after in wanted.items():
-            if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-                raise ValidationFailed("each last_seq must be a non-negative integer",
-                                       details={"field": "conversations", "conversation_id": conversation_id})
-        # One backward read per partition for the whole frame, not one per conversation (docs/security.md).
-        mine = {c: a for c, a in wanted.items() if c in self.conversations}
-        scan = selectors.ResumeScan(self.hub.redis, wanted=mine)
-        for conversation_id, after in wanted.items():
-            if conversation_id not in mine:
-                await self._error(NotFound("no such conversation", details={"conversation_id": conversation_id}),
-                                  ref=ref)
-                continue
-            await self._resume_one(conversation_id=conversation_id, after=after, scan=scan)
-
-    async def _resume_one(self, *, conversation_id: str, after: int, scan: selectors.ResumeScan) -> None:
-        """Send the conversation's events after ``after`` in seq order (archive, then stream), then the live
-        events that arrived meanwhile, then ``resumed``. Live delivery of this conversation is held (buffered)
-        for the duration, so nothing is lost, repeated or reordered at the seam."""
-        self.resuming[conversation_id] = []
-        upto = after
-        try:
-            last = await streams.last_accepted_seq(self.hub.redis, conversation_id=conversation_id)
-            tail = await scan.events_after(conversation_id=conversation_id, last_seq=last)
-            if not tail.complete:
-                before = tail.events[0].seq if tail.events else last + 1
-                cursor = after
-                while not self.closing:
-                    page = await sync_to_async(selectors.archived_messages, thread_sensitive=False)(
-                        conversation_id=conversation_id, after_seq=cursor, before_seq=before)
-                    for doc in page:
-                        await self._send_paced(frames.message_frame_from_document(doc))
-                        upto = cursor = doc["seq"]
-                    if len(page) < selectors.ARCHIVE_PAGE:
-                        break
-            for event in tail.events:
-                frame = frames.event_frame(type=event.type, conversation_id=conversation_id, seq=event.seq,
-                                           payload_json=event.payload_json)
-                if frame is not None:
-                    await self._send_paced(frame)
-                upto = event.seq
-        finally:
-            buffered = self.resuming.pop(conversation_id, [])
-        for seq, frame in buffered:
-            if seq == 0 or seq > upto:
-                await self.send_frame(frame)
-                upto = max(upto, seq)
-        self.resumed_upto[conversation_id] = upto
-        await self.send_frame(frames.frame("resumed", conversation_id=conversation_id, last_seq=upto))
-
-    async def _send_paced(self, frame: str) -> None:
-        """Send a resume frame, waiting (bounded) while the client has not taken what was already sent."""
-        limit = self.send_limit // 2
-        self.paced += 1
-        if self.paced % 50 == 0:
-            await asyncio.sleep(0)  # one loop turn: lets Twisted hand what is queued to the kernel
-        for _ in range(200):  # 200 x 50 ms: a client that takes nothing for 10 s is too slow
-            if self.out.backlog() <= limit:
-                await self.send_frame(frame)
-                return
-            await asyncio.sleep(0.05)
-        await self._close(CLOSE_TOO_SLOW)
+        await resume.resume_handle(self, data, ref)
 
     ASGI_HANDLERS = {"websocket.connect": websocket_connect, "websocket.receive": websocket_receive,
                      "websocket.disconnect": websocket_disconnect}

@@ -13,7 +13,7 @@ it carries is decided inside that script (it moves forward only, clamped to the 
 event is appended only when it moved); the script takes the builder's JSON cut around the seq
 (:meth:`BuiltEvent.json_around_seq`) and puts the cursor in between, so even that payload is built here.
 
-The storage drain applies each of these types through its own table (``storage.services.EVENT_RULES``).
+The storage drain applies each of these types through its own table (``storage.rules.EVENT_RULES``).
 """
 
 from __future__ import annotations

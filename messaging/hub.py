@@ -18,12 +18,13 @@ long-lived tasks that feed them.
 
 The hub lives on the event loop of the ASGI server (uvicorn's uvloop, or daphne's asyncio reactor);
 everything here is non-blocking. Connections are duck-typed :class:`Subscriber` objects (the consumers).
+Sessions ended elsewhere (the users' channel-layer groups) are ``messaging/sessions.py``. Just over 400 lines:
+one class whose loops share the subscription maps and the per-partition cursors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -36,9 +37,9 @@ from django.conf import settings
 
 from core import keys
 from core.bus import BusAsync, bus_async_new, bus_is_cluster
-from core.closecodes import CLOSE_SESSION_ENDED
 from messaging import frames, membership, presence, streams
 from messaging.resp import resp_client_for
+from messaging.sessions import UserGroups
 from messaging.streams import bus_resolve
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ COMMAND_TIMEOUT_S = 5.0
 SUPERVISOR_MAX_BACKOFF_S = 5.0
 # Sessions per presence-refresh pipeline (one Lua call each, ~10-20 us of Python to queue and parse).
 PRESENCE_REFRESH_SLICE = 250
-# channels-redis forgets a group member after its group_expiry (1 day): members are renewed hourly.
-GROUP_RENEW_S = 3600.0
 
 
 
@@ -104,15 +103,8 @@ class Hub:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: Counter[str] = Counter()
-        # This process' one channel on the channel layer: it is in the group of every user with a socket here
-        # (frames.user_group), so a group_send from the api reaches each broker holding one once (docs/adr/0027).
-        self._layer: Any = None
-        self._session_channel = ""
-        self._session_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[None]] = set()
-        # A user's group_discard still in flight: a new socket of theirs waits for it before its group_add,
-        # so the two never cross on their way to Redis (which would leave the user out of the group).
-        self._discarding: dict[str, asyncio.Task[None]] = {}
+        # This process' groups of its users on the channel layer (sessions ended elsewhere, docs/adr/0027).
+        self.sessions = UserGroups(by_user=self.by_user, stats=self.stats)
 
     @property
     def bus(self) -> BusAsync:
@@ -129,7 +121,7 @@ class Hub:
             return
         for name, body in (("reader", self._read_loop), ("control", self._control_loop),
                            ("presence", self._presence_loop), ("presence_sweep", self._presence_sweep_loop),
-                           ("sessions", self._sessions_loop), ("sessions_renew", self._sessions_renew_loop)):
+                           ("sessions", self.sessions.receive_loop), ("sessions_renew", self.sessions.renew_loop)):
             self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(name, body)))
 
     async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
@@ -155,7 +147,7 @@ class Hub:
         appended from now on reaches the connection."""
         self.start()
         if conn.user_id not in self.by_user:  # the user's first socket here: this broker joins their group
-            await self._user_group_add(conn.user_id)
+            await self.sessions.add(conn.user_id)
         self.by_user.setdefault(conn.user_id, set()).add(conn)
         partitions = []
         for conversation_id in conversation_ids:
@@ -171,7 +163,7 @@ class Hub:
             users.discard(conn)
             if not users:
                 del self.by_user[conn.user_id]
-                self._user_group_discard(conn.user_id)
+                self.sessions.discard(conn.user_id)
         for conversation_id in conversation_ids:
             self.unsubscribe(conn, conversation_id=conversation_id)
 
@@ -379,67 +371,6 @@ class Hub:
             for user_id in data.get("u", []):
                 for conn in tuple(self.by_user.get(str(user_id), ())):
                     conn.membership_recheck(conversation_id=conversation_id)
-
-    # ------------------------------------------------------------------ sessions ended elsewhere (channel layer)
-
-    async def _session_layer(self) -> tuple[Any, str]:
-        """The channel layer and this process' channel on it (named once: a restarted loop keeps the groups)."""
-        async with self._session_lock:  # two first connects must not name two channels
-            if self._layer is None:
-                from channels.layers import get_channel_layer
-
-                layer = get_channel_layer()
-                self._session_channel = await layer.new_channel("cs.broker.")
-                self._layer = layer
-        return self._layer, self._session_channel
-
-    async def _user_group_add(self, user_id: str) -> None:
-        """Join the user's group before their socket is ready, so a logout from then on reaches it. Side
-        effect: one ZADD in Redis (channels-redis; membership expires after its group_expiry, 1 day, which the
-        sessions loop renews for the users still here)."""
-        layer, channel = await self._session_layer()
-        pending = self._discarding.get(user_id)
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(pending)
-        await layer.group_add(frames.user_group(user_id), channel)
-
-    def _user_group_discard(self, user_id: str) -> None:
-        """Leave the group of a user whose last socket here closed (in the background: called from a
-        synchronous cleanup). A discard that fails leaves a stale member, which only costs a message to it."""
-        if self._layer is None:
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._layer.group_discard(frames.user_group(user_id), self._session_channel))
-        self._background.add(task)
-        self._discarding[user_id] = task
-
-        def done(finished: asyncio.Task[None]) -> None:
-            self._background.discard(finished)
-            if self._discarding.get(user_id) is finished:
-                del self._discarding[user_id]
-
-        task.add_done_callback(done)
-
-    async def _sessions_loop(self) -> None:
-        """Receive ``sessions.close`` events on this process' channel and close the user's sockets here."""
-        layer, channel = await self._session_layer()
-        while True:
-            message = await layer.receive(channel)
-            if message.get("type") != frames.SESSIONS_CLOSE:
-                continue
-            conns = tuple(self.by_user.get(str(message.get("user_id")), ()))
-            self.stats["sessions_closed"] += len(conns)
-            for conn in conns:
-                conn.session_end(code=int(message.get("code", CLOSE_SESSION_ENDED)))
-
-    async def _sessions_renew_loop(self) -> None:
-        """Renew this broker's membership of its users' groups before channels-redis forgets it (1 day)."""
-        while True:
-            await asyncio.sleep(GROUP_RENEW_S)
-            layer, channel = await self._session_layer()
-            for user_id in list(self.by_user):
-                await layer.group_add(frames.user_group(user_id), channel)
 
     # ------------------------------------------------------------------ presence heartbeat
 

@@ -162,7 +162,7 @@ def _users_seen(user_ids: list[str], status: str) -> None:
     from pymongo import UpdateOne
 
     from core.documents import User
-    from storage.services import UPDATE_STATEMENTS_MAX
+    from storage.writes import UPDATE_STATEMENTS_MAX
 
     now = datetime.now(UTC)
     ops = [UpdateOne({"_id": ObjectId(u)}, {"$set": {"status": status, "last_seen": now}})

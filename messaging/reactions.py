@@ -2,7 +2,7 @@
 
 Each change that changes something is one ``reaction.added`` / ``reaction.removed`` event in the message's
 conversation stream with its own seq (live on every broker, replayed by ``resume``, persisted by the drain's
-rule in ``storage.services.EVENT_RULES``). Adding a reaction the user already has, or removing one they do
+rule in ``storage.rules.EVENT_RULES``). Adding a reaction the user already has, or removing one they do
 not have, changes nothing and appends nothing: the answer says ``changed: false`` (idempotent).
 
 State: a hash per reacted message on the bus, in the conversation's partition slot (``core.keys.reactions_key``):

@@ -5,11 +5,12 @@ lives in partition ``crc32(conversation_id) % PARTITIONS`` for ever. Every key o
 hash tag ``{pNN}``, so on a Redis Cluster the stream, its seq counters and its dedup keys share one slot and
 the append script may touch them all. The keys are in ``core/keys.py``; they live on the message bus Redis
 (``core/bus.py``, docs/adr/0022), which may be a cluster. The entry format (fields ``t c s d v``) and its
-decoder are in ``core/entries.py``.
+decoder are in ``core/entries.py``. Over 400 lines: the append script and every way it is sent (one call,
+a pipelined batch, the lean RESP client, a cluster) share one argument layout, which is safer read in one place.
 
 Payloads (``d``; ids are strings, times ISO-8601 UTC with milliseconds; built by ``messaging.events.event_build``,
 the one builder, whose ``PAYLOAD_FIELDS`` lists them; the drain applies each type by its rule in
-``storage.services.EVENT_RULES``):
+``storage.rules.EVENT_RULES``):
 
 ``message.new``      ``{id, conversation_id, sender_id, content, timestamp, client_msg_id, mentions}`` (``mentions``:
                      ids of the members its ``@username``s name, ``messaging/mentions.py``; absent in entries

@@ -15,7 +15,8 @@ Subcommands
               part of ``install``: the tests and the cluster never need it).
 
 Every failure ends with a line saying what to install or set. Second runs reuse everything the first
-one installed (a stamp file per step).
+one installed (a stamp file per step). Over 400 lines and one file on purpose: it runs with the system's
+python3 before ``.venv`` exists, so it cannot import the project or a helper module beside it reliably.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Every variable is documented with its default in ``.env.example``. ``.env`` at the project root is read
 first (real environment variables win), so ``make run`` works with the file bootstrap writes.
+Over 400 lines because it is one flat list of settings, each with why its default was chosen; one module is
+what Django reads and what tests/cluster/test_env.py checks against ``.env.example``.
 """
 
 from __future__ import annotations

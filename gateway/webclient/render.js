@@ -130,6 +130,8 @@ export function renderMessages({ stickToBottom = false, keepOffsetFrom = null } 
   const list = $("messages");
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   const editingFocus = document.activeElement && document.activeElement.classList.contains("edit-input");
+  // A message focused by a jump to it (replies.js) keeps the focus across redraws (a live frame redraws the list).
+  const focusedSeq = document.activeElement && document.activeElement.matches("li.msg") ? document.activeElement.dataset.seq : null;
   list.replaceChildren();
   if (!state.current) return;
   const msgs = [...store(state.current).values()].sort((a, b) => a.seq - b.seq);
@@ -143,6 +145,10 @@ export function renderMessages({ stickToBottom = false, keepOffsetFrom = null } 
     list.append(messageItem({ id: cid, seq: 0, sender_id: myId(), content: p.content, pending: true }, {}));
   }
   replyBannerRender();
+  if (focusedSeq) {
+    const again = list.querySelector(`li.msg[data-seq="${CSS.escape(focusedSeq)}"]`);
+    if (again) { again.tabIndex = -1; again.focus({ preventScroll: true }); }
+  }
   if (editingFocus) { const input = list.querySelector(".edit-input"); if (input) input.focus(); }
   if (keepOffsetFrom !== null) list.scrollTop = list.scrollHeight - keepOffsetFrom;
   else if (stickToBottom || nearBottom) list.scrollTop = list.scrollHeight;

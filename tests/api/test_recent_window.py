@@ -152,7 +152,8 @@ def test_a_killed_drain_loses_nothing_the_window_keeps_what_is_not_persisted(ser
 
 def test_watermark_stops_below_a_deferred_entry() -> None:
     from core.entries import Event
-    from storage.services import _Item, recent_persisted_watermarks
+    from storage.rules import Item as _Item
+    from storage.services import recent_persisted_watermarks
 
     def item(cid: str, seq: int, *, failure: str | None = None, dead: str | None = None) -> _Item:
         it = _Item(entry_id=f"1-{seq}", fields={}, failure=failure, dead=dead)
@@ -400,7 +401,7 @@ def test_existing_messages_are_bucketed_by_one_command_and_a_partial_bucket_is_n
         send(alice, cid, "last")
     # The drain created bucket 0 at seq 11: it lacks 1..10, so it is partial and the page reads messages.
     assert [m["seq"] for m in history(bob, cid, before_seq=12)["results"]] == list(range(1, 12))
-    from storage.services import buckets_build
+    from storage.buckets import buckets_build
 
     assert buckets_build() >= 15
     no_messages_reads()

@@ -31,6 +31,7 @@ from chatstream_site.localfleet import Fleet, Proc, settle
 from chatstream_site.localservers import Servers, redis_server
 from core.identity import identity_headers
 from core.tokens import TicketOwner, token_issue, ws_ticket_issue
+from tests.support.gateway import stand_in_fleet
 
 pytestmark = pytest.mark.cluster
 
@@ -301,19 +302,9 @@ def test_limits_fail_open_to_per_process_counts_when_redis_is_down(servers: Serv
 
 @pytest.fixture(scope="module")
 def edge_fleet(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    fleet = Fleet(servers, tmp_path_factory.mktemp("edge"), db=7, CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32",
-                  CHATSTREAM_GATEWAY_READ_TIMEOUT="2")
-    try:
-        procs: dict[str, Proc] = {"api": fleet.stand_in("api", 1), "broker1": fleet.stand_in("broker", 1),
-                 "broker2": fleet.stand_in("broker", 2), "gateway": fleet.gateway()}
-        for name, proc in procs.items():
-            proc.wait_healthy("/healthz" if name == "gateway" else "/__upstream/stats")
-        fleet.wait_registered("api", 1)
-        fleet.wait_registered("broker", 2)
-        settle(1.5)
-        yield {**procs, "fleet": fleet}
-    finally:
-        fleet.stop()
+    with stand_in_fleet(servers, tmp_path_factory.mktemp("edge"), db=7, brokers=2,
+                        CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32", CHATSTREAM_GATEWAY_READ_TIMEOUT="2") as fleet:
+        yield fleet
 
 
 def forged_tokens() -> dict[str, str]:

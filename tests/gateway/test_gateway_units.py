@@ -18,7 +18,8 @@ from core.identity import identity_headers, identity_strip, identity_verify
 from core.registry import Instance
 from core.tokens import TicketOwner
 from gateway.asgi import STATE_KEY, RequestState
-from gateway.middleware import REQUEST_ID_RE, bearer_token, ip_key, origin_allowed
+from gateway.auth import bearer_token
+from gateway.middleware import REQUEST_ID_RE, ip_key, origin_allowed
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter, rate_validate
 from gateway.routes import path_checked, public_paths, route_match
@@ -317,8 +318,8 @@ def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
     Here the client's server is not uvicorn, so the broker's frames go out as ASGI messages (AsgiFrames)."""
     from websockets.asyncio.server import serve
 
-    from gateway.proxy import WebSocketProxy
     from gateway.wslink import link_open
+    from gateway.wsproxy import WebSocketProxy
 
     async def scenario() -> tuple[int, list[dict[str, Any]], list[str], list[str]]:
         got_by_broker: list[str] = []

@@ -30,6 +30,7 @@ from core.closecodes import CLOSE_SESSION_ENDED, CLOSE_TOO_MANY_SOCKETS
 from core.documents import Conversation, GroupChat
 from core.keys import partition_of, stream_key
 from core.tokens import token_issue, ws_ticket_issue
+from tests.support.gateway import stand_in_fleet
 from tests.support.realtime import (
     brokers_running,
     connect,
@@ -63,19 +64,9 @@ def raw_get(port: int, target: str, *, source: str = OUTSIDER) -> tuple[int, byt
 @pytest.fixture(scope="module")
 def edge(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A gateway with a wildcard host list (as docker-compose used to set) before a stand-in api and broker."""
-    fleet = Fleet(servers, tmp_path_factory.mktemp("security-edge"), db=12, ALLOWED_HOSTS="*",
-                  CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32")
-    try:
-        procs: dict[str, Proc] = {"api": fleet.stand_in("api", 1), "broker": fleet.stand_in("broker", 1),
-                                  "gateway": fleet.gateway()}
-        for name, proc in procs.items():
-            proc.wait_healthy("/healthz" if name == "gateway" else "/__upstream/stats")
-        fleet.wait_registered("api", 1)
-        fleet.wait_registered("broker", 1)
-        settle(1.5)
-        yield {**procs, "fleet": fleet}
-    finally:
-        fleet.stop()
+    with stand_in_fleet(servers, tmp_path_factory.mktemp("security-edge"), db=12, brokers=1, ALLOWED_HOSTS="*",
+                        CHATSTREAM_GATEWAY_ADMIN_NETWORKS="127.0.0.1/32") as fleet:
+        yield fleet
 
 
 # ------------------------------------------------------------------ critical: the Origin check stays on
@@ -338,22 +329,11 @@ def test_wrong_passwords_from_anywhere_do_not_lock_the_owner_out(realtime: dict[
 @pytest.fixture(scope="module")
 def limits(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two gateways with small per-user limits before a stand-in api and two stand-in brokers."""
-    fleet = Fleet(servers, tmp_path_factory.mktemp("security-limits"), db=14,
-                  CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER="2", CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES="30/h",
-                  # As behind a TLS-terminating load balancer on this host: its X-Forwarded-Proto is believed.
-                  CHATSTREAM_GATEWAY_TRUSTED_PROXIES="127.0.0.1")
-    try:
-        procs: dict[str, Proc] = {"api": fleet.stand_in("api", 1), "broker1": fleet.stand_in("broker", 1),
-                                  "broker2": fleet.stand_in("broker", 2), "gw1": fleet.gateway("gw1"),
-                                  "gw2": fleet.gateway("gw2")}
-        for name, proc in procs.items():
-            proc.wait_healthy("/healthz" if name.startswith("gw") else "/__upstream/stats")
-        fleet.wait_registered("api", 1)
-        fleet.wait_registered("broker", 2)
-        settle(1.5)
-        yield {**procs, "fleet": fleet}
-    finally:
-        fleet.stop()
+    with stand_in_fleet(servers, tmp_path_factory.mktemp("security-limits"), db=14, brokers=2, gateways=("gw1", "gw2"),
+                        CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER="2", CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES="30/h",
+                        # As behind a TLS-terminating load balancer on this host: its X-Forwarded-Proto is believed.
+                        CHATSTREAM_GATEWAY_TRUSTED_PROXIES="127.0.0.1") as fleet:
+        yield fleet
 
 
 def _ws_url(limits: dict[str, Any], gateway: str, user_id: str) -> str:

@@ -1,6 +1,6 @@
 """One event builder and one drain table (issue 12, finding 2), against the session's real Redis and FerretDB:
 every event type the services append is built by ``messaging.events`` and applied by the real drain's
-``storage.services.EVENT_RULES``; a staff delete is a sender delete's event; an unknown type is dead-lettered."""
+``storage.rules.EVENT_RULES``; a staff delete is a sender delete's event; an unknown type is dead-lettered."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from core.entries import Event, event_decode
 from core.errors import NotFound
 from core.keys import DEADLETTERS, partition_of, stream_key
 from messaging import events, reactions, services
-from storage.services import EVENT_RULES
+from storage.rules import EVENT_RULES
 from tests.support.api import persist
 
 ALICE, BOB = str(ObjectId()), str(ObjectId())

@@ -23,7 +23,7 @@ import redis.cluster
 from bson import ObjectId
 from mongoengine.connection import get_db
 
-from chatstream_site.localservers import RedisCluster, Servers, redis_cluster_start
+from chatstream_site.localservers import RedisCluster, Servers
 from core.bus import bus_async_new
 from core.keys import GROUP, partition_of, seq_key, stream_key
 from messaging import services, streams
@@ -31,8 +31,6 @@ from storage import services as storage
 from storage.selectors import partitions_state
 from tests.support.realtime import (
     Broker,
-    brokers_running,
-    cluster_bus_env,
     group_create,
     master_of,
     messages_cross_brokers,
@@ -46,24 +44,14 @@ pytestmark = pytest.mark.cluster
 MASTERS = 3
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    started = redis_cluster_start(tmp_path_factory.mktemp("redis-cluster"), masters=MASTERS)
-    yield started
-    started.stop()
-
+# The cluster the conftest starts for this module (tests/support/realtime.py, ``cluster``).
+REDIS_CLUSTER = {"masters": MASTERS}
 
 @pytest.fixture(scope="module")
 def cluster_sync(cluster: RedisCluster) -> Iterator[redis.cluster.RedisCluster]:
     client = redis.cluster.RedisCluster.from_url(cluster.url)
     yield client
     client.close()
-
-
-@pytest.fixture(scope="module")
-def brokers(tmp_path_factory: pytest.TempPathFactory, cluster: RedisCluster) -> Iterator[list[Broker]]:
-    with brokers_running(tmp_path_factory.mktemp("cluster-brokers"), 2, **cluster_bus_env(cluster.url)) as started:
-        yield started
 
 
 def conversations_on_every_master(client: redis.cluster.RedisCluster, members: list[str]) -> list[str]:

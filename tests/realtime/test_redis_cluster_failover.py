@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 import redis.cluster
 
-from chatstream_site.localservers import RedisCluster, Server, Servers, redis_cluster_start
+from chatstream_site.localservers import RedisCluster, Server, Servers
 from core.keys import partition_of, seq_key, stream_key
 from tests.support.realtime import (
     Broker,
-    brokers_running,
-    cluster_bus_env,
     collect_messages,
     connect_user,
     group_create,
@@ -43,19 +40,8 @@ NODE_TIMEOUT_MS = 2000
 FAILOVER_WAIT_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    started = redis_cluster_start(tmp_path_factory.mktemp("redis-cluster-ha"), masters=3, replicas=1,
-                                  node_timeout_ms=NODE_TIMEOUT_MS)
-    yield started
-    started.stop()
-
-
-@pytest.fixture(scope="module")
-def brokers(tmp_path_factory: pytest.TempPathFactory, cluster: RedisCluster) -> Iterator[list[Broker]]:
-    with brokers_running(tmp_path_factory.mktemp("ha-brokers"), 2, **cluster_bus_env(cluster.url)) as started:
-        yield started
-
+# The cluster the conftest starts for this module (tests/support/realtime.py, ``cluster``).
+REDIS_CLUSTER = {"masters": 3, "replicas": 1, "node_timeout_ms": NODE_TIMEOUT_MS}
 
 def replica_of(cluster: RedisCluster, master: Server) -> Server:
     for node in cluster.nodes:

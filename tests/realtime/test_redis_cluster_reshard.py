@@ -10,18 +10,15 @@ broker gets every message once, in seq order, now read from the new owner.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import redis
 import redis.cluster
 
-from chatstream_site.localservers import RedisCluster, Servers, redis_cluster_start
+from chatstream_site.localservers import RedisCluster, Servers
 from core.keys import partition_of, seq_key, stream_key
 from tests.support.realtime import (
     Broker,
-    brokers_running,
-    cluster_bus_env,
     collect_messages,
     connect_user,
     group_create,
@@ -36,18 +33,8 @@ pytestmark = pytest.mark.cluster
 RETRY_S = 30.0
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    started = redis_cluster_start(tmp_path_factory.mktemp("redis-cluster-reshard"), masters=3)
-    yield started
-    started.stop()
-
-
-@pytest.fixture(scope="module")
-def brokers(tmp_path_factory: pytest.TempPathFactory, cluster: RedisCluster) -> Iterator[list[Broker]]:
-    with brokers_running(tmp_path_factory.mktemp("reshard-brokers"), 2, **cluster_bus_env(cluster.url)) as started:
-        yield started
-
+# The cluster the conftest starts for this module (tests/support/realtime.py, ``cluster``).
+REDIS_CLUSTER = {"masters": 3}
 
 def node_client(port: int) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=port)

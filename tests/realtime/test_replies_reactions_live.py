@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from mongoengine.connection import get_db
 
-from api import selectors as api_selectors
+from api import history as api_selectors
 from chatstream_site.localservers import Servers
 from tests.support.api import persist
 from tests.support.realtime import Broker, brokers_running, connect_user, group_create, send_frame, user_create

@@ -36,13 +36,6 @@ from tests.support.storage import (
 PARTITION = 3  # any: each test uses fresh conversations and looks only at its own entries
 
 
-@pytest.fixture
-def r(servers: Servers) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(servers.redis_url)
-    yield client
-    client.close()
-
-
 @pytest.fixture(autouse=True)
 def _no_poison_left(r: redis.Redis) -> Iterator[None]:
     """The session's streams are shared: remove the undecodable entries a test added (other tests decode

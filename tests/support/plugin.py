@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from chatstream_site.localservers import Servers, servers_start
 
@@ -48,3 +49,11 @@ def servers() -> Servers:
     assert _servers is not None, ("tests.support.plugin did not start the servers "
                                   "(run pytest with -p tests.support.plugin)")
     return _servers
+
+
+@pytest.fixture
+def r(servers: Servers) -> Iterator[redis.Redis]:
+    """A sync client of the session's Redis (the bus and coordination both, as in the default configuration)."""
+    client = redis.Redis.from_url(servers.redis_url)
+    yield client
+    client.close()

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import redis.cluster
 import websockets
 from bson import ObjectId
 
 from chatstream_site.localcluster import child_env
-from chatstream_site.localservers import ROOT, free_port, wait_port
+from chatstream_site.localservers import ROOT, RedisCluster, free_port, redis_cluster_start, wait_port
 from core.documents import Conversation, GroupChat, User
 from core.keys import partition_of, presence_key, stream_key
 from core.tokens import ws_ticket_issue
@@ -371,3 +372,20 @@ async def resume_returns_exactly_the_missed_events(brokers: list[Broker], redis_
 async def presence_live(client: redis.asyncio.Redis, user_id: str) -> bool:
     """Whether the user has an unexpired session on some broker (what the members endpoint reads)."""
     return bool(await client.zcount(presence_key(user_id), int(time.time()), "+inf"))
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real Redis Cluster on loopback ports for the test module, shaped by the module's ``REDIS_CLUSTER``
+    (keyword arguments of ``redis_cluster_start``: masters, replicas, node_timeout_ms); stopped after it."""
+    options = getattr(request.module, "REDIS_CLUSTER", {"masters": 3})
+    started = redis_cluster_start(tmp_path_factory.mktemp("redis-cluster"), **options)
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def brokers(tmp_path_factory: pytest.TempPathFactory, cluster: RedisCluster) -> Iterator[list[Broker]]:
+    """Two real broker processes whose message bus is the module's Redis Cluster (docs/adr/0022)."""
+    with brokers_running(tmp_path_factory.mktemp("cluster-brokers"), 2, **cluster_bus_env(cluster.url)) as started:
+        yield started

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from storage.services import buckets_build
+from storage.buckets import buckets_build
 
 
 class Command(BaseCommand):

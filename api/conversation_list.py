@@ -1,0 +1,289 @@
+"""The conversation list of the REST API (no side effects but caching): a user's conversations with their
+last message, unread count and the peer's or group's card, served from Redis (``cs:uconvs:{user}``, cached
+cards, one script for the per-conversation state) and read from MongoDB only on a miss (docs/storage.md, "The
+recent window").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from bson import ObjectId
+
+from api.selectors import member_require, time_parse
+from core.bus import bus_is_cluster, bus_sync
+from core.clients import sync_redis
+from core.documents import (
+    Conversation,
+    GroupChat,
+    LastMessage,
+    Message,
+    User,
+)
+from core.errors import NotFound
+from core.keys import (
+    conversation_card_key,
+    group_card_key,
+    partition_of,
+    read_cursor_key,
+    recent_docs_key,
+    recent_key,
+    seq_key,
+    user_card_key,
+)
+from core.values import iso_ms
+from messaging.mentions import mention_counts_sync
+from messaging.selectors import user_conversation_ids
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    conversation: Conversation
+    last_seq: int  # last accepted seq (Redis), at least the last persisted one
+    read_seq: int  # the caller's read cursor
+    unread: int  # persisted messages of others, not deleted, above the cursor
+    title: str  # the group's name, or the other member's username
+    peer: User | None  # the other member of a 1:1 chat
+    group: GroupChat | None
+    mentions: int = 0  # messages mentioning the caller above their read cursor (messaging/mentions.py)
+
+
+@functools.cache
+def _is_ferretdb() -> bool:
+    """FerretDB names itself in buildInfo; it evaluates filters over whole collections (no index use)."""
+    info = Message._get_db().command("buildInfo")
+    return "ferretdbVersion" in info
+
+
+def unread_counts(*, user_id: str, after: dict[ObjectId, int],
+                  upto: dict[ObjectId, int] | None = None) -> dict[ObjectId, int]:
+    """Per conversation, the messages of others above the given read cursor (and at or below ``upto``, where
+    given: the recent window's floor) that are not deleted.
+
+    MongoDB: one aggregation, ``$or`` of ``(conversation_id, seq > cursor)`` clauses, each served by the
+    ``(conversation_id, seq)`` index. FerretDB v1 pushes none of that down and evaluates a 500-clause
+    ``$or`` per document (minutes on 100k messages), so there one plain scan with ``$in`` returns
+    ``(conversation_id, seq)`` pairs and the cursors are applied here.
+    """
+    if not after:
+        return {}
+    me = ObjectId(user_id)
+    upto = upto or {}
+    collection = Message._get_collection()
+    if not _is_ferretdb():
+        pipeline = [
+            {"$match": {"$or": [{"conversation_id": cid, "seq": {"$gt": seq, **({"$lte": upto[cid]} if cid in upto
+                                                                              else {})}}
+                                for cid, seq in after.items()],
+                        "sender_id": {"$ne": me}, "deleted": {"$ne": True}}},
+            {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}},
+        ]
+        return {row["_id"]: int(row["n"]) for row in collection.aggregate(pipeline)}
+    counts: dict[ObjectId, int] = {}
+    rows = collection.find({"conversation_id": {"$in": list(after)}, "seq": {"$gt": min(after.values())},
+                            "sender_id": {"$ne": me}, "deleted": {"$ne": True}},
+                           projection={"_id": 0, "conversation_id": 1, "seq": 1})
+    for row in rows:
+        cid = row["conversation_id"]
+        if after.get(cid, row["seq"]) < row["seq"] <= upto.get(cid, row["seq"]):
+            counts[cid] = counts.get(cid, 0) + 1
+    return counts
+
+
+def conversation_list_for_user(*, user_id: str, limit: int = 100, offset: int = 0) -> list[ConversationSummary]:
+    """The caller's conversations, most recently active first (last message or ``updated_at``, then newest
+    created), each with its last message, last seq, the caller's read cursor and unread count; from Redis
+    (docs/adr/0028): the user's conversation ids, each conversation's state from its recent window (one
+    pipelined script per conversation), cached cards of the conversations, peers and groups. The store is read
+    only for cache misses (by ``_id``) and for the unread count of a conversation whose reader is further
+    behind than its window."""
+    ids = user_conversation_ids(user_id=user_id)
+    return _summaries_cached(ids, user_id=user_id, limit=limit, offset=offset) if ids else []
+
+
+def conversation_summary_for_member(*, user_id: str, conversation_id: str) -> ConversationSummary:
+    member_require(user_id=user_id, conversation_id=conversation_id)
+    found = _summaries_cached([conversation_id], user_id=user_id, limit=1, offset=0)
+    if not found:
+        raise NotFound("no such conversation", details={"conversation_id": conversation_id})
+    return found[0]
+
+
+# Cards: the few fields of a conversation, user or group the list shows, cached in Redis (REDIS_URL) as JSON and
+# filled by ``_id`` (the one lookup FerretDB serves without a scan). Conversation cards are dropped by
+# membership changes; a group's by its rename; a user's only expire (its status and last_seen change on every
+# connect, and the list shows them within a minute; presence frames are the live view).
+CONVERSATION_CARD_TTL_S = 3600
+GROUP_CARD_TTL_S = 3600
+USER_CARD_TTL_S = 60
+
+
+
+
+def _conversation_card(conv: Conversation) -> dict[str, Any]:
+    last = conv.last_message
+    return {"type": conv.type, "room_id": str(conv.room_id), "members": [str(m) for m in conv.members],
+            "created_at": iso_ms(conv.created_at), "updated_at": iso_ms(conv.updated_at),
+            "last_seq": int(conv.last_seq or 0), "read_cursors": dict(conv.read_cursors or {}),
+            "last_message": None if last is None else {
+                "id": last.id, "seq": last.seq, "sender_id": last.sender_id, "content": last.content,
+                "timestamp": iso_ms(last.timestamp), "deleted": bool(last.deleted)}}
+
+
+def _cards(keys: list[str], ids: list[str], load: Any, ttl_s: int) -> dict[str, dict[str, Any] | None]:
+    """Cards by id: one MGET, then ``load(id)`` (a store read by ``_id``, None if gone) for each miss, cached.
+    Side effect: fills the cache."""
+    if not ids:
+        return {}
+    client = sync_redis()
+    out: dict[str, dict[str, Any] | None] = {}
+    missing = []
+    raws: Any = client.mget(keys)
+    for cid, key, raw in zip(ids, keys, raws, strict=True):
+        if raw is None:
+            missing.append((cid, key))
+        else:
+            out[cid] = json.loads(raw)
+    if missing:
+        pipe = client.pipeline(transaction=False)
+        for cid, key in missing:
+            out[cid] = load(cid)
+            if out[cid] is not None:
+                pipe.set(key, json.dumps(out[cid]), ex=ttl_s)
+        pipe.execute()
+    return out
+
+
+def _conversation_card_load(cid: str) -> dict[str, Any] | None:
+    conv = Conversation.objects(id=ObjectId(cid)).first()
+    return None if conv is None else _conversation_card(conv)
+
+
+def _group_card_load(gid: str) -> dict[str, Any] | None:
+    group = GroupChat.objects(id=ObjectId(gid)).only("id", "name").first()
+    return None if group is None else {"name": group.name}
+
+
+def _user_card_load(uid: str) -> dict[str, Any] | None:
+    user = User.objects(id=ObjectId(uid)).only("id", "username", "status", "last_seen").first()
+    return None if user is None else {"username": user.username, "status": user.status,
+                                      "last_seen": iso_ms(user.last_seen)}
+
+
+# Per conversation, for one user: KEYS seq hash, read-cursor hash, window zset, window docs; ARGV conversation
+# id, user id -> {last seq, cursor, floor or false, last message JSON or false, unread in the window}. Unread
+# counts the window's messages above the cursor that are others' and not deleted (a plain substring test on
+# the JSON the append script wrote: ``"sender_id":"<id>"`` and ``"deleted":true``, no JSON decoding).
+_CONVERSATION_STATE_LUA = """
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local cursor = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+local floor = redis.call('HGET', KEYS[4], 'floor')
+if not floor then return {last, cursor, false, false, 0} end
+local top = redis.call('ZREVRANGE', KEYS[3], 0, 0)
+local lastdoc = false
+if #top > 0 then lastdoc = redis.call('HGET', KEYS[4], top[1]) end
+local unread = 0
+if cursor < last then
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. cursor, '+inf')
+  if #ids > 0 then
+    local mine = '"sender_id":"' .. ARGV[2] .. '"'
+    for _, doc in ipairs(redis.call('HMGET', KEYS[4], unpack(ids))) do
+      if doc and not string.find(doc, mine, 1, true) and not string.find(doc, '"deleted":true', 1, true) then
+        unread = unread + 1
+      end
+    end
+  end
+end
+return {last, cursor, floor, lastdoc, unread}
+"""
+
+
+def _conversation_states(ids: list[str], *, user_id: str) -> list[list[Any]]:
+    bus = bus_sync()
+    script = bus.register_script(_CONVERSATION_STATE_LUA)
+
+    def keys(cid: str) -> list[str]:
+        p = partition_of(cid)
+        return [seq_key(p), read_cursor_key(cid), recent_key(p, cid), recent_docs_key(p, cid)]
+
+    if bus_is_cluster(bus):  # a cluster pipeline refuses scripts: one call each
+        return [script(keys=keys(cid), args=[cid, user_id]) for cid in ids]
+    pipe = bus.pipeline(transaction=False)
+    for cid in ids:
+        script(keys=keys(cid), args=[cid, user_id], client=pipe)
+    return list(pipe.execute())
+
+
+def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) -> list[ConversationSummary]:
+    cards = _cards([conversation_card_key(c) for c in ids], ids, _conversation_card_load,
+                   CONVERSATION_CARD_TTL_S)
+    ids = [c for c in ids if cards.get(c) is not None]
+    states = dict(zip(ids, _conversation_states(ids, user_id=user_id), strict=True))
+    rows = []
+    for cid in ids:
+        card = cards[cid]
+        assert card is not None
+        last_seq, cursor, floor, lastdoc, unread = states[cid]
+        last = json.loads(lastdoc) if lastdoc else None
+        activity = max(x for x in (card["updated_at"], last and last["timestamp"]) if x)
+        rows.append((activity, card["created_at"] or "", cid, card, int(last_seq), int(cursor),
+                     None if floor is None else int(floor), last, int(unread)))
+    # Newest activity first, then newest created, then id (stable paging).
+    rows.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)
+    page = rows[offset:offset + limit]
+    peer_ids = [m for r in page if r[3]["type"] == "single" for m in r[3]["members"] if m != user_id]
+    group_ids = [r[3]["room_id"] for r in page if r[3]["type"] == "group"]
+    peers = _cards([user_card_key(u) for u in peer_ids], peer_ids, _user_card_load, USER_CARD_TTL_S)
+    groups = _cards([group_card_key(g) for g in group_ids], group_ids, _group_card_load, GROUP_CARD_TTL_S)
+    # Unread beyond a window (a reader further behind than RECENT_MESSAGES, or a conversation with no window):
+    # counted in the store, for those conversations only.
+    behind: dict[ObjectId, int] = {}
+    for _a, _c, cid, card, last_seq, cursor, floor, _last, _u in page:
+        read_seq = max(cursor, int(card["read_cursors"].get(user_id, 0)))
+        last_seq = max(last_seq, card["last_seq"])
+        if last_seq > read_seq and (floor is None or read_seq < floor):
+            behind[ObjectId(cid)] = read_seq
+    floors = {cid: floor for _a, _c, cid, _card, _l, _cur, floor, _last, _u in page if floor is not None}
+    stored_unread = unread_counts(user_id=user_id, after=behind, upto={
+        ObjectId(cid): f for cid, f in floors.items() if ObjectId(cid) in behind}) if behind else {}
+    mention_counts = mention_counts_sync(bus_sync(), user_id=user_id, read_seqs={
+        cid: max(cursor, int(card["read_cursors"].get(user_id, 0)))
+        for _a, _c, cid, card, _l, cursor, _f, _last, _u in page})
+    out = []
+    for activity, _c, cid, card, last_seq, cursor, floor, last, unread in page:
+        read_seq = max(cursor, int(card["read_cursors"].get(user_id, 0)))
+        if floor is not None and read_seq < floor:
+            # Behind the window: the store counts (cursor, floor], the window (above the floor) the rest.
+            unread = stored_unread.get(ObjectId(cid), 0) + unread
+        elif floor is None:
+            unread = stored_unread.get(ObjectId(cid), 0)
+        last_message = last if last is not None else card["last_message"]
+        conv = Conversation(id=ObjectId(cid), type=card["type"], room_id=ObjectId(card["room_id"]),
+                            members=[ObjectId(m) for m in card["members"]],
+                            created_at=time_parse(card["created_at"]), updated_at=time_parse(activity),
+                            last_seq=max(last_seq, card["last_seq"]),
+                            last_message=None if last_message is None else LastMessage(
+                                id=last_message["id"], seq=int(last_message["seq"]),
+                                sender_id=str(last_message["sender_id"]), content=last_message.get("content"),
+                                timestamp=time_parse(last_message.get("timestamp")),
+                                deleted=bool(last_message.get("deleted"))))
+        peer = group = None
+        if card["type"] == "single":
+            other = next((m for m in card["members"] if m != user_id), user_id)
+            peer_card = peers.get(other)
+            if peer_card is not None:
+                peer = User(id=ObjectId(other), username=peer_card["username"], status=peer_card["status"],
+                            last_seen=time_parse(peer_card["last_seen"]))
+            title = peer.username if peer is not None else ""
+        else:
+            group_card = groups.get(card["room_id"])
+            if group_card is not None:
+                group = GroupChat(id=ObjectId(card["room_id"]), name=group_card["name"])
+            title = group.name if group is not None else ""
+        out.append(ConversationSummary(conversation=conv, last_seq=conv.last_seq, read_seq=read_seq,
+                                       unread=unread, title=title, peer=peer, group=group,
+                                       mentions=mention_counts.get(cid, 0)))
+    return out

@@ -1,0 +1,224 @@
+"""The WebSocket proxy: load balancer → circuit breaker → proxy for ``/ws/``.
+
+The gateway connects to the broker first and accepts the client only once the broker accepted, then passes
+frames both ways: the broker's frames straight to the client's transport, the client's framed and masked to
+the broker (gateway/wslink.py, docs/adr/0039). Back-pressure: a client that does not read stops the gateway
+reading its broker link (the broker's slow-reader rule then applies); a broker that does not read makes the
+client's frames wait. Close codes pass through both ways; a broker that vanishes without a close frame closes
+the client with 1012. The HTTP proxy and the helpers both share are ``gateway/proxy.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.parse
+from typing import Any
+
+from django.conf import settings
+
+from core.closecodes import (
+    CLOSE_FORBIDDEN,
+    CLOSE_RATE_LIMITED,
+    CLOSE_TOO_MANY_SOCKETS,
+    CLOSE_TRY_AGAIN,
+    CLOSE_UPSTREAM_LOST,
+)
+from gateway.asgi import (
+    Receive,
+    RequestState,
+    Scope,
+    Send,
+    state_of,
+    ws_refuse,
+)
+from gateway.proxy import MAX_ATTEMPTS, WS_SKIP, upstream_headers, upstream_url
+from gateway.ratelimit import RateLimiter, TokenBucket
+from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
+from gateway.userlimits import SocketSlots
+from gateway.wslink import SERVER_SEND, AsgiFrames, HandshakeRefused, UpstreamLink, link_open, raw_output
+
+
+def _client_close_code(code: int | None) -> int:
+    """A close code the gateway may send to the upstream on behalf of a client that left."""
+    if code is None or code in (1005, 1006, 1015) or not (1000 <= code <= 4999):
+        return 1000
+    return code
+
+logger = logging.getLogger(__name__)
+
+
+class WebSocketProxy:
+    """Proxy one WebSocket to the broker with the fewest open connections, within the user's socket slots and
+    frame budget (gateway/userlimits.py)."""
+
+    def __init__(self, *, upstreams: Upstreams, slots: SocketSlots | None = None,
+                 limiter: RateLimiter | None = None) -> None:
+        self.upstreams = upstreams
+        self.slots = slots
+        self.limiter = limiter
+
+    async def _connect(self, scope: Scope, state: RequestState) -> tuple[UpstreamLink, Any] | Unavailable | int:
+        """An open upstream link and its instance, Unavailable, or a close code for the client."""
+        headers = [(k.decode("latin-1"), v.decode("latin-1"))
+                   for k, v in upstream_headers(scope, state=state, skip=WS_SKIP)]
+        subprotocols = [p.strip() for p in _header_values(scope, b"sec-websocket-protocol") if p.strip()]
+        origin = next(iter(_header_values(scope, b"origin")), None)
+        target = upstream_url("", scope, websocket=True, drop_query=frozenset({"ticket"}))
+        tried: set[str] = set()
+        unavailable: Unavailable | None = None
+        while len(tried) < MAX_ATTEMPTS:
+            picked = await self.upstreams.pick(role="broker", kind="ws", exclude=frozenset(tried))
+            if isinstance(picked, Unavailable):
+                unavailable = picked
+                break
+            tried.add(picked.id)
+            address = urllib.parse.urlsplit(picked.url)
+            try:
+                async with self.upstreams.attempt(picked, kind="ws"):
+                    try:
+                        link = await link_open(host=address.hostname or "127.0.0.1", port=address.port or 80,
+                                               target=target, headers=headers, subprotocols=subprotocols,
+                                               origin=origin, connect_timeout_s=settings.GATEWAY_CONNECT_TIMEOUT_S,
+                                               answer_timeout_s=settings.GATEWAY_READ_TIMEOUT_S)
+                    except HandshakeRefused as exc:
+                        # The broker answered, and refused: its decision, not a transport failure.
+                        state.reason = f"upstream_refused_{exc.status}"
+                        return CLOSE_FORBIDDEN if exc.status in (401, 403) else 1011
+                    except (OSError, TimeoutError, ConnectionError) as exc:
+                        raise UpstreamFailed("connect") from exc
+            except OpenedState:
+                continue
+            except UpstreamFailed as exc:
+                logger.warning("gateway: broker %s refused a WebSocket (%s)", picked.id, exc.__cause__)
+                continue
+            state.upstream = picked.id
+            return link, picked
+        return unavailable or Unavailable(role="broker", retry_after_s=1, instances=len(tried))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = state_of(scope)
+        slot: str | None = None
+        if self.slots is not None and state.user is not None:
+            slot = await self.slots.acquire(user_id=state.user.user_id)
+            if slot is None:
+                state.reason = "too_many_sockets"
+                await ws_refuse(receive, send, code=CLOSE_TOO_MANY_SOCKETS,
+                                reason=f"at most {self.slots.cap} open connections per user")
+                return
+        try:
+            await self._proxy(scope, receive, send, state=state)
+        finally:
+            if slot is not None and self.slots is not None:
+                await self.slots.release(slot)
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, *, state: RequestState) -> None:
+        connected = await self._connect(scope, state)
+        if isinstance(connected, Unavailable):
+            state.reason = "no_broker"
+            await ws_refuse(receive, send, code=CLOSE_TRY_AGAIN,
+                            reason=f"no broker available; retry in {connected.retry_after_s}s")
+            return
+        if isinstance(connected, int):
+            await ws_refuse(receive, send, code=connected, reason="refused by the broker")
+            return
+        link, instance = connected
+        try:
+            message = await receive()
+            if message["type"] != "websocket.connect":  # the client left while we connected upstream
+                return
+            accept: dict[str, Any] = {"type": "websocket.accept"}
+            if link.subprotocol:
+                accept["subprotocol"] = link.subprotocol
+            await send(accept)
+            async with self.upstreams.holding(instance, kind="ws"):
+                await self._pump(link, receive, send, state=state, limiter=self.limiter,
+                                 server_send=scope.get(SERVER_SEND))
+        finally:
+            link.close()
+
+    @staticmethod
+    async def _pump(link: UpstreamLink, receive: Receive, send: Send, *, state: RequestState,
+                    limiter: RateLimiter | None = None, server_send: Any = None) -> None:
+        """Pass frames both ways until either side ends. Broker -> client: the link writes the broker's frames
+        to the client's transport (uvicorn), or re-sends them as ASGI messages (any other server); the client's
+        frames are read here, in the connection's own task (no task per direction)."""
+        bucket = TokenBucket(rate=settings.GATEWAY_WS_FRAME_RATE, burst=settings.GATEWAY_WS_FRAME_BURST)
+        user_rate = settings.GATEWAY_RATE_WS_USER_FRAMES
+        client_gone = False  # once the client side ended, nothing more is sent to it
+        closing: list[asyncio.Task[None]] = []
+        output = AsgiFrames(send) if (raw := raw_output(server_send)) is None else None
+
+        def upstream_ended(ended: asyncio.Future[tuple[int, str] | None]) -> None:
+            received = None if ended.cancelled() else ended.result()
+            if received is None:
+                code, reason = CLOSE_UPSTREAM_LOST, "broker lost; reconnect"
+            else:
+                code = received[0] if received[0] not in (1005, 1006, 1015) else 1000
+                reason = received[1]
+            state.reason = state.reason or ("upstream_lost" if received is None else "")
+            if not client_gone:
+                # uvicorn queues the client's websocket.disconnect as it sends the close: the loop below ends.
+                closing.append(asyncio.ensure_future(_close_after(output, send, code=code, reason=reason)))
+
+        if raw is not None:
+            link.attach(raw.transport.write, raw.transport.get_write_buffer_size)
+        else:
+            assert output is not None
+            link.attach(output.feed, output.backlog)
+        link.ended.add_done_callback(upstream_ended)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    client_gone = True
+                    link.close(_client_close_code(message.get("code")))
+                    return
+                if link.ended.done():
+                    continue  # the broker is gone: its close to the client is on its way
+                if not bucket.take():
+                    client_gone = True
+                    state.reason = "frame_rate_limited"
+                    await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
+                                "reason": "too many frames; slow down"})
+                    link.close(CLOSE_RATE_LIMITED, "client sent too many frames")
+                    return
+                if limiter is not None and state.user is not None and (await limiter.hit(
+                        group="gw:ws-user-frames", rate=user_rate, value=state.user.user_id)).should_limit:
+                    # The user's frames over all their sockets, on every gateway, passed the budget.
+                    client_gone = True
+                    state.reason = "user_frame_budget"
+                    await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
+                                "reason": "too many frames from this user; slow down"})
+                    link.close(CLOSE_RATE_LIMITED, "user sent too many frames")
+                    return
+                if message.get("text") is not None:
+                    await link.send(message["text"])
+                elif message.get("bytes") is not None:
+                    await link.send(message["bytes"])
+        finally:
+            client_gone = True
+            link.ended.remove_done_callback(upstream_ended)
+            for task in closing:
+                with contextlib.suppress(Exception):
+                    await task
+            if output is not None:
+                output.stop()
+
+
+async def _close_after(output: AsgiFrames | None, send: Send, *, code: int, reason: str) -> None:
+    """Close the client's socket once the broker's frames before its close have been sent."""
+    if output is not None:
+        await output.finish()
+    with contextlib.suppress(Exception):  # the client may have gone meanwhile
+        await send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+def _header_values(scope: Scope, name: bytes) -> list[str]:
+    values: list[str] = []
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            values += value.decode("latin-1").split(",") if name == b"sec-websocket-protocol" else [
+                value.decode("latin-1")]
+    return values
