@@ -25,7 +25,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # Each role in its own process group, unsupervised, so one broker stays down until the test restarts it.
-    c = Cluster(tmp_path_factory.mktemp("browser-cluster"), supervised=False)
+    # Every test registers its own users from 127.0.0.1: more than the per-IP registration limit (20/h, which
+    # tests/api checks) allows in one module, so the browser's cluster raises it.
+    c = Cluster(tmp_path_factory.mktemp("browser-cluster"), supervised=False, CHATSTREAM_RATE_REGISTER_IP="1000/h")
     c.start()
     try:
         c.wait_ready()
