@@ -130,6 +130,11 @@ export function renderMessages({ stickToBottom = false, keepOffsetFrom = null } 
   const list = $("messages");
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   const editingFocus = document.activeElement && document.activeElement.classList.contains("edit-input");
+  // A live frame (a read receipt, presence, a new message) redraws the list while a message is being edited: the
+  // draft, its caret and its focus must survive the redraw, or Enter would save the text as it was before.
+  const draftInput = list.querySelector(".edit-input");
+  const draft = draftInput ? { id: draftInput.dataset.id, value: draftInput.value, start: draftInput.selectionStart,
+    end: draftInput.selectionEnd } : null;
   // A message focused by a jump to it (replies.js) keeps the focus across redraws (a live frame redraws the list).
   const focusedSeq = document.activeElement && document.activeElement.matches("li.msg") ? document.activeElement.dataset.seq : null;
   list.replaceChildren();
@@ -149,7 +154,9 @@ export function renderMessages({ stickToBottom = false, keepOffsetFrom = null } 
     const again = list.querySelector(`li.msg[data-seq="${CSS.escape(focusedSeq)}"]`);
     if (again) { again.tabIndex = -1; again.focus({ preventScroll: true }); }
   }
-  if (editingFocus) { const input = list.querySelector(".edit-input"); if (input) input.focus(); }
+  const input = list.querySelector(".edit-input");
+  if (input && draft && input.dataset.id === draft.id) { input.value = draft.value; input.setSelectionRange(draft.start, draft.end); }
+  if (input && editingFocus) input.focus();
   if (keepOffsetFrom !== null) list.scrollTop = list.scrollHeight - keepOffsetFrom;
   else if (stickToBottom || nearBottom) list.scrollTop = list.scrollHeight;
 }
@@ -166,6 +173,7 @@ function editForm(m) {
   form.className = "edit-form";
   const input = document.createElement("textarea");
   input.className = "edit-input";
+  input.dataset.id = m.id;
   input.value = m.content;
   input.rows = 2;
   input.setAttribute("aria-label", "Edit message (Enter saves, Escape cancels)");
