@@ -311,14 +311,7 @@ async def _appends_pipeline(client: redis.asyncio.Redis, appends: list[_Append])
                 pipe.hset(append.meta[0], mapping=append.meta[1])  # type: ignore[arg-type]
                 pipe.expire(append.meta[0], append.meta[2])
         replies = await pipe.execute(raise_on_error=False)
-    results: list[Any] = []
-    at = 0
-    for append in appends:
-        width = 1 if append.meta is None else 3
-        errors = [r for r in replies[at:at + width] if isinstance(r, Exception)]
-        results.append(errors[0] if errors else replies[at])
-        at += width
-    return results
+    return _appends_results(appends, replies)
 
 
 class AppendBatcher:
