@@ -23,6 +23,7 @@ from typing import Any
 
 from bson import ObjectId
 
+from api import search_text
 from api.history import WINDOW_READ_LUA
 from api.selectors import conversation_members_cached
 from core.bus import bus_is_cluster, bus_sync
@@ -41,6 +42,7 @@ from core.keys import (
 )
 from core.values import as_str, iso_ms
 from messaging.selectors import user_conversation_ids
+from storage.search_index import BLOCK_BUCKETS, COLLECTION, WORD_RE, block_id, block_of, store_is_ferretdb, term_key
 
 MENTIONS_PAGE_MAX = 100
 SEARCH_PAGE_MAX = 50
@@ -57,8 +59,11 @@ SEARCH_BUCKET_READS = 200
 # SEARCH_BUCKET_READS_MIN reads of a request are always made, so every page moves the cursor on.
 SEARCH_TIME_BUDGET_S = 1.0
 SEARCH_BUCKET_READS_MIN = 4
+# Search blocks (storage/search_index.py, 1,000 seqs each, a read by _id of the query's words only) one request
+# may read: 200 covers 200,000 messages of the caller's history; the time budget above bounds them too.
+SEARCH_BLOCK_READS = 200
 SEARCH_CURSOR_TTL_S = 600
-_WORD_RE = re.compile(r"\w+")
+_WORD_RE = WORD_RE  # the one tokenizer, shared with the index the drain writes (storage/search_index.py)
 
 
 # ------------------------------------------------------------------ mentions
@@ -199,6 +204,11 @@ class _Source:
     next_bucket: int  # -1: no stored message left to read
     bound: tuple[str, int] | None = None
     buffered: list[dict[str, Any]] = field(default_factory=list)
+    # Per search block read this request, the buckets that may hold a hit (bitmask; None: the block is
+    # partial or missing, so every bucket may), and buckets that must be read whatever the index says
+    # (those of messages with an edit the drain has not applied yet that matches).
+    blocks: dict[int, int | None] = field(default_factory=dict)
+    forced: set[int] = field(default_factory=set)
 
     def take(self) -> dict[str, Any] | None:
         """The next message already read (window, then the last bucket read), or None."""
@@ -217,7 +227,8 @@ def _ts_key(doc: dict[str, Any]) -> tuple[str, int]:
 
 def _sources(conversation_ids: list[str], state: dict[str, Any] | None) -> list[_Source]:
     """Each conversation's window below its bound (newest first), in one pipeline of window reads.
-    ``state``: a cursor's ``{conversation id: [below, bound key or null]}`` (None: a first page)."""
+    ``state``: a cursor's ``{conversation id: [below, bound key or null, next bucket or null]}`` (None: a
+    first page)."""
     bus = bus_sync()
     script = bus.register_script(WINDOW_READ_LUA)
     wanted = [c for c in conversation_ids if state is None or c in state]
@@ -242,8 +253,11 @@ def _sources(conversation_ids: list[str], state: dict[str, Any] | None) -> list[
         top_stored = int(raw_floor) if raw_floor else _last_seq(cid)
         below, bound = (1 << 53, None) if state is None else (int(state[cid][0]), state[cid][1])
         top_stored = min(top_stored, below - 1)
+        next_bucket = (top_stored - 1) // BUCKET_SEQS if top_stored > 0 else -1
+        if state is not None and len(state[cid]) > 2 and state[cid][2] is not None:
+            next_bucket = min(next_bucket, int(state[cid][2]))  # buckets the index already ruled out
         sources.append(_Source(conversation_id=cid, below=below, window=window, edits=edits,
-                               next_bucket=(top_stored - 1) // BUCKET_SEQS if top_stored > 0 else -1,
+                               next_bucket=next_bucket,
                                bound=None if bound is None else (str(bound[0]), int(bound[1]))))
     return sources
 
@@ -257,8 +271,17 @@ class _Budget:
 
     def __init__(self, reads: int) -> None:
         self.left = reads
+        self.blocks_left = SEARCH_BLOCK_READS
         self.made = 0
         self.deadline = time.monotonic() + SEARCH_TIME_BUDGET_S
+
+    def spend_block(self) -> bool:
+        """Take one read of a search block (not counted among the bucket reads, so a page that reads the
+        index still reads its minimum of buckets)."""
+        if self.blocks_left <= 0 or (self.made >= SEARCH_BUCKET_READS_MIN and time.monotonic() > self.deadline):
+            return False
+        self.blocks_left -= 1
+        return True
 
     def spend(self) -> bool:
         """Take one read if the budget allows it."""
@@ -267,6 +290,62 @@ class _Budget:
         self.left -= 1
         self.made += 1
         return True
+
+
+def _block_mask(source: _Source, block: int, keys: list[str]) -> int | None:
+    """The buckets of ``block`` (bits) where every key may occur, from its ``search_blocks`` document read by
+    ``_id`` with only those keys projected; None when the block is missing or partial (read every bucket)."""
+    doc = MessageBucket._get_db()[COLLECTION].find_one(
+        {"_id": block_id(source.conversation_id, block)}, {"partial": 1, **{f"t.{k}": 1 for k in keys}})
+    if doc is None or doc.get("partial") is not False:
+        return None
+    words = doc.get("t") or {}
+    mask = (1 << BLOCK_BUCKETS) - 1
+    for key in keys:
+        mask &= int(words.get(key) or 0)
+    return mask
+
+
+def _seek(source: _Source, keys: list[str] | None, budget: _Budget) -> bool | None:
+    """Move ``source.next_bucket`` down to the next bucket that may hold a hit: True (one is there), False (no
+    stored message left can match), None (the budget ran out first; ``next_bucket`` keeps what was skipped).
+    ``keys`` None: no index (MongoDB-less walk), every bucket is a candidate. Each block read is one read of
+    """
+    while source.next_bucket >= 0:
+        n = source.next_bucket
+        if keys is None or n in source.forced:
+            return True
+        block = block_of(n)
+        if block not in source.blocks:
+            if not budget.spend_block():
+                return None
+            source.blocks[block] = _block_mask(source, block, keys)
+        mask = source.blocks[block]
+        if mask is None:
+            return True
+        below = mask & ((1 << (n % BLOCK_BUCKETS + 1)) - 1)  # this bucket and the older ones of the block
+        forced = [f for f in source.forced if block * BLOCK_BUCKETS <= f <= n]
+        if below or forced:
+            source.next_bucket = max(([block * BLOCK_BUCKETS + below.bit_length() - 1] if below else []) + forced)
+            return True
+        source.next_bucket = block * BLOCK_BUCKETS - 1
+    return False
+
+
+def _forced_buckets(sources: list[_Source], terms: list[str]) -> None:
+    """Mark, per source, the buckets of messages whose pending edit (the window's edits hash: not applied by
+    the drain yet, so not in the index yet) matches ``terms``. The message's seq: from the edit's
+    ``original`` (first edits), else ``messages`` by ``_id`` (rare: an edit that matches, not drained yet)."""
+    for source in sources:
+        for mid, edit in source.edits.items():
+            if edit.get("deleted") or search_match(str(edit.get("content") or ""), terms) is None:
+                continue
+            seq = (edit.get("original") or {}).get("seq")
+            if not isinstance(seq, int):
+                row = Message._get_collection().find_one({"_id": mid}, {"seq": 1})
+                seq = None if row is None else int(row["seq"])
+            if seq is not None:
+                source.forced.add((seq - 1) // BUCKET_SEQS)
 
 
 def _bucket_read(source: _Source) -> None:
@@ -313,6 +392,7 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
     redis_client = sync_redis()
     mine = set(user_conversation_ids(user_id=user_id))
     state: dict[str, Any] | None = None
+    saved: dict[str, Any] | None = None
     if cursor is not None:
         raw = redis_client.get(search_cursor_key(user_id, cursor)) if re.fullmatch(r"[A-Za-z0-9_-]{8,64}",
                                                                                     cursor) else None
@@ -320,8 +400,16 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
         if saved is None or saved.get("q") != terms:
             raise ValidationFailed("cursor is unknown or expired; search again", code="invalid_cursor",
                                    details={"field": "cursor"})
-        state = {c: v for c, v in saved["s"].items() if c in mine}
+        state = {c: v for c, v in (saved.get("s") or {}).items() if c in mine}
+    if not store_is_ferretdb(MessageBucket._get_db()):
+        found, after = _search_text_index(terms=terms, mine=sorted(mine), after=(saved or {}).get("k"), limit=limit)
+        return found, None if after is None else _cursor_save(user_id, {"q": terms, "k": after})
     sources = {s.conversation_id: s for s in _sources(sorted(mine), state)}
+    # The default store's index (storage/search_index.py) rules out buckets; without it (MongoDB's path is
+    # api/search_text.py) every bucket is read.
+    keys = [term_key(t) for t in terms] if store_is_ferretdb(MessageBucket._get_db()) else None
+    if keys is not None:
+        _forced_buckets(list(sources.values()), terms)
     budget = _Budget(SEARCH_BUCKET_READS)
     heap: list[tuple[tuple[str, int], str, dict[str, Any] | None]] = []
 
@@ -342,10 +430,12 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
         _key, cid, doc = heap[0]
         source = sources[cid]
         if doc is None:
-            if not budget.spend():
+            candidate = _seek(source, keys, budget)
+            if candidate is None or (candidate and not budget.spend()):
                 break
             heapq.heappop(heap)
-            _bucket_read(source)
+            if candidate:
+                _bucket_read(source)
             push_next(source)
             continue
         heapq.heappop(heap)
@@ -362,14 +452,78 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
     for _key, cid, doc in heap:
         if doc is not None:
             sources[cid].below, sources[cid].bound = int(doc["seq"]) + 1, _ts_key(doc)
-    remaining = {cid: [s.below, None if s.bound is None else list(s.bound)] for cid, s in sources.items()
+    waiting = {c for _k, c, d in heap if d is None}  # next is a bucket not read: what the index skipped holds
+    remaining = {cid: [s.below, None if s.bound is None else list(s.bound),
+                       s.next_bucket if cid in waiting else None] for cid, s in sources.items()
                  if s.below > 1 and any(c == cid for _k, c, _d in heap)}
     if not remaining:
         return hits, None
+    return hits, _cursor_save(user_id, {"q": terms, "s": remaining})
+
+
+def _cursor_save(user_id: str, state: dict[str, Any]) -> str:
+    """Keep a search's state for its next page (SEARCH_CURSOR_TTL_S) under a new token, owned by the caller."""
     token = secrets.token_urlsafe(16)
-    redis_client.set(search_cursor_key(user_id, token), json.dumps({"q": terms, "s": remaining}),
-                     ex=SEARCH_CURSOR_TTL_S)
-    return hits, token
+    sync_redis().set(search_cursor_key(user_id, token), json.dumps(state), ex=SEARCH_CURSOR_TTL_S)
+    return token
+
+
+def _hit(cid: str, doc: dict[str, Any], spans: list[tuple[int, int]]) -> SearchHit:
+    ts = doc.get("timestamp")
+    return SearchHit(conversation_id=cid, message_id=str(doc["id"]), seq=int(doc["seq"]),
+                     sender_id=str(doc["sender_id"]), content=str(doc["content"]),
+                     timestamp=iso_ms(ts) if isinstance(ts, datetime) else ts, highlights=spans)
+
+
+def _search_text_index(*, terms: list[str], mine: list[str], after: list[str] | None,
+                       limit: int) -> tuple[list[SearchHit], list[str] | None]:
+    """MongoDB: a page from the text index (api/search_text.py) merged with the recent windows (the tail the
+    drain has not written yet; a window's copy wins over the stored one) and the edits not applied yet, newest
+    first by ``(timestamp, id)``; and the last hit's key when more may follow."""
+    sources = _sources(mine, None)
+    window: dict[str, tuple[str, dict[str, Any]]] = {}
+    edits: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        edits.update(source.edits)
+        window.update({str(d["id"]): (source.conversation_id, d) for d in source.window})
+    top = None if after is None else (str(after[0]), str(after[1]))
+
+    def current(row: dict[str, Any]) -> dict[str, Any]:
+        doc = {**row, "id": str(row.get("id") or row["_id"])}
+        edit = edits.get(doc["id"])
+        if edit is not None and int(edit.get("edit_seq") or 0) > int(doc.get("edit_seq") or 0):
+            doc["deleted"] = bool(doc.get("deleted")) or bool(edit.get("deleted"))
+            doc["content"] = "" if doc["deleted"] else edit.get("content") or ""
+        return doc
+
+    found: dict[str, tuple[tuple[str, str], str, dict[str, Any], list[tuple[int, int]]]] = {}
+
+    def keep(cid: str, row: dict[str, Any]) -> bool:
+        doc = current(row)
+        key = (_ts_key(doc)[0], doc["id"])
+        spans = None if doc.get("deleted") else search_match(str(doc.get("content") or ""), terms)
+        if spans is None or (top is not None and key >= top):
+            return False
+        found[doc["id"]] = (key, cid, doc, spans)
+        return True
+
+    for cid, doc in window.values():
+        keep(cid, doc)
+    boundary, _kept = search_text.text_search(
+        conversation_ids=mine, terms=terms, limit=limit,
+        after=None if top is None else (datetime.fromisoformat(top[0].replace("Z", "+00:00")), top[1]),
+        accept=lambda row: str(row["_id"]) not in window and keep(str(row["conversation_id"]), row))
+    ranked = sorted(found.values(), key=lambda f: f[0], reverse=True)
+    if boundary is not None:  # stored rows below it are not scanned yet: no window hit below it either
+        edge = (_ts_key({**boundary, "seq": 0})[0], str(boundary["_id"]))
+        ranked = [f for f in ranked if f[0] >= edge]
+        if len(ranked) <= limit:
+            return [_hit(cid, doc, spans) for _key, cid, doc, spans in ranked], [edge[0], edge[1]]
+    page = [_hit(cid, doc, spans) for _key, cid, doc, spans in ranked[:limit]]
+    if len(ranked) <= limit:
+        return page, None
+    last = ranked[limit - 1][0]
+    return page, [last[0], last[1]]
 
 
 def _neg(key: tuple[str, int]) -> tuple[str, int]:

@@ -104,6 +104,8 @@ class EventRule:
     conversation_update: Callable[[ObjectId, Item, Seen], dict[str, Any] | None] | None = None
     # The ``message_versions`` documents it inserts (``_id`` "<message id>:<seq>": a redelivery is a duplicate).
     versions: Callable[[Item], list[dict[str, Any]]] | None = None
+    # The text whose words ``search_blocks`` records for the message it creates or changes (storage/search_index.py).
+    search_text: Callable[[Item], str] | None = None
 
 
 @dataclass
@@ -362,6 +364,10 @@ def _reaction_parse(event: Event) -> dict[str, Any]:
             "user_ids": [str(_oid(u, "user_ids")) for u in ids]}
 
 
+def _content(i: Item) -> str:
+    return str(i.doc["content"])
+
+
 def reactions_with(reactions: Any, *, emoji: str, user_ids: list[str]) -> list[dict[str, Any]]:
     """``reactions`` ([{emoji, user_ids}]) with ``emoji``'s users set to ``user_ids`` (an empty list removes
     the emoji; a new one goes last). Pure."""
@@ -401,10 +407,11 @@ def reaction_bucket_update(i: Item, entry: dict[str, Any], path: str) -> dict[st
 
 EVENT_RULES: dict[str, EventRule] = {
     "message.new": EventRule(parse=_new_parse, document=_new_document, conversation_max=_new_conversation_max,
-                             conversation_updates=_new_last_message),
+                             conversation_updates=_new_last_message, search_text=_content),
     "message.edited": EventRule(parse=_edited_parse, message_update=_edited_update, needs_message=True,
                                 conversation_max=_sequenced_conversation_max,
-                                conversation_update=_edited_last_message, versions=_edited_versions),
+                                conversation_update=_edited_last_message, versions=_edited_versions,
+                                search_text=_content),
     "message.deleted": EventRule(parse=_deleted_parse, message_update=_deleted_update, needs_message=True,
                                  conversation_max=_sequenced_conversation_max,
                                  conversation_update=_deleted_last_message, versions=_deleted_versions),

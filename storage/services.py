@@ -43,6 +43,7 @@ from core.values import as_str
 from storage.buckets import buckets_write
 from storage.deadletters import deadletter_add, storable
 from storage.rules import Item, Seen, event_parse, rule_of
+from storage.search_index import search_index_write
 from storage.selectors import entry_key, partitions_state
 from storage.writes import TRANSIENT_MONGO, conversation_ops, insert_new, insert_versions, message_ops, updates_write
 
@@ -206,6 +207,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         seen = Seen(db)  # read by _id after the inserts below, under the lease
         insert_new(db, live)
         buckets_write(db, live, seen=seen)
+        search_index_write(db, live, seen=seen)
         ops, owners = message_ops(live, seen)
         for group, reason, deterministic in updates_write(db, "messages", ops, owners):
             for owner in group:
