@@ -374,8 +374,8 @@ def _bucket_read(source: _Source) -> None:
 _NEWEST = ("", -(1 << 62))
 
 
-def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int) -> tuple[list[SearchHit],
-                                                                                         str | None]:
+def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int,
+                    use_index: bool = True) -> tuple[list[SearchHit], str | None]:
     """The caller's messages whose content has every word of ``query`` (whole words, case-insensitive),
     newest first, at most ``limit``, with the words' offsets; and a cursor for the next page (None: no more).
     Only conversations the caller is a member of are read. A page may hold fewer than ``limit`` hits and a
@@ -386,7 +386,9 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
 
     A k-way merge by time: the heap holds, per conversation, either its next message (exact key) or, when
     its next message is in a bucket not read yet, a placeholder keyed by an upper bound of that message's
-    time; popping a placeholder reads the bucket (one of the budget's reads)."""
+    time; popping a placeholder reads the bucket (one of the budget's reads). On the default store, the
+    drain's word index (storage/search_index.py) says which buckets can hold a hit; ``use_index=False`` reads
+    every bucket instead (the reference walk, same results: bench/search.py compares them)."""
     terms = search_terms(query)
     limit = max(1, min(limit, SEARCH_PAGE_MAX))
     redis_client = sync_redis()
@@ -407,7 +409,7 @@ def messages_search(*, user_id: str, query: Any, cursor: str | None, limit: int)
     sources = {s.conversation_id: s for s in _sources(sorted(mine), state)}
     # The default store's index (storage/search_index.py) rules out buckets; without it (MongoDB's path is
     # api/search_text.py) every bucket is read.
-    keys = [term_key(t) for t in terms] if store_is_ferretdb(MessageBucket._get_db()) else None
+    keys = [term_key(t) for t in terms] if use_index and store_is_ferretdb(MessageBucket._get_db()) else None
     if keys is not None:
         _forced_buckets(list(sources.values()), terms)
     budget = _Budget(SEARCH_BUCKET_READS)

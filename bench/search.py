@@ -13,7 +13,10 @@ search reads all of the searcher's history, up to its read budget), ``w1`` is th
 the first size only the other conversations grow, so the searcher's results are the same at every size.
 
 Per size and query, one request at a time, p50/p99 ms of ``--samples`` first pages (limit 20), and for the rare
-word the time to walk every page with the cursor. Prints one JSON line per size; ``--json`` writes them.
+word the time to walk every page with the cursor, each both through the drain's word index (``search_blocks``,
+written here as the drain writes it) and by the walk of every bucket (the search before that index), alternated
+in one run; it stops if their hits differ. Prints one JSON line per size; ``--json`` writes them.
+``--quiet-lock /work/wt`` holds that folder's benchmark locks while measuring only.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.data_tier import seed_population, stats  # noqa: E402
+from bench.quiet_lock import quiet_lock  # noqa: E402
 from chatstream_site.localservers import servers_start  # noqa: E402
 
 VOCABULARY = 5000
@@ -60,15 +64,18 @@ def fill(n: int, *, convs: list[tuple[str, list[str]]], tops: dict[str, int], rn
     from mongoengine.connection import get_db
 
     from core.documents import BUCKET_SEQS
+    from storage.search_index import BLOCK_BUCKETS, COLLECTION, block_id, block_of, term_key, words_of
 
     db = get_db()
     batch: list[dict[str, Any]] = []
     buckets: list[dict[str, Any]] = []
+    blocks: list[dict[str, Any]] = []
     progress = tqdm(total=n, desc=f"fill {'own' if own else 'others'}", unit="msg", mininterval=5)
     for i, (cid, members) in enumerate(convs):
         count = n // len(convs) + (1 if i < n % len(convs) else 0)
         times = sorted(rnd.randrange(span_ms) for _ in range(count))
         bucket: dict[str, Any] | None = None
+        block: dict[str, Any] | None = None
         for k, offset in enumerate(times):
             tops[cid] = seq = tops.get(cid, 0) + 1
             when = start_at + timedelta(milliseconds=offset)
@@ -83,6 +90,14 @@ def fill(n: int, *, convs: list[tuple[str, list[str]]], tops: dict[str, int], rn
             bucket["m"][str(seq)] = {"id": doc["_id"], "seq": seq, "sender_id": doc["sender_id"],
                                      "content": doc["content"], "timestamp": when, "client_msg_id": None,
                                      "deleted": False}
+            n = (seq - 1) // BUCKET_SEQS
+            if block is None or block_id(cid, block_of(n)) != block["_id"]:
+                block = {"_id": block_id(cid, block_of(n)), "conversation_id": ObjectId(cid), "t": {},
+                         "partial": False}
+                blocks.append(block)
+            for word in words_of(str(doc["content"])):
+                key = term_key(word)
+                block["t"][key] = block["t"].get(key, 0) | 1 << (n % BLOCK_BUCKETS)
             if len(batch) >= 2000:
                 db.messages.insert_many(batch, ordered=False)
                 progress.update(len(batch))
@@ -91,11 +106,16 @@ def fill(n: int, *, convs: list[tuple[str, list[str]]], tops: dict[str, int], rn
             db.message_buckets.insert_many([{k: v for k, v in b.items() if k != "n"} for b in buckets],
                                            ordered=False)
             buckets = []
+        if len(blocks) >= 20:
+            db[COLLECTION].insert_many(blocks[:-1], ordered=False)  # the last may still grow
+            blocks = blocks[-1:]
     if batch:
         db.messages.insert_many(batch, ordered=False)
         progress.update(len(batch))
     if buckets:
         db.message_buckets.insert_many([{k: v for k, v in b.items() if k != "n"} for b in buckets], ordered=False)
+    if blocks:
+        db[COLLECTION].insert_many(blocks, ordered=False)
     progress.close()
 
 
@@ -124,24 +144,39 @@ def measure(*, searcher: str, samples: int) -> dict[str, Any]:
     from api.finders import messages_search
 
     out: dict[str, Any] = {}
+    # Walk (every bucket: the search before the index, and still the reference) and index, alternated per
+    # sample so both see the same load; their hits must be the same.
     for name, query in (("rare", "zebra"), ("common", "w1"), ("two_words", "w1 w2")):
-        times, hits = [], 0
+        times: dict[str, list[float]] = {"walk": [], "index": []}
+        hits: dict[str, list[str]] = {}
         for _ in range(samples):
-            t = time.perf_counter()
-            found, _cursor = messages_search(user_id=searcher, query=query, cursor=None, limit=20)
-            times.append((time.perf_counter() - t) * 1000)
-            hits = len(found)
-        out[f"{name}_first_page_ms"] = stats(times)
-        out[f"{name}_first_page_hits"] = hits
+            for mode in ("walk", "index"):
+                t = time.perf_counter()
+                found, _cursor = messages_search(user_id=searcher, query=query, cursor=None, limit=20,
+                                                 use_index=mode == "index")
+                times[mode].append((time.perf_counter() - t) * 1000)
+                hits[mode] = [h.message_id for h in found]
+        if hits["walk"] != hits["index"]:
+            raise SystemExit(f"{query!r}: the index's first page differs from the walk's")
+        for mode in ("walk", "index"):
+            out[f"{name}_first_page_ms_{mode}"] = stats(times[mode])
+        out[f"{name}_first_page_hits"] = len(hits["index"])
     # Every page of the rare word, following the cursor: the whole of the searcher's history read once.
-    t = time.perf_counter()
-    pages, total, cursor = 0, 0, None
-    while True:
-        found, cursor = messages_search(user_id=searcher, query="zebra", cursor=cursor, limit=20)
-        pages, total = pages + 1, total + len(found)
-        if cursor is None or pages > 1000:
-            break
-    out["rare_all_pages"] = {"ms": round((time.perf_counter() - t) * 1000, 1), "pages": pages, "hits": total}
+    for mode in ("walk", "index"):
+        t = time.perf_counter()
+        pages, cursor = 0, None
+        got: list[str] = []
+        while True:
+            found, cursor = messages_search(user_id=searcher, query="zebra", cursor=cursor, limit=20,
+                                            use_index=mode == "index")
+            pages, got = pages + 1, got + [h.message_id for h in found]
+            if cursor is None or pages > 1000:
+                break
+        out[f"rare_all_pages_{mode}"] = {"ms": round((time.perf_counter() - t) * 1000, 1), "pages": pages,
+                                         "hits": len(got)}
+        hits[mode] = got
+    if hits["walk"] != hits["index"]:
+        raise SystemExit("all pages of 'zebra': the index's hits differ from the walk's")
     return out
 
 
@@ -155,6 +190,8 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=60)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--json", default="")
+    parser.add_argument("--quiet-lock", default="", metavar="DIR",
+                        help="hold DIR/gate.lock and DIR/bench.lock (flock) while measuring, not while seeding")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-search-"))
     servers = servers_start(workdir)
@@ -206,7 +243,9 @@ def main() -> None:
             row: dict[str, Any] = {"messages": get_db().messages.estimated_document_count() + args.recent * len(mine),
                                    "own_messages": args.own + args.recent * len(mine),
                                    "seed_s": round(time.perf_counter() - t, 1)}
-            row.update(measure(searcher=searcher, samples=args.samples))
+            with quiet_lock(args.quiet_lock):
+                row["load_average"] = os.getloadavg()
+                row.update(measure(searcher=searcher, samples=args.samples))
             rows.append(row)
             print(json.dumps(row), flush=True)
             t = time.perf_counter()
