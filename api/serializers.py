@@ -283,6 +283,13 @@ class ReactionsOut(serializers.Serializer):
     results = ReactionOut(many=True, help_text="emoji in the order of the reaction set")
 
 
+class ReactionSetOut(serializers.Serializer):
+    emoji = serializers.ListField(child=serializers.CharField(), help_text="the emoji a message may carry, in "
+                                  "display order (CHATSTREAM_REACTION_EMOJI)")
+    per_message = serializers.IntegerField(help_text="distinct emoji one message may carry")
+    per_user = serializers.IntegerField(help_text="emoji one user may put on one message")
+
+
 class MessageOut(serializers.Serializer):
     id = serializers.CharField()
     conversation_id = serializers.CharField()

@@ -38,6 +38,7 @@ urlpatterns = [
     path("messages/<str:message_id>/versions", views.MessageVersionsView.as_view(), name="message-versions"),
     path("messages/<str:message_id>/reactions", views.ReactionsView.as_view(), name="message-reactions"),
     path("messages/<str:message_id>/reactions/<str:emoji>", views.ReactionView.as_view(), name="message-reaction"),
+    path("reactions", views.ReactionSetView.as_view(), name="reactions"),
     path("mentions", views.MentionsView.as_view(), name="mentions"),
     path("search", views.SearchView.as_view(), name="search"),
     path("schema", SpectacularAPIView.as_view(), name="schema"),

@@ -518,6 +518,14 @@ def reaction_change_out(change: ReactionChange) -> dict[str, Any]:
             "changed": change.changed, "seq": change.seq, "count": len(change.user_ids), "user_ids": change.user_ids}
 
 
+class ReactionSetView(APIView):
+    @extend_schema(responses={200: s.ReactionSetOut}, tags=["messages"],
+                   summary="The reaction set and its limits (for clients' pickers)")
+    def get(self, request: Request) -> Response:
+        return Response({"emoji": list(settings.REACTION_EMOJI), "per_message": int(settings.REACTIONS_PER_MESSAGE),
+                         "per_user": int(settings.REACTIONS_PER_USER)})
+
+
 class ReactionsView(APIView):
     @extend_schema(responses={200: s.ReactionsOut}, tags=["messages"],
                    parameters=[OpenApiParameter("message_id", str, OpenApiParameter.PATH)],

@@ -37,15 +37,14 @@ from messaging.membership import membership_require
 from messaging.services import drain_nudge, message_owner
 from messaging.streams import bus_resolve
 
-# The emoji a message may carry: a bounded, documented set (docs/protocol.md, "Reactions"), so the stored
-# state stays small, every client can draw each one, and no user-chosen string becomes a field name. The
-# common set of chat apps (Slack's and Teams' defaults, Telegram's first row).
-REACTION_EMOJI: tuple[str, ...] = ("👍", "👎", "❤️", "😂", "😮", "😢", "🎉", "🙏", "🔥", "👀", "✅", "🚀")
-# Distinct emoji on one message: more is noise on screen, and it bounds a message's state (8 lists of at most
-# the conversation's members: 8 x 256 ids in the largest group).
-REACTIONS_PER_MESSAGE_MAX = 8
-# Emoji one user may put on one message: enough for "agree + celebrate + thanks", not the whole palette.
-REACTIONS_PER_USER_MAX = 4
+# The emoji set and the limits are settings (CHATSTREAM_REACTION_EMOJI, CHATSTREAM_REACTIONS_PER_MESSAGE,
+# CHATSTREAM_REACTIONS_PER_USER in chatstream_site/settings; why these defaults: there), read at each call.
+
+
+def reaction_emoji() -> tuple[str, ...]:
+    """The emoji a message may carry, in display order (settings.REACTION_EMOJI)."""
+    return tuple(settings.REACTION_EMOJI)
+
 
 _OPS = {"add": "reaction.added", "remove": "reaction.removed"}
 
@@ -56,11 +55,11 @@ def _state_ttl_s() -> int:
 
 
 def emoji_require(value: Any) -> str:
-    """``value`` if it is one of ``REACTION_EMOJI``; else ValidationFailed (code ``invalid``, details
+    """``value`` if it is one of ``reaction_emoji()``; else ValidationFailed (code ``invalid``, details
     ``{field: "emoji", allowed}``). Pure."""
-    if not isinstance(value, str) or value not in REACTION_EMOJI:
+    if not isinstance(value, str) or value not in reaction_emoji():
         raise ValidationFailed("emoji must be one of the reaction set", details={"field": "emoji",
-                                                                                 "allowed": list(REACTION_EMOJI)})
+                                                                                 "allowed": list(reaction_emoji())})
     return value
 
 
@@ -97,7 +96,7 @@ end
 # ARGV[6], ARGV[7] the payload's JSON before and after its user_ids (events.BuiltEvent.json_around),
 # ARGV[8] per-message limit, ARGV[9] per-user limit, ARGV[10] state TTL, ARGV[11] message id
 # -> {status, seq, user_ids JSON}: status 1 appended, 0 nothing to change, -1 state not loaded,
-#    -2 the message has REACTIONS_PER_MESSAGE_MAX emoji, -3 the user has REACTIONS_PER_USER_MAX on it
+#    -2 the message has CHATSTREAM_REACTIONS_PER_MESSAGE emoji, -3 the user has CHATSTREAM_REACTIONS_PER_USER on it
 _REACT_LUA = _WINDOW_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0, ''} end
 local lkey, ukey = 'l:' .. ARGV[2], 'u:' .. ARGV[3]
@@ -201,7 +200,7 @@ async def _state_load(bus: BusAsync, *, conversation_id: str, message_id: str) -
 async def reaction_change(client: redis.asyncio.Redis, *, user_id: str, message_id: Any, emoji: Any, op: str,
                           bus: BusAsync | None = None) -> ReactionChange:
     """Add (``op`` "add") or remove (``op`` "remove") the user's ``emoji`` on a message of a conversation they
-    are in. Raises ValidationFailed (not a message id; an emoji outside ``REACTION_EMOJI``), NotFound (no such
+    are in. Raises ValidationFailed (not a message id; an emoji outside ``reaction_emoji()``), NotFound (no such
     message, a deleted one, or one of a conversation the user is not in), Conflict with code
     ``reaction_limit`` (details ``{scope: "message"|"user", limit}``). Side effects, when something changes:
     the state hash, the seq, one ``reaction.added``/``reaction.removed`` entry, the recent window's copy of the
@@ -221,8 +220,9 @@ async def reaction_change(client: redis.asyncio.Redis, *, user_id: str, message_
     partition = partition_of(conversation_id)
     keys = [reactions_key(conversation_id, message_id), stream_key(partition), seq_key(partition),
             recent_docs_key(partition, conversation_id)]
-    args = [op, emoji, user_id, conversation_id, built.type, head, tail, REACTIONS_PER_MESSAGE_MAX,
-            REACTIONS_PER_USER_MAX, _state_ttl_s(), message_id]
+    per_message, per_user = int(settings.REACTIONS_PER_MESSAGE), int(settings.REACTIONS_PER_USER)
+    args = [op, emoji, user_id, conversation_id, built.type, head, tail, per_message, per_user, _state_ttl_s(),
+            message_id]
     script = bus.register_script(_REACT_LUA)
     for _ in range(3):  # a load and a retry; a state expiring in between (a day of silence) takes one more
         status, seq, ids = await script(keys=keys, args=args)
@@ -231,11 +231,11 @@ async def reaction_change(client: redis.asyncio.Redis, *, user_id: str, message_
         await _state_load(bus, conversation_id=conversation_id, message_id=message_id)
     status = int(status)
     if status == -2:
-        raise Conflict(f"a message carries at most {REACTIONS_PER_MESSAGE_MAX} different emoji",
-                       code="reaction_limit", details={"scope": "message", "limit": REACTIONS_PER_MESSAGE_MAX})
+        raise Conflict(f"a message carries at most {per_message} different emoji",
+                       code="reaction_limit", details={"scope": "message", "limit": per_message})
     if status == -3:
-        raise Conflict(f"one user puts at most {REACTIONS_PER_USER_MAX} emoji on a message",
-                       code="reaction_limit", details={"scope": "user", "limit": REACTIONS_PER_USER_MAX})
+        raise Conflict(f"one user puts at most {per_user} emoji on a message",
+                       code="reaction_limit", details={"scope": "user", "limit": per_user})
     if status == -1:
         raise RuntimeError(f"reaction state of message {message_id} would not load")
     user_ids = json.loads(ids) if ids else []
@@ -261,20 +261,20 @@ def reactions_live_sync(bus: Any, *, conversation_id: str, message_ids: list[str
 
 def reactions_ordered(reactions: Any) -> list[dict[str, Any]]:
     """Stored or window reactions ([{emoji, user_ids}], any order) as every answer shows them: emoji in
-    ``REACTION_EMOJI`` order, each with ``count``, empty ones left out. Pure."""
+    ``reaction_emoji()`` order, each with ``count``, empty ones left out. Pure."""
     by_emoji: dict[str, list[Any]] = {}
     for r in reactions or []:
         if isinstance(r, dict) and isinstance(r.get("user_ids"), list) and r["user_ids"]:
             by_emoji[str(r.get("emoji"))] = r["user_ids"]
     return [{"emoji": e, "count": len(by_emoji[e]), "user_ids": [str(u) for u in by_emoji[e]]}
-            for e in REACTION_EMOJI if e in by_emoji]
+            for e in reaction_emoji() if e in by_emoji]
 
 
 def state_reactions(raw: dict[Any, Any]) -> list[dict[str, Any]]:
-    """[{emoji, user_ids}] of a state hash as HGETALL answers it, emoji in ``REACTION_EMOJI`` order. Pure."""
+    """[{emoji, user_ids}] of a state hash as HGETALL answers it, emoji in ``reaction_emoji()`` order. Pure."""
     lists = {}
     for k, v in raw.items():
         name = k.decode() if isinstance(k, bytes) else str(k)
         if name.startswith("l:"):
             lists[name[2:]] = json.loads(v)
-    return [{"emoji": e, "user_ids": [str(u) for u in lists[e]]} for e in REACTION_EMOJI if lists.get(e)]
+    return [{"emoji": e, "user_ids": [str(u) for u in lists[e]]} for e in reaction_emoji() if lists.get(e)]

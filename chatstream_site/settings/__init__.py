@@ -240,6 +240,22 @@ for _name, _rate in (("CHATSTREAM_RATE_LOGIN_IP", API_RATE_LOGIN_IP),
                      ("CHATSTREAM_RATE_REGISTER_USER", API_RATE_REGISTER_USER)):
     if not re.fullmatch(r"[1-9][0-9]*/[0-9]*[smhd]", _rate):
         raise ConfigError(f"{_name}={_rate!r} is not a rate: use N/s, N/m, N/h or N/d (e.g. 10/m)")
+# Reactions (docs/protocol.md, "Reactions"; docs/adr/0037). The emoji a message may carry: a bounded set chosen
+# by the operator, so the stored state stays small, every client can draw each one (GET /api/v1/reactions
+# lists it) and no user-chosen string becomes a key. Default: the common set of chat apps (Slack's and Teams'
+# defaults, Telegram's first row). At most REACTION_EMOJI_SET_MAX entries of at most 16 characters each.
+REACTION_EMOJI_SET_MAX = 32
+REACTION_EMOJI = env_list("CHATSTREAM_REACTION_EMOJI",
+                          ["👍", "👎", "❤️", "😂", "😮", "😢", "🎉", "🙏", "🔥", "👀", "✅", "🚀"])
+if not 1 <= len(REACTION_EMOJI) <= REACTION_EMOJI_SET_MAX or len(set(REACTION_EMOJI)) != len(REACTION_EMOJI) \
+        or any(len(e) > 16 or "/" in e for e in REACTION_EMOJI):
+    raise ConfigError(f"CHATSTREAM_REACTION_EMOJI must list 1 to {REACTION_EMOJI_SET_MAX} distinct emoji of at "
+                      "most 16 characters, comma-separated, without '/'")
+# Distinct emoji on one message: 8 (more is noise on screen, and it bounds a message's state: 8 lists of at
+# most the conversation's members, 8 x 256 ids in the largest group). Emoji one user may put on one message: 4
+# (enough for "agree + celebrate + thanks", not the whole palette).
+REACTIONS_PER_MESSAGE = env_int("CHATSTREAM_REACTIONS_PER_MESSAGE", 8, minimum=1, maximum=REACTION_EMOJI_SET_MAX)
+REACTIONS_PER_USER = env_int("CHATSTREAM_REACTIONS_PER_USER", 4, minimum=1, maximum=REACTION_EMOJI_SET_MAX)
 # Peers whose X-Forwarded-For is believed (the gateway, which replaces any client-sent one).
 TRUSTED_PROXIES = env_list("CHATSTREAM_TRUSTED_PROXIES", ["127.0.0.1", "::1"])
 

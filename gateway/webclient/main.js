@@ -10,6 +10,7 @@ import {
   loadConversations, loadPage, openConversation, closeConversation, scheduleRead, messageSend, typingSignal, groupAction,
 } from "./actions.js";
 import { searchRun } from "./finders.js";
+import { reactionSetLoad } from "./replies.js";
 
 function showAuth() {
   $("auth-view").hidden = false;
@@ -28,7 +29,7 @@ async function showChat() {
   }
   state.names.set(String(state.me.id), state.me.username);
   $("me").textContent = `@${state.me.username}`;
-  await loadConversations();
+  await Promise.all([loadConversations(), reactionSetLoad()]);
   state.socket = new LiveSocket({ onEvent: handleEvent, onState: setConnection, resumeState });
   state.socket.connect();
 }

@@ -5,8 +5,16 @@
 import { api } from "./api.js";
 import { $, state, myId, store } from "./state.js";
 
-// The reaction set the server accepts (messaging.reactions.REACTION_EMOJI); anything else is refused.
+// The reaction set the server accepts (GET /api/v1/reactions, CHATSTREAM_REACTION_EMOJI); anything else is
+// refused. The default set until reactionSetLoad() has read the server's.
 export const REACTION_EMOJI = ["👍", "👎", "❤️", "😂", "😮", "😢", "🎉", "🙏", "🔥", "👀", "✅", "🚀"];
+
+export async function reactionSetLoad() {
+  try {
+    const set = await api("GET", "/api/v1/reactions");
+    if (Array.isArray(set.emoji) && set.emoji.length) REACTION_EMOJI.splice(0, REACTION_EMOJI.length, ...set.emoji.map(String));
+  } catch { /* keep the default set: a refused emoji still gets its error */ }
+}
 const EMOJI_NAMES = {
   "👍": "thumbs up", "👎": "thumbs down", "❤️": "heart", "😂": "laughing", "😮": "surprised", "😢": "sad",
   "🎉": "party", "🙏": "thanks", "🔥": "fire", "👀": "eyes", "✅": "check", "🚀": "rocket",

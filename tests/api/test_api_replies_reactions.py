@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import pytest
 import redis
+from django.conf import settings as django_settings
 from django.test import override_settings
 from mongoengine.connection import get_db
 
@@ -19,9 +20,13 @@ from chatstream_site.localservers import Servers
 from core.documents import bucket_id
 from core.keys import partition_of, recent_docs_key
 from core.keys import reactions_key as state_key
-from messaging.reactions import REACTION_EMOJI, REACTIONS_PER_MESSAGE_MAX, REACTIONS_PER_USER_MAX
 from messaging.replies import QUOTE_CHARS
 from tests.support.api import Account, account, error_code, persist
+
+# The defaults (CHATSTREAM_REACTION_EMOJI and the two limits); a test below changes them.
+REACTION_EMOJI = list(django_settings.REACTION_EMOJI)
+REACTIONS_PER_MESSAGE_MAX = int(django_settings.REACTIONS_PER_MESSAGE)
+REACTIONS_PER_USER_MAX = int(django_settings.REACTIONS_PER_USER)
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")
 
@@ -224,3 +229,23 @@ def test_the_admin_shows_a_replys_quote_and_the_reactions_once_persisted(servers
     assert "🎉 2" in page and f"{alice.id}, {bob.id}" in page
     listing = admin_client.get("/admin/api/mongomessage/", {"conversation": cid}).content.decode()
     assert "🎉 2" in listing and "↪ " + alice.username in listing
+
+
+def test_the_reaction_set_and_limits_are_settings_and_listed_for_clients(settings: Any) -> None:
+    settings.REACTION_EMOJI = ["🦆", "🐢", "🐙"]
+    settings.REACTIONS_PER_MESSAGE, settings.REACTIONS_PER_USER = 2, 1
+    alice, bob, carol = account("alice"), account("bob"), account("carol")
+    listed = alice.client.get("/api/v1/reactions").json()
+    assert listed == {"emoji": ["🦆", "🐢", "🐙"], "per_message": 2, "per_user": 1}
+    cid = group(alice, bob, carol)
+    mid = sent(alice, cid, "configured")["id"]
+    refused = react(alice, mid, "👍")  # a default emoji outside the configured set
+    assert refused.status_code == 400 and refused.json()["error"]["details"]["allowed"] == ["🦆", "🐢", "🐙"]
+    assert react(alice, mid, "🦆").json()["changed"] is True
+    over = react(alice, mid, "🐢")
+    assert over.status_code == 409 and over.json()["error"]["details"] == {"scope": "user", "limit": 1}
+    assert react(bob, mid, "🐢").json()["changed"] is True
+    full = react(carol, mid, "🐙")
+    assert full.status_code == 409 and full.json()["error"]["details"] == {"scope": "message", "limit": 2}
+    assert [r["emoji"] for r in bob.client.get(f"/api/v1/messages/{mid}/reactions").json()["results"]] \
+        == ["🦆", "🐢"]
