@@ -95,12 +95,14 @@ def _message_current(*, conversation_id: str, message_id: str) -> dict[str, Any]
         return None
     doc = {"id": row["_id"], "sender_id": str(row["sender_id"]), "content": row.get("content") or "",
            "timestamp": iso_ms(row.get("timestamp")), "deleted": bool(row.get("deleted")), "seq": row["seq"],
-           "edit_seq": row.get("edit_seq")}
+           "edit_seq": row.get("edit_seq"), "mentions": [str(u) for u in row.get("mentions") or ()]}
     if edit is not None:
         change = json.loads(edit)
         if int(change.get("edit_seq") or 0) > int(doc["edit_seq"] or 0):
             doc["deleted"] = doc["deleted"] or bool(change.get("deleted"))
             doc["content"] = "" if doc["deleted"] else change.get("content") or ""
+            if isinstance(change.get("mentions"), list):
+                doc["mentions"] = change["mentions"]
     return doc
 
 
@@ -136,6 +138,9 @@ def mentions_list(*, user_id: str, before: str | None, limit: int) -> tuple[list
             if doc is None:
                 continue
             deleted = bool(doc.get("deleted"))
+            if not deleted and user_id not in [str(u) for u in doc.get("mentions") or ()]:
+                continue  # an edit stopped naming the caller (its index entry is removed too; this covers a lost
+                # removal, docs/adr/0046)
             out.append(MentionView(conversation_id=cid, message_id=mid, seq=int(seq),
                                    sender_id=str(doc["sender_id"]), content="" if deleted else doc.get("content") or "",
                                    timestamp=doc.get("timestamp"), deleted=deleted, cursor=str(int(score))))

@@ -90,14 +90,14 @@ def fill(n: int, *, convs: list[tuple[str, list[str]]], tops: dict[str, int], rn
             bucket["m"][str(seq)] = {"id": doc["_id"], "seq": seq, "sender_id": doc["sender_id"],
                                      "content": doc["content"], "timestamp": when, "client_msg_id": None,
                                      "deleted": False}
-            n = (seq - 1) // BUCKET_SEQS
-            if block is None or block_id(cid, block_of(n)) != block["_id"]:
-                block = {"_id": block_id(cid, block_of(n)), "conversation_id": ObjectId(cid), "t": {},
+            bn = (seq - 1) // BUCKET_SEQS
+            if block is None or block_id(cid, block_of(bn)) != block["_id"]:
+                block = {"_id": block_id(cid, block_of(bn)), "conversation_id": ObjectId(cid), "t": {},
                          "partial": False}
                 blocks.append(block)
             for word in words_of(str(doc["content"])):
                 key = term_key(word)
-                block["t"][key] = block["t"].get(key, 0) | 1 << (n % BLOCK_BUCKETS)
+                block["t"][key] = block["t"].get(key, 0) | 1 << (bn % BLOCK_BUCKETS)
             if len(batch) >= 2000:
                 db.messages.insert_many(batch, ordered=False)
                 progress.update(len(batch))

@@ -100,13 +100,13 @@ def read_cursor_key(conversation_id: str) -> str:
 
 def mention_seqs_key(conversation_id: str, user_id: str) -> str:
     """BUS. Sorted set: message id -> seq of the messages of the conversation that mention the user (the newest
-    ``messaging.mentions.MENTION_SEQS_KEEP``). In the conversation's partition slot."""
+    ``core.mention_index.MENTION_SEQS_KEEP``). In the conversation's partition slot."""
     return f"cs:{tag(partition_of(conversation_id))}:mentions:{conversation_id}:{user_id}"
 
 
 def mention_list_key(user_id: str) -> str:
     """BUS. Sorted set: ``<conversation>:<message id>:<seq>`` -> a score unique per entry
-    (``messaging.mentions.mention_score``) of the user's newest ``MENTION_LIST_KEEP`` mentions."""
+    (``core.mention_index.mention_score``) of the user's newest ``MENTION_LIST_KEEP`` mentions."""
     return f"cs:mentionlist:{user_id}"
 
 

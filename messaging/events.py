@@ -33,7 +33,7 @@ from messaging import streams
 # The payload's fields of each event type, in the order they are written.
 PAYLOAD_FIELDS: dict[str, tuple[str, ...]] = {
     "message.new": ("id", "conversation_id", "sender_id", "content", "timestamp", "client_msg_id", "mentions"),
-    "message.edited": ("id", "conversation_id", "content", "edited_at", "editor_id", "original"),
+    "message.edited": ("id", "conversation_id", "content", "edited_at", "editor_id", "original", "mentions"),
     "message.deleted": ("id", "conversation_id", "deleted_at", "deleter_id"),
     "read.updated": ("conversation_id", "user_id", "seq"),
     "reaction.added": ("id", "conversation_id", "user_id", "emoji", "user_ids", "at"),
@@ -102,9 +102,10 @@ def event_build(*, type: EventType, conversation_id: str, actor_id: str, message
 
     Arguments by type: ``message.new`` takes ``message_id`` (a fresh id), ``content``, ``client_msg_id`` and
     ``mentions`` (the member ids ``messaging.mentions.mentions_resolve`` found; default none);
-    ``message.edited`` ``message_id``, ``content`` and ``original`` (``{content, at, seq}`` of the message as
+    ``message.edited`` ``message_id``, ``content``, ``original`` (``{content, at, seq}`` of the message as
     sent, on its first edit, so the drain can keep it as the first version; None on later edits: the earlier
-    edits' events kept it already); ``message.deleted`` ``message_id`` and ``sender_id`` (the
+    edits' events kept it already) and ``mentions`` (the members the new content names: the message's whole
+    list after the edit, docs/adr/0046); ``message.deleted`` ``message_id`` and ``sender_id`` (the
     message's sender, kept in its meta hash; the actor is the deleter: the sender, or ``staff:<username>``);
     ``read.updated`` ``seq`` (the cursor; 0 when the append script decides it); ``message.new`` may take
     ``reply_to``, the quote of the message it answers (``messaging.replies.reply_quote``); ``reaction.added`` and
@@ -129,7 +130,8 @@ def event_build(*, type: EventType, conversation_id: str, actor_id: str, message
     if type == "message.edited":
         payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id,
                    "content": need(content, "content"), "edited_at": iso_now(), "editor_id": actor_id,
-                   "original": None if original is None else {k: original[k] for k in ("content", "at", "seq")}}
+                   "original": None if original is None else {k: original[k] for k in ("content", "at", "seq")},
+                   "mentions": list(mentions or ())}
         return BuiltEvent(type=type, conversation_id=conversation_id, message_id=message_id, payload=payload)
     if type == "message.deleted":
         payload = {"id": need(message_id, "message_id"), "conversation_id": conversation_id,

@@ -18,32 +18,25 @@ a name it does not hold is not a mention (it stays plain text).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import weakref
-import zlib
-from datetime import datetime
 from typing import Any
 
 import redis.asyncio
 import redis.exceptions
+from asgiref.sync import sync_to_async
 
 from core.bus import BusAsync
-from core.keys import USERNAMES_KEY, mention_list_key, mention_seqs_key
+from core.keys import USERNAMES_KEY, mention_seqs_key, partition_of, recent_docs_key, recent_edits_key
+from core.mention_index import Command, mention_record_commands, mention_remove_commands
 from messaging.membership import conversation_members
 
 # Distinct @names resolved per message: bounds the HMGET and the writes one message may cause (a message
 # naming 200 people is an announcement, not a mention; 20 covers every real message we have seen in group
 # chats of other products, whose own limits are 10-50). Names past it stay plain text; nothing is refused.
 MENTIONS_MAX = 20
-# Unread-mention seqs kept per (conversation, user): the count shown caps here ("99+" in clients), so one
-# noisy group cannot grow the key without bound.
-MENTION_SEQS_KEEP = 100
-# Entries of a user's mention list (GET /mentions) kept, newest first: older ones are dropped on the next
-# mention. 1,000 x ~90 bytes per entry ≈ 100 KB per user at most.
-MENTION_LIST_KEEP = 1000
-# Both indexes live as long as the membership cache does (30 days without a new mention).
-MENTION_TTL_S = 30 * 24 * 3600
 logger = logging.getLogger(__name__)
 # Names kept in-process (mentions_resolve): ~150 bytes each, so at most ~15 MB per process; cleared when full.
 KNOWN_IDS_MAX = 100_000
@@ -98,13 +91,6 @@ async def mentions_resolve(client: redis.asyncio.Redis, *, conversation_id: str,
     return out
 
 
-def mention_score(*, timestamp: str, message_id: str) -> int:
-    """Newest-first order of a user's mention list: the message's time in ms times 1000, plus 0-999 from its
-    id so that two mentions in one millisecond differ (below 2^53: exact as a Redis score). Pure."""
-    ms = int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() * 1000)
-    return ms * 1000 + zlib.crc32(message_id.encode()) % 1000
-
-
 async def mentions_record(bus: BusAsync, *, conversation_id: str, message_id: str, seq: int, timestamp: str,
                           user_ids: list[str]) -> None:
     """Write an accepted message's mentions into each named user's per-conversation seqs and own list, trimmed
@@ -112,27 +98,74 @@ async def mentions_record(bus: BusAsync, *, conversation_id: str, message_id: st
     turn (on a broker many senders mention at once; one round trip for all of them). Idempotent (ZADD of the
     same member and score). Never raises: the message is accepted already, and these are derived indexes, so a
     Redis failure here is logged and costs only this mention's count and list entry (docs/storage.md)."""
-    score = mention_score(timestamp=timestamp, message_id=message_id)
-    commands: list[tuple[str | int, ...]] = []
-    for uid in user_ids:
-        seqs, listed = mention_seqs_key(conversation_id, uid), mention_list_key(uid)
-        commands += [("ZADD", seqs, seq, message_id), ("ZREMRANGEBYRANK", seqs, 0, -MENTION_SEQS_KEEP - 1),
-                     ("EXPIRE", seqs, MENTION_TTL_S),
-                     ("ZADD", listed, score, f"{conversation_id}:{message_id}:{seq}"),
-                     ("ZREMRANGEBYRANK", listed, 0, -MENTION_LIST_KEEP - 1), ("EXPIRE", listed, MENTION_TTL_S)]
+    commands = mention_record_commands(conversation_id=conversation_id, message_id=message_id, seq=seq,
+                                       timestamp=timestamp, user_ids=user_ids)
     try:
-        if isinstance(bus, redis.asyncio.Redis):
-            batcher = _batchers.get(bus)
-            if batcher is None:
-                batcher = _batchers[bus] = _RecordBatcher(bus)
-            await batcher.submit(commands)
-        else:  # a cluster client: its pipeline spreads the commands over the slots' nodes
-            async with bus.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                await pipe.execute()
+        await _submit(bus, commands)
     except redis.exceptions.RedisError:
         logger.exception("mentions of message %s (seq %s of %s) not recorded", message_id, seq, conversation_id)
+
+
+async def _submit(bus: BusAsync, commands: list[Command]) -> None:
+    if isinstance(bus, redis.asyncio.Redis):
+        batcher = _batchers.get(bus)
+        if batcher is None:
+            batcher = _batchers[bus] = _RecordBatcher(bus)
+        await batcher.submit(commands)
+    else:  # a cluster client: its pipeline spreads the commands over the slots' nodes
+        async with bus.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            await pipe.execute()
+
+
+async def mentions_edited(bus: BusAsync, *, conversation_id: str, message_id: str, seq: int, timestamp: str,
+                          before: list[str], after: list[str]) -> None:
+    """An edit's change of a message's mentions (``before`` -> ``after``, member ids) applied to the indexes:
+    the users it names are recorded (idempotent for those named before), those it stopped naming removed.
+    Never raises (as :func:`mentions_record`): the edit is accepted already; a lost write is repaired by the
+    drain's replay for the users named, and hidden from ``GET /mentions`` for those removed (docs/adr/0046)."""
+    removed = [u for u in before if u not in after]
+    commands = mention_record_commands(conversation_id=conversation_id, message_id=message_id, seq=seq,
+                                       timestamp=timestamp, user_ids=after) \
+        + mention_remove_commands(conversation_id=conversation_id, message_id=message_id, seq=seq, user_ids=removed)
+    if not commands:
+        return
+    try:
+        await _submit(bus, commands)
+    except redis.exceptions.RedisError:
+        logger.exception("mentions of edited message %s (of %s) not updated", message_id, conversation_id)
+
+
+def _stored_mention_state(message_id: str) -> tuple[int, str, list[str]] | None:
+    from core.documents import Message
+    from core.values import iso_ms
+
+    row = Message._get_collection().find_one({"_id": message_id}, {"seq": 1, "timestamp": 1, "mentions": 1})
+    if row is None:
+        return None
+    return int(row["seq"]), str(iso_ms(row["timestamp"])), [str(u) for u in row.get("mentions") or ()]
+
+
+async def message_mention_state(bus: BusAsync, *, conversation_id: str,
+                                message_id: str) -> tuple[int, str, list[str]] | None:
+    """``(seq, timestamp, mentions)`` of a message as it stands (edits applied): from its conversation's recent
+    window (one HGET; the window holds every message the drain has not persisted), else ``messages`` by
+    ``_id`` with the mentions of an edit the drain has not applied yet (the window's edits hash). None: not
+    found. Read-only; a store read in a worker thread."""
+    p = partition_of(conversation_id)
+    raw, edit = await bus.hget(recent_docs_key(p, conversation_id), message_id), \
+        await bus.hget(recent_edits_key(p, conversation_id), message_id)
+    if raw is not None:
+        doc = json.loads(raw)
+        return int(doc["seq"]), str(doc["timestamp"]), [str(u) for u in doc.get("mentions") or ()]
+    stored = await sync_to_async(_stored_mention_state, thread_sensitive=False)(message_id)
+    if stored is None:
+        return None
+    pending = json.loads(edit) if edit is not None else {}
+    if isinstance(pending.get("mentions"), list):
+        return stored[0], stored[1], [str(u) for u in pending["mentions"]]
+    return stored
 
 
 class _RecordBatcher:
@@ -141,11 +174,11 @@ class _RecordBatcher:
 
     def __init__(self, bus: redis.asyncio.Redis) -> None:
         self.bus = bus
-        self.pending: list[tuple[list[tuple[str | int, ...]], asyncio.Future[None]]] = []
+        self.pending: list[tuple[list[Command], asyncio.Future[None]]] = []
         self.scheduled = False
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, commands: list[tuple[str | int, ...]]) -> None:
+    async def submit(self, commands: list[Command]) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self.pending.append((commands, future))
@@ -161,7 +194,7 @@ class _RecordBatcher:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, batch: list[tuple[list[tuple[str | int, ...]], asyncio.Future[None]]]) -> None:
+    async def _run(self, batch: list[tuple[list[Command], asyncio.Future[None]]]) -> None:
         try:
             async with self.bus.pipeline(transaction=False) as pipe:
                 for commands, _ in batch:

@@ -194,14 +194,23 @@ async def message_edit(client: redis.asyncio.Redis, *, user_id: str, message_id:
     """Replace a message's content (sender only). Appends ``message.edited`` after the message it edits; on
     the message's first edit the event carries the original (``_message_original``: a MongoDB read, or a
     bounded scan of the stream). Then writes this edit's versions into the message's meta hash
-    (``events.edit_versions_meta``), so ``GET /messages/{id}/versions`` has them before the drain."""
+    (``events.edit_versions_meta``), so ``GET /messages/{id}/versions`` has them before the drain. The new
+    content's mentions are resolved again: the event carries them, and the mentioned users' indexes gain the
+    users it names and lose those it no longer names (``mentions.mentions_edited``)."""
     content = _require_content(content)
     bus = bus_resolve(client, bus)
     conversation_id = await _sender_only(client, bus, user_id=user_id, message_id=message_id)
     original = await _message_original(bus, conversation_id=conversation_id, message_id=message_id)
+    # Mentions are re-resolved (docs/adr/0046): the event carries the new list; the indexes follow below.
+    named = await mentions.mentions_resolve(client, conversation_id=conversation_id, sender_id=user_id,
+                                            content=content)
+    before = await mentions.message_mention_state(bus, conversation_id=conversation_id, message_id=message_id)
     built = events.event_build(type="message.edited", conversation_id=conversation_id, actor_id=user_id,
-                               message_id=message_id, content=content, original=original)
+                               message_id=message_id, content=content, original=original, mentions=named)
     accepted = await _message_event_append(bus, event=built)
+    if before is not None and (named or before[2]):
+        await mentions.mentions_edited(bus, conversation_id=conversation_id, message_id=message_id, seq=before[0],
+                                       timestamp=before[1], before=before[2], after=named)
     # One more round trip, for edits only (the field names need the seq just given out). The edit is accepted
     # already: a failure here (or a crash before it) costs only the early read of these versions, since the
     # drain keeps them anyway (the event carries them), so it is logged, never reported as a failed edit.

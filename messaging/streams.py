@@ -136,6 +136,9 @@ local function recent_apply(zkey, dkey, wkey, ekey, t, cid, payload, mid, seq, n
       elseif not doc['deleted'] then
         doc['content'] = ev['content']
         doc['edited_at'] = ev['edited_at']
+        -- An edit re-resolves the mentions (docs/adr/0046); cjson writes an empty list as {}, which readers
+        -- take as none.
+        if ev['mentions'] ~= nil then doc['mentions'] = ev['mentions'] end
       end
       doc['edit_seq'] = seq
       redis.call('HSET', dkey, mid, cjson.encode(doc))

@@ -11,7 +11,7 @@ import bson.errors
 from mongoengine.connection import get_db
 
 from core.documents import BUCKET_SEQS, bucket_id
-from storage.rules import Item, Seen, older_edit, reaction_bucket_update
+from storage.rules import Item, Seen, edited_mentions, older_edit, reaction_bucket_update
 from storage.writes import DUPLICATE_KEY, UPDATE_STATEMENTS_MAX
 
 
@@ -87,7 +87,7 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None) -> No
             entry.update(edit_seq=i.event.seq)
             ops.append({"q": q, "u": {"$set": {
                 f"{path}.content": i.doc["content"], f"{path}.edited_at": i.doc["edited_at"],
-                f"{path}.edit_seq": i.event.seq}}})
+                f"{path}.edit_seq": i.event.seq, **edited_mentions(i, f"{path}.")}}})
         else:
             entry.update(deleted=True, edit_seq=i.event.seq)
             ops.append({"q": q, "u": {"$set": {f"{path}.deleted": True, f"{path}.content": "",

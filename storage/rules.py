@@ -127,7 +127,8 @@ class Seen:
     def message(self, mid: str) -> dict[str, Any] | None:
         if mid not in self.messages:
             self.messages[mid] = self.db.messages.find_one(
-                {"_id": mid}, {"seq": 1, "deleted": 1, "edit_seq": 1, "reactions": 1, "rx_seq": 1})
+                {"_id": mid}, {"seq": 1, "deleted": 1, "edit_seq": 1, "reactions": 1, "rx_seq": 1, "timestamp": 1,
+                               "mentions": 1})
         return self.messages[mid]
 
     def conversation(self, cid: ObjectId) -> dict[str, Any] | None:
@@ -173,7 +174,7 @@ def _mentions(value: Any) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) and len(v) == 24 for v in value):
-        raise MalformedEntry("message.new with malformed mentions")
+        raise MalformedEntry("malformed mentions")
     return list(value)
 
 
@@ -226,8 +227,11 @@ def _edited_parse(event: Event) -> dict[str, Any]:
             raise MalformedEntry(f"message.edited with original {str(original)[:100]!r}")
         original = {"content": _text(original, "content"), "at": _time(original.get("at"), "original.at"),
                     "seq": original["seq"]}
+    # ``mentions`` absent (an edit from before edits re-resolved them): the message keeps its own.
+    mentions = None if "mentions" not in event.data else _mentions(event.data["mentions"])
     return {"id": _text(event.data, "id"), "content": _text(event.data, "content"),
-            "edited_at": _time(event.data.get("edited_at"), "edited_at"), "original": original}
+            "edited_at": _time(event.data.get("edited_at"), "edited_at"), "original": original,
+            "mentions": mentions}
 
 
 def _version(i: Item, *, seq: int, content: str, at: datetime, deleted: bool = False) -> dict[str, Any]:
@@ -261,7 +265,14 @@ def _edited_update(i: Item, seen: Seen) -> dict[str, Any] | None:
         return None
     message["edit_seq"] = seq
     return {"q": {"_id": i.doc["id"]},
-            "u": {"$set": {"content": i.doc["content"], "edited_at": i.doc["edited_at"], "edit_seq": seq}}}
+            "u": {"$set": {"content": i.doc["content"], "edited_at": i.doc["edited_at"], "edit_seq": seq,
+                           **edited_mentions(i, "")}}}
+
+
+def edited_mentions(i: Item, prefix: str) -> dict[str, Any]:
+    """The ``$set`` of an edit's re-resolved ``mentions`` under ``prefix`` (none for an edit that carries
+    none: made before edits re-resolved mentions)."""
+    return {} if i.doc.get("mentions") is None else {f"{prefix}mentions": i.doc["mentions"]}
 
 
 def _deleted_update(i: Item, seen: Seen) -> dict[str, Any] | None:

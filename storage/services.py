@@ -42,6 +42,7 @@ from core.keys import (
 from core.values import as_str
 from storage.buckets import buckets_write
 from storage.deadletters import deadletter_add, storable
+from storage.mention_replay import mentions_replay
 from storage.rules import Item, Seen, event_parse, rule_of
 from storage.search_index import search_index_write
 from storage.selectors import entry_key, partitions_state
@@ -234,6 +235,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
 
     _pause_before_ack(partition, len(items))
     try:
+        mentions_replay(r, live, seen)  # before the ack: a crash between the two replays it again
         _settle(r, partition=partition, items=items, result=result)
         recent_persisted_advance(r, partition=partition, items=items)
         state = partitions_state(partitions=[partition], client=r)[0]

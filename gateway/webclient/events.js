@@ -40,7 +40,10 @@ function onMessageChanged(frame) {
   if (frame.seq) bumpSeq(conv, Number(frame.seq));
   const m = findMessage(conv, String(data.id));
   if (!m) return;
-  if (frame.type === "message.edited") { m.content = data.content; m.edited = true; } else { m.deleted = true; m.content = ""; }
+  if (frame.type === "message.edited") {
+    m.content = data.content; m.edited = true;
+    if (Array.isArray(data.mentions)) m.mentions = data.mentions.map(String); // re-resolved by the edit
+  } else { m.deleted = true; m.content = ""; }
   quotesRefresh(conv, m.id, { content: m.content, deleted: m.deleted });
   if (frame.type === "message.edited" && state.versionsOpen.has(m.id)) loadVersions(m);
   if (m.deleted) { state.versionsOpen.delete(m.id); state.versions.delete(m.id); }

@@ -200,3 +200,30 @@ def test_search_walks_stored_buckets_across_conversations_page_by_page(servers: 
     assert sorted(i for _t, i in got) == sorted([tail[0]["id"], tail[1]["id"], *expected])
     assert [t for t, _i in got] == sorted((t for t, _i in got), reverse=True)
     assert pages > len(got) // 7  # the budget really cut pages short
+
+
+def test_an_edit_moves_the_mention_over_rest_and_a_lost_removal_stays_hidden(servers: Any) -> None:
+    from core.mention_index import mention_record_commands
+
+    alice, bob, carol = account("alice"), account("bob"), account("carol")
+    cid = group(alice, bob, carol)
+    sent = send(alice, cid, f"ping @{bob.username}")
+    assert card(bob, cid)["mentions"] == 1
+    edited = alice.client.patch(f"/api/v1/messages/{sent['id']}", {"content": f"ping @{carol.username}"},
+                                format="json")
+    assert edited.status_code == 200
+    assert (card(bob, cid)["mentions"], card(carol, cid)["mentions"]) == (0, 1)
+    assert bob.client.get("/api/v1/mentions").json()["results"] == []
+    assert [m["message_id"] for m in carol.client.get("/api/v1/mentions").json()["results"]] == [sent["id"]]
+    # The removal lost (a process died after the edit's append): bob's list still holds the message, but it
+    # does not name him now, so it is not listed; after the drain the store says the same.
+    r = redis.Redis.from_url(servers.redis_url)
+    for command in mention_record_commands(conversation_id=cid, message_id=sent["id"], seq=sent["seq"],
+                                           timestamp=sent["timestamp"], user_ids=[bob.id]):
+        r.execute_command(*command)
+    assert bob.client.get("/api/v1/mentions").json()["results"] == []
+    persist(servers, cid)
+    r.delete(recent_key(partition_of(cid), cid), recent_docs_key(partition_of(cid), cid))
+    assert bob.client.get("/api/v1/mentions").json()["results"] == []
+    assert [m["mentions"] for m in carol.client.get(f"/api/v1/conversations/{cid}/messages").json()["results"]] \
+        == [[carol.id]]

@@ -135,3 +135,83 @@ def test_a_username_missing_from_the_index_is_plain_text(servers: Servers, broke
 
     asyncio.run(body())
     assert redis.Redis.from_url(servers.redis_url).zcard(mention_seqs_key(conv, bob)) == 0
+
+
+def test_an_edit_re_resolves_mentions_live_in_counts_lists_and_the_store(servers: Servers,
+                                                                        brokers: list[Broker]) -> None:
+    """An edit that names carol instead of bob: the ``message.edited`` frame on the other broker carries the
+    new list, bob's count and list lose the message, carol's gain it; the drain stores the new list in
+    ``messages`` and its bucket; ``resume`` from the stream carries it."""
+    from core.keys import mention_list_key
+
+    alice, _ = user_create()
+    bob, bob_name = user_create()
+    carol, carol_name = user_create()
+    conv = group_create([alice, bob, carol])
+    call_command("usernames_index")
+    bus = redis.Redis.from_url(servers.redis_url)
+
+    async def body() -> None:
+        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
+        reader = await connect_user(brokers[1].url, servers.redis_url, carol)
+        await sender.send(send_frame(conv, f"ask @{bob_name}"))
+        mid = (await sender.recv_type("ack"))["message_id"]
+        await reader.recv_type("message.new")
+        assert bus.zcard(mention_seqs_key(conv, bob)) == 1 and bus.zcard(mention_seqs_key(conv, carol)) == 0
+        await sender.send({"type": "message.edit", "message_id": mid, "content": f"ask @{carol_name} instead"})
+        edited = await reader.recv_type("message.edited")
+        assert edited["message"]["mentions"] == [carol]
+        await reader.close()
+        back = await connect_user(brokers[0].url, servers.redis_url, bob)
+        await back.send({"type": "resume", "conversations": {conv: 0}})
+        frames = []
+        while (frame := await back.recv_type(*RESUMED))["type"] != "resumed":
+            frames.append(frame)
+        assert [(f["type"], f["message"].get("mentions")) for f in frames] == [
+            ("message.new", [bob]), ("message.edited", [carol])]
+        await back.close()
+        await sender.close()
+
+    asyncio.run(body())
+    assert bus.zcard(mention_seqs_key(conv, bob)) == 0 and bus.zcard(mention_list_key(bob)) == 0
+    assert bus.zcard(mention_seqs_key(conv, carol)) == 1 and bus.zcard(mention_list_key(carol)) == 1
+    persist(servers, conv)
+    stored = Message.objects(conversation_id=conv).first()
+    assert list(stored.mentions) == [carol]
+    bucket = MessageBucket._get_collection().find_one({"_id": bucket_id(conv, 1)})
+    assert bucket["m"]["1"]["mentions"] == [carol]
+    # The drain's replay wrote nothing back for bob (the message names carol now).
+    assert bus.zcard(mention_seqs_key(conv, bob)) == 0 and bus.zcard(mention_seqs_key(conv, carol)) == 1
+
+
+def test_the_drain_restores_mention_writes_lost_after_the_append(servers: Servers, brokers: list[Broker]) -> None:
+    """A process that dies between an append and its mention writes: here the writes are undone by hand
+    before the drain runs. The drain's replay writes them again before it acknowledges the entries; a later
+    edit's removal is not undone by the replay of the older ``message.new``."""
+    from core.keys import mention_list_key
+
+    alice, _ = user_create()
+    bob, bob_name = user_create()
+    carol, carol_name = user_create()
+    conv = group_create([alice, bob, carol])
+    call_command("usernames_index")
+    bus = redis.Redis.from_url(servers.redis_url)
+
+    async def body() -> list[str]:
+        sender = await connect_user(brokers[0].url, servers.redis_url, alice)
+        ids = []
+        for text in (f"one @{bob_name}", f"two @{bob_name} @{carol_name}"):
+            await sender.send(send_frame(conv, text))
+            ids.append((await sender.recv_type("ack"))["message_id"])
+        await sender.send({"type": "message.edit", "message_id": ids[1], "content": "two, nobody"})
+        await sender.recv_type("ack")
+        await sender.close()
+        return ids
+
+    ids = asyncio.run(body())
+    for user in (bob, carol):  # as if the writes after the appends never happened
+        bus.delete(mention_seqs_key(conv, user), mention_list_key(user))
+    persist(servers, conv)
+    assert [m.decode() for m in bus.zrange(mention_seqs_key(conv, bob), 0, -1)] == [ids[0]]
+    assert bus.zcard(mention_list_key(bob)) == 1
+    assert bus.zcard(mention_seqs_key(conv, carol)) == 0  # the edit stopped naming her: not resurrected
