@@ -220,7 +220,9 @@ def _conversation_states(ids: list[str], *, user_id: str) -> list[list[Any]]:
 def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) -> list[ConversationSummary]:
     cards = _cards([conversation_card_key(c) for c in ids], ids, _conversation_card_load,
                    CONVERSATION_CARD_TTL_S)
-    ids = [c for c in ids if cards.get(c) is not None]
+    # A card that does not name the caller (a change that died before updating their cached ids, docs/adr/0043)
+    # is not listed: every read by a stranger is a 404, and this is one.
+    ids = [c for c in ids if (card := cards.get(c)) is not None and user_id in card["members"]]
     states = dict(zip(ids, _conversation_states(ids, user_id=user_id), strict=True))
     rows = []
     for cid in ids:
