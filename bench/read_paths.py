@@ -154,8 +154,10 @@ def measure_gateway(args: argparse.Namespace, cluster: Cluster, *, convs: list[t
     from core.tokens import token_issue
 
     sampled = [convs[hot[k % len(hot)]] for k in range(args.samples)]
-    auth = {m: {"Authorization": f"Bearer {token_issue(user_id=m, username='bench', type='access')}"}
-            for _cid, members in sampled for m in members[:1]}
+
+    def auth(uid: str) -> dict[str, str]:  # issued per request: the run may wait longer than a token lives
+        return {"Authorization": f"Bearer {token_issue(user_id=uid, username='bench', type='access')}"}
+
     paths: dict[str, Any] = {
         "latest_page": lambda cid, uid: (f"/api/v1/conversations/{cid}/messages", {"limit": 50}),
         "deep_page": lambda cid, uid: (f"/api/v1/conversations/{cid}/messages",
@@ -167,8 +169,9 @@ def measure_gateway(args: argparse.Namespace, cluster: Cluster, *, convs: list[t
         def one(name: str, k: int) -> float:
             cid, members = sampled[k % len(sampled)]
             path, params = paths[name](cid, members[0])
+            headers = auth(members[0])
             t = time.perf_counter()
-            response = http.get(path, params=params, headers=auth[members[0]])
+            response = http.get(path, params=params, headers=headers)
             ms = (time.perf_counter() - t) * 1000
             assert response.status_code == 200, response.text
             return ms
