@@ -111,3 +111,59 @@ def test_replies_and_reactions_are_live_across_brokers_resumed_and_persisted(ser
     assert page[original_id].reactions == [{"emoji": "👍", "user_ids": [bob, alice]}]
     assert page[reply_id].reply_to["excerpt"] == "what do you think?"
     assert uuid.UUID(hex=reply_id)  # ids stay 32-hex
+
+
+def test_resume_from_the_store_after_the_drain_carries_quotes_and_reactions(servers: Servers,
+                                                                            brokers: list[Broker]) -> None:
+    """Once the drain has persisted them and the stream no longer holds them (as after a trim), a ``resume``
+    is answered from MongoDB: the reply carries its quote, the original its reactions (count and who), on
+    the broker that did not see them live."""
+    import redis
+
+    from core.keys import partition_of, stream_key
+
+    alice, alice_name = user_create()
+    bob, _ = user_create()
+    carol, _ = user_create()
+    conv = group_create([alice, bob, carol])
+
+    async def body() -> tuple[str, str]:
+        a = await connect_user(brokers[0].url, servers.redis_url, alice)
+        b = await connect_user(brokers[0].url, servers.redis_url, bob)
+        await a.send(send_frame(conv, "lunch at noon?"))
+        original = await a.recv_type("ack")
+        await b.send(reply_frame(conv, "sure", original["message_id"]))
+        reply = await b.recv_type("ack")
+        for who, emoji in ((b, "👍"), (a, "👍"), (b, "🎉")):
+            await who.send({"type": "reaction.add", "ref": emoji, "message_id": original["message_id"],
+                            "emoji": emoji})
+            assert (await who.recv_type("ack"))["changed"] is True
+        await a.close()
+        await b.close()
+        return original["message_id"], reply["message_id"]
+
+    original_id, reply_id = run(body)
+    persist(servers, conv)
+    bus = redis.Redis.from_url(servers.redis_url)
+    key = stream_key(partition_of(conv))
+    for entry_id, fields in bus.xrange(key):
+        if fields.get(b"c") == conv.encode():
+            bus.xdel(key, entry_id)
+
+    async def resume() -> list[dict[str, Any]]:
+        c = await connect_user(brokers[1].url, servers.redis_url, carol)
+        await c.send({"type": "resume", "conversations": {conv: 0}})
+        frames = []
+        while (frame := await c.recv_type("message.new", "resumed"))["type"] != "resumed":
+            frames.append(frame)
+        await c.close()
+        return frames
+
+    frames = run(resume)
+    assert [f["message"]["id"] for f in frames] == [original_id, reply_id]
+    assert {f.get("source") for f in frames} == {"archive"}
+    assert frames[1]["message"]["reply_to"] == {"id": original_id, "seq": 1, "sender_id": alice,
+                                                "username": alice_name, "excerpt": "lunch at noon?",
+                                                "deleted": False}
+    reactions = {r["emoji"]: r["user_ids"] for r in frames[0]["message"]["reactions"]}
+    assert reactions == {"👍": [bob, alice], "🎉": [bob]}
