@@ -23,6 +23,7 @@ import collections
 import contextlib
 import hashlib
 import os
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -301,6 +302,27 @@ async def link_open(*, host: str, port: int, target: str, headers: list[tuple[st
         link.abort()
         raise
     return link
+
+
+def tcp_keepalive(transport: Any, *, idle_s: int, interval_s: int, count: int) -> bool:
+    """Have the kernel watch a client's TCP connection (docs/protocol.md, Liveness; docs/adr/0044): after
+    ``idle_s`` without traffic it sends up to ``count`` probes ``interval_s`` apart and resets the connection
+    when none is answered, and unacknowledged data is given up after the same total
+    (``TCP_USER_TIMEOUT``), so a vanished client is noticed within ``idle_s + count * interval_s`` with no
+    timer, ping or pong in this process. False where the options are missing (the WebSocket pings remain)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not all(hasattr(socket, o) for o in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000 * (idle_s + count * interval_s))
+    except OSError:
+        return False
+    return True
 
 
 def raw_output(server_send: Any) -> UvicornOutput | None:
