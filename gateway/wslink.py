@@ -101,6 +101,7 @@ class UpstreamLink(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         transport.write(self.request)
+        self.request = b""  # ~0.5-1 KB (the identity headers) an idle link would keep for its life
 
     def data_received(self, data: bytes) -> None:
         if not self.opened.done():
