@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -71,6 +72,9 @@ class Command(BaseCommand):
                                       profile_dir=opts["profile"], quiet_lock_dir=opts["quiet_lock"])
         out_dir = Path(opts["out"])
         out_dir.mkdir(parents=True, exist_ok=True)
+        # A SIGTERM (``timeout``, a supervisor) unwinds like Ctrl-C, through the ``finally`` blocks that stop the
+        # servers this run started in their own sessions; the default action left them running, orphaned.
+        signal.signal(signal.SIGTERM, _terminate)
         # The load client runs on uvloop, as the brokers do: it drives every connection of every system from one
         # thread, and on a 2-core machine it must not be what sets the pace (its CPU % is in the table).
         results = uvloop.run(self._run(workload=workload, systems=systems, opts=opts, out_dir=out_dir))
@@ -186,6 +190,10 @@ class Command(BaseCommand):
                 conn_factory=conn_factory)
         finally:
             await asyncio.to_thread(benchmark.processes_stop, nodes)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def benchmark_env(*, redis_url: str, mongodb_uri: str) -> dict[str, str]:
