@@ -29,6 +29,7 @@ from core.closecodes import CLOSE_SESSION_ENDED
 from core.documents import GroupChat, User, utcnow
 from core.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from core.tokens import Claims, token_decode, token_issue, ws_ticket_issue
+from messaging.conversation_index import user_conversations_created
 from messaging.frames import SESSIONS_CLOSE, user_group
 from messaging.mentions import usernames_remember_sync
 from messaging.selectors import user_conversations_init
@@ -83,7 +84,9 @@ def user_create(*, username: str, email: str, password: str) -> User:
         raise Conflict("username or email is taken", code="username_taken") from None
     # The write path resolves @username from this index, never from MongoDB (messaging/mentions.py).
     usernames_remember_sync(sync_redis(), names={key: str(user.id)})
-    # In no conversation yet: cached so, and kept by every membership change, so connects read no store.
+    # In no conversation yet: stored so (docs/adr/0043) and cached so, both kept by every membership change,
+    # so connects read no store and a later rebuild of the cache reads one document by _id.
+    user_conversations_created(user_id=str(user.id))
     user_conversations_init(sync_redis(), user_id=str(user.id))
     return user
 

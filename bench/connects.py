@@ -221,6 +221,20 @@ def profilers_stop(spies: list[subprocess.Popen[bytes]]) -> None:
             spy.kill()
 
 
+def quiet_lock(folder: str) -> contextlib.ExitStack:
+    """Exclusive flocks on ``folder``/gate.lock then ``folder``/bench.lock (the shared machine's benchmark
+    lock), held until the returned stack is closed; nothing when ``folder`` is empty."""
+    import fcntl
+
+    stack = contextlib.ExitStack()
+    for name in ("gate.lock", "bench.lock") if folder else ():
+        handle = stack.enter_context(open(Path(folder) / name, "a+b"))  # noqa: SIM115 - closed by the stack
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    if folder:
+        print(f"holding the quiet lock in {folder}", file=sys.stderr)
+    return stack
+
+
 def population(*, users: int, conversations: int, redis_url: str) -> list[tuple[str, str]]:
     """Users and group conversations as the REST services leave them; returns (user id, access token) each."""
     import redis
@@ -269,6 +283,9 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--profile", default="",
                         help="folder: py-spy records each gateway and broker over the connects (raw folded stacks)")
+    parser.add_argument("--quiet-lock", default="", metavar="DIR",
+                        help="hold exclusive flocks on DIR/gate.lock then DIR/bench.lock around the measuring only "
+                             "(connects and idle window), not the start-up and seeding; off by default")
     parser.add_argument("--env", action="append", default=[],
                         help="NAME=VALUE for the servers (repeatable), e.g. CHATSTREAM_WS_PING_INTERVAL=60")
     opts = parser.parse_args()
@@ -322,6 +339,7 @@ def main() -> None:
                           tokens=warm[i::opts.clients] + rest[i::opts.clients]) for i in range(opts.clients)]
         broker_pids = [b.proc.pid for b in brokers if b.proc is not None]
         gateway_pids = [g.proc.pid for g in gateways if g.proc is not None]
+        quiet = quiet_lock(opts.quiet_lock)
         warmed = clients_ask(clients, f"open {-(-opts.warmup // opts.clients)}")
         time.sleep(3)  # the warm-up's background work (presence) ends
         rss0 = {pid: proc_rss_kb(pid) for pid in broker_pids + gateway_pids}
@@ -355,9 +373,13 @@ def main() -> None:
         settle_s = time.monotonic() - last_ready
         store2 = ferretdb_counts(metrics_url)
         cpu0 = {pid: proc_cpu_s(pid) for pid in pids}
+        spies = profilers_start(opts.profile and str(Path(opts.profile) / "idle"),
+                                {"gateway": gateway_pids, "broker": broker_pids})
         time.sleep(opts.idle_seconds)
         cpu1 = {pid: proc_cpu_s(pid) for pid in pids}
         rss1 = {pid: proc_rss_kb(pid) for pid in pids}
+        profilers_stop(spies)
+        quiet.close()
 
         def idle_pct(group: list[int]) -> float:
             return 100.0 * sum(cpu1[p] - cpu0[p] for p in group) / opts.idle_seconds

@@ -39,6 +39,9 @@ from typing import Any, Protocol, TextIO
 import websockets
 from bson import ObjectId
 
+from bench.connects import profilers_start, profilers_stop
+from bench.fanout_probe import ColdStart, message_n, quiet_lock, runq_wait_s
+
 # Re-exported for manage.py bench, which imports this module only (the import-linter contract).
 from bench.peer_centrifugo import OPEN_TIMEOUT_S
 from bench.peer_centrifugo import CentrifugoConn as CentrifugoConn
@@ -109,6 +112,16 @@ class Result:
     # The load client's CPU over the timed window in % of one core: near 100 the client (one process, one
     # thread), not the server, sets the pace, and deliveries/s say nothing about the server.
     client_cpu_pct: float = 0.0
+    # Why a run fell short of the offered load (bench/fanout_probe.py): messages sent per second (against
+    # --rate), and the share of the window the client's and the servers' threads waited, runnable, for a
+    # CPU (100 % = one thread waiting all the time).
+    sent_per_s: float = 0.0
+    client_wait_pct: float = 0.0
+    server_wait_pct: float = 0.0
+    # Seconds from the first handshake to the last connection ready (CONNECT_CONCURRENCY in flight).
+    connect_s: float = 0.0
+    # First message of each conversation against its later ones (bench/fanout_probe.py ColdStart).
+    cold_start: dict[str, float | int] = field(default_factory=dict)
     missing_sample: list[str] = field(default_factory=list)  # for diagnosis when lost > 0
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t since start, latency ms)
 
@@ -138,6 +151,7 @@ class Counters:
         self.measuring = False
         self.window_deliveries = 0
         self.sent_at: dict[str, float] = {}  # client_msg_id -> send time, for frames that cannot carry it
+        self.cold = ColdStart()
 
     def on_message(self, conn: int, client_msg_id: str, sent_at: float) -> None:
         now = time.time()
@@ -147,7 +161,9 @@ class Counters:
             self.duplicated += 1
             return
         self.seen.add(key)
-        self.timeline.append((now - self.started, (now - sent_at) * 1000.0))
+        latency = (now - sent_at) * 1000.0
+        self.timeline.append((now - self.started, latency))
+        self.cold.add(message_n(client_msg_id), latency)
         if self.measuring:
             self.window_deliveries += 1
 
@@ -314,6 +330,11 @@ class Workload:
     # ChatStream only: every message names the conversation's second member (@username), resolved by the
     # write path (messaging/mentions.py).
     mention: bool = False
+    # py-spy (raw folded stacks) of the Python servers and of this load client over the traffic window, into
+    # this folder (empty: none).
+    profile_dir: str = ""
+    # The folder of the shared machine's benchmark locks (bench/fanout_probe.py quiet_lock); empty: none.
+    quiet_lock_dir: str = ""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -348,7 +369,8 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
 
     t0 = time.monotonic()
     await asyncio.gather(*(open_one(c) for c in conns))
-    out.write(f"{system}: {len(conns)} connections open in {time.monotonic() - t0:.1f}s\n")
+    connect_s = time.monotonic() - t0
+    out.write(f"{system}: {len(conns)} connections open in {connect_s:.1f}s\n")
     # Let the servers finish their per-connection work (ChatStream writes users.last_seen in the background):
     # wait until they use under SETTLE_CPU_PCT of a core over a second, at most SETTLE_MAX_S.
     if settled is not None:
@@ -356,6 +378,20 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
         while not await asyncio.to_thread(settled) and time.monotonic() - t1 < SETTLE_WORK_MAX_S:
             await asyncio.sleep(2.0)
         out.write(f"{system}: per-connection work done {time.monotonic() - t1:.1f}s after the last ready\n")
+    async with quiet_lock(workload.quiet_lock_dir):
+        if workload.quiet_lock_dir:
+            out.write(f"{system}: quiet lock held; load average {os.getloadavg()[0]:.2f}\n")
+        return await measure_connected(system=system, conns=conns, members=members,
+                                       conversation_ids=conversation_ids, workload=workload,
+                                       server_pids=server_pids, counters=counters, acks=acks, out=out,
+                                       rss_before=rss_before, connect_s=connect_s)
+
+
+async def measure_connected(*, system: str, conns: list[Conn], members: list[list[int]],
+                            conversation_ids: list[str], workload: Workload, server_pids: list[int],
+                            counters: Counters, acks: dict[str, asyncio.Future[None]], out: TextIO,
+                            rss_before: int, connect_s: float) -> Result:
+    """Everyone connected: measure idle memory and CPU, run the traffic, wait for in-flight deliveries."""
     settle_deadline = time.monotonic() + SETTLE_MAX_S
     while time.monotonic() < settle_deadline:
         before = cpu_total(server_pids)
@@ -370,6 +406,7 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     result = Result(system=system, connections=len(conns), conversations=len(conversation_ids),
                     duration_s=workload.duration_s)
     result.kb_per_idle_connection = (rss_idle - rss_before) / max(1, len(conns))
+    result.connect_s = connect_s
     result.idle_cpu_pct = 100.0 * idle_cpu / workload.idle_s
 
     stop_at = 0.0
@@ -408,8 +445,11 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     gc.collect()
     gc.freeze()
     gc.disable()
+    spies = profilers_start(workload.profile_dir, {f"{system}-server": server_pids, f"{system}-client": [os.getpid()]})
     cpu_start = cpu_total(server_pids)
     client_start = resource.getrusage(resource.RUSAGE_SELF)
+    client_pid = [os.getpid()]
+    client_wait_start, server_wait_start = runq_wait_s(client_pid), runq_wait_s(server_pids)
     counters.started = time.time()
     counters.measuring = True
     started = time.monotonic()
@@ -423,6 +463,10 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     window_deliveries = counters.window_deliveries
     cpu_window = cpu_total(server_pids) - cpu_start
     client_window = resource.getrusage(resource.RUSAGE_SELF)
+    client_wait = runq_wait_s(client_pid) - client_wait_start
+    server_wait = runq_wait_s(server_pids) - server_wait_start
+    sent_in_window = counters.sent
+    await asyncio.to_thread(profilers_stop, spies)
     await asyncio.gather(*tasks)
     on_progress_tick(workload.duration_s)
     out.write("\n")
@@ -457,6 +501,10 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
     result.client_cpu_pct = 100.0 * ((client_window.ru_utime + client_window.ru_stime)
                                      - (client_start.ru_utime + client_start.ru_stime)) / window
     result.timeline = counters.timeline
+    result.sent_per_s = sent_in_window / window
+    result.client_wait_pct = 100.0 * client_wait / window
+    result.server_wait_pct = 100.0 * server_wait / window
+    result.cold_start = counters.cold.summary()
     missing = [(conn, k) for k, f in acks.items() if f.done()
                for conn in members[int(k.split("-")[0])] if (conn, k) not in counters.seen]
     result.missing_sample = [f"connection {conn} lacks {k}" for conn, k in missing[:20]]
@@ -648,12 +696,17 @@ def plot(results: list[Result], path: Path, *, title: str) -> None:
 
 def table(results: list[Result]) -> str:
     rows = [("system", "deliv/s", "p50 ms", "p95 ms", "p99 ms", "lost", "dup", "CPU µs/deliv",
-             "deliv/core-s", "KB/idle conn", "idle CPU %", "client CPU %")]
+             "deliv/core-s", "KB/idle conn", "idle CPU %", "client CPU %", "sent/s", "client wait %",
+             "server wait %", "conn/s", "1st msg p50/p99 ms", "n>=10 p50/p99 ms")]
     for r in results:
         rows.append((r.system, f"{r.deliveries_per_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
                      f"{r.p99_ms:.2f}", str(r.lost), str(r.duplicated), f"{r.cpu_us_per_delivery:.1f}",
                      f"{r.deliveries_per_core_s:,.0f}", f"{r.kb_per_idle_connection:.1f}",
-                     f"{r.idle_cpu_pct:.2f}", f"{r.client_cpu_pct:.0f}"))
+                     f"{r.idle_cpu_pct:.2f}", f"{r.client_cpu_pct:.0f}", f"{r.sent_per_s:,.0f}",
+                     f"{r.client_wait_pct:.0f}", f"{r.server_wait_pct:.0f}",
+                     f"{r.connections / r.connect_s:,.0f}" if r.connect_s else "-",
+                     f"{r.cold_start.get('first_p50_ms', 0):.1f}/{r.cold_start.get('first_p99_ms', 0):.1f}",
+                     f"{r.cold_start.get('steady_p50_ms', 0):.1f}/{r.cold_start.get('steady_p99_ms', 0):.1f}"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -11,19 +11,31 @@ an upgrade), and each hot conversation then gets ``--recent`` more messages thro
 a hot conversation, a **deep** page (``before_seq`` a quarter in:
 buckets), the **conversation list** (50) of a hot conversation's member (caches warm), and
 **connect's read** (``user_conversation_ids``, warm). Prints one JSON line per size; ``--json`` writes them.
+
+``--gateway`` measures the same reads through the gateway of a real local cluster instead (the gateway and
+api processes as ``make run`` runs them: chatstream_site/localcluster.py ``Cluster``), each path alone
+(``--samples`` requests of one path, one at a time, on one keep-alive connection, then the next path), after
+a warm-up of every sampled user's caches. ``--profile DIR`` then records each path again under py-spy
+(``--profile-seconds`` per path, the api and gateway processes, raw collapsed stacks) into DIR.
+``--quiet-lock DIR`` takes ``DIR/gate.lock`` then ``DIR/bench.lock`` (exclusive) only around the measuring,
+so a shared machine's other benchmarks and tests stay out of it (off by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.data_tier import seed_population, stats  # noqa: E402
+from chatstream_site.localcluster import Cluster  # noqa: E402
 from chatstream_site.localservers import servers_start  # noqa: E402
 
 
@@ -112,6 +125,89 @@ def measure(args: argparse.Namespace, *, convs: list[tuple[str, list[str]]], hot
             "connect_read": stats(connect)}
 
 
+@contextlib.contextmanager
+def quiet_lock(directory: str) -> Iterator[None]:
+    """Hold ``directory``/gate.lock then bench.lock exclusively (nothing when ``directory`` is empty)."""
+    if not directory:
+        yield
+        return
+    with open(Path(directory) / "gate.lock", "a") as gate, open(Path(directory) / "bench.lock", "a") as bench:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(bench, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(bench, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def measure_gateway(args: argparse.Namespace, cluster: Cluster, *, convs: list[tuple[str, list[str]]],
+                    hot: list[int], tops: dict[str, int]) -> dict[str, Any]:
+    """Each read path alone through the gateway: ``--samples`` requests, one at a time (p50/p99 ms), on one
+    keep-alive connection; ``--profile`` then runs each path under py-spy. Every answer must be 200."""
+    import httpx
+
+    from core.tokens import token_issue
+
+    sampled = [convs[hot[k % len(hot)]] for k in range(args.samples)]
+
+    def auth(uid: str) -> dict[str, str]:  # issued per request: the run may wait longer than a token lives
+        return {"Authorization": f"Bearer {token_issue(user_id=uid, username='bench', type='access')}"}
+
+    paths: dict[str, Any] = {
+        "latest_page": lambda cid, uid: (f"/api/v1/conversations/{cid}/messages", {"limit": 50}),
+        "deep_page": lambda cid, uid: (f"/api/v1/conversations/{cid}/messages",
+                                       {"limit": 50, "before_seq": max(2, tops[cid] // 4)}),
+        "conversation_list": lambda cid, uid: ("/api/v1/conversations", {"limit": 50}),
+    }
+    out: dict[str, Any] = {}
+    with httpx.Client(base_url=cluster.url, timeout=60) as http:
+        def one(name: str, k: int) -> float:
+            cid, members = sampled[k % len(sampled)]
+            path, params = paths[name](cid, members[0])
+            headers = auth(members[0])
+            t = time.perf_counter()
+            response = http.get(path, params=params, headers=headers)
+            ms = (time.perf_counter() - t) * 1000
+            assert response.status_code == 200, response.text
+            return ms
+
+        for name in paths:  # warm-up: caches, connections, the processes' first-call costs
+            for k in range(min(len(sampled), 20)):
+                one(name, k)
+        with quiet_lock(args.quiet_lock):
+            out["load_before"] = load_average()
+            for name in paths:
+                out[name] = stats([one(name, k) for k in range(args.samples)])
+            out["load_after"] = load_average()
+        print(json.dumps(out), flush=True)
+        if args.profile:
+            directory = Path(args.profile)
+            directory.mkdir(parents=True, exist_ok=True)
+            pids = {f"api{i}": pid for i in ("1", "2") for pid in cluster.role_pids("api", i)}
+            pids.update({f"gateway{j}": pid for j, pid in enumerate(cluster.role_pids("gateway"))})
+            spy_bin = str(Path(sys.executable).parent / "py-spy")
+            for name in paths:
+                spies = [subprocess.Popen([spy_bin, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                                           "--duration", str(args.profile_seconds), "--output",
+                                           str(directory / f"{name}-{role}.txt")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         for role, pid in pids.items()]
+                time.sleep(1)  # py-spy attaches
+                deadline, k, n = time.monotonic() + args.profile_seconds - 1, 0, 0
+                while time.monotonic() < deadline:
+                    one(name, k)
+                    k, n = k + 1, n + 1
+                for spy in spies:
+                    spy.wait(timeout=120)
+                out.setdefault("profiled_requests", {})[name] = n
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -122,12 +218,19 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=60, help="messages sent to each hot conversation")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--json", default="")
+    parser.add_argument("--gateway", action="store_true", help="measure through a local cluster's gateway")
+    parser.add_argument("--profile", default="", help="with --gateway: py-spy each path into this directory")
+    parser.add_argument("--profile-seconds", type=int, default=20)
+    parser.add_argument("--quiet-lock", default="",
+                        help="directory of gate.lock and bench.lock to hold while measuring")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-readpaths-"))
     servers = servers_start(workdir)
     os.environ.update(servers.env())
     os.environ.update(CHATSTREAM_DOTENV="", DEBUG="0", DJANGO_SETTINGS_MODULE="chatstream_site.settings",
-                      SECRET_KEY="bench-secret-key-that-is-long-enough-0123456789abcdef")  # noqa: S106 - bench only
+                      SECRET_KEY="bench-secret-key-that-is-long-enough-0123456789abcdef",  # noqa: S106 - bench only
+                      # One client reading as fast as it can: the per-IP and per-user budgets are for people.
+                      CHATSTREAM_GATEWAY_RATE_IP="1000000/m", CHATSTREAM_GATEWAY_RATE_USER="1000000/m")
     import django
 
     django.setup()
@@ -137,6 +240,7 @@ def main() -> None:
 
     rnd = random.Random(5)  # noqa: S311 - a reproducible workload, not a secret
     rows = []
+    cluster = Cluster(workdir, supervised=False) if args.gateway else None
     try:
         _uids, convs = seed_population(users=args.users, conversations=args.conversations)
         hot = rnd.sample(range(len(convs)), args.hot)
@@ -153,13 +257,21 @@ def main() -> None:
             have = size
             row: dict[str, Any] = {"messages": get_db().messages.estimated_document_count() + args.hot * args.recent,
                                    "seed_s": round(time.perf_counter() - t, 1), "bucketed": built}
-            row.update(measure(args, convs=convs, hot=hot, tops=tops))
+            if cluster is not None:
+                if not cluster.procs:
+                    cluster.start()
+                    cluster.wait_ready(timeout_s=180)
+                row.update(measure_gateway(args, cluster, convs=convs, hot=hot, tops=tops))
+            else:
+                row.update(measure(args, convs=convs, hot=hot, tops=tops))
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"command": "bench/read_paths.py " + " ".join(sys.argv[1:]),
                                                    "results": rows}, indent=2))
     finally:
+        if cluster is not None:
+            cluster.stop()
         servers.stop()
 
 

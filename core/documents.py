@@ -92,6 +92,21 @@ class Conversation(me.Document):
     }
 
 
+class UserConversations(me.Document):
+    """Derived from ``conversations.members`` for reads (docs/adr/0043): one user's conversation ids, keyed by
+    the user's id, so rebuilding their cached conversation list is one read by ``_id`` (a members query scans
+    ``conversations`` on FerretDB v1). Written by every membership change (``messaging.conversation_index``);
+    ``complete`` is False on a document a change created for a user who had none (its ids are only that
+    change's): readers then rebuild it from ``conversations`` once. ``manage.py user_conversations_build``
+    builds it for existing data."""
+
+    id = me.ObjectIdField(primary_key=True)  # the user's id
+    c = me.ListField(me.ObjectIdField())  # conversation ids, unordered
+    complete = me.BooleanField(default=False)
+
+    meta = {"collection": "user_conversations", "indexes": []}
+
+
 class Message(me.Document):
     id = me.StringField(primary_key=True)  # uuid4 hex from the write path
     conversation_id = me.ObjectIdField(required=True)

@@ -81,11 +81,18 @@ class TicketOwner:
     gen: int = 0  # the token generation of the access token the ticket was issued with (0: unknown)
 
 
-def _ticket_value(*, user_id: str, username: str, gen: int) -> str:
+def ws_ticket_new() -> str:
+    """A fresh ticket: 32 random bytes, URL-safe. Pure but for the randomness."""
+    return secrets.token_urlsafe(32)
+
+
+def ws_ticket_value(*, user_id: str, username: str, gen: int) -> str:
+    """What a ticket's key holds: its owner, as JSON. Pure."""
     return json.dumps({"user_id": user_id, "username": username, "gen": gen})
 
 
-def _ticket_owner(raw: bytes | str | None) -> TicketOwner | None:
+def ticket_owner_parse(raw: bytes | str | None) -> TicketOwner | None:
+    """The owner a ticket's stored value names (None for no value). Pure."""
     if raw is None:
         return None
     data = json.loads(raw)
@@ -95,8 +102,8 @@ def _ticket_owner(raw: bytes | str | None) -> TicketOwner | None:
 def ws_ticket_issue(client: redis.Redis, *, user_id: str, username: str, gen: int = 0) -> str:
     """Store a fresh single-use ticket for the user (``gen``: the caller's token generation, checked when the
     ticket is consumed). Side effect: one Redis SET with EX."""
-    ticket = secrets.token_urlsafe(32)
-    client.set(TICKET_PREFIX + ticket, _ticket_value(user_id=user_id, username=username, gen=gen),
+    ticket = ws_ticket_new()
+    client.set(TICKET_PREFIX + ticket, ws_ticket_value(user_id=user_id, username=username, gen=gen),
                ex=settings.WS_TICKET_TTL_S)
     return ticket
 
@@ -104,8 +111,8 @@ def ws_ticket_issue(client: redis.Redis, *, user_id: str, username: str, gen: in
 async def ws_ticket_issue_async(client: redis.asyncio.Redis, *, user_id: str, username: str, gen: int = 0) -> str:
     """:func:`ws_ticket_issue` for async code (the gateway answers ``POST /api/v1/auth/ws-ticket`` itself).
     Side effect: one Redis SET with EX."""
-    ticket = secrets.token_urlsafe(32)
-    await client.set(TICKET_PREFIX + ticket, _ticket_value(user_id=user_id, username=username, gen=gen),
+    ticket = ws_ticket_new()
+    await client.set(TICKET_PREFIX + ticket, ws_ticket_value(user_id=user_id, username=username, gen=gen),
                      ex=settings.WS_TICKET_TTL_S)
     return ticket
 
@@ -114,4 +121,4 @@ async def ws_ticket_consume(client: redis.asyncio.Redis, *, ticket: str) -> Tick
     """The ticket's owner, or None if unknown, expired or already used. Side effect: deletes it (GETDEL)."""
     if not ticket or len(ticket) > 128:
         return None
-    return _ticket_owner(await client.getdel(TICKET_PREFIX + ticket))
+    return ticket_owner_parse(await client.getdel(TICKET_PREFIX + ticket))

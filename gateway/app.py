@@ -30,11 +30,13 @@ from django.conf import settings
 
 from core.registry import ROLES
 from core.tokens import ws_ticket_issue_async
+from gateway.admission import Admission
 from gateway.asgi import ASGIApp, Receive, Scope, Send, header, send_error, send_response, state_of
 from gateway.auth import AuthenticationLayer, RouteAuthorizationLayer, UserRateLimitLayer
 from gateway.middleware import AccessLogLayer, IpRateLimitLayer, OriginLayer, PathLayer, RequestIdLayer
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter
+from gateway.routes import WS_TICKET_PATH
 from gateway.upstreams import Upstreams
 from gateway.userlimits import SocketSlots
 from gateway.webclient import webclient_file, webclient_headers
@@ -44,7 +46,6 @@ from gateway.wsproxy import WebSocketProxy
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2
-WS_TICKET_PATH = "/api/v1/auth/ws-ticket"
 
 
 class Router:
@@ -84,7 +85,8 @@ class Router:
 
     async def ws_ticket(self, scope: Scope, send: Send) -> None:
         """``POST /api/v1/auth/ws-ticket`` answered here, as the api answers it (docs/api.md): the access token
-        was verified by the authentication layer. Side effect: one Redis SET (the ticket, single use)."""
+        was verified by the authentication layer, which normally stored the ticket too (single use); else
+        (no admission, or its script failed) one Redis SET here."""
         state = state_of(scope)
         if scope["method"] != "POST":
             state.reason = "method_not_allowed"
@@ -94,8 +96,9 @@ class Router:
         owner = state.user
         assert owner is not None  # a jwt route: the authentication layer answered 401 otherwise
         try:
-            ticket = await ws_ticket_issue_async(self.tickets, user_id=owner.user_id, username=owner.username,
-                                                 gen=owner.gen)
+            # Stored by the authentication layer's round trip (gateway/admission.py) unless that failed.
+            ticket = state.ticket or await ws_ticket_issue_async(
+                self.tickets, user_id=owner.user_id, username=owner.username, gen=owner.gen)
         except (redis.RedisError, OSError) as exc:
             logger.warning("gateway: cannot store a ticket: %s", exc)
             state.reason = "ticket_store_unavailable"
@@ -134,8 +137,9 @@ class GatewayApp:
         stack: ASGIApp = self.router
         stack = RouteAuthorizationLayer(stack)
         stack = UserRateLimitLayer(stack, limiter=self.limiter)
-        stack = AuthenticationLayer(stack, redis_client=self.redis)
-        stack = IpRateLimitLayer(stack, limiter=self.limiter)
+        stack = AuthenticationLayer(stack, redis_client=self.redis,
+                                    admission=Admission(client=self.redis, limiter=self.limiter))
+        stack = IpRateLimitLayer(stack, limiter=self.limiter, defer=True)
         stack = OriginLayer(stack)
         stack = PathLayer(stack)
         stack = AccessLogLayer(stack)

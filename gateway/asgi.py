@@ -6,11 +6,14 @@ import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import errors
 from core.tokens import TicketOwner
 from gateway.routes import Route
+
+if TYPE_CHECKING:
+    from gateway.ratelimit import Counter, Usage
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -34,6 +37,11 @@ class RequestState:
     status: int = 0
     close_code: int | None = None
     reason: str = ""  # why the gateway refused it, if it did
+    # The per-IP counters the IP layer left to the authentication layer's round trip (gateway/admission.py).
+    deferred: list[Counter] = field(default_factory=list)
+    # The per-user counter, when the authentication layer counted it in its round trip.
+    user_usage: Usage | None = None
+    ticket: str | None = None  # a WebSocket ticket stored in the authentication round trip (the ticket route)
 
 
 def state_of(scope: Scope) -> RequestState:

@@ -17,8 +17,10 @@ from django.conf import settings
 
 from core.closecodes import CLOSE_BAD_TICKET
 from core.errors import Unauthenticated
+from core.keys import TICKET_PREFIX
 from core.revocation import access_refused_async
-from core.tokens import TicketOwner, token_decode, ws_ticket_consume
+from core.tokens import Claims, TicketOwner, token_decode, ws_ticket_consume, ws_ticket_new, ws_ticket_value
+from gateway.admission import REVOKED, Admission, Verdict
 from gateway.asgi import (
     ASGIApp,
     Receive,
@@ -30,8 +32,9 @@ from gateway.asgi import (
     state_of,
     ws_refuse,
 )
-from gateway.middleware import refuse_limited
-from gateway.ratelimit import RateLimiter
+from gateway.middleware import limits_hit, refuse_limited
+from gateway.ratelimit import Counter, RateLimiter
+from gateway.routes import WS_TICKET_PATH
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -52,20 +55,34 @@ def query_param(scope: Scope, name: str) -> str | None:
     return values[0] if values else None
 
 
+def user_limit(scope: Scope) -> tuple[str, str]:
+    """The per-user limit of a request: ``(group, rate)``, handshakes apart from HTTP requests. Pure."""
+    if scope["type"] == "websocket":
+        return "gw:ws-user", settings.GATEWAY_RATE_WS_USER
+    return "gw:user", settings.GATEWAY_RATE_USER
+
+
 class AuthenticationLayer:
     """Verify the caller at the edge; nothing unauthenticated reaches an upstream on a protected route.
 
-    * ``jwt`` routes: an access token (algorithm pinned, expiry, issuer, type, not revoked: one MGET of its
-      jti and its user's generation marker) → 401 with a reason if not.
+    * ``jwt`` routes: an access token (algorithm pinned, expiry, issuer, type, not revoked: its jti and its
+      user's generation marker) → 401 with a reason if not.
     * ``ticket`` routes (``/ws/``): the single-use ticket is consumed HERE (GETDEL), → close 4001 if unknown,
       expired, reused, or issued before its user's password change or account removal. The upstream
       receives the signed identity instead (:mod:`core.identity`).
     * ``public`` and ``upstream`` routes: nothing checked.
+
+    With an :class:`~gateway.admission.Admission` (the gateway's stack) the per-IP counters the IP layer
+    deferred, the credential's Redis reads, the per-user counter (left in ``state.user_usage`` for the next
+    layer) and, on the ticket route, the new ticket go in one script (two for a handshake); refusals, their
+    order and their codes are the layers' own (docs/adr/0044).
     """
 
-    def __init__(self, app: ASGIApp, *, redis_client: redis.asyncio.Redis) -> None:
+    def __init__(self, app: ASGIApp, *, redis_client: redis.asyncio.Redis, admission: Admission | None = None,
+                 ) -> None:
         self.app = app
         self.redis = redis_client
+        self.admission = admission
 
     async def _refused(self, *, jti: str | None, user_id: str, gen: int) -> bool:
         """Whether a verified token (or a ticket, ``jti`` None) was revoked: logged out, or issued before the
@@ -77,6 +94,86 @@ class AuthenticationLayer:
             logger.warning("gateway: cannot read the revocation list: %s", exc)
             return False
 
+    def _user_counters(self, scope: Scope, *, user_id: str) -> list[Counter]:
+        """The per-user counter to count in the admission round trip (none while the limiter counts locally:
+        the per-user layer then counts it)."""
+        assert self.admission is not None
+        if not self.admission.limiter.shared():
+            return []
+        group, rate = user_limit(scope)
+        return [self.admission.limiter.counter(group=group, rate=rate, value=user_id)]
+
+    async def _admitted(self, verdict: Verdict, scope: Scope, receive: Receive, send: Send,
+                        user: list[Counter]) -> bool:
+        """Refuse a request a counter of ``verdict`` limited (answered False); keep the user's usage."""
+        limited = verdict.limited()
+        if limited is not None:
+            await refuse_limited(scope, receive, send, retry_after_s=limited[1].retry_after_s,
+                                 scope_name=limited[0].group)
+            return False
+        if user:
+            state_of(scope).user_usage = verdict.usage_of(user[0].group)
+        return True
+
+    async def _jwt_revoked(self, claims: Claims, scope: Scope, receive: Receive, send: Send) -> bool | None:
+        """Whether the token was revoked; None when a rate limit refused the request (answered)."""
+        state = state_of(scope)
+        if self.admission is None:
+            return await self._refused(jti=claims.jti, user_id=claims.user_id, gen=claims.gen)
+        user = self._user_counters(scope, user_id=claims.user_id)
+        ticket = stored = None
+        route = state.route
+        if (scope["type"] == "http" and scope["method"] == "POST" and route is not None
+                and route.target == "gateway" and route.path == WS_TICKET_PATH):
+            ticket = ws_ticket_new()
+            stored = (TICKET_PREFIX + ticket, ws_ticket_value(user_id=claims.user_id, username=claims.username,
+                                                              gen=claims.gen), int(settings.WS_TICKET_TTL_S))
+        verdict = await self.admission.jwt(ip=state.deferred, user=user, jti=claims.jti, user_id=claims.user_id,
+                                           gen=claims.gen, ticket=stored)
+        state.deferred = []
+        if verdict.outcome == REVOKED:
+            return True
+        if not await self._admitted(verdict, scope, receive, send, user):
+            return None
+        if ticket is not None and not verdict.failed:
+            state.ticket = ticket
+        return False
+
+    async def _ticket_owner(self, ticket: str, scope: Scope, receive: Receive, send: Send,
+                            ) -> TicketOwner | bool | None:
+        """The ticket's owner if admitted; None for a bad ticket; False when refused here (answered)."""
+        state = state_of(scope)
+        if self.admission is None:
+            try:
+                owner = await ws_ticket_consume(self.redis, ticket=ticket)
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("gateway: cannot consume a ticket: %s", exc)
+                state.reason = "ticket_store_unavailable"
+                await ws_refuse(receive, send, code=1013, reason="try again shortly")
+                return False
+            if owner is None or await self._refused(jti=None, user_id=owner.user_id, gen=owner.gen):
+                return None
+            return owner
+        try:
+            verdict = await self.admission.ticket_consume(ip=state.deferred, ticket=ticket)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("gateway: cannot consume a ticket: %s", exc)
+            state.reason = "ticket_store_unavailable"
+            await ws_refuse(receive, send, code=1013, reason="try again shortly")
+            return False
+        state.deferred = []
+        if not await self._admitted(verdict, scope, receive, send, []):
+            return False
+        if verdict.owner is None:
+            return None
+        user = self._user_counters(scope, user_id=verdict.owner.user_id)
+        admitted = await self.admission.owner_admit(owner=verdict.owner, user=user)
+        if admitted.outcome == REVOKED:
+            return None
+        if not await self._admitted(admitted, scope, receive, send, user):
+            return False
+        return verdict.owner
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = state_of(scope) if scope["type"] in ("http", "websocket") else None
         route = state.route if state else None
@@ -85,36 +182,48 @@ class AuthenticationLayer:
             return
         if route.auth == "jwt":
             token = bearer_token(scope)
+            failure: Unauthenticated | None = None
+            claims: Claims | None = None
             try:
                 if token is None:
                     raise Unauthenticated("an access token is required (Authorization: Bearer <token>)",
                                           code="unauthenticated")
                 claims = token_decode(token, expected_type="access")
-                if await self._refused(jti=claims.jti, user_id=claims.user_id, gen=claims.gen):
-                    raise Unauthenticated("token revoked; log in again", code="token_revoked")
             except Unauthenticated as exc:
-                state.reason = exc.code
-                if scope["type"] == "websocket":
-                    await ws_refuse(receive, send, code=CLOSE_BAD_TICKET, reason=exc.code)
+                failure = exc
+            if claims is None:
+                # No user to check: the deferred per-IP counters are counted on their own, first.
+                if self.admission is not None and not await limits_hit(self.admission.limiter, state.deferred,
+                                                                       scope, receive, send):
                     return
-                await send_error(send, status=401, code=exc.code, message=exc.message,
+            else:
+                revoked = await self._jwt_revoked(claims, scope, receive, send)
+                if revoked is None:
+                    return
+                if revoked:
+                    failure = Unauthenticated("token revoked; log in again", code="token_revoked")
+            if failure is not None or claims is None:
+                refusal = failure or Unauthenticated("invalid token", code="token_invalid")
+                state.reason = refusal.code
+                if scope["type"] == "websocket":
+                    await ws_refuse(receive, send, code=CLOSE_BAD_TICKET, reason=refusal.code)
+                    return
+                await send_error(send, status=401, code=refusal.code, message=refusal.message,
                                  headers=[(b"www-authenticate", b'Bearer realm="chatstream"')])
                 return
             state.user = TicketOwner(user_id=claims.user_id, username=claims.username, gen=claims.gen)
         elif route.auth == "ticket":
             if scope["type"] != "websocket":
+                if self.admission is not None and not await limits_hit(self.admission.limiter, state.deferred,
+                                                                       scope, receive, send):
+                    return
                 state.reason = "websocket_only"
                 await send_error(send, status=400, code="invalid", message="this route takes WebSocket handshakes")
                 return
-            ticket = query_param(scope, "ticket") or ""
-            try:
-                owner = await ws_ticket_consume(self.redis, ticket=ticket)
-            except (redis.RedisError, OSError) as exc:
-                logger.warning("gateway: cannot consume a ticket: %s", exc)
-                state.reason = "ticket_store_unavailable"
-                await ws_refuse(receive, send, code=1013, reason="try again shortly")
+            owner = await self._ticket_owner(query_param(scope, "ticket") or "", scope, receive, send)
+            if owner is False:
                 return
-            if owner is None or await self._refused(jti=None, user_id=owner.user_id, gen=owner.gen):
+            if owner is None or owner is True:
                 state.reason = "bad_ticket"
                 await ws_refuse(receive, send, code=CLOSE_BAD_TICKET, reason="unknown, expired or used ticket")
                 return
@@ -123,7 +232,8 @@ class AuthenticationLayer:
 
 
 class UserRateLimitLayer:
-    """Per-user limits on authenticated requests (HTTP) and handshakes (WebSocket)."""
+    """Per-user limits on authenticated requests (HTTP) and handshakes (WebSocket). A counter the
+    authentication layer already counted in its round trip (``state.user_usage``) is not counted again."""
 
     def __init__(self, app: ASGIApp, *, limiter: RateLimiter) -> None:
         self.app = app
@@ -132,10 +242,8 @@ class UserRateLimitLayer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = state_of(scope) if scope["type"] in ("http", "websocket") else None
         if state is not None and state.user is not None:
-            ws = scope["type"] == "websocket"
-            group, rate = (("gw:ws-user", settings.GATEWAY_RATE_WS_USER) if ws
-                           else ("gw:user", settings.GATEWAY_RATE_USER))
-            usage = await self.limiter.hit(group=group, rate=rate, value=state.user.user_id)
+            group, rate = user_limit(scope)
+            usage = state.user_usage or await self.limiter.hit(group=group, rate=rate, value=state.user.user_id)
             if usage.should_limit:
                 await refuse_limited(scope, receive, send, retry_after_s=usage.retry_after_s, scope_name=group)
                 return

@@ -34,7 +34,7 @@ from gateway.asgi import (
     state_of,
     ws_refuse,
 )
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import Counter, RateLimiter
 from gateway.routes import path_checked, route_match
 
 access_logger = logging.getLogger("chatstream.gateway.access")
@@ -121,23 +121,28 @@ class AccessLogLayer:
         try:
             await self.app(scope, receive, send_logged)
         finally:
-            entry: dict[str, Any] = {
-                "event": "access",
-                "request_id": state.request_id,
-                "type": scope["type"],
-                "method": scope.get("method", "GET"),
-                "path": scope.get("path", ""),
-                "status": state.status or 500,
-                "upstream": state.upstream or None,
-                "user_id": state.user.user_id if state.user else None,
-                "client": client_ip(scope),
-                "duration_ms": round((time.perf_counter() - state.started) * 1000, 2),
-            }
-            if state.close_code is not None:
-                entry["close_code"] = state.close_code
-            if state.reason:
-                entry["reason"] = state.reason
-            access_logger.info("%s", json.dumps(entry, separators=(",", ":")))
+            if access_logger.isEnabledFor(logging.INFO):  # the line is built only when someone reads it
+                self._log(scope, state)
+
+    @staticmethod
+    def _log(scope: Scope, state: RequestState) -> None:
+        entry: dict[str, Any] = {
+            "event": "access",
+            "request_id": state.request_id,
+            "type": scope["type"],
+            "method": scope.get("method", "GET"),
+            "path": scope.get("path", ""),
+            "status": state.status or 500,
+            "upstream": state.upstream or None,
+            "user_id": state.user.user_id if state.user else None,
+            "client": client_ip(scope),
+            "duration_ms": round((time.perf_counter() - state.started) * 1000, 2),
+        }
+        if state.close_code is not None:
+            entry["close_code"] = state.close_code
+        if state.reason:
+            entry["reason"] = state.reason
+        access_logger.info("%s", json.dumps(entry, separators=(",", ":")))
 
 
 class PathLayer:
@@ -223,11 +228,17 @@ def ip_key(ip: str) -> str:
 
 
 class IpRateLimitLayer:
-    """Per-IP limits: every HTTP request, plus a stricter budget on sensitive routes; WebSocket handshakes."""
+    """Per-IP limits: every HTTP request, plus a stricter budget on sensitive routes; WebSocket handshakes.
 
-    def __init__(self, app: ASGIApp, *, limiter: RateLimiter) -> None:
+    With ``defer`` (the gateway's stack), a request to a ``jwt`` or ``ticket`` route leaves its counters in
+    ``state.deferred``: the authentication layer counts them first in its own Redis round trip
+    (gateway/admission.py), and refuses exactly as this layer would have.
+    """
+
+    def __init__(self, app: ASGIApp, *, limiter: RateLimiter, defer: bool = False) -> None:
         self.app = app
         self.limiter = limiter
+        self.defer = defer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -246,10 +257,21 @@ class IpRateLimitLayer:
             checks = [("gw:ip", settings.GATEWAY_RATE_IP)]
             if state.route is not None and state.route.sensitive:
                 checks.append(("gw:sensitive-ip", settings.GATEWAY_RATE_SENSITIVE))
-        for group, rate in checks:
-            usage = await self.limiter.hit(group=group, rate=rate, value=ip)
-            if usage.should_limit:
-                await refuse_limited(scope, receive, send, retry_after_s=usage.retry_after_s, scope_name=group)
-                return
+        counters = [self.limiter.counter(group=group, rate=rate, value=ip) for group, rate in checks]
+        if self.defer and state.route is not None and state.route.auth in ("jwt", "ticket") and self.limiter.shared():
+            state.deferred = counters
+        elif not await limits_hit(self.limiter, counters, scope, receive, send):
+            return
         await self.app(scope, receive, send)
 
+
+async def limits_hit(limiter: RateLimiter, counters: list[Counter], scope: Scope, receive: Receive,
+                     send: Send) -> bool:
+    """Count ``counters`` one by one (one round trip each); on the first over its limit refuse the request
+    (429 or 4008) and answer False."""
+    for counter in counters:
+        usage = await limiter.hit_counter(counter)
+        if usage.should_limit:
+            await refuse_limited(scope, receive, send, retry_after_s=usage.retry_after_s, scope_name=counter.group)
+            return False
+    return True

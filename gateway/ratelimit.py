@@ -31,6 +31,17 @@ REDIS_RETRY_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
+class Counter:
+    """One fixed-window counter of one value (an IP, a user id) in one group, keyed as django-ratelimit keys it."""
+
+    group: str
+    key: str
+    limit: int
+    ttl_s: int
+    window_end: float
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     count: int
     limit: int
@@ -73,33 +84,56 @@ class RateLimiter:
         self._local[key] = (count, expires_at)
         return count
 
+    def shared(self) -> bool:
+        """Whether counters go to Redis now (False for REDIS_RETRY_S after a failure: counted locally)."""
+        return time.time() >= self._redis_down_until
+
+    def redis_failed(self, exc: BaseException) -> None:
+        """Count locally for REDIS_RETRY_S after a failed Redis call (by this limiter or a combined script)."""
+        self._redis_down_until = time.time() + REDIS_RETRY_S
+        logger.warning("gateway: rate-limit Redis unavailable (%s); counting per process for %.0fs",
+                       exc, REDIS_RETRY_S)
+
+    def counter(self, *, group: str, rate: str, value: str) -> Counter:
+        """The counter of one hit of ``value`` (an IP, a user id) in ``group`` at ``rate``, in the current
+        window (django-ratelimit's key, TTL and jittered window end). Pure but for the clock."""
+        limit, period = rate_validate(rate)
+        window = _get_window(value, period)
+        key = self._cache.make_key(_make_cache_key(group, window, rate, value, None))
+        return Counter(group=group, key=key, limit=limit, ttl_s=period + EXPIRATION_FUDGE, window_end=window)
+
+    def usage(self, counter: Counter, count: int, *, shared: bool = True) -> Usage:
+        """What ``count`` hits of ``counter`` mean. Pure but for the clock."""
+        # The window ends at `window_end` (django-ratelimit's jittered edge); at least 1 s, as Retry-After is whole.
+        retry_after = max(1, math.ceil(counter.window_end - time.time()))
+        return Usage(count=count, limit=counter.limit, should_limit=count > counter.limit,
+                     retry_after_s=retry_after, shared=shared)
+
+    def local_hit(self, counter: Counter) -> Usage:
+        """Count one hit in this process only (Redis is down)."""
+        count = self._local_incr(counter.key, expires_at=counter.window_end + EXPIRATION_FUDGE)
+        return self.usage(counter, count, shared=False)
+
     async def hit(self, *, group: str, rate: str, value: str) -> Usage:
         """Count one hit of ``value`` (an IP, a user id) in ``group`` at ``rate``; say whether to refuse it.
 
         Side effect: one Redis MULTI (SET NX EX, INCR), or a local count while Redis is down.
         """
-        limit, period = rate_validate(rate)
-        window = _get_window(value, period)
-        key = self._cache.make_key(_make_cache_key(group, window, rate, value, None))
-        now = time.time()
-        count: int | None = None
-        if now >= self._redis_down_until:
+        return await self.hit_counter(self.counter(group=group, rate=rate, value=value))
+
+    async def hit_counter(self, counter: Counter) -> Usage:
+        """:meth:`hit` of a counter made by :meth:`counter`."""
+        if self.shared():
             try:
                 async with self._client.pipeline(transaction=True) as pipe:
-                    pipe.set(key, 0, ex=period + EXPIRATION_FUDGE, nx=True)
-                    pipe.incr(key)
+                    pipe.set(counter.key, 0, ex=counter.ttl_s, nx=True)
+                    pipe.incr(counter.key)
                     _, count = await pipe.execute()
             except (redis.RedisError, OSError) as exc:
-                self._redis_down_until = now + REDIS_RETRY_S
-                logger.warning("gateway: rate-limit Redis unavailable (%s); counting per process for %.0fs",
-                               exc, REDIS_RETRY_S)
-        shared = count is not None
-        if count is None:
-            count = self._local_incr(key, expires_at=window + EXPIRATION_FUDGE)
-        # The window ends at `window` (django-ratelimit's jittered edge); at least 1 s, as Retry-After is whole.
-        retry_after = max(1, math.ceil(window - now))
-        return Usage(count=int(count), limit=limit, should_limit=int(count) > limit, retry_after_s=retry_after,
-                     shared=shared)
+                self.redis_failed(exc)
+            else:
+                return self.usage(counter, int(count))
+        return self.local_hit(counter)
 
 
 class TokenBucket:

@@ -36,6 +36,8 @@ class Route:
 
 
 # Order matters: the first match wins, so exact public auth routes come before the protected /api/ prefix.
+# Answered by the gateway itself (docs/adr/0039); its ticket is stored in the authentication round trip.
+WS_TICKET_PATH = "/api/v1/auth/ws-ticket"
 ROUTES: tuple[Route, ...] = (
     Route("/healthz", "gateway", "public", exact=True, limited=False),
     Route("/readyz", "gateway", "public", exact=True, limited=False),
@@ -55,7 +57,7 @@ ROUTES: tuple[Route, ...] = (
     # The gateway issues WebSocket tickets itself: it has verified the access token (and its revocation) at
     # the edge already, and a ticket is one Redis SET; the api's hop cost more than the rest of a connect
     # (issue 16, docs/adr/0039). The api still serves the same route to direct callers.
-    Route("/api/v1/auth/ws-ticket", "gateway", "jwt", exact=True),
+    Route(WS_TICKET_PATH, "gateway", "jwt", exact=True),
     Route("/api/", "api", "jwt"),
     Route("/admin/", "api", "upstream"),
     Route("/ws/", "broker", "ticket"),

@@ -60,6 +60,9 @@ class SocketSlots:
         self.ttl_s = ttl_s
         self.held: dict[str, str] = {}  # slot member -> user id, of this process's open sockets
         self._renewer: asyncio.Task[None] | None = None
+        # EVALSHA: the script's text is not sent with every connect (redis-py loads it on a NOSCRIPT answer).
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
 
     async def acquire(self, *, user_id: str) -> str | None:
         """A slot for one more socket of ``user_id`` (release it when the socket ends), or None at the cap.
@@ -67,8 +70,8 @@ class SocketSlots:
         member = uuid.uuid4().hex
         now = time.time()
         try:
-            admitted = await self._client.eval(_ACQUIRE, 1, GATEWAY_SOCKETS_PREFIX + user_id, now, now + self.ttl_s,
-                                               self.cap, member, int(self.ttl_s) + 1)
+            admitted = await self._acquire(keys=[GATEWAY_SOCKETS_PREFIX + user_id],
+                                           args=[now, now + self.ttl_s, self.cap, member, int(self.ttl_s) + 1])
         except (redis.RedisError, OSError) as exc:
             logger.warning("gateway: socket slots unavailable (%s); admitting the socket", exc)
             admitted = 1
@@ -98,8 +101,7 @@ class SocketSlots:
             try:
                 for start in range(0, len(held), RENEW_SLICE):
                     part = held[start:start + RENEW_SLICE]
-                    await self._client.eval(_RENEW, len(part),
-                                            *(GATEWAY_SOCKETS_PREFIX + user_id for _, user_id in part),
-                                            expiry, int(self.ttl_s) + 1, *(member for member, _ in part))
+                    await self._renew(keys=[GATEWAY_SOCKETS_PREFIX + user_id for _, user_id in part],
+                                      args=[expiry, int(self.ttl_s) + 1, *(member for member, _ in part)])
             except (redis.RedisError, OSError) as exc:
                 logger.warning("gateway: could not renew socket slots (%s)", exc)

@@ -24,6 +24,7 @@ from core.keys import (
     user_conversations_version_key,
 )
 from messaging import frames, selectors
+from messaging.conversation_index import user_conversations_record
 
 # A membership answer is cached this long. The API's membership changes write the new set at once
 # (membership_invalidate_sync), so the TTL is not what keeps it fresh: it bounds the staleness after a write
@@ -223,13 +224,19 @@ def membership_changed_sync(client: Any, *, user_ids: list[str], conversation_id
     or stop receiving its events at once. Call after the change is saved in MongoDB (the REST services do).
     Side effects: bumps the members' generation and rewrites the cached members from MongoDB (one read by
     ``_id``), adds or removes the conversation in each user's cached conversation ids (or drops them, if a
-    later change raced this one), drops the conversation's card (docs/adr/0028), PUBLISHes the invalidation
-    and one control message."""
+    later change raced this one), writes each user's ``user_conversations`` document (docs/adr/0043; their
+    versions bumped before it, and again after it), drops the conversation's card (docs/adr/0028), PUBLISHes
+    the invalidation and one control message."""
     users = list(user_ids)
     with client.pipeline(transaction=True) as pipe:
         _membership_invalidate_queue(pipe, conversation_id=conversation_id)
+        for uid in users:  # before the documents' writes: a rebuild racing them sees the version move
+            pipe.incr(user_conversations_version_key(uid))
+            pipe.expire(user_conversations_version_key(uid), 2 * selectors.USER_CONVERSATIONS_TTL_S)
         generation = pipe.execute()[0]
     found = _members_query(conversation_id)
+    user_conversations_record(user_ids=users, conversation_id=conversation_id, members=found,
+                              members_read=lambda: _members_query(conversation_id))
     keys = [membership_key(conversation_id), membership_generation_key(conversation_id)]
     for uid in users:
         keys += [user_conversations_key(uid), user_conversations_version_key(uid)]

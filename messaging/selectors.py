@@ -21,6 +21,7 @@ from core import keys
 from core.bus import BusAsync
 from core.keys import conversation_card_key, user_conversations_key, user_conversations_version_key
 from core.values import as_str
+from messaging.conversation_index import user_conversations_rebuild, user_conversations_stored
 from messaging.streams import bus_resolve
 
 # XREVRANGE page while looking for a conversation's missed events: big enough that a short absence is one
@@ -39,9 +40,11 @@ ARCHIVE_PAGE = 500
 # through the services adds or removes the conversation in each changed user's set (and bumps the version,
 # so a fill racing the change is not stored): messaging.membership.membership_changed_sync, docs/adr/0039.
 # Only a set that is not cached (a user from before this, one quiet for the TTL, a Redis restart without its
-# data) is filled from the store (one members query, a scan on FerretDB), once. The TTL only bounds staleness
-# after a change that bypassed the services (a manual database edit): 30 days, as the members sets'
-# (messaging.membership.MEMBERSHIP_TTL_S); with a day, every user's first connect of the day read the store.
+# data) is filled from the store, once: the user's ``user_conversations`` document, one read by ``_id``
+# (docs/adr/0043); a members query (a scan on FerretDB) only for a user without a complete one, which it
+# writes. The TTL only bounds staleness after a change that bypassed the services (a manual database edit):
+# 30 days, as the members sets' (messaging.membership.MEMBERSHIP_TTL_S); with a day, every user's first
+# connect of the day read the store.
 USER_CONVERSATIONS_TTL_S = 30 * 24 * 3600
 _NONE = "-"  # the cached set of a user in no conversation (a set cannot be empty)
 
@@ -54,15 +57,16 @@ def _redis(url: str) -> redis.Redis:
 
 
 def _user_conversation_ids_from_db(user_id: str) -> list[str]:
-    from core.documents import Conversation
-
-    return [str(c["_id"]) for c in Conversation.objects(members=ObjectId(user_id)).only("id").as_pymongo()]
+    """The members query (a scan of ``conversations`` on FerretDB), for a user without a complete
+    ``user_conversations`` document; writes that document (docs/adr/0043)."""
+    return user_conversations_rebuild(_redis(settings.REDIS_URL), user_id=user_id)
 
 
 def user_conversation_ids(*, user_id: str) -> list[str]:
-    """Ids of every conversation the user is a member of: from the Redis cache, else MongoDB (blocking; async
-    callers use a worker thread). Side effect on a miss: fills the cache, unless a membership change of the
-    user happened meanwhile (its version moved)."""
+    """Ids of every conversation the user is a member of: from the Redis cache, else the user's
+    ``user_conversations`` document (one read by ``_id``, docs/adr/0043), else the members query that rebuilds
+    it (blocking; async callers use a worker thread). Side effect on a miss: fills the cache, unless a
+    membership change of the user happened meanwhile (its version moved)."""
     if not ObjectId.is_valid(user_id):
         return []
     r = _redis(settings.REDIS_URL)
@@ -71,7 +75,9 @@ def user_conversation_ids(*, user_id: str) -> list[str]:
     if cached:
         return sorted({m.decode() if isinstance(m, bytes) else str(m) for m in cached} - {_NONE})
     version = r.get(vkey)
-    found = _user_conversation_ids_from_db(user_id)
+    found = user_conversations_stored(user_id=user_id)
+    if found is None:
+        found = _user_conversation_ids_from_db(user_id)
     with r.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(vkey)

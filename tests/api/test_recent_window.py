@@ -277,7 +277,8 @@ def test_the_conversation_list_is_right_the_moment_after_a_send_and_served_from_
     assert [m["content"] for m in page["results"]] == ["newest", ""]
 
 
-def test_a_new_conversation_is_listed_at_once_and_unread_counts_beyond_the_window(servers: Servers) -> None:
+def test_a_new_conversation_is_listed_at_once_and_unread_counts_beyond_the_window(
+        servers: Servers, no_messages_reads: Any) -> None:
     alice, bob, dave = account("alice"), account("bob"), account("dave")
     ab = single(alice, bob)
     assert [c["id"] for c in listed(alice)] == [ab]  # the cached list of alice's conversations is warm
@@ -294,6 +295,9 @@ def test_a_new_conversation_is_listed_at_once_and_unread_counts_beyond_the_windo
     assert floor is not None and floor > 2
     # Alice read up to seq 2, below the window: the store counts (2, floor], the window the rest.
     assert alice.client.post(f"/api/v1/conversations/{ab}/read", {"seq": 2}, format="json").status_code == 200
+    # The part below the window is counted from the buckets by _id, not by a query of messages (a scan on
+    # FerretDB, on every list of a user that far behind).
+    no_messages_reads()
     assert next(c for c in listed(alice) if c["id"] == ab)["unread"] == 13
     assert bob.client.get(f"/api/v1/conversations/{ab}").json()["unread"] == 1
 

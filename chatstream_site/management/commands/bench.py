@@ -48,6 +48,12 @@ class Command(BaseCommand):
         parser.add_argument("--mention", action="store_true",
                             help="ChatStream: every message names a member (@username): the cost of mentions")
         parser.add_argument("--out", default="var/bench", help="folder for the PNG and JSON results")
+        parser.add_argument("--profile", default="",
+                            help="folder: py-spy (raw folded stacks) of the Python servers and the load client "
+                                 "over each traffic window")
+        parser.add_argument("--quiet-lock", default="",
+                            help="folder of a shared machine's benchmark locks (gate.lock, bench.lock): each system "
+                                 "holds them exclusively only while it measures, not while it sets up and connects")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         systems = [s.strip() for s in opts["systems"].split(",") if s.strip()]
@@ -61,7 +67,8 @@ class Command(BaseCommand):
             raise CommandError("need at least one connection per conversation")
         workload = benchmark.Workload(connections=opts["connections"], conversations=opts["conversations"],
                                       duration_s=opts["duration"], rate=opts["rate"],
-                                      idle_s=opts["idle_seconds"], mention=opts["mention"])
+                                      idle_s=opts["idle_seconds"], mention=opts["mention"],
+                                      profile_dir=opts["profile"], quiet_lock_dir=opts["quiet_lock"])
         out_dir = Path(opts["out"])
         out_dir.mkdir(parents=True, exist_ok=True)
         # The load client runs on uvloop, as the brokers do: it drives every connection of every system from one
