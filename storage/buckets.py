@@ -142,10 +142,11 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None, tails
     pymongo errors; any other write error fails the batch (it is retried), since the buckets must not miss a
     message the entry's ack would declare persisted."""
     live = [i for i in items if i.event is not None and i.event.seq > 0 and i.failure is None and i.dead is None]
-    if not live:
-        return
     seen = seen or Seen(db)
     tails = tails if tails is not None and tails_enabled() else None
+    if not live:
+        _tails_seen(seen, tails)  # a batch of read marks only: the read mirror looks in the tails
+        return
     shells: dict[str, dict[str, Any]] = {}
     sets: dict[str, dict[str, Any]] = {}
     complete: list[dict[str, Any]] = []
@@ -212,10 +213,7 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None, tails
                 complete.append(_whole(cid, tail))
                 tail = None
         tails.of[cid] = tail
-    if tails is not None:
-        for cid, tail in tails.of.items():
-            if tail is not None:
-                seen.tails[bucket_id(cid, tail.n * BUCKET_SEQS + 1)] = {"m": tail.m}
+    _tails_seen(seen, tails)
     for doc in complete:
         seen.buckets[doc["_id"]] = doc
     for documents in (list(shells.values()), complete):
@@ -232,6 +230,13 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None, tails
                            updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         _buckets_raise(reply.get("writeErrors") or [])
     _changes_write(db, live, seen=seen, tails=tails)
+
+
+def _tails_seen(seen: Seen, tails: Tails | None) -> None:
+    """Let ``seen.bucket`` answer a bucket in progress from its tail (the changes and the read mirror use it)."""
+    for cid, tail in (tails.of.items() if tails is not None else ()):
+        if tail is not None:
+            seen.tails[bucket_id(cid, tail.n * BUCKET_SEQS + 1)] = {"m": tail.m}
 
 
 def _complete_into_stored(seen: Seen, doc: dict[str, Any], sets: dict[str, dict[str, Any]]) -> None:

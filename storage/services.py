@@ -203,8 +203,9 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         return result
     try:
         # The batch's conversations' buckets in progress (docs/adr/0041), saved below before the ack.
+        # Read marks' conversations too: the 1:1 read mirror finds a tail's message ids in it.
         tails = tails_load(r, partition=partition, conversation_ids=sorted(
-            {i.event.conversation_id for i in live if i.event is not None and i.event.seq > 0}))
+            {i.event.conversation_id for i in live if i.event is not None}))
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise Retryable(f"redis unavailable: {exc}") from exc
     try:

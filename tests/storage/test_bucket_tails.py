@@ -95,6 +95,10 @@ def test_a_bucket_is_inserted_once_whole_when_its_range_is_complete_with_every_c
     # The 1:1 read mirror found the tail's messages (alice's 1..10 read by bob).
     reads = {m["seq"]: m["read_status"] for m in get_db().messages.find({"conversation_id": ObjectId(cid)})}
     assert [reads[s] for s in range(1, 12)] == ["read"] * 10 + ["sent"]
+    append_events(servers.redis_url, [read_event(cid, bob, 20)])  # a batch of a read mark alone
+    drain()
+    reads = {m["seq"]: m["read_status"] for m in get_db().messages.find({"conversation_id": ObjectId(cid)})}
+    assert [reads[s] for s in range(1, 22)] == ["read"] * 20 + ["sent"]
 
     more = [a.message_id for a in send_messages(servers.redis_url, cid, bob, 22, prefix="b")]  # seqs 33..54
     bucket_commands.clear()
