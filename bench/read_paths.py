@@ -184,27 +184,27 @@ def measure_gateway(args: argparse.Namespace, cluster: Cluster, *, convs: list[t
             for name in paths:
                 out[name] = stats([one(name, k) for k in range(args.samples)])
             out["load_after"] = load_average()
-        print(json.dumps(out), flush=True)
-        if args.profile:
-            directory = Path(args.profile)
-            directory.mkdir(parents=True, exist_ok=True)
-            pids = {f"api{i}": pid for i in ("1", "2") for pid in cluster.role_pids("api", i)}
-            pids.update({f"gateway{j}": pid for j, pid in enumerate(cluster.role_pids("gateway"))})
-            spy_bin = str(Path(sys.executable).parent / "py-spy")
-            for name in paths:
-                spies = [subprocess.Popen([spy_bin, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
-                                           "--duration", str(args.profile_seconds), "--output",
-                                           str(directory / f"{name}-{role}.txt")],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                         for role, pid in pids.items()]
-                time.sleep(1)  # py-spy attaches
-                deadline, k, n = time.monotonic() + args.profile_seconds - 1, 0, 0
-                while time.monotonic() < deadline:
-                    one(name, k)
-                    k, n = k + 1, n + 1
-                for spy in spies:
-                    spy.wait(timeout=120)
-                out.setdefault("profiled_requests", {})[name] = n
+            print(json.dumps(out), flush=True)
+            if args.profile:  # under the lock too: py-spy and this load would disturb another run's figures
+                directory = Path(args.profile)
+                directory.mkdir(parents=True, exist_ok=True)
+                pids = {f"api{i}": pid for i in ("1", "2") for pid in cluster.role_pids("api", i)}
+                pids.update({f"gateway{j}": pid for j, pid in enumerate(cluster.role_pids("gateway"))})
+                spy_bin = str(Path(sys.executable).parent / "py-spy")
+                for name in paths:
+                    spies = [subprocess.Popen([spy_bin, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                                               "--duration", str(args.profile_seconds), "--output",
+                                               str(directory / f"{name}-{role}.txt")],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             for role, pid in pids.items()]
+                    time.sleep(1)  # py-spy attaches
+                    deadline, k, n = time.monotonic() + args.profile_seconds - 1, 0, 0
+                    while time.monotonic() < deadline:
+                        one(name, k)
+                        k, n = k + 1, n + 1
+                    for spy in spies:
+                        spy.wait(timeout=120)
+                    out.setdefault("profiled_requests", {})[name] = n
     return out
 
 

@@ -75,6 +75,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: keeps the whole chain above sync under ASGI (one thread hop, not one per middleware method).
+    "chatstream_site.security.SyncChainMiddleware",
 ]
 
 # The gateway replaces any client-sent X-Forwarded-Proto with the scheme it was reached by: "https" marks a
