@@ -236,12 +236,11 @@ def quiet_lock(folder: str) -> contextlib.ExitStack:
 
 
 def population(*, users: int, conversations: int, redis_url: str) -> list[tuple[str, str]]:
-    """Users and group conversations as the REST services leave them; returns (user id, access token) each."""
+    """Users and group conversations as the REST services leave them; returns (user id, username) each."""
     import redis
     from bson import ObjectId
 
     from core.documents import Conversation, User
-    from core.tokens import token_issue
     from messaging.membership import membership_changed_sync
     from messaging.selectors import user_conversations_init
 
@@ -265,8 +264,15 @@ def population(*, users: int, conversations: int, redis_url: str) -> list[tuple[
     for cid, group in zip(conversation_ids, groups, strict=True):
         membership_changed_sync(client, user_ids=[str(u) for u in group], conversation_id=str(cid))
     client.close()
-    return [(str(uid), token_issue(user_id=str(uid), username=f"c{run}{i}", type="access"))
-            for i, uid in enumerate(user_ids)]
+    return [(str(uid), f"c{run}{i}") for i, uid in enumerate(user_ids)]
+
+
+def tokens_issue(users: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(user id, access token) of each (user id, username): issued just before the clients start, so a run
+    that waited for the quiet lock longer than an access token lives (JWT_ACCESS_TTL) still connects."""
+    from core.tokens import token_issue
+
+    return [(uid, token_issue(user_id=uid, username=name, type="access")) for uid, name in users]
 
 
 def main() -> None:
@@ -330,16 +336,17 @@ def main() -> None:
         time.sleep(1.5)  # the gateways' registry caches
         total = opts.warmup + opts.connections
         t_setup = time.monotonic()
-        tokens = population(users=total, conversations=opts.conversations, redis_url=servers.redis_url)
+        users = population(users=total, conversations=opts.conversations, redis_url=servers.redis_url)
         print(f"setup: {total} users in {opts.conversations} conversations in {time.monotonic() - t_setup:.1f}s",
               file=sys.stderr)
         addresses = [f"127.0.0.1:{g.port}" for g in gateways]
-        warm, rest = tokens[:opts.warmup], tokens[opts.warmup:]
-        clients = [Client(gateways=addresses, concurrency=opts.concurrency,
-                          tokens=warm[i::opts.clients] + rest[i::opts.clients]) for i in range(opts.clients)]
         broker_pids = [b.proc.pid for b in brokers if b.proc is not None]
         gateway_pids = [g.proc.pid for g in gateways if g.proc is not None]
         quiet = quiet_lock(opts.quiet_lock)
+        tokens = tokens_issue(users)
+        warm, rest = tokens[:opts.warmup], tokens[opts.warmup:]
+        clients = [Client(gateways=addresses, concurrency=opts.concurrency,
+                          tokens=warm[i::opts.clients] + rest[i::opts.clients]) for i in range(opts.clients)]
         warmed = clients_ask(clients, f"open {-(-opts.warmup // opts.clients)}")
         time.sleep(3)  # the warm-up's background work (presence) ends
         rss0 = {pid: proc_rss_kb(pid) for pid in broker_pids + gateway_pids}

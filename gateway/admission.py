@@ -17,8 +17,10 @@ the same script as the credential's check:
 The counters are django-ratelimit's (keys, windows, ``SET NX EX`` + ``INCR``: :class:`RateLimiter`), so the
 numbers are the ones ``django_ratelimit.core.get_usage`` reads. When the limiter counts locally (Redis failed,
 docs/adr/0005) nothing is deferred and the counters stay local; a failed script counts its counters locally
-and fails the revocation read open, as the layers did apart. The scripts use the gateway's main client (2 s
-timeout), which already bounded the revocation read and the ticket on these routes.
+and fails the revocation read open, as the layers did apart. The scripts go to the gateway's main Redis (2 s
+timeout, which already bounded the revocation read and the ticket on these routes) over one pipelined
+connection (``messaging/resp.py``, docs/adr/0040): every request in flight shares it, with no pool checkout,
+``Retry`` or ``Timeout`` object per call; a server redis-py reaches by TLS or as a cluster keeps redis-py.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.exceptions
 
 from core.keys import REVOKED_PREFIX, REVOKED_USER_PREFIX, TICKET_PREFIX
 from core.tokens import TicketOwner, ticket_owner_parse
 from gateway.ratelimit import Counter, RateLimiter, Usage
+from messaging.resp import RespClient, resp_client_for
 
 # Counters: KEYS[first..last] with ARGV[arg], ARGV[arg + 1] = TTL and limit of each. Appends each count to
 # `counts`; false at the first counter over its limit (counted, as django-ratelimit counts a refused hit).
@@ -117,9 +121,29 @@ class Admission:
 
     def __init__(self, *, client: redis.asyncio.Redis, limiter: RateLimiter) -> None:
         self.limiter = limiter
+        self._resp: RespClient | None = resp_client_for(client)
         self._jwt = client.register_script(_JWT)
         self._ticket = client.register_script(_TICKET)
         self._owner = client.register_script(_OWNER)
+
+    async def _run(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
+        """Run a registered script: EVALSHA on the pipelined connection (EVAL once on NOSCRIPT: first use, a
+        restarted or flushed Redis), or redis-py's own where that connection is not available. Raises the
+        client's errors."""
+        if self._resp is None:
+            return await script(keys=keys, args=args)
+        tail = [len(keys), *keys, *(a if isinstance(a, str | bytes | int) else str(a) for a in args)]
+        reply = (await self._resp.execute([["EVALSHA", script.sha, *tail]]))[0]
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            reply = (await self._resp.execute([["EVAL", script.script, *tail]]))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        """Close the pipelined connection (the gateway's shutdown)."""
+        if self._resp is not None:
+            self._resp.close()
 
     def _verdict(self, reply: list[Any], counters: list[Counter], *, skip: int = 1,
                  owner: TicketOwner | None = None) -> Verdict:
@@ -148,7 +172,7 @@ class Admission:
             keys.append(ticket[0])
             args += [ticket[1], ticket[2]]
         try:
-            reply = await self._jwt(keys=keys, args=args)
+            reply = await self._run(self._jwt, keys=keys, args=args)
         except (redis.RedisError, OSError) as exc:
             self.limiter.redis_failed(exc)
             return self._local(ip + user)
@@ -160,7 +184,8 @@ class Admission:
         refuses with 1013)."""
         if not ticket or len(ticket) > 128:  # not a ticket we issued: no lookup, but the IP is still counted
             ticket = "-"
-        reply = await self._ticket(keys=[*(c.key for c in ip), TICKET_PREFIX + ticket], args=[len(ip), *_pairs(ip)])
+        reply = await self._run(self._ticket, keys=[*(c.key for c in ip), TICKET_PREFIX + ticket],
+                                args=[len(ip), *_pairs(ip)])
         raw = reply[1]
         return self._verdict(reply, ip, skip=2, owner=ticket_owner_parse(raw) if raw else None)
 
@@ -168,8 +193,8 @@ class Admission:
         """Refuse a ticket issued before its owner's password change or account removal, else count ``user``:
         one script. Fails open (local counters, not revoked) when Redis fails, as the revocation read did."""
         try:
-            reply = await self._owner(keys=[REVOKED_USER_PREFIX + owner.user_id, *(c.key for c in user)],
-                                      args=[owner.gen, len(user), *_pairs(user)])
+            reply = await self._run(self._owner, keys=[REVOKED_USER_PREFIX + owner.user_id, *(c.key for c in user)],
+                                    args=[owner.gen, len(user), *_pairs(user)])
         except (redis.RedisError, OSError) as exc:
             self.limiter.redis_failed(exc)
             return self._local(user)

@@ -137,8 +137,8 @@ class GatewayApp:
         stack: ASGIApp = self.router
         stack = RouteAuthorizationLayer(stack)
         stack = UserRateLimitLayer(stack, limiter=self.limiter)
-        stack = AuthenticationLayer(stack, redis_client=self.redis,
-                                    admission=Admission(client=self.redis, limiter=self.limiter))
+        self.admission = Admission(client=self.redis, limiter=self.limiter)
+        stack = AuthenticationLayer(stack, redis_client=self.redis, admission=self.admission)
         stack = IpRateLimitLayer(stack, limiter=self.limiter, defer=True)
         stack = OriginLayer(stack)
         stack = PathLayer(stack)
@@ -160,6 +160,7 @@ class GatewayApp:
 
         async def close() -> None:
             await self.router.http.aclose()
+            self.admission.close()
             await self.redis.aclose()
             await self.limits_redis.aclose()
 

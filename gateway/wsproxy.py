@@ -37,7 +37,21 @@ from gateway.proxy import MAX_ATTEMPTS, WS_SKIP, upstream_headers, upstream_url
 from gateway.ratelimit import RateLimiter, TokenBucket
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
 from gateway.userlimits import SocketSlots
-from gateway.wslink import SERVER_SEND, AsgiFrames, HandshakeRefused, UpstreamLink, link_open, raw_output
+from gateway.wslink import (
+    SERVER_SEND,
+    AsgiFrames,
+    HandshakeRefused,
+    UpstreamLink,
+    link_open,
+    raw_output,
+    tcp_keepalive,
+)
+
+# The kernel's probes of an idle client connection (after GATEWAY_WS_KEEPALIVE_IDLE_S): 4 probes 5 s apart,
+# so the default 20 s idle notices a vanished client within 40 s, the bound uvicorn's 20 s ping + 20 s pong
+# timeout gave (docs/protocol.md, Liveness).
+KEEPALIVE_PROBE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 4
 
 
 def _client_close_code(code: int | None) -> int:
@@ -164,6 +178,10 @@ class WebSocketProxy:
 
         if raw is not None:
             link.attach(raw.transport.write, raw.transport.get_write_buffer_size)
+            idle_s = int(settings.GATEWAY_WS_KEEPALIVE_IDLE_S)
+            if idle_s:
+                tcp_keepalive(raw.transport, idle_s=idle_s, interval_s=KEEPALIVE_PROBE_INTERVAL_S,
+                              count=KEEPALIVE_PROBES)
         else:
             assert output is not None
             link.attach(output.feed, output.backlog)

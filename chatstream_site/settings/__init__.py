@@ -75,6 +75,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: keeps the whole chain above sync under ASGI (one thread hop, not one per middleware method).
+    "chatstream_site.security.SyncChainMiddleware",
 ]
 
 # The gateway replaces any client-sent X-Forwarded-Proto with the scheme it was reached by: "https" marks a
@@ -276,6 +278,16 @@ GATEWAY_WS_FRAME_BURST = env_int("CHATSTREAM_GATEWAY_WS_FRAME_BURST", 60, minimu
 # window (1.5x one socket's sustained 20/s: a person has one active socket at a time; bursts of reconnecting
 # tabs fit in the 10 s window). Past the socket cap the handshake is closed with 4011; past the frame budget
 # the socket that sent the frame is closed with 4008.
+# Liveness of a client's WebSocket at the gateway (docs/protocol.md, Liveness; docs/adr/0044). The kernel
+# probes a connection idle for GATEWAY_WS_KEEPALIVE_IDLE_S (then 4 probes 5 s apart: a vanished client is
+# noticed within 40 s, as with uvicorn's former 20 s ping + 20 s timeout) at no cost to the process; 0 turns
+# it off. WebSocket pings stay as the backstop for what the kernel cannot see (a proxy that ends TCP in front
+# of the gateway answers its probes) and keep idle intermediaries from dropping the socket: every 45 s, under
+# the 60 s idle timeout common to proxies and load balancers, closed with 1011 when no pong comes in 20 s.
+# 45 s instead of 20 s: 2.25x fewer ping/pong round trips per idle socket (docs/benchmarks.md).
+GATEWAY_WS_KEEPALIVE_IDLE_S = env_int("CHATSTREAM_GATEWAY_WS_KEEPALIVE_IDLE", 20, minimum=0)
+GATEWAY_WS_PING_INTERVAL_S = env_float("CHATSTREAM_GATEWAY_WS_PING_INTERVAL", 45.0, minimum=1.0)
+GATEWAY_WS_PING_TIMEOUT_S = env_float("CHATSTREAM_GATEWAY_WS_PING_TIMEOUT", 20.0, minimum=1.0)
 GATEWAY_WS_MAX_SOCKETS_PER_USER = env_int("CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER", 16, minimum=1)
 GATEWAY_WS_SLOT_TTL_S = env_float("CHATSTREAM_GATEWAY_WS_SLOT_TTL", 60.0, minimum=3.0)
 GATEWAY_RATE_WS_USER_FRAMES = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES", "300/10s")

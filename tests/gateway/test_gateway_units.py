@@ -395,6 +395,40 @@ def test_the_broker_link_refuses_a_wrong_handshake_and_reports_a_refusal() -> No
     assert asyncio.run(scenario()) == 403
 
 
+def test_a_connect_a_busy_loop_saw_late_is_not_a_broker_timeout_but_a_silent_broker_is() -> None:
+    """uvloop runs due timers before it polls for I/O: a loop blocked past the connect timeout must not turn a
+    connect the kernel finished into a timeout (which opened the broker's breaker in a wave, docs/adr/0044),
+    while a connect that stays unanswered with the loop responsive still times out."""
+    import uvloop
+    from websockets.asyncio.server import serve
+
+    from gateway.wslink import connected_within, link_open
+
+    async def lagging() -> bool:
+        async with serve(lambda ws: ws.wait_closed(), "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            opening = asyncio.ensure_future(link_open(host="127.0.0.1", port=port, target="/ws/", headers=[],
+                                                      subprotocols=[], origin=None, connect_timeout_s=0.2,
+                                                      answer_timeout_s=5))
+            await asyncio.sleep(0)  # the connect is under way ...
+            time.sleep(0.6)  # ... and the loop is busy elsewhere, past the timeout
+            link = await opening
+            opened = link.opened.done()
+            link.close()
+            return opened
+
+    async def silent() -> float:
+        never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await connected_within(never, timeout_s=0.2, limit_s=5)
+        assert never.cancelled()
+        return time.monotonic() - started
+
+    assert uvloop.run(lagging())
+    assert 0.15 < uvloop.run(silent()) < 3
+
+
 def test_only_canonical_paths_are_routed() -> None:
     for ok in ("/", "/api/v1/users/me", "/app/main.js", "/static/a b/c%d.css", "/api/v1/users/"):
         assert path_checked(raw_path=ok.encode(), path=ok) == ok

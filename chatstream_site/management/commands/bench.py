@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -71,9 +72,24 @@ class Command(BaseCommand):
                                       profile_dir=opts["profile"], quiet_lock_dir=opts["quiet_lock"])
         out_dir = Path(opts["out"])
         out_dir.mkdir(parents=True, exist_ok=True)
+        # A SIGTERM (``timeout``, a supervisor) unwinds like Ctrl-C, through the ``finally`` blocks that stop the
+        # servers this run started in their own sessions; the default action left them running, orphaned.
+        signal.signal(signal.SIGTERM, _terminate)
         # The load client runs on uvloop, as the brokers do: it drives every connection of every system from one
         # thread, and on a 2-core machine it must not be what sets the pace (its CPU % is in the table).
-        results = uvloop.run(self._run(workload=workload, systems=systems, opts=opts, out_dir=out_dir))
+        results: list[benchmark.Result] = []
+        # Each system's figures are saved as soon as it is measured (fanout-<start>-partial.json): a run stopped
+        # later (a timeout while it waits for a shared machine's benchmark lock) keeps what it measured.
+        partial = out_dir / f"fanout-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-partial.json"
+
+        def checkpoint(result: benchmark.Result) -> None:
+            results.append(result)
+            saved = benchmark.summary_stats(results)
+            saved.update(workload=vars(workload), brokers=opts["brokers"], command=" ".join(sys.argv))
+            partial.write_text(json.dumps(saved, indent=2))
+
+        uvloop.run(self._run(workload=workload, systems=systems, opts=opts, out_dir=out_dir, checkpoint=checkpoint))
+        partial.unlink(missing_ok=True)
         self.stdout.write("\n" + benchmark.table(results))
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         rate = f"{workload.rate:g} msg/s" if workload.rate else "as fast as acked"
@@ -101,11 +117,10 @@ class Command(BaseCommand):
         self.stdout.write(f"\nplot: {png}\nresults: {out_dir / f'fanout-{stamp}.json'}")
 
     async def _run(self, *, workload: benchmark.Workload, systems: list[str], opts: dict[str, Any],
-                   out_dir: Path) -> list[benchmark.Result]:
+                   out_dir: Path, checkpoint: Callable[[benchmark.Result], None]) -> None:
         from storage.mongo import mongo_connect
 
         members = benchmark.population(connections=workload.connections, conversations=workload.conversations)
-        results: list[benchmark.Result] = []
         servers = None
         workdir = out_dir
         if opts["url"]:
@@ -133,7 +148,7 @@ class Command(BaseCommand):
                     urls = [f"ws://127.0.0.1:{port}/ws/" for _, port in spawned]
                     pids = [proc.pid for proc, _ in spawned]
                 try:
-                    results.append(await benchmark.measure(
+                    checkpoint(await benchmark.measure(
                         system=system, urls=urls, workload=workload, members=members,
                         conversation_ids=conversation_ids, tickets=tickets, server_pids=pids, out=self.stderr,
                         settled=functools.partial(benchmark.chatstream_online_all, user_ids)))
@@ -144,7 +159,7 @@ class Command(BaseCommand):
                                                 log_dir=workdir)
                 try:
                     rooms = [f"room-{i}" for i in range(workload.conversations)]
-                    results.append(await benchmark.measure(
+                    checkpoint(await benchmark.measure(
                         system="socketio", urls=[f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
                                                  for _, port in peers],
                         workload=workload, members=members, conversation_ids=rooms, tickets=None,
@@ -152,12 +167,11 @@ class Command(BaseCommand):
                 finally:
                     await asyncio.to_thread(benchmark.processes_stop, peers)
             if "centrifugo" in systems:
-                results.append(await self._run_centrifugo(workload=workload, members=members, brokers=opts["brokers"],
+                checkpoint(await self._run_centrifugo(workload=workload, members=members, brokers=opts["brokers"],
                                                           redis_url=redis_url, workdir=workdir))
         finally:
             if servers is not None:
                 servers.stop()
-        return results
 
     async def _run_centrifugo(self, *, workload: benchmark.Workload, members: list[list[int]], brokers: int,
                               redis_url: str, workdir: Path) -> benchmark.Result:
@@ -186,6 +200,10 @@ class Command(BaseCommand):
                 conn_factory=conn_factory)
         finally:
             await asyncio.to_thread(benchmark.processes_stop, nodes)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def benchmark_env(*, redis_url: str, mongodb_uri: str) -> dict[str, str]:

@@ -78,7 +78,12 @@ class Command(BaseCommand):
             # and a client-chosen address would dodge the per-IP limits.
             argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
                     "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "on",
-                    "--ws-max-size", "65536", "--no-access-log", "--no-server-header"]
+                    "--ws-max-size", "65536", "--no-access-log", "--no-server-header",
+                    # Broker frames pass through as they are (docs/adr/0039), never compressed, and a client's
+                    # compressed frames would cost an inflate context per socket (docs/adr/0044).
+                    "--ws-per-message-deflate", "false",
+                    "--ws-ping-interval", str(settings.GATEWAY_WS_PING_INTERVAL_S),
+                    "--ws-ping-timeout", str(settings.GATEWAY_WS_PING_TIMEOUT_S)]
             trusted = ",".join(settings.GATEWAY_TRUSTED_PROXIES)
             argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
             argv.append("chatstream_site.asgi:application")
