@@ -17,20 +17,23 @@ messages from the recent window and the store:
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.bus import bus_sync
-from core.documents import Message, MessageBucket, bucket_id
+from core.documents import MessageBucket, bucket_id
 from core.keys import partition_of, recent_docs_key
 from messaging.reactions import reactions_live_sync
 from messaging.replies import quote_refreshed
+
+if TYPE_CHECKING:
+    from api.history import PageMessage
 
 # Bucket reads one page may spend on quotes of originals older than the window (~1 ms each by _id on
 # FerretDB v1): a page of 50 replies to 50 old messages costs at most this many, the rest keep their quotes.
 QUOTE_BUCKET_READS = 5
 
 
-def extras_apply(rows: list[Message], *, conversation_id: str, window_ids: set[str],
+def extras_apply(rows: list[PageMessage], *, conversation_id: str, window_ids: set[str],
                  edits: dict[str, dict[str, Any]]) -> None:
     """Bring the page's reactions and quotes up to date, in place. ``window_ids``: the messages read from the
     recent window; ``edits``: the window's edits hash (message id -> newest edit/delete), as the page read it.

@@ -26,7 +26,7 @@ from api.ratelimit import (
     login_success_record,
     rate_limit,
 )
-from core.documents import Conversation, GroupChat, Message, User
+from core.documents import Conversation, GroupChat, User
 from core.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
 from core.tokens import Claims
 from core.values import iso_ms as iso
@@ -95,7 +95,7 @@ def conversation_out(summary: conversation_list.ConversationSummary) -> dict[str
     }
 
 
-def message_out(message: Message) -> dict[str, Any]:
+def message_out(message: history.PageMessage) -> dict[str, Any]:
     return {
         "id": message.id, "conversation_id": str(message.conversation_id), "seq": message.seq,
         "sender_id": str(message.sender_id), "content": "" if message.deleted else message.content,

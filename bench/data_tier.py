@@ -2,14 +2,16 @@
 `make run`'s own default store (FerretDB on SQLite), measured through the gateway of a real local cluster.
 
     nice -n 5 .venv/bin/python bench/data_tier.py --sizes 10000 100000 1000000 [--users 10000 --conversations 20000]
+        [--senders 2] [--seed-minutes 30] [--quiet-lock /work/wt]
 
 It starts a private Redis and FerretDB and the cluster exactly as `make run` does (gateway, two brokers, two
 api, storage worker, beat; chatstream_site/localcluster.py ``Cluster``), creates ``--users`` users and
 ``--conversations`` 1:1 conversations in MongoDB (bulk inserts of what the API would create: the population,
 not the messages), then for each size:
 
-1. sends messages through the real write path (``messaging.services.message_send`` in this process, 64 in
-   flight, appends batched as a broker batches them) until the store will hold that many, while the real
+1. sends messages through the real write path (``messaging.services.message_send`` in ``--senders`` forked
+   processes, 64 in flight each, appends batched as a broker batches them) until the store will hold that
+   many, while the real
    drain (the storage worker, triggered as in production) persists them; each sender writes a burst of
    ``--burst`` messages into one conversation (chats are bursty; it also makes each drain batch touch fewer
    conversations, which is what lets a 1M seed finish in an hour on two cores); ``--hot`` conversations get
@@ -27,15 +29,20 @@ not the messages), then for each size:
    conversation-id cache lives a day; its fill is a members query, a scan of ``conversations``, measured
    apart as **cold list**).
 
-Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size) after every size. All traffic
-on 127.0.0.1.
+Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size) after every size, with the load
+averages around each measurement. All traffic on 127.0.0.1. ``--quiet-lock DIR`` holds exclusive flocks on
+DIR/gate.lock then DIR/bench.lock around each measuring phase (the drain probe's drain, the reads), never while
+seeding, so the tests others run on a shared machine wait for the measurement, not for the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -44,6 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -82,8 +90,16 @@ def main() -> None:
                         help="stop seeding this many minutes after the start and measure the size reached (0: never)")
     parser.add_argument("--edits", type=int, default=10)
     parser.add_argument("--storage-workers", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--senders", type=int, default=2,
+                        help="processes sending the seed (each with SEND_CONCURRENCY sends in flight)")
+    parser.add_argument("--quiet-wait", type=float, default=0.0,
+                        help="seconds to wait for the quiet lock before measuring without it (0: wait for ever)")
+    parser.add_argument("--quiet-lock", default="",
+                        help="a directory: hold an exclusive flock on DIR/gate.lock then DIR/bench.lock around "
+                             "each measuring phase (never while seeding), so a shared machine's other work waits")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     args = parser.parse_args()
+    QUIET["wait_s"] = args.quiet_wait
 
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-datatier-"))
     servers = servers_start(workdir)
@@ -104,6 +120,52 @@ def main() -> None:
     finally:
         cluster.stop()
         servers.stop()
+
+
+QUIET: dict[str, Any] = {"wait_s": 0.0}  # --quiet-wait
+
+
+@contextlib.contextmanager
+def quiet(directory: str, *, row: dict[str, Any] | None = None, phase: str = "") -> Iterator[None]:
+    """Exclusive flocks on ``directory``/gate.lock then ``directory``/bench.lock while the block runs (nothing
+    when ``directory`` is empty): the convention of a shared machine whose tests hold bench.lock shared and
+    take gate.lock first, so a waiting benchmark holds new tests back and runs alone. With ``--quiet-wait S``
+    (> 0), a lock not had within S seconds is given up and the block runs anyway (the run must end; a queue
+    of other benchmarks can hold the lock for much longer): ``row[phase + "_quiet"]`` records which."""
+    if not directory:
+        yield
+        return
+    wait_s = float(QUIET["wait_s"])
+    with open(Path(directory) / "gate.lock", "a") as gate, open(Path(directory) / "bench.lock", "a") as bench:
+        held = [f for f in (gate, bench) if _flock(f, wait_s)]
+        if len(held) < 2:
+            for f in held:
+                fcntl.flock(f, fcntl.LOCK_UN)
+            held = []
+        if row is not None:
+            row[f"{phase}_quiet"] = bool(held)
+        print(f"quiet lock {'held' if held else 'NOT held (gave up waiting)'} ({directory}) for {phase}", flush=True)
+        try:
+            yield
+        finally:
+            for f in reversed(held):
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _flock(f: Any, wait_s: float) -> bool:
+    """An exclusive flock on ``f``: blocking when ``wait_s`` is 0, else polled for up to ``wait_s`` seconds."""
+    if wait_s <= 0:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return True
+    deadline = time.monotonic() + wait_s
+    while True:  # bounded by the deadline
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
 
 
 def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -154,12 +216,64 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
     return [str(u) for u in uids], convs
 
 
+def send_parallel(count: int, *, senders: int, convs: list[tuple[str, list[str]]], hot: list[int],
+                  hot_share: float, sent: dict[str, list[tuple[str, str]]], seed: int, burst: int,
+                  desc: str = "sending", until: float = float("inf")) -> int:
+    """:func:`send_messages` split over ``senders`` forked processes (one Python process cannot keep the write
+    path busy enough to seed a million messages in minutes), one progress bar here. Returns how many were
+    sent; ``sent`` gets the hot conversations' (message id, sender)."""
+    from tqdm import tqdm
+
+    if senders <= 1:
+        with tqdm(total=count, desc=desc, unit="msg", mininterval=2.0) as bar:
+            return asyncio.run(send_messages(count, convs=convs, hot=hot, hot_share=hot_share, sent=sent,
+                                             rnd=random.Random(seed), burst=burst, until=until,  # noqa: S311
+                                             progress=bar.update))
+    ctx = multiprocessing.get_context("fork")
+    done = _SENT_COUNT[0] = ctx.Value("q", 0)  # inherited by the forked senders (it cannot be passed)
+    shares = [count // senders + (k < count % senders) for k in range(senders)]
+    with ctx.Pool(senders) as pool, tqdm(total=count, desc=desc, unit="msg", mininterval=2.0) as bar:
+        results = [pool.apply_async(_send_child, (share, convs, hot, hot_share, seed * 1000 + k, burst, until))
+                   for k, share in enumerate(shares)]
+        while not all(r.ready() for r in results):
+            time.sleep(1.0)
+            bar.update(done.value - bar.n)
+        bar.update(done.value - bar.n)
+        total = 0
+        for r in results:
+            n, theirs = r.get()
+            total += n
+            for cid, pairs in theirs.items():
+                sent.setdefault(cid, []).extend(pairs)
+    return total
+
+
+_SENT_COUNT: list[Any] = [None]  # the senders' shared progress counter (a multiprocessing Value)
+
+
+def _send_child(count: int, convs: list[tuple[str, list[str]]], hot: list[int], hot_share: float, seed: int,
+                burst: int, until: float) -> tuple[int, dict[str, list[tuple[str, str]]]]:
+    """One sender process (forked after Django's setup; its own Redis clients and event loop)."""
+    sent: dict[str, list[tuple[str, str]]] = {}
+    done = _SENT_COUNT[0]
+
+    def progress(n: int) -> None:
+        with done.get_lock():
+            done.value += n
+
+    n = asyncio.run(send_messages(count, convs=convs, hot=hot, hot_share=hot_share, sent=sent,
+                                  rnd=random.Random(seed), burst=burst, until=until,  # noqa: S311
+                                  progress=progress))
+    return n, sent
+
+
 async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: list[int], hot_share: float,
                         sent: dict[str, list[tuple[str, str]]], rnd: random.Random, burst: int,
-                        spread: bool = False, desc: str = "sending", until: float = float("inf")) -> int:
-    """``count`` messages through the write path, with a progress bar: bursts of ``burst`` into one
-    conversation each (``spread``: every message into another random conversation); no new burst is started
-    after the wall-clock time ``until`` (epoch seconds). Returns how many were sent."""
+                        spread: bool = False, desc: str = "sending", until: float = float("inf"),
+                        progress: Any = None) -> int:
+    """``count`` messages through the write path, with a progress bar (or ``progress(n)`` calls): bursts of
+    ``burst`` into one conversation each (``spread``: every message into another random conversation); no new
+    burst is started after the wall-clock time ``until`` (epoch seconds). Returns how many were sent."""
     import redis.asyncio
     from django.conf import settings
     from tqdm import tqdm
@@ -170,7 +284,8 @@ async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: 
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
     streams.append_batching_enable(client)
     left = [count]
-    bar = tqdm(total=count, desc=desc, unit="msg", mininterval=2.0)
+    bar = tqdm(total=count, desc=desc, unit="msg", mininterval=2.0, disable=progress is not None)
+    update = progress or bar.update
     hot_set = set(hot)
 
     async def worker() -> None:
@@ -186,7 +301,7 @@ async def send_messages(count: int, *, convs: list[tuple[str, list[str]]], hot: 
                                               content=f"bench {uuid.uuid4().hex[:24]}")
                 if i in hot_set:
                     sent.setdefault(cid, []).append((accepted.message_id, sender))
-                bar.update(1)
+                update(1)
 
     try:
         await asyncio.gather(*(worker() for _ in range(SEND_CONCURRENCY)))
@@ -260,13 +375,17 @@ def drain_rate(cluster: Cluster, args: argparse.Namespace, *, convs: list[tuple[
     asyncio.run(send_messages(args.drain_probe, convs=convs, hot=[], hot_share=0.0, sent={}, rnd=rnd, burst=1,
                               spread=True, desc="drain probe"))
     start = persisted_total()
-    cluster.start_process("storage1")
-    wait_until(lambda: persisted_total() > start, timeout_s=300, interval_s=0.05, what="the drain to start")
-    t, first = time.perf_counter(), persisted_total()
-    wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.1, what="the drain probe")
-    seconds = time.perf_counter() - t
+    marks: dict[str, Any] = {}
+    with quiet(args.quiet_lock, row=marks, phase="drain"):
+        load = os.getloadavg()
+        cluster.start_process("storage1")
+        wait_until(lambda: persisted_total() > start, timeout_s=300, interval_s=0.05, what="the drain to start")
+        t, first = time.perf_counter(), persisted_total()
+        wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.1, what="the drain probe")
+        seconds = time.perf_counter() - t
     done = persisted_total() - first
-    return {"drain_msg_s": round(done / seconds), "drain_probe": args.drain_probe, "drain_probe_s": round(seconds, 1)}
+    return {"drain_msg_s": round(done / seconds), "drain_probe": args.drain_probe, "drain_probe_s": round(seconds, 1),
+            "drain_load_avg": [round(x, 2) for x in load], **marks}
 
 
 def measure(cluster: Cluster, args: argparse.Namespace, *, users: list[str], convs: list[tuple[str, list[str]]],
@@ -317,8 +436,9 @@ def measure(cluster: Cluster, args: argparse.Namespace, *, users: list[str], con
 
         db = get_db()
         edits = []
-        for k in range(args.edits):
-            cid = convs[hot[k % len(hot)]][0]
+        edited = [convs[h][0] for h in hot if sent.get(convs[h][0])]  # hot conversations that got messages
+        for k in range(args.edits if edited else 0):
+            cid = edited[k % len(edited)]
             mid, sender = sent[cid][rnd.randrange(len(sent[cid]))]
             text = f"edited {uuid.uuid4().hex[:12]}"
             t = time.perf_counter()
@@ -361,9 +481,8 @@ def run(args: argparse.Namespace, cluster: Cluster) -> None:
             continue
         # The drain runs while the messages are sent, as in production (its own rate is measured apart, below).
         t = time.perf_counter()
-        sent_now = asyncio.run(send_messages(size - have - args.drain_probe, convs=convs, hot=hot,
-                                             hot_share=args.hot_share, sent=sent, rnd=rnd, burst=args.burst,
-                                             until=until))
+        sent_now = send_parallel(size - have - args.drain_probe, senders=args.senders, convs=convs, hot=hot,
+                                 hot_share=args.hot_share, sent=sent, seed=size, burst=args.burst, until=until)
         seed_s = time.perf_counter() - t
         backlog = backlog_total()
         wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.5, what="the drain")
@@ -376,13 +495,16 @@ def run(args: argparse.Namespace, cluster: Cluster) -> None:
         row.update(drain_rate(cluster, args, convs=convs, rnd=rnd))
         row["stored"] = get_db().messages.estimated_document_count()
         have = reached
-        if cold_list is None:
-            cold_list = warm(cluster, users, convs)
-        row["cold_list_first_size_only"] = cold_list
-        try:
-            row.update(measure(cluster, args, users=users, convs=convs, hot=hot, sent=sent, rnd=rnd))
-        except (AssertionError, OSError) as exc:  # keep the sizes measured so far, and say what went wrong
-            row["error"] = repr(exc)[:1000]
+        with quiet(args.quiet_lock, row=row, phase="reads"):
+            row["load_avg_before_reads"] = [round(x, 2) for x in os.getloadavg()]
+            if cold_list is None:
+                cold_list = warm(cluster, users, convs)
+            row["cold_list_first_size_only"] = cold_list
+            try:
+                row.update(measure(cluster, args, users=users, convs=convs, hot=hot, sent=sent, rnd=rnd))
+            except (AssertionError, OSError) as exc:  # keep the sizes measured so far, and say what went wrong
+                row["error"] = repr(exc)[:1000]
+            row["load_avg_after_reads"] = [round(x, 2) for x in os.getloadavg()]
         rows.append(row)
         print(json.dumps(row), flush=True)
         write(rows, args=args, path=out_dir / f"data-tier-{stamp}")

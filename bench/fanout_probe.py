@@ -23,6 +23,9 @@ from pathlib import Path
 # A message from this n on counts as "steady state" of its conversation: past the first few, whatever a first
 # send loads (membership, a cursor, a cache) has been loaded.
 STEADY_FROM_N = 10
+# How often a run waiting for the shared benchmark lock tries again: well under a second, against holds of
+# minutes, so the wait adds nothing noticeable.
+LOCK_POLL_S = 0.2
 
 
 def runq_wait_s(pids: list[int]) -> float:
@@ -91,7 +94,14 @@ async def quiet_lock(folder: str) -> AsyncIterator[None]:
     handles = [open(Path(folder) / name, "a+b") for name in ("gate.lock", "bench.lock")]  # noqa: SIM115
     try:
         for handle in handles:
-            await asyncio.to_thread(fcntl.flock, handle.fileno(), fcntl.LOCK_EX)
+            # Polled, not a blocking flock in a worker thread: a run stopped while it waits (SIGTERM, Ctrl-C)
+            # must unwind at once, and asyncio's shutdown would wait for ever for a thread stuck in flock.
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(LOCK_POLL_S)
         yield
     finally:
         for handle in reversed(handles):

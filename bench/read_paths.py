@@ -17,8 +17,10 @@ api processes as ``make run`` runs them: chatstream_site/localcluster.py ``Clust
 (``--samples`` requests of one path, one at a time, on one keep-alive connection, then the next path), after
 a warm-up of every sampled user's caches. ``--profile DIR`` then records each path again under py-spy
 (``--profile-seconds`` per path, the api and gateway processes, raw collapsed stacks) into DIR.
-``--quiet-lock DIR`` takes ``DIR/gate.lock`` then ``DIR/bench.lock`` (exclusive) only around the measuring,
-so a shared machine's other benchmarks and tests stay out of it (off by default).
+``--cold-users`` users' lists are then read with their cached conversation ids dropped, first without, then
+with their ``user_conversations`` document (docs/adr/0043). ``--quiet-lock DIR`` takes ``DIR/gate.lock`` then
+``DIR/bench.lock`` (exclusive) only around the measuring, so a shared machine's other benchmarks and tests
+stay out of it (off by default).
 """
 
 from __future__ import annotations
@@ -183,29 +185,55 @@ def measure_gateway(args: argparse.Namespace, cluster: Cluster, *, convs: list[t
             out["load_before"] = load_average()
             for name in paths:
                 out[name] = stats([one(name, k) for k in range(args.samples)])
+            out.update(cold_list(args, http=http, auth=auth, convs=convs))
             out["load_after"] = load_average()
-        print(json.dumps(out), flush=True)
-        if args.profile:
-            directory = Path(args.profile)
-            directory.mkdir(parents=True, exist_ok=True)
-            pids = {f"api{i}": pid for i in ("1", "2") for pid in cluster.role_pids("api", i)}
-            pids.update({f"gateway{j}": pid for j, pid in enumerate(cluster.role_pids("gateway"))})
-            spy_bin = str(Path(sys.executable).parent / "py-spy")
-            for name in paths:
-                spies = [subprocess.Popen([spy_bin, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
-                                           "--duration", str(args.profile_seconds), "--output",
-                                           str(directory / f"{name}-{role}.txt")],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                         for role, pid in pids.items()]
-                time.sleep(1)  # py-spy attaches
-                deadline, k, n = time.monotonic() + args.profile_seconds - 1, 0, 0
-                while time.monotonic() < deadline:
-                    one(name, k)
-                    k, n = k + 1, n + 1
-                for spy in spies:
-                    spy.wait(timeout=120)
-                out.setdefault("profiled_requests", {})[name] = n
+            print(json.dumps(out), flush=True)
+            if args.profile:  # under the lock too: py-spy and this load would disturb another run's figures
+                directory = Path(args.profile)
+                directory.mkdir(parents=True, exist_ok=True)
+                pids = {f"api{i}": pid for i in ("1", "2") for pid in cluster.role_pids("api", i)}
+                pids.update({f"gateway{j}": pid for j, pid in enumerate(cluster.role_pids("gateway"))})
+                spy_bin = str(Path(sys.executable).parent / "py-spy")
+                for name in paths:
+                    spies = [subprocess.Popen([spy_bin, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                                               "--duration", str(args.profile_seconds), "--output",
+                                               str(directory / f"{name}-{role}.txt")],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             for role, pid in pids.items()]
+                    time.sleep(1)  # py-spy attaches
+                    deadline, k, n = time.monotonic() + args.profile_seconds - 1, 0, 0
+                    while time.monotonic() < deadline:
+                        one(name, k)
+                        k, n = k + 1, n + 1
+                    for spy in spies:
+                        spy.wait(timeout=120)
+                    out.setdefault("profiled_requests", {})[name] = n
     return out
+
+
+def cold_list(args: argparse.Namespace, *, http: Any, auth: Any, convs: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """The conversation list of ``--cold-users`` users whose cached conversation ids are gone (their TTL, or a
+    Redis without its data): first as users from before docs/adr/0043 (no ``user_conversations`` document:
+    the members query, a scan of ``conversations`` on FerretDB, which writes it), then, their cache dropped
+    again, as every user after it (the document, read by ``_id``)."""
+    import redis
+    from django.conf import settings
+
+    from core.keys import user_conversations_key
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    users = [members[1] for _cid, members in convs[-args.cold_users:]] if args.cold_users else []
+    timed: dict[str, list[float]] = {"cold_list_scan": [], "cold_list_document": []}
+    for name in timed:
+        for uid in users:
+            client.delete(user_conversations_key(uid))
+            headers = auth(uid)
+            t = time.perf_counter()
+            response = http.get("/api/v1/conversations", params={"limit": 50}, headers=headers)
+            timed[name].append((time.perf_counter() - t) * 1000)
+            assert response.status_code == 200, response.text
+    client.close()
+    return {name: stats(values) for name, values in timed.items() if values}
 
 
 def main() -> None:
@@ -221,6 +249,7 @@ def main() -> None:
     parser.add_argument("--gateway", action="store_true", help="measure through a local cluster's gateway")
     parser.add_argument("--profile", default="", help="with --gateway: py-spy each path into this directory")
     parser.add_argument("--profile-seconds", type=int, default=20)
+    parser.add_argument("--cold-users", type=int, default=5, help="with --gateway: users of the cold list")
     parser.add_argument("--quiet-lock", default="",
                         help="directory of gate.lock and bench.lock to hold while measuring")
     args = parser.parse_args()

@@ -93,6 +93,19 @@ def persisted_key(partition: int) -> str:
     return f"cs:{tag(partition)}:persisted"
 
 
+def bucket_tail_key(partition: int, conversation_id: str) -> str:
+    """BUS. Hash: the conversation's message bucket in progress (docs/adr/0041), written by the drain only:
+    ``n`` its bucket number, ``first`` "1" when it holds its range's first seq's event, and ``<seq>`` -> the
+    bucket entry (BSON) of each persisted message of the range, edits applied. Inserted into
+    ``message_buckets`` whole, then deleted, when the range is complete or the tail idle."""
+    return f"cs:{tag(partition)}:btail:{conversation_id}"
+
+
+def bucket_tails_key(partition: int) -> str:
+    """BUS. Sorted set: conversation id -> when (ms) its bucket tail last changed, for the idle flush."""
+    return f"cs:{tag(partition)}:btails"
+
+
 def read_cursor_key(conversation_id: str) -> str:
     """BUS. Hash user id -> read seq, in the conversation's partition slot (``messaging.services.read_mark``)."""
     return f"cs:{tag(partition_of(conversation_id))}:read:{conversation_id}"
@@ -273,7 +286,8 @@ CELERY_PREFIX = "cs:celery:"  # Celery's broker and result keys
 # Which Redis each name above lives on. Keep it complete: a test walks this module.
 REDIS_OF: dict[str, Literal["bus", "coord"]] = {
     "stream_key": BUS, "seq_key": BUS, "dedup_key": BUS, "no_dedup_key": BUS, "recent_key": BUS,
-    "recent_docs_key": BUS, "recent_edits_key": BUS, "persisted_key": BUS, "read_cursor_key": BUS,
+    "recent_docs_key": BUS, "recent_edits_key": BUS, "persisted_key": BUS, "bucket_tail_key": BUS,
+    "bucket_tails_key": BUS, "read_cursor_key": BUS,
     "message_meta_key": BUS, "mention_seqs_key": BUS, "reactions_key": BUS, "mention_list_key": BUS, "DEADLETTERS": BUS,
     "drain_lock_key": BUS, "drain_lease_key": BUS, "failures_key": BUS, "stats_key": BUS, "maintenance_key": BUS,
     "rate_key": BUS, "TICKET_PREFIX": COORD, "REVOKED_PREFIX": COORD, "REVOKED_USER_PREFIX": COORD,

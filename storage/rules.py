@@ -123,6 +123,9 @@ class Seen:
     messages: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     conversations: dict[ObjectId, dict[str, Any] | None] = field(default_factory=dict)
     buckets: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    # Buckets in progress, held in Redis until complete (docs/adr/0041; ``storage.buckets.Tails``): bucket id
+    # -> ``{"m": entries}``, the tail's own entries, so a change applied here is what the tail saves.
+    tails: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def message(self, mid: str) -> dict[str, Any] | None:
         if mid not in self.messages:
@@ -138,6 +141,8 @@ class Seen:
         return self.conversations[cid]
 
     def bucket(self, bid: str) -> dict[str, Any] | None:
+        if bid in self.tails:
+            return self.tails[bid]
         if bid not in self.buckets:
             self.buckets[bid] = self.db.message_buckets.find_one({"_id": bid})
         return self.buckets[bid]

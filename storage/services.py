@@ -40,7 +40,7 @@ from core.keys import (
     stream_key,
 )
 from core.values import as_str
-from storage.buckets import buckets_write
+from storage.buckets import Tails, buckets_write, tail_flush, tails_idle, tails_load, tails_save
 from storage.deadletters import deadletter_add, storable
 from storage.mention_replay import mentions_replay
 from storage.rules import Item, Seen, event_parse, rule_of
@@ -204,10 +204,17 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         result.busy = True
         return result
     try:
+        # The batch's conversations' buckets in progress (docs/adr/0041), saved below before the ack.
+        # Read marks' conversations too: the 1:1 read mirror finds a tail's message ids in it.
+        tails = tails_load(r, partition=partition, conversation_ids=sorted(
+            {i.event.conversation_id for i in live if i.event is not None}))
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Retryable(f"redis unavailable: {exc}") from exc
+    try:
         db = get_db()
         seen = Seen(db)  # read by _id after the inserts below, under the lease
         insert_new(db, live)
-        buckets_write(db, live, seen=seen)
+        buckets_write(db, live, seen=seen, tails=tails)
         search_index_write(db, live, seen=seen)
         ops, owners = message_ops(live, seen)
         for group, reason, deterministic in updates_write(db, "messages", ops, owners):
@@ -233,11 +240,16 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         r.hincrby(stats_key(partition), "outages", 1)
         raise Retryable(f"mongodb unavailable: {str(exc).split(',')[0]}") from exc
 
+    try:
+        # Before the ack: a redelivery of this batch finds what it wrote.
+        tails_save(r, tails, marks=recent_persisted_watermarks(items))
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Retryable(f"redis unavailable: {exc}") from exc
     _pause_before_ack(partition, len(items))
     try:
         mentions_replay(r, live, seen)  # before the ack: a crash between the two replays it again
         _settle(r, partition=partition, items=items, result=result)
-        recent_persisted_advance(r, partition=partition, items=items)
+        recent_persisted_advance(r, partition=partition, items=items, tails=tails)
         state = partitions_state(partitions=[partition], client=r)[0]
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise Retryable(f"redis unavailable: {exc}") from exc
@@ -251,6 +263,36 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
     return result
 
 
+def tails_flush_idle(*, partition: int, now_ms: int | None = None, idle_s: float | None = None,
+                     client: BusSync | None = None) -> int:
+    """Write into the store the buckets in progress (docs/adr/0041) of ``partition``'s conversations idle for
+    ``idle_s`` (default ``BUCKET_TAIL_IDLE_S``, at most half the window's TTL: their window, which serves those
+    messages, must outlive them), under the partition's drain lease (skipped, 0, when a drain holds it), and
+    raise each one's persisted watermark to what the tail held it below (the window may drop those messages
+    now). Returns how many. Run by the partition's maintenance (beat's tick, at most once a minute). Raises
+    what Redis and pymongo raise."""
+    r = client or bus_sync()
+    if idle_s is None:
+        idle_s = min(float(settings.BUCKET_TAIL_IDLE_S), float(settings.RECENT_TTL_S) / 2)
+    idle = tails_idle(r, partition=partition, idle_s=idle_s, now_ms=now_ms)
+    if not idle:
+        return 0
+    token = secrets.token_hex(8)
+    if not r.set(drain_lease_key(partition), token, nx=True, px=int(settings.DRAIN_RECLAIM_IDLE_S * 1000)):
+        return 0
+    try:
+        db = get_db()
+        marks = {cid: mark for cid in idle
+                 if (mark := tail_flush(db, r, partition=partition, conversation_id=cid)) is not None}
+        if any(marks.values()):
+            r.register_script(_WATERMARK_LUA)(keys=[persisted_key(partition)],
+                                              args=[x for cid, m in marks.items() if m for x in (cid, m)])
+        return len(marks)
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            r.register_script(_LEASE_RELEASE_LUA)(keys=[drain_lease_key(partition)], args=[token])
+
+
 # Raise a conversation's persisted watermark, never lower it (drains of one partition run one at a time, but a
 # reclaimed old batch may settle after a newer one).
 _WATERMARK_LUA = """
@@ -262,9 +304,10 @@ return 1
 """
 
 
-def recent_persisted_watermarks(items: list[Item]) -> dict[str, int]:
+def recent_persisted_watermarks(items: list[Item], *, caps: dict[str, int] | None = None) -> dict[str, int]:
     """Per conversation of the batch, the seq up to which its events are settled (persisted, or dead-lettered
-    and so never in the store): the highest settled seq, or just below the first deferred one."""
+    and so never in the store): the highest settled seq, or just below the first deferred one; at most its
+    ``caps`` entry (below its bucket in progress, whose messages the window must keep: docs/adr/0041)."""
     done: dict[str, int] = {}
     deferred: dict[str, int] = {}
     for i in items:
@@ -275,14 +318,16 @@ def recent_persisted_watermarks(items: list[Item]) -> dict[str, int]:
             deferred[cid] = min(deferred.get(cid, seq), seq)
         else:
             done[cid] = max(done.get(cid, 0), seq)
-    return {cid: min(top, deferred[cid] - 1) if cid in deferred else top for cid, top in done.items()}
+    marks = {cid: min(top, deferred[cid] - 1) if cid in deferred else top for cid, top in done.items()}
+    return {cid: min(top, (caps or {}).get(cid, top)) for cid, top in marks.items()}
 
 
-def recent_persisted_advance(r: BusSync, *, partition: int, items: list[Item]) -> None:
+def recent_persisted_advance(r: BusSync, *, partition: int, items: list[Item], tails: Tails | None = None) -> None:
     """After a batch is settled: move each of its conversations' persisted watermark
     (``core.keys.persisted_key``) up, so the append script may drop those messages from the
-    conversation's recent window (docs/adr/0028). Side effect: one script call on the partition's slot."""
-    marks = recent_persisted_watermarks(items)
+    conversation's recent window (docs/adr/0028), but not into a bucket still in progress (``tails``, docs/adr/0041:
+    its messages are in no stored bucket yet). Side effect: one script call on the partition's slot."""
+    marks = recent_persisted_watermarks(items, caps=tails.caps() if tails is not None else None)
     if marks:
         args = [x for cid, seq in marks.items() for x in (cid, seq)]
         r.register_script(_WATERMARK_LUA)(keys=[persisted_key(partition)], args=args)

@@ -7,6 +7,7 @@ Side effects of every function here are Redis writes and Celery messages; the dr
 
 from __future__ import annotations
 
+import logging
 import time
 
 from django.conf import settings
@@ -15,6 +16,9 @@ from core.bus import BusSync, bus_sync
 from core.keys import drain_lock_key, maintenance_key
 from storage.maintenance import consumers_forget, partition_trim
 from storage.selectors import partitions_state
+from storage.services import tails_flush_idle
+
+logger = logging.getLogger("chatstream.storage")
 
 
 def drain_enqueue(*, partition: int, client: BusSync | None = None) -> bool:
@@ -56,7 +60,8 @@ def drain_release(*, partition: int, backoff_s: int = 0, client: BusSync | None 
 
 def drain_tick(*, client: BusSync | None = None) -> list[int]:
     """The time trigger (beat, every ``FLUSH_INTERVAL_S``): enqueue a drain of every partition with a backlog,
-    and run each partition's maintenance at most once a minute. Returns the partitions it enqueued."""
+    and run each partition's maintenance (trim, forget, idle bucket tails) at most once a minute.
+    Returns the partitions it enqueued."""
     r = client or bus_sync()
     enqueued = []
     for state in partitions_state(client=r):
@@ -65,4 +70,8 @@ def drain_tick(*, client: BusSync | None = None) -> list[int]:
         if r.set(maintenance_key(state.partition), "1", nx=True, ex=60):
             partition_trim(partition=state.partition, client=r)
             consumers_forget(partition=state.partition, client=r)
+            try:
+                tails_flush_idle(partition=state.partition, client=r)
+            except Exception:  # the store is away: the tails wait in Redis for the next minute's try
+                logger.exception("storage.tails could not flush the idle tails of partition %d", state.partition)
     return enqueued

@@ -75,6 +75,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: keeps the whole chain above sync under ASGI (one thread hop, not one per middleware method).
+    "chatstream_site.security.SyncChainMiddleware",
 ]
 
 # The gateway replaces any client-sent X-Forwarded-Proto with the scheme it was reached by: "https" marks a
@@ -343,6 +345,12 @@ RECENT_MESSAGES = env_int("CHATSTREAM_RECENT_MESSAGES", 100, minimum=0, maximum=
 # A conversation's window expires this long after its last event (7 days: a week-old chat is read rarely, and
 # then from the store); every append pushes it back.
 RECENT_TTL_S = env_int("CHATSTREAM_RECENT_TTL", 7 * 24 * 3600, minimum=60)
+# A conversation's message bucket in progress lives in Redis until its 50 seqs are persisted (docs/adr/0041);
+# one idle this long is written into the store as it is (at most half the window's TTL, so a conversation
+# never loses its window while its newest bucket is only in Redis). A day: a conversation quiet for a day and
+# then active again pays the old per-message bucket rewrite until that bucket is full; Redis holds at most
+# ~15 KB per conversation active in the last day.
+BUCKET_TAIL_IDLE_S = env_int("CHATSTREAM_BUCKET_TAIL_IDLE", 24 * 3600, minimum=1)
 
 # ------------------------------------------------------------------ real-time brokers (WebSocket)
 

@@ -22,6 +22,7 @@ from core.documents import Conversation, Message, User
 from core.keys import partition_of
 from core.tokens import token_issue
 from storage.services import partition_drain
+from tests.support.storage import tails_flush
 
 PASSWORD = "correct-horse-battery-9"
 
@@ -70,8 +71,9 @@ def error_code(response: Any) -> str:
 def persist(servers: Servers, conversation_id: str) -> int:
     """Run the real storage drain (``storage.services.partition_drain``, in this process) on the
     conversation's partition until nothing is left: every event accepted so far is in MongoDB as the storage
-    workers would write it. Returns the number of entries persisted (of every conversation of the
-    partition). ``servers`` is the session's (the drain uses the settings' Redis and MongoDB, which are its)."""
+    workers would write it, buckets in progress included (as after a day: docs/adr/0041). Returns the number
+    of entries persisted (of every conversation of the partition). ``servers`` is the session's (the drain
+    uses the settings' Redis and MongoDB, which are its)."""
     del servers  # the drain's clients come from the settings, which point at the session's servers
     partition = partition_of(conversation_id)
     persisted = 0
@@ -85,6 +87,7 @@ def persist(servers: Servers, conversation_id: str) -> int:
             time.sleep(0.05)
             continue
         if not result.more and not result.busy:
+            tails_flush(partition)  # the buckets in progress too, as a day's idleness stores them (ADR 0041)
             return persisted
     raise AssertionError(f"partition {partition} never ran empty")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -89,3 +90,12 @@ def backlog(client: redis.Redis, partition: int) -> int:
     from storage.selectors import partitions_state
 
     return partitions_state(partitions=[partition], client=client)[0].backlog
+
+
+def tails_flush(partition: int) -> int:
+    """Store every bucket in progress of ``partition`` (docs/adr/0041) as the idle flush does after a day, and
+    raise the window's watermarks accordingly: the store then holds every persisted message in a bucket, as
+    before the tails. For tests about the store below the window, not about the tails."""
+    from storage.services import tails_flush_idle
+
+    return tails_flush_idle(partition=partition, idle_s=0, now_ms=int(time.time() * 1000) + 1000)
