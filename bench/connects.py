@@ -46,6 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.quiet_lock import quiet_lock  # noqa: E402
+
 # FerretDB commands that read documents (the ones a connect must not run), and those that write.
 STORE_READS = ("find", "aggregate", "count", "distinct", "getMore")
 STORE_WRITES = ("insert", "update", "delete", "findAndModify")
@@ -221,20 +223,6 @@ def profilers_stop(spies: list[subprocess.Popen[bytes]]) -> None:
             spy.kill()
 
 
-def quiet_lock(folder: str) -> contextlib.ExitStack:
-    """Exclusive flocks on ``folder``/gate.lock then ``folder``/bench.lock (the shared machine's benchmark
-    lock), held until the returned stack is closed; nothing when ``folder`` is empty."""
-    import fcntl
-
-    stack = contextlib.ExitStack()
-    for name in ("gate.lock", "bench.lock") if folder else ():
-        handle = stack.enter_context(open(Path(folder) / name, "a+b"))  # noqa: SIM115 - closed by the stack
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    if folder:
-        print(f"holding the quiet lock in {folder}", file=sys.stderr)
-    return stack
-
-
 def population(*, users: int, conversations: int, redis_url: str) -> list[tuple[str, str]]:
     """Users and group conversations as the REST services leave them; returns (user id, username) each."""
     import redis
@@ -342,7 +330,9 @@ def main() -> None:
         addresses = [f"127.0.0.1:{g.port}" for g in gateways]
         broker_pids = [b.proc.pid for b in brokers if b.proc is not None]
         gateway_pids = [g.proc.pid for g in gateways if g.proc is not None]
-        quiet = quiet_lock(opts.quiet_lock)
+        quiet = contextlib.ExitStack()
+        if quiet.enter_context(quiet_lock(opts.quiet_lock)):
+            print(f"holding the quiet lock in {opts.quiet_lock}", file=sys.stderr)
         tokens = tokens_issue(users)
         warm, rest = tokens[:opts.warmup], tokens[opts.warmup:]
         clients = [Client(gateways=addresses, concurrency=opts.concurrency,

@@ -26,8 +26,8 @@ not the messages), then for each size:
    (``POST /auth/ws-ticket`` then the WebSocket until ``ready``), and **edit to persisted** (``PATCH`` a
    message, then poll MongoDB by ``_id`` until the drain wrote it; includes the flush interval). The sampled
    users are the same at every size, their caches warmed once, before the first size (steady state: the
-   conversation-id cache lives a day; its fill is a members query, a scan of ``conversations``, measured
-   apart as **cold list**).
+   conversation-id cache lives 30 days; its fill is one read of the user's ``user_conversations`` document by
+   ``_id``, docs/adr/0043, measured apart as **cold list**).
 
 Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size) after every size, with the load
 averages around each measurement. All traffic on 127.0.0.1. ``--quiet-lock DIR`` holds exclusive flocks on
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import multiprocessing
 import os
@@ -59,6 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.quiet_lock import quiet_lock  # noqa: E402
 from chatstream_site.localcluster import Cluster, wait_until  # noqa: E402
 from chatstream_site.localservers import servers_start  # noqa: E402
 
@@ -132,40 +132,13 @@ def quiet(directory: str, *, row: dict[str, Any] | None = None, phase: str = "")
     take gate.lock first, so a waiting benchmark holds new tests back and runs alone. With ``--quiet-wait S``
     (> 0), a lock not had within S seconds is given up and the block runs anyway (the run must end; a queue
     of other benchmarks can hold the lock for much longer): ``row[phase + "_quiet"]`` records which."""
-    if not directory:
+    with quiet_lock(directory, wait_s=float(QUIET["wait_s"])) as held:
+        if directory:
+            if row is not None:
+                row[f"{phase}_quiet"] = held
+            print(f"quiet lock {'held' if held else 'NOT held (gave up waiting)'} ({directory}) for {phase}",
+                  flush=True)
         yield
-        return
-    wait_s = float(QUIET["wait_s"])
-    with open(Path(directory) / "gate.lock", "a") as gate, open(Path(directory) / "bench.lock", "a") as bench:
-        held = [f for f in (gate, bench) if _flock(f, wait_s)]
-        if len(held) < 2:
-            for f in held:
-                fcntl.flock(f, fcntl.LOCK_UN)
-            held = []
-        if row is not None:
-            row[f"{phase}_quiet"] = bool(held)
-        print(f"quiet lock {'held' if held else 'NOT held (gave up waiting)'} ({directory}) for {phase}", flush=True)
-        try:
-            yield
-        finally:
-            for f in reversed(held):
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _flock(f: Any, wait_s: float) -> bool:
-    """An exclusive flock on ``f``: blocking when ``wait_s`` is 0, else polled for up to ``wait_s`` seconds."""
-    if wait_s <= 0:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        return True
-    deadline = time.monotonic() + wait_s
-    while True:  # bounded by the deadline
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
 
 
 def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -187,6 +160,7 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
             pairs.add((min(a, b), max(a, b)))
     convs: list[tuple[str, list[str]]] = []
     chats, docs = [], []
+    owned: dict[ObjectId, list[ObjectId]] = {u: [] for u in uids}  # each user's conversations
     for a, b in sorted(pairs):
         m1, m2 = sorted([uids[a], uids[b]], key=str)
         room, cid = ObjectId(), ObjectId()
@@ -194,9 +168,16 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
         docs.append({"_id": cid, "type": "single", "room_id": room, "members": [m1, m2], "last_seq": 0,
                      "read_cursors": {}, "created_at": now, "updated_at": now})
         convs.append((str(cid), [str(m1), str(m2)]))
+        owned[m1].append(cid)
+        owned[m2].append(cid)
+    # Each user's conversation ids (docs/adr/0043), complete, as registration and every chat creation leave
+    # them; without it a user's first list would scan ``conversations``, which no API-created user does.
+    index = [{"_id": u, "c": cs, "complete": True} for u, cs in owned.items()]
     for start in range(0, len(docs), 1000):
         db.single_chats.insert_many(chats[start:start + 1000], ordered=False)
         db.conversations.insert_many(docs[start:start + 1000], ordered=False)
+    for start in range(0, len(index), 1000):
+        db.user_conversations.insert_many(index[start:start + 1000], ordered=False)
     # The write path's membership cache, warm as on a running system (a cold miss per conversation is one
     # MongoDB read; 64 sends in flight, each missing at once, exhausted FerretDB's connections and hung it,
     # with or without docs/adr/0028's changes: see docs/benchmarks.md).
@@ -333,11 +314,11 @@ def headers(uid: str) -> dict[str, str]:
 def warm(cluster: Cluster, users: list[str], convs: list[tuple[str, list[str]]], *,
          cold_samples: int = 5) -> dict[str, Any]:
     """Each sampled user's first conversation list fills their conversation-id cache, which a user pays once a
-    day (one members query: a scan of ``conversations`` on FerretDB, seconds at 20,000 conversations). The
+    month (one read of their ``user_conversations`` document by ``_id``, docs/adr/0043; before it, a members
+    query scanned ``conversations`` on FerretDB, seconds at 20,000 conversations). The
     first ``cold_samples`` are timed through the gateway one at a time (**cold list**; an answer other than 200,
     e.g. the gateway's upstream timeout, is counted, not fatal). The other sampled users' caches are written as
-    that fill writes them (the ids the population gave them), as for users active in the last day: a hundred
-    scans would take the run's budget, and the population itself was written in bulk."""
+    that fill writes them (the ids the population gave them), as for users active in the last month."""
     import httpx
     import redis
     from django.conf import settings

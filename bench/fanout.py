@@ -40,7 +40,7 @@ import websockets
 from bson import ObjectId
 
 from bench.connects import profilers_start, profilers_stop
-from bench.fanout_probe import ColdStart, message_n, quiet_lock, runq_wait_s
+from bench.fanout_probe import ColdStart, message_n, runq_wait_s
 
 # Re-exported for manage.py bench, which imports this module only (the import-linter contract).
 from bench.peer_centrifugo import OPEN_TIMEOUT_S
@@ -48,6 +48,7 @@ from bench.peer_centrifugo import CentrifugoConn as CentrifugoConn
 from bench.peer_centrifugo import centrifugo_spawn as centrifugo_spawn
 from bench.peer_centrifugo import centrifugo_version as centrifugo_version
 from bench.peer_centrifugo import connect_token as connect_token
+from bench.quiet_lock import quiet_lock_async
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT / "bench" / "peer"
@@ -333,7 +334,7 @@ class Workload:
     # py-spy (raw folded stacks) of the Python servers and of this load client over the traffic window, into
     # this folder (empty: none).
     profile_dir: str = ""
-    # The folder of the shared machine's benchmark locks (bench/fanout_probe.py quiet_lock); empty: none.
+    # The folder of the shared machine's benchmark locks (bench/quiet_lock.py); empty: none.
     quiet_lock_dir: str = ""
 
 
@@ -378,7 +379,7 @@ async def run_workload(*, system: str, conns: list[Conn], members: list[list[int
         while not await asyncio.to_thread(settled) and time.monotonic() - t1 < SETTLE_WORK_MAX_S:
             await asyncio.sleep(2.0)
         out.write(f"{system}: per-connection work done {time.monotonic() - t1:.1f}s after the last ready\n")
-    async with quiet_lock(workload.quiet_lock_dir):
+    async with quiet_lock_async(workload.quiet_lock_dir):
         if workload.quiet_lock_dir:
             out.write(f"{system}: quiet lock held; load average {os.getloadavg()[0]:.2f}\n")
         return await measure_connected(system=system, conns=conns, members=members,

@@ -14,18 +14,11 @@ message of a conversation cost against its later ones.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import fcntl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 # A message from this n on counts as "steady state" of its conversation: past the first few, whatever a first
 # send loads (membership, a cursor, a cache) has been loaded.
 STEADY_FROM_N = 10
-# How often a run waiting for the shared benchmark lock tries again: well under a second, against holds of
-# minutes, so the wait adds nothing noticeable.
-LOCK_POLL_S = 0.2
 
 
 def runq_wait_s(pids: list[int]) -> float:
@@ -83,26 +76,3 @@ class ColdStart:
                 "hundredth_n": len(self.hundredth)}
 
 
-@contextlib.asynccontextmanager
-async def quiet_lock(folder: str) -> AsyncIterator[None]:
-    """With ``folder`` set: hold ``folder``/gate.lock then ``folder``/bench.lock exclusively (the shared
-    machine's benchmark lock, which test runs hold shared) for the body, so a long run holds the machine
-    quiet only while it measures, not while it seeds or opens connections. Empty: nothing (CI, users)."""
-    if not folder:
-        yield
-        return
-    handles = [open(Path(folder) / name, "a+b") for name in ("gate.lock", "bench.lock")]  # noqa: SIM115
-    try:
-        for handle in handles:
-            # Polled, not a blocking flock in a worker thread: a run stopped while it waits (SIGTERM, Ctrl-C)
-            # must unwind at once, and asyncio's shutdown would wait for ever for a thread stuck in flock.
-            while True:
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(LOCK_POLL_S)
-        yield
-    finally:
-        for handle in reversed(handles):
-            handle.close()  # closing releases the lock

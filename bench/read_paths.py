@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import fcntl
 import json
 import os
 import random
@@ -37,7 +35,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.data_tier import seed_population, stats  # noqa: E402
+from bench.quiet_lock import quiet_lock  # noqa: E402
 from chatstream_site.localcluster import Cluster  # noqa: E402
 from chatstream_site.localservers import servers_start  # noqa: E402
 
@@ -125,22 +123,6 @@ def measure(args: argparse.Namespace, *, convs: list[tuple[str, list[str]]], hot
         connect.append((time.perf_counter() - t) * 1000)
     return {"latest_page": stats(latest), "deep_page": stats(deep), "conversation_list": stats(listing),
             "connect_read": stats(connect)}
-
-
-@contextlib.contextmanager
-def quiet_lock(directory: str) -> Iterator[None]:
-    """Hold ``directory``/gate.lock then bench.lock exclusively (nothing when ``directory`` is empty)."""
-    if not directory:
-        yield
-        return
-    with open(Path(directory) / "gate.lock", "a") as gate, open(Path(directory) / "bench.lock", "a") as bench:
-        fcntl.flock(gate, fcntl.LOCK_EX)
-        fcntl.flock(bench, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(bench, fcntl.LOCK_UN)
-            fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 def load_average() -> list[float]:
