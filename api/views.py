@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api import accounts, conversation_list, finders, history, selectors, services
+from api import accounts, conversation_list, finders, history, mention_list, selectors, services
 from api import serializers as s
 from api.auth import request_user
 from api.ratelimit import (
@@ -489,7 +489,7 @@ class MentionsView(APIView):
     def get(self, request: Request) -> Response:
         query = _valid_query(s.MentionsQuery, request)
         _not_blank(request, "before")
-        found, more = finders.mentions_list(user_id=request_user(request).id, before=query.get("before"),
+        found, more = mention_list.mentions_list(user_id=request_user(request).id, before=query.get("before"),
                                             limit=query["limit"])
         return Response({"results": [{"conversation_id": m.conversation_id, "message_id": m.message_id,
                                       "seq": m.seq, "sender_id": m.sender_id, "content": m.content,
