@@ -3,11 +3,13 @@ that contain a query's words (docs/api.md, docs/adr/0038, 0045). ``GET /mentions
 
 Search on the default store (FerretDB v1 on SQLite, where only ``_id`` equality reads are cheap) reads what a
 history page reads: each of the caller's conversations newest first, its recent window from Redis (every
-acknowledged message, edits applied: searchable at once) and then its ``message_buckets`` by ``_id``, 50
-messages per read. Conversations are merged newest first; a request reads at most ``SEARCH_BUCKET_READS``
-buckets, and its cursor (kept in Redis for ``SEARCH_CURSOR_TTL_S``, owned by the caller) says where each
-conversation stopped, so the next page continues there. Only the caller's conversations are ever read, so
-the cost follows the size of the caller's history, not of the store. Why not an inverted index: ADR 0038.
+acknowledged message, edits applied: searchable at once) and then those of its ``message_buckets`` that the
+drain's word index (``search_blocks``, storage/search_index.py, ADR 0045) names for the query's words, by
+``_id``, 50 messages per read. On MongoDB, the text index instead (api/search_text.py).
+Conversations are merged newest first; a request reads at most ``SEARCH_BUCKET_READS`` buckets, and its cursor (kept
+in Redis for ``SEARCH_CURSOR_TTL_S``, owned by the caller) says where each conversation stopped, so the next page
+continues there. Only the caller's conversations are ever read, so the cost follows the size of the caller's history,
+not of the store.
 """
 
 from __future__ import annotations
