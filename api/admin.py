@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
+from bson import ObjectId
 from django.contrib import admin, messages
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.contenttypes.models import ContentType
@@ -105,9 +106,15 @@ class MessageAdmin(MongoAdmin):
     def detail_view(self, request: HttpRequest, message_id: str) -> HttpResponse:
         message = self._message(message_id)
         sender = User.objects(id=message.sender_id).only("username").first()
+        # The users its @usernames named, each read by _id (at most messaging.mentions' per-message bound; a
+        # query by a list of ids would scan ``users`` on FerretDB v1).
+        mentioned = []
+        for uid in message.mentions or ():
+            user = User.objects(id=uid).only("username").first() if ObjectId.is_valid(uid) else None
+            mentioned.append((uid, user.username if user else "?"))
         return TemplateResponse(request, "admin/api/message_detail.html", self._context(
             request, f"Message {message.id}", m=message, sender=sender.username if sender else "?",
-            can_delete=self.has_delete_permission(request)))
+            mentioned=mentioned, can_delete=self.has_delete_permission(request)))
 
     def delete_view_post(self, request: HttpRequest, message_id: str) -> HttpResponse:
         if not self.has_delete_permission(request):

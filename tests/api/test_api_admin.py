@@ -125,3 +125,18 @@ def test_the_conversation_list_shows_who_added_whom_to_a_group(admin_client: Cli
     assert f"{alice.username} &larr; (creator)" in html
     assert f"{bob.username} &larr; {alice.username}" in html
     assert f"{carol.username} &larr; {bob.username}" in html
+
+
+def test_a_message_page_shows_whom_it_mentions(servers: Servers, admin_client: Client) -> None:
+    alice, bob = account("alice"), account("bob")
+    cid = alice.client.post("/api/v1/chats/single", {"username": bob.username}, format="json").json()[
+        "conversation_id"]
+    named = alice.client.post(f"/api/v1/conversations/{cid}/messages",
+                              {"content": f"hi @{bob.username}", "client_msg_id": "m1"}, format="json").json()["id"]
+    plain = alice.client.post(f"/api/v1/conversations/{cid}/messages",
+                              {"content": "no one named", "client_msg_id": "m2"}, format="json").json()["id"]
+    persist(servers, cid)
+    html = admin_client.get(f"/admin/api/mongomessage/{named}/").content.decode()
+    assert f'<td id="message-mentions">@{bob.username} ({bob.id})</td>' in html
+    html = admin_client.get(f"/admin/api/mongomessage/{plain}/").content.decode()
+    assert '<td id="message-mentions">-</td>' in html
