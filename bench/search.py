@@ -219,6 +219,9 @@ def main() -> None:
             get_db().conversations.update_one({"_id": ObjectId(cid)},
                                               {"$set": {"members": [ObjectId(searcher), ObjectId(members[1])]}})
             mine.append((cid, [searcher, members[1]]))
+        # The searcher's conversation ids (docs/adr/0043) as a membership change would leave them.
+        get_db().user_conversations.update_one({"_id": ObjectId(searcher)},
+                                               {"$set": {"c": [ObjectId(c) for c, _ in mine], "complete": True}})
         import redis
         from django.conf import settings
 
