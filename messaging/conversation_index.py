@@ -42,6 +42,16 @@ def _collection() -> Any:
     return UserConversations._get_collection()
 
 
+def _bulk_write(ops: list[UpdateOne]) -> None:
+    """``ops`` in commands of at most ``UPDATE_STATEMENTS_MAX`` statements: FerretDB v1 (SQLite) holds a pooled
+    connection per statement until its command ends, and a command of more statements than its pool waits for
+    ever, with every later command behind it (storage/writes.py). Blocking."""
+    from storage.writes import UPDATE_STATEMENTS_MAX
+
+    for start in range(0, len(ops), UPDATE_STATEMENTS_MAX):
+        _collection().bulk_write(ops[start:start + UPDATE_STATEMENTS_MAX], ordered=False)
+
+
 def user_conversations_stored(*, user_id: str) -> list[str] | None:
     """The user's conversation ids from their document (one read by ``_id``), or None when they have no
     complete document (never built, or created by a change before any build). Blocking."""
@@ -59,7 +69,7 @@ def user_conversations_record(*, user_ids: Iterable[str], conversation_id: str, 
     ``members_read`` reads them again by ``_id``, after each round's writes, and users whose entry disagrees
     with it are written again.
     Precondition: the caller bumped each user's version first (membership_changed_sync does, in its MULTI).
-    Side effects: one bulk write of ``_id``-keyed updates per round (an upsert creates an incomplete document
+    Side effects: ``_id``-keyed updates in bounded commands, per round (an upsert creates an incomplete document
     for a user who had none). Blocking."""
     users = sorted(set(user_ids))
     cid = ObjectId(conversation_id)
@@ -71,7 +81,7 @@ def user_conversations_record(*, user_ids: Iterable[str], conversation_id: str, 
             return
         ops = [UpdateOne({"_id": ObjectId(u)}, {"$addToSet": {"c": cid}} if u in now else {"$pull": {"c": cid}},
                          upsert=u in now) for u in todo]
-        _collection().bulk_write(ops, ordered=False)
+        _bulk_write(ops)
         written.update({u: u in now for u in todo})
         now = set(members_read() or ())
 
@@ -130,7 +140,7 @@ def user_conversations_build(client: Any, *, progress: Callable[[int], None] | N
     ops = [UpdateOne({"_id": ObjectId(uid)}, {"$set": {"c": cids, "complete": True}}, upsert=True)
            for uid, cids in mine.items() if uid in known]
     for start in range(0, len(ops), 500):
-        _collection().bulk_write(ops[start:start + 500], ordered=False)
+        _bulk_write(ops[start:start + 500])
         if progress is not None:
             progress(len(ops[start:start + 500]))
     pipe = client.pipeline(transaction=False)

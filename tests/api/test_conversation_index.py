@@ -178,3 +178,20 @@ def test_two_racing_changes_are_settled_by_the_reread(servers: Servers) -> None:
     conversation_index.user_conversations_record(user_ids=[user], conversation_id=conversation, members=[user],
                                                  members_read=lambda: [user])
     assert conversation_index.user_conversations_stored(user_id=user) == [conversation]
+
+
+def test_the_build_writes_more_users_than_the_stores_connection_pool(servers: Servers) -> None:
+    """FerretDB v1 holds a pooled connection (100 in all) per matching statement of a command until it ends: a
+    build sending its users' updates in one command of hundreds hung the store (and every later command)."""
+    from core.documents import User
+
+    uids = [ObjectId() for _ in range(150)]
+    tag = uuid.uuid4().hex[:6]
+    User._get_collection().insert_many([{"_id": u, "username": f"pool{tag}{i}", "username_key": f"pool{tag}{i}",
+                                         "email": f"pool{tag}{i}@x.test", "password": "!", "contacts": []}
+                                        for i, u in enumerate(uids)])
+    # Incomplete documents, as changes leave for users who had none: the build rewrites each.
+    UserConversations._get_collection().insert_many([{"_id": u, "c": [], "complete": False} for u in uids])
+    call_command("user_conversations_build", stdout=io.StringIO())
+    built = list(UserConversations.objects(id__in=uids).as_pymongo())
+    assert len(built) == len(uids) and all(d["complete"] and d.get("c", []) == [] for d in built)
