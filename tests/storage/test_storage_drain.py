@@ -220,17 +220,21 @@ def test_metrics_report_backlog_lag_and_rate_per_partition(servers: Servers, r: 
     cid = conversation_in(partition)
     services.group_ensure(partition=partition)
     drain_until_empty(partition)
+    # What the session's earlier tests left in this partition's stream that the drain keeps deferring (an edit
+    # of a message never persisted): counted in the backlog before as after, so the figures are deltas.
+    left = partitions_state(partitions=[partition])[0].backlog
     send_messages(servers.redis_url, cid, str(ObjectId()), 4)
     text = metrics_text().decode()
-    assert f'chatstream_storage_backlog{{partition="{partition}"}} 4.0' in text
+    assert f'chatstream_storage_backlog{{partition="{partition}"}} {float(left + 4)}' in text
     lag = next(line for line in text.splitlines()
                if line.startswith(f'chatstream_storage_drain_lag_seconds{{partition="{partition}"}}'))
     assert float(lag.split()[-1]) >= 0
     state_before = partitions_state(partitions=[partition])[0]
     drain_until_empty(partition)
     text = metrics_text().decode()
-    assert f'chatstream_storage_backlog{{partition="{partition}"}} 0.0' in text
-    assert f'chatstream_storage_drain_lag_seconds{{partition="{partition}"}} 0.0' in text
+    assert f'chatstream_storage_backlog{{partition="{partition}"}} {float(left)}' in text
+    if not left:
+        assert f'chatstream_storage_drain_lag_seconds{{partition="{partition}"}} 0.0' in text
     assert (f'chatstream_storage_persisted_total{{partition="{partition}"}} '
             f'{float(state_before.persisted + 4)}') in text
     assert "chatstream_storage_persisted_per_second" in text and "chatstream_storage_deadletters" in text
