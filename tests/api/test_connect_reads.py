@@ -6,17 +6,14 @@ never falls back to the store's members query. Against the session's real Redis 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import pytest
 import redis
-from rest_framework.test import APIClient
 
 from chatstream_site.localservers import Servers
-from core.tokens import token_issue
 from messaging import membership, selectors
-from tests.support.api import PASSWORD
+from tests.support.api import registered
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")
 
@@ -31,18 +28,6 @@ def no_store_fill(monkeypatch: pytest.MonkeyPatch) -> None:
         raise StoreFill(f"the conversations of user {user_id} were read from the store")
 
     monkeypatch.setattr(selectors, "_user_conversation_ids_from_db", refuse)
-
-
-def registered(prefix: str) -> tuple[str, str, APIClient]:
-    """A user created by the REST registration; returns (id, username, a client with their access token)."""
-    name = f"{prefix}{uuid.uuid4().hex[:10]}"
-    response = APIClient().post("/api/v1/auth/register", {"username": name, "email": f"{name}@example.test",
-                                                          "password": PASSWORD}, format="json")
-    assert response.status_code == 201, response.content
-    user_id = str(response.json()["id"])
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_issue(user_id=user_id, username=name, type='access')}")
-    return user_id, name, client
 
 
 def conversations(servers: Servers, user_id: str) -> list[str]:

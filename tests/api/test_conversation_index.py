@@ -18,9 +18,8 @@ from rest_framework.test import APIClient
 from chatstream_site.localservers import Servers
 from core.documents import UserConversations
 from core.keys import user_conversations_key, user_conversations_version_key
-from core.tokens import token_issue
 from messaging import conversation_index, selectors
-from tests.support.api import PASSWORD
+from tests.support.api import registered
 
 pytestmark = pytest.mark.usefixtures("servers", "generous_rates")
 
@@ -35,17 +34,6 @@ def no_scan(monkeypatch: pytest.MonkeyPatch) -> None:
         raise StoreScan(f"the conversations of user {user_id} were read by a members query")
 
     monkeypatch.setattr(conversation_index, "_members_scan", refuse)
-
-
-def registered(prefix: str) -> tuple[str, str, APIClient]:
-    name = f"{prefix}{uuid.uuid4().hex[:10]}"
-    response = APIClient().post("/api/v1/auth/register", {"username": name, "email": f"{name}@example.test",
-                                                          "password": PASSWORD}, format="json")
-    assert response.status_code == 201, response.content
-    user_id = str(response.json()["id"])
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_issue(user_id=user_id, username=name, type='access')}")
-    return user_id, name, client
 
 
 def cold(servers: Servers, *user_ids: str) -> None:

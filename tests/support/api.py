@@ -51,6 +51,19 @@ def account(prefix: str = "u") -> Account:
     return Account(id=str(user.id), username=username, access=access, client=client)
 
 
+def registered(prefix: str) -> tuple[str, str, APIClient]:
+    """A user created by the REST registration (so every cache and document registration writes exists);
+    returns (id, username, a client with their access token)."""
+    name = f"{prefix}{uuid.uuid4().hex[:10]}"
+    response = APIClient().post("/api/v1/auth/register", {"username": name, "email": f"{name}@example.test",
+                                                          "password": PASSWORD}, format="json")
+    assert response.status_code == 201, response.content
+    user_id = str(response.json()["id"])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_issue(user_id=user_id, username=name, type='access')}")
+    return user_id, name, client
+
+
 def anonymous() -> APIClient:
     return APIClient()
 
