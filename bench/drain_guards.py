@@ -35,6 +35,23 @@ sys.path.insert(0, str(ROOT))
 from chatstream_site.localservers import ferretdb_server, redis_server  # noqa: E402
 
 
+def drain_all() -> int:
+    """Drain every partition in this process until each is empty (bounded); returns the entries persisted.
+    Precondition: Django is set up against the bench's servers. Side effects: the drain's writes and acks."""
+    from django.conf import settings
+
+    from storage import services
+
+    done = 0
+    for p in range(int(settings.PARTITIONS)):
+        for _ in range(100_000):  # bounded
+            res = services.partition_drain(partition=p, batch_size=settings.BATCH_SIZE, consumer="bench")
+            done += res.persisted
+            if not res.more:
+                break
+    return done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[5_000, 20_000])
@@ -77,7 +94,6 @@ def run(args: argparse.Namespace, size: int) -> dict[str, Any]:
 
     from core.documents import Message
     from messaging.streams import event_append
-    from storage import services
     from storage.mongo import mongo_connect
 
     disconnect()
@@ -105,16 +121,6 @@ def run(args: argparse.Namespace, size: int) -> dict[str, Any]:
     db.conversations.insert_many([{"_id": c, "type": "single", "room_id": ObjectId(), "members": users,
                                    "last_seq": 0} for c in convs])
 
-    def drain() -> int:
-        done = 0
-        for p in range(int(settings.PARTITIONS)):
-            for _ in range(100_000):  # bounded
-                res = services.partition_drain(partition=p, batch_size=settings.BATCH_SIZE, consumer="bench")
-                done += res.persisted
-                if not res.more:
-                    break
-        return done
-
     first: dict[str, tuple[str, int]] = {}  # conversation -> (id of its seq 1, its last seq)
 
     async def append(events: list[tuple[str, str, dict[str, Any], str]]) -> None:
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace, size: int) -> dict[str, Any]:
              uuid.uuid4().hex) for i in range(args.news)]
     asyncio.run(append(news))
     t = time.perf_counter()
-    persisted = drain()
+    persisted = drain_all()
     new_s = time.perf_counter() - t
     changes: list[tuple[str, str, dict[str, Any], str]] = []
     for conv_id in [str(c) for c in convs[:args.changes]]:
@@ -150,7 +156,7 @@ def run(args: argparse.Namespace, size: int) -> dict[str, Any]:
         changes.append(("read.updated", conv_id, {"user_id": str(users[1]), "seq": last}, ""))
     asyncio.run(append(changes))
     t = time.perf_counter()
-    changed = drain()
+    changed = drain_all()
     change_s = time.perf_counter() - t
     return {"messages_stored": size, "conversations_stored": len(fillers) + len(convs),
             "new_persisted": persisted, "new_msg_s": round(persisted / new_s),

@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.drain_guards import drain_all  # noqa: E402
 from chatstream_site.localservers import ferretdb_server, redis_server  # noqa: E402
 
 TIMES: dict[str, float] = {}
@@ -205,13 +206,7 @@ def run(args: argparse.Namespace, size: int, *, ferretdb_pid: int) -> dict[str, 
 
     asyncio.run(append())
     cpu0, t = cpu_s(ferretdb_pid), time.perf_counter()
-    done = 0
-    for p in range(int(settings.PARTITIONS)):
-        for _ in range(100_000):  # bounded
-            res = services.partition_drain(partition=p, batch_size=settings.BATCH_SIZE, consumer="bench")
-            done += res.persisted
-            if not res.more:
-                break
+    done = drain_all()
     wall = time.perf_counter() - t
     cpu = cpu_s(ferretdb_pid) - cpu0
     return {"messages_stored": size, "conversations": args.conversations, "fill_s": round(fill_s, 1),
