@@ -33,6 +33,12 @@ Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size)
 averages around each measurement. All traffic on 127.0.0.1. ``--quiet-lock DIR`` holds exclusive flocks on
 DIR/gate.lock then DIR/bench.lock around each measuring phase (the drain probe's drain, the reads), never while
 seeding, so the tests others run on a shared machine wait for the measurement, not for the whole run.
+
+``--workdir DIR`` keeps the servers' data (Redis AOF, FerretDB's SQLite files) and the workload's state
+(``DIR/state.json``: population, sampled users, hot conversations, sizes reached) there, written after every
+size. ``--resume`` then starts the servers on that data and measures again at the size reached, without
+seeding (a million messages take ~20 minutes to seed and a few to measure), then goes on to any larger
+``--sizes``. Re-measuring a change at 1M is ``--workdir DIR --resume --sizes 1``.
 """
 
 from __future__ import annotations
@@ -98,11 +104,20 @@ def main() -> None:
                         help="a directory: hold an exclusive flock on DIR/gate.lock then DIR/bench.lock around "
                              "each measuring phase (never while seeding), so a shared machine's other work waits")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    parser.add_argument("--workdir", default="",
+                        help="keep the servers' data and the workload's state here (default: a temporary folder)")
+    parser.add_argument("--resume", action="store_true",
+                        help="start on --workdir's data and state: measure again at the size reached, no seeding")
     args = parser.parse_args()
     QUIET["wait_s"] = args.quiet_wait
+    if args.resume and not args.workdir:
+        parser.error("--resume needs the --workdir of an earlier run")
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatstream-datatier-"))
-    servers = servers_start(workdir)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chatstream-datatier-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = state_load(workdir) if args.resume else None
+    servers = (servers_start(workdir, redis_port=state["redis_port"], mongodb_port=state["mongodb_port"])
+               if state else servers_start(workdir))
     os.environ.update(servers.env())
     os.environ.update(
         CHATSTREAM_DOTENV="", DEBUG="0", DJANGO_SETTINGS_MODULE="chatstream_site.settings",
@@ -116,13 +131,28 @@ def main() -> None:
     django.setup()
     cluster = Cluster(workdir, supervised=False)
     try:
-        run(args, cluster)
+        run(args, cluster, servers=servers, state=state)
     finally:
         cluster.stop()
         servers.stop()
 
 
 QUIET: dict[str, Any] = {"wait_s": 0.0}  # --quiet-wait
+STATE_FILE = "state.json"
+
+
+def state_load(workdir: Path) -> dict[str, Any]:
+    path = workdir / STATE_FILE
+    if not path.exists():
+        raise SystemExit(f"{path} not found: --resume needs the --workdir of a run that finished a size")
+    return dict(json.loads(path.read_text()))
+
+
+def state_save(workdir: Path, state: dict[str, Any]) -> None:
+    """Written whole to a temporary file and renamed: a run stopped while writing leaves the previous state."""
+    tmp = workdir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(workdir / STATE_FILE)
 
 
 @contextlib.contextmanager
@@ -434,48 +464,69 @@ def measure(cluster: Cluster, args: argparse.Namespace, *, users: list[str], con
     return out
 
 
-def run(args: argparse.Namespace, cluster: Cluster) -> None:
+def run(args: argparse.Namespace, cluster: Cluster, *, servers: Any, state: dict[str, Any] | None) -> None:
     from mongoengine.connection import get_db
 
     rnd = random.Random(11)  # noqa: S311 - a reproducible workload, not a secret
     t = time.perf_counter()
-    uids, convs = seed_population(users=args.users, conversations=args.conversations)
-    users = [uids[rnd.randrange(len(uids))] for _ in range(args.samples)]
-    print(f"population: {len(uids)} users, {len(convs)} conversations in {time.perf_counter() - t:.1f}s", flush=True)
+    if state is None:
+        uids, convs = seed_population(users=args.users, conversations=args.conversations)
+        users = [uids[rnd.randrange(len(uids))] for _ in range(args.samples)]
+        print(f"population: {len(uids)} users, {len(convs)} conversations in {time.perf_counter() - t:.1f}s",
+              flush=True)
+    else:
+        redis_wait_loaded()
+        uids, users = state["uids"], state["users"]
+        convs = [(cid, list(members)) for cid, members in state["convs"]]
+        rnd.seed(state["have"])  # other random choices than the run that seeded
     cluster.start()
     cluster.wait_ready(timeout_s=180)
     if args.storage_workers < 2:
         # Two drains writing FerretDB/SQLite at once hung it here (its connection pool exhausted, every
         # command waiting; seen with and without docs/adr/0028's changes): one worker by default.
         cluster.kill_process("storage2", 15)
-    hot = rnd.sample(range(len(convs)), args.hot)
-    sent: dict[str, list[tuple[str, str]]] = {}
+    hot: list[int] = state["hot"] if state else rnd.sample(range(len(convs)), args.hot)
+    sent: dict[str, list[tuple[str, str]]] = (
+        {cid: [tuple(p) for p in pairs] for cid, pairs in state["sent"].items()} if state else {})
     rows: list[dict[str, Any]] = []
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    have = 0
-    cold_list: dict[str, Any] | None = None
+    have = int(state["have"]) if state else 0
+    # Resumed: the sampled users' caches were warmed by the run that seeded (Redis kept them in its AOF).
+    cold_list: dict[str, Any] | None = {"not_measured": "resumed on a warmed store"} if state else None
     until = time.time() + args.seed_minutes * 60 if args.seed_minutes > 0 else float("inf")
-    for size in sorted(args.sizes):
-        if have >= size:
-            continue
-        # The drain runs while the messages are sent, as in production (its own rate is measured apart, below).
-        t = time.perf_counter()
-        sent_now = send_parallel(size - have - args.drain_probe, senders=args.senders, convs=convs, hot=hot,
-                                 hot_share=args.hot_share, sent=sent, seed=size, burst=args.burst, until=until)
-        seed_s = time.perf_counter() - t
-        backlog = backlog_total()
-        wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.5, what="the drain")
-        settle_s = time.perf_counter() - t
-        # Past the seeding deadline, the size reached (not the one asked for) is measured and reported.
-        reached = have + sent_now + args.drain_probe
-        row: dict[str, Any] = {"messages": reached, "target": size, "sent": sent_now,
-                               "send_msg_s": round(sent_now / seed_s),
-                               "backlog_after_send": backlog, "seed_and_drain_s": round(settle_s, 1)}
-        row.update(drain_rate(cluster, args, convs=convs, rnd=rnd))
+    # Resuming: the size reached is measured again first (no seeding), then any larger size is seeded.
+    plan = ([have] if state else []) + [size for size in sorted(args.sizes) if size > have]
+    for size in plan:
+        row: dict[str, Any]
+        if size == have and state is not None:
+            row = {"messages": have, "target": have, "resumed": True}
+            row.update(drain_rate(cluster, args, convs=convs, rnd=rnd))
+            have += args.drain_probe
+            row["messages"] = have
+        else:
+            # The drain runs while the messages are sent, as in production (its own rate is measured apart,
+            # below).
+            t = time.perf_counter()
+            sent_now = send_parallel(size - have - args.drain_probe, senders=args.senders, convs=convs, hot=hot,
+                                     hot_share=args.hot_share, sent=sent, seed=size, burst=args.burst,
+                                     until=until)
+            seed_s = time.perf_counter() - t
+            backlog = backlog_total()
+            wait_until(lambda: backlog_total() == 0, timeout_s=WAIT_DRAIN_S, interval_s=0.5, what="the drain")
+            settle_s = time.perf_counter() - t
+            # Past the seeding deadline, the size reached (not the one asked for) is measured and reported.
+            reached = have + sent_now + args.drain_probe
+            row = {"messages": reached, "target": size, "sent": sent_now, "send_msg_s": round(sent_now / seed_s),
+                   "backlog_after_send": backlog, "seed_and_drain_s": round(settle_s, 1)}
+            row.update(drain_rate(cluster, args, convs=convs, rnd=rnd))
+            have = reached
         row["stored"] = get_db().messages.estimated_document_count()
-        have = reached
+        if args.workdir:  # before the reads: a run stopped while reading can resume on this size
+            state_save(Path(args.workdir), {
+                "redis_port": servers.redis.port, "mongodb_port": servers.mongodb.port if servers.mongodb else None,
+                "uids": uids, "users": users, "convs": convs, "hot": hot, "sent": sent, "have": have})
         with quiet(args.quiet_lock, row=row, phase="reads"):
             row["load_avg_before_reads"] = [round(x, 2) for x in os.getloadavg()]
             if cold_list is None:
@@ -489,6 +540,23 @@ def run(args: argparse.Namespace, cluster: Cluster) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         write(rows, args=args, path=out_dir / f"data-tier-{stamp}")
+
+
+def redis_wait_loaded(timeout_s: float = 600.0) -> None:
+    """A Redis restarted on a large AOF answers LOADING until it has replayed it."""
+    import redis
+    from django.conf import settings
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+
+    def loaded() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.exceptions.BusyLoadingError:
+            return False
+
+    wait_until(loaded, timeout_s=timeout_s, interval_s=0.5, what="Redis to load its AOF")
+    client.close()
 
 
 def write(rows: list[dict[str, Any]], *, args: argparse.Namespace, path: Path) -> None:

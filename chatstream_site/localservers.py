@@ -139,14 +139,17 @@ def run_with_redis(redis_url: str, body: Callable[[redis.asyncio.Redis], Awaitab
     return asyncio.run(main())
 
 
-def servers_start(workdir: Path, *, ferretdb_metrics_port: int | None = None) -> Servers:
-    """Start Redis and FerretDB (or use ``CHATSTREAM_TEST_MONGODB_URI`` for a real MongoDB)."""
-    redis = redis_server(workdir)
+def servers_start(workdir: Path, *, ferretdb_metrics_port: int | None = None, redis_port: int | None = None,
+                  mongodb_port: int | None = None) -> Servers:
+    """Start Redis and FerretDB (or use ``CHATSTREAM_TEST_MONGODB_URI`` for a real MongoDB). Each keeps its
+    data in ``workdir`` under a folder named by its port: given the ports of an earlier start on the same
+    ``workdir``, they start on that data (a benchmark resuming on a store it seeded)."""
+    redis = redis_server(workdir, port=redis_port)
     redis.start()
     external = os.environ.get("CHATSTREAM_TEST_MONGODB_URI")
     if external:
         return Servers(workdir, redis, None, f"redis://127.0.0.1:{redis.port}/0", external)
-    mongo = ferretdb_server(workdir, metrics_port=ferretdb_metrics_port)
+    mongo = ferretdb_server(workdir, port=mongodb_port, metrics_port=ferretdb_metrics_port)
     mongo.start()
     return Servers(workdir, redis, mongo, f"redis://127.0.0.1:{redis.port}/0",
                    f"mongodb://127.0.0.1:{mongo.port}/chatstream_test")
