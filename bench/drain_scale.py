@@ -2,6 +2,7 @@
 ``make run``'s store), the drain run in this process so each phase can be timed.
 
     nice -n 5 .venv/bin/python -m bench.drain_scale --sizes 10000 100000 [--conversations 20000 --probe 3000]
+        [--trees /path/to/another/checkout] [--rounds 2] [--quiet-lock /work/wt] [--profile DIR]
 
 Per size, from empty servers: ``--conversations`` 1:1 conversations hold ``size`` messages between them (a
 few conversations, ``--hot``, a tenth of them), stored as the drain would have stored them (``messages``,
@@ -10,7 +11,15 @@ complete ``message_buckets``, ``conversations.last_seq`` and the seq counters in
 message is its conversation's only one in the batch), are appended with ``messaging.streams.event_append`` and
 drained with ``storage.services.partition_drain`` (``CHATSTREAM_BATCH_SIZE``). Reported: msg/s, the wall time
 of each drain phase (``insert_new``, ``buckets_write``, ``conversation_ops`` with its ``_id`` reads, the
-``conversations`` update), and FerretDB's CPU seconds (``/proc``) per 1,000 messages.
+``conversations`` update, ``search_index_write``), and FerretDB's CPU seconds (``/proc``) per 1,000 messages.
+
+The store also holds each conversation's ``search_blocks`` (storage/search_index.py) as the drain leaves them,
+and whatever ``storage.services.drain_state_fill`` (if the code has it) says the drain keeps in Redis. Each probe
+runs in its own process, ``--rounds`` times per source tree of ``--trees`` (default: this checkout; another
+checkout of the repo, e.g. ``git worktree add /tmp/before <commit>``, measures its drain on the same filled store,
+alternating, so before and after are compared in one run). ``--quiet-lock DIR`` holds the machine's benchmark
+locks (bench/quiet_lock.py) around each probe's drain only, not the fill. ``--profile DIR``: py-spy records
+each probe's drain process (a flame graph SVG per probe).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import functools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.drain_guards import drain_all  # noqa: E402
+from bench.quiet_lock import quiet_lock  # noqa: E402
 from chatstream_site.localservers import ferretdb_server, redis_server  # noqa: E402
 
 TIMES: dict[str, float] = {}
@@ -46,13 +57,25 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=20_000)
     parser.add_argument("--hot", type=int, default=10)
     parser.add_argument("--probe", type=int, default=3_000)
+    parser.add_argument("--trees", nargs="+", default=[str(ROOT)],
+                        help="checkouts whose drain is measured on each filled store, in turn (default: this one)")
+    parser.add_argument("--rounds", type=int, default=1, help="probes per tree and size, alternating trees")
+    parser.add_argument("--quiet-lock", default="", metavar="DIR", help="hold DIR's benchmark locks while draining")
+    parser.add_argument("--profile", default="", metavar="DIR", help="py-spy each probe's drain into DIR")
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # one size, in a child process
+    parser.add_argument("--probe-spec", default="", help=argparse.SUPPRESS)  # one probe, in a grandchild
+    parser.add_argument("--ferretdb-pid", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe_spec:
+        print(json.dumps(probe(args)), flush=True)
+        return
     if not args.one:  # every size in its own process (Django reads its settings once) on fresh servers
         for size in sorted(args.sizes):
             subprocess.run([sys.executable, "-m", "bench.drain_scale", "--one", str(size), "--conversations",
-                            str(args.conversations), "--hot", str(args.hot), "--probe", str(args.probe)],
-                           check=True, cwd=ROOT)
+                            str(args.conversations), "--hot", str(args.hot), "--probe", str(args.probe),
+                            "--trees", *args.trees, "--rounds", str(args.rounds), "--quiet-lock", args.quiet_lock,
+                            "--profile", args.profile], check=True, cwd=ROOT)
         return
     workdir = Path(tempfile.mkdtemp(prefix="cs-drain-scale-"))
     rd, mg = redis_server(workdir), ferretdb_server(workdir)
@@ -63,7 +86,17 @@ def main() -> None:
                       DJANGO_SETTINGS_MODULE="chatstream_site.settings", LOG_LEVEL="WARNING")
     try:
         assert mg.proc is not None
-        print(json.dumps(run(args, args.one, ferretdb_pid=mg.proc.pid)), flush=True)
+        spec = workdir / "spec.json"
+        filled = fill_store(args, args.one, spec=spec)
+        print(json.dumps(filled), flush=True)
+        for r in range(args.rounds):  # bounded: rounds x trees probes
+            for tree in args.trees:
+                cmd = [sys.executable, "-m", "bench.drain_scale", "--probe-spec", str(spec), "--probe", str(args.probe),
+                       "--ferretdb-pid", str(mg.proc.pid), "--seed", str(1000 * r + args.trees.index(tree)),
+                       "--quiet-lock", args.quiet_lock, "--profile", args.profile, "--one", str(args.one)]
+                out = subprocess.run(cmd, check=True, cwd=tree, stdout=subprocess.PIPE, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                print(json.dumps({"messages_stored": args.one, "tree": tree, "round": r, **row}), flush=True)
     finally:
         rd.stop()
         mg.stop()
@@ -87,9 +120,10 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def fill(db: Any, *, size: int, conversations: int, hot: int,
-         rnd: random.Random) -> tuple[list[Any], dict[Any, int], dict[str, dict[str, Any]]]:
+         rnd: random.Random) -> tuple[list[Any], dict[Any, int], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """``size`` messages over ``conversations`` conversations as the drain leaves them, in bulk: complete
-    buckets stored, each conversation's incomplete one returned (the caller puts it in Redis as a tail)."""
+    buckets stored, each conversation's incomplete one returned (the caller puts it in Redis as a tail), and
+    the ``conversations`` documents (``CONTENTS``: each conversation's contents by seq, for its search blocks)."""
     from bson import ObjectId
 
     from core.documents import BUCKET_SEQS, bucket_id
@@ -114,6 +148,7 @@ def fill(db: Any, *, size: int, conversations: int, hot: int,
             db.message_buckets.insert_many(whole, ordered=False)
         buckets.clear()
 
+    lasts: dict[Any, dict[str, Any]] = {}
     tails: dict[str, dict[str, Any]] = {}  # each conversation's last, incomplete bucket: a tail in Redis
     for n, c in enumerate(convs):
         a, b = users[2 * n], users[2 * n + 1]
@@ -124,6 +159,9 @@ def fill(db: Any, *, size: int, conversations: int, hot: int,
         for seq in range(1, last[c] + 1):
             mid = uuid.uuid4().hex
             sender = (a, b)[seq % 2]
+            CONTENTS.setdefault(c, []).append(f"bench {mid[:24]}")
+            lasts[c] = {"id": mid, "seq": seq, "sender_id": str(sender), "content": f"bench {mid[:24]}",
+                        "timestamp": now, "deleted": False}
             msgs.append({"_id": mid, "conversation_id": c, "seq": seq, "sender_id": sender, "client_msg_id": mid,
                          "content": f"bench {mid[:24]}", "timestamp": now, "deleted": False, "read_status": "sent"})
             bid = bucket_id(str(c), seq)
@@ -135,37 +173,73 @@ def fill(db: Any, *, size: int, conversations: int, hot: int,
             flush()
     flush()
     docs = [{"_id": c, "type": "single", "room_id": ObjectId(), "members": [users[2 * n], users[2 * n + 1]],
-             "last_seq": last[c], "read_cursors": {}, "created_at": now, "updated_at": now}
+             "last_seq": last[c], "read_cursors": {}, "created_at": now, "updated_at": now,
+             **({"lastMessage": lasts[c]} if c in lasts else {})}
             for n, c in enumerate(convs)]
     for at in range(0, len(docs), 2000):
         db.conversations.insert_many(docs[at:at + 2000], ordered=False)
-    return users, last, tails
+    return users, last, tails, docs
 
 
-def run(args: argparse.Namespace, size: int, *, ferretdb_pid: int) -> dict[str, Any]:
+def _django() -> None:
     import django
 
     django.setup()
-    import redis
-    import redis.asyncio
-    from django.conf import settings
-    from mongoengine.connection import disconnect, get_db
+    from mongoengine.connection import disconnect
 
-    from core.documents import BUCKET_SEQS, Message, MessageBucket
-    from core.keys import partition_of, persisted_key, seq_key
-    from messaging.streams import event_append
-    from storage import buckets, rules, services
     from storage.mongo import mongo_connect
 
     disconnect()
     mongo_connect()
+
+
+def search_blocks_fill(db: Any, last: dict[Any, int], contents: dict[Any, list[str]]) -> int:
+    """Each conversation's ``search_blocks`` as the drain leaves them: per block, each word's bucket bits."""
+    from core.documents import BUCKET_SEQS
+    from storage.search_index import BLOCK_BUCKETS, COLLECTION, block_id, block_of, term_key, words_of
+
+    docs: list[dict[str, Any]] = []
+    written = 0
+    for c, top in last.items():
+        blocks: dict[int, dict[str, int]] = {}
+        for seq in range(1, top + 1):
+            n = (seq - 1) // BUCKET_SEQS
+            t = blocks.setdefault(block_of(n), {})
+            for word in words_of(contents[c][seq - 1]):
+                t[term_key(word)] = t.get(term_key(word), 0) | (1 << (n % BLOCK_BUCKETS))
+        docs.extend({"_id": block_id(str(c), b), "conversation_id": c, "t": t, "partial": False}
+                    for b, t in blocks.items())
+        if len(docs) >= 1000:
+            db[COLLECTION].insert_many(docs, ordered=False)
+            written += len(docs)
+            docs.clear()
+    if docs:
+        db[COLLECTION].insert_many(docs, ordered=False)
+        written += len(docs)
+    return written
+
+
+def fill_store(args: argparse.Namespace, size: int, *, spec: Path) -> dict[str, Any]:
+    """Fill the store and Redis as the drain leaves them; write the probes' spec (conversations, users)."""
+    _django()
+    import redis
+    from django.conf import settings
+    from mongoengine.connection import get_db
+
+    from core.documents import BUCKET_SEQS, Message, MessageBucket
+    from core.keys import partition_of, persisted_key, seq_key
+    from storage import buckets, services
+
     Message.ensure_indexes()
     MessageBucket.ensure_indexes()
     db = get_db()
     rnd = random.Random(5)  # noqa: S311 - a reproducible workload
     t = time.perf_counter()
-    users, last, tails = fill(db, size=size, conversations=args.conversations, hot=args.hot, rnd=rnd)
+    users, last, tails, docs = fill(db, size=size, conversations=args.conversations, hot=args.hot, rnd=rnd)
     fill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    blocks = search_blocks_fill(db, last, CONTENTS)
+    blocks_s = time.perf_counter() - t
     sync = redis.Redis.from_url(settings.REDIS_URL)
     pipe = sync.pipeline(transaction=False)
     for c, seq in last.items():
@@ -180,12 +254,36 @@ def run(args: argparse.Namespace, size: int, *, ferretdb_pid: int) -> dict[str, 
             n=doc["n"], first=True, m=doc["m"], new=True)
     for group in by_partition.values():
         buckets.tails_save(sync, group)
-    convs = list(last)
+    state_fill = getattr(services, "drain_state_fill", None)
+    if state_fill is not None:  # what the drain keeps in Redis of each conversation, as it would have left it
+        state_fill(client=sync, conversations=docs)
+    spec.write_text(json.dumps({"conversations": [str(c) for c in last], "users": [str(u) for u in users]}))
+    return {"messages_stored": size, "conversations": args.conversations, "fill_s": round(fill_s, 1),
+            "search_blocks": blocks, "search_blocks_s": round(blocks_s, 1), "load": os.getloadavg()}
+
+
+CONTENTS: dict[Any, list[str]] = {}  # each conversation's contents by seq, as fill() wrote them
+
+
+def probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Append ``--probe`` messages, each into a random conversation of the spec, and drain them, timed."""
+    _django()
+    import redis.asyncio
+    from django.conf import settings
+
+    from messaging.streams import event_append
+    from storage import rules, services, writes
+
+    spec = json.loads(Path(args.probe_spec).read_text())
+    convs, users = spec["conversations"], spec["users"]
+    rnd = random.Random(args.seed)  # noqa: S311 - a reproducible workload
     for name in ("insert_new", "buckets_write", "message_ops", "insert_versions", "conversation_ops",
-                 "updates_write"):
-        setattr(services, name, timed(name, getattr(services, name)))
+                 "updates_write", "search_index_write", "mentions_replay", "tails_load", "tails_save"):
+        if hasattr(services, name):
+            setattr(services, name, timed(name, getattr(services, name)))
     for name in ("message", "conversation", "bucket"):
         setattr(rules.Seen, name, timed(f"seen.{name}", getattr(rules.Seen, name)))
+    writes.write_isolating_failures = timed("commands", writes.write_isolating_failures)
 
     async def append() -> None:
         client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
@@ -193,10 +291,10 @@ def run(args: argparse.Namespace, size: int, *, ferretdb_pid: int) -> dict[str, 
         try:
             async def one(k: int) -> None:
                 n = rnd.randrange(len(convs))
-                c, mid, sender = convs[n], uuid.uuid4().hex, str(users[2 * n + k % 2])
-                await event_append(client, type="message.new", conversation_id=str(c),
-                                   payload={"id": mid, "conversation_id": str(c), "sender_id": sender,
-                                            "content": f"probe {k}", "timestamp": now, "client_msg_id": mid},
+                c, mid, sender = convs[n], uuid.uuid4().hex, users[2 * n + k % 2]
+                await event_append(client, type="message.new", conversation_id=c,
+                                   payload={"id": mid, "conversation_id": c, "sender_id": sender,
+                                            "content": f"probe {mid[:12]}", "timestamp": now, "client_msg_id": mid},
                                    message_id=mid, dedup=(sender, mid))
 
             for at in range(0, args.probe, 100):
@@ -205,15 +303,27 @@ def run(args: argparse.Namespace, size: int, *, ferretdb_pid: int) -> dict[str, 
             await client.aclose()
 
     asyncio.run(append())
-    cpu0, t = cpu_s(ferretdb_pid), time.perf_counter()
-    done = drain_all()
-    wall = time.perf_counter() - t
-    cpu = cpu_s(ferretdb_pid) - cpu0
-    return {"messages_stored": size, "conversations": args.conversations, "fill_s": round(fill_s, 1),
-            "persisted": done, "drain_msg_s": round(done / wall), "drain_s": round(wall, 2),
+    spy = None
+    with quiet_lock(args.quiet_lock) as held:
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            out = Path(args.profile) / f"drain-{args.one}-{Path.cwd().name}-{args.seed}.txt"
+            spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid", str(os.getpid()),
+                                    "--rate", "50", "--format", "raw", "--output", str(out), "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # py-spy attaches
+        load = os.getloadavg()
+        cpu0, t = cpu_s(args.ferretdb_pid), time.perf_counter()
+        done = drain_all()
+        wall = time.perf_counter() - t
+        cpu = cpu_s(args.ferretdb_pid) - cpu0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+    return {"persisted": done, "drain_msg_s": round(done / wall), "drain_s": round(wall, 2),
             "ferretdb_cpu_s_per_1000": round(cpu / max(done, 1) * 1000, 2),
             "phase_ms_per_1000": {k: round(v / max(done, 1) * 1e6) for k, v in sorted(TIMES.items())},
-            "load": os.getloadavg()}
+            "quiet": held, "load": load}
 
 
 if __name__ == "__main__":
