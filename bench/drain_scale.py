@@ -220,7 +220,8 @@ def search_blocks_fill(db: Any, last: dict[Any, int], contents: dict[Any, list[s
 
 
 def fill_store(args: argparse.Namespace, size: int, *, spec: Path) -> dict[str, Any]:
-    """Fill the store and Redis as the drain leaves them; write the probes' spec (conversations, users)."""
+    """Fill the store and Redis as the drain leaves them; write the probes' spec (conversations, users).
+    ``CONTENTS`` is filled by :func:`fill`."""
     _django()
     import redis
     from django.conf import settings
@@ -228,7 +229,7 @@ def fill_store(args: argparse.Namespace, size: int, *, spec: Path) -> dict[str, 
 
     from core.documents import BUCKET_SEQS, Message, MessageBucket
     from core.keys import partition_of, persisted_key, seq_key
-    from storage import buckets, services
+    from storage import buckets
 
     Message.ensure_indexes()
     MessageBucket.ensure_indexes()
@@ -254,9 +255,16 @@ def fill_store(args: argparse.Namespace, size: int, *, spec: Path) -> dict[str, 
             n=doc["n"], first=True, m=doc["m"], new=True)
     for group in by_partition.values():
         buckets.tails_save(sync, group)
-    state_fill = getattr(services, "drain_state_fill", None)
-    if state_fill is not None:  # what the drain keeps in Redis of each conversation, as it would have left it
-        state_fill(client=sync, conversations=docs)
+    try:  # what the drain keeps in Redis of each conversation (docs/adr/0048), as it would have left it
+        from storage.conversation_state import conversation_states_put
+    except ImportError:  # a checkout from before it
+        pass
+    else:
+        by_p: dict[int, dict[Any, dict[str, Any]]] = {}
+        for doc in docs:
+            by_p.setdefault(partition_of(str(doc["_id"])), {})[doc["_id"]] = doc
+        for p, states in by_p.items():
+            conversation_states_put(sync, partition=p, docs=states)
     spec.write_text(json.dumps({"conversations": [str(c) for c in last], "users": [str(u) for u in users]}))
     return {"messages_stored": size, "conversations": args.conversations, "fill_s": round(fill_s, 1),
             "search_blocks": blocks, "search_blocks_s": round(blocks_s, 1), "load": os.getloadavg()}

@@ -106,6 +106,13 @@ def bucket_tails_key(partition: int) -> str:
     return f"cs:{tag(partition)}:btails"
 
 
+def conversation_state_key(partition: int, conversation_id: str) -> str:
+    """BUS. String (BSON): what the drain's guards read of the conversation's document (``type``, ``lastMessage``
+    id, seq and edit_seq, ``read_cursors``) as the drain last wrote it (docs/adr/0048), written by the drain only,
+    deleted while a batch of the conversation is being written; expires after ``RECENT_TTL_S`` unused."""
+    return f"cs:{tag(partition)}:cstate:{conversation_id}"
+
+
 def read_cursor_key(conversation_id: str) -> str:
     """BUS. Hash user id -> read seq, in the conversation's partition slot (``messaging.services.read_mark``)."""
     return f"cs:{tag(partition_of(conversation_id))}:read:{conversation_id}"
@@ -287,7 +294,7 @@ CELERY_PREFIX = "cs:celery:"  # Celery's broker and result keys
 REDIS_OF: dict[str, Literal["bus", "coord"]] = {
     "stream_key": BUS, "seq_key": BUS, "dedup_key": BUS, "no_dedup_key": BUS, "recent_key": BUS,
     "recent_docs_key": BUS, "recent_edits_key": BUS, "persisted_key": BUS, "bucket_tail_key": BUS,
-    "bucket_tails_key": BUS, "read_cursor_key": BUS,
+    "bucket_tails_key": BUS, "read_cursor_key": BUS, "conversation_state_key": BUS,
     "message_meta_key": BUS, "mention_seqs_key": BUS, "reactions_key": BUS, "mention_list_key": BUS, "DEADLETTERS": BUS,
     "drain_lock_key": BUS, "drain_lease_key": BUS, "failures_key": BUS, "stats_key": BUS, "maintenance_key": BUS,
     "rate_key": BUS, "TICKET_PREFIX": COORD, "REVOKED_PREFIX": COORD, "REVOKED_USER_PREFIX": COORD,

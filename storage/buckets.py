@@ -27,6 +27,7 @@ from core.documents import BUCKET_SEQS, bucket_id
 from core.keys import bucket_tail_key, bucket_tails_key, persisted_key
 from core.values import as_str
 from storage.rules import Item, Seen, edited_mentions, older_edit, reaction_bucket_update
+from storage.search_index import search_index_write
 from storage.writes import DUPLICATE_KEY, UPDATE_STATEMENTS_MAX
 
 
@@ -128,7 +129,18 @@ def _whole(cid: str, tail: Tail) -> dict[str, Any]:
             "m": tail.m, "partial": not tail.first}
 
 
-def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None, tails: Tails | None = None) -> None:
+@dataclass
+class BucketsWritten:
+    """What :func:`buckets_write` did that the word index follows (storage/search_index.py): the buckets it wrote
+    whole (inserted, or merged into a stored one), and the ``message.new`` entries (entry ids) whose message is in
+    a tail, to be indexed with their bucket when it is written (docs/adr/0048)."""
+
+    whole: list[dict[str, Any]] = field(default_factory=list)
+    in_tails: set[str] = field(default_factory=set)
+
+
+def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
+                  tails: Tails | None = None) -> BucketsWritten:
     """Mirror the batch into ``message_buckets`` with inserts and ``_id``-keyed updates only (docs/adr/0041).
 
     A message goes into its conversation's tail (``tails``, saved by the caller with :func:`tails_save`); a tail
@@ -138,15 +150,16 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None, tails
     is there already. Then one update by ``_id`` per edit/delete/reaction of a stored bucket's message (its
     guard decided on the bucket read by ``_id``, ``seen``, as FerretDB v1 scans for a filter that does not
     match), or the change applied to the tail's entry. Entries that failed or are dead are skipped. Without
-    ``tails`` (or with the window off) every message is set into its stored bucket. Raises the transient
-    pymongo errors; any other write error fails the batch (it is retried), since the buckets must not miss a
-    message the entry's ack would declare persisted."""
+    ``tails`` (or with the window off) every message is set into its stored bucket. Returns what the word index
+    follows (:class:`BucketsWritten`). Raises the transient pymongo errors; any other write error fails the batch
+    (it is retried), since the buckets must not miss a message the entry's ack would declare persisted."""
     live = [i for i in items if i.event is not None and i.event.seq > 0 and i.failure is None and i.dead is None]
     seen = seen or Seen(db)
     tails = tails if tails is not None and tails_enabled() else None
+    written = BucketsWritten()
     if not live:
         _tails_seen(seen, tails)  # a batch of read marks only: the read mirror looks in the tails
-        return
+        return written
     shells: dict[str, dict[str, Any]] = {}
     sets: dict[str, dict[str, Any]] = {}
     complete: list[dict[str, Any]] = []
@@ -206,9 +219,11 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None, tails
             if first and not tail.first:
                 tail.first = True
                 tail.dirty.add("first")
-            if i.event.type == "message.new" and str(seq) not in tail.m:
-                tail.m[str(seq)] = _bucket_message(i)
-                tail.dirty.add(str(seq))
+            if i.event.type == "message.new":
+                written.in_tails.add(i.entry_id)
+                if str(seq) not in tail.m:
+                    tail.m[str(seq)] = _bucket_message(i)
+                    tail.dirty.add(str(seq))
             if seq == (n + 1) * BUCKET_SEQS:  # the range's last seq: nothing more can come into it in order
                 complete.append(_whole(cid, tail))
                 tail = None
@@ -230,6 +245,8 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None, tails
                            updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         _buckets_raise(reply.get("writeErrors") or [])
     _changes_write(db, live, seen=seen, tails=tails)
+    written.whole = complete
+    return written
 
 
 def _tails_seen(seen: Seen, tails: Tails | None) -> None:
@@ -313,8 +330,10 @@ def tail_flush(db: Any, r: BusSync, *, partition: int, conversation_id: str) -> 
     None when there was no tail."""
     tail = _tail_decode(r.hgetall(bucket_tail_key(partition, conversation_id)) or {})
     if tail is not None:
-        reply = db.command("insert", "message_buckets", documents=[_whole(conversation_id, tail)], ordered=False)
+        doc = _whole(conversation_id, tail)
+        reply = db.command("insert", "message_buckets", documents=[doc], ordered=False)
         _buckets_raise([e for e in reply.get("writeErrors") or [] if int(e.get("code", 0)) != DUPLICATE_KEY])
+        search_index_write(db, [], seen=Seen(db), whole=[doc])  # its messages were indexed with it (ADR 0048)
     pipe = r.pipeline(transaction=False)
     pipe.delete(bucket_tail_key(partition, conversation_id))
     pipe.zrem(bucket_tails_key(partition), conversation_id)

@@ -107,17 +107,50 @@ def _masks(items: list[Item], seen: Seen) -> tuple[dict[str, dict[str, Any]], di
     return shells, bits
 
 
-def search_index_write(db: Any, items: list[Item], *, seen: Seen) -> None:
-    """Record the words of the batch's new and edited messages in ``search_blocks`` (FerretDB only; on MongoDB
-    ensure the text index and write nothing). One unordered ``insert`` of block shells (a duplicate ``_id``
-    exists already) and one ``update`` by ``_id`` per touched block (``$bit or`` of its words' bucket bits,
-    ``partial: false`` from the block's first event). Entries that failed or are dead are skipped. Raises
-    RuntimeError on a write error (the batch is retried: a message in a bucket must be in its block) and the
-    transient pymongo errors."""
-    live = [i for i in items if i.event is not None and i.event.seq > 0 and i.failure is None and i.dead is None]
-    if not live or text_index_ensure(db):
+def _bucket_masks(docs: list[dict[str, Any]], shells: dict[str, dict[str, Any]],
+                  bits: dict[str, dict[str, int]]) -> set[str]:
+    """Add to ``shells`` and ``bits`` the words of ``docs``, buckets written whole (their entries as they are:
+    edits applied). Returns the blocks to mark ``partial`` again: those of a bucket written ``partial`` (its
+    range's first messages may be missing from it, e.g. a tail lost with Redis's data, and so from the index)."""
+    untrusted: set[str] = set()
+    for doc in docs:
+        n, cid = int(doc["n"]), str(doc["conversation_id"])
+        bid = block_id(cid, block_of(n))
+        shell = shells.setdefault(bid, {"_id": bid, "conversation_id": doc["conversation_id"], "t": {},
+                                         "partial": True})
+        target = bits.setdefault(bid, {})
+        if doc.get("partial"):
+            untrusted.add(bid)
+        elif n % BLOCK_BUCKETS == 0:
+            shell["partial"] = False  # the bucket holds the block's first seq's message
+        for entry in (doc.get("m") or {}).values():
+            content = entry.get("content") if isinstance(entry, dict) else None
+            for word in words_of(content) if isinstance(content, str) else ():
+                key = term_key(word)
+                target[key] = target.get(key, 0) | (1 << (n % BLOCK_BUCKETS))
+    for bid in untrusted:
+        shells[bid]["partial"] = True
+    return untrusted
+
+
+def search_index_write(db: Any, items: list[Item], *, seen: Seen, whole: list[dict[str, Any]] | None = None,
+                       in_tails: set[str] | None = None) -> None:
+    """Record in ``search_blocks`` (FerretDB only; on MongoDB ensure the text index and write nothing) the words of
+    the batch's edits and of its new messages set into stored buckets, and the words of ``whole``, the buckets
+    written whole (``storage.buckets.BucketsWritten``). A new message whose bucket is still a tail (its entry id in
+    ``in_tails``) is indexed with that bucket when it is written (docs/adr/0048): until then its message is in the
+    recent window, which search reads first, and the window's floor stays below the tail's range, so no search
+    consults the index for it. One unordered ``insert`` of block shells (a duplicate ``_id`` exists already) and
+    one ``update`` by ``_id`` per touched block (``$bit or`` of its words' bucket bits, ``partial: false`` from
+    the block's first event or first bucket, ``partial: true`` for a bucket written partial). Entries that failed
+    or are dead are skipped. Raises RuntimeError on a write error (the batch is retried: a message in a bucket
+    must be in its block) and the transient pymongo errors."""
+    live = [i for i in items if i.event is not None and i.event.seq > 0 and i.failure is None and i.dead is None
+            and not (i.event.type == "message.new" and i.entry_id in (in_tails or set()))]
+    if (not live and not whole) or text_index_ensure(db):
         return
     shells, bits = _masks(live, seen)
+    untrusted = _bucket_masks(whole or [], shells, bits)
     reply = db.command("insert", COLLECTION, documents=list(shells.values()), ordered=False)
     _raise([e for e in reply.get("writeErrors") or [] if int(e.get("code", 0)) != DUPLICATE_KEY])
     statements = []
@@ -125,7 +158,9 @@ def search_index_write(db: Any, items: list[Item], *, seen: Seen) -> None:
         update: dict[str, Any] = {}
         if words:
             update["$bit"] = {f"t.{k}": {"or": v} for k, v in words.items()}
-        if bid in shells and not shells[bid]["partial"]:
+        if bid in untrusted:
+            update["$set"] = {"partial": True}
+        elif bid in shells and not shells[bid]["partial"]:
             update["$set"] = {"partial": False}
         if update:
             statements.append({"q": {"_id": bid}, "u": update})

@@ -41,6 +41,7 @@ from core.keys import (
 )
 from core.values import as_str
 from storage.buckets import Tails, buckets_write, tail_flush, tails_idle, tails_load, tails_save
+from storage.conversation_state import conversation_states_put, conversation_states_take
 from storage.deadletters import deadletter_add, storable
 from storage.mention_replay import mentions_replay
 from storage.rules import Item, Seen, event_parse, rule_of
@@ -206,16 +207,19 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
     try:
         # The batch's conversations' buckets in progress (docs/adr/0041), saved below before the ack.
         # Read marks' conversations too: the 1:1 read mirror finds a tail's message ids in it.
-        tails = tails_load(r, partition=partition, conversation_ids=sorted(
-            {i.event.conversation_id for i in live if i.event is not None}))
+        conversation_ids = sorted({i.event.conversation_id for i in live if i.event is not None})
+        tails = tails_load(r, partition=partition, conversation_ids=conversation_ids)
+        # What the guards read of the conversations, as the drain last wrote it (docs/adr/0048): taken out of
+        # Redis until this batch's statements are in, so a drain that dies meanwhile leaves it to be read again.
+        states = conversation_states_take(r, partition=partition, conversation_ids=conversation_ids)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise Retryable(f"redis unavailable: {exc}") from exc
     try:
         db = get_db()
-        seen = Seen(db)  # read by _id after the inserts below, under the lease
+        seen = Seen(db, conversations=dict(states))  # the rest read by _id after the inserts below, under the lease
         insert_new(db, live)
-        buckets_write(db, live, seen=seen, tails=tails)
-        search_index_write(db, live, seen=seen)
+        written = buckets_write(db, live, seen=seen, tails=tails)
+        search_index_write(db, live, seen=seen, whole=written.whole, in_tails=written.in_tails)
         ops, owners = message_ops(live, seen)
         for group, reason, deterministic in updates_write(db, "messages", ops, owners):
             for owner in group:
@@ -232,16 +236,21 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         insert_versions(db, live)
         ok = [i for i in live if i.failure is None and i.dead is None]
         cops, cowners = conversation_ops(ok, seen)
+        failed_conversations: set[Any] = set()
         for group, reason, _det in updates_write(db, "conversations", cops, cowners):
             for owner in group:
                 owner.failure = reason
+                failed_conversations.add(owner.conversation)
     except TRANSIENT_MONGO as exc:
         _hand_back(r, partition=partition, consumer=consumer, ids=[i.entry_id for i in items])
         r.hincrby(stats_key(partition), "outages", 1)
         raise Retryable(f"mongodb unavailable: {str(exc).split(',')[0]}") from exc
 
     try:
-        # Before the ack: a redelivery of this batch finds what it wrote.
+        # Before the ack: a redelivery of this batch finds what it wrote. A conversation whose statement failed
+        # stays without its state (the document as Seen holds it was not written): the next batch reads it.
+        conversation_states_put(r, partition=partition, docs={
+            cid: doc for cid, doc in seen.conversations.items() if doc is not None and cid not in failed_conversations})
         tails_save(r, tails, marks=recent_persisted_watermarks(items))
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise Retryable(f"redis unavailable: {exc}") from exc

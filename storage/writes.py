@@ -194,6 +194,7 @@ def conversation_ops(items: list[Item], seen: Seen) -> tuple[list[dict[str, Any]
         if maxes:
             ops.append({"q": {"_id": cid}, "u": {"$max": maxes}})
             owners.append(group)
+            _max_into(seen.conversation(cid), maxes)
         for type_, rule in EVENT_RULES.items():
             if rule.conversation_updates is not None:
                 mine = [i for i in group if i.event and i.event.type == type_]
@@ -209,6 +210,25 @@ def conversation_ops(items: list[Item], seen: Seen) -> tuple[list[dict[str, Any]
                 ops.append(own)
                 owners.append([item])
     return ops, owners
+
+
+def _max_into(doc: dict[str, Any] | None, maxes: dict[str, Any]) -> None:
+    """Apply a ``$max`` to the document as ``Seen`` holds it (the read cursors the read mirror starts from, kept
+    by the drain in Redis: docs/adr/0048). A path through something that is not a document, or a value of
+    another type than the stored one, is left for the store to decide (and the document's state is not kept
+    wrong: such a conversation's cursor only bounds how far back the read mirror looks)."""
+    if doc is None:
+        return
+    for path, value in maxes.items():
+        *parents, leaf = path.split(".")
+        node: Any = doc
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        current = node.get(leaf)
+        if current is None or (type(current) is type(value) and current < value):
+            node[leaf] = value
 
 
 def _merge_set(into: dict[str, Any], op: dict[str, Any]) -> bool:

@@ -30,6 +30,7 @@ from tests.support.storage import (
     edit_event,
     new_event,
     read_event,
+    redeliver_newest_first,
     send_messages,
 )
 
@@ -99,11 +100,7 @@ def test_drain_applies_every_event_type_in_seq_order_and_redelivery_changes_noth
     # Redelivery, in the worst order: every entry of this conversation appended again newest first (as
     # reclaims and concurrent drains could interleave them), plus an older read cursor. Nothing may change:
     # no older edit wins, no delete is undone, lastMessage and last_seq do not move back.
-    key = stream_key(PARTITION)
-    entries: Any = r.xrange(key)
-    for _eid, fields in reversed(entries):
-        if fields[b"c"].decode() == cid:
-            r.xadd(key, fields)
+    redeliver_newest_first(r, PARTITION, cid)
     append_events(servers.redis_url, [read_event(cid, bob, 2)])
     drain_until_empty(PARTITION)
     assert snapshot() == (msgs, conv)
@@ -591,11 +588,7 @@ def test_every_statement_and_read_of_the_drain_is_keyed_by_id_equality_alone(
     assert [m["read_status"] for m in msgs] == ["read"] * 4 + ["sent"]
     assert conv["lastMessage"]["content"] == "last one, edited" and conv["read_cursors"] == {bob: 4}
     # Redelivered newest first, and an older cursor: nothing changes, and still only _id.
-    key = stream_key(PARTITION)
-    entries: Any = r.xrange(key)
-    for _eid, fields in reversed(entries):
-        if fields[b"c"].decode() == cid:
-            r.xadd(key, fields)
+    redeliver_newest_first(r, PARTITION, cid)
     append_events(servers.redis_url, [read_event(cid, bob, 2)])
     drain_until_empty(PARTITION)
     assert list(db.messages.find({"conversation_id": ObjectId(cid)}).sort("seq", 1)) == msgs

@@ -99,3 +99,29 @@ def tails_flush(partition: int) -> int:
     from storage.services import tails_flush_idle
 
     return tails_flush_idle(partition=partition, idle_s=0, now_ms=int(time.time() * 1000) + 1000)
+
+
+def drain_partition(partition: int, *, consumer: str, batch_size: int = 500) -> int:
+    """Run ``storage.services.partition_drain`` in this process until ``partition`` is empty; returns the entries
+    persisted. Bounded: a drain that never ends fails the test instead of hanging it."""
+    from storage.services import partition_drain
+
+    total = 0
+    for _ in range(100):
+        res = partition_drain(partition=partition, batch_size=batch_size, consumer=consumer)
+        total += res.persisted
+        if not res.more:
+            return total
+    raise AssertionError(f"partition {partition} never ran empty")
+
+
+def redeliver_newest_first(client: redis.Redis, partition: int, conversation_id: str) -> None:
+    """Append every entry of the conversation in ``partition``'s stream again, newest first: the worst order
+    reclaims and concurrent drains could deliver them in."""
+    from core.keys import stream_key
+
+    key = stream_key(partition)
+    entries: Any = client.xrange(key)
+    for _eid, fields in reversed(entries):
+        if fields[b"c"].decode() == conversation_id:
+            client.xadd(key, fields)
