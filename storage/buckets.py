@@ -43,7 +43,8 @@ def _bucket_message(item: Item) -> dict[str, Any]:
 @dataclass
 class Tail:
     """A conversation's bucket in progress: bucket number ``n``, whether it holds its range's first seq's event
-    (else it may lack messages persisted before it: it is inserted ``partial``), its entries by seq."""
+    (else it may lack messages persisted before it: it is inserted ``partial``), its entries by seq: ``m`` those
+    decoded, ``packed`` those still BSON as loaded (all of them: :meth:`entries`)."""
 
     n: int
     first: bool
@@ -51,6 +52,20 @@ class Tail:
     new: bool = False  # replaces what Redis holds for the conversation (a new range)
     dirty: set[str] = field(default_factory=set)  # entries (seqs) to write
     mark: int = 0  # the persisted watermark the window was held below (raised to it when the tail is stored)
+    # Entries are decoded only when a batch needs them (the tail completes, or a change or read mark of the
+    # conversation looks into it): most batches only add a message, and decoding a 25-message tail for it cost
+    # more than the rest of its Redis work at 1M messages stored (bench/drain_scale.py, docs/benchmarks.md).
+    packed: dict[str, bytes] = field(default_factory=dict)
+
+    def has(self, seq: str) -> bool:
+        return seq in self.m or seq in self.packed
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """Every entry, decoded (once)."""
+        if self.packed:
+            self.m.update({k: bson.decode(v) for k, v in self.packed.items() if k not in self.m})
+            self.packed.clear()
+        return self.m
 
 
 @dataclass
@@ -94,7 +109,7 @@ def _tail_decode(raw: dict[Any, Any]) -> Tail | None:
         return None
     n, first = int(fields.pop("n")), as_str(fields.pop("first", b"0")) == "1"
     mark = int(fields.pop("mark", 0))
-    return Tail(n=n, first=first, m={k: bson.decode(v) for k, v in fields.items()}, mark=mark)
+    return Tail(n=n, first=first, m={}, packed={k: bytes(v) for k, v in fields.items()}, mark=mark)
 
 
 def tails_save(r: BusSync, tails: Tails, *, now_ms: int | None = None, marks: dict[str, int] | None = None) -> None:
@@ -126,7 +141,7 @@ def tails_save(r: BusSync, tails: Tails, *, now_ms: int | None = None, marks: di
 
 def _whole(cid: str, tail: Tail) -> dict[str, Any]:
     return {"_id": bucket_id(cid, tail.n * BUCKET_SEQS + 1), "conversation_id": ObjectId(cid), "n": tail.n,
-            "m": tail.m, "partial": not tail.first}
+            "m": tail.entries(), "partial": not tail.first}
 
 
 @dataclass
@@ -158,7 +173,7 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
     tails = tails if tails is not None and tails_enabled() else None
     written = BucketsWritten()
     if not live:
-        _tails_seen(seen, tails)  # a batch of read marks only: the read mirror looks in the tails
+        _tails_seen(seen, tails, items)  # a batch of read marks only: the read mirror looks in the tails
         return written
     shells: dict[str, dict[str, Any]] = {}
     sets: dict[str, dict[str, Any]] = {}
@@ -221,14 +236,14 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
                 tail.dirty.add("first")
             if i.event.type == "message.new":
                 written.in_tails.add(i.entry_id)
-                if str(seq) not in tail.m:
+                if not tail.has(str(seq)):
                     tail.m[str(seq)] = _bucket_message(i)
                     tail.dirty.add(str(seq))
             if seq == (n + 1) * BUCKET_SEQS:  # the range's last seq: nothing more can come into it in order
                 complete.append(_whole(cid, tail))
                 tail = None
         tails.of[cid] = tail
-    _tails_seen(seen, tails)
+    _tails_seen(seen, tails, items)
     for doc in complete:
         seen.buckets[doc["_id"]] = doc
     for documents in (list(shells.values()), complete):
@@ -249,11 +264,13 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
     return written
 
 
-def _tails_seen(seen: Seen, tails: Tails | None) -> None:
-    """Let ``seen.bucket`` answer a bucket in progress from its tail (the changes and the read mirror use it)."""
+def _tails_seen(seen: Seen, tails: Tails | None, items: list[Item]) -> None:
+    """Let ``seen.bucket`` answer a bucket in progress from its tail, for the conversations of ``items`` whose
+    changes (edits, deletes, reactions) and read marks look into it (the others' tails stay undecoded)."""
+    wanted = {i.event.conversation_id for i in items if i.event is not None and i.event.type != "message.new"}
     for cid, tail in (tails.of.items() if tails is not None else ()):
-        if tail is not None:
-            seen.tails[bucket_id(cid, tail.n * BUCKET_SEQS + 1)] = {"m": tail.m}
+        if tail is not None and cid in wanted:
+            seen.tails[bucket_id(cid, tail.n * BUCKET_SEQS + 1)] = {"m": tail.entries()}
 
 
 def _complete_into_stored(seen: Seen, doc: dict[str, Any], sets: dict[str, dict[str, Any]]) -> None:

@@ -65,7 +65,10 @@ def make_conversation(cid: str, members: list[str]) -> None:
 
 
 def tail_of(r: redis.Redis, cid: str) -> buckets.Tail | None:
-    return buckets.tails_load(r, partition=PARTITION, conversation_ids=[cid]).of[cid]
+    tail = buckets.tails_load(r, partition=PARTITION, conversation_ids=[cid]).of[cid]
+    if tail is not None:
+        tail.entries()
+    return tail
 
 
 def stored(cid: str, n: int) -> dict[str, Any] | None:
