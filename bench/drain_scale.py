@@ -30,6 +30,7 @@ import functools
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -60,6 +61,12 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", default=[str(ROOT)],
                         help="checkouts whose drain is measured on each filled store, in turn (default: this one)")
     parser.add_argument("--rounds", type=int, default=1, help="probes per tree and size, alternating trees")
+    parser.add_argument("--variants", nargs="+", default=["random"],
+                        choices=["random", "ordered", "random-nosender", "ordered-nosender"],
+                        help="per round, a probe of each: its message ids uuid4 (random, as the write path makes "
+                             "them) or time-ordered (ordered); -nosender: after the messages' (sender_id, "
+                             "timestamp) index is dropped (it is, before the first such variant)")
+    parser.add_argument("--ids", default="random", choices=["random", "ordered"], help=argparse.SUPPRESS)
     parser.add_argument("--quiet-lock", default="", metavar="DIR", help="hold DIR's benchmark locks while draining")
     parser.add_argument("--profile", default="", metavar="DIR", help="py-spy each probe's drain into DIR")
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # one size, in a child process
@@ -75,6 +82,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "bench.drain_scale", "--one", str(size), "--conversations",
                             str(args.conversations), "--hot", str(args.hot), "--probe", str(args.probe),
                             "--trees", *args.trees, "--rounds", str(args.rounds), "--quiet-lock", args.quiet_lock,
+                            "--variants", *args.variants,
                             "--profile", args.profile], check=True, cwd=ROOT)
         return
     workdir = Path(tempfile.mkdtemp(prefix="cs-drain-scale-"))
@@ -89,17 +97,39 @@ def main() -> None:
         spec = workdir / "spec.json"
         filled = fill_store(args, args.one, spec=spec)
         print(json.dumps(filled), flush=True)
-        for r in range(args.rounds):  # bounded: rounds x trees probes
-            for tree in args.trees:
-                cmd = [sys.executable, "-m", "bench.drain_scale", "--probe-spec", str(spec), "--probe", str(args.probe),
-                       "--ferretdb-pid", str(mg.proc.pid), "--seed", str(1000 * r + args.trees.index(tree)),
-                       "--quiet-lock", args.quiet_lock, "--profile", args.profile, "--one", str(args.one)]
-                out = subprocess.run(cmd, check=True, cwd=tree, stdout=subprocess.PIPE, text=True).stdout
-                row = json.loads(out.strip().splitlines()[-1])
-                print(json.dumps({"messages_stored": args.one, "tree": tree, "round": r, **row}), flush=True)
+        for r in range(args.rounds):  # bounded: rounds x variants x trees probes
+            for v, variant in enumerate(args.variants):
+                if variant.endswith("-nosender"):
+                    sender_index_drop()
+                for tree in args.trees:
+                    cmd = [sys.executable, "-m", "bench.drain_scale", "--probe-spec", str(spec),
+                           "--probe", str(args.probe), "--ferretdb-pid", str(mg.proc.pid),
+                           "--seed", str(1000 * r + 100 * v + args.trees.index(tree)),
+                           "--ids", variant.split("-")[0], "--quiet-lock", args.quiet_lock, "--profile", args.profile,
+                           "--one", str(args.one)]
+                    out = subprocess.run(cmd, check=True, cwd=tree, stdout=subprocess.PIPE, text=True).stdout
+                    row = json.loads(out.strip().splitlines()[-1])
+                    print(json.dumps({"messages_stored": args.one, "tree": tree, "round": r, "variant": variant,
+                                      **row}), flush=True)
     finally:
         rd.stop()
         mg.stop()
+
+
+def sender_index_drop() -> None:
+    """Drop the messages' ``(sender_id, timestamp)`` index if there (FerretDB maintains it on every insert; no
+    query of the drain or of the hot reads uses it)."""
+    from mongoengine.connection import get_db
+
+    db = get_db()
+    for name, spec in db.messages.index_information().items():
+        if [k for k, _ in spec["key"]] == ["sender_id", "timestamp"]:
+            db.messages.drop_index(name)
+
+
+def ordered_id() -> str:
+    """A time-ordered 32-hex message id (48 bits of milliseconds, then 80 random bits, as UUIDv7 orders)."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
 def cpu_s(pid: int) -> float:
@@ -299,7 +329,8 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         try:
             async def one(k: int) -> None:
                 n = rnd.randrange(len(convs))
-                c, mid, sender = convs[n], uuid.uuid4().hex, users[2 * n + k % 2]
+                mid = ordered_id() if args.ids == "ordered" else uuid.uuid4().hex
+                c, sender = convs[n], users[2 * n + k % 2]
                 await event_append(client, type="message.new", conversation_id=c,
                                    payload={"id": mid, "conversation_id": c, "sender_id": sender,
                                             "content": f"probe {mid[:12]}", "timestamp": now, "client_msg_id": mid},
