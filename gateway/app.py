@@ -34,6 +34,7 @@ from gateway.admission import Admission
 from gateway.asgi import ASGIApp, Receive, Scope, Send, header, send_error, send_response, state_of
 from gateway.auth import AuthenticationLayer, RouteAuthorizationLayer, UserRateLimitLayer
 from gateway.middleware import AccessLogLayer, IpRateLimitLayer, OriginLayer, PathLayer, RequestIdLayer
+from gateway.pingwheel import PingWheel
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter
 from gateway.routes import WS_TICKET_PATH
@@ -52,11 +53,11 @@ class Router:
     """The innermost layer: answer the gateway's own routes, proxy the rest."""
 
     def __init__(self, *, upstreams: Upstreams, tickets: redis.asyncio.Redis, slots: SocketSlots | None = None,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, pings: PingWheel | None = None) -> None:
         self.upstreams = upstreams
         self.tickets = tickets
         self.http = HttpProxy(upstreams=upstreams)
-        self.ws = WebSocketProxy(upstreams=upstreams, slots=slots, limiter=limiter)
+        self.ws = WebSocketProxy(upstreams=upstreams, slots=slots, limiter=limiter, pings=pings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = state_of(scope).route
@@ -133,7 +134,12 @@ class GatewayApp:
         self.limiter = RateLimiter(client=self.limits_redis)
         self.slots = SocketSlots(client=self.limits_redis, cap=settings.GATEWAY_WS_MAX_SOCKETS_PER_USER,
                                  ttl_s=settings.GATEWAY_WS_SLOT_TTL_S)
-        self.router = Router(upstreams=self.upstreams, tickets=self.redis, slots=self.slots, limiter=self.limiter)
+        # The clients' WebSocket pings (docs/protocol.md, Liveness): this process' wheel, unless uvicorn was
+        # started to send them itself (manage.py role gateway decides).
+        self.pings = PingWheel(interval_s=settings.GATEWAY_WS_PING_INTERVAL_S,
+                               timeout_s=settings.GATEWAY_WS_PING_TIMEOUT_S) if settings.GATEWAY_WS_PING_WHEEL else None
+        self.router = Router(upstreams=self.upstreams, tickets=self.redis, slots=self.slots, limiter=self.limiter,
+                             pings=self.pings)
         stack: ASGIApp = self.router
         stack = RouteAuthorizationLayer(stack)
         stack = UserRateLimitLayer(stack, limiter=self.limiter)
@@ -160,6 +166,8 @@ class GatewayApp:
 
         async def close() -> None:
             await self.router.http.aclose()
+            if self.pings is not None:
+                await self.pings.aclose()
             self.admission.close()
             await self.redis.aclose()
             await self.limits_redis.aclose()

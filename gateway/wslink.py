@@ -95,6 +95,7 @@ class UpstreamLink(asyncio.Protocol):
         self.paused = False
         self.drained: asyncio.Future[None] | None = None
         self.close_sent = False
+        self.control = b""  # a frame of the gateway's own for the client, written once ``passing`` is done
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -170,6 +171,9 @@ class UpstreamLink(asyncio.Protocol):
                 out.append(view[at:at + take].tobytes())
                 self.passing -= take
                 at += take
+                if not self.passing and self.control:
+                    out.append(self.control)
+                    self.control = b""
                 continue
             if size - at < 2:
                 break
@@ -231,6 +235,16 @@ class UpstreamLink(asyncio.Protocol):
             self.transport.resume_reading()
         else:
             asyncio.get_running_loop().call_later(RESUME_POLL_S, self._resume_check)
+
+    def control_to_client(self, frame: bytes) -> None:
+        """Write a control frame of the gateway's own (a ping) to the client between two of the broker's
+        frames: now, or when the data frame still arriving from the broker has passed (a frame written inside
+        it would corrupt the client's stream). Precondition: attached. At most one waits; a later one replaces
+        it."""
+        if self.passing:
+            self.control = frame
+        elif self.write is not None:
+            self.write(frame)
 
     def attach(self, write: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
         """Start passing the broker's frames to the client (``write``: its transport's write). Side effect:

@@ -33,6 +33,7 @@ from gateway.asgi import (
     state_of,
     ws_refuse,
 )
+from gateway.pingwheel import PingWheel
 from gateway.proxy import MAX_ATTEMPTS, WS_SKIP, upstream_headers, upstream_url
 from gateway.ratelimit import RateLimiter, TokenBucket
 from gateway.upstreams import OpenedState, Unavailable, UpstreamFailed, Upstreams
@@ -65,13 +66,14 @@ logger = logging.getLogger(__name__)
 
 class WebSocketProxy:
     """Proxy one WebSocket to the broker with the fewest open connections, within the user's socket slots and
-    frame budget (gateway/userlimits.py)."""
+    frame budget (gateway/userlimits.py); ``pings`` pings the clients (else the server does)."""
 
     def __init__(self, *, upstreams: Upstreams, slots: SocketSlots | None = None,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, pings: PingWheel | None = None) -> None:
         self.upstreams = upstreams
         self.slots = slots
         self.limiter = limiter
+        self.pings = pings
 
     async def _connect(self, scope: Scope, state: RequestState) -> tuple[UpstreamLink, Any] | Unavailable | int:
         """An open upstream link and its instance, Unavailable, or a close code for the client."""
@@ -148,13 +150,14 @@ class WebSocketProxy:
             await send(accept)
             async with self.upstreams.holding(instance, kind="ws"):
                 await self._pump(link, receive, send, state=state, limiter=self.limiter,
-                                 server_send=scope.get(SERVER_SEND))
+                                 server_send=scope.get(SERVER_SEND), pings=self.pings)
         finally:
             link.close()
 
     @staticmethod
     async def _pump(link: UpstreamLink, receive: Receive, send: Send, *, state: RequestState,
-                    limiter: RateLimiter | None = None, server_send: Any = None) -> None:
+                    limiter: RateLimiter | None = None, server_send: Any = None,
+                    pings: PingWheel | None = None) -> None:
         """Pass frames both ways until either side ends. Broker -> client: the link writes the broker's frames
         to the client's transport (uvicorn), or re-sends them as ASGI messages (any other server); the client's
         frames are read here, in the connection's own task (no task per direction)."""
@@ -182,6 +185,8 @@ class WebSocketProxy:
             if idle_s:
                 tcp_keepalive(raw.transport, idle_s=idle_s, interval_s=KEEPALIVE_PROBE_INTERVAL_S,
                               count=KEEPALIVE_PROBES)
+            if pings is not None and not raw.pings_itself():
+                pings.add(link, raw)
         else:
             assert output is not None
             link.attach(output.feed, output.backlog)
@@ -217,6 +222,8 @@ class WebSocketProxy:
                     await link.send(message["bytes"])
         finally:
             client_gone = True
+            if pings is not None:
+                pings.discard(link)
             link.ended.remove_done_callback(upstream_ended)
             for task in closing:
                 with contextlib.suppress(Exception):

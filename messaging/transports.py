@@ -226,6 +226,34 @@ class UvicornOutput(Output):
             return  # keep the WebSocket pings
         self.protocol.stop_keepalive()
 
+    def pings_itself(self) -> bool:
+        """Whether uvicorn's own keepalive timer pings this socket (``--ws-ping-interval`` above 0)."""
+        return bool(self.protocol.ping_interval)
+
+    def ping_written(self, payload: bytes) -> None:
+        """Note a ping with ``payload`` that the caller wrote to this socket itself (gateway/pingwheel.py):
+        uvicorn's pong handler clears it when the client's pong carries the same payload."""
+        self.protocol.pending_ping_payload = payload
+
+    def pong_awaited(self) -> bool:
+        return self.protocol.pending_ping_payload is not None
+
+    def pong_missing(self, payload: bytes) -> bool:
+        """Whether the pong of the ping noted with ``payload`` has not come (and the socket is still open)."""
+        return self.protocol.pending_ping_payload is payload and self.is_open()
+
+    def ping_timed_out(self) -> None:
+        """Close as uvicorn's own keepalive does when a pong is late: 1011, then the TCP connection; the ASGI
+        app then receives ``websocket.disconnect``."""
+        protocol = self.protocol
+        protocol.pending_ping_payload = None
+        if protocol.close_sent or self.transport.is_closing():
+            return
+        protocol.conn.fail(1011, "keepalive ping timeout")
+        self.transport.write(b"".join(protocol.conn.data_to_send()))
+        protocol.close_sent = True
+        self.transport.close()
+
     def force_close(self, code: int) -> bool:
         # What uvicorn's own ``websocket.close`` does, minus its wait for the transport to become writable:
         # a reader that stopped reading would hold that wait (and its buffer) for ever.

@@ -304,6 +304,10 @@ GATEWAY_WS_FRAME_BURST = env_int("CHATSTREAM_GATEWAY_WS_FRAME_BURST", 60, minimu
 GATEWAY_WS_KEEPALIVE_IDLE_S = env_int("CHATSTREAM_GATEWAY_WS_KEEPALIVE_IDLE", 20, minimum=0)
 GATEWAY_WS_PING_INTERVAL_S = env_float("CHATSTREAM_GATEWAY_WS_PING_INTERVAL", 45.0, minimum=1.0)
 GATEWAY_WS_PING_TIMEOUT_S = env_float("CHATSTREAM_GATEWAY_WS_PING_TIMEOUT", 20.0, minimum=1.0)
+# Who sends those pings: one ping wheel per gateway process (gateway/pingwheel.py, docs/adr/0049), or, when
+# false (or with a uvicorn whose internals messaging/transports.py does not know), uvicorn's own timer per
+# socket. Kept switchable to compare the two in one benchmark run (bench/connects.py --gateway-env).
+GATEWAY_WS_PING_WHEEL = env_bool("CHATSTREAM_GATEWAY_WS_PING_WHEEL", True)
 GATEWAY_WS_MAX_SOCKETS_PER_USER = env_int("CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER", 16, minimum=1)
 GATEWAY_WS_SLOT_TTL_S = env_float("CHATSTREAM_GATEWAY_WS_SLOT_TTL", 60.0, minimum=3.0)
 GATEWAY_RATE_WS_USER_FRAMES = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES", "300/10s")

@@ -461,3 +461,83 @@ def test_socket_slots_are_renewed_while_held_and_a_released_one_stays_released(s
     held, left, ahead = asyncio.run(scenario())
     assert held == 1 and left == 0  # the released slot was not renewed back
     assert ahead > 0  # the kept slot's expiry was moved past the original TTL
+
+
+class FakeClient:
+    """What the ping wheel uses of a client's uvicorn socket (messaging/transports.py UvicornOutput)."""
+
+    def __init__(self) -> None:
+        self.pending: bytes | None = None
+        self.timed_out = False
+
+    def is_open(self) -> bool:
+        return not self.timed_out
+
+    def pong_awaited(self) -> bool:
+        return self.pending is not None
+
+    def ping_written(self, payload: bytes) -> None:
+        self.pending = payload
+
+    def pong_missing(self, payload: bytes) -> bool:
+        return self.pending is payload and self.is_open()
+
+    def ping_timed_out(self) -> None:
+        self.timed_out = True
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def control_to_client(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+def test_the_ping_wheel_pings_each_socket_once_per_turn_and_closes_those_whose_pong_is_late() -> None:
+    from gateway.pingwheel import PingWheel
+
+    async def scenario() -> None:
+        wheel = PingWheel(interval_s=3, timeout_s=2)  # 3 spokes of 1 s, a pong due within 2 ticks
+        socks = [(FakeLink(), FakeClient()) for _ in range(6)]
+        for link, client in socks:
+            wheel.add(link, client)
+        for _ in range(3):  # one turn: every socket pinged once, with a valid ping frame
+            wheel.step()
+        assert [len(link.frames) for link, _ in socks] == [1] * 6
+        frame = socks[0][0].frames[0]
+        assert frame[0] == 0x89 and frame[1] == len(frame) - 2
+        for _, client in socks[1:]:
+            client.pending = None  # the pong came (uvicorn's handler clears the payload)
+        wheel.discard(socks[5][0])  # a socket that ended is pinged no more
+        for _ in range(3):
+            wheel.step()
+        assert socks[0][1].timed_out and not any(client.timed_out for _, client in socks[1:])
+        assert [len(link.frames) for link, _ in socks] == [1, 2, 2, 2, 2, 1]
+        await wheel.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_ping_for_the_client_waits_for_the_broker_frame_being_passed() -> None:
+    """A frame of the gateway's own written inside a broker frame that is still arriving would corrupt the
+    client's stream: it goes out right after that frame."""
+    from gateway.wslink import UpstreamLink
+
+    async def scenario() -> list[bytes]:
+        link = UpstreamLink(b"", b"key")
+        written: list[bytes] = []
+        link.attach(written.append, lambda: 0)
+        payload = b"x" * 300
+        data_frame = bytes((0x81, 126)) + len(payload).to_bytes(2, "big") + payload
+        ping = bytes((0x89, 0))
+        link._frames(data_frame[:100])  # the broker's frame, first part
+        link.control_to_client(ping)
+        link._frames(data_frame[100:250])
+        link._frames(data_frame[250:])
+        link.control_to_client(ping)  # between frames: at once
+        return written
+
+    written = asyncio.run(scenario())
+    assert b"".join(written) == bytes((0x81, 126)) + (300).to_bytes(2, "big") + b"x" * 300 + bytes((0x89, 0)) * 2
+    assert written[-1] == bytes((0x89, 0)) and written[-2].endswith(b"x" + bytes((0x89, 0)))

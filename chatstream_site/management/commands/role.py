@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from chatstream_site.health import bus_check, mongodb_check, redis_check
 from core.registry import ROLES, start_count_incr
 from core.roles import role_port, run_id, url_redacted
+from messaging.transports import internals_known
 
 
 def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
@@ -71,6 +72,11 @@ class Command(BaseCommand):
         )
         bindir = os.path.dirname(sys.executable)
         if role == "gateway":
+            # The clients' pings come from the gateway's own ping wheel (docs/adr/0049) where it can reach
+            # uvicorn's sockets; else uvicorn's timer per socket sends them.
+            ping_interval = settings.GATEWAY_WS_PING_INTERVAL_S
+            if settings.GATEWAY_WS_PING_WHEEL and internals_known("uvicorn"):
+                ping_interval = 0
             # uvicorn + uvloop + httptools, WebSockets by websockets-sansio (2.4x the legacy implementation's
             # round trips through the gateway; daphne drops close reasons): docs/adr/0004. Frames above
             # 64 KiB are closed with 1009 at the edge (docs/interface.md). Proxy headers (the client address from
@@ -82,7 +88,7 @@ class Command(BaseCommand):
                     # Broker frames pass through as they are (docs/adr/0039), never compressed, and a client's
                     # compressed frames would cost an inflate context per socket (docs/adr/0044).
                     "--ws-per-message-deflate", "false",
-                    "--ws-ping-interval", str(settings.GATEWAY_WS_PING_INTERVAL_S),
+                    "--ws-ping-interval", str(ping_interval),
                     "--ws-ping-timeout", str(settings.GATEWAY_WS_PING_TIMEOUT_S)]
             trusted = ",".join(settings.GATEWAY_TRUSTED_PROXIES)
             argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
