@@ -18,7 +18,9 @@ the users, ``POST /api/v1/auth/ws-ticket`` through a gateway and open ``/ws/?tic
   (until they use under 5 % of a core over a second; bounded);
 * **idle**: CPU of the brokers and of the gateways, each as % of one core over ``--idle-seconds`` with
   everyone connected and nothing sent, and RSS growth ÷ N of each (a warm-up of ``--warmup`` connections is
-  opened and measured before, so lazy imports and pools are not counted per connection).
+  opened and measured before, so lazy imports and pools are not counted per connection). With several
+  gateways (each gets every ``--gateways``-th connection) the gateways' figures are also given one by one, so
+  ``--gateway-env 2:NAME=VALUE`` compares two settings of the gateway in one run.
 
 Everything is bounded (a connect times out after 60 s, the settle after 120 s) and stops by itself. The
 process raises its own open-file limit (each proxied socket is two descriptors in a gateway).
@@ -282,6 +284,9 @@ def main() -> None:
                              "(connects and idle window), not the start-up and seeding; off by default")
     parser.add_argument("--env", action="append", default=[],
                         help="NAME=VALUE for the servers (repeatable), e.g. CHATSTREAM_WS_PING_INTERVAL=60")
+    parser.add_argument("--gateway-env", action="append", default=[], metavar="N:NAME=VALUE",
+                        help="NAME=VALUE for gateway N (1-based) only (repeatable), e.g. "
+                             "2:CHATSTREAM_GATEWAY_WS_PING_WHEEL=false")
     opts = parser.parse_args()
     if opts.client:
         import uvloop
@@ -316,7 +321,12 @@ def main() -> None:
     try:
         api = fleet.api(1)
         brokers = [fleet.broker(i + 1) for i in range(opts.brokers)]
-        gateways = [fleet.gateway(name=f"gateway{i + 1}") for i in range(opts.gateways)]
+        gateway_env: dict[int, dict[str, str]] = {}
+        for item in opts.gateway_env:
+            number, _, assignment = item.partition(":")
+            name, _, value = assignment.partition("=")
+            gateway_env.setdefault(int(number), {})[name] = value
+        gateways = [fleet.gateway(name=f"gateway{i + 1}", **gateway_env.get(i + 1, {})) for i in range(opts.gateways)]
         for proc in (api, *brokers, *gateways):
             proc.wait_healthy()
         fleet.wait_registered("api", 1)
@@ -345,6 +355,7 @@ def main() -> None:
                   "clients": [c.proc.pid for c in clients], "api": [api.proc.pid] if api.proc else []}
         groups = {"gateway": gateway_pids, "broker": broker_pids, **others}
         cpu_c0 = {name: sum(proc_cpu_s(p) for p in group) for name, group in groups.items()}
+        cpu_g0 = {pid: proc_cpu_s(pid) for pid in gateway_pids}
         store0 = ferretdb_counts(metrics_url)
         load_before = os.getloadavg()[0]
         print(f"opening {opts.connections} connections through {opts.gateways} gateway(s)...", file=sys.stderr)
@@ -353,6 +364,7 @@ def main() -> None:
         profilers_stop(spies)
         last_ready = time.monotonic()
         cpu_c1 = {name: sum(proc_cpu_s(p) for p in group) for name, group in groups.items()}
+        cpu_g1 = {pid: proc_cpu_s(pid) for pid in gateway_pids}
         store1 = ferretdb_counts(metrics_url)
         began, ended = min(o["began"] for o in opened), max(o["ended"] for o in opened)
         timings = [t for o in opened for t in o["timings"]]
@@ -384,6 +396,14 @@ def main() -> None:
         def kb_per_conn(group: list[int]) -> float:
             return sum(rss1[p] - rss0[p] for p in group) / max(1, n)
 
+        def each_gateway() -> list[dict[str, Any]]:
+            """Per gateway, with the connections it proxied (every len(gateways)-th client index)."""
+            share = max(1, n) / len(gateway_pids)
+            return [{"env": gateway_env.get(i + 1, {}), "idle_cpu_pct": round(idle_pct([pid]), 2),
+                     "kb_per_conn": round((rss1[pid] - rss0[pid]) / share, 1),
+                     "cpu_ms_per_connect": round(1000 * (cpu_g1[pid] - cpu_g0[pid]) / share, 2)}
+                    for i, pid in enumerate(gateway_pids)]
+
         result = {
             "command": " ".join([Path(sys.executable).name, "-m", "bench.connects", *sys.argv[1:]]),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, CPython {platform.python_version()}",
@@ -406,6 +426,7 @@ def main() -> None:
             "gateway_idle_cpu_pct": round(idle_pct(gateway_pids), 2),
             "broker_kb_per_conn": round(kb_per_conn(broker_pids), 1),
             "gateway_kb_per_conn": round(kb_per_conn(gateway_pids), 1),
+            "gateways": each_gateway() if len(gateway_pids) > 1 else [],
             "load_average_1m_after": round(os.getloadavg()[0], 1),
         }
         print(json.dumps(result, indent=2))

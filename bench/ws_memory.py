@@ -1,4 +1,4 @@
-"""Where a broker's memory per idle WebSocket goes: tracemalloc inside a real broker.
+"""Where a broker's (or the gateway's) memory per idle WebSocket goes: tracemalloc inside a real server.
 
 Starts a private Redis and FerretDB (chatstream_site/localservers.py), serves the broker's ASGI app under uvicorn
 exactly as ``manage.py role broker`` configures it, but in THIS process with tracemalloc on, and opens connections
@@ -6,7 +6,11 @@ from a child process (so client objects never count): a warm-up batch first (the
 then ``--connections`` more. It prints the Python allocations that appeared per idle connection, grouped by source
 file, next to the RSS growth per connection (what ``manage.py bench`` reports as KB/idle conn).
 
-.venv/bin/python bench/ws_memory.py --connections 1000
+With ``--gateway`` the process serves the gateway's app instead (as ``manage.py role gateway`` configures
+uvicorn), in front of a stand-in broker process (chatstream_site/localstandin.py), each connection with its own
+ticket: what a proxied socket costs the gateway.
+
+.venv/bin/python bench/ws_memory.py --connections 1000 [--gateway]
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--lines", action="store_true", help="group by source line instead of by file")
+    parser.add_argument("--gateway", action="store_true", help="the gateway in front of a stand-in broker")
     opts = parser.parse_args()
 
     from chatstream_site.localservers import free_port, servers_start
@@ -73,13 +78,24 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-wsmem-"))
     servers = servers_start(workdir)
     os.environ.update(REDIS_URL=servers.redis_url, MONGODB_URI=servers.mongodb_uri, CHATSTREAM_DOTENV="",
-                      DEBUG="1", CHATSTREAM_ROLE="broker", DJANGO_SETTINGS_MODULE="chatstream_site.settings",
-                      LOG_LEVEL="WARNING")
+                      DEBUG="1", CHATSTREAM_ROLE="gateway" if opts.gateway else "broker",
+                      DJANGO_SETTINGS_MODULE="chatstream_site.settings", LOG_LEVEL="WARNING",
+                      CHATSTREAM_GATEWAY_RATE_WS_IP="1000000000/m", CHATSTREAM_GATEWAY_RATE_WS_USER="1000000000/m",
+                      SECRET_KEY=os.environ.get("SECRET_KEY", "bench-secret-key-long-enough-0123456789abcdef"))
+    fleet = None
     try:
         import uvloop  # the brokers' loop (manage.py role broker runs uvicorn with --loop uvloop)
 
+        if opts.gateway:
+            from chatstream_site.localfleet import Fleet
+
+            fleet = Fleet(servers, workdir, db=0)
+            fleet.stand_in("broker", 1).wait_healthy("/__upstream/stats")
+            fleet.wait_registered("broker", 1)
         uvloop.run(_measure(opts, servers, free_port(), workdir))
     finally:
+        if fleet is not None:
+            fleet.stop()
         servers.stop()
 
 
@@ -94,13 +110,27 @@ async def _measure(opts: argparse.Namespace, servers: object, port: int, workdir
 
     django.setup()
     mongo_connect(os.environ["MONGODB_URI"])
-    members = benchmark.population(connections=total, conversations=max(1, total // 10))
-    _, tickets, _ = await asyncio.to_thread(benchmark.chatstream_setup, redis_url=os.environ["REDIS_URL"],
-                                         members=members, connections=total)
+    if opts.gateway:
+        import redis
+
+        from core.tokens import ws_ticket_issue
+
+        store = redis.Redis.from_url(os.environ["REDIS_URL"])
+        tickets = [ws_ticket_issue(store, user_id=f"u{i}", username=f"u{i}") for i in range(total)]
+        store.close()
+    else:
+        members = benchmark.population(connections=total, conversations=max(1, total // 10))
+        _, tickets, _ = await asyncio.to_thread(benchmark.chatstream_setup, redis_url=os.environ["REDIS_URL"],
+                                             members=members, connections=total)
     (workdir / "tickets.json").write_text(json.dumps(tickets))
+    # As manage.py role configures uvicorn for the role (chatstream_site/management/commands/role.py).
+    from django.conf import settings
+
+    ping = ({"ws_ping_interval": 0 if settings.GATEWAY_WS_PING_WHEEL else settings.GATEWAY_WS_PING_INTERVAL_S,
+             "ws_ping_timeout": settings.GATEWAY_WS_PING_TIMEOUT_S} if opts.gateway else {})
     config = uvicorn.Config("chatstream_site.asgi:application", host="127.0.0.1", port=port, loop="none",
                             http="httptools", ws="websockets-sansio", ws_max_size=65536,
-                            ws_per_message_deflate=False, lifespan="on", log_level="warning")
+                            ws_per_message_deflate=False, lifespan="on", log_level="warning", **ping)
     server = uvicorn.Server(config)
     serving = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:
