@@ -13,6 +13,8 @@ Refresh rotation and the revocation list build on :func:`token_decode` (a ``jti`
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import secrets
 import time
@@ -54,11 +56,21 @@ def token_issue(*, user_id: str, username: str, type: TokenType, now: float | No
     return jwt.encode(payload, settings.JWT_SIGNING_KEY, algorithm=settings.JWT_ALGORITHM)
 
 
+@functools.lru_cache(maxsize=4)
+def _verifying_key(key: str, algorithm: str) -> jwt.PyJWK:
+    """The signing key as PyJWT's prepared key, built once: given the raw string, PyJWT re-checks on every
+    decode that it is not a PEM, SSH or JWK key (a third of a decode's time, ~80 us: a py-spy profile of the
+    gateway's connects, docs/benchmarks.md). Bound to ``algorithm``, as the decode's pin is."""
+    return jwt.PyJWK({"kty": "oct", "k": base64.urlsafe_b64encode(key.encode()).rstrip(b"=").decode()},
+                     algorithm=algorithm)
+
+
 def token_decode(token: str, *, expected_type: TokenType) -> Claims:
     """Verify signature (pinned algorithm), expiry, issuer and type; raise :class:`Unauthenticated` with why."""
     try:
         payload = jwt.decode(
-            token, settings.JWT_SIGNING_KEY, algorithms=[settings.JWT_ALGORITHM], issuer=ISSUER,
+            token, _verifying_key(settings.JWT_SIGNING_KEY, settings.JWT_ALGORITHM),
+            algorithms=[settings.JWT_ALGORITHM], issuer=ISSUER,
             options={"require": ["sub", "typ", "jti", "iat", "exp", "iss"]},
         )
     except jwt.ExpiredSignatureError:
