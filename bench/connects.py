@@ -138,7 +138,7 @@ async def client_main() -> None:
                     raise
         raise AssertionError("unreachable")
 
-    async def one(index: int, timings: list[float], errors: list[str]) -> None:
+    async def one(index: int, timings: list[float], errors: list[str], opened: dict[str, int]) -> None:
         base = gateways[index % len(gateways)]
         started = time.time()
         try:
@@ -150,6 +150,7 @@ async def client_main() -> None:
                 raise RuntimeError(f"expected ready, got {str(ready)[:200]}")
             conns.append(ws)
             timings.append(time.time() - started)
+            opened[base] = opened.get(base, 0) + 1
         except Exception as exc:  # counted and reported, never fatal: the bench prints how many failed
             errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
 
@@ -162,18 +163,19 @@ async def client_main() -> None:
         count = int(line.split()[1])
         timings: list[float] = []
         errors: list[str] = []
+        opened: dict[str, int] = {}  # gateway address -> connections opened through it
         semaphore = asyncio.Semaphore(concurrency)
 
         async def limited(index: int, timings: list[float] = timings, errors: list[str] = errors,
-                          semaphore: asyncio.Semaphore = semaphore) -> None:
+                          semaphore: asyncio.Semaphore = semaphore, opened: dict[str, int] = opened) -> None:
             async with semaphore:
-                await one(index, timings, errors)
+                await one(index, timings, errors, opened)
 
         began = time.time()
         await asyncio.gather(*(limited(i) for i in range(at, min(at + count, len(tokens)))))
         at += count
         print(json.dumps({"began": began, "ended": time.time(), "timings": timings, "errors": errors[:20],
-                          "failed": len(errors)}), flush=True)
+                          "failed": len(errors), "opened": opened}), flush=True)
 
 
 class Client:
@@ -397,12 +399,16 @@ def main() -> None:
             return sum(rss1[p] - rss0[p] for p in group) / max(1, n)
 
         def each_gateway() -> list[dict[str, Any]]:
-            """Per gateway, with the connections it proxied (every len(gateways)-th client index)."""
-            share = max(1, n) / len(gateway_pids)
-            return [{"env": gateway_env.get(i + 1, {}), "idle_cpu_pct": round(idle_pct([pid]), 2),
-                     "kb_per_conn": round((rss1[pid] - rss0[pid]) / share, 1),
-                     "cpu_ms_per_connect": round(1000 * (cpu_g1[pid] - cpu_g0[pid]) / share, 2)}
-                    for i, pid in enumerate(gateway_pids)]
+            """Per gateway, per connection it proxied (the idle CPU also per 5,000 of them)."""
+            result = []
+            for i, pid in enumerate(gateway_pids):
+                share = max(1, sum(o["opened"].get(addresses[i], 0) for o in opened))
+                result.append({"env": gateway_env.get(i + 1, {}), "connections": share,
+                               "idle_cpu_pct": round(idle_pct([pid]), 2),
+                               "idle_cpu_pct_per_5000": round(idle_pct([pid]) * 5000 / share, 2),
+                               "kb_per_conn": round((rss1[pid] - rss0[pid]) / share, 1),
+                               "cpu_ms_per_connect": round(1000 * (cpu_g1[pid] - cpu_g0[pid]) / share, 2)})
+            return result
 
         result = {
             "command": " ".join([Path(sys.executable).name, "-m", "bench.connects", *sys.argv[1:]]),

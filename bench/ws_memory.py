@@ -130,7 +130,8 @@ async def _measure(opts: argparse.Namespace, servers: object, port: int, workdir
              "ws_ping_timeout": settings.GATEWAY_WS_PING_TIMEOUT_S} if opts.gateway else {})
     config = uvicorn.Config("chatstream_site.asgi:application", host="127.0.0.1", port=port, loop="none",
                             http="httptools", ws="websockets-sansio", ws_max_size=65536,
-                            ws_per_message_deflate=False, lifespan="on", log_level="warning", **ping)
+                            ws_per_message_deflate=False, lifespan="on", log_level="warning",
+                            proxy_headers=not opts.gateway, **ping)  # the gateway trusts no proxy by default
     server = uvicorn.Server(config)
     serving = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:

@@ -31,9 +31,20 @@ from django.conf import settings
 from core.registry import ROLES
 from core.tokens import ws_ticket_issue_async
 from gateway.admission import Admission
-from gateway.asgi import ASGIApp, Receive, Scope, Send, header, send_error, send_response, state_of
+from gateway.asgi import (
+    STATE_KEY,
+    ASGIApp,
+    Receive,
+    RequestState,
+    Scope,
+    Send,
+    header,
+    send_error,
+    send_response,
+    state_of,
+)
 from gateway.auth import AuthenticationLayer, RouteAuthorizationLayer, UserRateLimitLayer
-from gateway.middleware import AccessLogLayer, IpRateLimitLayer, OriginLayer, PathLayer, RequestIdLayer
+from gateway.middleware import AccessLogLayer, IpRateLimitLayer, OriginLayer, PathLayer, RequestIdLayer, access_logger
 from gateway.pingwheel import PingWheel
 from gateway.proxy import HttpProxy
 from gateway.ratelimit import RateLimiter
@@ -156,9 +167,23 @@ class GatewayApp:
         if scope["type"] == "lifespan":
             await self.lifespan(receive, send)
             return
-        if scope["type"] == "websocket":
-            scope[SERVER_SEND] = send  # the server's own send, which the layers wrap (gateway/wslink.py)
-        await self.stack(scope, receive, send)
+        if scope["type"] != "websocket":
+            await self.stack(scope, receive, send)
+            return
+        scope[SERVER_SEND] = send  # the server's own send, which the layers wrap (gateway/wslink.py)
+        try:
+            await self.stack(scope, receive, send)
+        finally:
+            # An accepted WebSocket lives on here, not inside the layers' ten coroutines, which would stay
+            # suspended (~3 KB) for the connection's life (bench/ws_memory.py --gateway; docs/adr/0049).
+            state: RequestState | None = scope.get(STATE_KEY)
+            if state is not None and state.after is not None:
+                try:
+                    await state.after()
+                finally:
+                    state.after = None  # it refers to the state: no cycle left for the GC
+                    if access_logger.isEnabledFor(logging.INFO):
+                        AccessLogLayer.log(scope, state)
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         """Deregister and close the upstream clients on shutdown (servers without lifespan never call this)."""

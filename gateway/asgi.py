@@ -42,6 +42,9 @@ class RequestState:
     # The per-user counter, when the authentication layer counted it in its round trip.
     user_usage: Usage | None = None
     ticket: str | None = None  # a WebSocket ticket stored in the authentication round trip (the ticket route)
+    # What the request goes on doing once the layers have returned: an accepted WebSocket's life
+    # (gateway/wsproxy.py), which GatewayApp runs outside the layers' coroutines, then writes the access line.
+    after: Callable[[], Awaitable[None]] | None = None
 
 
 def state_of(scope: Scope) -> RequestState:

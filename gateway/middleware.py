@@ -85,7 +85,8 @@ class RequestIdLayer:
 class AccessLogLayer:
     """One structured (JSON) log line per request: status, route, upstream instance, user, duration.
 
-    For WebSockets the line is written when the connection ends, with its close code. The query string is
+    For WebSockets the line is written when the connection ends, with its close code (by GatewayApp, when the
+    connection goes on after the layers, ``state.after``). The query string is
     never logged (it carries tickets). Also adds :data:`SECURITY_HEADERS` to HTTP responses, and :data:`HSTS`
     when the request came over TLS.
     """
@@ -121,11 +122,11 @@ class AccessLogLayer:
         try:
             await self.app(scope, receive, send_logged)
         finally:
-            if access_logger.isEnabledFor(logging.INFO):  # the line is built only when someone reads it
-                self._log(scope, state)
+            if state.after is None and access_logger.isEnabledFor(logging.INFO):  # built only when read
+                self.log(scope, state)
 
     @staticmethod
-    def _log(scope: Scope, state: RequestState) -> None:
+    def log(scope: Scope, state: RequestState) -> None:
         entry: dict[str, Any] = {
             "event": "access",
             "request_id": state.request_id,

@@ -541,3 +541,48 @@ def test_a_ping_for_the_client_waits_for_the_broker_frame_being_passed() -> None
     written = asyncio.run(scenario())
     assert b"".join(written) == bytes((0x81, 126)) + (300).to_bytes(2, "big") + b"x" * 300 + bytes((0x89, 0)) * 2
     assert written[-1] == bytes((0x89, 0)) and written[-2].endswith(b"x" + bytes((0x89, 0)))
+
+
+def test_an_accepted_websockets_access_line_is_written_once_when_it_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """The connection's life runs after the layers returned (GatewayApp, ``state.after``): its access line
+    is written when it ends, with its close code, not at the accept."""
+    import json
+    import logging
+
+    from gateway.app import GatewayApp
+    from gateway.asgi import state_of
+    from gateway.middleware import AccessLogLayer, RequestIdLayer
+
+    lines_during_life: list[int] = []
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "websocket.accept"})
+
+        async def life() -> None:
+            lines_during_life.append(len(caplog.records))
+            await send({"type": "websocket.close", "code": 4321})
+
+        state_of(scope).after = life
+
+    async def scenario() -> list[dict[str, Any]]:
+        app = GatewayApp()
+        app.stack = RequestIdLayer(AccessLogLayer(proxy))
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await app({"type": "websocket", "path": "/ws/", "headers": [], "client": ("127.0.0.1", 1)}, receive, send)
+        await app.redis.aclose()
+        await app.limits_redis.aclose()
+        return sent
+
+    caplog.set_level(logging.INFO, logger="chatstream.gateway.access")
+    sent = asyncio.run(scenario())
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert lines_during_life == [0]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "chatstream.gateway.access"]
+    assert len(lines) == 1 and lines[0]["status"] == 101 and lines[0]["close_code"] == 4321
