@@ -286,6 +286,8 @@ def main() -> None:
                              "(connects and idle window), not the start-up and seeding; off by default")
     parser.add_argument("--env", action="append", default=[],
                         help="NAME=VALUE for the servers (repeatable), e.g. CHATSTREAM_WS_PING_INTERVAL=60")
+    parser.add_argument("--logs", default="", metavar="DIR",
+                        help="copy the servers' logs (gateways, brokers, api) to DIR at the end")
     parser.add_argument("--gateway-env", action="append", default=[], metavar="N:NAME=VALUE",
                         help="NAME=VALUE for gateway N (1-based) only (repeatable), e.g. "
                              "2:CHATSTREAM_GATEWAY_WS_PING_WHEEL=false")
@@ -447,6 +449,10 @@ def main() -> None:
             client.proc.wait()
         fleet.stop()
         servers.stop()
+        if opts.logs:
+            Path(opts.logs).mkdir(parents=True, exist_ok=True)
+            for log in workdir.glob("*.log"):
+                shutil.copy(log, Path(opts.logs) / log.name)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
