@@ -48,6 +48,10 @@ if settings.ROLE == "gateway":
     from gateway.app import GatewayApp
 
     application = GatewayApp()
+    # As the broker's below: a wave of connects sets off full collections that walked the ~190k objects of
+    # start-up again each time (bench/gateway_gc.py, docs/benchmarks.md).
+    gc.collect()
+    gc.freeze()
 elif settings.ROLE == "broker":
     application = ProtocolTypeRouter({
         "http": broker_http(django_application),
