@@ -17,6 +17,10 @@ api processes as ``make run`` runs them: chatstream_site/localcluster.py ``Clust
 (``--samples`` requests of one path, one at a time, on one keep-alive connection, then the next path), after
 a warm-up of every sampled user's caches. ``--profile DIR`` then records each path again under py-spy
 (``--profile-seconds`` per path, the api and gateway processes, raw collapsed stacks) into DIR.
+``--variant NAME:K=V,...`` (repeated) measures one cluster per variant, each with that environment (e.g.
+``daphne:CHATSTREAM_API_SERVER=daphne``), on the same store, ``--rounds`` times in turn. ``--api-ab NAME:K=V,...``
+(repeated) instead starts one api process per variant beside one cluster and asks them directly, request by
+request in turn (A B, B A, ...): on a noisy machine the only comparison whose noise falls on both sides alike.
 ``--cold-users`` users' lists are then read with their cached conversation ids dropped, first without, then
 with their ``user_conversations`` document (docs/adr/0043). ``--quiet-lock DIR`` takes ``DIR/gate.lock`` then
 ``DIR/bench.lock`` (exclusive) only around the measuring, so a shared machine's other benchmarks and tests
@@ -27,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.data_tier import seed_population, stats  # noqa: E402
+from bench.data_tier import pct, seed_population, stats  # noqa: E402
 from bench.quiet_lock import quiet_lock  # noqa: E402
 from chatstream_site.localcluster import Cluster  # noqa: E402
 from chatstream_site.localservers import servers_start  # noqa: E402
@@ -130,7 +136,7 @@ def load_average() -> list[float]:
 
 
 def measure_gateway(args: argparse.Namespace, cluster: Cluster, *, convs: list[tuple[str, list[str]]],
-                    hot: list[int], tops: dict[str, int]) -> dict[str, Any]:
+                    hot: list[int], tops: dict[str, int], profile: str) -> dict[str, Any]:
     """Each read path alone through the gateway: ``--samples`` requests, one at a time (p50/p99 ms), on one
     keep-alive connection; ``--profile`` then runs each path under py-spy. Every answer must be 200."""
     import httpx
@@ -166,12 +172,13 @@ def measure_gateway(args: argparse.Namespace, cluster: Cluster, *, convs: list[t
         with quiet_lock(args.quiet_lock):
             out["load_before"] = load_average()
             for name in paths:
-                out[name] = stats([one(name, k) for k in range(args.samples)])
+                timed = [one(name, k) for k in range(args.samples)]
+                out[name] = {**stats(timed), "p90_ms": pct(timed, 0.9), "max_ms": round(max(timed), 1)}
             out.update(cold_list(args, http=http, auth=auth, convs=convs))
             out["load_after"] = load_average()
             print(json.dumps(out), flush=True)
-            if args.profile:  # under the lock too: py-spy and this load would disturb another run's figures
-                directory = Path(args.profile)
+            if profile:  # under the lock too: py-spy and this load would disturb another run's figures
+                directory = Path(profile)
                 directory.mkdir(parents=True, exist_ok=True)
                 pids = {f"api{i}": pid for i in ("1", "2") for pid in cluster.role_pids("api", i)}
                 pids.update({f"gateway{j}": pid for j, pid in enumerate(cluster.role_pids("gateway"))})
@@ -191,6 +198,120 @@ def measure_gateway(args: argparse.Namespace, cluster: Cluster, *, convs: list[t
                         spy.wait(timeout=120)
                     out.setdefault("profiled_requests", {})[name] = n
     return out
+
+
+def variant_parse(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:K=V,K=V`` -> the variant's name and the environment its cluster gets."""
+    name, _, pairs = text.partition(":")
+    env = dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
+    return name, env
+
+
+def measure_variants(args: argparse.Namespace, workdir: Path, *, convs: list[tuple[str, list[str]]],
+                     hot: list[int], tops: dict[str, int]) -> dict[str, Any]:
+    """:func:`measure_gateway` on one cluster per ``--variant`` (its environment on top of ``make run``'s), on the
+    same store, alternating ``--rounds`` times (A B A B: the box's drift hits each alike); no variant: one
+    cluster as ``make run`` starts it."""
+    variants = [variant_parse(v) for v in args.variant] or [("default", {})]
+    out: dict[str, Any] = {}
+    for round_ in range(args.rounds):
+        for name, env in variants:
+            (workdir / f"cluster-{name}-{round_}").mkdir()
+            cluster = Cluster(workdir / f"cluster-{name}-{round_}", supervised=False, **env)
+            try:
+                cluster.start()
+                cluster.wait_ready(timeout_s=180)
+                profile = args.profile and round_ == 0
+                measured = measure_gateway(args, cluster, convs=convs, hot=hot, tops=tops,
+                                           profile=str(Path(args.profile) / name) if profile else "")
+            finally:
+                cluster.stop()
+            out.setdefault(name, []).append(measured)
+            print(json.dumps({"variant": name, "round": round_, **measured}), flush=True)
+    return out if args.variant else out["default"][0]
+
+
+def measure_api_ab(args: argparse.Namespace, workdir: Path, *, convs: list[tuple[str, list[str]]],
+                   hot: list[int], tops: dict[str, int]) -> dict[str, Any]:
+    """Each ``--api-ab`` variant as one more api process (``manage.py role api`` with the variant's environment)
+    beside a cluster as ``make run`` starts it, asked directly (no gateway) and **interleaved**: request k of a
+    path goes to every variant in turn (the order reversed every other k), so the box's noise falls on each
+    alike. ``--samples`` per path and variant, one at a time, each on its own keep-alive connection."""
+    import httpx
+
+    from chatstream_site.localcluster import wait_until
+    from chatstream_site.localservers import ROOT, free_port
+    from core.tokens import token_issue
+
+    variants = [variant_parse(v) for v in args.api_ab]
+    (workdir / "cluster-ab").mkdir()
+    cluster = Cluster(workdir / "cluster-ab", supervised=False)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    clients: dict[str, httpx.Client] = {}
+    sampled = [convs[hot[k % len(hot)]] for k in range(args.samples)]
+    paths: dict[str, Any] = {
+        "latest_page": lambda cid: (f"/api/v1/conversations/{cid}/messages", {"limit": 50}),
+        "deep_page": lambda cid: (f"/api/v1/conversations/{cid}/messages",
+                                  {"limit": 50, "before_seq": max(2, tops[cid] // 4)}),
+        "conversation_list": lambda cid: ("/api/v1/conversations", {"limit": 50}),
+    }
+    timed: dict[str, dict[str, list[float]]] = {name: {path: [] for path in paths} for name, _env in variants}
+
+    def one(name: str, path: str, k: int) -> float:
+        cid, members = sampled[k % len(sampled)]
+        url, params = paths[path](cid)
+        headers = {"Authorization": f"Bearer {token_issue(user_id=members[0], username='bench', type='access')}"}
+        t = time.perf_counter()
+        response = clients[name].get(url, params=params, headers=headers)
+        ms = (time.perf_counter() - t) * 1000
+        assert response.status_code == 200, response.text
+        return ms
+
+    try:
+        cluster.start()
+        cluster.wait_ready(timeout_s=180)
+        for i, (name, env) in enumerate(variants):
+            port = free_port()
+            log = open(workdir / f"api-ab-{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+            procs[name] = subprocess.Popen([sys.executable, "manage.py", "role", "api", "--instance", str(10 + i),
+                                            "--port", str(port)], cwd=ROOT, env={**cluster.env, **env},
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            clients[name] = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        for name, client in clients.items():
+            wait_until(functools.partial(_healthy, client), timeout_s=180, what=f"api variant {name}")
+            for path in paths:  # warm-up: caches, connections, the processes' first-call costs
+                for k in range(min(len(sampled), 20)):
+                    one(name, path, k)
+        out: dict[str, Any] = {}
+        with quiet_lock(args.quiet_lock):
+            out["load_before"] = load_average()
+            for path in paths:
+                for k in range(args.samples):
+                    for name, _env in (variants if k % 2 == 0 else variants[::-1]):
+                        timed[name][path].append(one(name, path, k))
+            out["load_after"] = load_average()
+        for name, by_path in timed.items():
+            out[name] = {path: {**stats(values), "p90_ms": pct(values, 0.9), "max_ms": round(max(values), 1)}
+                         for path, values in by_path.items()}
+        print(json.dumps(out), flush=True)
+        return out
+    finally:
+        for client in clients.values():
+            client.close()
+        for proc in procs.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            proc.wait(timeout=60)
+        cluster.stop()
+
+
+def _healthy(client: Any) -> bool:
+    import httpx
+
+    try:
+        return bool(client.get("/healthz").status_code == 200)
+    except httpx.HTTPError:
+        return False
 
 
 def cold_list(args: argparse.Namespace, *, http: Any, auth: Any, convs: list[tuple[str, list[str]]]) -> dict[str, Any]:
@@ -236,6 +357,12 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="with --gateway: py-spy each path into this directory")
     parser.add_argument("--profile-seconds", type=int, default=20)
     parser.add_argument("--cold-users", type=int, default=5, help="with --gateway: users of the cold list")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="with --gateway: NAME:K=V,K=V, a cluster with this environment (repeat to compare)")
+    parser.add_argument("--api-ab", action="append", default=[],
+                        help="NAME:K=V,K=V, an api process with this environment, asked directly and interleaved "
+                             "with the other --api-ab variants (repeat)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --variant: measure each this many times")
     parser.add_argument("--quiet-lock", default="",
                         help="directory of gate.lock and bench.lock to hold while measuring")
     args = parser.parse_args()
@@ -255,7 +382,6 @@ def main() -> None:
 
     rnd = random.Random(5)  # noqa: S311 - a reproducible workload, not a secret
     rows = []
-    cluster = Cluster(workdir, supervised=False) if args.gateway else None
     try:
         _uids, convs = seed_population(users=args.users, conversations=args.conversations)
         hot = rnd.sample(range(len(convs)), args.hot)
@@ -272,11 +398,10 @@ def main() -> None:
             have = size
             row: dict[str, Any] = {"messages": get_db().messages.estimated_document_count() + args.hot * args.recent,
                                    "seed_s": round(time.perf_counter() - t, 1), "bucketed": built}
-            if cluster is not None:
-                if not cluster.procs:
-                    cluster.start()
-                    cluster.wait_ready(timeout_s=180)
-                row.update(measure_gateway(args, cluster, convs=convs, hot=hot, tops=tops))
+            if args.api_ab:
+                row.update(measure_api_ab(args, workdir, convs=convs, hot=hot, tops=tops))
+            elif args.gateway:
+                row.update(measure_variants(args, workdir, convs=convs, hot=hot, tops=tops))
             else:
                 row.update(measure(args, convs=convs, hot=hot, tops=tops))
             rows.append(row)
@@ -285,8 +410,6 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"command": "bench/read_paths.py " + " ".join(sys.argv[1:]),
                                                    "results": rows}, indent=2))
     finally:
-        if cluster is not None:
-            cluster.stop()
         servers.stop()
 
 
