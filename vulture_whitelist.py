@@ -111,3 +111,5 @@ PAYLOAD_OPTIONAL
 # the quote's field, described for the OpenAPI schema
 _.rx_seq
 _.excerpt
+# Django's ASGIHandler.run_get_response calls it (chatstream_site/handler.py ApiHandler)
+get_response_async

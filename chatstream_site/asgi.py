@@ -13,11 +13,15 @@ from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatstream_site.settings")
 
+import django
 from channels.routing import ProtocolTypeRouter
 from django.conf import settings
-from django.core.asgi import get_asgi_application
+from django.urls import get_resolver
 
-django_application = get_asgi_application()  # sets Django up before anything imports models
+from chatstream_site.handler import ApiHandler  # imports no model: safe before the setup
+
+django.setup(set_prefix=False)  # what get_asgi_application does, before anything imports models
+django_application = ApiHandler()  # Django's ASGI handler, the request's sync work in one thread hop
 
 from core.errors import error_body  # noqa: E402
 from core.roles import heartbeat_start  # noqa: E402
@@ -58,16 +62,41 @@ elif settings.ROLE == "broker":
         "websocket": websocket_application(),  # Origin checked against ALLOWED_HOSTS (messaging/routing.py)
         "lifespan": broker_lifespan,  # uvicorn only; daphne never sends a lifespan scope
     })
-    # Everything allocated so far (Django, the libraries, settings: ~300k objects) lives as long as the
-    # process, yet every full collection of the cyclic GC walked it again: during `manage.py bench --rate 500`
-    # a broker's full collections paused its loop 132-161 ms (timed with a gc.callbacks hook); with these
-    # objects frozen, 47-96 ms. Objects allocated later (connections) are collected as before.
-    gc.collect()
-    gc.freeze()
 else:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
-    # daphne serves no files itself: the admin's and the API docs page's assets come from the apps.
-    application = ASGIStaticFilesHandler(django_application)
+    from core.roles import lifespan_serve
 
+    # The server serves no files itself: the admin's and the API docs page's assets come from the apps.
+    django_with_static = ASGIStaticFilesHandler(django_application)
+
+    async def api_application(scope: Any, receive: Any, send: Any) -> None:
+        """Django, plus the ASGI lifespan under uvicorn (daphne sends none): deregister at shutdown, since
+        uvicorn re-raises SIGTERM and the registry's atexit hook never runs (as for the brokers)."""
+        if scope["type"] == "lifespan":
+            await lifespan_serve(receive, send)
+            return
+        await django_with_static(scope, receive, send)
+
+    application = api_application
+
+
+def long_lived_freeze() -> None:
+    """Move everything allocated so far out of the cyclic GC's reach (``gc.freeze``), after importing what the
+    first requests would (every URL's view, serializer and document class).
+
+    Why: Django, the libraries and the settings (~150k objects in an api process) live as long as the process,
+    yet every full collection walked them again. Timed with a gc.callbacks hook: during `manage.py bench
+    --rate 500` a broker's full collections paused its loop 132-161 ms, with these objects frozen 47-96 ms; an
+    api instance's, during `bench/read_paths.py`, 56-405 ms, frozen (after this import) 2-13 ms
+    (docs/adr/0047), each pause the latency of the requests behind it. Objects allocated later (connections,
+    caches, requests) are collected as before."""
+    get_resolver().url_patterns  # noqa: B018 - imports the URLconf's modules now, not at the first request
+    gc.collect()
+    gc.freeze()
+
+
+if settings.ROLE in ("broker", "api"):
+    long_lived_freeze()
 heartbeat_start()
+

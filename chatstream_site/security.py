@@ -24,16 +24,3 @@ class SecureCookiesOverTlsMiddleware:
                 morsel["secure"] = True
         return response
 
-
-class SyncChainMiddleware:
-    """Last in ``MIDDLEWARE``, sync only: under ASGI (daphne, the api role) Django then runs every middleware
-    above it as plain sync calls in one worker thread. Without it, each ``MiddlewareMixin`` runs in async mode
-    and hops from the event loop to a thread and back for each of its ``process_request``/``process_response``
-    (~14 hops per request with our list; py-spy of a history page through the gateway: 30-40 % of the api's
-    busy time in asgiref's hops). The view itself is sync either way (one hop). Side effects: none."""
-
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
-
-    def __call__(self, request: HttpRequest) -> HttpResponse:
-        return self.get_response(request)

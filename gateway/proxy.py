@@ -43,6 +43,9 @@ WS_SKIP = HOP_BY_HOP | {b"host", b"sec-websocket-key", b"sec-websocket-version",
 # At most 3 instances tried per request: enough to ride out one or two dead instances, bounded so a
 # request never walks a large fleet while every breaker is still closed.
 MAX_ATTEMPTS = 3
+# Seconds an idle upstream connection stays in the pool for the next request (aiohttp's default is 15): the api
+# keeps its side open longer (chatstream_site/management/commands/role.py), so the gateway closes first.
+UPSTREAM_KEEPALIVE_S = 30
 
 
 def upstream_headers(scope: Scope, *, state: RequestState, skip: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
@@ -117,7 +120,7 @@ class HttpProxy:
             # keep-alive connections are reused across requests to each instance. trust_env off: a
             # developer's HTTP_PROXY must never capture internal traffic. No decompression: bytes pass as is.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
                 timeout=aiohttp.ClientTimeout(total=None, connect=settings.GATEWAY_CONNECT_TIMEOUT_S,
                                               sock_read=settings.GATEWAY_READ_TIMEOUT_S),
                 auto_decompress=False, trust_env=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),

@@ -75,8 +75,6 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Last: keeps the whole chain above sync under ASGI (one thread hop, not one per middleware method).
-    "chatstream_site.security.SyncChainMiddleware",
 ]
 
 # The gateway replaces any client-sent X-Forwarded-Proto with the scheme it was reached by: "https" marks a
@@ -260,6 +258,10 @@ REACTIONS_PER_MESSAGE = env_int("CHATSTREAM_REACTIONS_PER_MESSAGE", 8, minimum=1
 REACTIONS_PER_USER = env_int("CHATSTREAM_REACTIONS_PER_USER", 4, minimum=1, maximum=REACTION_EMOJI_SET_MAX)
 # Peers whose X-Forwarded-For is believed (the gateway, which replaces any client-sent one).
 TRUSTED_PROXIES = env_list("CHATSTREAM_TRUSTED_PROXIES", ["127.0.0.1", "::1"])
+# The api role's ASGI server: uvicorn (+ uvloop, httptools), as the gateway and the brokers, by default: asked
+# directly and interleaved with daphne, a latest page's p50 / p99 went 5.9 / 11.5 -> 5.0 / 8.2 ms
+# (docs/adr/0047, docs/benchmarks.md); daphne stays supported.
+API_SERVER = env_choice("CHATSTREAM_API_SERVER", "uvicorn", choices=("uvicorn", "daphne"))
 
 # ------------------------------------------------------------------ gateway
 

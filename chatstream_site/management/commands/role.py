@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from chatstream_site.health import bus_check, mongodb_check, redis_check
 from core.registry import ROLES, start_count_incr
 from core.roles import role_port, run_id, url_redacted
+from gateway.proxy import UPSTREAM_KEEPALIVE_S
 from messaging.transports import internals_known
 
 
@@ -39,6 +40,85 @@ def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
                 + f" (waited {wait_s:.0f}s; `make run` starts local servers, or set the URL in .env)"
             )
         time.sleep(0.5)
+
+
+# Seconds the api keeps an idle keep-alive connection: twice the gateway's, so the gateway's pool closes it first.
+API_KEEPALIVE_S = 2 * UPSTREAM_KEEPALIVE_S
+
+
+def uvicorn_argv(*, bindir: str, port: int, ws: str, trusted: list[str]) -> list[str]:
+    """uvicorn + uvloop + httptools, what every role on it shares: the ASGI lifespan (where a role deregisters:
+    uvicorn re-raises SIGTERM, so atexit never runs), no access log (the gateway writes its own), no Server
+    header, and proxy headers from ``trusted`` only (none if empty). The caller appends its options and the app."""
+    argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
+            "--loop", "uvloop", "--http", "httptools", "--ws", ws, "--lifespan", "on",
+            "--no-access-log", "--no-server-header"]
+    allowed = ",".join(trusted)
+    return argv + (["--proxy-headers", "--forwarded-allow-ips", allowed] if allowed else ["--no-proxy-headers"])
+
+
+def role_argv(role: str, *, port: int, instance: int, bindir: str) -> list[str]:
+    """The command line of one instance of ``role``: the server ``manage.py role`` execs. Pure but for settings
+    (and creating var/ for beat's schedule)."""
+    if role == "gateway":
+        # The clients' pings come from the gateway's own ping wheel (docs/adr/0049) where it can reach
+        # uvicorn's sockets; else uvicorn's timer per socket sends them.
+        ping_interval = settings.GATEWAY_WS_PING_INTERVAL_S
+        if settings.GATEWAY_WS_PING_WHEEL and internals_known("uvicorn"):
+            ping_interval = 0
+        # WebSockets by websockets-sansio (2.4x the legacy implementation's round trips through the gateway;
+        # daphne drops close reasons): docs/adr/0004. Frames above 64 KiB are closed with 1009 at the edge
+        # (docs/interface.md). Proxy headers (the client address from X-Forwarded-For) only from
+        # CHATSTREAM_GATEWAY_TRUSTED_PROXIES: the gateway is the public edge, and a client-chosen address would
+        # dodge the per-IP limits.
+        argv = uvicorn_argv(bindir=bindir, port=port, ws="websockets-sansio",
+                            trusted=settings.GATEWAY_TRUSTED_PROXIES)
+        # Broker frames pass through as they are (docs/adr/0039), never compressed, and a client's
+        # compressed frames would cost an inflate context per socket (docs/adr/0044).
+        argv += ["--ws-max-size", "65536", "--ws-per-message-deflate", "false",
+                 "--ws-ping-interval", str(ping_interval),
+                 "--ws-ping-timeout", str(settings.GATEWAY_WS_PING_TIMEOUT_S), "chatstream_site.asgi:application"]
+    elif role == "broker" and settings.BROKER_SERVER == "uvicorn":
+        # The consumer writes pre-framed bytes to the transport (docs/adr/0023), so no permessage-deflate:
+        # compressing would cost a deflate per receiver and defeat framing each fan-out once. 64 KiB
+        # frames at most (docs/interface.md): websockets closes bigger ones with 1009 while reading them.
+        # The gateway's X-Forwarded-For names the client (as daphne's --proxy-headers did), from the
+        # trusted proxies only.
+        argv = uvicorn_argv(bindir=bindir, port=port, ws="websockets-sansio", trusted=settings.TRUSTED_PROXIES)
+        argv += ["--ws-max-size", "65536", "--ws-per-message-deflate", "false",
+                 "--log-level", "warning",  # not a log line per WebSocket accepted
+                 "--ws-ping-interval", str(settings.WS_PING_INTERVAL_S),
+                 "--ws-ping-timeout", str(settings.WS_PING_TIMEOUT_S), "chatstream_site.asgi:application"]
+    elif role == "api" and settings.API_SERVER == "uvicorn":
+        # Plain HTTP (the api serves no WebSocket: the gateway sends /ws/ to brokers only). No proxy headers:
+        # uvicorn would rewrite the client address from X-Forwarded-For itself; the api reads it, from
+        # CHATSTREAM_TRUSTED_PROXIES only (api/ratelimit.py client_ip), as under daphne. Idle keep-alive
+        # connections are kept longer than the gateway keeps them (gateway/proxy.py UPSTREAM_KEEPALIVE_S), so
+        # the gateway always closes one first: a request it sent on a connection the api was closing at that
+        # moment would fail (a POST with 502).
+        argv = uvicorn_argv(bindir=bindir, port=port, ws="none", trusted=[])
+        argv += ["--timeout-keep-alive", str(API_KEEPALIVE_S), "chatstream_site.asgi:application"]
+    elif role in ("broker", "api"):
+        # No --proxy-headers: daphne would believe X-Forwarded-For from any peer. The api reads it itself,
+        # from CHATSTREAM_TRUSTED_PROXIES (the gateway) only (api/ratelimit.py client_ip).
+        argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port),
+                "--ping-interval", str(round(settings.WS_PING_INTERVAL_S)),  # daphne takes whole seconds
+                "--ping-timeout", str(round(settings.WS_PING_TIMEOUT_S)), "chatstream_site.asgi:application"]
+    elif role == "storage":
+        # solo pool: one drain at a time per process, and SIGKILL of the worker kills the work itself,
+        # which is what the fault tests exercise; scale out by adding worker processes.
+        # No mingle, gossip or event heartbeats: nothing here uses worker-to-worker state (no revokes, no
+        # remote control, no event monitor), and mingle alone waits 1 s for neighbours at every start, which a
+        # restart after a crash should not (docs/adr/0024).
+        argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "worker", "-Q", "storage",
+                "--pool", "solo", "-n", f"storage{instance}@%h", "--loglevel", "INFO",
+                "--without-mingle", "--without-gossip", "--without-heartbeat"]
+    else:
+        schedule = settings.BASE_DIR / "var" / "celerybeat-schedule"
+        schedule.parent.mkdir(exist_ok=True)
+        argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "beat",
+                "--schedule", str(schedule), "--loglevel", "INFO"]
+    return argv
 
 
 class Command(BaseCommand):
@@ -70,64 +150,7 @@ class Command(BaseCommand):
             CHATSTREAM_ROLE=role, CHATSTREAM_INSTANCE=str(instance), CHATSTREAM_INSTANCE_PORT=str(port),
             CHATSTREAM_RESTARTS=str(starts - 1),
         )
-        bindir = os.path.dirname(sys.executable)
-        if role == "gateway":
-            # The clients' pings come from the gateway's own ping wheel (docs/adr/0049) where it can reach
-            # uvicorn's sockets; else uvicorn's timer per socket sends them.
-            ping_interval = settings.GATEWAY_WS_PING_INTERVAL_S
-            if settings.GATEWAY_WS_PING_WHEEL and internals_known("uvicorn"):
-                ping_interval = 0
-            # uvicorn + uvloop + httptools, WebSockets by websockets-sansio (2.4x the legacy implementation's
-            # round trips through the gateway; daphne drops close reasons): docs/adr/0004. Frames above
-            # 64 KiB are closed with 1009 at the edge (docs/interface.md). Proxy headers (the client address from
-            # X-Forwarded-For) only from CHATSTREAM_GATEWAY_TRUSTED_PROXIES: the gateway is the public edge,
-            # and a client-chosen address would dodge the per-IP limits.
-            argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
-                    "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "on",
-                    "--ws-max-size", "65536", "--no-access-log", "--no-server-header",
-                    # Broker frames pass through as they are (docs/adr/0039), never compressed, and a client's
-                    # compressed frames would cost an inflate context per socket (docs/adr/0044).
-                    "--ws-per-message-deflate", "false",
-                    "--ws-ping-interval", str(ping_interval),
-                    "--ws-ping-timeout", str(settings.GATEWAY_WS_PING_TIMEOUT_S)]
-            trusted = ",".join(settings.GATEWAY_TRUSTED_PROXIES)
-            argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
-            argv.append("chatstream_site.asgi:application")
-        elif role == "broker" and settings.BROKER_SERVER == "uvicorn":
-            # The consumer writes pre-framed bytes to the transport (docs/adr/0023), so no permessage-deflate:
-            # compressing would cost a deflate per receiver and defeat framing each fan-out once. 64 KiB
-            # frames at most (docs/interface.md): websockets closes bigger ones with 1009 while reading them.
-            argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
-                    "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "on",
-                    "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--no-access-log",
-                    "--no-server-header", "--log-level", "warning",  # not a log line per WebSocket accepted
-                    "--ws-ping-interval", str(settings.WS_PING_INTERVAL_S),
-                    "--ws-ping-timeout", str(settings.WS_PING_TIMEOUT_S)]
-            # The gateway's X-Forwarded-For names the client (as daphne's --proxy-headers did), from the
-            # trusted proxies only.
-            trusted = ",".join(settings.TRUSTED_PROXIES)
-            argv += ["--proxy-headers", "--forwarded-allow-ips", trusted] if trusted else ["--no-proxy-headers"]
-            argv.append("chatstream_site.asgi:application")
-        elif role in ("broker", "api"):
-            # No --proxy-headers: daphne would believe X-Forwarded-For from any peer. The api reads it itself,
-            # from CHATSTREAM_TRUSTED_PROXIES (the gateway) only (api/ratelimit.py client_ip).
-            argv = [os.path.join(bindir, "daphne"), "-b", settings.BIND_HOST, "-p", str(port),
-                    "--ping-interval", str(round(settings.WS_PING_INTERVAL_S)),  # daphne takes whole seconds
-                    "--ping-timeout", str(round(settings.WS_PING_TIMEOUT_S)), "chatstream_site.asgi:application"]
-        elif role == "storage":
-            # solo pool: one drain at a time per process, and SIGKILL of the worker kills the work itself,
-            # which is what the fault tests exercise; scale out by adding worker processes.
-            # No mingle, gossip or event heartbeats: nothing here uses worker-to-worker state (no revokes, no
-            # remote control, no event monitor), and mingle alone waits 1 s for neighbours at every start, which a
-            # restart after a crash should not (docs/adr/0024).
-            argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "worker", "-Q", "storage",
-                    "--pool", "solo", "-n", f"storage{instance}@%h", "--loglevel", "INFO",
-                    "--without-mingle", "--without-gossip", "--without-heartbeat"]
-        else:
-            schedule = settings.BASE_DIR / "var" / "celerybeat-schedule"
-            schedule.parent.mkdir(exist_ok=True)
-            argv = [os.path.join(bindir, "celery"), "-A", "chatstream_site", "beat",
-                    "--schedule", str(schedule), "--loglevel", "INFO"]
+        argv = role_argv(role, port=port, instance=instance, bindir=os.path.dirname(sys.executable))
         if not os.path.exists(argv[0]) and shutil.which(os.path.basename(argv[0])) is None:
             raise CommandError(f"{argv[0]} not found: run `make bootstrap` (installs requirements-dev.txt)")
         sys.stdout.flush()
