@@ -35,7 +35,7 @@ import redis.exceptions
 from core.keys import REVOKED_PREFIX, REVOKED_USER_PREFIX, TICKET_PREFIX
 from core.tokens import TicketOwner, ticket_owner_parse
 from gateway.ratelimit import Counter, RateLimiter, Usage
-from messaging.resp import RespClient, resp_client_for
+from messaging.resp import RespClient, resp_client_for, script_run
 
 # Counters: KEYS[first..last] with ARGV[arg], ARGV[arg + 1] = TTL and limit of each. Appends each count to
 # `counts`; false at the first counter over its limit (counted, as django-ratelimit counts a refused hit).
@@ -130,15 +130,7 @@ class Admission:
         """Run a registered script: EVALSHA on the pipelined connection (EVAL once on NOSCRIPT: first use, a
         restarted or flushed Redis), or redis-py's own where that connection is not available. Raises the
         client's errors."""
-        if self._resp is None:
-            return await script(keys=keys, args=args)
-        tail = [len(keys), *keys, *(a if isinstance(a, str | bytes | int) else str(a) for a in args)]
-        reply = (await self._resp.execute([["EVALSHA", script.sha, *tail]]))[0]
-        if isinstance(reply, redis.exceptions.NoScriptError):
-            reply = (await self._resp.execute([["EVAL", script.script, *tail]]))[0]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return await script_run(self._resp, script, keys=keys, args=args)
 
     def close(self) -> None:
         """Close the pipelined connection (the gateway's shutdown)."""

@@ -194,6 +194,7 @@ class GatewayApp:
             if self.pings is not None:
                 await self.pings.aclose()
             self.admission.close()
+            self.slots.close()
             await self.redis.aclose()
             await self.limits_redis.aclose()
 

@@ -24,6 +24,7 @@ import redis
 import redis.asyncio
 
 from core.keys import GATEWAY_SOCKETS_PREFIX
+from messaging.resp import RespClient, resp_client_for, script_run
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,11 @@ class SocketSlots:
         self.ttl_s = ttl_s
         self.held: dict[str, str] = {}  # slot member -> user id, of this process's open sockets
         self._renewer: asyncio.Task[None] | None = None
-        # EVALSHA: the script's text is not sent with every connect (redis-py loads it on a NOSCRIPT answer).
+        # A connect's slot and a close's release over one pipelined connection (messaging/resp.py, as the
+        # admission scripts): through redis-py they were ~6 % of the gateway's CPU in a wave of connects (pool,
+        # Retry, health check, a write per command; docs/benchmarks.md). None: redis-py's own (TLS, cluster).
+        self._resp: RespClient | None = resp_client_for(client)
+        # EVALSHA: the script's text is not sent with every connect (EVAL once on a NOSCRIPT answer).
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
 
@@ -70,8 +75,8 @@ class SocketSlots:
         member = uuid.uuid4().hex
         now = time.time()
         try:
-            admitted = await self._acquire(keys=[GATEWAY_SOCKETS_PREFIX + user_id],
-                                           args=[now, now + self.ttl_s, self.cap, member, int(self.ttl_s) + 1])
+            admitted = await script_run(self._resp, self._acquire, keys=[GATEWAY_SOCKETS_PREFIX + user_id],
+                                        args=[now, now + self.ttl_s, self.cap, member, int(self.ttl_s) + 1])
         except (redis.RedisError, OSError) as exc:
             logger.warning("gateway: socket slots unavailable (%s); admitting the socket", exc)
             admitted = 1
@@ -88,7 +93,15 @@ class SocketSlots:
         if user_id is None:
             return
         with contextlib.suppress(redis.RedisError, OSError):
-            await self._client.zrem(GATEWAY_SOCKETS_PREFIX + user_id, member)
+            if self._resp is None:
+                await self._client.zrem(GATEWAY_SOCKETS_PREFIX + user_id, member)
+            else:
+                await self._resp.execute([["ZREM", GATEWAY_SOCKETS_PREFIX + user_id, member]])
+
+    def close(self) -> None:
+        """Close the pipelined connection (the gateway's shutdown)."""
+        if self._resp is not None:
+            self._resp.close()
 
     async def _renew_loop(self) -> None:
         """Push the expiry of this process's slots forward every third of the TTL, while it holds any: one

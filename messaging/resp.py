@@ -196,6 +196,22 @@ class RespClient:
         self._protocol = None
 
 
+async def script_run(resp: RespClient | None, script: Any, *, keys: Sequence[Arg], args: Sequence[Any]) -> Any:
+    """Run ``script`` (registered with redis-py: ``register_script``) by EVALSHA over ``resp``, and by EVAL once
+    on NOSCRIPT (its first use, a restarted or flushed Redis); through redis-py's own call when ``resp`` is
+    None. Arguments other than bytes, str and int go as their ``str`` (floats, as redis-py sends them). Raises
+    the error reply, or the connection's failure (redis-py's classes)."""
+    if resp is None:
+        return await script(keys=keys, args=args)
+    tail = [len(keys), *keys, *(a if isinstance(a, str | bytes | int) else str(a) for a in args)]
+    reply = (await resp.execute([["EVALSHA", script.sha, *tail]]))[0]
+    if isinstance(reply, redis.exceptions.NoScriptError):
+        reply = (await resp.execute([["EVAL", script.script, *tail]]))[0]
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
 def resp_client_for(client: Any, *, timeout_s: float | None = None) -> RespClient | None:
     """A :class:`RespClient` to the same server as the redis-py asyncio ``client`` (same address, db and
     credentials, the same socket timeout unless ``timeout_s``), or None when that server is one this client

@@ -463,6 +463,38 @@ def test_socket_slots_are_renewed_while_held_and_a_released_one_stays_released(s
     assert ahead > 0  # the kept slot's expiry was moved past the original TTL
 
 
+def test_socket_slots_hold_the_cap_over_the_pipelined_connection_and_fail_open_without_redis(
+        servers: Servers) -> None:
+    from gateway.userlimits import SocketSlots
+
+    async def scenario() -> tuple[list[bool], list[bool], bool]:
+        client = redis.asyncio.Redis.from_url(servers.redis_url)
+        await client.script_flush()  # the first acquire meets NOSCRIPT and loads the script
+        gone = redis.asyncio.Redis(host="127.0.0.1", port=free_port(), socket_timeout=0.25,
+                                   socket_connect_timeout=0.25)
+        slots, unreachable = SocketSlots(client=client, cap=2, ttl_s=30), SocketSlots(client=gone, cap=2, ttl_s=30)
+        try:
+            user = f"u-cap-{uuid.uuid4().hex[:8]}"
+            taken = [await slots.acquire(user_id=user) for _ in range(3)]
+            assert taken[0] is not None
+            await slots.release(taken[0])
+            again = await slots.acquire(user_id=user)
+            admitted = await unreachable.acquire(user_id=user)
+            if admitted is not None:
+                await unreachable.release(admitted)
+            return [t is not None for t in taken], [again is not None], admitted is not None
+        finally:
+            slots.close()
+            unreachable.close()
+            await client.aclose()
+            await gone.aclose()
+
+    taken, again, admitted = asyncio.run(scenario())
+    assert taken == [True, True, False]  # the cap, counted in Redis
+    assert again == [True]  # a released slot is free again
+    assert admitted  # Redis unreachable: the socket is admitted (fail open, docs/adr/0005)
+
+
 class FakeClient:
     """What the ping wheel uses of a client's uvicorn socket (messaging/transports.py UvicornOutput)."""
 
