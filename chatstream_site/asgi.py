@@ -52,8 +52,9 @@ if settings.ROLE == "gateway":
     from gateway.app import GatewayApp
 
     application = GatewayApp()
-    # As the broker's below: a wave of connects sets off full collections that walked the ~190k objects of
-    # start-up again each time (bench/gateway_gc.py, docs/benchmarks.md).
+    # What long_lived_freeze() below does for the brokers and the api, without importing the URLconf (the
+    # gateway serves none of it): a wave of connects sets off full collections that walked the ~190k objects
+    # of start-up again each time (bench/gateway_gc.py, docs/benchmarks.md).
     gc.collect()
     gc.freeze()
 elif settings.ROLE == "broker":
