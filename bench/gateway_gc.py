@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def main() -> None:
     finally:
         fleet.stop()
         servers.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _measure(opts: argparse.Namespace, port: int, workdir: Path) -> None:
