@@ -62,13 +62,16 @@ def main() -> None:
                         help="checkouts whose drain is measured on each filled store, in turn (default: this one)")
     parser.add_argument("--rounds", type=int, default=1, help="probes per tree and size, alternating trees")
     parser.add_argument("--variants", nargs="+", default=["random"],
-                        choices=["random", "ordered", "random-nosender", "ordered-nosender"],
+                        choices=["random", "ordered", "random-nosender", "ordered-nosender", "random-lean",
+                                 "ordered-lean"],
                         help="per round, a probe of each: its message ids uuid4 (random, as the write path makes "
                              "them) or time-ordered (ordered); -nosender: after the messages' (sender_id, "
-                             "timestamp) index is dropped (it is, before the first such variant)")
+                             "timestamp) index is dropped (it is, before the first such variant); -lean: the "
+                             "conversations' (members, -updated_at) index too")
     parser.add_argument("--ids", default="random", choices=["random", "ordered"], help=argparse.SUPPRESS)
     parser.add_argument("--quiet-lock", default="", metavar="DIR", help="hold DIR's benchmark locks while draining")
     parser.add_argument("--profile", default="", metavar="DIR", help="py-spy each probe's drain into DIR")
+    parser.add_argument("--perf", default="", metavar="DIR", help="perf record FerretDB during each drain into DIR")
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # one size, in a child process
     parser.add_argument("--probe-spec", default="", help=argparse.SUPPRESS)  # one probe, in a grandchild
     parser.add_argument("--ferretdb-pid", type=int, default=0, help=argparse.SUPPRESS)
@@ -82,7 +85,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "bench.drain_scale", "--one", str(size), "--conversations",
                             str(args.conversations), "--hot", str(args.hot), "--probe", str(args.probe),
                             "--trees", *args.trees, "--rounds", str(args.rounds), "--quiet-lock", args.quiet_lock,
-                            "--variants", *args.variants,
+                            "--variants", *args.variants, "--perf", args.perf,
                             "--profile", args.profile], check=True, cwd=ROOT)
         return
     workdir = Path(tempfile.mkdtemp(prefix="cs-drain-scale-"))
@@ -99,13 +102,16 @@ def main() -> None:
         print(json.dumps(filled), flush=True)
         for r in range(args.rounds):  # bounded: rounds x variants x trees probes
             for v, variant in enumerate(args.variants):
-                if variant.endswith("-nosender"):
-                    sender_index_drop()
+                if variant.endswith(("-nosender", "-lean")):
+                    index_drop("messages", ["sender_id", "timestamp"])
+                if variant.endswith("-lean"):
+                    index_drop("conversations", ["members", "updated_at"])
                 for tree in args.trees:
                     cmd = [sys.executable, "-m", "bench.drain_scale", "--probe-spec", str(spec),
                            "--probe", str(args.probe), "--ferretdb-pid", str(mg.proc.pid),
                            "--seed", str(1000 * r + 100 * v + args.trees.index(tree)),
                            "--ids", variant.split("-")[0], "--quiet-lock", args.quiet_lock, "--profile", args.profile,
+                           "--perf", args.perf,
                            "--one", str(args.one)]
                     out = subprocess.run(cmd, check=True, cwd=tree, stdout=subprocess.PIPE, text=True).stdout
                     row = json.loads(out.strip().splitlines()[-1])
@@ -116,15 +122,15 @@ def main() -> None:
         mg.stop()
 
 
-def sender_index_drop() -> None:
-    """Drop the messages' ``(sender_id, timestamp)`` index if there (FerretDB maintains it on every insert; no
-    query of the drain or of the hot reads uses it)."""
+def index_drop(collection: str, keys: list[str]) -> None:
+    """Drop ``collection``'s index on ``keys`` if there (FerretDB maintains every index on every write, and
+    uses none but ``_id``'s to answer a query)."""
     from mongoengine.connection import get_db
 
     db = get_db()
-    for name, spec in db.messages.index_information().items():
-        if [k for k, _ in spec["key"]] == ["sender_id", "timestamp"]:
-            db.messages.drop_index(name)
+    for name, spec in db[collection].index_information().items():
+        if [k for k, _ in spec["key"]] == keys:
+            db[collection].drop_index(name)
 
 
 def ordered_id() -> str:
@@ -351,14 +357,22 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
                                     "--rate", "50", "--format", "raw", "--output", str(out), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # py-spy attaches
+        perf = None
+        if args.perf:
+            Path(args.perf).mkdir(parents=True, exist_ok=True)
+            perf = subprocess.Popen(["perf", "record", "-F", "250", "-g", "-p", str(args.ferretdb_pid), "-o",
+                                     str(Path(args.perf) / f"ferretdb-{args.one}-{args.ids}-{args.seed}.data")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # perf attaches
         load = os.getloadavg()
         cpu0, t = cpu_s(args.ferretdb_pid), time.perf_counter()
         done = drain_all()
         wall = time.perf_counter() - t
         cpu = cpu_s(args.ferretdb_pid) - cpu0
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(timeout=60)
+        for tool in (spy, perf):
+            if tool is not None:
+                tool.send_signal(signal.SIGINT)
+                tool.wait(timeout=60)
     return {"persisted": done, "drain_msg_s": round(done / wall), "drain_s": round(wall, 2),
             "ferretdb_cpu_s_per_1000": round(cpu / max(done, 1) * 1000, 2),
             "phase_ms_per_1000": {k: round(v / max(done, 1) * 1e6) for k, v in sorted(TIMES.items())},
