@@ -30,7 +30,6 @@ import functools
 import json
 import os
 import random
-import secrets
 import signal
 import subprocess
 import sys
@@ -131,11 +130,6 @@ def index_drop(collection: str, keys: list[str]) -> None:
     for name, spec in db[collection].index_information().items():
         if [k for k, _ in spec["key"]] == keys:
             db[collection].drop_index(name)
-
-
-def ordered_id() -> str:
-    """A time-ordered 32-hex message id (48 bits of milliseconds, then 80 random bits, as UUIDv7 orders)."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
 def cpu_s(pid: int) -> float:
@@ -318,6 +312,12 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     from messaging.streams import event_append
     from storage import rules, services, writes
 
+    try:
+        from core.documents import message_id_new
+    except ImportError:  # a checkout from before time-ordered ids: the bench's own
+        def message_id_new() -> str:
+            return f"{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:20]}"
+
     spec = json.loads(Path(args.probe_spec).read_text())
     convs, users = spec["conversations"], spec["users"]
     rnd = random.Random(args.seed)  # noqa: S311 - a reproducible workload
@@ -335,7 +335,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         try:
             async def one(k: int) -> None:
                 n = rnd.randrange(len(convs))
-                mid = ordered_id() if args.ids == "ordered" else uuid.uuid4().hex
+                mid = message_id_new() if args.ids == "ordered" else uuid.uuid4().hex
                 c, sender = convs[n], users[2 * n + k % 2]
                 await event_append(client, type="message.new", conversation_id=c,
                                    payload={"id": mid, "conversation_id": c, "sender_id": sender,

@@ -9,6 +9,8 @@ Only queries both MongoDB and FerretDB v1 support: no transactions, no ``$text``
 
 from __future__ import annotations
 
+import secrets
+import time
 from datetime import UTC, datetime
 
 import mongoengine as me
@@ -139,6 +141,16 @@ class Message(me.Document):
             ("sender_id", "timestamp"),
         ],
     }
+
+
+def message_id_new() -> str:
+    """A new message's id: 32 hex digits, the milliseconds since the epoch (12 digits) then 80 random bits, so ids
+    sort by creation time as UUIDv7 does. Why time-ordered (docs/adr/0048): each ``messages`` insert then lands
+    at the end of the ``_id`` index instead of a random page of it; at 1M stored messages on FerretDB v1 a random
+    id made every statement of the drain slower (more pages of its one SQLite file written per batch), 611
+    against 796 msg/s in the drain's worst case. 80 random bits per millisecond keep ids unique without
+    coordination, as uuid4's 122 did."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 class MessageVersion(me.Document):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from django.conf import settings
 
 from core import keys
 from core.bus import BusAsync
+from core.documents import message_id_new
 from core.entries import FORMAT_VERSION
 from core.errors import Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from core.keys import message_meta_key, read_cursor_key
@@ -138,7 +138,7 @@ async def message_send(
     quote = None if reply_to is None else await replies.reply_quote(bus, conversation_id=conversation_id,
                                                                      reply_to=reply_to)
     built = events.event_build(type="message.new", conversation_id=conversation_id, actor_id=user_id,
-                               message_id=uuid.uuid4().hex, content=content, client_msg_id=client_msg_id,
+                               message_id=message_id_new(), content=content, client_msg_id=client_msg_id,
                                mentions=named, reply_to=quote)
     # The sender is remembered (meta hash) for edits made before the message reaches MongoDB, in the append's
     # round trip. A retry writes it for its own fresh (never used) id: harmless, and it expires.

@@ -6,6 +6,8 @@ its bucket when the bucket is written, not one ``search_blocks`` update per mess
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -228,3 +230,22 @@ def test_a_bucket_written_partial_makes_its_block_untrusted(servers: Any) -> Non
     search_index_write(db, [], seen=Seen(db), whole=[doc])
     block = db[COLLECTION].find_one({"_id": block_id(cid, 0)})
     assert block["partial"] is True and int(block["t"]["seal"]) == 2 and int(block["t"]["old"]) == 1
+
+
+def test_a_sent_message_gets_a_time_ordered_id(servers: Any) -> None:
+    """Message ids sort by creation time (``core.documents.message_id_new``), so the drain's ``messages`` inserts
+    land at the end of the ``_id`` index; still 32 hex digits, as clients and the API's id checks expect."""
+    from tests.api.test_api_mentions_search import group, send
+    from tests.support.api import account
+
+    alice, bob = account("alice"), account("bob")
+    cid = group(alice, bob)
+    ids = []
+    for i in range(3):
+        ids.append(send(alice, cid, f"ordered {i}")["id"])
+        before = time.time_ns()
+        while time.time_ns() - before < 2_000_000:  # into the next millisecond (bounded: 2 ms)
+            pass
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert abs(int(ids[0][:12], 16) - time.time_ns() // 1_000_000) < 60_000  # its first 12 digits: the time
