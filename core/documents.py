@@ -136,9 +136,9 @@ class Message(me.Document):
 
     meta = {
         "collection": "messages",
+        # (sender_id, timestamp) on MongoDB only: storage.mongo.messages_indexes_settle (docs/adr/0048).
         "indexes": [
             {"fields": ["conversation_id", "seq"], "unique": True},
-            ("sender_id", "timestamp"),
         ],
     }
 

@@ -44,6 +44,7 @@ from storage.buckets import Tails, buckets_write, tail_flush, tails_idle, tails_
 from storage.conversation_state import conversation_states_put, conversation_states_take
 from storage.deadletters import deadletter_add, storable
 from storage.mention_replay import mentions_replay
+from storage.mongo import messages_indexes_settle
 from storage.rules import Item, Seen, event_parse, rule_of
 from storage.search_index import search_index_write
 from storage.selectors import entry_key, partitions_state
@@ -216,6 +217,7 @@ def _drain_leased(r: BusSync, *, partition: int, batch_size: int, consumer: str,
         raise Retryable(f"redis unavailable: {exc}") from exc
     try:
         db = get_db()
+        messages_indexes_settle(db)  # once per process
         seen = Seen(db, conversations=dict(states))  # the rest read by _id after the inserts below, under the lease
         insert_new(db, live)
         written = buckets_write(db, live, seen=seen, tails=tails)

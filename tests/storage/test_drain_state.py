@@ -17,8 +17,9 @@ import redis
 from bson import ObjectId
 from mongoengine.connection import get_db
 
+from core.documents import Message
 from core.keys import GROUP, conversation_state_key, stream_key
-from storage import conversation_state, services
+from storage import conversation_state, mongo, services
 from storage.rules import Seen
 from storage.search_index import COLLECTION, block_id, search_index_write, term_key
 from tests.support.storage import (
@@ -249,3 +250,19 @@ def test_a_sent_message_gets_a_time_ordered_id(servers: Any) -> None:
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
     assert ids == sorted(ids) and len(set(ids)) == 3
     assert abs(int(ids[0][:12], 16) - time.time_ns() // 1_000_000) < 60_000  # its first 12 digits: the time
+
+
+def test_the_drain_drops_the_sender_index_on_ferretdb_and_keeps_the_unique_one(servers: Any) -> None:
+    """A store made before docs/adr/0048 has ``messages``' (sender_id, timestamp) index, which FerretDB maintains
+    on every insert and uses for no query: the drain's first batch in a process drops it there (MongoDB keeps and
+    creates it: the staff admin's messages by sender). The unique (conversation_id, seq) stays."""
+    db = get_db()
+    Message.ensure_indexes()  # as mongoengine does on the first use of Message in a process (the API's)
+    db.messages.create_index(mongo.SENDER_INDEX)
+    mongo.messages_indexes_settle.cache_clear()
+    alice, _bob, cid = fresh_chat()
+    send_messages(servers.redis_url, cid, alice, 1)
+    drain()
+    keys = [[tuple(k) for k in spec["key"]] for spec in db.messages.index_information().values()]
+    assert [("sender_id", 1), ("timestamp", 1)] not in keys
+    assert [("conversation_id", 1), ("seq", 1)] in keys
