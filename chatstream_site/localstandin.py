@@ -12,7 +12,9 @@ Run as ``daphne -p PORT chatstream_site.localstandin:app`` with ``CHATSTREAM_ROL
 * WebSocket on any path: accepts, sends ``{"type": "ready", "instance", "identity"}``, then for each text
   frame ``close:<code>`` closes with that code, anything else is relayed as ``{"type": "relay", "from",
   "data"}`` to every connection of this instance (including the sender); with ``?echo=1`` a frame is sent
-  back to its sender only (the benchmark's round trips).
+  back to its sender only (the benchmark's round trips); ``split:<n>:<s>`` is answered with one text frame
+  of ``n`` bytes ``x`` written in two halves ``s`` seconds apart (a large frame the gateway passes through
+  while it is still arriving: tests/gateway/test_liveness.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatstream_site.settings")
@@ -95,6 +98,9 @@ async def _websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if text.startswith("close:"):
                 await send({"type": "websocket.close", "code": int(text.split(":", 1)[1]), "reason": "asked to"})
                 return
+            if text.startswith("split:"):
+                await _split_frame_send(send, size=int(text.split(":")[1]), pause_s=float(text.split(":")[2]))
+                continue
             if echo:  # benchmark mode: the frame goes back to its sender only
                 await send({"type": "websocket.send", "text": text})
                 continue
@@ -105,6 +111,16 @@ async def _websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
         forwarder.cancel()
         ROOM.discard(queue)
         STATS["ws_open"] -= 1
+
+
+async def _split_frame_send(send: Any, *, size: int, pause_s: float) -> None:
+    """Write one text frame of ``size`` bytes straight to daphne's transport (``send`` is
+    ``partial(server.handle_reply, protocol)``), its second half ``pause_s`` later."""
+    transport = send.args[0].transport
+    frame = struct.pack("!BBQ", 0x81, 127, size) + b"x" * size
+    transport.write(frame[:len(frame) // 2])
+    await asyncio.sleep(pause_s)
+    transport.write(frame[len(frame) // 2:])
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -49,6 +49,11 @@ MAX_HEAD = 16 * 1024  # a broker's handshake answer is a few hundred bytes
 PAUSE_ABOVE = 1024 * 1024
 RESUME_BELOW = 256 * 1024
 RESUME_POLL_S = 0.05
+# How long a close of the gateway's own waits for the end of the broker frame it would otherwise land inside
+# (docs/adr/0049). The rest of a frame the broker is writing arrives within milliseconds on the internal
+# network; 2 s also covers a busy loop's lateness (ADR 0044 saw timers ~1 s late) and stays inside uvicorn's
+# 5 s close timeout. Past it the client's TCP connection is aborted: a close code lost, never a corrupt stream.
+OWN_CLOSE_WAIT_S = 2.0
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 1, 2, 8, 9, 10
 
 
@@ -79,6 +84,19 @@ class HandshakeRefused(Exception):
 
 class UpstreamLink(asyncio.Protocol):
     """One WebSocket to a broker, as a client. Create it with :func:`link_open`."""
+
+    # The rare close-in-a-frame path's state, as class defaults so an ordinary link's instance dict does not
+    # hold them (issue 16 counts each socket's bytes). ``sealing``: a close frame of the gateway's own waits
+    # in ``control`` for the end of the broker frame being passed; ``sealed``: it was written, nothing of the
+    # broker's follows it; ``client``: the client's real transport (the gate's) to close or abort;
+    # ``client_close_due``: the client's transport was asked to close while the close frame waited;
+    # ``link_close_due``: the same for this link (its close would stop the rest of the frame arriving).
+    sealing = False
+    sealed = False
+    client: Any = None
+    client_close_due = False
+    link_close_due: tuple[int, str] | None = None
+    seal_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, request: bytes, key: bytes) -> None:
         self.request = request
@@ -124,6 +142,8 @@ class UpstreamLink(asyncio.Protocol):
         self._frames(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.sealing:
+            self._seal_missed()  # a close of the gateway's own waited for a frame that will never end
         if not self.opened.done():
             self.opened.set_exception(ConnectionError("the broker closed the connection during the handshake"))
         if not self.ended.done():
@@ -159,6 +179,9 @@ class UpstreamLink(asyncio.Protocol):
     def _frames(self, data: bytes) -> None:
         """Pass data frames through as they are; act on control frames. ``data`` continues the stream."""
         out: list[bytes] = []
+        # Once the gateway's own close frame is in ``out`` (after the frame it waited for), nothing of the
+        # broker's after it is written; the stream is still parsed (its close frame, its pings).
+        sealed_at = -1 if not self.sealed else 0
         view = memoryview(data)
         at, size = 0, len(data)
         if self.head:  # an incomplete header or control frame from the previous read
@@ -174,6 +197,8 @@ class UpstreamLink(asyncio.Protocol):
                 if not self.passing and self.control:
                     out.append(self.control)
                     self.control = b""
+                    if self.sealing:
+                        self.sealing, self.sealed, sealed_at = False, True, len(out)
                 continue
             if size - at < 2:
                 break
@@ -203,8 +228,12 @@ class UpstreamLink(asyncio.Protocol):
             at += offset
         if at < size:
             self.head = view[at:size].tobytes()
+        if sealed_at >= 0:
+            out = out[:sealed_at]
         if out:
             self._to_client(b"".join(out))
+        if sealed_at > 0:
+            self._seal_done()
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
@@ -237,14 +266,56 @@ class UpstreamLink(asyncio.Protocol):
             asyncio.get_running_loop().call_later(RESUME_POLL_S, self._resume_check)
 
     def control_to_client(self, frame: bytes) -> None:
-        """Write a control frame of the gateway's own (a ping) to the client between two of the broker's
-        frames: now, or when the data frame still arriving from the broker has passed (a frame written inside
-        it would corrupt the client's stream). Precondition: attached. At most one waits; a later one replaces
-        it."""
-        if self.passing:
-            self.control = frame
-        elif self.write is not None:
+        """Write frames of the gateway's own (the wheel's ping; through :class:`ClientGate` everything uvicorn
+        writes: its pongs, its close frames) to the client between two of the broker's frames: now, or when the
+        data frame still arriving from the broker has passed (a frame written inside it would corrupt the
+        client's stream). Those that wait are written in order. After a close frame nothing more of the
+        broker's is passed on. A close that cannot wait (the broker is gone, so the rest of its frame will
+        never come; or it does not come within OWN_CLOSE_WAIT_S) aborts the client's TCP connection instead.
+        Precondition: attached."""
+        if self.sealed or self.write is None:
+            return
+        is_close = bool(frame) and frame[0] & 0x0F == OP_CLOSE
+        if not self.passing:
             self.write(frame)
+            if is_close:
+                self.sealed = True
+            return
+        self.control += frame
+        if is_close and not self.sealing:
+            self.sealing = True
+            if self.transport is None or self.transport.is_closing():
+                self._seal_missed()  # the broker is gone mid-frame: the rest will never come
+            else:
+                self.seal_timer = asyncio.get_running_loop().call_later(OWN_CLOSE_WAIT_S, self._seal_missed)
+
+    def client_close(self) -> None:
+        """Close the client's transport (``ClientGate.close``): at once, or once a close frame of the
+        gateway's own that waits for a frame boundary has been written."""
+        if self.sealing:
+            self.client_close_due = True
+        elif self.client is not None:
+            self.client.close()
+
+    def _seal_done(self) -> None:
+        """The waiting close frame was written: do the closes that waited for it."""
+        if self.seal_timer is not None:
+            self.seal_timer.cancel()
+            self.seal_timer = None
+        if self.client_close_due and self.client is not None:
+            self.client.close()
+        if self.link_close_due is not None:
+            code, reason = self.link_close_due
+            self.link_close_due = None
+            self.close(code, reason)
+
+    def _seal_missed(self) -> None:
+        """The broker frame did not end in time (or cannot): abort the client's connection rather than
+        write the close inside the frame; the client sees 1006 and reconnects as after any drop."""
+        self.sealing, self.sealed, self.control = False, True, b""
+        if self.client is not None:
+            self.client.abort()
+        self._seal_done()
 
     def attach(self, write: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
         """Start passing the broker's frames to the client (``write``: its transport's write). Side effect:
@@ -270,8 +341,14 @@ class UpstreamLink(asyncio.Protocol):
             await self.drained
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Send the close frame (once) and end the TCP connection once it is flushed. Idempotent."""
+        """Send the close frame (once) and end the TCP connection once it is flushed. Idempotent. While a
+        close of the gateway's own waits for the broker frame being passed, the link stays open until that
+        frame has arrived (or OWN_CLOSE_WAIT_S passed)."""
         if self.transport is None or self.transport.is_closing():
+            return
+        if self.sealing:
+            if self.link_close_due is None:
+                self.link_close_due = (code, reason)
             return
         if not self.close_sent:
             self.transport.write(frame_masked(OP_CLOSE, close_payload(code, reason)))
@@ -286,6 +363,31 @@ class UpstreamLink(asyncio.Protocol):
         if not self.opened.done():
             self.opened.set_exception(exc)
         self.abort()
+
+
+class ClientGate:
+    """What uvicorn's WebSocket protocol writes to the client goes through the link (installed as its
+    ``transport``: messaging/transports.py ``UvicornOutput.writes_through``), so its own frames (the close the
+    proxy sends, 4008 or a passed-on code; the wheel's 1011; pongs; the close handshake's answer; 1012 at
+    shutdown) wait for the end of a broker frame being passed through instead of landing inside it, and its
+    close of the transport waits for them (docs/adr/0049). Everything else is the real transport's."""
+
+    __slots__ = ("link", "transport")
+
+    def __init__(self, transport: Any, link: UpstreamLink) -> None:
+        self.transport = transport
+        self.link = link
+        link.client = transport
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.link.control_to_client(bytes(data))
+
+    def close(self) -> None:
+        self.link.client_close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 async def link_open(*, host: str, port: int, target: str, headers: list[tuple[str, str]],

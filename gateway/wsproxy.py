@@ -42,6 +42,7 @@ from gateway.userlimits import SocketSlots
 from gateway.wslink import (
     SERVER_SEND,
     AsgiFrames,
+    ClientGate,
     HandshakeRefused,
     UpstreamLink,
     link_open,
@@ -204,6 +205,9 @@ class WebSocketProxy:
 
         if raw is not None:
             link.attach(raw.transport.write, raw.transport.get_write_buffer_size)
+            # uvicorn's own frames (this proxy's closes among them) wait for the end of a broker frame being
+            # passed through, instead of landing inside it (docs/adr/0049).
+            raw.writes_through(ClientGate(raw.transport, link))
             idle_s = int(settings.GATEWAY_WS_KEEPALIVE_IDLE_S)
             if idle_s:
                 tcp_keepalive(raw.transport, idle_s=idle_s, interval_s=KEEPALIVE_PROBE_INTERVAL_S,

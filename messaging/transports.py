@@ -250,9 +250,16 @@ class UvicornOutput(Output):
         if protocol.close_sent or self.transport.is_closing():
             return
         protocol.conn.fail(1011, "keepalive ping timeout")
-        self.transport.write(b"".join(protocol.conn.data_to_send()))
+        # Through the protocol's transport: the gateway's gate when installed (``writes_through``).
+        protocol.transport.write(b"".join(protocol.conn.data_to_send()))
         protocol.close_sent = True
-        self.transport.close()
+        protocol.transport.close()
+
+    def writes_through(self, gate: Any) -> None:
+        """Have uvicorn's protocol write to the client through ``gate`` (an object with the transport's
+        methods: gateway/wslink.py ``ClientGate``), so its own frames wait for the end of a broker frame the
+        gateway is passing through. ``self.transport`` stays the real one."""
+        self.protocol.transport = gate
 
     def force_close(self, code: int) -> bool:
         # What uvicorn's own ``websocket.close`` does, minus its wait for the transport to become writable:

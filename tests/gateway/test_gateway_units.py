@@ -575,6 +575,67 @@ def test_a_ping_for_the_client_waits_for_the_broker_frame_being_passed() -> None
     assert written[-1] == bytes((0x89, 0)) and written[-2].endswith(b"x" + bytes((0x89, 0)))
 
 
+def test_a_close_of_the_gateways_own_waits_for_the_broker_frame_or_aborts_when_it_cannot_end() -> None:
+    """A close frame of the gateway's own (through the gate uvicorn writes to) waits for the end of the broker
+    frame being passed, closes the client's transport only after it, and nothing of the broker's follows it;
+    when the broker link is lost mid-frame the client's connection is aborted, nothing written into the frame."""
+    from gateway.wslink import ClientGate, UpstreamLink
+
+    class Client:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+            self.ended = ""
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        def close(self) -> None:
+            self.ended = self.ended or "closed"
+
+        def abort(self) -> None:
+            self.ended = self.ended or "aborted"
+
+    class BrokerTransport:
+        def __init__(self) -> None:
+            self.closing = False
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closing = True
+
+    payload = b"x" * 300
+    data_frame = bytes((0x81, 126)) + len(payload).to_bytes(2, "big") + payload
+    close = bytes((0x88, 2)) + (4008).to_bytes(2, "big")
+
+    async def scenario(*, broker_lost: bool) -> tuple[Client, bool]:
+        link = UpstreamLink(b"", b"key")
+        broker = BrokerTransport()
+        link.transport = broker  # type: ignore[assignment]
+        client = Client()
+        link.attach(client.write, lambda: 0)
+        gate = ClientGate(client, link)
+        link._frames(data_frame[:100])
+        gate.write(close)  # uvicorn's websocket.close ...
+        gate.close()  # ... and its close of the transport
+        link.close(4008)  # the proxy's close of the link waits too: it would stop the frame's rest
+        assert client.ended == "" and not broker.closing
+        if broker_lost:
+            link.connection_lost(None)
+        else:
+            link._frames(data_frame[100:] + data_frame)  # the rest, then a frame that must not follow the close
+        return client, broker.closing
+
+    client, broker_closed = asyncio.run(scenario(broker_lost=False))
+    assert b"".join(client.written) == data_frame + close and client.ended == "closed" and broker_closed
+    client, _ = asyncio.run(scenario(broker_lost=True))
+    assert b"".join(client.written) == data_frame[:100] and client.ended == "aborted"
+
+
 def test_an_accepted_websockets_access_line_is_written_once_when_it_ends(caplog: pytest.LogCaptureFixture) -> None:
     """The connection's life runs after the layers returned (GatewayApp, ``state.after``): its access line
     is written when it ends, with its close code, not at the accept."""

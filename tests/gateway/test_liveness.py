@@ -5,6 +5,7 @@ socket) are the backstop, and no compression is negotiated. Real gateway process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import struct
@@ -134,3 +135,47 @@ def test_the_ping_wheel_pings_every_interval_an_answering_client_stays_and_a_sil
         wait_until(lambda: store.zcard(GATEWAY_SOCKETS_PREFIX + user) == 0, timeout_s=10,
                    what="the closed socket's slot released")
         store.close()
+
+
+
+@pytest.mark.parametrize(("trigger", "code"), [("flood", 4008), ("unanswered_ping", 1011)])
+def test_the_gateways_own_close_waits_for_the_broker_frame_being_passed_through(
+        servers: Servers, tmp_path: Path, trigger: str, code: int) -> None:
+    """The gateway passes a broker frame through as its parts arrive (docs/adr/0039). A close of the gateway's
+    own decided while one is half passed (4008: the client floods frames; 1011: it left the wheel's ping
+    unanswered) waits for the frame's end: the client receives the whole broker frame, then the close frame
+    with the documented code, never a close written inside the frame (docs/adr/0049)."""
+    size = 200_000
+    env = ({"CHATSTREAM_GATEWAY_WS_FRAME_RATE": "0.5", "CHATSTREAM_GATEWAY_WS_FRAME_BURST": "3"} if trigger == "flood"
+           else {"CHATSTREAM_GATEWAY_WS_PING_INTERVAL": "1", "CHATSTREAM_GATEWAY_WS_PING_TIMEOUT": "1"})
+    with stand_in_fleet(servers, tmp_path, db=11, brokers=1, **env) as fleet:
+        gateway = fleet["gateway"]
+        ticket = ws_ticket_issue(redis.Redis.from_url(fleet["fleet"].redis_url), user_id="u-split", username="s")
+
+        async def scenario() -> tuple[int, int, bytes, bytes]:
+            reader, writer, answer = await handshake(gateway.port, ticket)
+            assert b" 101 " in answer.split(b"\r\n", 1)[0], answer
+            opcode, _ = await asyncio.wait_for(read_frame(reader), 15)  # ready
+            assert opcode == OP_TEXT
+            if trigger == "unanswered_ping":
+                while opcode != OP_PING:  # the wheel's ping, never answered: 1011 one tick (1 s) later ...
+                    opcode, _ = await asyncio.wait_for(read_frame(reader), 15)
+            # ... while the broker's next frame is half passed: its halves come 1.5 s apart
+            writer.write(frame_masked(OP_TEXT, f"split:{size}:1.5".encode()))
+            head = await asyncio.wait_for(reader.readexactly(10), 15)
+            first = await asyncio.wait_for(reader.read(1000), 15)  # the first half is being passed through
+            if trigger == "flood":  # the burst (3) is spent at once: the gateway closes with 4008
+                for i in range(10):
+                    writer.write(frame_masked(OP_TEXT, f"flood {i}".encode()))
+            rest = b""
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(65536), 15):
+                    rest += chunk
+            writer.close()
+            return head[0], struct.unpack("!Q", head[2:10])[0], first, rest
+
+        first_byte, length, first, rest = asyncio.run(scenario())
+        assert (first_byte, length) == (0x81, size)
+        payload, after = (first + rest)[:size], (first + rest)[size:]
+        assert payload == b"x" * size  # the broker's frame whole, nothing of the gateway's inside it
+        assert after[:1] == b"\x88" and struct.unpack("!H", after[2:4])[0] == code, after[:40]  # then the close
