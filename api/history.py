@@ -171,17 +171,18 @@ def _store_page(*, conversation_id: str, after: int | None, below: int | None, l
                 backwards: bool, cursors: dict[str, int], members: set[str]) -> list[PageMessage]:
     """Up to ``limit`` stored messages with ``after < seq < below`` (either bound optional), newest first
     when ``backwards``, else oldest first: from the buckets when they cover the range, else ``messages``."""
-    highest = below - 1 if below is not None else int(
-        bus_sync().hget(seq_key(partition_of(conversation_id)), conversation_id) or 0)
-    if highest <= 0 and below is None:
-        # Redis knows no seq (a conversation with no message yet, or a Redis that lost its data): the stored
-        # conversation's last_seq, read by _id, bounds the buckets; 0 is an empty history, answered without
-        # a ``messages`` query (a scan on FerretDB: seconds at 1M messages; docs/adr/0036).
+    # What exists bounds the read, whatever ``below`` the caller asked (a member may page back from any seq):
+    # the last seq Redis gave, else the stored conversation's last_seq read by _id (a conversation with no
+    # message yet, or a Redis that lost its data). 0 is an empty history, answered without a ``messages``
+    # query (a scan on FerretDB: seconds at 10k messages, a minute at 1M; docs/adr/0036).
+    known = int(bus_sync().hget(seq_key(partition_of(conversation_id)), conversation_id) or 0)
+    if known <= 0:
         stored = Conversation._get_collection().find_one({"_id": ObjectId(conversation_id)}, {"last_seq": 1})
         if stored is not None and isinstance(stored.get("last_seq"), int):
-            if stored["last_seq"] <= (after or 0):
+            known = stored["last_seq"]
+            if known <= (after or 0):
                 return []
-            highest = stored["last_seq"]
+    highest = known if below is None else (below - 1 if known <= 0 else min(below - 1, known))
     # highest 0 with no bound: nothing says how far the conversation goes (data stored by other means).
     from_buckets = None if highest <= 0 and below is None else _bucket_page(
         conversation_id=conversation_id, lowest=(after or 0) + 1, highest=highest, limit=limit,

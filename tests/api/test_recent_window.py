@@ -434,8 +434,8 @@ def test_a_drain_batch_touching_many_conversations_completes(servers: Servers) -
 
 def test_an_empty_conversation_and_one_whose_seq_redis_lost_are_paged_without_a_messages_query(
         servers: Servers, no_messages_reads: Any) -> None:
-    """docs/adr/0036: with no seq in Redis, the stored conversation's last_seq (read by _id) bounds the buckets;
-    a ``messages`` query would scan the collection on FerretDB."""
+    """docs/adr/0036: with no seq in Redis, the stored conversation's last_seq (read by _id) bounds the buckets,
+    with or without ``before_seq``; a ``messages`` query would scan the collection on FerretDB."""
     from core.keys import seq_key
 
     alice, bob = account("alice"), account("bob")
@@ -451,8 +451,15 @@ def test_an_empty_conversation_and_one_whose_seq_redis_lost_are_paged_without_a_
     no_messages_reads()
     page = history(alice, empty)
     assert page["results"] == [] and page["has_more"] is False
+    # Paging back from a seq the conversation never reached is bounded the same way (any member may ask it:
+    # it was a scan of ``messages``, seconds at 10k messages and a minute at 1M).
+    for before in (2, 10**6):
+        page = history(alice, empty, before_seq=before)
+        assert page["results"] == [] and page["has_more"] is False
     assert [m["seq"] for m in history(bob, full)["results"]] == list(range(1, 8))
     assert [m["seq"] for m in history(bob, full, after_seq=3)["results"]] == [4, 5, 6, 7]
+    assert [m["seq"] for m in history(bob, full, before_seq=10**6)["results"]] == list(range(1, 8))
+    assert [m["seq"] for m in history(bob, full, before_seq=5)["results"]] == [1, 2, 3, 4]
 
 
 def test_a_full_window_stays_within_its_documented_memory_budget(servers: Servers) -> None:
