@@ -193,6 +193,12 @@ def test_each_role_sigkilled_in_turn_comes_back_and_nothing_acknowledged_is_lost
     try:
         cluster.wait_ready()
         wait_until(lambda: len(registry(cluster)) == 8, timeout_s=60, what="all 8 instances to register")
+        # Each role past supervisord's startsecs (10 s): a role killed before it is a start that failed
+        # ("failed to start (try 1)", restarted after the back-off), which this test does not ask about. The
+        # api on uvicorn registers within the 10 s, so without this wait its kill sometimes fell inside them.
+        programs = ("gateway", "broker1", "broker2", "api1", "api2", "storage1", "storage2", "beat")
+        wait_until(lambda: all(cluster.program_info(n)["statename"] == "RUNNING" for n in programs), timeout_s=60,
+                   interval_s=0.5, what="every role to be RUNNING in supervisord")
         ws_url = cluster.url.replace("http://", "ws://") + "/ws/"
         sender = Sender("alice", ws_url, servers.redis_url, alice, conv)
         readers = [Device(f"bob-{n}", ws_url, servers.redis_url, bob, conv) for n in range(4)]
