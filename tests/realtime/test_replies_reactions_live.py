@@ -17,6 +17,7 @@ from api import history as api_selectors
 from chatstream_site.localservers import Servers
 from tests.support.api import persist
 from tests.support.realtime import Broker, brokers_running, connect_user, group_create, send_frame, user_create
+from tests.support.storage import stream_entries_drop
 
 pytestmark = pytest.mark.cluster
 
@@ -120,8 +121,6 @@ def test_resume_from_the_store_after_the_drain_carries_quotes_and_reactions(serv
     the broker that did not see them live."""
     import redis
 
-    from core.keys import partition_of, stream_key
-
     alice, alice_name = user_create()
     bob, _ = user_create()
     carol, _ = user_create()
@@ -144,11 +143,7 @@ def test_resume_from_the_store_after_the_drain_carries_quotes_and_reactions(serv
 
     original_id, reply_id = run(body)
     persist(servers, conv)
-    bus = redis.Redis.from_url(servers.redis_url)
-    key = stream_key(partition_of(conv))
-    for entry_id, fields in bus.xrange(key):
-        if fields.get(b"c") == conv.encode():
-            bus.xdel(key, entry_id)
+    stream_entries_drop(redis.Redis.from_url(servers.redis_url), conv)
 
     async def resume() -> list[dict[str, Any]]:
         c = await connect_user(brokers[1].url, servers.redis_url, carol)

@@ -125,3 +125,15 @@ def redeliver_newest_first(client: redis.Redis, partition: int, conversation_id:
     for _eid, fields in reversed(entries):
         if fields[b"c"].decode() == conversation_id:
             client.xadd(key, fields)
+
+
+def stream_entries_drop(client: redis.Redis, conversation_id: str) -> None:
+    """Delete the conversation's entries from its partition's stream, as a trim past them would: from then on
+    only MongoDB holds its persisted events (a resume must read them from the store)."""
+    from core.keys import stream_key
+
+    key = stream_key(partition_of(conversation_id))
+    entries: Any = client.xrange(key)
+    for entry_id, fields in entries:
+        if fields.get(b"c") == conversation_id.encode():
+            client.xdel(key, entry_id)
