@@ -32,6 +32,7 @@ from core.tokens import Claims, token_decode, token_issue, ws_ticket_issue
 from messaging.conversation_index import user_conversations_created
 from messaging.frames import SESSIONS_CLOSE, user_group
 from messaging.mentions import usernames_remember_sync
+from messaging.presence import user_cards_forget
 from messaging.selectors import user_conversations_init
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
@@ -221,6 +222,7 @@ def user_remove(*, user_id: str, password: str) -> None:
         set__email=f"{user.id}@removed.invalid", set__contacts=[], set__status="offline")
     if removed is None:
         raise Unauthenticated("the account no longer exists", code="token_revoked")
+    user_cards_forget(sync_redis(), user_ids=[user_id])  # its status is offline now (docs/adr/0050)
     revocation.user_tokens_revoke(user_id=user_id, gen=int(removed.token_gen))
     user_sessions_close(user_id=user_id)
     logger.info("user %s removed their account", user_id)
@@ -230,12 +232,14 @@ def user_remove(*, user_id: str, password: str) -> None:
 
 
 def user_status_set(*, user_id: str, status: str) -> User:
-    """Set the user's status (one of ``STATUSES``). Side effect: updates ``status`` and ``last_seen``."""
+    """Set the user's status (one of ``STATUSES``). Side effects: updates ``status`` and ``last_seen``, drops
+    the user's cached card."""
     if status not in STATUSES:
         raise ValidationFailed(f"status must be one of {', '.join(STATUSES)}", details={"field": "status"})
     user = User.objects(id=user_id).modify(new=True, set__status=status, set__last_seen=utcnow())
     if user is None:
         raise NotFound("no such user")
+    user_cards_forget(sync_redis(), user_ids=[user_id])  # the conversation list shows it at once (docs/adr/0050)
     return user
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from bson import ObjectId
+from django.conf import settings
 
 from api.selectors import member_require, time_parse
 from core.bus import bus_is_cluster, bus_sync
@@ -147,14 +149,48 @@ def conversation_summary_for_member(*, user_id: str, conversation_id: str) -> Co
 
 
 # Cards: the few fields of a conversation, user or group the list shows, cached in Redis (REDIS_URL) as JSON and
-# filled by ``_id`` (the one lookup FerretDB serves without a scan). Conversation cards are dropped by
-# membership changes; a group's by its rename; a user's only expire (its status and last_seen change on every
-# connect, and the list shows them within a minute; presence frames are the live view).
-CONVERSATION_CARD_TTL_S = 3600
-GROUP_CARD_TTL_S = 3600
-USER_CARD_TTL_S = 60
+# filled by ``_id`` (the one lookup FerretDB serves without a scan; 1-2 ms+ each on a 2 GB store, so a list of
+# expired cards cost more than the rest of it: docs/benchmarks.md). A card is kept until what it shows changes,
+# not re-read on a short clock (docs/adr/0050): every writer of those fields drops it after its store write
+# (conversation: membership changes, messaging.membership / messaging.selectors; group: its rename; user: every
+# status/last_seen write, messaging.presence.user_cards_forget), and a fill writes only under its own lease
+# (``_cards``), so a fill that read the store before such a write cannot cache what it read. The TTL only lets
+# cards of people nobody lists leave Redis: a day, so a user who opens the app daily finds their peers' cards.
+# Budget (MEMORY USAGE on Redis 7.0, tests/api/test_cards.py): ~180 bytes per user card, ~550 per conversation
+# card with a 60-character last message (up to ~2 KB more with a long one), ~100 per group card; for the
+# people and conversations shown in some list in the last day.
+USER_CARD_TTL_S = 86400
+GROUP_CARD_TTL_S = 86400
+CONVERSATION_CARD_TTL_S = 86400
+# A conversation card's last message, last seq, read cursors and updated_at are what the store had when it was
+# filled (the drain does not drop it): the list takes the recent window's instead while the conversation has
+# one, which it has for RECENT_TTL_S after its last event, so the card must not outlive a window it was filled
+# under by much (half the window's TTL); with the window off they are all the list has (an hour, as before).
+CONVERSATION_CARD_TTL_WINDOW_OFF_S = 3600
+
+# A fill's lease: long enough for a list's store reads on a loaded FerretDB, short enough that a fill that died
+# holding one delays the next caching of that card by seconds only (meanwhile readers read the store).
+CARD_LEASE_S = 10
+_LEASE = b"~"  # a lease's value starts with it; a card is JSON (``{``)
+
+# The fill's write: KEYS the cards' keys; ARGV[1] the fill's lease token, ARGV[2] the TTL, then each card's JSON
+# ("": the store had none) -> each key still holding this fill's lease gets its card (or is freed). A key whose
+# lease is gone was dropped by a writer after the fill took it (or the lease ran out): nothing is written.
+_CARD_FILL_LUA = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    if ARGV[i + 2] == '' then redis.call('DEL', KEYS[i])
+    else redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[2]) end
+  end
+end
+return 0
+"""
 
 
+def _conversation_card_ttl_s() -> int:
+    if not settings.RECENT_MESSAGES:
+        return CONVERSATION_CARD_TTL_WINDOW_OFF_S
+    return min(CONVERSATION_CARD_TTL_S, int(settings.RECENT_TTL_S) // 2)
 
 
 def _conversation_card(conv: Conversation) -> dict[str, Any]:
@@ -168,8 +204,9 @@ def _conversation_card(conv: Conversation) -> dict[str, Any]:
 
 
 def _cards(keys: list[str], ids: list[str], load: Any, ttl_s: int) -> dict[str, dict[str, Any] | None]:
-    """Cards by id: one MGET, then ``load(id)`` (a store read by ``_id``, None if gone) for each miss, cached.
-    Side effect: fills the cache."""
+    """Cards by id: one MGET; for the misses, a lease on each key (SET NX), ``load(id)`` (a store read by
+    ``_id``, None if gone), then the cards written where this fill's lease still stands (one script). A key
+    another fill holds is read from the store and left to that fill. Side effect: fills the cache."""
     if not ids:
         return {}
     client = sync_redis()
@@ -177,17 +214,21 @@ def _cards(keys: list[str], ids: list[str], load: Any, ttl_s: int) -> dict[str, 
     missing = []
     raws: Any = client.mget(keys)
     for cid, key, raw in zip(ids, keys, raws, strict=True):
-        if raw is None:
+        if raw is None or raw.startswith(_LEASE):
             missing.append((cid, key))
         else:
             out[cid] = json.loads(raw)
     if missing:
+        token = _LEASE + uuid.uuid4().hex.encode()
         pipe = client.pipeline(transaction=False)
-        for cid, key in missing:
+        for _cid, key in missing:
+            pipe.set(key, token, nx=True, ex=CARD_LEASE_S)
+        leased = [pair for pair, took in zip(missing, pipe.execute(), strict=True) if took]
+        for cid, _key in missing:
             out[cid] = load(cid)
-            if out[cid] is not None:
-                pipe.set(key, json.dumps(out[cid]), ex=ttl_s)
-        pipe.execute()
+        if leased:
+            client.eval(_CARD_FILL_LUA, len(leased), *(key for _cid, key in leased), token, ttl_s,
+                        *("" if out[cid] is None else json.dumps(out[cid]) for cid, _key in leased))
     return out
 
 
@@ -253,7 +294,7 @@ def _conversation_states(ids: list[str], *, user_id: str) -> list[list[Any]]:
 
 def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) -> list[ConversationSummary]:
     cards = _cards([conversation_card_key(c) for c in ids], ids, _conversation_card_load,
-                   CONVERSATION_CARD_TTL_S)
+                   _conversation_card_ttl_s())
     # A card that does not name the caller (a change that died before updating their cached ids, docs/adr/0043)
     # is not listed: every read by a stranger is a 404, and this is one.
     ids = [c for c in ids if (card := cards.get(c)) is not None and user_id in card["members"]]

@@ -18,7 +18,8 @@ from typing import Any
 import redis.asyncio
 from django.conf import settings
 
-from core.keys import PRESENCE_CLAIMS_KEY, PRESENCE_EXPIRING_KEY, presence_key
+from core.clients import sync_redis
+from core.keys import PRESENCE_CLAIMS_KEY, PRESENCE_EXPIRING_KEY, presence_key, user_card_key
 from core.values import as_str
 from messaging import frames
 
@@ -148,6 +149,15 @@ return 1
 """
 
 
+def user_cards_forget(client: Any, *, user_ids: list[str]) -> Any:
+    """Drop the users' cached cards (``api.conversation_list``: username, status, last_seen), which live a day
+    and are not re-read before: every write of ``users.status`` or ``last_seen`` (this module's two, and
+    ``api.accounts``' status change and account removal) calls this after its store write, so the next list
+    reads the new values; a fill that read the store before the write holds a lease this drop ends, and writes
+    nothing (docs/adr/0050). ``client``: a sync REDIS_URL client; one DEL. Side effect: deletes keys."""
+    return client.delete(*map(user_card_key, user_ids)) if user_ids else 0
+
+
 # users.status/last_seen writes run on their own two threads, not on the default pool shared with the reads
 # that answer clients (membership misses, resume): a wave of connects (a broker restart, a benchmark) queues
 # a write per connection, and those must never delay a message's membership check behind them.
@@ -157,7 +167,7 @@ _presence_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_nam
 def _users_seen(user_ids: list[str], status: str) -> None:
     """Set ``status`` and ``last_seen`` = now for ``user_ids``: one round trip, one update by ``_id`` each
     (FerretDB v1 pushes ``_id`` equality down; one ``$in`` update over a batch scanned the collection and
-    cost FerretDB 5x the CPU, bench/connects.py). Blocking (MongoDB)."""
+    cost FerretDB 5x the CPU, bench/connects.py), then their cards dropped. Blocking (MongoDB, Redis)."""
     from bson import ObjectId
     from pymongo import UpdateOne
 
@@ -170,6 +180,7 @@ def _users_seen(user_ids: list[str], status: str) -> None:
     # At most UPDATE_STATEMENTS_MAX statements per command: FerretDB v1 holds a pooled connection per statement.
     for start in range(0, len(ops), UPDATE_STATEMENTS_MAX):
         User._get_collection().bulk_write(ops[start:start + UPDATE_STATEMENTS_MAX], ordered=False)
+    user_cards_forget(sync_redis(), user_ids=[u for u in user_ids if ObjectId.is_valid(u)])
 
 
 # Seconds a status write waits for others to share its round trip. A wave of connects (a broker restart, a
@@ -235,15 +246,17 @@ def _status_write(user_id: str, status: str) -> Any:
 
 def _user_expired(user_id: str, at: datetime) -> list[str]:
     """Mark a user whose last session expired offline, ``last_seen`` = ``at``, unless a newer connect
-    already wrote its own ``last_seen`` (that write may run first on the pool's other thread). Returns the
-    user's conversation ids (for the announcement). Blocking (MongoDB)."""
+    already wrote its own ``last_seen`` (that write may run first on the pool's other thread); if it wrote,
+    the user's card is dropped. Returns the user's conversation ids (for the announcement). Blocking (MongoDB,
+    Redis)."""
     from mongoengine.queryset.visitor import Q
 
     from core.documents import User
     from messaging import selectors
 
-    User.objects(Q(id=user_id) & (Q(last_seen=None) | Q(last_seen__lte=at))).update_one(
-        set__status="offline", set__last_seen=at)
+    if User.objects(Q(id=user_id) & (Q(last_seen=None) | Q(last_seen__lte=at))).update_one(
+            set__status="offline", set__last_seen=at):
+        user_cards_forget(sync_redis(), user_ids=[user_id])
     return selectors.user_conversation_ids(user_id=user_id)
 
 

@@ -1,0 +1,149 @@
+"""The conversation list's cached cards live a day and are dropped by every write of what they show
+(docs/adr/0050): the list is right the moment after each such write, and a fill that read the store before a
+write cannot cache what it read. Against the session's real Redis and FerretDB."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from rest_framework.test import APIClient
+
+from api import conversation_list
+from chatstream_site.localservers import Servers
+from core.keys import conversation_card_key, group_card_key, user_card_key
+from messaging import presence
+from tests.support.api import PASSWORD, persist, registered
+
+pytestmark = pytest.mark.usefixtures("servers", "generous_rates")
+
+
+def listed(client: APIClient) -> dict[str, dict[str, Any]]:
+    response = client.get("/api/v1/conversations", {"limit": 50})
+    assert response.status_code == 200, response.content
+    return {c["id"]: c for c in response.json()["results"]}
+
+
+def chat(client: APIClient, username: str) -> str:
+    made = client.post("/api/v1/chats/single", {"username": username}, format="json")
+    assert made.status_code in (200, 201), made.content
+    return str(made.json()["conversation_id"])
+
+
+def connected(servers: Servers, user_id: str, *, connect: bool, session: str) -> None:
+    """A broker's presence call for one WebSocket (its StatusWriter writes ``users.status``/``last_seen``)."""
+    async def body() -> None:
+        client = redis.asyncio.Redis.from_url(servers.redis_url)
+        try:
+            call = presence.presence_connect if connect else presence.presence_disconnect
+            assert await call(client, user_id=user_id, session_id=session, conversation_ids=[])
+        finally:
+            await client.aclose()
+
+    asyncio.run(body())
+
+
+def test_the_list_shows_every_change_of_a_card_at_once(servers: Servers) -> None:
+    _, _, alice_client = registered("alice")
+    bob, bob_name, bob_client = registered("bob")
+    _, carol_name, _ = registered("carol")
+    ab = chat(alice_client, bob_name)
+    made = alice_client.post("/api/v1/chats/group", {"name": "Team", "members": [bob_name]}, format="json")
+    assert made.status_code == 201, made.content
+    gid, group = str(made.json()["group_id"]), str(made.json()["conversation_id"])
+    first = listed(alice_client)
+    assert first[ab]["peer"]["status"] == "offline" and first[group]["title"] == "Team"
+    r = redis.Redis.from_url(servers.redis_url)
+    # Cached for a day, not a minute: the next list reads no store.
+    for key in (user_card_key(bob), conversation_card_key(ab), group_card_key(gid)):
+        assert r.ttl(key) > 3600, key
+
+    def peer() -> dict[str, Any]:
+        return dict(listed(alice_client)[ab]["peer"])
+
+    assert bob_client.patch("/api/v1/users/me", {"status": "busy"}, format="json").status_code == 200
+    busy = peer()
+    assert busy["status"] == "busy" and busy["last_seen"] is not None
+    session = uuid.uuid4().hex
+    connected(servers, bob, connect=True, session=session)
+    online = peer()
+    assert online["status"] == "online" and online["last_seen"] >= busy["last_seen"]
+    connected(servers, bob, connect=False, session=session)
+    assert peer()["status"] == "offline"
+    # The sweep's write for a user whose last session expired (their broker was killed).
+    assert bob_client.patch("/api/v1/users/me", {"status": "away"}, format="json").status_code == 200
+    assert peer()["status"] == "away"
+    expired = datetime.now(UTC) + timedelta(seconds=5)
+    presence._user_expired(bob, expired)
+    swept = peer()
+    assert swept["status"] == "offline" and swept["last_seen"].startswith(expired.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    assert alice_client.patch(f"/api/v1/chats/group/{gid}", {"name": "Renamed"}, format="json").status_code == 200
+    assert listed(alice_client)[group]["title"] == "Renamed"
+    added = alice_client.post(f"/api/v1/chats/group/{gid}/members", {"username": carol_name}, format="json")
+    assert added.status_code in (200, 201), added.content
+    assert len(listed(alice_client)[group]["members"]) == 3
+
+    assert bob_client.patch("/api/v1/users/me", {"status": "busy"}, format="json").status_code == 200
+    assert peer()["status"] == "busy"
+    assert bob_client.delete("/api/v1/users/me", {"password": PASSWORD}, format="json").status_code == 204
+    after = listed(alice_client)
+    assert after[ab]["peer"]["status"] == "offline" and len(after[group]["members"]) == 2
+
+
+def test_a_fill_that_read_before_a_write_caches_nothing(servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, alice_client = registered("alice")
+    bob, bob_name, bob_client = registered("bob")
+    ab = chat(alice_client, bob_name)
+    r = redis.Redis.from_url(servers.redis_url)
+    r.delete(user_card_key(bob))
+    load = conversation_list._user_card_load
+
+    def read_then_written(uid: str) -> dict[str, Any] | None:
+        card = load(uid)  # what the store had; then bob's status changes before the fill writes the card
+        assert bob_client.patch("/api/v1/users/me", {"status": "busy"}, format="json").status_code == 200
+        return card
+
+    monkeypatch.setattr(conversation_list, "_user_card_load", read_then_written)
+    assert listed(alice_client)[ab]["peer"]["status"] == "offline"  # read before the write: answered as read
+    monkeypatch.setattr(conversation_list, "_user_card_load", load)
+    assert r.get(user_card_key(bob)) is None  # not cached: the write's drop ended the fill's lease
+    assert listed(alice_client)[ab]["peer"]["status"] == "busy"
+    assert r.ttl(user_card_key(bob)) > 3600
+
+
+def test_a_key_another_fill_holds_is_read_from_the_store_and_left_to_it(servers: Servers) -> None:
+    _, _, alice_client = registered("alice")
+    bob, bob_name, bob_client = registered("bob")
+    ab = chat(alice_client, bob_name)
+    assert bob_client.patch("/api/v1/users/me", {"status": "away"}, format="json").status_code == 200
+    r = redis.Redis.from_url(servers.redis_url)
+    r.set(user_card_key(bob), b"~another-fill", ex=conversation_list.CARD_LEASE_S)
+    assert listed(alice_client)[ab]["peer"]["status"] == "away"
+    assert r.get(user_card_key(bob)) == b"~another-fill"
+
+
+def test_cards_memory_is_what_docs_budget(servers: Servers) -> None:
+    """docs/adr/0050's budget per card (MEMORY USAGE on the session's Redis)."""
+    _, _, alice_client = registered("alice")
+    bob, bob_name, bob_client = registered("bob")
+    ab = chat(alice_client, bob_name)
+    made = alice_client.post("/api/v1/chats/group", {"name": "A group of a few", "members": [bob_name]},
+                             format="json")
+    sent = bob_client.post(f"/api/v1/conversations/{ab}/messages",
+                           {"content": "x" * 60, "client_msg_id": uuid.uuid4().hex}, format="json")
+    assert made.status_code == 201 and sent.status_code == 201, (made.content, sent.content)
+    persist(servers, ab)  # the conversation card holds the store's last message
+    r = redis.Redis.from_url(servers.redis_url)
+    r.delete(conversation_card_key(ab))
+    listed(alice_client)
+    assert b"x" * 60 in (r.get(conversation_card_key(ab)) or b"")
+    user, conv, group = (r.memory_usage(k) for k in (user_card_key(bob), conversation_card_key(ab),
+                                                      group_card_key(str(made.json()["group_id"]))))
+    assert user is not None and conv is not None and group is not None
+    assert user <= 200 and conv <= 700 and group <= 160, (user, conv, group)  # 168, 600, 136 measured
