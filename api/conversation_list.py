@@ -29,6 +29,7 @@ from core.documents import (
 )
 from core.errors import NotFound
 from core.keys import (
+    bucket_summary_key,
     conversation_card_key,
     group_card_key,
     partition_of,
@@ -97,33 +98,56 @@ def unread_counts(*, user_id: str, after: dict[ObjectId, int],
     return counts
 
 
-# The unread messages below a window are counted from ``message_buckets`` read by ``_id`` (~1-3 ms each on
-# FerretDB: a list with one conversation 500 messages behind costs ~10 reads), at most this many reads per list
-# (2,500 messages behind, over the page); conversations beyond it, or with a bucket missing or partial, are
-# counted by ``unread_counts`` (a scan of ``messages`` on FerretDB: 2 s at 10k messages on the loaded box).
+# The unread messages below a window are counted from each bucket's summary (its messages' seq, sender and
+# deleted flag), cached in Redis like a card (``_cards``: a day, filled under a lease) and dropped by the drain
+# after any write to that stored bucket (``storage.buckets.summaries_forget``), a deletion included. A bucket
+# read by ``_id`` cost 3-10 ms at 1M messages (a 50-message document of the 2 GB SQLite file): 1-2 per list of
+# a user more than a window behind somewhere, the list's slowest tenth (docs/benchmarks.md). ~600 bytes each.
+# At most UNREAD_BUCKET_READS_MAX summaries per list (2,500 messages behind, over the page); conversations beyond
+# it, or with a bucket missing or partial, are counted by ``unread_counts`` (a scan of ``messages`` on FerretDB:
+# 2 s at 10k messages on the loaded box).
 UNREAD_BUCKET_READS_MAX = 50
+BUCKET_SUMMARY_TTL_S = 86400
+
+
+def _bucket_summary_load(bid: str) -> dict[str, Any] | None:
+    """A stored bucket as ``{"u": [sender ids], "m": [[seq, sender index, deleted 0/1], ...]}``; None when it is
+    missing or partial (not cached: the list then queries ``messages``). Read-only."""
+    doc = MessageBucket._get_collection().find_one({"_id": bid}, {"m": 1, "partial": 1})
+    if doc is None or doc.get("partial"):
+        return None
+    senders: dict[str, int] = {}
+    rows = [[int(m["seq"]), senders.setdefault(str(m["sender_id"]), len(senders)), int(bool(m.get("deleted")))]
+            for m in (doc.get("m") or {}).values()]
+    return {"u": list(senders), "m": rows}
 
 
 def unread_from_buckets(*, user_id: str, behind: dict[str, tuple[int, int]]) -> dict[str, int]:
     """Per conversation id of ``behind`` (``(after, upto)``: the read cursor and the highest stored seq to
-    count), the messages of others with ``after < seq <= upto`` that are not deleted, from the conversation's
-    buckets read by ``_id``. Conversations left out of the answer need the store's query: a bucket of the range
-    is missing or partial, or the reads would pass UNREAD_BUCKET_READS_MAX. Read-only."""
-    collection = MessageBucket._get_collection()
+    count), the messages of others with ``after < seq <= upto`` that are not deleted, from the summaries of the
+    conversation's buckets (cached; a miss reads the bucket by ``_id``). Conversations left out of the answer
+    need the store's query: a bucket of the range is missing or partial, or the range would pass
+    UNREAD_BUCKET_READS_MAX buckets. Side effect: fills the summaries' cache."""
     budget = UNREAD_BUCKET_READS_MAX
-    out: dict[str, int] = {}
+    plan: list[tuple[str, int, int, list[str]]] = []
     for cid, (after, upto) in sorted(behind.items(), key=lambda kv: kv[1][1] - kv[1][0]):
         first, last = after // BUCKET_SEQS, (upto - 1) // BUCKET_SEQS
         if last - first + 1 > budget:
             continue
+        budget -= last - first + 1
+        plan.append((cid, after, upto, [f"{cid}:{n}" for n in range(first, last + 1)]))
+    bids = [b for *_, ids in plan for b in ids]
+    summaries = _cards([bucket_summary_key(b) for b in bids], bids, _bucket_summary_load, BUCKET_SUMMARY_TTL_S)
+    out: dict[str, int] = {}
+    for cid, after, upto, ids in plan:
         count = 0
-        for n in range(first, last + 1):
-            budget -= 1
-            doc = collection.find_one({"_id": f"{cid}:{n}"}, {"m": 1, "partial": 1})
-            if doc is None or doc.get("partial"):
+        for bid in ids:
+            summary = summaries.get(bid)
+            if summary is None:
                 break
-            count += sum(1 for m in (doc.get("m") or {}).values()
-                         if after < int(m["seq"]) <= upto and str(m["sender_id"]) != user_id and not m.get("deleted"))
+            senders = summary["u"]
+            count += sum(1 for seq, k, deleted in summary["m"]
+                         if after < seq <= upto and senders[k] != user_id and not deleted)
         else:
             out[cid] = count
     return out

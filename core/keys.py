@@ -239,6 +239,13 @@ def user_card_key(user_id: str) -> str:
     return f"cs:card:user:{user_id}"
 
 
+def bucket_summary_key(bucket: str) -> str:
+    """COORD. String: a stored message bucket's summary (JSON: each message's seq, sender and deleted flag) for
+    the conversation list's unread counts below a window (``api.conversation_list``); dropped by the drain after
+    any write to that bucket (``storage.buckets``)."""
+    return f"cs:card:bucket:{bucket}"
+
+
 USERNAMES_KEY = "cs:usernames"  # COORD. Hash: lower-cased username -> user id (messaging.mentions)
 
 
@@ -300,7 +307,8 @@ REDIS_OF: dict[str, Literal["bus", "coord"]] = {
     "rate_key": BUS, "TICKET_PREFIX": COORD, "REVOKED_PREFIX": COORD, "REVOKED_USER_PREFIX": COORD,
     "LOGIN_FAIL_PREFIX": COORD, "membership_key": COORD, "membership_generation_key": COORD,
     "user_conversations_key": COORD, "user_conversations_version_key": COORD, "conversation_card_key": COORD,
-    "group_card_key": COORD, "user_card_key": COORD, "USERNAMES_KEY": COORD, "search_cursor_key": COORD,
+    "group_card_key": COORD, "user_card_key": COORD, "bucket_summary_key": COORD, "USERNAMES_KEY": COORD,
+    "search_cursor_key": COORD,
     "presence_key": COORD, "PRESENCE_EXPIRING_KEY": COORD, "PRESENCE_CLAIMS_KEY": COORD, "CONTROL_CHANNEL": COORD,
     "GATEWAY_SOCKETS_PREFIX": COORD, "REGISTRY_PREFIX": COORD, "STARTS_PREFIX": COORD, "registry_key": COORD,
     "starts_key": COORD, "CACHE_PREFIX": COORD, "CHANNELS_PREFIX": COORD, "CELERY_PREFIX": COORD,

@@ -23,8 +23,9 @@ from django.conf import settings
 from mongoengine.connection import get_db
 
 from core.bus import BusSync
+from core.clients import sync_redis
 from core.documents import BUCKET_SEQS, bucket_id
-from core.keys import bucket_tail_key, bucket_tails_key, persisted_key
+from core.keys import bucket_summary_key, bucket_tail_key, bucket_tails_key, persisted_key
 from core.values import as_str
 from storage.rules import Item, Seen, edited_mentions, older_edit, reaction_bucket_update
 from storage.search_index import search_index_write
@@ -154,6 +155,15 @@ class BucketsWritten:
     in_tails: set[str] = field(default_factory=set)
 
 
+def summaries_forget(bucket_ids: list[str]) -> None:
+    """After a write to stored buckets: drop their cached summaries (the conversation list's unread counts below
+    a window, ``api.conversation_list``), so the next list reads what was written, a deletion included; a list
+    whose fill read a bucket before this write holds a lease that this drop ends, and caches nothing
+    (docs/adr/0050). One DEL on REDIS_URL."""
+    if bucket_ids:
+        sync_redis().delete(*map(bucket_summary_key, bucket_ids))
+
+
 def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
                   tails: Tails | None = None) -> BucketsWritten:
     """Mirror the batch into ``message_buckets`` with inserts and ``_id``-keyed updates only (docs/adr/0041).
@@ -259,6 +269,7 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
         reply = db.command("update", "message_buckets", ordered=False,
                            updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         _buckets_raise(reply.get("writeErrors") or [])
+    summaries_forget(list(sets))
     _changes_write(db, live, seen=seen, tails=tails)
     written.whole = complete
     return written
@@ -295,7 +306,7 @@ def _changes_write(db: Any, live: list[Item], *, seen: Seen, tails: Tails | None
         "message.edited", "message.deleted", "reaction.added", "reaction.removed")]
     tail_of = {bid: t for cid, t in (tails.of.items() if tails else ()) if t is not None
                for bid in [bucket_id(cid, t.n * BUCKET_SEQS + 1)]}
-    ops = []
+    ops: list[dict[str, Any]] = []
     for i in changes:
         assert i.event is not None
         found = seen.message(i.doc["id"])  # by _id: no scan, even on FerretDB
@@ -338,6 +349,7 @@ def _changes_write(db: Any, live: list[Item], *, seen: Seen, tails: Tails | None
     for at in range(0, len(ops), UPDATE_STATEMENTS_MAX):
         reply = db.command("update", "message_buckets", updates=ops[at:at + UPDATE_STATEMENTS_MAX], ordered=True)
         _buckets_raise(reply.get("writeErrors") or [])
+    summaries_forget([op["q"]["_id"] for op in ops])
 
 
 def tail_flush(db: Any, r: BusSync, *, partition: int, conversation_id: str) -> int | None:
@@ -395,6 +407,7 @@ def buckets_build(*, batch: int = 1000) -> int:
         statements = [{"q": {"_id": bid}, "u": {"$set": f}} for bid, f in pending.items()]
         for at in range(0, len(statements), UPDATE_STATEMENTS_MAX):
             db.command("update", "message_buckets", ordered=False, updates=statements[at:at + UPDATE_STATEMENTS_MAX])
+        summaries_forget(list(pending))
         shells.clear()
         pending.clear()
 

@@ -1,6 +1,7 @@
-"""The conversation list's cached cards live a day and are dropped by every write of what they show
-(docs/adr/0050): the list is right the moment after each such write, and a fill that read the store before a
-write cannot cache what it read. Against the session's real Redis and FerretDB."""
+"""The conversation list's cached cards (and the bucket summaries of its unread counts below a window) live a day
+and are dropped by every write of what they show (docs/adr/0050): the list is right the moment after each such
+write, and a fill that read the store before a write cannot cache what it read. Against the session's real Redis
+and FerretDB."""
 
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from django.test import override_settings
 from rest_framework.test import APIClient
 
 from api import conversation_list
 from chatstream_site.localservers import Servers
-from core.keys import conversation_card_key, group_card_key, user_card_key
+from core.keys import (
+    bucket_summary_key,
+    conversation_card_key,
+    group_card_key,
+    partition_of,
+    recent_docs_key,
+    user_card_key,
+)
 from messaging import presence
 from tests.support.api import PASSWORD, persist, registered
 
@@ -147,3 +156,43 @@ def test_cards_memory_is_what_docs_budget(servers: Servers) -> None:
                                                       group_card_key(str(made.json()["group_id"]))))
     assert user is not None and conv is not None and group is not None
     assert user <= 200 and conv <= 700 and group <= 160, (user, conv, group)  # 168, 600, 136 measured
+
+
+def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_deletion_at_once(
+        servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, alice_client = registered("alice")
+    _, bob_name, bob_client = registered("bob")
+    ab = chat(alice_client, bob_name)
+
+    def send(client: APIClient, text: str) -> str:
+        sent = client.post(f"/api/v1/conversations/{ab}/messages",
+                           {"content": text, "client_msg_id": uuid.uuid4().hex}, format="json")
+        assert sent.status_code == 201, sent.content
+        return str(sent.json()["id"])
+
+    with override_settings(RECENT_MESSAGES=5):
+        ids = [send(bob_client, f"b{i}") for i in range(60)]
+        send(alice_client, "mine")
+        persist(servers, ab)  # buckets 0 (seqs 1-50, complete) and 1 (flushed as idle) stored
+        ids += [send(bob_client, f"c{i}") for i in range(3)]  # the window drops what is persisted
+    floor = int(redis.Redis.from_url(servers.redis_url).hget(recent_docs_key(partition_of(ab), ab), "floor") or 0)
+    assert floor > 50  # alice, at cursor 0, is behind the window: two buckets count her unread
+
+    def unread() -> int:
+        return int(listed(alice_client)[ab]["unread"])
+
+    assert unread() == 63
+    r = redis.Redis.from_url(servers.redis_url)
+    assert r.ttl(bucket_summary_key(f"{ab}:0")) > 3600 and r.ttl(bucket_summary_key(f"{ab}:1")) > 3600
+    load = conversation_list._bucket_summary_load
+
+    def refuse(bid: str) -> None:
+        raise AssertionError(f"bucket {bid} read from the store: its summary is cached")
+
+    monkeypatch.setattr(conversation_list, "_bucket_summary_load", refuse)
+    assert unread() == 63
+    monkeypatch.setattr(conversation_list, "_bucket_summary_load", load)
+    # A deletion below the window: the drain's write to the stored bucket drops its summary.
+    assert bob_client.delete(f"/api/v1/messages/{ids[9]}").status_code == 200
+    persist(servers, ab)
+    assert unread() == 62
