@@ -102,7 +102,7 @@ def unread_counts(*, user_id: str, after: dict[ObjectId, int],
 # deleted flag), cached in Redis like a card (``_cards``: a day, filled under a lease) and dropped by the drain
 # after any write to that stored bucket (``storage.buckets.summaries_forget``), a deletion included. A bucket
 # read by ``_id`` cost 3-10 ms at 1M messages (a 50-message document of the 2 GB SQLite file): 1-2 per list of
-# a user more than a window behind somewhere, the list's slowest tenth (docs/benchmarks.md). ~600 bytes each.
+# a user more than a window behind somewhere, the list's slowest tenth (docs/benchmarks.md). ~730 bytes each.
 # At most UNREAD_BUCKET_READS_MAX summaries per list (2,500 messages behind, over the page); conversations beyond
 # it, or with a bucket missing or partial, are counted by ``unread_counts`` (a scan of ``messages`` on FerretDB:
 # 2 s at 10k messages on the loaded box).

@@ -184,6 +184,8 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
     assert unread() == 63
     r = redis.Redis.from_url(servers.redis_url)
     assert r.ttl(bucket_summary_key(f"{ab}:0")) > 3600 and r.ttl(bucket_summary_key(f"{ab}:1")) > 3600
+    summary_bytes = r.memory_usage(bucket_summary_key(f"{ab}:0"))  # 50 messages: docs/adr/0050's budget
+    assert summary_bytes is not None and summary_bytes <= 800, summary_bytes  # 728 measured
     load = conversation_list._bucket_summary_load
 
     def refuse(bid: str) -> None:
