@@ -281,6 +281,9 @@ GATEWAY_SOCKETS_PREFIX = "cs:gw:socks:"
 
 # The registry (core.registry).
 REGISTRY_PREFIX = "cs:registry:"  # COORD. String ``{role}:{id}`` -> the instance (JSON), with a TTL
+# COORD. Sorted set ``{role}:{id}`` -> its registration's expiry (unix seconds): the readers' list of candidates
+# (core.registry), so they never SCAN the keyspace. Outside REGISTRY_PREFIX: it is no instance.
+REGISTRY_INDEX_KEY = "cs:registryindex"
 STARTS_PREFIX = "cs:starts:"  # COORD. Counter ``{run_id}:{role}:{instance}``: starts of a slot in a run
 
 
@@ -310,6 +313,7 @@ REDIS_OF: dict[str, Literal["bus", "coord"]] = {
     "group_card_key": COORD, "user_card_key": COORD, "bucket_summary_key": COORD, "USERNAMES_KEY": COORD,
     "search_cursor_key": COORD,
     "presence_key": COORD, "PRESENCE_EXPIRING_KEY": COORD, "PRESENCE_CLAIMS_KEY": COORD, "CONTROL_CHANNEL": COORD,
-    "GATEWAY_SOCKETS_PREFIX": COORD, "REGISTRY_PREFIX": COORD, "STARTS_PREFIX": COORD, "registry_key": COORD,
+    "GATEWAY_SOCKETS_PREFIX": COORD, "REGISTRY_PREFIX": COORD, "REGISTRY_INDEX_KEY": COORD, "STARTS_PREFIX": COORD,
+    "registry_key": COORD,
     "starts_key": COORD, "CACHE_PREFIX": COORD, "CHANNELS_PREFIX": COORD, "CELERY_PREFIX": COORD,
 }
