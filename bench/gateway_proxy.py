@@ -255,7 +255,8 @@ def main() -> None:
 
 
 def server_name(log: str) -> str:
-    return "uvicorn" if "Uvicorn running" in log or "uvicorn" in log.lower() else "daphne"
+    # The gateway's uvicorn logs at warning level (no "Uvicorn running" line); daphne names itself at start.
+    return "daphne" if "daphne" in log.lower() else "uvicorn"
 
 
 if __name__ == "__main__":

@@ -75,7 +75,10 @@ def role_argv(role: str, *, port: int, instance: int, bindir: str) -> list[str]:
                             trusted=settings.GATEWAY_TRUSTED_PROXIES)
         # Broker frames pass through as they are (docs/adr/0039), never compressed, and a client's
         # compressed frames would cost an inflate context per socket (docs/adr/0044).
-        argv += ["--ws-max-size", "65536", "--ws-per-message-deflate", "false",
+        # Warning level as on the brokers: at info uvicorn logs three lines per WebSocket (websockets' "connection
+        # open" and "closed", and its own "[accepted]" line with the query string, i.e. the ticket, which the
+        # access log never writes); ~3 % of the gateway's CPU per connect (docs/benchmarks.md, session 8).
+        argv += ["--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--log-level", "warning",
                  "--ws-ping-interval", str(ping_interval),
                  "--ws-ping-timeout", str(settings.GATEWAY_WS_PING_TIMEOUT_S), "chatstream_site.asgi:application"]
     elif role == "broker" and settings.BROKER_SERVER == "uvicorn":
