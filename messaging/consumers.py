@@ -146,9 +146,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.out.keepalive_by_kernel()
         self.session_id = uuid.uuid4().hex
         try:
-            found = await selectors.user_conversation_ids_async(self.hub.redis, user_id=self.user_id)
+            found, joined = await self.hub.connection_read(self)
             self.conversations = set(found)
-            await self.hub.connection_add(self, conversation_ids=found)
+            await self.hub.connection_add(self, conversation_ids=found, joined=joined)
             self.registered = True
             await self.send_frame(frames.frame("ready", user_id=self.user_id, session_id=self.session_id,
                                                conversations=sorted(self.conversations)))
@@ -156,7 +156,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # client's first frames must not wait for it. Disconnect waits for it (online before offline).
             self.presence_task = asyncio.get_running_loop().create_task(presence.presence_connect(
                 self.hub.redis, user_id=self.user_id, session_id=self.session_id,
-                conversation_ids=sorted(self.conversations)))
+                conversation_ids=sorted(self.conversations), resp=self.hub.fast))
             self.presence_task.add_done_callback(self._presence_connected)
         except Exception:
             logger.exception("connect: could not set up the session of user %s", self.user_id)
@@ -190,7 +190,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             try:
                 await presence.presence_disconnect(self.hub.redis, user_id=self.user_id,
                                                    session_id=self.session_id,
-                                                   conversation_ids=sorted(self.conversations))
+                                                   conversation_ids=sorted(self.conversations), resp=self.hub.fast)
             except Exception:
                 logger.exception("disconnect: presence update of user %s failed", self.user_id)
         raise StopConsumer

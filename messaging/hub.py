@@ -37,7 +37,7 @@ from django.conf import settings
 
 from core import keys
 from core.bus import BusAsync, bus_async_new, bus_is_cluster
-from messaging import frames, membership, presence, streams
+from messaging import frames, membership, presence, selectors, streams
 from messaging.resp import resp_client_for
 from messaging.sessions import UserGroups
 from messaging.streams import bus_resolve
@@ -86,6 +86,10 @@ class Hub:
             socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S)
         self.redis = redis.asyncio.Redis(connection_pool=pool)
         streams.append_batching_enable(self.redis)
+        # A connect's scripts (its read and group join, its presence) over one pipelined connection to REDIS_URL
+        # when it is a plain Redis (docs/adr/0040): through redis-py's pool they were a fifth of a broker's
+        # CPU per connect (docs/benchmarks.md, session 8). None: redis-py.
+        self.fast = resp_client_for(self.redis)
         # The stream reader's own client: its XREAD BLOCK holds a connection (one per partition on a cluster).
         self._reader = bus_async_new(socket_timeout=READER_SOCKET_TIMEOUT_S)
         # Its XREAD goes through the lean client when the bus is one plain Redis (docs/adr/0040): redis-py's
@@ -104,7 +108,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: Counter[str] = Counter()
         # This process' groups of its users on the channel layer (sessions ended elsewhere, docs/adr/0027).
-        self.sessions = UserGroups(by_user=self.by_user, stats=self.stats)
+        self.sessions = UserGroups(by_user=self.by_user, stats=self.stats, client=self.redis, redis_url=redis_url,
+                                   fast=self.fast)
 
     @property
     def bus(self) -> BusAsync:
@@ -142,11 +147,24 @@ class Hub:
 
     # ------------------------------------------------------------------ subscriptions
 
-    async def connection_add(self, conn: Subscriber, *, conversation_ids: list[str]) -> None:
-        """Register a connection and subscribe it to its conversations. When this returns, every event
-        appended from now on reaches the connection."""
+    async def connection_read(self, conn: Subscriber) -> tuple[list[str], bool]:
+        """A new connection's conversation ids, read with this broker's join of the user's group when it is
+        their first socket here (one script, ``UserGroups.add_reading``), and whether that join stands: pass it
+        to :meth:`connection_add`, with no ``await`` in between (a discard then would undo the join unseen)."""
         self.start()
-        if conn.user_id not in self.by_user:  # the user's first socket here: this broker joins their group
+        discards = self.sessions.discards
+        first = conn.user_id not in self.by_user
+        members, joined = await self.sessions.add_reading(conn.user_id if first else None,
+                                                          key=keys.user_conversations_key(conn.user_id))
+        found = await selectors.user_conversation_ids_async(self.redis, user_id=conn.user_id, cached=members)
+        # A discard during the join may have reached Redis after it: then connection_add joins again.
+        return found, joined and self.sessions.discards == discards
+
+    async def connection_add(self, conn: Subscriber, *, conversation_ids: list[str], joined: bool = False) -> None:
+        """Register a connection and subscribe it to its conversations (``joined``: this broker already joined
+        the user's group for it). When this returns, every event appended from now on reaches the connection."""
+        self.start()
+        if conn.user_id not in self.by_user and not joined:  # the user's first socket here: join their group
             await self.sessions.add(conn.user_id)
         self.by_user.setdefault(conn.user_id, set()).add(conn)
         partitions = []

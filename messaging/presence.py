@@ -22,6 +22,7 @@ from core.clients import sync_redis
 from core.keys import PRESENCE_CLAIMS_KEY, PRESENCE_EXPIRING_KEY, presence_key, user_card_key
 from core.values import as_str
 from messaging import frames
+from messaging.resp import RespClient, script_run
 
 logger = logging.getLogger(__name__)
 
@@ -265,39 +266,48 @@ def _presence_keys(user_id: str) -> list[str]:
 
 
 async def _presence_transition(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool,
-                               now: int | None = None) -> tuple[int, bool]:
-    """Add or remove one session (``now``: the clock, or a test's). Returns the user's live sessions after
-    the change and whether this call took the user online (add) or offline (remove)."""
+                               now: int | None = None, resp: RespClient | None = None) -> tuple[int, bool]:
+    """Add or remove one session (``now``: the clock, or a test's; ``resp``: a pipelined connection to the
+    same Redis, else ``client``). Returns the user's live sessions after the change and whether this call
+    took the user online (add) or offline (remove)."""
     now = int(time.time()) if now is None else now
-    script = client.register_script(_PRESENCE_LUA)
-    live, flip = await script(keys=_presence_keys(user_id),
-                              args=[session_id, now, now + int(settings.PRESENCE_TTL_S), "1" if add else "0",
-                                    user_id])
+    live, flip = await script_run(resp, client.register_script(_PRESENCE_LUA), keys=_presence_keys(user_id),
+                                  args=[session_id, now, now + int(settings.PRESENCE_TTL_S), "1" if add else "0",
+                                        user_id])
     return int(live), bool(int(flip))
 
 
+async def _announce(client: redis.asyncio.Redis, resp: RespClient | None, *, user_id: str, status: str,
+                    conversation_ids: list[str]) -> None:
+    message = frames.control_presence(user_id=user_id, status=status, conversation_ids=conversation_ids)
+    if resp is None:
+        await client.publish(frames.CONTROL_CHANNEL, message)
+    else:
+        await resp.call("PUBLISH", frames.CONTROL_CHANNEL, message)
+
+
 async def presence_connect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
-                           conversation_ids: list[str]) -> bool:
+                           conversation_ids: list[str], resp: RespClient | None = None) -> bool:
     """Count a new connection of the user; if the user was not online (no live session on any broker, and
     offline announced), mark them online (``users.status``/``last_seen``) and announce ``presence online``
-    to their conversations. Returns whether the user came online."""
-    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=True))[1]:
+    to their conversations. Returns whether the user came online. ``resp``: the caller's pipelined
+    connection to the same Redis as ``client``, used instead of it (a broker's connects, docs/adr/0040)."""
+    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=True, resp=resp))[1]:
         return False
     await _status_write(user_id, "online")
-    await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
-        user_id=user_id, status="online", conversation_ids=conversation_ids))
+    await _announce(client, resp, user_id=user_id, status="online", conversation_ids=conversation_ids)
     return True
 
 
 async def presence_disconnect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
-                              conversation_ids: list[str]) -> bool:
+                              conversation_ids: list[str], resp: RespClient | None = None) -> bool:
     """Forget a closed connection; if it was the user's last live one, mark the user offline with
-    ``last_seen`` now and announce ``presence offline``. Returns whether the user went offline."""
-    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=False))[1]:
+    ``last_seen`` now and announce ``presence offline``. Returns whether the user went offline. ``resp``: as
+    for :func:`presence_connect`."""
+    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=False, resp=resp))[1]:
         return False
     await _status_write(user_id, "offline")
-    await client.publish(frames.CONTROL_CHANNEL, frames.control_presence(
-        user_id=user_id, status="offline", conversation_ids=conversation_ids))
+    await _announce(client, resp, user_id=user_id, status="offline", conversation_ids=conversation_ids)
     return True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -92,11 +93,14 @@ def user_conversation_ids(*, user_id: str) -> list[str]:
     return found
 
 
-async def user_conversation_ids_async(client: redis.asyncio.Redis, *, user_id: str) -> list[str]:
+async def user_conversation_ids_async(client: redis.asyncio.Redis, *, user_id: str,
+                                     cached: Collection[bytes | str] | None = None) -> list[str]:
     """:func:`user_conversation_ids` for a broker's connect: the cached set with the loop's own client (no
-    thread hop); only a miss runs the blocking fill in a worker thread."""
-    cached = await client.smembers(user_conversations_key(user_id)) if ObjectId.is_valid(user_id) else None
-    if cached:
+    thread hop), or ``cached``, its members as the caller read them (the hub's connect script); only a miss
+    runs the blocking fill in a worker thread."""
+    if cached is None:
+        cached = await client.smembers(user_conversations_key(user_id)) if ObjectId.is_valid(user_id) else None
+    if cached and ObjectId.is_valid(user_id):
         return sorted({as_str(m) for m in cached} - {_NONE})
     from asgiref.sync import sync_to_async
 

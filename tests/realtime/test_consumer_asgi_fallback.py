@@ -6,29 +6,17 @@ session's real Redis and FerretDB."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
 
 from chatstream_site.localservers import Servers
-from messaging import consumers, hub, membership, transports
+from messaging import consumers, hub, transports
 from messaging.routing import websocket_application
 from tests.support.realtime import group_create, presence_live, send_frame, ticket_for, user_create
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def fresh_hub() -> Iterator[None]:
-    """The hub and the in-process membership cache are per process and bound to the loop that ran them; this
-    test's loop ends with it, so neither may leak into (or come from) another test."""
-    hub._hub = None
-    membership._local_members = None
-    yield
-    hub._hub = None
-    membership._local_members = None
 
 
 async def frames_until(comm: WebsocketCommunicator, wanted: set[str]) -> dict[str, dict[str, Any]]:

@@ -389,3 +389,16 @@ def brokers(tmp_path_factory: pytest.TempPathFactory, cluster: RedisCluster) -> 
     """Two real broker processes whose message bus is the module's Redis Cluster (docs/adr/0022)."""
     with brokers_running(tmp_path_factory.mktemp("cluster-brokers"), 2, **cluster_bus_env(cluster.url)) as started:
         yield started
+
+
+@pytest.fixture
+def fresh_hub() -> Iterator[None]:
+    """The hub and the in-process membership cache are per process and bound to the loop that ran them; this
+    test's loop ends with it, so neither may leak into (or come from) another test."""
+    from messaging import hub, membership
+
+    hub._hub = None
+    membership._local_members = None
+    yield
+    hub._hub = None
+    membership._local_members = None
