@@ -5,9 +5,10 @@ Why not redis-py there: at 5,000 deliveries/s a broker runs one append pipeline 
 redis-py's fixed cost per round trip (pool checkout, ``Retry``, a ``Timeout`` context per read, an ``Encoder``
 call per argument, the pipeline object, the response callbacks that turn every XREAD entry into a dict) was
 the largest Python item of a broker's profile after the ``send`` system calls (docs/benchmarks.md, issue 16).
-Here a batch of commands is packed into one ``bytes`` with ``%``-formatting, written with one
-``transport.write``, and answered through one future, its replies parsed by hiredis (the C parser redis-py
-also uses) without callbacks: what redis-py answers with ``decode_responses=False`` minus the XREAD dicts.
+Here a batch of commands is packed into one ``bytes`` with ``%``-formatting, written with the other batches
+of the same loop turn in one ``transport.write`` (one ``send``), and answered through one future, its replies
+parsed by hiredis (the C parser redis-py also uses) without callbacks: what redis-py answers with
+``decode_responses=False`` minus the XREAD dicts.
 
 What it keeps of redis-py's behaviour: errors are redis-py's classes (``ConnectionError``, ``TimeoutError``,
 ``ResponseError``, ``NoScriptError``), so callers and their error handling are unchanged; a lost connection
@@ -75,9 +76,25 @@ class _Protocol(asyncio.Protocol):
         self.batches: collections.deque[_Batch] = collections.deque()
         self.lost = False
         self.failure: Exception | None = None  # why the connection was dropped on purpose (a timeout)
+        # Batches packed in this loop turn, written together at its end (:meth:`queue`).
+        self.unsent: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+
+    def queue(self, data: bytes, loop: asyncio.AbstractEventLoop) -> None:
+        """Write ``data`` with every other batch of this loop turn, in one ``write`` once the turn's callbacks
+        have run: each write is a ``send`` system call, and in a wave of connects many requests send their
+        scripts in the same turn (a gateway's four per connect were ~15 % of its CPU, nearly all in ``send``;
+        docs/benchmarks.md, session 8). Order is kept: the batches wait in order, and answer in order."""
+        if not self.unsent:
+            loop.call_soon(self.flush)
+        self.unsent.append(data)
+
+    def flush(self) -> None:
+        data, self.unsent = b"".join(self.unsent), []
+        if data and self.transport is not None and not self.lost:
+            self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -161,7 +178,7 @@ class RespClient:
         future: asyncio.Future[list[Any]] = loop.create_future()
         protocol.batches.append(_Batch(future, len(commands)))
         assert protocol.transport is not None
-        protocol.transport.write(b"".join([command_pack(c) for c in commands]))
+        protocol.queue(b"".join([command_pack(c) for c in commands]), loop)
         timer = loop.call_later(self.timeout_s, protocol.drop,
                                 redis.exceptions.TimeoutError(f"no answer from Redis within {self.timeout_s} s"))
         future.add_done_callback(lambda _: timer.cancel())

@@ -36,6 +36,20 @@ def test_resp_client_for_follows_the_redis_py_client_or_declines(servers: Server
     assert resp_client_for(object()) is None
 
 
+class WriteCounter:
+    """A transport that counts its writes."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport, self.count = transport, 0
+
+    def write(self, data: bytes) -> None:
+        self.count += 1
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 # Both loops the brokers run on: uvloop's transports are not asyncio.Transport subclasses.
 @pytest.mark.parametrize("runner", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 def test_replies_errors_and_pipelining(servers: Servers, runner: Any) -> None:
@@ -54,9 +68,15 @@ def test_replies_errors_and_pipelining(servers: Servers, runner: Any) -> None:
             assert replies[5] == 2
             with pytest.raises(redis.exceptions.ResponseError):
                 await client.call("INCR", key)
-            # Many concurrent callers on the one connection each get their own replies.
+            # Many concurrent callers on the one connection each get their own replies, and what they sent in
+            # one loop turn went out in one write (one send system call).
+            protocol = client._protocol
+            assert protocol is not None
+            writes = WriteCounter(protocol.transport)
+            protocol.transport = writes
             got = await asyncio.gather(*(client.call("ECHO", f"n{i}") for i in range(200)))
             assert got == [f"n{i}".encode() for i in range(200)]
+            assert writes.count == 1
             assert await client.call("DEL", key, key + ":l") == 2
         finally:
             client.close()
