@@ -77,6 +77,9 @@ def public_paths() -> list[str]:
 # Percent-encoded "/", "\\" and NUL in the raw path: a server decodes them into the path the routes match, while
 # an upstream may read them as separators again ("/static/..%2fadmin/"): never routed.
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+# A backslash or a control character in the decoded path (one regex search: a per-character generator was
+# ~2 % of the gateway's CPU per connect, two paths checked per connect).
+_UNSAFE_CHARACTER = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def path_checked(*, raw_path: bytes | None, path: str) -> str | None:
@@ -90,7 +93,7 @@ def path_checked(*, raw_path: bytes | None, path: str) -> str | None:
     raw = (raw_path or b"").decode("latin-1").split("?", 1)[0]
     if _ENCODED_SEPARATOR.search(raw) or not path.startswith("/"):
         return None
-    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+    if _UNSAFE_CHARACTER.search(path):
         return None
     inner = path[1:].split("/")
     if any(segment in (".", "..") for segment in inner) or "" in inner[:-1]:
