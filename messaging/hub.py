@@ -15,6 +15,8 @@ long-lived tasks that feed them.
 * ONE presence task refreshing the expiry of this process' sessions (``presence.presence_refresh``), and
   ONE sweep task announcing offline the users whose last session expired on a killed broker
   (``presence.presence_sweep``; every broker sweeps, each user is announced by one of them).
+* ONE heap task freezing the process' long-lived objects (its connections) out of the cyclic GC's reach every
+  ``BROKER_GC_FREEZE_S`` (``messaging/heap.py``, docs/adr/0052).
 
 The hub lives on the event loop of the ASGI server (uvicorn's uvloop, or daphne's asyncio reactor);
 everything here is non-blocking. Connections are duck-typed :class:`Subscriber` objects (the consumers).
@@ -38,6 +40,7 @@ from django.conf import settings
 from core import keys
 from core.bus import BusAsync, bus_async_new, bus_is_cluster
 from messaging import frames, membership, presence, selectors, streams
+from messaging.heap import Heap
 from messaging.resp import resp_client_for
 from messaging.sessions import UserGroups
 from messaging.streams import bus_resolve
@@ -107,6 +110,7 @@ class Hub:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: Counter[str] = Counter()
+        self.heap = Heap(thaw_after_closes=int(settings.BROKER_GC_THAW_AFTER_CLOSES))
         # This process' groups of its users on the channel layer (sessions ended elsewhere, docs/adr/0027).
         self.sessions = UserGroups(by_user=self.by_user, stats=self.stats, client=self.redis, redis_url=redis_url,
                                    fast=self.fast)
@@ -124,9 +128,13 @@ class Hub:
         """Start the reader, control and presence tasks once (idempotent). Precondition: a running loop."""
         if self._tasks:
             return
-        for name, body in (("reader", self._read_loop), ("control", self._control_loop),
-                           ("presence", self._presence_loop), ("presence_sweep", self._presence_sweep_loop),
-                           ("sessions", self.sessions.receive_loop), ("sessions_renew", self.sessions.renew_loop)):
+        loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("reader", self._read_loop), ("control", self._control_loop), ("presence", self._presence_loop),
+            ("presence_sweep", self._presence_sweep_loop), ("sessions", self.sessions.receive_loop),
+            ("sessions_renew", self.sessions.renew_loop)]
+        if float(settings.BROKER_GC_FREEZE_S) > 0:
+            loops.append(("heap", self._heap_loop))
+        for name, body in loops:
             self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(name, body)))
 
     async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
@@ -176,6 +184,7 @@ class Hub:
         await self._partitions_acquire(partitions)
 
     def connection_remove(self, conn: Subscriber, *, conversation_ids: list[str]) -> None:
+        self.heap.connection_closed()
         users = self.by_user.get(conn.user_id)
         if users is not None:
             users.discard(conn)
@@ -428,6 +437,16 @@ class Hub:
             # still give the loop a turn between batches.
             full = looked >= settings.PRESENCE_SWEEP_BATCH
             await asyncio.sleep(min(0.2, settings.PRESENCE_SWEEP_S) if full else settings.PRESENCE_SWEEP_S)
+
+    # ------------------------------------------------------------------ the heap
+
+    async def _heap_loop(self) -> None:
+        interval = float(settings.BROKER_GC_FREEZE_S)
+        while True:
+            await asyncio.sleep(interval)
+            if self.heap.settle():
+                logger.info("hub: the heap thawed (%d so far): one full collection took %.0f ms", self.heap.thaws,
+                            1000 * self.heap.last_s)
 
 
 _hub: Hub | None = None

@@ -386,6 +386,15 @@ WS_PING_TIMEOUT_S = env_float("CHATSTREAM_WS_PING_TIMEOUT", 20.0, minimum=1.0)
 # broker fell behind at ~170 msg/s with its CPU mostly idle; 1,000 kept up. Redis allows 10,000 clients by
 # default: with many brokers, raise Redis' maxclients or lower this.
 BROKER_REDIS_POOL = env_int("CHATSTREAM_BROKER_REDIS_POOL", 1000, minimum=8)
+# Seconds between two freezes of a broker's surviving objects out of the cyclic GC's reach (messaging/heap.py,
+# docs/adr/0052); 0 leaves the collector as Python runs it. 10 s: a settle then collects only what survived
+# those 10 s (a few ms at 5,000 deliveries/s over 10,000 connections), and a connection frozen once is walked
+# again only at a thaw, where each full collection of 10,000 connections cost 0.35-0.9 s (docs/benchmarks.md).
+BROKER_GC_FREEZE_S = env_float("CHATSTREAM_BROKER_GC_FREEZE", 10.0, minimum=0.0)
+# Closed connections between two thaws (one full collection, frozen objects included: what a closed connection
+# left in reference cycles is freed then). 2,000 at the ~15 KB of an idle connection bound what waits for it to
+# ~30 MB, and keep a reconnect storm of 10,000 sockets to five full collections (messaging/heap.py).
+BROKER_GC_THAW_AFTER_CLOSES = env_int("CHATSTREAM_BROKER_GC_THAW_AFTER_CLOSES", 2000, minimum=1)
 # Presence (docs/protocol.md, "Presence and typing"). A broker refreshes the expiry of its sessions every
 # PRESENCE_REFRESH_S; a session not refreshed for PRESENCE_TTL_S stops counting. 60 s: a third of it (20 s) is
 # one cheap pipeline per broker, and two missed refreshes (a GC pause, a Redis failover) are tolerated before a
