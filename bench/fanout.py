@@ -176,8 +176,8 @@ class Counters:
 # after the first answers the conversation's first message, so each carries a quote); reactions (after a first
 # message, each send toggles the sender's 👍 on it: reaction.add, then reaction.remove, ...; every one is an
 # event with its own seq, delivered to every member like a message).
-CHATSTREAM_MODES = {"chatstream": "send", "chatstream-daphne": "send", "chatstream-reply": "reply",
-                    "chatstream-react": "react"}
+CHATSTREAM_MODES = {"chatstream": "send", "chatstream-daphne": "send", "chatstream-alt": "send",
+                    "chatstream-reply": "reply", "chatstream-react": "react"}
 
 
 class ChatStreamConn:

@@ -40,7 +40,11 @@ class Command(BaseCommand):
                             help="comma list of chatstream (brokers on CHATSTREAM_BROKER_SERVER, uvicorn by "
                                  "default), chatstream-daphne (brokers on daphne), chatstream-reply (every message "
                                  "a reply), chatstream-react (reaction toggles instead of messages; needs --rate 0), "
-                                 "socketio, centrifugo (built into .tools/bin on first use)")
+                                 "chatstream-alt (brokers with --alt-env), socketio, centrifugo (built into "
+                                 ".tools/bin on first use)")
+        parser.add_argument("--alt-env", action="append", default=[], metavar="NAME=VALUE",
+                            help="a setting of the chatstream-alt system's brokers (repeatable): two settings of the "
+                                 "brokers compared in one run, e.g. CHATSTREAM_BROKER_GC_FREEZE=0")
         parser.add_argument("--url", default=None,
                             help="use a running ChatStream at this ws:// URL (e.g. the gateway's /ws/) with the "
                                  "configured REDIS_URL/MONGODB_URI instead of private servers and brokers")
@@ -62,8 +66,10 @@ class Command(BaseCommand):
             raise CommandError(f"--systems takes {', '.join(benchmark.CHATSTREAM_MODES)}, socketio and/or centrifugo")
         if "chatstream-react" in systems and opts["rate"]:
             raise CommandError("chatstream-react keys each reaction by its seq: it needs one send in flight (--rate 0)")
-        if opts["url"] and "chatstream-daphne" in systems:
+        if opts["url"] and {"chatstream-daphne", "chatstream-alt"} & set(systems):
             raise CommandError("--url measures a running cluster as it is: use --systems chatstream")
+        if any("=" not in pair or not pair.startswith("CHATSTREAM_") for pair in opts["alt_env"]):
+            raise CommandError("--alt-env takes CHATSTREAM_NAME=VALUE")
         if opts["connections"] < opts["conversations"] or opts["conversations"] < 1:
             raise CommandError("need at least one connection per conversation")
         workload = benchmark.Workload(connections=opts["connections"], conversations=opts["conversations"],
@@ -143,6 +149,10 @@ class Command(BaseCommand):
                     env = benchmark_env(redis_url=redis_url, mongodb_uri=mongodb_uri)
                     if system == "chatstream-daphne":
                         env["CHATSTREAM_BROKER_SERVER"] = "daphne"
+                    if system == "chatstream-alt":
+                        for pair in opts["alt_env"]:
+                            name, value = pair.split("=", 1)
+                            env[name] = value
                     spawned = await asyncio.to_thread(benchmark.brokers_spawn, count=opts["brokers"], env=env,
                                                       log_dir=workdir)
                     urls = [f"ws://127.0.0.1:{port}/ws/" for _, port in spawned]
