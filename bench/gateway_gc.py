@@ -6,7 +6,7 @@ in batches of 1,000 (each with its own ticket), and reports this process' CPU ti
 each generation's collections (a ``gc.callbacks`` hook) over the wave and over ``--idle-seconds`` after it.
 ``--unfrozen`` undoes the ``gc.freeze()`` the gateway's ASGI module does at start-up (the code before it).
 
-.venv/bin/python -m bench.gateway_gc --connections 4000 [--unfrozen]
+.venv/bin/python -m bench.gateway_gc --connections 4000 [--unfrozen] [--gc-threshold 700]
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4000)
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--unfrozen", action="store_true", help="undo the start-up gc.freeze() (before)")
+    parser.add_argument("--gc-threshold", type=int, default=0,
+                        help="the gateway's young-collection threshold (CHATSTREAM_GATEWAY_GC_THRESHOLD; 700: "
+                             "CPython's default, before session 8)")
     opts = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
     from chatstream_site.localfleet import Fleet
@@ -68,6 +71,7 @@ def main() -> None:
                       DEBUG="0", CHATSTREAM_ROLE="gateway", DJANGO_SETTINGS_MODULE="chatstream_site.settings",
                       LOG_LEVEL="WARNING", CHATSTREAM_GATEWAY_RATE_WS_IP="1000000000/m",
                       CHATSTREAM_GATEWAY_RATE_WS_USER="1000000000/m",
+                      **({"CHATSTREAM_GATEWAY_GC_THRESHOLD": str(opts.gc_threshold)} if opts.gc_threshold else {}),
                       SECRET_KEY=os.environ.get("SECRET_KEY", "bench-secret-key-long-enough-0123456789abcdef"))
     fleet = Fleet(servers, workdir, db=0)
     try:
@@ -131,7 +135,8 @@ async def _measure(opts: argparse.Namespace, port: int, workdir: Path) -> None:
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
         gc.callbacks.remove(clock)
         counts = {g: f"{int(n)} in {s:.3f} s" for g, (n, s) in clock.by_generation.items()}
-        print(json.dumps({"phase": phase, "frozen": not opts.unfrozen, "connections": opts.connections,
+        print(json.dumps({"phase": phase, "frozen": not opts.unfrozen, "gc_threshold": gc.get_threshold()[0],
+                          "connections": opts.connections,
                           "cpu_s": round(cpu, 2), "cpu_pct": round(100 * cpu / wall, 2),
                           "gc_s": round(clock.seconds(), 3), "gc_share_pct": round(100 * clock.seconds() / cpu, 1),
                           "collections": counts, "load_average_1m": round(os.getloadavg()[0], 1)}))

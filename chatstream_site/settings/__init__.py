@@ -310,6 +310,11 @@ GATEWAY_WS_PING_TIMEOUT_S = env_float("CHATSTREAM_GATEWAY_WS_PING_TIMEOUT", 20.0
 # false (or with a uvicorn whose internals messaging/transports.py does not know), uvicorn's own timer per
 # socket. Kept switchable to compare the two in one benchmark run (bench/connects.py --gateway-env).
 GATEWAY_WS_PING_WHEEL = env_bool("CHATSTREAM_GATEWAY_WS_PING_WHEEL", True)
+# Allocations between two young collections of the gateway's cyclic GC (CPython's default: 700). In a wave of
+# 4,000 connects the default ran ~650 young, ~60 middle and 5 full collections (15-16 % of the gateway's CPU);
+# at 10,000: ~40, 3 and none, the gateway's CPU over the wave 0.88-0.91x, two runs each (bench/gateway_gc.py,
+# docs/benchmarks.md, session 8). Full collections still come, as often per allocation as the middle ones.
+GATEWAY_GC_THRESHOLD = env_int("CHATSTREAM_GATEWAY_GC_THRESHOLD", 10_000, minimum=100)
 GATEWAY_WS_MAX_SOCKETS_PER_USER = env_int("CHATSTREAM_GATEWAY_WS_MAX_SOCKETS_PER_USER", 16, minimum=1)
 GATEWAY_WS_SLOT_TTL_S = env_float("CHATSTREAM_GATEWAY_WS_SLOT_TTL", 60.0, minimum=3.0)
 GATEWAY_RATE_WS_USER_FRAMES = env_str("CHATSTREAM_GATEWAY_RATE_WS_USER_FRAMES", "300/10s")
