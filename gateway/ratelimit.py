@@ -138,7 +138,9 @@ class RateLimiter:
 
 class TokenBucket:
     """A per-connection frame budget: ``rate`` tokens a second, at most ``burst`` saved. In-process only
-    (a WebSocket lives on one gateway process), so no Redis round trip per frame."""
+    (a WebSocket lives on one gateway process), so no Redis round trip per frame. Slotted: one per socket."""
+
+    __slots__ = ("burst", "rate", "tokens", "updated")
 
     def __init__(self, *, rate: float, burst: int) -> None:
         self.rate = rate

@@ -85,24 +85,43 @@ class HandshakeRefused(Exception):
 class UpstreamLink(asyncio.Protocol):
     """One WebSocket to a broker, as a client. Create it with :func:`link_open`."""
 
-    # The rare close-in-a-frame path's state, as class defaults so an ordinary link's instance dict does not
-    # hold them (issue 16 counts each socket's bytes). ``sealing``: a close frame of the gateway's own waits
-    # in ``control`` for the end of the broker frame being passed; ``sealed``: it was written, nothing of the
-    # broker's follows it; ``client``: the client's real transport (the gate's) to close or abort;
-    # ``client_close_due``: the client's transport was asked to close while the close frame waited;
-    # ``link_close_due``: the same for this link (its close would stop the rest of the frame arriving).
-    sealing = False
-    sealed = False
-    client: Any = None
-    client_close_due = False
-    link_close_due: tuple[int, str] | None = None
-    seal_timer: asyncio.TimerHandle | None = None
+    # Slots, not an instance dict: a link lives as long as its client's socket, and issue 16 counts each idle
+    # socket's bytes (bench/ws_memory.py --gateway). The rare close-in-a-frame path's state: ``sealing``: a
+    # close frame of the gateway's own waits in ``control`` for the end of the broker frame being passed;
+    # ``sealed``: it was written, nothing of the broker's follows it; ``client``: the client's real transport
+    # (the gate's) to close or abort; ``client_close_due``: the client's transport was asked to close while the
+    # close frame waited; ``link_close_due``: the same for this link (its close would stop the rest of the frame
+    # arriving).
+    __slots__ = (
+        "accept_value",
+        "client",
+        "client_backlog",
+        "client_close_due",
+        "close_sent",
+        "control",
+        "drained",
+        "ended",
+        "head",
+        "held",
+        "link_close_due",
+        "opened",
+        "passing",
+        "paused",
+        "request",
+        "seal_timer",
+        "sealed",
+        "sealing",
+        "subprotocol",
+        "transport",
+        "write",
+    )
 
     def __init__(self, request: bytes, key: bytes) -> None:
         self.request = request
         self.accept_value = base64.b64encode(hashlib.sha1(key + GUID).digest())  # noqa: S324 - RFC 6455
         self.transport: asyncio.Transport | None = None
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The handshake's answer; None once :func:`link_open` has returned (the link is open for good).
+        self.opened: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
         self.ended: asyncio.Future[tuple[int, str] | None] = asyncio.get_running_loop().create_future()
         self.subprotocol: str | None = None
         self.head = b""  # unparsed bytes: the handshake answer, then an incomplete frame header/control frame
@@ -114,6 +133,15 @@ class UpstreamLink(asyncio.Protocol):
         self.drained: asyncio.Future[None] | None = None
         self.close_sent = False
         self.control = b""  # a frame of the gateway's own for the client, written once ``passing`` is done
+        self.sealing = False
+        self.sealed = False
+        self.client: Any = None
+        self.client_close_due = False
+        self.link_close_due: tuple[int, str] | None = None
+        self.seal_timer: asyncio.TimerHandle | None = None
+
+    def handshaking(self) -> bool:
+        return self.opened is not None and not self.opened.done()
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -123,7 +151,7 @@ class UpstreamLink(asyncio.Protocol):
         self.request = b""  # ~0.5-1 KB (the identity headers) an idle link would keep for its life
 
     def data_received(self, data: bytes) -> None:
-        if not self.opened.done():
+        if self.handshaking():
             self.head += data
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
@@ -136,6 +164,8 @@ class UpstreamLink(asyncio.Protocol):
             except Exception as exc:
                 self._fail(exc)
                 return
+            self.accept_value = b""
+            assert self.opened is not None
             self.opened.set_result(None)
             if not data:
                 return
@@ -144,7 +174,8 @@ class UpstreamLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sealing:
             self._seal_missed()  # a close of the gateway's own waited for a frame that will never end
-        if not self.opened.done():
+        if self.handshaking():
+            assert self.opened is not None
             self.opened.set_exception(ConnectionError("the broker closed the connection during the handshake"))
         if not self.ended.done():
             self.ended.set_result(None)  # no close frame: the broker vanished
@@ -360,7 +391,8 @@ class UpstreamLink(asyncio.Protocol):
             self.transport.abort()
 
     def _fail(self, exc: Exception) -> None:
-        if not self.opened.done():
+        if self.handshaking():
+            assert self.opened is not None
             self.opened.set_exception(exc)
         self.abort()
 
@@ -413,11 +445,13 @@ async def link_open(*, host: str, port: int, target: str, headers: list[tuple[st
 
     link = await connected_within(loop.create_connection(lambda: UpstreamLink(request, key), host, port),
                             timeout_s=connect_timeout_s, limit_s=answer_timeout_s)
+    assert link.opened is not None
     try:
         await asyncio.wait_for(asyncio.shield(link.opened), answer_timeout_s)
     except BaseException:
         link.abort()
         raise
+    link.opened = None  # ~150 bytes for the link's whole life otherwise
     return link
 
 

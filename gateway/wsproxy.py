@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import urllib.parse
 from typing import Any
@@ -157,90 +156,105 @@ class WebSocketProxy:
             if link.subprotocol:
                 accept["subprotocol"] = link.subprotocol
             await send(accept)
-            state.after = functools.partial(self._session, link, instance, receive, send, state=state, slot=slot,
-                                            server_send=scope.get(SERVER_SEND))
+            state.after = _Session(self, link, self.upstreams.load(instance.id), receive,
+                                   scope.get(SERVER_SEND) or send, state=state, slot=slot).run
         finally:
             if state.after is None:
                 link.close()
 
-    async def _session(self, link: UpstreamLink, instance: Any, receive: Receive, send: Send, *,
-                       state: RequestState, slot: str | None, server_send: Any) -> None:
-        """An accepted WebSocket's life, until either side ends; then the link and the slot are released.
-        Counted on its broker as ``Upstreams.holding`` counts, without that context manager's generator and
-        frame (~0.6 KB per connection, all the time it is open)."""
-        load = self.upstreams.load(instance.id)
-        load.ws += 1
-        try:
-            await self._pump(link, receive, send, state=state, limiter=self.limiter, server_send=server_send,
-                             pings=self.pings)
-        finally:
-            load.ws -= 1
-            link.close()
-            await self._slot_release(slot)
 
-    @staticmethod
-    async def _pump(link: UpstreamLink, receive: Receive, send: Send, *, state: RequestState,
-                    limiter: RateLimiter | None = None, server_send: Any = None,
-                    pings: PingWheel | None = None) -> None:
-        """Pass frames both ways until either side ends. Broker -> client: the link writes the broker's frames
-        to the client's transport (uvicorn), or re-sends them as ASGI messages (any other server); the client's
-        frames are read here, in the connection's own task (no task per direction)."""
-        bucket = TokenBucket(rate=settings.GATEWAY_WS_FRAME_RATE, burst=settings.GATEWAY_WS_FRAME_BURST)
-        user_rate = settings.GATEWAY_RATE_WS_USER_FRAMES
-        client_gone = False  # once the client side ended, nothing more is sent to it
-        closing: list[asyncio.Task[None]] = []
-        output = AsgiFrames(send) if (raw := raw_output(server_send)) is None else None
+class _Session:
+    """An accepted WebSocket's life, until either side ends; then the link and the slot are released. Counted
+    on its broker as ``Upstreams.holding`` counts. Broker -> client: the link writes the broker's frames to the
+    client's transport (uvicorn), or re-sends them as ASGI messages (any other server); the client's frames
+    are read in :meth:`run`, the connection's own task (no task per direction).
 
-        def upstream_ended(ended: asyncio.Future[tuple[int, str] | None]) -> None:
-            received = None if ended.cancelled() else ended.result()
-            if received is None:
-                code, reason = CLOSE_UPSTREAM_LOST, "broker lost; reconnect"
-            else:
-                code = received[0] if received[0] not in (1005, 1006, 1015) else 1000
-                reason = received[1]
-            state.reason = state.reason or ("upstream_lost" if received is None else "")
-            if not client_gone:
-                # uvicorn queues the client's websocket.disconnect as it sends the close: the loop below ends.
-                closing.append(asyncio.ensure_future(_close_after(output, send, code=code, reason=reason)))
+    One slotted object and one coroutine frame for the connection's whole life, and the server's own ``send``
+    rather than the layers' wrappers of it (each holds a closure and its cells): what a proxied socket keeps
+    idle counts against issue 16's per-connection memory (bench/ws_memory.py --gateway; docs/adr/0049)."""
 
-        if raw is not None:
-            link.attach(raw.transport.write, raw.transport.get_write_buffer_size)
-            # uvicorn's own frames (this proxy's closes among them) wait for the end of a broker frame being
-            # passed through, instead of landing inside it (docs/adr/0049).
-            raw.writes_through(ClientGate(raw.transport, link))
-            idle_s = int(settings.GATEWAY_WS_KEEPALIVE_IDLE_S)
-            if idle_s:
-                tcp_keepalive(raw.transport, idle_s=idle_s, interval_s=KEEPALIVE_PROBE_INTERVAL_S,
-                              count=KEEPALIVE_PROBES)
-            if pings is not None and not raw.pings_itself():
-                pings.add(link, raw)
+    __slots__ = ("client_gone", "closing", "link", "load", "output", "proxy", "receive", "send", "slot", "state")
+
+    def __init__(self, proxy: WebSocketProxy, link: UpstreamLink, load: Any, receive: Receive, send: Send, *,
+                 state: RequestState, slot: str | None) -> None:
+        self.proxy = proxy
+        self.link = link
+        self.load = load
+        self.receive = receive
+        self.send = send  # the server's own: the access log's close code is recorded here (:meth:`close`)
+        self.state = state
+        self.slot = slot
+        self.output: AsgiFrames | None = None
+        self.client_gone = False  # once the client side ended, nothing more is sent to it
+        self.closing: asyncio.Task[None] | None = None
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the client's socket with ``code``, once the broker's frames before it have been sent."""
+        self.state.close_code = code
+        if self.output is not None:
+            await self.output.finish()
+        with contextlib.suppress(Exception):  # the client may have gone meanwhile
+            await self.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def upstream_ended(self, ended: asyncio.Future[tuple[int, str] | None]) -> None:
+        received = None if ended.cancelled() else ended.result()
+        if received is None:
+            code, reason = CLOSE_UPSTREAM_LOST, "broker lost; reconnect"
         else:
-            assert output is not None
-            link.attach(output.feed, output.backlog)
-        link.ended.add_done_callback(upstream_ended)
+            code = received[0] if received[0] not in (1005, 1006, 1015) else 1000
+            reason = received[1]
+        state = self.state
+        state.reason = state.reason or ("upstream_lost" if received is None else "")
+        if not self.client_gone:
+            # uvicorn queues the client's websocket.disconnect as it sends the close: the loop in run() ends.
+            self.closing = asyncio.ensure_future(self.close(code, reason))
+
+    async def run(self) -> None:
+        """Pass frames both ways until either side ends, then release the link, the slot and the count. The
+        client's frames go to the broker within the socket's and the user's budgets; a client over one is
+        closed. One coroutine for it all: a suspended frame costs every idle socket its bytes."""
+        proxy, link, state, receive = self.proxy, self.link, self.state, self.receive
+        pings, limiter = proxy.pings, proxy.limiter
+        self.load.ws += 1
+        raw = raw_output(self.send)
         try:
+            if raw is not None:
+                link.attach(raw.transport.write, raw.transport.get_write_buffer_size)
+                # uvicorn's own frames (this proxy's closes among them) wait for the end of a broker frame
+                # being passed through, instead of landing inside it (docs/adr/0049).
+                raw.writes_through(ClientGate(raw.transport, link))
+                idle_s = int(settings.GATEWAY_WS_KEEPALIVE_IDLE_S)
+                if idle_s:
+                    tcp_keepalive(raw.transport, idle_s=idle_s, interval_s=KEEPALIVE_PROBE_INTERVAL_S,
+                                  count=KEEPALIVE_PROBES)
+                if pings is not None and not raw.pings_itself():
+                    pings.add(link, raw)
+            else:
+                self.output = AsgiFrames(self.send)
+                link.attach(self.output.feed, self.output.backlog)
+            link.ended.add_done_callback(self.upstream_ended)
+            bucket = TokenBucket(rate=settings.GATEWAY_WS_FRAME_RATE, burst=settings.GATEWAY_WS_FRAME_BURST)
+            user_rate = settings.GATEWAY_RATE_WS_USER_FRAMES
             while True:
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
-                    client_gone = True
+                    self.client_gone = True
                     link.close(_client_close_code(message.get("code")))
                     return
                 if link.ended.done():
                     continue  # the broker is gone: its close to the client is on its way
                 if not bucket.take():
-                    client_gone = True
+                    self.client_gone = True
                     state.reason = "frame_rate_limited"
-                    await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
-                                "reason": "too many frames; slow down"})
+                    await self.close(CLOSE_RATE_LIMITED, "too many frames; slow down")
                     link.close(CLOSE_RATE_LIMITED, "client sent too many frames")
                     return
                 if limiter is not None and state.user is not None and (await limiter.hit(
                         group="gw:ws-user-frames", rate=user_rate, value=state.user.user_id)).should_limit:
                     # The user's frames over all their sockets, on every gateway, passed the budget.
-                    client_gone = True
+                    self.client_gone = True
                     state.reason = "user_frame_budget"
-                    await send({"type": "websocket.close", "code": CLOSE_RATE_LIMITED,
-                                "reason": "too many frames from this user; slow down"})
+                    await self.close(CLOSE_RATE_LIMITED, "too many frames from this user; slow down")
                     link.close(CLOSE_RATE_LIMITED, "user sent too many frames")
                     return
                 if message.get("text") is not None:
@@ -248,23 +262,18 @@ class WebSocketProxy:
                 elif message.get("bytes") is not None:
                     await link.send(message["bytes"])
         finally:
-            client_gone = True
+            self.client_gone = True
             if pings is not None:
                 pings.discard(link)
-            link.ended.remove_done_callback(upstream_ended)
-            for task in closing:
+            link.ended.remove_done_callback(self.upstream_ended)
+            if self.closing is not None:
                 with contextlib.suppress(Exception):
-                    await task
-            if output is not None:
-                output.stop()
-
-
-async def _close_after(output: AsgiFrames | None, send: Send, *, code: int, reason: str) -> None:
-    """Close the client's socket once the broker's frames before its close have been sent."""
-    if output is not None:
-        await output.finish()
-    with contextlib.suppress(Exception):  # the client may have gone meanwhile
-        await send({"type": "websocket.close", "code": code, "reason": reason})
+                    await self.closing
+            if self.output is not None:
+                self.output.stop()
+            self.load.ws -= 1
+            link.close()
+            await proxy._slot_release(self.slot)
 
 
 def _header_values(scope: Scope, name: bytes) -> list[str]:

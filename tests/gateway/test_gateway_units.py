@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -319,7 +320,10 @@ def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
     from websockets.asyncio.server import serve
 
     from gateway.wslink import link_open
-    from gateway.wsproxy import WebSocketProxy
+    from gateway.wsproxy import _Session
+
+    async def no_slot(slot: str | None) -> None:
+        return None
 
     async def scenario() -> tuple[int, list[dict[str, Any]], list[str], list[str]]:
         got_by_broker: list[str] = []
@@ -356,8 +360,10 @@ def test_websocket_pump_applies_back_pressure_and_passes_close_codes() -> None:
                     closed.set()  # as uvicorn queues the disconnect when it sends a close
 
             link.pause_writing()  # the broker's socket is full: the client's first frame is written, then waits
-            pump = asyncio.ensure_future(WebSocketProxy._pump(link, receive, send,
-                                                              state=RequestState(request_id="r" * 8)))
+            proxy = SimpleNamespace(pings=None, limiter=None, _slot_release=no_slot)  # no wheel, limiter, slots
+            session = _Session(proxy, link, SimpleNamespace(ws=0), receive, send,
+                               state=RequestState(request_id="r" * 8), slot=None)
+            pump = asyncio.ensure_future(session.run())
             await asyncio.sleep(0.3)
             calls_while_blocked = received_calls
             link.resume_writing()
@@ -413,7 +419,7 @@ def test_a_connect_a_busy_loop_saw_late_is_not_a_broker_timeout_but_a_silent_bro
             await asyncio.sleep(0)  # the connect is under way ...
             time.sleep(0.6)  # ... and the loop is busy elsewhere, past the timeout
             link = await opening
-            opened = link.opened.done()
+            opened = link.opened is None and not link.handshaking()  # link_open returns only once open
             link.close()
             return opened
 
