@@ -113,3 +113,5 @@ _.rx_seq
 _.excerpt
 # Django's ASGIHandler.run_get_response calls it (chatstream_site/handler.py ApiHandler)
 get_response_async
+# uvicorn imports the roles' WebSocket protocol class by its dotted name (chatstream_site/uvicorn_main.py)
+SlottedWebSocketsSansIOProtocol

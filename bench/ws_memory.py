@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--lines", action="store_true", help="group by source line instead of by file")
     parser.add_argument("--gateway", action="store_true", help="the gateway in front of a stand-in broker")
+    parser.add_argument("--stock-protocol", action="store_true",
+                        help="uvicorn's own WebSocket protocol class, not the roles' slotted one (docs/adr/0054)")
     opts = parser.parse_args()
 
     from chatstream_site.localservers import free_port, servers_start
@@ -123,8 +125,14 @@ async def _measure(opts: argparse.Namespace, servers: object, port: int, workdir
         _, tickets, _ = await asyncio.to_thread(benchmark.chatstream_setup, redis_url=os.environ["REDIS_URL"],
                                              members=members, connections=total)
     (workdir / "tickets.json").write_text(json.dumps(tickets))
-    # As manage.py role configures uvicorn for the role (chatstream_site/management/commands/role.py).
+    # As manage.py role configures uvicorn for the role (chatstream_site/management/commands/role.py), its
+    # protocol in slots as chatstream_site/uvicorn_main.py runs it (--stock-protocol: uvicorn's own class).
     from django.conf import settings
+
+    if not opts.stock_protocol:
+        from chatstream_site.uvicorn_main import ws_protocol_install
+
+        ws_protocol_install()
 
     ping = ({"ws_ping_interval": 0 if settings.GATEWAY_WS_PING_WHEEL else settings.GATEWAY_WS_PING_INTERVAL_S,
              "ws_ping_timeout": settings.GATEWAY_WS_PING_TIMEOUT_S} if opts.gateway else {})

@@ -49,8 +49,12 @@ API_KEEPALIVE_S = 2 * UPSTREAM_KEEPALIVE_S
 def uvicorn_argv(*, bindir: str, port: int, ws: str, trusted: list[str]) -> list[str]:
     """uvicorn + uvloop + httptools, what every role on it shares: the ASGI lifespan (where a role deregisters:
     uvicorn re-raises SIGTERM, so atexit never runs), no access log (the gateway writes its own), no Server
-    header, and proxy headers from ``trusted`` only (none if empty). The caller appends its options and the app."""
-    argv = [os.path.join(bindir, "uvicorn"), "--host", settings.BIND_HOST, "--port", str(port),
+    header, and proxy headers from ``trusted`` only (none if empty). The caller appends its options and the app.
+    A role serving WebSockets runs uvicorn's command line through chatstream_site/uvicorn_main.py, whose protocol
+    keeps a connection's attributes in slots (docs/adr/0054); the api (``ws="none"``) runs the script itself."""
+    server = ([os.path.join(bindir, "python"), "-m", "chatstream_site.uvicorn_main"] if ws != "none"
+              else [os.path.join(bindir, "uvicorn")])
+    argv = [*server, "--host", settings.BIND_HOST, "--port", str(port),
             "--loop", "uvloop", "--http", "httptools", "--ws", ws, "--lifespan", "on",
             "--no-access-log", "--no-server-header"]
     allowed = ",".join(trusted)
