@@ -35,13 +35,16 @@ class SlottedWebSocketsSansIOProtocol(WebSocketsSansIOProtocol):
 
 def ws_protocol_install() -> bool:
     """Make uvicorn's ``websockets-sansio`` choice this module's class, when the installed uvicorn is a tested
-    release. Returns whether it did. Side effect: one entry of ``uvicorn.config.WS_PROTOCOLS``, which uvicorn
-    reads when its ``Config`` loads (before the app and any connection)."""
+    release and ``CHATSTREAM_UVICORN_SLOTS`` is not false (.env.example; a benchmark compares the two in one run:
+    ``bench.connects --gateway-env 2:CHATSTREAM_UVICORN_SLOTS=false``). Returns whether it did. Side effect: one
+    entry of ``uvicorn.config.WS_PROTOCOLS``, which uvicorn reads when its ``Config`` loads (before the app and
+    any connection)."""
     from uvicorn import config
 
+    from chatstream_site.env import env_bool
     from messaging.transports import internals_known
 
-    if not internals_known("uvicorn"):
+    if not env_bool("CHATSTREAM_UVICORN_SLOTS", True) or not internals_known("uvicorn"):
         return False
     # By module path, not __name__: run with -m this module is __main__, and uvicorn imports the class by name.
     config.WS_PROTOCOLS["websockets-sansio"] = "chatstream_site.uvicorn_main:SlottedWebSocketsSansIOProtocol"

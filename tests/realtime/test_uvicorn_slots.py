@@ -96,3 +96,8 @@ def test_the_launcher_installs_the_slotted_class_for_the_tested_uvicorn_only(mon
     loaded = uvicorn.Config("tests.realtime.test_uvicorn_slots:free_port", ws="websockets-sansio")
     loaded.load()
     assert loaded.ws_protocol_class is SlottedWebSocketsSansIOProtocol
+    monkeypatch.setitem(config.WS_PROTOCOLS, "websockets-sansio", "uvicorn.protocols.websockets."
+                        "websockets_sansio_impl:WebSocketsSansIOProtocol")
+    monkeypatch.setenv("CHATSTREAM_UVICORN_SLOTS", "false")
+    assert not ws_protocol_install()
+    assert config.WS_PROTOCOLS["websockets-sansio"].endswith(":WebSocketsSansIOProtocol")
