@@ -157,5 +157,6 @@ class ChatUserAdmin(MongoAdmin):
     def list_view(self, request: HttpRequest) -> HttpResponse:
         result = selectors.admin_users(search=request.GET.get("q", "").strip(), page=_int(request.GET.get("page"), 1),
                                        per_page=PER_PAGE)
+        selectors.users_presence_applied(result.rows)  # the status Redis presence says (docs/adr/0051)
         return TemplateResponse(request, "admin/api/user_list.html", self._context(
             request, "Chat users", page=result, q=request.GET.get("q", "")))

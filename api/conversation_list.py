@@ -41,6 +41,7 @@ from core.keys import (
 )
 from core.values import iso_ms
 from messaging.mentions import mention_counts_sync
+from messaging.presence import presence_shown, status_shown
 from messaging.selectors import user_conversation_ids
 
 
@@ -338,6 +339,8 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
     peer_ids = [m for r in page if r[3]["type"] == "single" for m in r[3]["members"] if m != user_id]
     group_ids = [r[3]["room_id"] for r in page if r[3]["type"] == "group"]
     peers = _cards([user_card_key(u) for u in peer_ids], peer_ids, _user_card_load, USER_CARD_TTL_S)
+    # A card is the store's status (the last offline or chosen one); Redis presence is laid over it (ADR 0051).
+    said = presence_shown(sync_redis(), user_ids=peer_ids)
     groups = _cards([group_card_key(g) for g in group_ids], group_ids, _group_card_load, GROUP_CARD_TTL_S)
     # Unread beyond a window (a reader further behind than RECENT_MESSAGES, or a conversation with no window):
     # counted in the store, for those conversations only: from the buckets by _id, else the store's query.
@@ -379,8 +382,11 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
             other = next((m for m in card["members"] if m != user_id), user_id)
             peer_card = peers.get(other)
             if peer_card is not None:
-                peer = User(id=ObjectId(other), username=peer_card["username"], status=peer_card["status"],
-                            last_seen=time_parse(peer_card["last_seen"]))
+                live, since, gone = said[other]
+                status, last_seen = status_shown(status=peer_card["status"] or "offline",
+                                                 last_seen=time_parse(peer_card["last_seen"]), live=live,
+                                                 since=since, gone=gone)
+                peer = User(id=ObjectId(other), username=peer_card["username"], status=status, last_seen=last_seen)
             title = peer.username if peer is not None else ""
         else:
             group_card = groups.get(card["room_id"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,7 +32,6 @@ from core.keys import (
     membership_key,
     message_meta_key,
     partition_of,
-    presence_key,
     read_cursor_key,
     recent_docs_key,
     seq_key,
@@ -41,6 +39,7 @@ from core.keys import (
 from core.values import as_str
 from messaging.membership import _NO_MEMBERS as NO_MEMBERS
 from messaging.membership import membership_refill_sync
+from messaging.presence import presence_shown, status_shown
 from messaging.reactions import reactions_live_sync, reactions_ordered
 
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -57,6 +56,19 @@ def object_id_or_404(value: str, *, what: str) -> ObjectId:
 
 
 # ------------------------------------------------------------------ users
+
+
+def users_presence_applied(users: list[User]) -> list[User]:
+    """``users`` with ``status`` and ``last_seen`` as Redis presence says now (messaging.presence.status_shown,
+    docs/adr/0051: a connect writes no store, so the store's values are the last offline or chosen status).
+    Every public read of a user's status goes through this. Cost: one Redis script call for all of them. Side
+    effect: sets the two fields on the (never saved) documents."""
+    said = presence_shown(sync_redis(), user_ids=[str(u.id) for u in users])
+    for user in users:
+        live, since, gone = said[str(user.id)]
+        user.status, user.last_seen = status_shown(status=user.status or "offline", last_seen=user.last_seen,
+                                                   live=live, since=since, gone=gone)
+    return users
 
 
 def user_get(*, user_id: str) -> User:
@@ -377,13 +389,13 @@ def conversation_members_get(*, user_id: str, conversation_id: str) -> list[Memb
     cursors = {as_str(k): int(v)
                for k, v in (bus_sync().hgetall(read_cursor_key(cid)) or {}).items()}
     persisted = {str(k): int(v) for k, v in (conversation.read_cursors or {}).items()}
-    now = int(time.time())
-    pipe = sync_redis().pipeline(transaction=False)
     present = [m for m in members if m in users]
+    said = presence_shown(sync_redis(), user_ids=present)
     for member in present:
-        pipe.zcount(presence_key(member), now, "+inf")
-    online = [bool(n) for n in pipe.execute()] if present else []
-    return [MemberState(user=users[m], online=is_online,
-                        read_seq=max(cursors.get(m, 0), persisted.get(m, 0)))
-            for m, is_online in zip(present, online, strict=True)]
+        live, since, gone = said[member]
+        users[member].status, users[member].last_seen = status_shown(
+            status=users[member].status or "offline", last_seen=users[member].last_seen, live=live, since=since,
+            gone=gone)
+    return [MemberState(user=users[m], online=said[m][0], read_seq=max(cursors.get(m, 0), persisted.get(m, 0)))
+            for m in present]
 

@@ -61,6 +61,11 @@ def user_out(user: User) -> dict[str, Any]:
             "last_seen": iso(user.last_seen)}
 
 
+def _shown(user: User) -> User:
+    """The user with the status Redis presence says (docs/adr/0051), for a renderer."""
+    return selectors.users_presence_applied([user])[0]
+
+
 def me_out(user: User) -> dict[str, Any]:
     return {**user_out(user), "email": user.email, "created_at": iso(user.created_at),
             "contacts": len(user.contacts or [])}
@@ -234,12 +239,13 @@ class PasswordView(APIView):
 class MeView(APIView):
     @extend_schema(responses={200: s.MeOut}, tags=["users"], summary="My profile")
     def get(self, request: Request) -> Response:
-        return Response(me_out(selectors.user_get(user_id=request_user(request).id)))
+        return Response(me_out(_shown(selectors.user_get(user_id=request_user(request).id))))
 
     @extend_schema(request=s.StatusIn, responses={200: s.MeOut}, tags=["users"], summary="Set my status")
     def patch(self, request: Request) -> Response:
         data = _valid(s.StatusIn, request.data)
-        return Response(me_out(accounts.user_status_set(user_id=request_user(request).id, status=data["status"])))
+        return Response(me_out(_shown(accounts.user_status_set(user_id=request_user(request).id,
+                                                               status=data["status"]))))
 
     @extend_schema(request=s.PasswordIn, responses={204: None}, tags=["users"],
                    summary="Remove my account (password required): sessions end, groups are left, messages stay")
@@ -256,20 +262,21 @@ class UsersView(APIView):
                    summary="Look users up by username (exact match first, then by prefix)")
     def get(self, request: Request) -> Response:
         query = _valid_query(s.UserSearchQuery, request)
-        return Response({"results": [user_out(u) for u in selectors.user_search(username=query["username"])]})
+        found = selectors.users_presence_applied(selectors.user_search(username=query["username"]))
+        return Response({"results": [user_out(u) for u in found]})
 
 
 class ContactsView(APIView):
     @extend_schema(responses={200: s.UserListOut}, tags=["users"], summary="My contacts")
     def get(self, request: Request) -> Response:
-        contacts = selectors.contact_list(user_id=request_user(request).id)
+        contacts = selectors.users_presence_applied(selectors.contact_list(user_id=request_user(request).id))
         return Response({"results": [user_out(u) for u in contacts]})
 
     @extend_schema(request=s.UsernameIn, responses={201: s.UserOut}, tags=["users"], summary="Add a contact")
     def post(self, request: Request) -> Response:
         data = _valid(s.UsernameIn, request.data)
         contact = accounts.contact_add(user_id=request_user(request).id, username=data["username"])
-        return Response(user_out(contact), status=201)
+        return Response(user_out(_shown(contact)), status=201)
 
 
 class ContactView(APIView):
@@ -336,7 +343,7 @@ class GroupMembersView(APIView):
         data = _valid(s.UsernameIn, request.data)
         member = services.group_member_add(user_id=request_user(request).id, group_id=group_id,
                                            username=data["username"])
-        return Response(user_out(member), status=201)
+        return Response(user_out(_shown(member)), status=201)
 
 
 class GroupMemberView(APIView):
@@ -354,7 +361,7 @@ class GroupAdminsView(APIView):
         data = _valid(s.UsernameIn, request.data)
         admin = services.group_admin_add(user_id=request_user(request).id, group_id=group_id,
                                          username=data["username"])
-        return Response(user_out(admin), status=201)
+        return Response(user_out(_shown(admin)), status=201)
 
 
 class GroupAdminView(APIView):

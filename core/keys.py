@@ -270,6 +270,10 @@ PRESENCE_EXPIRING_KEY = "cs:presence:expiring"
 # COORD. Hash: user id -> the moment their last session expired, for users a sweep has claimed and not yet
 # released (their offline is being announced); see messaging.presence.
 PRESENCE_CLAIMS_KEY = "cs:presence:claims"
+# COORD. Hash: user id -> "+<ms>" (online since that moment, unix milliseconds) for every user whose online the
+# store does not record (a connect writes no users.status, docs/adr/0051), or "-<ms>" (offline since) for a
+# user whose offline is not yet in the store; REST reads lay it over users.status/last_seen (messaging.presence).
+PRESENCE_SINCE_KEY = "cs:presence:since"
 
 # COORD. The one pub/sub channel every broker listens on for ephemeral events (typing, presence) and for
 # membership changes. One channel, not one per conversation: a broker has to look at every message anyway
@@ -312,7 +316,8 @@ REDIS_OF: dict[str, Literal["bus", "coord"]] = {
     "user_conversations_key": COORD, "user_conversations_version_key": COORD, "conversation_card_key": COORD,
     "group_card_key": COORD, "user_card_key": COORD, "bucket_summary_key": COORD, "USERNAMES_KEY": COORD,
     "search_cursor_key": COORD,
-    "presence_key": COORD, "PRESENCE_EXPIRING_KEY": COORD, "PRESENCE_CLAIMS_KEY": COORD, "CONTROL_CHANNEL": COORD,
+    "presence_key": COORD, "PRESENCE_EXPIRING_KEY": COORD, "PRESENCE_CLAIMS_KEY": COORD, "PRESENCE_SINCE_KEY": COORD,
+    "CONTROL_CHANNEL": COORD,
     "GATEWAY_SOCKETS_PREFIX": COORD, "REGISTRY_PREFIX": COORD, "REGISTRY_INDEX_KEY": COORD, "STARTS_PREFIX": COORD,
     "registry_key": COORD,
     "starts_key": COORD, "CACHE_PREFIX": COORD, "CHANNELS_PREFIX": COORD, "CELERY_PREFIX": COORD,

@@ -2,8 +2,13 @@
 
 Brokers call :func:`presence_connect` / :func:`presence_disconnect` for each connection, refresh their sessions
 (:func:`presence_refresh`) and sweep the sessions of killed brokers (:func:`presence_sweep`); REST reads
-:func:`presence_key` for the members list. Keys live on REDIS_URL (docs/adr/0022). The users' ``status`` and
-``last_seen`` in MongoDB are written from a small thread pool, never on the event loop.
+:func:`presence_key` for the members list and lays :func:`presence_shown` over the users' stored ``status`` and
+``last_seen``. Keys live on REDIS_URL (docs/adr/0022).
+
+Redis is the truth for online/offline (docs/adr/0051): a user coming online writes nothing to the store, only
+``PRESENCE_SINCE_KEY`` (the moment) in its presence script; going offline (a last disconnect, or the sweep of a
+killed broker's sessions) writes ``status`` offline and ``last_seen`` to MongoDB, from a small thread pool,
+never on the event loop. Every REST read of a user's status goes through :func:`presence_shown`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import redis.asyncio
 from django.conf import settings
 
 from core.clients import sync_redis
-from core.keys import PRESENCE_CLAIMS_KEY, PRESENCE_EXPIRING_KEY, presence_key, user_card_key
+from core.keys import PRESENCE_CLAIMS_KEY, PRESENCE_EXPIRING_KEY, PRESENCE_SINCE_KEY, presence_key, user_card_key
 from core.values import as_str
 from messaging import frames
 from messaging.resp import RespClient, script_run
@@ -27,7 +32,8 @@ from messaging.resp import RespClient, script_run
 logger = logging.getLogger(__name__)
 
 # The keys (core/keys.py, on REDIS_URL): presence_key(user) (sessions -> expiry), PRESENCE_EXPIRING_KEY (user ->
-# latest expiry, for every user announced online and not yet offline), PRESENCE_CLAIMS_KEY (the sweep's claims).
+# latest expiry, for every user announced online and not yet offline), PRESENCE_CLAIMS_KEY (the sweep's claims),
+# PRESENCE_SINCE_KEY (user -> "+<ms>" online since / "-<ms>" offline since, while the store does not say so).
 
 # A session is counted online until its broker stops refreshing it: settings.PRESENCE_TTL_S after a SIGKILL,
 # the killed broker's sessions stop counting, and the next sweep of any live broker (presence_sweep, every
@@ -40,12 +46,14 @@ logger = logging.getLogger(__name__)
 # removes it, or the sweep that claimed it, announces offline, so each transition is announced once whichever
 # broker, disconnect or sweep observes it (a sweep that dies mid-way is redone: at least once).
 
-# KEYS[1] presence zset, KEYS[2] PRESENCE_EXPIRING_KEY, KEYS[3] PRESENCE_CLAIMS_KEY; ARGV[1] session,
-# ARGV[2] now, ARGV[3] expiry, ARGV[4] "1" add / "0" remove, ARGV[5] user id
+# KEYS[1] presence zset, KEYS[2] PRESENCE_EXPIRING_KEY, KEYS[3] PRESENCE_CLAIMS_KEY, KEYS[4] PRESENCE_SINCE_KEY;
+# ARGV[1] session, ARGV[2] now, ARGV[3] expiry, ARGV[4] "1" add / "0" remove, ARGV[5] user id, ARGV[6] now in
+# milliseconds (the moment PRESENCE_SINCE_KEY records for the transition, if this call makes one)
 # -> {live sessions of the user after the change, 1 if this call took the user online (add) or offline
 #     (remove) else 0}
 # A user under a sweep's claim (their offline is being announced) is offline: a connect takes the claim
 # over and announces online; a last disconnect leaves the offline to the claiming sweep.
+# The transition's moment goes to PRESENCE_SINCE_KEY in the same call, so a read right after it (REST) shows it.
 _PRESENCE_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local removed = 0
@@ -65,10 +73,14 @@ local flip = 0
 if n > 0 then
   local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   redis.call('EXPIRE', KEYS[1], math.max(1, tonumber(top[2]) - tonumber(ARGV[2])))
-  if (redis.call('ZADD', KEYS[2], top[2], ARGV[5]) == 1 or claimed == 1) and ARGV[4] == '1' then flip = 1 end
+  if (redis.call('ZADD', KEYS[2], top[2], ARGV[5]) == 1 or claimed == 1) and ARGV[4] == '1' then
+    flip = 1
+    redis.call('HSET', KEYS[4], ARGV[5], '+' .. ARGV[6])
+  end
 elseif claimed == 0 and (redis.call('ZREM', KEYS[2], ARGV[5]) == 1 or removed == 1) then
   -- removed == 1 without an index entry: a session counted before the index existed (an upgrade).
   flip = 1
+  redis.call('HSET', KEYS[4], ARGV[5], '-' .. ARGV[6])
 end
 return {n, flip}
 """
@@ -138,15 +150,45 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return at
 """
 
-# After the announcement: KEYS[1] PRESENCE_EXPIRING_KEY, KEYS[2] PRESENCE_CLAIMS_KEY; ARGV[1] user id,
-# ARGV[2] the claimed moment -> 1 if the claim was still this one (released now: the user is offline), 0 if a
-# connect took it over meanwhile (the user is online again and keeps the index entry).
+# After the announcement: KEYS[1] PRESENCE_EXPIRING_KEY, KEYS[2] PRESENCE_CLAIMS_KEY, KEYS[3] PRESENCE_SINCE_KEY;
+# ARGV[1] user id, ARGV[2] the claimed moment -> 1 if the claim was still this one (released now: the user is
+# offline, and the store says so: their "online since" is dropped), 0 if a connect took it over meanwhile (the
+# user is online again and keeps the index entry and its new "online since").
 _PRESENCE_RELEASE_LUA = """
 local claimed = redis.call('HGET', KEYS[2], ARGV[1])
 if not claimed or tonumber(claimed) ~= tonumber(ARGV[2]) then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
+"""
+
+# Once a last disconnect's offline is in the store: KEYS[1] PRESENCE_SINCE_KEY; ARGV user id, "-<ms>" pairs ->
+# each entry still holding that value is dropped (one a reconnect replaced meanwhile stays).
+_PRESENCE_SINCE_DROP_LUA = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
+
+# What REST shows of users: KEYS[1] PRESENCE_EXPIRING_KEY, KEYS[2] PRESENCE_CLAIMS_KEY, KEYS[3]
+# PRESENCE_SINCE_KEY, KEYS[4..] the users' presence zsets; ARGV[1] now (unix seconds), ARGV[2..] the users' ids
+# (in KEYS order) -> per user {1 if a session is live now else 0, their PRESENCE_SINCE_KEY entry or false, the
+# moment (unix seconds) their last session expired, if it did and no disconnect recorded it, or false}.
+# Read-only; one round trip for a page of users.
+_PRESENCE_SHOWN_LUA = """
+local out = {}
+for k = 4, #KEYS do
+  local user = ARGV[k - 2]
+  local live = redis.call('ZCOUNT', KEYS[k], ARGV[1], '+inf')
+  local gone = false
+  if live == 0 then
+    gone = redis.call('HGET', KEYS[2], user) or redis.call('ZSCORE', KEYS[1], user)
+  end
+  table.insert(out, {live > 0 and 1 or 0, redis.call('HGET', KEYS[3], user), gone})
+end
+return out
 """
 
 
@@ -160,51 +202,58 @@ def user_cards_forget(client: Any, *, user_ids: list[str]) -> Any:
 
 
 # users.status/last_seen writes run on their own two threads, not on the default pool shared with the reads
-# that answer clients (membership misses, resume): a wave of connects (a broker restart, a benchmark) queues
-# a write per connection, and those must never delay a message's membership check behind them.
+# that answer clients (membership misses, resume): a wave of disconnects (a broker restart, a benchmark's end)
+# queues a write per user, and those must never delay a message's membership check behind them.
 _presence_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="presence")
 
 
-def _users_seen(user_ids: list[str], status: str) -> None:
-    """Set ``status`` and ``last_seen`` = now for ``user_ids``: one round trip, one update by ``_id`` each
-    (FerretDB v1 pushes ``_id`` equality down; one ``$in`` update over a batch scanned the collection and
-    cost FerretDB 5x the CPU, bench/connects.py), then their cards dropped. Blocking (MongoDB, Redis)."""
+def _users_offline(offline: dict[str, int]) -> None:
+    """Set ``status`` offline and ``last_seen`` for ``offline`` (user id -> the moment of their last disconnect,
+    unix milliseconds, as their PRESENCE_SINCE_KEY entry says): one round trip, one update by ``_id`` each
+    (FerretDB v1 pushes ``_id`` equality down; one ``$in`` update over a batch scanned the collection and cost
+    FerretDB 5x the CPU, bench/connects.py); then their cards dropped and their entries, where still the same,
+    dropped (the store says it now). Blocking (MongoDB, Redis)."""
     from bson import ObjectId
     from pymongo import UpdateOne
 
     from core.documents import User
     from storage.writes import UPDATE_STATEMENTS_MAX
 
-    now = datetime.now(UTC)
-    ops = [UpdateOne({"_id": ObjectId(u)}, {"$set": {"status": status, "last_seen": now}})
-           for u in user_ids if ObjectId.is_valid(u)]
+    valid = {u: at for u, at in offline.items() if ObjectId.is_valid(u)}
+    ops = [UpdateOne({"_id": ObjectId(u)}, {"$set": {"status": "offline",
+                                                     "last_seen": datetime.fromtimestamp(at / 1000, UTC)}})
+           for u, at in valid.items()]
     # At most UPDATE_STATEMENTS_MAX statements per command: FerretDB v1 holds a pooled connection per statement.
     for start in range(0, len(ops), UPDATE_STATEMENTS_MAX):
         User._get_collection().bulk_write(ops[start:start + UPDATE_STATEMENTS_MAX], ordered=False)
-    user_cards_forget(sync_redis(), user_ids=[u for u in user_ids if ObjectId.is_valid(u)])
+    client = sync_redis()
+    user_cards_forget(client, user_ids=list(valid))
+    if offline:
+        client.eval(_PRESENCE_SINCE_DROP_LUA, 1, PRESENCE_SINCE_KEY,
+                    *(v for u, at in offline.items() for v in (u, f"-{at}")))
 
 
-# Seconds a status write waits for others to share its round trip. A wave of connects (a broker restart, a
-# benchmark) queued one write per user on two threads, each a round trip (and a thread hop) of its own.
-# 50 ms is invisible next to the announcement it precedes, and gathers ~25 users at 500 connects/s.
+# Seconds an offline write waits for others to share its round trip. A wave of disconnects queued one write per
+# user on two threads, each a round trip (and a thread hop) of its own. 50 ms is invisible next to the
+# announcement it precedes, and gathers ~25 users at 500 disconnects/s.
 STATUS_FLUSH_S = 0.05
 
 
 class StatusWriter:
-    """Writes users' ``status``/``last_seen`` in batches on the presence thread pool, latest status per user
-    wins (a user online then offline before a flush is written offline). One per event loop."""
+    """Writes users' offline ``status``/``last_seen`` in batches on the presence thread pool, the latest moment
+    per user wins. One per event loop."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, tuple[str, list[asyncio.Future[None]]]] = {}
+        self.pending: dict[str, tuple[int, list[asyncio.Future[None]]]] = {}
         self.flusher: asyncio.Task[None] | None = None
 
-    async def write(self, user_id: str, status: str) -> None:
-        """Return once a statement that set the user's status to ``status`` (or a later one's) has run;
-        raise what it raised."""
+    async def write(self, user_id: str, at_ms: int) -> None:
+        """Return once a statement that set the user offline at ``at_ms`` (or a later moment) has run; raise
+        what it raised."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        _, waiting = self.pending.get(user_id, ("", []))
+        before, waiting = self.pending.get(user_id, (0, []))
         waiting.append(future)
-        self.pending[user_id] = (status, waiting)
+        self.pending[user_id] = (max(before, at_ms), waiting)
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         await future
@@ -214,35 +263,32 @@ class StatusWriter:
         while self.pending:
             await asyncio.sleep(STATUS_FLUSH_S)
             batch, self.pending = self.pending, {}
-            by_status: dict[str, list[str]] = {}
-            for user_id, (status, _) in batch.items():
-                by_status.setdefault(status, []).append(user_id)
-            for status, user_ids in by_status.items():
-                error: BaseException | None = None
-                try:
-                    await loop.run_in_executor(_presence_pool, _users_seen, user_ids, status)
-                except Exception as exc:
-                    error = exc
-                for user_id in user_ids:
-                    for future in batch[user_id][1]:
-                        if not future.done():
-                            if error is None:
-                                future.set_result(None)
-                            else:
-                                future.set_exception(error)
+            error: BaseException | None = None
+            try:
+                await loop.run_in_executor(_presence_pool, _users_offline,
+                                           {user_id: at for user_id, (at, _) in batch.items()})
+            except Exception as exc:
+                error = exc
+            for _, waiting in batch.values():
+                for future in waiting:
+                    if not future.done():
+                        if error is None:
+                            future.set_result(None)
+                        else:
+                            future.set_exception(error)
 
 
 _writers: dict[asyncio.AbstractEventLoop, StatusWriter] = {}
 
 
-def _status_write(user_id: str, status: str) -> Any:
+def _offline_write(user_id: str, at_ms: int) -> Any:
     loop = asyncio.get_running_loop()
     writer = _writers.get(loop)
     if writer is None:
         for old in [other for other in _writers if other.is_closed()]:
             del _writers[old]
         writer = _writers[loop] = StatusWriter()
-    return writer.write(user_id, status)
+    return writer.write(user_id, at_ms)
 
 
 def _user_expired(user_id: str, at: datetime) -> list[str]:
@@ -266,14 +312,18 @@ def _presence_keys(user_id: str) -> list[str]:
 
 
 async def _presence_transition(client: redis.asyncio.Redis, *, user_id: str, session_id: str, add: bool,
-                               now: int | None = None, resp: RespClient | None = None) -> tuple[int, bool]:
-    """Add or remove one session (``now``: the clock, or a test's; ``resp``: a pipelined connection to the
-    same Redis, else ``client``). Returns the user's live sessions after the change and whether this call
-    took the user online (add) or offline (remove)."""
-    now = int(time.time()) if now is None else now
-    live, flip = await script_run(resp, client.register_script(_PRESENCE_LUA), keys=_presence_keys(user_id),
+                               now: int | None = None, at_ms: int | None = None,
+                               resp: RespClient | None = None) -> tuple[int, bool]:
+    """Add or remove one session at ``at_ms`` (unix milliseconds; else ``now``, unix seconds, a test's clock;
+    else the clock. ``resp``: a pipelined connection to the same Redis, else ``client``). Returns the user's
+    live sessions after the change and whether this call took the user online (add) or offline (remove)."""
+    if at_ms is None:
+        at_ms = int(time.time() * 1000) if now is None else now * 1000
+    now = at_ms // 1000
+    live, flip = await script_run(resp, client.register_script(_PRESENCE_LUA),
+                                  keys=[*_presence_keys(user_id), PRESENCE_SINCE_KEY],
                                   args=[session_id, now, now + int(settings.PRESENCE_TTL_S), "1" if add else "0",
-                                        user_id])
+                                        user_id, at_ms])
     return int(live), bool(int(flip))
 
 
@@ -289,24 +339,28 @@ async def _announce(client: redis.asyncio.Redis, resp: RespClient | None, *, use
 async def presence_connect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
                            conversation_ids: list[str], resp: RespClient | None = None) -> bool:
     """Count a new connection of the user; if the user was not online (no live session on any broker, and
-    offline announced), mark them online (``users.status``/``last_seen``) and announce ``presence online``
-    to their conversations. Returns whether the user came online. ``resp``: the caller's pipelined
-    connection to the same Redis as ``client``, used instead of it (a broker's connects, docs/adr/0040)."""
-    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=True, resp=resp))[1]:
+    offline announced), record the moment they came online (PRESENCE_SINCE_KEY, in the same script: no store
+    write, docs/adr/0051) and announce ``presence online`` to their conversations. Returns whether the user
+    came online. ``resp``: the caller's pipelined connection to the same Redis as ``client``, used instead of
+    it (a broker's connects, docs/adr/0040)."""
+    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=True,
+                                       at_ms=int(time.time() * 1000), resp=resp))[1]:
         return False
-    await _status_write(user_id, "online")
     await _announce(client, resp, user_id=user_id, status="online", conversation_ids=conversation_ids)
     return True
 
 
 async def presence_disconnect(client: redis.asyncio.Redis, *, user_id: str, session_id: str,
                               conversation_ids: list[str], resp: RespClient | None = None) -> bool:
-    """Forget a closed connection; if it was the user's last live one, mark the user offline with
-    ``last_seen`` now and announce ``presence offline``. Returns whether the user went offline. ``resp``: as
-    for :func:`presence_connect`."""
-    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=False, resp=resp))[1]:
+    """Forget a closed connection; if it was the user's last live one, record them offline since now (in
+    Redis at once: PRESENCE_SINCE_KEY), write ``status`` offline and ``last_seen`` = that moment to the store
+    and announce ``presence offline``. Returns whether the user went offline. ``resp``: as for
+    :func:`presence_connect`."""
+    at_ms = int(time.time() * 1000)
+    if not (await _presence_transition(client, user_id=user_id, session_id=session_id, add=False, at_ms=at_ms,
+                                       resp=resp))[1]:
         return False
-    await _status_write(user_id, "offline")
+    await _offline_write(user_id, at_ms)
     await _announce(client, resp, user_id=user_id, status="offline", conversation_ids=conversation_ids)
     return True
 
@@ -352,7 +406,8 @@ async def presence_release(client: redis.asyncio.Redis, *, user_id: str, at: int
     """End a claim (of moment ``at``) once its offline is announced: the user leaves the index. False if a
     connect took the claim over meanwhile (the user is online again; nothing is changed)."""
     script = client.register_script(_PRESENCE_RELEASE_LUA)
-    return bool(await script(keys=[PRESENCE_EXPIRING_KEY, PRESENCE_CLAIMS_KEY], args=[user_id, at]))
+    return bool(await script(keys=[PRESENCE_EXPIRING_KEY, PRESENCE_CLAIMS_KEY, PRESENCE_SINCE_KEY],
+                             args=[user_id, at]))
 
 
 async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = None,
@@ -391,3 +446,40 @@ async def presence_sweep(client: redis.asyncio.Redis, *, limit: int | None = Non
             continue
         gone.append(user_id)
     return gone, len(due)
+
+
+def status_shown(*, status: str, last_seen: datetime | None, live: bool, since: str | None,
+                 gone: int | None) -> tuple[str, datetime | None]:
+    """A user's status and last_seen as every public read shows them: the store's (``status``, ``last_seen``:
+    their last offline, or the status they chose) laid under what Redis says (``live``, ``since``, ``gone``
+    from :func:`presence_shown`). Online since ``+T``: "online" from T, unless the user chose a status after
+    T (the store's ``last_seen`` is newer); offline since ``-T``, or since their last session expired
+    (``gone``, a killed broker, before the sweep wrote it): "offline" from then, unless chosen after. Pure."""
+    moment: float | None = None
+    shown = "offline"
+    if live and since is not None and since.startswith("+"):
+        moment, shown = int(since[1:]) / 1000, "online"
+    elif not live and since is not None and since.startswith("-"):
+        moment = int(since[1:]) / 1000
+    elif not live and since is not None and gone is not None:
+        moment = float(min(gone, time.time()))
+    if moment is None:
+        return status, last_seen
+    stored = None if last_seen is None else (last_seen if last_seen.tzinfo else last_seen.replace(tzinfo=UTC))
+    if stored is not None and stored.timestamp() > moment:
+        return status, last_seen  # chosen (PATCH /users/me) after the transition
+    return shown, datetime.fromtimestamp(moment, UTC)
+
+
+def presence_shown(client: Any, *, user_ids: list[str]) -> dict[str, tuple[bool, str | None, int | None]]:
+    """What Redis says of each user's presence, for :func:`status_shown`: (a session live now, their
+    PRESENCE_SINCE_KEY entry, the moment their last session expired if a sweep has yet to record it).
+    ``client``: a sync REDIS_URL client; one script call, read-only."""
+    unique = list(dict.fromkeys(user_ids))
+    if not unique:
+        return {}
+    rows = client.eval(_PRESENCE_SHOWN_LUA, 3 + len(unique), PRESENCE_EXPIRING_KEY, PRESENCE_CLAIMS_KEY,
+                       PRESENCE_SINCE_KEY, *map(presence_key, unique), int(time.time()), *unique)
+    return {user: (bool(int(live)), None if since is None else as_str(since),
+                   None if gone is None else int(float(gone)))
+            for user, (live, since, gone) in zip(unique, rows, strict=True)}

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 import redis
+import redis.asyncio
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.auth.models import User as StaffUser
 from django.test import Client
@@ -15,6 +17,7 @@ from chatstream_site.localservers import Servers
 from core.documents import Message
 from core.entries import event_decode
 from core.keys import partition_of, stream_key
+from messaging import presence
 from tests.support.api import account, persist
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("servers", "generous_rates")]
@@ -57,7 +60,7 @@ def test_pages_refuse_anonymous_and_non_staff(conversation: dict[str, str]) -> N
     assert not Message.objects(id=conversation["first"]).get().deleted
 
 
-def test_pages_render_for_staff(admin_client: Client, conversation: dict[str, str]) -> None:
+def test_pages_render_for_staff(servers: Servers, admin_client: Client, conversation: dict[str, str]) -> None:
     for page in PAGES:
         response = admin_client.get(page)
         assert response.status_code == 200, page
@@ -67,7 +70,20 @@ def test_pages_render_for_staff(admin_client: Client, conversation: dict[str, st
     convs = admin_client.get("/admin/api/mongoconversation/", {"id": conversation["cid"]}).content.decode()
     assert '<td class="accepted-seq">5</td>' in convs and '<td class="persisted-seq">4</td>' in convs
     users = admin_client.get("/admin/api/mongouser/", {"q": conversation["alice"]}).content.decode()
-    assert conversation["alice"] in users
+    assert conversation["alice"] in users and "<td>offline</td>" in users
+    # Online as Redis presence says, at once: a connect writes no users.status (docs/adr/0051).
+    asyncio.run(_connected(servers.redis_url, conversation["alice_id"]))
+    users = admin_client.get("/admin/api/mongouser/", {"q": conversation["alice"]}).content.decode()
+    assert "<td>online</td>" in users
+
+
+async def _connected(redis_url: str, user_id: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert await presence.presence_connect(client, user_id=user_id, session_id=uuid.uuid4().hex,
+                                               conversation_ids=[])
+    finally:
+        await client.aclose()
 
 
 def test_message_filters_and_search(admin_client: Client, conversation: dict[str, str]) -> None:

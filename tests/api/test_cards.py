@@ -45,7 +45,8 @@ def chat(client: APIClient, username: str) -> str:
 
 
 def connected(servers: Servers, user_id: str, *, connect: bool, session: str) -> None:
-    """A broker's presence call for one WebSocket (its StatusWriter writes ``users.status``/``last_seen``)."""
+    """A broker's presence call for one WebSocket (Redis at once; a disconnect's StatusWriter writes
+    ``users.status``/``last_seen``, a connect nothing: docs/adr/0051)."""
     async def body() -> None:
         client = redis.asyncio.Redis.from_url(servers.redis_url)
         try:

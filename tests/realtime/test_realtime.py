@@ -40,6 +40,7 @@ from tests.support.realtime import (
     resume_returns_exactly_the_missed_events,
     retried_client_msg_id_is_one_message,
     send_frame,
+    status_shown,
     ticket_for,
     user_create,
     wait_until_async,
@@ -351,7 +352,8 @@ def test_presence_flips_when_the_last_device_leaves_and_typing_crosses(servers: 
         laptop = await connect_user(brokers[0].url, servers.redis_url, alice)
         online = await watcher.recv_type("presence")
         assert online == {"type": "presence", "user_id": alice, "status": "online"}
-        assert User.objects(id=alice).get().status == "online"
+        # Redis is the truth (docs/adr/0051): every read shows her online; the connect wrote no users.status.
+        assert status_shown(alice) == "online" and User.objects(id=alice).get().status == "offline"
         phone = await connect_user(brokers[1].url, servers.redis_url, alice)
 
         await watcher.send({"type": "typing", "conversation_id": conv})
@@ -364,7 +366,7 @@ def test_presence_flips_when_the_last_device_leaves_and_typing_crosses(servers: 
         await phone.close()
         assert await watcher.recv_type("presence") == {"type": "presence", "user_id": alice, "status": "offline"}
         user = User.objects(id=alice).get()
-        assert user.status == "offline" and user.last_seen is not None
+        assert user.status == "offline" and user.last_seen is not None and status_shown(alice) == "offline"
         # Typing never reaches the stream.
         client = redis.Redis.from_url(servers.redis_url)
         entries: Any = client.xrange(stream_key(partition_of(conv)))

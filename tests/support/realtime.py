@@ -128,6 +128,14 @@ def groups_in_one_partition(member_ids: list[str]) -> tuple[str, str]:
     raise AssertionError("no two conversations in one partition among 200")
 
 
+def status_shown(user_id: str) -> str:
+    """The user's status as every public read shows it (api.selectors.users_presence_applied: Redis presence
+    over the store, docs/adr/0051). Blocking (MongoDB, Redis)."""
+    from api.selectors import users_presence_applied
+
+    return str(users_presence_applied([User.objects(id=user_id).get()])[0].status)
+
+
 def ticket_for(redis_url: str, user_id: str, username: str = "someone") -> str:
     client = redis.Redis.from_url(redis_url)
     try:
