@@ -115,6 +115,9 @@ async def client_main() -> None:
     reader = asyncio.StreamReader(limit=2**26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     config = json.loads(await reader.readline())
+    if config.get("impl", "lean") == "lean":
+        await client_lean(reader, config)
+        return
     gateways: list[str] = config["gateways"]
     tokens: list[tuple[str, str]] = config["tokens"]  # (user id, access token)
     concurrency = int(config["concurrency"])
@@ -179,10 +182,10 @@ async def client_main() -> None:
 
 
 class Client:
-    def __init__(self, *, gateways: list[str], tokens: list[tuple[str, str]], concurrency: int) -> None:
+    def __init__(self, *, gateways: list[str], tokens: list[tuple[str, str]], concurrency: int, impl: str) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.connects", "--client"], cwd=ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ask(json.dumps({"gateways": gateways, "tokens": tokens, "concurrency": concurrency}))
+        self.ask(json.dumps({"gateways": gateways, "tokens": tokens, "concurrency": concurrency, "impl": impl}))
 
     def ask(self, line: str) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -200,6 +203,229 @@ def clients_ask(clients: list[Client], line: str) -> list[dict[str, Any]]:
 
     with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
         return list(pool.map(lambda c: c.ask(line), clients))
+
+
+# ------------------------------------------------------------------ the lean client (the default)
+# The load generator shares the machine's two cores with the servers it measures: with aiohttp and websockets it
+# used ~0.8 ms of CPU per connect (docs/benchmarks.md), a fifth of the whole. This one speaks the same protocol
+# on bare asyncio protocols: an HTTP/1.1 POST for the ticket over a kept-alive connection, the WebSocket opening
+# handshake (its Sec-WebSocket-Accept checked), the first frame read and checked to be ``ready``, pings answered
+# with pongs, a close frame at the end; the servers do the same work for it as for the library clients
+# (``--client-impl websockets`` keeps those, to compare).
+
+class _Http(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection: one request at a time (``post``)."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are no asyncio.Transport subclass
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buf[:end]).decode("latin-1").lower()
+        length = 0
+        for line in head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and value.strip() == "close":
+                self.closed = True
+            elif name == "transfer-encoding":
+                raise RuntimeError("ticket: chunked answer")  # the gateway answers with a length
+        if len(self.buf) < end + 4 + length:
+            return
+        body = bytes(self.buf[end + 4:end + 4 + length])
+        del self.buf[:end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        if not waiter.done():
+            waiter.set_result((int(head[9:12]), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionResetError("ticket: connection closed"))
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.waiter
+
+
+class _Ws(asyncio.Protocol):
+    """One client WebSocket: the opening handshake, then frames; ``ready`` resolves with the first text
+    frame. Frames from the server are unmasked; this client's (pong, close) are masked, as RFC 6455 wants."""
+
+    def __init__(self, request: bytes, accept: bytes, ready: asyncio.Future[bytes]) -> None:
+        self.request, self.accept, self.ready = request, accept, ready
+        self.transport: Any = None
+        self.buf = bytearray()
+        self.opened = False
+        self.fragments = bytearray()
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are no asyncio.Transport subclass
+        self.transport = transport
+        transport.write(self.request)
+
+    def _fail(self, why: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(why))
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.opened:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end])
+            del self.buf[:end + 4]
+            if not head.startswith(b"HTTP/1.1 101") or self.accept not in head:
+                self._fail(f"handshake: {head[:200]!r}")
+                return
+            self.opened = True
+        while len(self.buf) >= 2:
+            first, second = self.buf[0], self.buf[1]
+            length, at = second & 0x7F, 2
+            if length == 126:
+                if len(self.buf) < 4:
+                    return
+                length, at = int.from_bytes(self.buf[2:4], "big"), 4
+            elif length == 127:
+                if len(self.buf) < 10:
+                    return
+                length, at = int.from_bytes(self.buf[2:10], "big"), 10
+            if len(self.buf) < at + length:
+                return
+            payload = bytes(self.buf[at:at + length])
+            del self.buf[:at + length]
+            opcode = first & 0x0F
+            if opcode == 9:
+                self.send(0xA, payload)
+            elif opcode == 8:
+                self._fail(f"closed by the server: {payload[:2].hex()} {payload[2:200]!r}")
+            elif opcode in (0, 1):
+                self.fragments += payload
+                if first & 0x80:
+                    text, self.fragments = bytes(self.fragments), bytearray()
+                    if not self.ready.done():
+                        self.ready.set_result(text)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionResetError("websocket: connection closed"))
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))  # control frames: at most 125 bytes
+        self.transport.write(bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked)
+
+    def close(self) -> None:
+        self.send(0x8, (1000).to_bytes(2, "big"))
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def client_lean(reader: asyncio.StreamReader, config: dict[str, Any]) -> None:
+    import base64
+    import hashlib
+
+    loop = asyncio.get_running_loop()
+    gateways: list[tuple[str, int]] = [(g.rsplit(":", 1)[0], int(g.rsplit(":", 1)[1])) for g in config["gateways"]]
+    tokens: list[tuple[str, str]] = config["tokens"]
+    concurrency = int(config["concurrency"])
+    conns: list[_Ws] = []
+    at = 0
+    print(json.dumps({"loaded": len(tokens)}), flush=True)
+    # One kept-alive ticket connection per worker and gateway, as aiohttp's pool keeps them.
+    pools: list[dict[int, _Http]] = [{} for _ in range(concurrency)]
+
+    async def ticket(worker: int, index: int) -> str:
+        gateway = index % len(gateways)
+        host, port = gateways[gateway]
+        request = (f"POST /api/v1/auth/ws-ticket HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                   f"Authorization: Bearer {tokens[index][1]}\r\nContent-Length: 0\r\n\r\n").encode()
+        for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile is retried once
+            http = pools[worker].get(gateway)
+            if http is None or http.closed:
+                _, http = await loop.create_connection(_Http, host, port)
+                pools[worker][gateway] = http
+            try:
+                status, body = await http.post(request)
+            except ConnectionResetError:
+                if attempt == 2:
+                    raise
+                continue
+            answer = json.loads(body)
+            if status != 200:
+                raise RuntimeError(f"ticket: {status} {answer}")
+            return str(answer["ticket"])
+        raise AssertionError("unreachable")
+
+    async def one(worker: int, index: int, timings: list[float], errors: list[str], opened: dict[str, int]) -> None:
+        host, port = gateways[index % len(gateways)]
+        started = time.time()
+        try:
+            key = base64.b64encode(os.urandom(16))
+            # RFC 6455 fixes SHA-1 for the accept value (no security role here).
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11",
+                                                   usedforsecurity=False).digest())
+            request = (f"GET /ws/?ticket={await ticket(worker, index)} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                       f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+                       f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
+            ready: asyncio.Future[bytes] = loop.create_future()
+            _, ws = await loop.create_connection(lambda: _Ws(request, accept, ready), host, port)
+            try:
+                frame = json.loads(await asyncio.wait_for(ready, CONNECT_TIMEOUT_S))
+            except BaseException:
+                ws.close()
+                raise
+            if frame.get("type") != "ready":
+                ws.close()
+                raise RuntimeError(f"expected ready, got {str(frame)[:200]}")
+            conns.append(ws)
+            timings.append(time.time() - started)
+            opened[f"{host}:{port}"] = opened.get(f"{host}:{port}", 0) + 1
+        except Exception as exc:  # counted and reported, never fatal: the bench prints how many failed
+            errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    while line := (await reader.readline()).decode().strip():
+        if line == "close":
+            for ws in conns:
+                ws.close()
+            for pool in pools:
+                for http in pool.values():
+                    if http.transport is not None:
+                        http.transport.close()
+            await asyncio.sleep(0.5)  # the close frames leave
+            print(json.dumps({"closed": len(conns)}), flush=True)
+            return
+        indices = iter(range(at, min(at + int(line.split()[1]), len(tokens))))
+        at = min(at + int(line.split()[1]), len(tokens))
+        timings: list[float] = []
+        errors: list[str] = []
+        opened: dict[str, int] = {}  # gateway address -> connections opened through it
+
+        async def worker(number: int, timings: list[float] = timings, errors: list[str] = errors,
+                         opened: dict[str, int] = opened, indices: Any = indices) -> None:
+            for index in indices:
+                await one(number, index, timings, errors, opened)
+
+        began = time.time()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        print(json.dumps({"began": began, "ended": time.time(), "timings": timings, "errors": errors[:20],
+                          "failed": len(errors), "opened": opened}), flush=True)
 
 
 # ------------------------------------------------------------------ the run
@@ -276,6 +502,9 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, default=1)
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=100, help="connects in flight per client process")
+    parser.add_argument("--client-impl", choices=("lean", "websockets"), default="lean",
+                        help="the load generator: bare asyncio protocols (lean) or aiohttp and websockets (the "
+                             "clients of sessions 2-9); the same protocol either way")
     parser.add_argument("--warmup", type=int, default=100, help="connections opened before the baseline")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--json", default="", help="also write the results to this file")
@@ -349,7 +578,7 @@ def main() -> None:
             print(f"holding the quiet lock in {opts.quiet_lock}", file=sys.stderr)
         tokens = tokens_issue(users)
         warm, rest = tokens[:opts.warmup], tokens[opts.warmup:]
-        clients = [Client(gateways=addresses, concurrency=opts.concurrency,
+        clients = [Client(gateways=addresses, concurrency=opts.concurrency, impl=opts.client_impl,
                           tokens=warm[i::opts.clients] + rest[i::opts.clients]) for i in range(opts.clients)]
         warmed = clients_ask(clients, f"open {-(-opts.warmup // opts.clients)}")
         time.sleep(3)  # the warm-up's background work (presence) ends
