@@ -152,8 +152,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.registered = True
             await self.send_frame(frames.frame("ready", user_id=self.user_id, session_id=self.session_id,
                                                conversations=sorted(self.conversations)))
-            # In the background: the users.last_seen write queues behind others in a wave of connects, and the
-            # client's first frames must not wait for it. Disconnect waits for it (online before offline).
+            # In the background: the presence script and announcement queue behind others in a wave of connects,
+            # and the client's first frames must not wait for them. Disconnect waits for it (online before offline).
             self.presence_task = asyncio.get_running_loop().create_task(presence.presence_connect(
                 self.hub.redis, user_id=self.user_id, session_id=self.session_id,
                 conversation_ids=sorted(self.conversations), resp=self.hub.fast))

@@ -292,9 +292,9 @@ def _offline_write(user_id: str, at_ms: int) -> Any:
 
 
 def _user_expired(user_id: str, at: datetime) -> list[str]:
-    """Mark a user whose last session expired offline, ``last_seen`` = ``at``, unless a newer connect
-    already wrote its own ``last_seen`` (that write may run first on the pool's other thread); if it wrote,
-    the user's card is dropped. Returns the user's conversation ids (for the announcement). Blocking (MongoDB,
+    """Mark a user whose last session expired offline, ``last_seen`` = ``at``, unless the store's ``last_seen``
+    is newer (a status the user chose since, which reads show too: ``status_shown``); if it wrote, the user's
+    card is dropped. Returns the user's conversation ids (for the announcement). Blocking (MongoDB,
     Redis)."""
     from mongoengine.queryset.visitor import Q
 
