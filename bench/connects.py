@@ -8,7 +8,9 @@ one api instance, ``--brokers`` brokers and ``--gateways`` gateways, each as ``m
 (MongoDB documents, then ``membership_changed_sync`` per conversation), one access token per user. Then
 ``--clients`` client processes (so the measuring process shares no loop with the load) each, for its share of
 the users, ``POST /api/v1/auth/ws-ticket`` through a gateway and open ``/ws/?ticket=`` through it, waiting for
-``ready``; ``--concurrency`` of those in flight per client. Measured, in this order:
+``ready``; ``--concurrency`` of those in flight per client (on bare asyncio protocols by default, the same
+requests and frames as ``--client-impl websockets``, aiohttp and websockets, at a third of their CPU: the
+clients share the machine with the servers they measure). Measured, in this order:
 
 * **connect**: seconds from the first ticket request to the last ``ready`` (every client starts together),
   connects/s, and the percentiles of one connect (ticket request to ``ready``);
