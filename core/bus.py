@@ -35,8 +35,20 @@ def bus_is_separate() -> bool:
     return bool(settings.STREAMS_REDIS_CLUSTER) or settings.STREAMS_REDIS_URL != settings.REDIS_URL
 
 
+_CLUSTER_CLASSES = (redis.asyncio.cluster.RedisCluster, redis.cluster.RedisCluster)
+# The answer per class: redis-py's cluster classes derive from a typing.Protocol, so ``isinstance`` against
+# them runs typing's and abc's Python-level checks on every call (every append asks: ~1 % of a broker's CPU
+# at 5,000 deliveries/s, docs/benchmarks.md, issue 16, session 9). Keyed by ``__class__`` (what isinstance
+# looks at), and bounded by the few client classes a process uses.
+_cluster_by_class: dict[type, bool] = {}
+
+
 def bus_is_cluster(client: BusAsync | BusSync) -> bool:
-    return isinstance(client, redis.asyncio.cluster.RedisCluster | redis.cluster.RedisCluster)
+    cls = client.__class__
+    known = _cluster_by_class.get(cls)
+    if known is None:
+        known = _cluster_by_class[cls] = isinstance(client, _CLUSTER_CLASSES)
+    return known
 
 
 class BusCluster(redis.asyncio.cluster.RedisCluster):

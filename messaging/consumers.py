@@ -264,15 +264,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if seq and self.resumed_upto and seq <= self.resumed_upto.get(conversation_id, 0):
             return  # already sent by this connection's resume
         out = self.out
-        backlog = out.backlog()
-        if backlog > self.send_limit:
+        backlog = out.write_within(wire, text, limit=self.send_limit)
+        if backlog:  # over the limit, nothing written: too slow, or still within its grace (then written)
             if self._too_slow(backlog):
                 self._close_too_slow()
                 return
+            if out.is_open():
+                out.write(wire, text)
         elif self.over_since:
             self.over_since = 0.0
-        if out.is_open():
-            out.write(wire, text)
 
     def membership_recheck(self, *, conversation_id: str | None) -> None:
         if not self.closing:

@@ -59,12 +59,13 @@ def reply_error(message: str) -> redis.exceptions.ResponseError:
 
 
 class _Batch:
-    __slots__ = ("future", "remaining", "replies")
+    __slots__ = ("deadline", "future", "remaining", "replies")
 
-    def __init__(self, future: asyncio.Future[list[Any]], count: int) -> None:
+    def __init__(self, future: asyncio.Future[list[Any]], count: int, deadline: float) -> None:
         self.future = future
         self.remaining = count
         self.replies: list[Any] = []
+        self.deadline = deadline  # loop time by which the server must have answered it
 
 
 class _Protocol(asyncio.Protocol):
@@ -78,6 +79,31 @@ class _Protocol(asyncio.Protocol):
         self.failure: Exception | None = None  # why the connection was dropped on purpose (a timeout)
         # Batches packed in this loop turn, written together at its end (:meth:`queue`).
         self.unsent: list[bytes] = []
+        # One timer per connection, not one per batch (:meth:`watch`): a ``call_later``, its done-callback and
+        # its cancel per round trip were ~2 µs of a broker's work per append and per XREAD (docs/benchmarks.md,
+        # issue 16, session 9).
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.timeout_s = 5.0
+        # The loop the connection was made on: ``asyncio.get_running_loop()`` per batch is a ``getpid`` system
+        # call each (CPython checks for a fork), and a connection never changes loops.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make sure a timer looks at the oldest batch in flight by its deadline (called for each new batch)."""
+        if self.watchdog is None:
+            self.watchdog = loop.call_later(self.timeout_s, self._deadline_check, loop)
+
+    def _deadline_check(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Batches are answered in order, so only the oldest can be the first past its deadline: drop the
+        connection if it is, else look again at its deadline (none in flight: the next batch arms the timer)."""
+        self.watchdog = None
+        if self.lost or not self.batches:
+            return
+        late = self.batches[0].deadline - loop.time()
+        if late <= 0:
+            self.drop(redis.exceptions.TimeoutError(f"no answer from Redis within {self.timeout_s} s"))
+        else:
+            self.watchdog = loop.call_later(late, self._deadline_check, loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -116,6 +142,9 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         failure = self.failure or redis.exceptions.ConnectionError(
             f"connection to Redis lost{f': {exc}' if exc else ''}")
         while self.batches:
@@ -160,6 +189,7 @@ class RespClient:
             except (OSError, TimeoutError) as exc:
                 raise redis.exceptions.ConnectionError(f"cannot connect to Redis: {exc}") from exc
             protocol = made
+            protocol.loop = loop
             hello: list[list[Arg]] = []
             if self.password is not None:
                 hello.append(["AUTH", self.username, self.password] if self.username else ["AUTH", self.password])
@@ -174,14 +204,13 @@ class RespClient:
             return protocol
 
     def _send(self, protocol: _Protocol, commands: Sequence[Sequence[Arg]]) -> asyncio.Future[list[Any]]:
-        loop = asyncio.get_running_loop()
+        loop = protocol.loop or asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
-        protocol.batches.append(_Batch(future, len(commands)))
+        protocol.timeout_s = self.timeout_s
+        protocol.batches.append(_Batch(future, len(commands), loop.time() + self.timeout_s))
         assert protocol.transport is not None
         protocol.queue(b"".join([command_pack(c) for c in commands]), loop)
-        timer = loop.call_later(self.timeout_s, protocol.drop,
-                                redis.exceptions.TimeoutError(f"no answer from Redis within {self.timeout_s} s"))
-        future.add_done_callback(lambda _: timer.cancel())
+        protocol.watch(loop)
         return future
 
     async def execute(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:

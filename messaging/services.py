@@ -34,7 +34,8 @@ from core.keys import message_meta_key, read_cursor_key
 from core.values import iso_ms
 from messaging import events, frames, mentions, replies
 from messaging.membership import membership_require
-from messaging.streams import bus_resolve
+from messaging.resp import RespClient
+from messaging.streams import append_client_lean, bus_resolve
 
 CLIENT_MSG_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -366,9 +367,39 @@ async def _drain_enqueue(*, partition: int) -> None:
     await drain_enqueue_async(partition=partition)
 
 
+async def _backlog_lean(resp: RespClient, *, partition: int) -> tuple[int, bool]:
+    """:func:`partition_backlog` in one round trip of the lean client (docs/adr/0040), and whether the
+    partition's drain lock is held (a drain is queued or running). Through redis-py the check's three commands
+    and its XINFO reply's dicts were ~9 % of a broker's CPU at 5,000 deliveries/s, where it runs ten times a
+    second (docs/benchmarks.md, issue 16, session 9). Read-only."""
+    key = keys.stream_key(partition)
+    groups, length, locked = await resp.execute([["XINFO", "GROUPS", key], ["XLEN", key],
+                                                 ["EXISTS", keys.drain_lock_key(partition)]])
+    for reply in (length, locked):
+        if isinstance(reply, Exception):
+            raise reply
+    if isinstance(groups, Exception):
+        if "no such key" not in str(groups).lower():
+            raise groups
+        groups = []  # no stream yet: no group either
+    lags = []
+    for group in groups:
+        # RESP2: each group is a flat list of names and values; ``lag`` is nil when Redis cannot tell it.
+        lag = dict(zip(group[::2], group[1::2], strict=True)).get(b"lag")
+        lags.append(int(length) if lag is None else int(lag))
+    return (max(lags) if lags else int(length)), bool(locked)
+
+
 async def _drain_check(client: BusAsync, *, partition: int) -> None:
     try:
-        if await partition_backlog(client, partition=partition) >= settings.BATCH_SIZE:
+        resp = append_client_lean(client)
+        if resp is not None:
+            backlog, locked = await _backlog_lean(resp, partition=partition)
+            if locked:
+                return  # a drain is queued or running: drain_enqueue's SET NX would refuse, after a thread hop
+        else:
+            backlog = await partition_backlog(client, partition=partition)
+        if backlog >= settings.BATCH_SIZE:
             # drain_enqueue itself keeps it to one drain in flight per partition (SET NX lock).
             await _drain_enqueue(partition=partition)
     except Exception:

@@ -62,6 +62,9 @@ from messaging.resp import RespClient, resp_client_for
 
 # How long a (conversation, sender, client_msg_id) is remembered: a client retrying after a day is a new message.
 DEDUP_TTL_S = 24 * 3600
+# The payload's compact JSON (ASCII, as ``json.dumps(payload, separators=(",", ":"))`` wrote it): one encoder,
+# not one built by ``json.dumps`` per append.
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 # KEYS[1] stream, KEYS[2] seq hash, KEYS[3] dedup key (no_dedup_key when ARGV[7] is "0")
@@ -201,7 +204,7 @@ async def event_append(
         dedup_key(partition, conversation_id=conversation_id, sender_id=dedup[0], client_msg_id=dedup[1])
         if dedup else no_dedup_key(partition),
     ]
-    args: list[str | int] = [type, conversation_id, json.dumps(payload, separators=(",", ":")), message_id, DEDUP_TTL_S,
+    args: list[str | int] = [type, conversation_id, _PAYLOAD_ENCODER.encode(payload), message_id, DEDUP_TTL_S,
             "1" if type in SEQUENCED else "0", "1" if dedup else "0"]
     _recent_keys_args(keys, args, partition=partition, conversation_id=conversation_id)
     batcher = _batchers.get(client)
@@ -409,6 +412,13 @@ def append_batching_enable(client: BusAsync) -> None:
     does this for its client). Precondition: ``client`` is only used on one event loop."""
     if client not in _batchers and isinstance(client, redis.asyncio.Redis):  # a cluster pipeline refuses scripts
         _batchers[client] = AppendBatcher(client)
+
+
+def append_client_lean(client: BusAsync) -> RespClient | None:
+    """The lean client (docs/adr/0040) of ``client``'s append batcher: a connection to the same server for a
+    broker's other hot commands; None when ``client`` has no batcher or the server is one it does not speak to."""
+    batcher = _batchers.get(client)
+    return batcher.fast if batcher is not None else None
 
 
 # One asyncio bus client per event loop (an asyncio client cannot be shared across loops). Brokers run one

@@ -72,6 +72,17 @@ class Output:
     def backlog(self) -> int:
         raise NotImplementedError
 
+    def write_within(self, wire: bytes, text: bytes, *, limit: int) -> int:
+        """A fan-out's write: the backlog when more than ``limit`` bytes are unsent (then nothing is written:
+        the caller decides whether the reader is too slow); else 0, after writing the frame if the connection
+        is open."""
+        backlog = self.backlog()
+        if backlog > limit:
+            return backlog
+        if self.is_open():
+            self.write(wire, text)
+        return 0
+
     def identified(self) -> None:
         """Called once the WebSocket is accepted and its user known: the handshake is no longer needed."""
 
@@ -183,6 +194,16 @@ class UvicornOutput(Output):
 
     def backlog(self) -> int:
         return int(self.transport.get_write_buffer_size())
+
+    def write_within(self, wire: bytes, text: bytes, *, limit: int) -> int:
+        # The base class' three calls in one: this runs once per receiver of every event.
+        transport = self.transport
+        backlog: int = transport.get_write_buffer_size()
+        if backlog > limit:
+            return backlog
+        if not self.protocol.close_sent and not transport.is_closing():
+            transport.write(wire)
+        return 0
 
     def identified(self) -> None:
         """Drop what uvicorn keeps per connection but uses no more once accepted, and trade its asyncio

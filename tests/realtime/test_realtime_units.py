@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+import redis.exceptions
 
 from chatstream_site.localservers import Servers, run_with_redis
 from core.keys import stream_key
@@ -78,6 +79,60 @@ def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(
             await c.xadd(stream_key(partition), {"n": i})
         await services._drain_check(c, partition=partition)
         assert calls == [partition]
+
+    run(servers, body)
+
+
+def test_the_lean_size_trigger_reads_the_same_backlog_and_skips_a_partition_whose_drain_is_queued(
+        servers: Servers, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker's check (its client has an append batcher, hence a lean connection): one round trip that must
+    say what partition_backlog says in every state of the stream, and no enqueue while the drain lock is held."""
+    settings.BATCH_SIZE = 3
+    import storage.trigger
+    from core.keys import drain_lock_key
+    from messaging import streams
+
+    calls: list[int] = []
+
+    async def drain_enqueue_async(*, partition: int) -> bool:
+        calls.append(partition)
+        return True
+
+    monkeypatch.setattr(storage.trigger, "drain_enqueue_async", drain_enqueue_async)
+    partition = 700 + uuid.uuid4().int % 100
+    key = stream_key(partition)
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        streams.append_batching_enable(c)
+        lean = streams.append_client_lean(c)
+        assert lean is not None
+
+        async def both() -> tuple[int, int, bool]:
+            backlog, locked = await services._backlog_lean(lean, partition=partition)
+            return backlog, await services.partition_backlog(c, partition=partition), locked
+
+        assert await both() == (0, 0, False)  # no stream yet
+        for i in range(5):
+            await c.xadd(key, {"n": i})
+        assert await both() == (5, 5, False)  # a stream, no group
+        await c.xgroup_create(key, "drain", id="0")
+        await c.xreadgroup("drain", "w1", {key: ">"}, count=1)
+        assert await both() == (4, 4, False)  # the group's lag
+        await c.xgroup_create(key, "other", id="0")
+        assert await both() == (5, 5, False)  # the largest lag of two groups
+        await c.set(drain_lock_key(partition), "1")
+        assert await both() == (5, 5, True)
+        await services._drain_check(c, partition=partition)
+        assert calls == []  # queued or running already
+        await c.delete(drain_lock_key(partition))
+        await services._drain_check(c, partition=partition)
+        assert calls == [partition]
+        await c.delete(key)
+        await c.set(key, "a string")  # a wrong type is an error, not an empty stream
+        with pytest.raises(redis.exceptions.ResponseError):
+            await services._backlog_lean(lean, partition=partition)
+        await c.delete(key)
+        lean.close()
 
     run(servers, body)
 

@@ -217,12 +217,15 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def benchmark_env(*, redis_url: str, mongodb_uri: str) -> dict[str, str]:
-    """The brokers' environment: this run's servers, quiet logs, and the per-connection rate limit lifted
-    (the senders of an "as fast as acked" run exceed a person's 20 frames/s by design)."""
+    """The brokers' environment: this run's servers, quiet logs, the per-connection rate limit lifted (the
+    senders of an "as fast as acked" run exceed a person's 20 frames/s by design), and the clients pinged every
+    25 s as both peers ping theirs (Socket.IO's and Centrifugo's default): the load client reaches the brokers
+    directly, where uvicorn pings each socket every CHATSTREAM_WS_PING_INTERVAL (20 s), a keepalive real clients
+    get from the gateway instead (docs/adr/0049)."""
     import os
 
     env = dict(os.environ)
     env.update(REDIS_URL=redis_url, MONGODB_URI=mongodb_uri, CHATSTREAM_DOTENV="", LOG_LEVEL="WARNING",
                DEBUG="0", SECRET_KEY=settings.SECRET_KEY, CHATSTREAM_WS_RATE="1000000",
-               CHATSTREAM_WS_BURST="1000000", PYTHONUNBUFFERED="1")
+               CHATSTREAM_WS_BURST="1000000", PYTHONUNBUFFERED="1", CHATSTREAM_WS_PING_INTERVAL="25")
     return env
