@@ -13,7 +13,6 @@ from typing import Any
 # The one Redis pub/sub channel every broker listens on (core/keys.py says why one).
 from core.keys import CONTROL_CHANNEL as CONTROL_CHANNEL
 
-
 # One encoder for every frame: ``json.dumps`` with arguments builds a new JSONEncoder per call, a few µs of
 # a broker's work per ack (docs/benchmarks.md, issue 16, session 9); ``encode`` gives the same text.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
