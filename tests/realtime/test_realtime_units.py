@@ -57,8 +57,9 @@ def test_backlog_is_the_drain_groups_lag_or_the_stream_length(servers: Servers) 
     run(servers, body)
 
 
-def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(
-        servers: Servers, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def enqueued(settings: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The partitions the size trigger enqueues a drain of (recorded instead of sent), with a batch of 3."""
     settings.BATCH_SIZE = 3
     import storage.trigger
 
@@ -69,6 +70,12 @@ def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(
         return True
 
     monkeypatch.setattr(storage.trigger, "drain_enqueue_async", drain_enqueue_async)
+    return calls
+
+
+def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(servers: Servers,
+                                                                           enqueued: list[int]) -> None:
+    calls = enqueued
     partition = 800 + uuid.uuid4().int % 100
 
     async def body(c: redis.asyncio.Redis) -> None:
@@ -84,21 +91,13 @@ def test_size_trigger_enqueues_a_drain_when_the_backlog_reaches_the_batch(
 
 
 def test_the_lean_size_trigger_reads_the_same_backlog_and_skips_a_partition_whose_drain_is_queued(
-        servers: Servers, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        servers: Servers, enqueued: list[int]) -> None:
     """A broker's check (its client has an append batcher, hence a lean connection): one round trip that must
     say what partition_backlog says in every state of the stream, and no enqueue while the drain lock is held."""
-    settings.BATCH_SIZE = 3
-    import storage.trigger
     from core.keys import drain_lock_key
     from messaging import streams
 
-    calls: list[int] = []
-
-    async def drain_enqueue_async(*, partition: int) -> bool:
-        calls.append(partition)
-        return True
-
-    monkeypatch.setattr(storage.trigger, "drain_enqueue_async", drain_enqueue_async)
+    calls = enqueued
     partition = 700 + uuid.uuid4().int % 100
     key = stream_key(partition)
 
