@@ -27,7 +27,9 @@ not the messages), then for each size:
    message, then poll MongoDB by ``_id`` until the drain wrote it; includes the flush interval). The sampled
    users are the same at every size, their caches warmed once, before the first size (steady state: the
    conversation-id cache lives 30 days; its fill is one read of the user's ``user_conversations`` document by
-   ``_id``, docs/adr/0043, measured apart as **cold list**).
+   ``_id``, docs/adr/0043, measured apart as **cold list**). With ``--churn N``, last, the **list while peers'
+   status changes**: the sampled users listed again alone, then while N connect-and-disconnect cycles of their
+   peers run beside it (each drops the peer's card, docs/adr/0050).
 
 Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size) after every size, with the load
 averages around each measurement. All traffic on 127.0.0.1. ``--quiet-lock DIR`` holds exclusive flocks on
@@ -99,6 +101,9 @@ def main() -> None:
     parser.add_argument("--seed-minutes", type=float, default=0.0,
                         help="stop seeding this many minutes after the start and measure the size reached (0: never)")
     parser.add_argument("--edits", type=int, default=10)
+    parser.add_argument("--churn", type=int, default=0,
+                        help="after the other reads, list the sampled users twice more: alone, then while this "
+                             "many connect-and-disconnect cycles of their peers run beside it (0: not measured)")
     parser.add_argument("--storage-workers", type=int, default=1, choices=(1, 2))
     parser.add_argument("--senders", type=int, default=2,
                         help="processes sending the seed (each with SEND_CONCURRENCY sends in flight)")
@@ -406,7 +411,6 @@ def drain_rate(cluster: Cluster, args: argparse.Namespace, *, convs: list[tuple[
 def measure(cluster: Cluster, args: argparse.Namespace, *, users: list[str], convs: list[tuple[str, list[str]]],
             hot: list[int], sent: dict[str, list[tuple[str, str]]], rnd: random.Random) -> dict[str, Any]:
     import httpx
-    import websockets
     from mongoengine.connection import get_db
     out: dict[str, Any] = {}
     with httpx.Client(base_url=cluster.url, timeout=120) as http:
@@ -436,17 +440,8 @@ def measure(cluster: Cluster, args: argparse.Namespace, *, users: list[str], con
             deep.append(ms)
         out.update(latest_page=stats(latest), deep_page=stats(deep), conversation_list=stats(listing))
 
-        async def connect_once(uid: str) -> float:
-            t = time.perf_counter()
-            r = await asyncio.to_thread(http.post, "/api/v1/auth/ws-ticket", headers=headers(uid))
-            assert r.status_code == 200, r.text
-            ws_url = cluster.url.replace("http://", "ws://") + f"/ws/?ticket={r.json()['ticket']}"
-            async with websockets.connect(ws_url, origin="http://127.0.0.1") as ws:  # type: ignore[arg-type]
-                while json.loads(await ws.recv())["type"] != "ready":
-                    pass
-                return (time.perf_counter() - t) * 1000
-
-        connects = [asyncio.run(connect_once(uid)) for uid in users]  # users whose lists were read above
+        # users whose lists were read above
+        connects = [asyncio.run(connect_once(cluster, http, uid)) for uid in users]
         out["connect"] = stats(connects)
 
         db = get_db()
@@ -465,7 +460,94 @@ def measure(cluster: Cluster, args: argparse.Namespace, *, users: list[str], con
             wait_until(persisted, timeout_s=120, interval_s=0.02, what="the edit to be persisted")
             edits.append((time.perf_counter() - t) * 1000)
         out["edit_to_persisted"] = stats(edits)
+        if args.churn > 0:
+            out["list_churn"] = list_under_churn(cluster, http, users=users, convs=convs, cycles=args.churn)
     return out
+
+
+async def connect_once(cluster: Cluster, http: Any, uid: str) -> float:
+    """``POST /auth/ws-ticket``, then the WebSocket until ``ready``, then closed: ms to ``ready``."""
+    import websockets
+
+    t = time.perf_counter()
+    r = await asyncio.to_thread(http.post, "/api/v1/auth/ws-ticket", headers=headers(uid))
+    assert r.status_code == 200, r.text
+    ws_url = cluster.url.replace("http://", "ws://") + f"/ws/?ticket={r.json()['ticket']}"
+    async with websockets.connect(ws_url, origin="http://127.0.0.1") as ws:  # type: ignore[arg-type]
+        while json.loads(await ws.recv())["type"] != "ready":
+            pass
+        return (time.perf_counter() - t) * 1000
+
+
+def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: list[tuple[str, list[str]]],
+                     cycles: int) -> dict[str, Any]:
+    """The conversation list while its peers' status changes (``--churn``). A peer's connect and its last
+    disconnect each write ``users.status`` and drop the peer's card (docs/adr/0050), so the next list of each
+    of the peer's contacts reads that card from the store. Two list passes over the sampled users, one request
+    at a time, their cards warm from the reads before: **alone**, then **churn**, while a thread connects and
+    disconnects peers of the users about to be listed (``cycles`` in all, one at a time, each to ``ready`` and
+    closed at once). Before each list, Redis is asked how many of that user's peer cards are missing (not
+    timed): the lists that had to read a dropped card are counted, and timed apart."""
+    import threading
+
+    import httpx
+    import redis
+    from django.conf import settings
+
+    from core.keys import user_card_key
+
+    peers: dict[str, list[str]] = {}
+    for _cid, members in convs:
+        for m in members:
+            peers.setdefault(m, []).extend(p for p in members if p != m)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    at = [0]  # the foreground's position: the churn cycles a peer of the next user to be listed
+    stop = threading.Event()
+    churned: list[float] = []
+
+    def churn() -> None:
+        with httpx.Client(base_url=cluster.url, timeout=120) as own:
+            for n in range(cycles):  # bounded: ``cycles``, or the end of the list pass
+                if stop.is_set():
+                    return
+                theirs = peers.get(users[(at[0] + 1) % len(users)]) or []
+                if theirs:
+                    churned.append(asyncio.run(connect_once(cluster, own, theirs[n % len(theirs)])))
+
+    def one_pass() -> dict[str, Any]:
+        all_ms: list[float] = []
+        cold_ms: list[float] = []
+        warm_ms: list[float] = []
+        for k, uid in enumerate(users):
+            at[0] = k
+            pipe = client.pipeline(transaction=False)
+            for p in peers.get(uid) or []:
+                pipe.exists(user_card_key(p))
+            missing = sum(1 for e in pipe.execute() if not e)
+            t = time.perf_counter()
+            r = http.get("/api/v1/conversations", params={"limit": 50}, headers=headers(uid))
+            ms = (time.perf_counter() - t) * 1000
+            assert r.status_code == 200, r.text
+            all_ms.append(ms)
+            (cold_ms if missing else warm_ms).append(ms)
+        return {**stats(all_ms), "with_a_dropped_peer_card": {k: v for k, v in stats(cold_ms).items()
+                                                                 if k != "samples_ms"},
+                "all_peer_cards_warm": {k: v for k, v in stats(warm_ms).items() if k != "samples_ms"}}
+
+    try:
+        alone = one_pass()
+        thread = threading.Thread(target=churn, daemon=True)
+        t = time.perf_counter()
+        thread.start()
+        during = one_pass()
+        pass_s = time.perf_counter() - t
+        stop.set()
+        thread.join(timeout=120)
+    finally:
+        client.close()
+    return {"alone": alone, "churn": during, "cycles_asked": cycles, "cycles_done": len(churned),
+            "pass_s": round(pass_s, 1), "churn_connect": {k: v for k, v in stats(churned).items()
+                                                         if k != "samples_ms"}}
 
 
 def run(args: argparse.Namespace, cluster: Cluster, *, servers: Any, state: dict[str, Any] | None) -> None:
