@@ -28,8 +28,8 @@ not the messages), then for each size:
    users are the same at every size, their caches warmed once, before the first size (steady state: the
    conversation-id cache lives 30 days; its fill is one read of the user's ``user_conversations`` document by
    ``_id``, docs/adr/0043, measured apart as **cold list**). With ``--churn N``, last, the **list while peers'
-   status changes**: the sampled users listed again alone, then while N connect-and-disconnect cycles of their
-   peers run beside it (each drops the peer's card, docs/adr/0050).
+   status changes**: the sampled users listed again alone, then with N of the lists each sent right after a
+   peer of its user connected and closed (each drops the peer's card, docs/adr/0050).
 
 Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size) after every size, with the load
 averages around each measurement. All traffic on 127.0.0.1. ``--quiet-lock DIR`` holds exclusive flocks on
@@ -102,8 +102,9 @@ def main() -> None:
                         help="stop seeding this many minutes after the start and measure the size reached (0: never)")
     parser.add_argument("--edits", type=int, default=10)
     parser.add_argument("--churn", type=int, default=0,
-                        help="after the other reads, list the sampled users twice more: alone, then while this "
-                             "many connect-and-disconnect cycles of their peers run beside it (0: not measured)")
+                        help="after the other reads, list the sampled users twice more: alone, then with this "
+                             "many lists (at most --samples) each right after a peer's connect and disconnect "
+                             "(0: not measured)")
     parser.add_argument("--storage-workers", type=int, default=1, choices=(1, 2))
     parser.add_argument("--senders", type=int, default=2,
                         help="processes sending the seed (each with SEND_CONCURRENCY sends in flight)")
@@ -484,13 +485,12 @@ def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: li
     """The conversation list while its peers' status changes (``--churn``). A peer's connect and its last
     disconnect each write ``users.status`` and drop the peer's card (docs/adr/0050), so the next list of each
     of the peer's contacts reads that card from the store. Two list passes over the sampled users, one request
-    at a time, their cards warm from the reads before: **alone**, then **churn**, while a thread connects and
-    disconnects peers of the users about to be listed (``cycles`` in all, one at a time, each to ``ready`` and
-    closed at once). Before each list, Redis is asked how many of that user's peer cards are missing (not
-    timed): the lists that had to read a dropped card are counted, and timed apart."""
-    import threading
-
-    import httpx
+    at a time, their cards warm from the reads before: **alone**, then **churn**, where ``cycles`` lists
+    (spread over the pass) are each preceded by a peer of their user connecting (to ``ready``) and closing at
+    once, and the broker's status write dropping that peer's card. Before each list Redis is asked how many of
+    that user's peer cards are missing (not timed): the lists that found one dropped are timed apart. (Two
+    first versions, 2026-12-03: cycles on a thread beside the pass fell 7 into its 0.7 s; a list sent right
+    after the close ran before the status write, which waits 50 ms to batch, so no list met a dropped card.)"""
     import redis
     from django.conf import settings
 
@@ -501,27 +501,28 @@ def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: li
         for m in members:
             peers.setdefault(m, []).extend(p for p in members if p != m)
     client = redis.Redis.from_url(settings.REDIS_URL)
-    at = [0]  # the foreground's position: the churn cycles a peer of the next user to be listed
-    stop = threading.Event()
     churned: list[float] = []
 
-    def churn() -> None:
-        with httpx.Client(base_url=cluster.url, timeout=120) as own:
-            for n in range(cycles):  # bounded: ``cycles``, or the end of the list pass
-                if stop.is_set():
-                    return
-                theirs = peers.get(users[(at[0] + 1) % len(users)]) or []
-                if theirs:
-                    churned.append(asyncio.run(connect_once(cluster, own, theirs[n % len(theirs)])))
-
-    def one_pass() -> dict[str, Any]:
+    def one_pass(*, churn: int) -> dict[str, Any]:
         all_ms: list[float] = []
         cold_ms: list[float] = []
         warm_ms: list[float] = []
         for k, uid in enumerate(users):
-            at[0] = k
+            theirs = peers.get(uid) or []
+            # ``churn`` cycles spread evenly over the pass (bounded: at most one per list, ``churn`` in all).
+            if theirs and (k * churn) // len(users) != ((k + 1) * churn) // len(users):
+                peer = theirs[k % len(theirs)]
+                churned.append(asyncio.run(connect_once(cluster, http, peer)))
+                # The broker writes the status (online then offline collapse into one write, 50 ms after the
+                # first: messaging.presence.STATUS_FLUSH_S) and then drops the card: wait for the drop
+                # (bounded), so the list below is one that follows a peer's status change.
+                def dropped(peer: str = peer) -> bool:
+                    return not client.exists(user_card_key(peer))
+
+                with contextlib.suppress(AssertionError):  # wait_until's timeout: counted below as warm
+                    wait_until(dropped, timeout_s=2.0, interval_s=0.005, what="the peer's card to be dropped")
             pipe = client.pipeline(transaction=False)
-            for p in peers.get(uid) or []:
+            for p in theirs:
                 pipe.exists(user_card_key(p))
             missing = sum(1 for e in pipe.execute() if not e)
             t = time.perf_counter()
@@ -535,19 +536,12 @@ def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: li
                 "all_peer_cards_warm": {k: v for k, v in stats(warm_ms).items() if k != "samples_ms"}}
 
     try:
-        alone = one_pass()
-        thread = threading.Thread(target=churn, daemon=True)
-        t = time.perf_counter()
-        thread.start()
-        during = one_pass()
-        pass_s = time.perf_counter() - t
-        stop.set()
-        thread.join(timeout=120)
+        alone = one_pass(churn=0)
+        during = one_pass(churn=min(cycles, len(users)))
     finally:
         client.close()
-    return {"alone": alone, "churn": during, "cycles_asked": cycles, "cycles_done": len(churned),
-            "pass_s": round(pass_s, 1), "churn_connect": {k: v for k, v in stats(churned).items()
-                                                         if k != "samples_ms"}}
+    return {"alone": alone, "churn": during, "cycles": len(churned),
+            "churn_connect": {k: v for k, v in stats(churned).items() if k != "samples_ms"}}
 
 
 def run(args: argparse.Namespace, cluster: Cluster, *, servers: Any, state: dict[str, Any] | None) -> None:
@@ -646,30 +640,40 @@ def redis_wait_loaded(timeout_s: float = 600.0) -> None:
 
 
 def write(rows: list[dict[str, Any]], *, args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     doc = {"command": "bench/data_tier.py " + " ".join(sys.argv[1:]), "machine": {
         "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "store": "FerretDB v1.24.2, SQLite backend (make run's default)", "results": rows}
     path.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    plot(rows, path=path.with_suffix(".png"))
+
+
+def plot(rows: list[dict[str, Any]], *, path: Path) -> None:
+    """p99 against store size, with issue 13's 20 ms bound (``python -c 'from bench.data_tier import plot'``
+    redraws a JSON's ``results``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
     fig, ax = plt.subplots(figsize=(8, 5))
     sizes = [r["messages"] for r in rows]
     for key, label in (("latest_page", "latest page (50)"), ("deep_page", "deep page (50)"),
                        ("conversation_list", "conversation list (50)"), ("connect", "connect (ticket → ready)")):
         ax.plot(sizes, [float((r.get(key) or {}).get("p99_ms", "nan")) for r in rows], marker="o",
                 label=f"{label} p99")
+    ax.axhline(20, color="grey", linestyle="--", linewidth=1, label="issue 13 bound, 20 ms")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("messages stored")
     ax.set_ylabel("ms (p99, through the gateway)")
     ax.set_title("ChatStream data tier on FerretDB/SQLite")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
