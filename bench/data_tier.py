@@ -29,7 +29,7 @@ not the messages), then for each size:
    conversation-id cache lives 30 days; its fill is one read of the user's ``user_conversations`` document by
    ``_id``, docs/adr/0043, measured apart as **cold list**). With ``--churn N``, last, the **list while peers'
    status changes**: the sampled users listed again alone, then with N of the lists each sent right after a
-   peer of its user connected and closed (each drops the peer's card, docs/adr/0050).
+   peer of its user connected and closed (its offline write drops the peer's card, docs/adr/0050, 0051).
 
 Writes ``docs/bench/data-tier-<UTC>.json`` and ``.png`` (p99 against store size) after every size, with the load
 averages around each measurement. All traffic on 127.0.0.1. ``--quiet-lock DIR`` holds exclusive flocks on
@@ -482,15 +482,16 @@ async def connect_once(cluster: Cluster, http: Any, uid: str) -> float:
 
 def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: list[tuple[str, list[str]]],
                      cycles: int) -> dict[str, Any]:
-    """The conversation list while its peers' status changes (``--churn``). A peer's connect and its last
-    disconnect each write ``users.status`` and drop the peer's card (docs/adr/0050), so the next list of each
-    of the peer's contacts reads that card from the store. Two list passes over the sampled users, one request
-    at a time, their cards warm from the reads before: **alone**, then **churn**, where ``cycles`` lists
-    (spread over the pass) are each preceded by a peer of their user connecting (to ``ready``) and closing at
-    once, and the broker's status write dropping that peer's card. Before each list Redis is asked how many of
-    that user's peer cards are missing (not timed): the lists that found one dropped are timed apart. (Two
-    first versions, 2026-12-03: cycles on a thread beside the pass fell 7 into its 0.7 s; a list sent right
-    after the close ran before the status write, which waits 50 ms to batch, so no list met a dropped card.)"""
+    """The conversation list while its peers' status changes (``--churn``). A peer's last disconnect writes
+    ``users.status`` and drops the peer's card (docs/adr/0050; since docs/adr/0051 a connect writes only
+    Redis), so the next list of each of the peer's contacts reads that card from the store. Two list passes
+    over the sampled users, one request at a time, their cards warm from the reads before: **alone**, then
+    **churn**, where ``cycles`` lists (spread over the pass) are each preceded by a peer of their user
+    connecting (to ``ready``) and closing at once, and the broker's status write dropping that peer's card.
+    Before each list Redis is asked how many of that user's peer cards are missing (not timed): the lists that
+    found one dropped are timed apart. (Two first versions, 2026-12-03: cycles on a thread beside the pass fell
+    7 into its 0.7 s; a list sent right after the close ran before the status write, which waits 50 ms to
+    batch, so no list met a dropped card.)"""
     import redis
     from django.conf import settings
 
@@ -513,9 +514,8 @@ def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: li
             if theirs and (k * churn) // len(users) != ((k + 1) * churn) // len(users):
                 peer = theirs[k % len(theirs)]
                 churned.append(asyncio.run(connect_once(cluster, http, peer)))
-                # The broker writes the status (online then offline collapse into one write, 50 ms after the
-                # first: messaging.presence.STATUS_FLUSH_S) and then drops the card: wait for the drop
-                # (bounded), so the list below is one that follows a peer's status change.
+                # The broker writes the offline status (batched: messaging.presence.STATUS_FLUSH_S, 50 ms) and
+                # then drops the card: wait for the drop (bounded), so the list below follows a peer's change.
                 def dropped(peer: str = peer) -> bool:
                     return not client.exists(user_card_key(peer))
 
