@@ -576,13 +576,22 @@ def chatstream_setup(*, redis_url: str, members: list[list[int]],
     return [str(c) for c in conversation_ids], tickets, user_ids
 
 
-def chatstream_online_all(user_ids: list[ObjectId]) -> bool:
-    """Whether the broker finished its connect work for every one of ``user_ids``: their ``users.status`` is
-    online, which the broker writes (and then announces) in the background after ``ready``."""
-    from core.documents import User
+def chatstream_online_all(user_ids: list[ObjectId], *, redis_url: str) -> bool:
+    """Whether the broker finished its connect work for every one of ``user_ids``: each is "online since" in
+    ``PRESENCE_SINCE_KEY``, which the broker's presence script writes (and then announces) in the background
+    after ``ready``. Not ``users.status``: since ADR 0051 a connect writes nothing to the store, and waiting for
+    it held every ChatStream run for SETTLE_WORK_MAX_S."""
+    import redis as redis_sync
 
-    return bool(User._get_collection().count_documents({"_id": {"$in": user_ids}, "status": "online"})
-                >= len(user_ids))
+    from core.keys import PRESENCE_SINCE_KEY
+    from core.values import as_str
+
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        since = client.hmget(PRESENCE_SINCE_KEY, [str(u) for u in user_ids])
+    finally:
+        client.close()
+    return all(s is not None and as_str(s).startswith("+") for s in since)
 
 
 def brokers_spawn(*, count: int, env: dict[str, str], log_dir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:

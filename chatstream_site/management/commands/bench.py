@@ -161,7 +161,7 @@ class Command(BaseCommand):
                     checkpoint(await benchmark.measure(
                         system=system, urls=urls, workload=workload, members=members,
                         conversation_ids=conversation_ids, tickets=tickets, server_pids=pids, out=self.stderr,
-                        settled=functools.partial(benchmark.chatstream_online_all, user_ids)))
+                        settled=functools.partial(benchmark.chatstream_online_all, user_ids, redis_url=redis_url)))
                 finally:
                     await asyncio.to_thread(benchmark.processes_stop, spawned)
             if "socketio" in systems:
