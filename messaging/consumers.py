@@ -67,6 +67,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     registered = False
     closing = False
     ended = False
+    # Live events the hub delivered between the connection's registration and its ``ready`` (the registration
+    # awaits the partitions' stream positions, and the hub delivers meanwhile): held, then sent right after
+    # ``ready``, which docs/protocol.md promises is the first frame. None once ``ready`` is sent.
+    early: list[tuple[str, int, bytes, bytes]] | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Channels' loop minus what this consumer does not need, measured as the biggest per-frame costs:
@@ -148,10 +152,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             found, joined = await self.hub.connection_read(self)
             self.conversations = set(found)
+            self.early = []
             await self.hub.connection_add(self, conversation_ids=found, joined=joined)
             self.registered = True
             await self.send_frame(frames.frame("ready", user_id=self.user_id, session_id=self.session_id,
                                                conversations=sorted(self.conversations)))
+            self._early_send()
             # In the background: the presence script and announcement queue behind others in a wave of connects,
             # and the client's first frames must not wait for them. Disconnect waits for it (online before offline).
             self.presence_task = asyncio.get_running_loop().create_task(presence.presence_connect(
@@ -254,6 +260,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         whose unsent bytes exceed ``WS_SEND_BUFFER_BYTES`` is closed with 4009 instead."""
         if self.closing:
             return
+        early = self.early
+        if early is not None:  # not ready yet
+            if len(early) >= RESUME_BUFFER_MAX:
+                self._close_too_slow()
+                return
+            early.append((conversation_id, seq, text, wire))
+            return
         buffered = self.resuming.get(conversation_id) if self.resuming else None
         if buffered is not None:
             if len(buffered) >= RESUME_BUFFER_MAX:
@@ -273,6 +286,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 out.write(wire, text)
         elif self.over_since:
             self.over_since = 0.0
+
+    def _early_send(self) -> None:
+        """Deliver, in order, what the hub delivered before ``ready``; from now on events go out as they come."""
+        early, self.early = self.early or [], None
+        for conversation_id, seq, text, wire in early:
+            self.deliver(conversation_id=conversation_id, seq=seq, text=text, wire=wire)
 
     def membership_recheck(self, *, conversation_id: str | None) -> None:
         if not self.closing:

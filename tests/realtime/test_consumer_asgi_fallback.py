@@ -108,3 +108,36 @@ def test_an_exception_anywhere_in_a_connection_runs_the_cleanup(servers: Servers
         assert not await presence_live(the_hub.redis, alice)
 
     asyncio.run(body())
+
+
+def test_events_the_hub_delivers_while_a_connection_registers_come_after_ready(
+        servers: Servers, fresh_hub: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering a connection awaits its partitions' stream positions, and the hub delivers meanwhile (another
+    member's presence, a message): docs/protocol.md promises ``ready`` first, so those are held and sent right
+    after it, in order, none lost."""
+    from messaging import frames
+
+    alice, _ = user_create()
+    conv = group_create([alice, user_create()[0]])
+    original = hub.Hub._partitions_acquire
+
+    async def acquire_while_events_arrive(self: hub.Hub, partitions: list[int]) -> None:
+        for n, conn in enumerate(sorted(self.by_conversation.get(conv, ()), key=id)):
+            for seq in (1, 2):
+                text = frames.frame("presence", user_id=f"peer-{n}-{seq}", status="online").encode()
+                conn.deliver(conversation_id=conv, seq=0, text=text, wire=frames.ws_wire(text))
+        await original(self, partitions)
+
+    monkeypatch.setattr(hub.Hub, "_partitions_acquire", acquire_while_events_arrive)
+
+    async def body() -> list[dict[str, Any]]:
+        comm = WebsocketCommunicator(websocket_application(), f"/ws/?ticket={ticket_for(servers.redis_url, alice)}")
+        connected, _ = await comm.connect(timeout=20)
+        assert connected
+        got = [await comm.receive_json_from(timeout=20) for _ in range(3)]
+        await comm.disconnect(timeout=20)
+        return got
+
+    got = asyncio.run(body())
+    assert [f["type"] for f in got] == ["ready", "presence", "presence"], got
+    assert [f["user_id"] for f in got[1:]] == ["peer-0-1", "peer-0-2"]
