@@ -344,21 +344,21 @@ _appends_since_check: dict[int, int] = {}
 _background: set[asyncio.Task[None]] = set()
 
 
+def _backlog_of(lags: list[Any], *, length: int) -> int:
+    """The lag rule both backlog reads share: the worst consumer group's lag; a group whose lag Redis cannot
+    tell (nil) counts the whole stream, and so does a stream without groups (nothing has drained it yet)."""
+    return max((length if lag is None else int(lag) for lag in lags), default=length)
+
+
 async def partition_backlog(client: BusAsync, *, partition: int) -> int:
     """Entries of a partition not yet delivered to its drain's consumer group (XINFO GROUPS ``lag``);
     the whole stream length when no group exists yet or Redis cannot tell the lag. Read-only."""
     key = keys.stream_key(partition)
-    groups = await client.xinfo_groups(key) if await client.exists(key) else []
-    lags = []
-    for group in groups:
-        lag = group.get("lag") if isinstance(group, dict) else None
-        if lag is None:
-            lags.append(int(await client.xlen(key)))
-        else:
-            lags.append(int(lag))
-    if not groups:
-        return int(await client.xlen(key))
-    return max(lags)
+    if not await client.exists(key):
+        return 0
+    groups = await client.xinfo_groups(key)
+    lags = [group.get("lag") if isinstance(group, dict) else None for group in groups]
+    return _backlog_of(lags, length=int(await client.xlen(key)))
 
 
 async def _drain_enqueue(*, partition: int) -> None:
@@ -382,12 +382,9 @@ async def _backlog_lean(resp: RespClient, *, partition: int) -> tuple[int, bool]
         if "no such key" not in str(groups).lower():
             raise groups
         groups = []  # no stream yet: no group either
-    lags = []
-    for group in groups:
-        # RESP2: each group is a flat list of names and values; ``lag`` is nil when Redis cannot tell it.
-        lag = dict(zip(group[::2], group[1::2], strict=True)).get(b"lag")
-        lags.append(int(length) if lag is None else int(lag))
-    return (max(lags) if lags else int(length)), bool(locked)
+    # RESP2: each group is a flat list of names and values; ``lag`` is nil when Redis cannot tell it.
+    lags = [dict(zip(group[::2], group[1::2], strict=True)).get(b"lag") for group in groups]
+    return _backlog_of(lags, length=int(length)), bool(locked)
 
 
 async def _drain_check(client: BusAsync, *, partition: int) -> None:
