@@ -330,10 +330,11 @@ def cmd_install() -> None:
 
 # ---------------------------------------------------------------- supervisor config
 
-# Roles in start order; (program name, `manage.py role` arguments). Two of every role but the gateway and beat,
-# so that one can die (docs/architecture.md).
+# Roles in start order; (program name, `manage.py role` arguments). Two of every role but beat, so that one can
+# die while its twin serves (docs/architecture.md); the two gateways share the public port (docs/adr/0056).
 ROLE_PROGRAMS = (
-    ("gateway", "gateway"),
+    ("gateway1", "gateway --instance 1"),
+    ("gateway2", "gateway --instance 2"),
     ("broker1", "broker --instance 1"),
     ("broker2", "broker --instance 2"),
     ("api1", "api --instance 1"),
@@ -364,6 +365,29 @@ def supervisor_socket(var: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"chatstream-{hashlib.sha256(str(var).encode()).hexdigest()[:12]}.sock"
 
 
+def gateway_port_check(env: dict[str, str]) -> None:
+    """Refuse to write a config whose gateways could not own their port. The gateways bind it with SO_REUSEPORT
+    (docs/adr/0056), which Linux lets any process of the same user share, so a second `make run` would silently
+    take half of the first one's connections: a bind without that option, as tried here, fails while anything
+    listens there. Side effect: binds and closes one socket."""
+    raw = env.get("CHATSTREAM_GATEWAY_PORT") or "8000"
+    if not raw.isdigit():
+        raise BootstrapError(f"CHATSTREAM_GATEWAY_PORT={raw!r} is not a port number", "set it to e.g. 8000")
+    host = env.get("CHATSTREAM_BIND") or "127.0.0.1"
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateways: TIME_WAIT is no owner
+        probe.bind((host, int(raw)))
+    except OSError as exc:
+        raise BootstrapError(
+            f"the gateway's port {host}:{raw} is taken ({exc.strerror}): another `make run` or another program "
+            "listens there",
+            "stop it (Ctrl-C in its terminal, or `kill $(cat var/supervisord.pid)` for a `make run` of this "
+            "checkout), or set CHATSTREAM_GATEWAY_PORT in .env to a free port") from None
+    finally:
+        probe.close()
+
+
 def supervisor_conf(*, var: Path, python: str, log_color: bool) -> str:
     """The supervisord config of ``make run``: servers we must start (Redis and FerretDB only when nothing
     answers at their address yet, so a server the user already runs is reused and never stopped by us),
@@ -372,6 +396,7 @@ def supervisor_conf(*, var: Path, python: str, log_color: bool) -> str:
     import uuid
 
     env = read_dotenv()
+    gateway_port_check(env)
     var.mkdir(parents=True, exist_ok=True)
     (var / "log").mkdir(exist_ok=True)
     servers: dict[str, str] = {}

@@ -81,3 +81,27 @@ def test_the_ferretdb_patch_applies_to_the_release_source_and_refuses_a_source_w
     with pytest.raises(SystemExit, match="cannot apply the patch"):
         bootstrap.ferretdb_patch(tmp_path / "src")  # the line is gone now: another release
     assert "patches" in bootstrap.ferretdb_build_stamp()
+
+
+def test_make_run_refuses_a_gateway_port_that_something_listens_on(bootstrap: ModuleType) -> None:
+    """The gateways share their port through SO_REUSEPORT (docs/adr/0056), which any process of the same user may
+    join: supervisor-conf must refuse a taken port, even one held with that option (a second `make run`)."""
+    from chatstream_site.uvicorn_main import listen_socket_shared
+
+    held = listen_socket_shared(host="127.0.0.1", port=0)
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        with pytest.raises(SystemExit) as refused:
+            bootstrap.gateway_port_check({"CHATSTREAM_GATEWAY_PORT": str(port)})
+        message = str(refused.value.code)
+        assert f"127.0.0.1:{port} is taken" in message and "CHATSTREAM_GATEWAY_PORT" in message, message
+        # A second gateway of the same cluster still joins it (the point of the option).
+        twin = listen_socket_shared(host="127.0.0.1", port=port)
+        twin.listen()
+        twin.close()
+    finally:
+        held.close()
+    bootstrap.gateway_port_check({"CHATSTREAM_GATEWAY_PORT": str(port)})  # free again: no error
+    with pytest.raises(SystemExit, match="not a port number"):
+        bootstrap.gateway_port_check({"CHATSTREAM_GATEWAY_PORT": "80x"})

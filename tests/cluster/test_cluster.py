@@ -31,14 +31,14 @@ def test_make_run_cluster_registers_every_role_and_forgets_a_killed_broker(tmp_p
     cluster.start()
     try:
         cluster.wait_ready()
-        # Ready means one instance of every role; the second broker/api/storage may register a moment later.
+        # Ready means one instance of every role; the second gateway/broker/api/storage may register a moment later.
         def all_registered() -> list[dict[str, str]] | None:
             found = registry(cluster)
-            return found if len(found) == 8 else None
+            return found if len(found) == 9 else None
 
-        live = wait_until(all_registered, timeout_s=30, what="all 8 instances to register")
+        live = wait_until(all_registered, timeout_s=30, what="all 9 instances to register")
         assert Counter(i["role"] for i in live) == {
-            "gateway": 1, "broker": 2, "api": 2, "storage": 2, "storage-beat": 1
+            "gateway": 2, "broker": 2, "api": 2, "storage": 2, "storage-beat": 1
         }, live
         for entry in live:
             assert set(entry) >= {"role", "id", "url", "started_at", "last_seen"}
@@ -76,7 +76,7 @@ def test_ctrl_c_deregisters_every_instance(tmp_path: Path) -> None:
     cluster.start()
     try:
         cluster.wait_ready()
-        wait_until(lambda: len(registry(cluster)) == 8, timeout_s=30, what="all 8 instances to register")
+        wait_until(lambda: len(registry(cluster)) == 9, timeout_s=30, what="all 9 instances to register")
     finally:
         cluster.stop()
     assert tagged_pids(cluster.tag) == []

@@ -32,6 +32,16 @@ def test_the_api_runs_on_uvicorn_by_default_and_reads_x_forwarded_for_itself(set
     assert int(option(argv, "--timeout-keep-alive")) > UPSTREAM_KEEPALIVE_S
 
 
+def test_only_the_gateways_share_their_port() -> None:
+    """docs/adr/0056: the gateways of one machine bind the public port with SO_REUSEPORT; a broker's or the api's
+    port is its own, so a second instance on it fails to start rather than splitting its traffic."""
+    gateway = role_argv("gateway", port=8000, instance=2, bindir="/venv/bin")
+    assert gateway[:4] == ["/venv/bin/python", "-m", "chatstream_site.uvicorn_main", "--reuse-port"]
+    assert option(gateway, "--port") == "8000"
+    for role in ("broker", "api"):
+        assert "--reuse-port" not in role_argv(role, port=8101, instance=1, bindir="/venv/bin"), role
+
+
 def test_the_api_stays_available_on_daphne(settings: Any) -> None:
     settings.API_SERVER = "daphne"
     argv = role_argv("api", port=8112, instance=2, bindir="/venv/bin")

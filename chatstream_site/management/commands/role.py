@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatstream_site.health import bus_check, mongodb_check, redis_check
+from chatstream_site.uvicorn_main import REUSE_PORT_OPTION
 from core.registry import ROLES, start_count_incr
 from core.roles import role_port, run_id, url_redacted
 from gateway.proxy import UPSTREAM_KEEPALIVE_S
@@ -46,14 +47,20 @@ def wait_for_servers(*, need_mongodb: bool, wait_s: float) -> None:
 API_KEEPALIVE_S = 2 * UPSTREAM_KEEPALIVE_S
 
 
-def uvicorn_argv(*, bindir: str, port: int, ws: str, trusted: list[str]) -> list[str]:
+def uvicorn_argv(*, bindir: str, port: int, ws: str, trusted: list[str], reuse_port: bool = False) -> list[str]:
     """uvicorn + uvloop + httptools, what every role on it shares: the ASGI lifespan (where a role deregisters:
     uvicorn re-raises SIGTERM, so atexit never runs), no access log (the gateway writes its own), no Server
     header, and proxy headers from ``trusted`` only (none if empty). The caller appends its options and the app.
     A role serving WebSockets runs uvicorn's command line through chatstream_site/uvicorn_main.py, whose protocol
-    keeps a connection's attributes in slots (docs/adr/0054); the api (``ws="none"``) runs the script itself."""
+    keeps a connection's attributes in slots (docs/adr/0054); the api (``ws="none"``) runs the script itself.
+    ``reuse_port``: the port is shared with the role's other instances on this machine (SO_REUSEPORT,
+    docs/adr/0056); only through uvicorn_main."""
     server = ([os.path.join(bindir, "python"), "-m", "chatstream_site.uvicorn_main"] if ws != "none"
               else [os.path.join(bindir, "uvicorn")])
+    if reuse_port:
+        if ws == "none":
+            raise ValueError("reuse_port needs chatstream_site.uvicorn_main (a WebSocket role)")
+        server.append(REUSE_PORT_OPTION)
     argv = [*server, "--host", settings.BIND_HOST, "--port", str(port),
             "--loop", "uvloop", "--http", "httptools", "--ws", ws, "--lifespan", "on",
             "--no-access-log", "--no-server-header"]
@@ -75,8 +82,11 @@ def role_argv(role: str, *, port: int, instance: int, bindir: str) -> list[str]:
         # (docs/interface.md). Proxy headers (the client address from X-Forwarded-For) only from
         # CHATSTREAM_GATEWAY_TRUSTED_PROXIES: the gateway is the public edge, and a client-chosen address would
         # dodge the per-IP limits.
+        # Every gateway of the machine listens on the one public port, shared through SO_REUSEPORT: the kernel
+        # spreads new connections over the live ones, so a killed gateway never leaves the port unanswered
+        # while supervisord restarts it (docs/adr/0056).
         argv = uvicorn_argv(bindir=bindir, port=port, ws="websockets-sansio",
-                            trusted=settings.GATEWAY_TRUSTED_PROXIES)
+                            trusted=settings.GATEWAY_TRUSTED_PROXIES, reuse_port=True)
         # Broker frames pass through as they are (docs/adr/0039), never compressed, and a client's
         # compressed frames would cost an inflate context per socket (docs/adr/0044).
         # Warning level as on the brokers: at info uvicorn logs three lines per WebSocket (websockets' "connection
