@@ -34,6 +34,13 @@ def role_port(role: str, instance: int) -> int:
     return int(settings.PORT_BASE) + PORT_OFFSETS[role] + instance
 
 
+def instance_number() -> int:
+    """This process' instance number within its role (``CHATSTREAM_INSTANCE``, set by the ``role`` command);
+    1 when unset or not a positive number (tests, shells)."""
+    raw = os.environ.get("CHATSTREAM_INSTANCE", "1")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else 1
+
+
 def heartbeat_start() -> Heartbeat | None:
     """Register this process in the registry if it was started as a role; idempotent.
 
@@ -46,7 +53,7 @@ def heartbeat_start() -> Heartbeat | None:
     port = os.environ.get("CHATSTREAM_INSTANCE_PORT", "")
     if _heartbeat is not None or not role or not port:
         return _heartbeat
-    instance = os.environ.get("CHATSTREAM_INSTANCE", "1")
+    instance = str(instance_number())
     # A random suffix makes a restarted instance a new registration, so nobody mistakes it for the old one.
     instance_id = f"{role}-{instance}-{socket.gethostname()}-{secrets.token_hex(3)}"
     host = os.environ.get("CHATSTREAM_INSTANCE_HOST", "127.0.0.1")

@@ -29,6 +29,7 @@ import redis.asyncio
 from django.conf import settings
 
 from core.registry import ROLES
+from core.roles import instance_number
 from core.tokens import ws_ticket_issue_async
 from gateway.admission import Admission
 from gateway.asgi import (
@@ -141,7 +142,8 @@ class GatewayApp:
         self.limits_redis = redis.asyncio.Redis.from_url(
             settings.CACHES["default"]["LOCATION"], socket_timeout=0.25, socket_connect_timeout=0.25)
         self.upstreams = Upstreams(client=self.redis, breaker_threshold=settings.GATEWAY_BREAKER_THRESHOLD,
-                                   breaker_open_s=settings.GATEWAY_BREAKER_OPEN_S)
+                                   breaker_open_s=settings.GATEWAY_BREAKER_OPEN_S,
+                                   rotation_start=instance_number() - 1)
         self.limiter = RateLimiter(client=self.limits_redis)
         self.slots = SocketSlots(client=self.limits_redis, cap=settings.GATEWAY_WS_MAX_SOCKETS_PER_USER,
                                  ttl_s=settings.GATEWAY_WS_SLOT_TTL_S)

@@ -4,7 +4,9 @@
   traffic within about a second and a vanished one none (it leaves the registry within its TTL, and its
   breaker opens sooner if requests to it fail).
 * Least outstanding requests: each instance counts its in-flight HTTP requests and, separately, its open
-  WebSockets; a request goes to the available instance with the fewest of its kind, ties broken round-robin.
+  WebSockets; a request goes to the available instance with the fewest of its kind, ties broken round-robin per
+  role and kind. The counts are this process' own: the gateways sharing a port (docs/adr/0056) start their
+  rotations at their instance numbers, so that with nothing open each sends its first WebSocket to another broker.
 * Circuit breaker per instance (purgatory, asyncio-native): closed → opened after
   ``GATEWAY_BREAKER_THRESHOLD`` consecutive transport failures (refused or timed-out connects, broken
   connections) → after ``GATEWAY_BREAKER_OPEN_S`` one probe request is let through (half-open) → closed on
@@ -61,12 +63,14 @@ class Unavailable:
 class Upstreams:
     """The gateway's view of the upstream instances. One per process; every method runs on its event loop."""
 
-    def __init__(self, *, client: redis.asyncio.Redis, breaker_threshold: int, breaker_open_s: float) -> None:
+    def __init__(self, *, client: redis.asyncio.Redis, breaker_threshold: int, breaker_open_s: float,
+                 rotation_start: int = 0) -> None:
         self._client = client
         self._instances: list[Instance] = []
         self._fetched_at = -math.inf
         self._refreshing: asyncio.Future[None] | None = None
-        self._rotation = itertools.count()
+        self._rotation_start = rotation_start
+        self._rotations: dict[tuple[str, Kind], itertools.count[int]] = {}
         self._load: dict[str, Load] = {}
         self._open_s = breaker_open_s
         self._breakers = AsyncCircuitBreakerFactory(default_threshold=breaker_threshold,
@@ -127,7 +131,9 @@ class Upstreams:
         found = [i for i in await self.instances(role) if i.id not in exclude]
         if not found:
             return Unavailable(role=role, retry_after_s=2, instances=0)
-        start = next(self._rotation) % len(found)
+        # Per role and kind: a gateway's HTTP requests must not move where its next WebSocket's tie lands.
+        rotation = self._rotations.setdefault((role, kind), itertools.count(self._rotation_start))
+        start = next(rotation) % len(found)
         best: Instance | None = None
         best_load = math.inf
         soonest = math.inf

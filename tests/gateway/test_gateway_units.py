@@ -685,3 +685,28 @@ def test_an_accepted_websockets_access_line_is_written_once_when_it_ends(caplog:
     assert lines_during_life == [0]
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "chatstream.gateway.access"]
     assert len(lines) == 1 and lines[0]["status"] == 101 and lines[0]["close_code"] == 4321
+
+
+def test_gateways_sharing_a_port_send_their_first_websockets_to_different_brokers() -> None:
+    """docs/adr/0056: each gateway counts only its own sockets, so with nothing open two gateways would both pick
+    the first broker; each starts its tie-break rotation at its instance number instead, and a gateway's HTTP
+    requests do not move where its next WebSocket's tie lands."""
+    brokers = [Instance(role="broker", id=f"broker-{n}-test", url=f"http://127.0.0.1:{free_port()}", started_at="",
+                        last_seen="") for n in (1, 2)]
+    apis = [_instance(1), _instance(2), _instance(3)]
+
+    async def first_ws(rotation_start: int, http_before: int) -> Instance:
+        upstreams = _upstreams([*brokers, *apis])
+        upstreams._rotation_start = rotation_start
+        for _ in range(http_before):
+            await upstreams.pick(role="api", kind="http")
+        picked = await upstreams.pick(role="broker", kind="ws")
+        assert isinstance(picked, Instance)
+        return picked
+
+    async def scenario() -> None:
+        for http_before in (0, 1, 2):
+            assert await first_ws(0, http_before) == brokers[0]
+            assert await first_ws(1, http_before) == brokers[1]
+
+    asyncio.run(scenario())
