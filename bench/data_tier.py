@@ -598,7 +598,7 @@ def run(args: argparse.Namespace, cluster: Cluster, *, servers: Any, state: dict
         convs = [(cid, list(members)) for cid, members in state["convs"]]
         rnd.seed(state["have"])  # other random choices than the run that seeded
     # The config of this checkout, written anew as `make run` writes it: a resumed workdir holds the one written
-    # by the run that seeded it, whose programs run from that run's checkout (once a removed worktree's).
+    # by the run that seeded it (that code's program set, and its interpreter's path, once a removed worktree's).
     cluster.write_conf()
     cluster.start()
     cluster.wait_ready(timeout_s=180)
