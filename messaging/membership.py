@@ -25,6 +25,7 @@ from core.keys import (
 )
 from messaging import frames, selectors
 from messaging.conversation_index import user_conversations_record
+from messaging.streams import append_client_lean
 
 # A membership answer is cached this long. The API's membership changes write the new set at once
 # (membership_invalidate_sync), so the TTL is not what keeps it fresh: it bounds the staleness after a write
@@ -115,7 +116,13 @@ MEMBERSHIP_GENERATION_TTL_S = 3600
 
 async def _conversation_members_shared(client: redis.asyncio.Redis, *, conversation_id: str) -> set[str] | None:
     key = membership_key(conversation_id)
-    cached = await client.smembers(key)
+    # On a broker, over the append batcher's one pipelined connection (docs/adr/0040) when it has one: the
+    # first sends of 1,000 conversations at once each took a connection of redis-py's pool, which grew by
+    # hundreds (a connect and a handshake each, redis-py reading its package metadata from disk per
+    # connection; a connect timed out on a loaded machine), ~4 % of a broker's samples at 10,000 connections
+    # as fast as acked (docs/benchmarks.md, "Issue 16: 10,000 connections as fast as acked").
+    lean = append_client_lean(client)
+    cached = await (lean.call("SMEMBERS", key) if lean is not None else client.smembers(key))
     if cached:
         members = {m.decode() if isinstance(m, bytes) else str(m) for m in cached}
         return None if members == {_NO_MEMBERS} else members - {_NO_MEMBERS}

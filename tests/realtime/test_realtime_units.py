@@ -250,3 +250,37 @@ def test_a_socket_from_a_gateway_trades_websocket_pings_for_tcp_keepalive() -> N
 
     keepalive, idle, stopped = asyncio.run(scenario())
     assert keepalive == 1 and idle == KEEPALIVE_IDLE_S and stopped == 1
+
+
+def test_a_brokers_membership_reads_share_its_lean_connection_and_answer_as_before(servers: Servers) -> None:
+    """The first sends of many conversations at once (a broker's in-process cache empty) read their member sets
+    over the append batcher's one pipelined connection: Redis accepts no new connection for them (redis-py's
+    pool opened one per concurrent read, hundreds at 10,000 connections), and members and strangers get the
+    same answers as through redis-py."""
+    from core.errors import NotFound
+    from core.keys import membership_key
+    from messaging import membership, streams
+
+    conversations = [f"lean-{uuid.uuid4().hex}" for _ in range(40)]
+
+    async def accepted(c: redis.asyncio.Redis) -> int:
+        return int((await c.info("stats"))["total_connections_received"])
+
+    async def body(c: redis.asyncio.Redis) -> None:
+        for cid in conversations:
+            await c.sadd(membership_key(cid), "member", "other")
+        streams.append_batching_enable(c)
+        lean = streams.append_client_lean(c)
+        assert lean is not None
+        await lean.call("PING")  # its one connection, made before counting
+        before = await accepted(c)
+        await asyncio.gather(*(membership.membership_require(c, user_id="member", conversation_id=cid)
+                               for cid in conversations))
+        strangers = await asyncio.gather(*(membership.membership_require(c, user_id="stranger", conversation_id=cid)
+                                           for cid in conversations), return_exceptions=True)
+        assert all(isinstance(s, NotFound) for s in strangers)
+        assert await membership.conversation_members(c, conversation_id=conversations[0]) == {"member", "other"}
+        assert await accepted(c) == before  # every read on the connection already open
+        await c.delete(*[membership_key(cid) for cid in conversations])
+
+    run(servers, body)
