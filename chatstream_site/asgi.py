@@ -69,16 +69,19 @@ elif settings.ROLE == "broker":
 else:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
+    from api.warm import api_warm
     from core.roles import lifespan_serve
 
     # The server serves no files itself: the admin's and the API docs page's assets come from the apps.
     django_with_static = ASGIStaticFilesHandler(django_application)
 
     async def api_application(scope: Any, receive: Any, send: Any) -> None:
-        """Django, plus the ASGI lifespan under uvicorn (daphne sends none): deregister at shutdown, since
-        uvicorn re-raises SIGTERM and the registry's atexit hook never runs (as for the brokers)."""
+        """Django, plus the ASGI lifespan under uvicorn (daphne sends none): warm the instance at startup
+        (api/warm.py); deregister at shutdown, since uvicorn re-raises SIGTERM and the registry's atexit hook
+        never runs (as for the brokers)."""
         if scope["type"] == "lifespan":
-            await lifespan_serve(receive, send)
+            # The first requests' connections and imports, paid before the instance serves (api/warm.py).
+            await lifespan_serve(receive, send, on_startup_blocking=api_warm)
             return
         await django_with_static(scope, receive, send)
 
