@@ -63,12 +63,19 @@ def users_presence_applied(users: list[User]) -> list[User]:
     docs/adr/0051: a connect writes no store, so the store's values are the last offline or chosen status).
     Every public read of a user's status goes through this. Cost: one Redis script call for all of them. Side
     effect: sets the two fields on the (never saved) documents."""
+    users_presence_overlay(users)
+    return users
+
+
+def users_presence_overlay(users: list[User]) -> dict[str, bool]:
+    """What :func:`users_presence_applied` does to ``users``; returns whether each (by id) has a live session
+    now, for the reads that show ``online`` beside the status."""
     said = presence_shown(sync_redis(), user_ids=[str(u.id) for u in users])
     for user in users:
         live, since, gone = said[str(user.id)]
         user.status, user.last_seen = status_shown(status=user.status or "offline", last_seen=user.last_seen,
                                                    live=live, since=since, gone=gone)
-    return users
+    return {user_id: entry[0] for user_id, entry in said.items()}
 
 
 def user_get(*, user_id: str) -> User:
@@ -390,12 +397,7 @@ def conversation_members_get(*, user_id: str, conversation_id: str) -> list[Memb
                for k, v in (bus_sync().hgetall(read_cursor_key(cid)) or {}).items()}
     persisted = {str(k): int(v) for k, v in (conversation.read_cursors or {}).items()}
     present = [m for m in members if m in users]
-    said = presence_shown(sync_redis(), user_ids=present)
-    for member in present:
-        live, since, gone = said[member]
-        users[member].status, users[member].last_seen = status_shown(
-            status=users[member].status or "offline", last_seen=users[member].last_seen, live=live, since=since,
-            gone=gone)
-    return [MemberState(user=users[m], online=said[m][0], read_seq=max(cursors.get(m, 0), persisted.get(m, 0)))
+    online = users_presence_overlay([users[m] for m in present])
+    return [MemberState(user=users[m], online=online[m], read_seq=max(cursors.get(m, 0), persisted.get(m, 0)))
             for m in present]
 
