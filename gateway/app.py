@@ -123,7 +123,7 @@ class Router:
                             headers=[(b"cache-control", b"no-store"), (b"pragma", b"no-cache")])
 
     async def readyz(self, send: Send) -> None:
-        live = await self.upstreams.instances()
+        live = await self.upstreams.instances(fresh=True)
         counts = {role: sum(1 for i in live if i.role == role) for role in ROLES}
         missing = [role for role, n in counts.items() if n == 0]
         body = {"status": "unavailable" if missing else "ready", "instances": counts, "missing": missing}

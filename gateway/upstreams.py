@@ -97,16 +97,19 @@ class Upstreams:
         finally:
             self._fetched_at = time.monotonic()
 
-    async def instances(self, role: str | None = None) -> list[Instance]:
+    async def instances(self, role: str | None = None, *, fresh: bool = False) -> list[Instance]:
         """Live instances of ``role`` (all roles if None), re-read from the registry at most once a second.
 
         A stale list is refreshed in the background (one read at a time) while requests keep using the last
         one, so a slow or absent Redis never holds a request; only the very first call waits for a read.
+        ``fresh``: wait for that read when the list is stale (``/readyz``: a gateway that had no request for a while
+        would otherwise answer from the list of its last one, and the gateways sharing a port, docs/adr/0056,
+        would disagree). Bounded by the registry client's socket timeout; still at most one read a second.
         """
-        if time.monotonic() - self._fetched_at > REGISTRY_REFRESH_S and (
-                self._refreshing is None or self._refreshing.done()):
+        stale = time.monotonic() - self._fetched_at > REGISTRY_REFRESH_S
+        if stale and (self._refreshing is None or self._refreshing.done()):
             self._refreshing = asyncio.ensure_future(self._refresh())
-        if self._fetched_at == -math.inf and self._refreshing is not None:
+        if (self._fetched_at == -math.inf or (fresh and stale)) and self._refreshing is not None:
             await asyncio.shield(self._refreshing)
         return [i for i in self._instances if role is None or i.role == role]
 

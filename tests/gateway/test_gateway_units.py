@@ -164,7 +164,7 @@ def _instance(n: int) -> Instance:
 def _upstreams(instances: list[Instance], *, open_s: float = 0.3) -> Upstreams:
     upstreams = Upstreams(client=redis.asyncio.Redis(), breaker_threshold=3, breaker_open_s=open_s)
 
-    async def fixed(role: str | None = None) -> list[Instance]:
+    async def fixed(role: str | None = None, *, fresh: bool = False) -> list[Instance]:
         return [i for i in instances if role in (None, i.role)]
 
     upstreams.instances = fixed  # type: ignore[method-assign]
@@ -708,5 +708,32 @@ def test_gateways_sharing_a_port_send_their_first_websockets_to_different_broker
         for http_before in (0, 1, 2):
             assert await first_ws(0, http_before) == brokers[0]
             assert await first_ws(1, http_before) == brokers[1]
+
+    asyncio.run(scenario())
+
+
+def test_readyz_reads_a_stale_registry_view_afresh_and_requests_do_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway with no request for a while holds its last registry view. Requests keep using it while it is
+    re-read in the background; /readyz (``fresh=True``) waits for the read, so two gateways on one port
+    (docs/adr/0056) do not answer from views of different ages."""
+    import gateway.upstreams as upstreams_module
+
+    registry: list[Instance] = [_instance(1)]
+
+    async def listed(_client: object) -> list[Instance]:
+        return list(registry)
+
+    monkeypatch.setattr(upstreams_module, "instances_list_async", listed)
+    monkeypatch.setattr(upstreams_module, "REGISTRY_REFRESH_S", 0.05)
+
+    async def scenario() -> None:
+        upstreams = Upstreams(client=redis.asyncio.Redis(), breaker_threshold=3, breaker_open_s=1)
+        assert len(await upstreams.instances()) == 1  # the first call waits for the first read
+        registry.append(_instance(2))
+        await asyncio.sleep(0.1)
+        assert len(await upstreams.instances()) == 1  # stale: answered at once, re-read in the background
+        registry.append(_instance(3))
+        await asyncio.sleep(0.1)
+        assert len(await upstreams.instances(fresh=True)) == 3  # stale: waits for the read
 
     asyncio.run(scenario())
