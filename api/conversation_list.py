@@ -22,7 +22,6 @@ from core.documents import (
     BUCKET_SEQS,
     Conversation,
     GroupChat,
-    LastMessage,
     Message,
     MessageBucket,
     User,
@@ -44,17 +43,57 @@ from messaging.mentions import mention_counts_sync
 from messaging.presence import presence_shown, status_shown
 from messaging.selectors import user_conversation_ids
 
+# The list's rows are plain values, not mongoengine documents: building a ``Conversation``, its ``LastMessage`` and
+# the peer's ``User`` cost ~70 µs per document, 7.8 ms of a list of 50's 9 ms in process (tests/api's list of 50,
+# docs/benchmarks.md "Issue 13: a list of 50"). Times are ISO-8601 UTC strings with milliseconds, as the cards
+# and the recent window hold them and the API answers them (core.values.iso_ms).
+
+
+@dataclass(frozen=True, slots=True)
+class LastMessageView:
+    id: str
+    seq: int
+    sender_id: str
+    content: str | None
+    timestamp: str | None
+    deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """The other member of a 1:1 chat, with the status every public read shows (``status_shown``)."""
+
+    id: str
+    username: str
+    status: str
+    last_seen: str | None
+
 
 @dataclass(frozen=True, slots=True)
 class ConversationSummary:
-    conversation: Conversation
+    id: str
+    type: str  # "single" or "group"
+    room_id: str  # the single chat's or the group's id
+    members: tuple[str, ...]
+    created_at: str | None
+    updated_at: str | None  # the last activity: the last message's time or the conversation's updated_at
+    last_message: LastMessageView | None
     last_seq: int  # last accepted seq (Redis), at least the last persisted one
     read_seq: int  # the caller's read cursor
     unread: int  # persisted messages of others, not deleted, above the cursor
     title: str  # the group's name, or the other member's username
-    peer: User | None  # the other member of a 1:1 chat
-    group: GroupChat | None
+    peer: PeerView | None  # the other member of a 1:1 chat
     mentions: int = 0  # messages mentioning the caller above their read cursor (messaging/mentions.py)
+
+
+def _iso(value: Any) -> str | None:
+    """A stored or cached time as the API answers it. The cards and the window already hold that form (24
+    characters, ``Z``): passed through; anything else (an older writer's form) is parsed and written again."""
+    if not isinstance(value, str) or not value:
+        return None
+    if len(value) == 24 and value[-1] == "Z":
+        return value
+    return iso_ms(time_parse(value))
 
 
 @functools.cache
@@ -367,17 +406,11 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
             unread = stored_unread.get(cid, 0) + unread
         elif floor is None:
             unread = stored_unread.get(cid, 0)
-        last_message = last if last is not None else card["last_message"]
-        conv = Conversation(id=ObjectId(cid), type=card["type"], room_id=ObjectId(card["room_id"]),
-                            members=[ObjectId(m) for m in card["members"]],
-                            created_at=time_parse(card["created_at"]), updated_at=time_parse(activity),
-                            last_seq=max(last_seq, card["last_seq"]),
-                            last_message=None if last_message is None else LastMessage(
-                                id=last_message["id"], seq=int(last_message["seq"]),
-                                sender_id=str(last_message["sender_id"]), content=last_message.get("content"),
-                                timestamp=time_parse(last_message.get("timestamp")),
-                                deleted=bool(last_message.get("deleted"))))
-        peer = group = None
+        shown = last if last is not None else card["last_message"]
+        last_message = None if shown is None else LastMessageView(
+            id=shown["id"], seq=int(shown["seq"]), sender_id=str(shown["sender_id"]), content=shown.get("content"),
+            timestamp=_iso(shown.get("timestamp")), deleted=bool(shown.get("deleted")))
+        peer = None
         if card["type"] == "single":
             other = next((m for m in card["members"] if m != user_id), user_id)
             peer_card = peers.get(other)
@@ -386,14 +419,15 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
                 status, last_seen = status_shown(status=peer_card["status"] or "offline",
                                                  last_seen=time_parse(peer_card["last_seen"]), live=live,
                                                  since=since, gone=gone)
-                peer = User(id=ObjectId(other), username=peer_card["username"], status=status, last_seen=last_seen)
+                peer = PeerView(id=other, username=peer_card["username"], status=status, last_seen=iso_ms(last_seen))
             title = peer.username if peer is not None else ""
         else:
             group_card = groups.get(card["room_id"])
-            if group_card is not None:
-                group = GroupChat(id=ObjectId(card["room_id"]), name=group_card["name"])
-            title = group.name if group is not None else ""
-        out.append(ConversationSummary(conversation=conv, last_seq=conv.last_seq, read_seq=read_seq,
-                                       unread=unread, title=title, peer=peer, group=group,
-                                       mentions=mention_counts.get(cid, 0)))
+            title = group_card["name"] if group_card is not None else ""
+        top_seq = max(last_seq, card["last_seq"])
+        out.append(ConversationSummary(
+            id=cid, type=card["type"], room_id=card["room_id"], members=tuple(card["members"]),
+            created_at=_iso(card["created_at"]), updated_at=_iso(activity), last_message=last_message,
+            last_seq=top_seq, read_seq=read_seq, unread=unread, title=title, peer=peer,
+            mentions=mention_counts.get(cid, 0)))
     return out

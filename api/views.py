@@ -84,19 +84,19 @@ def _added_by_out(group: GroupChat) -> dict[str, str | None]:
 
 
 def conversation_out(summary: conversation_list.ConversationSummary) -> dict[str, Any]:
-    conv: Conversation = summary.conversation
-    last = conv.last_message
+    last, peer = summary.last_message, summary.peer
     return {
-        "id": str(conv.id), "type": conv.type, "room_id": str(conv.room_id), "title": summary.title,
-        "members": [str(m) for m in conv.members],
-        "peer": user_out(summary.peer) if summary.peer is not None else None,
-        "group_id": str(conv.room_id) if conv.type == "group" else None,
+        "id": summary.id, "type": summary.type, "room_id": summary.room_id, "title": summary.title,
+        "members": list(summary.members),
+        "peer": None if peer is None else {"id": peer.id, "username": peer.username, "status": peer.status,
+                                           "last_seen": peer.last_seen},
+        "group_id": summary.room_id if summary.type == "group" else None,
         "last_message": None if last is None else {
             "id": last.id, "seq": last.seq, "sender_id": last.sender_id,
-            "content": "" if last.deleted else (last.content or ""), "timestamp": iso(last.timestamp),
-            "deleted": bool(last.deleted)},
+            "content": "" if last.deleted else (last.content or ""), "timestamp": last.timestamp,
+            "deleted": last.deleted},
         "last_seq": summary.last_seq, "read_seq": summary.read_seq, "unread": summary.unread,
-        "mentions": summary.mentions, "created_at": iso(conv.created_at), "updated_at": iso(conv.updated_at),
+        "mentions": summary.mentions, "created_at": summary.created_at, "updated_at": summary.updated_at,
     }
 
 

@@ -6,6 +6,7 @@ and FerretDB."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -199,3 +200,46 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
     assert bob_client.delete(f"/api/v1/messages/{ids[9]}").status_code == 200
     persist(servers, ab)
     assert unread() == 62
+
+
+def test_a_list_of_fifty_answers_each_conversation_with_its_own_peer_last_message_and_unread() -> None:
+    """The list's rows are built from cards and the window as plain values (api/conversation_list.py): 50
+    conversations, each with one message of its peer, each row names its own peer, message and count."""
+    me, _, my_client = registered("fifty")
+    peers: dict[str, tuple[str, str]] = {}  # conversation id -> (peer id, peer username)
+    for k in range(50):
+        peer_id, peer_name, peer_client = registered(f"p{k}x")
+        cid = chat(my_client, peer_name)
+        peers[cid] = (peer_id, peer_name)
+        sent = peer_client.post(f"/api/v1/conversations/{cid}/messages",
+                                {"content": f"hello from {peer_name}", "client_msg_id": uuid.uuid4().hex},
+                                format="json")
+        assert sent.status_code in (200, 201), sent.content
+    rows = listed(my_client)
+    assert set(rows) == set(peers)
+    for cid, (peer_id, peer_name) in peers.items():
+        row = rows[cid]
+        assert row["peer"]["id"] == peer_id and row["title"] == peer_name and row["type"] == "single"
+        assert row["last_message"]["sender_id"] == peer_id
+        assert row["last_message"]["content"] == f"hello from {peer_name}"
+        assert row["unread"] == 1 and row["last_seq"] == row["last_message"]["seq"] and row["read_seq"] == 0
+        assert sorted(row["members"]) == sorted([me, peer_id])
+        assert row["updated_at"] == row["last_message"]["timestamp"].replace("+00:00", "Z")
+    order = [c["id"] for c in my_client.get("/api/v1/conversations", {"limit": 50}).json()["results"]]
+    assert [rows[c]["updated_at"] for c in order] == sorted((r["updated_at"] for r in rows.values()), reverse=True)
+
+
+def test_a_card_with_another_time_form_is_answered_in_the_apis_form(servers: Servers) -> None:
+    """A card an older writer left (``+00:00``, microseconds) is answered as every time is (milliseconds, ``Z``)."""
+    _, _, alice_client = registered("alice")
+    _, bob_name, _ = registered("bob")
+    cid = chat(alice_client, bob_name)
+    listed(alice_client)  # fills the card
+    r = redis.Redis.from_url(servers.redis_url)
+    card = json.loads(r.get(conversation_card_key(cid)) or b"{}")
+    card["created_at"] = "2026-11-28T17:40:56.373912+00:00"
+    card["updated_at"] = "2026-11-28T17:40:57.000001+00:00"
+    r.set(conversation_card_key(cid), json.dumps(card), ex=600)
+    row = listed(alice_client)[cid]
+    assert row["created_at"] == "2026-11-28T17:40:56.373Z"
+    assert row["updated_at"] == "2026-11-28T17:40:57.000Z"
