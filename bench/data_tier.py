@@ -22,7 +22,8 @@ not the messages), then for each size:
    bucket's statements), the worker is started again, and the rate is what it persisted from its first
    progress until the backlog was empty;
 3. measures through the gateway, one request at a time (p50/p99 ms): **latest** history page (50), a **deep**
-   page (``before_seq`` a quarter into a hot conversation), the **conversation list** (50), **connect**
+   page (``before_seq`` a quarter into a hot conversation), the **conversation list** (50 of the
+   sampled user's ``--list-size`` conversations), **connect**
    (``POST /auth/ws-ticket`` then the WebSocket until ``ready``), and **edit to persisted** (``PATCH`` a
    message, then poll MongoDB by ``_id`` until the drain wrote it; includes the flush interval). The sampled
    users are the same at every size, their caches warmed once, before the first size (steady state: the
@@ -99,6 +100,9 @@ def main() -> None:
     parser.add_argument("--hot", type=int, default=10, help="conversations with long histories")
     parser.add_argument("--hot-share", type=float, default=0.1, help="share of the messages they get")
     parser.add_argument("--samples", type=int, default=100, help="requests per read measurement")
+    parser.add_argument("--list-size", type=int, default=50,
+                        help="conversations each sampled user has (the list's limit is 50): a random user of the "
+                             "population has ~4 (before session 11 the sampled users were random ones)")
     parser.add_argument("--burst", type=int, default=10, help="messages a sender writes into one conversation")
     parser.add_argument("--drain-probe", type=int, default=5000, help="messages of the drain measurement")
     parser.add_argument("--seed-minutes", type=float, default=0.0,
@@ -188,8 +192,11 @@ def quiet(directory: str, *, row: dict[str, Any] | None = None, phase: str = "")
         yield
 
 
-def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """Users and 1:1 conversations straight into MongoDB (what the API would create), in bulk."""
+def seed_population(*, users: int, conversations: int, sampled: tuple[int, ...] | list[int] = (),
+                    list_size: int = 0) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Users and 1:1 conversations straight into MongoDB (what the API would create), in bulk. Each user of
+    ``sampled`` (indexes) gets ``list_size`` conversations with random others first (a list of 50 must have
+    50 rows: at 20,000 conversations over 10,000 users, a random user has ~4); the rest are random pairs."""
     from bson import ObjectId
     from mongoengine.connection import get_db
 
@@ -201,6 +208,13 @@ def seed_population(*, users: int, conversations: int) -> tuple[list[str], list[
                           for i, u in enumerate(uids)], ordered=False)
     rnd = random.Random(7)  # noqa: S311 - a reproducible workload, not a secret
     pairs: set[tuple[int, int]] = set()
+    for a in sampled:
+        mine = 0
+        while mine < list_size and len(pairs) < conversations:
+            b = rnd.randrange(users)
+            if b != a and (min(a, b), max(a, b)) not in pairs:
+                pairs.add((min(a, b), max(a, b)))
+                mine += 1
     while len(pairs) < conversations:
         a, b = rnd.randrange(users), rnd.randrange(users)
         if a != b:
@@ -588,8 +602,10 @@ def run(args: argparse.Namespace, cluster: Cluster, *, servers: Any, state: dict
     rnd = random.Random(11)  # noqa: S311 - a reproducible workload, not a secret
     t = time.perf_counter()
     if state is None:
-        uids, convs = seed_population(users=args.users, conversations=args.conversations)
-        users = [uids[rnd.randrange(len(uids))] for _ in range(args.samples)]
+        picked = rnd.sample(range(args.users), args.samples)
+        uids, convs = seed_population(users=args.users, conversations=args.conversations, sampled=picked,
+                                      list_size=args.list_size)
+        users = [uids[k] for k in picked]
         print(f"population: {len(uids)} users, {len(convs)} conversations in {time.perf_counter() - t:.1f}s",
               flush=True)
     else:
