@@ -81,6 +81,7 @@ class ConversationSummary:
     last_seq: int  # last accepted seq (Redis), at least the last persisted one
     read_seq: int  # the caller's read cursor
     unread: int  # persisted messages of others, not deleted, above the cursor
+    unread_capped: bool  # ``unread`` is a lower bound (a reader further behind than a list counts on FerretDB)
     title: str  # the group's name, or the other member's username
     peer: PeerView | None  # the other member of a 1:1 chat
     mentions: int = 0  # messages mentioning the caller above their read cursor (messaging/mentions.py)
@@ -143,9 +144,12 @@ def unread_counts(*, user_id: str, after: dict[ObjectId, int],
 # after any write to that stored bucket (``storage.buckets.summaries_forget``), a deletion included. A bucket
 # read by ``_id`` cost 3-10 ms at 1M messages (a 50-message document of the 2 GB SQLite file): 1-2 per list of
 # a user more than a window behind somewhere, the list's slowest tenth (docs/benchmarks.md). ~730 bytes each.
-# At most UNREAD_BUCKET_READS_MAX summaries per list (2,500 messages behind, over the page); conversations beyond
-# it, or with a bucket missing or partial, are counted by ``unread_counts`` (a scan of ``messages`` on FerretDB:
-# 2 s at 10k messages on the loaded box).
+# At most UNREAD_BUCKET_READS_MAX summaries per list (2,500 messages behind, over the page). Conversations with a
+# bucket missing or partial are counted by ``unread_counts`` (a scan of ``messages`` on FerretDB: 2 s at 10k
+# messages on the loaded box); so are those beyond the budget on MongoDB (its index serves the query), while on
+# FerretDB they get the count of their newest buckets that fit, a lower bound shown as such (``unread_capped``):
+# a list that scanned would take seconds to minutes at 1M messages (docs/benchmarks.md, "Issue 13: readers far
+# behind").
 UNREAD_BUCKET_READS_MAX = 50
 BUCKET_SUMMARY_TTL_S = 86400
 
@@ -162,24 +166,29 @@ def _bucket_summary_load(bid: str) -> dict[str, Any] | None:
     return {"u": list(senders), "m": rows}
 
 
-def unread_from_buckets(*, user_id: str, behind: dict[str, tuple[int, int]]) -> dict[str, int]:
+def unread_from_buckets(*, user_id: str, behind: dict[str, tuple[int, int]],
+                        bounded: bool = False) -> dict[str, tuple[int, bool]]:
     """Per conversation id of ``behind`` (``(after, upto)``: the read cursor and the highest stored seq to
-    count), the messages of others with ``after < seq <= upto`` that are not deleted, from the summaries of the
-    conversation's buckets (cached; a miss reads the bucket by ``_id``). Conversations left out of the answer
-    need the store's query: a bucket of the range is missing or partial, or the range would pass
-    UNREAD_BUCKET_READS_MAX buckets. Side effect: fills the summaries' cache."""
+    count), ``(n, exact)``: the messages of others with ``after < seq <= upto`` that are not deleted, from the
+    summaries of the conversation's buckets (cached; a miss reads the bucket by ``_id``). Ranges are taken
+    smallest first while they fit in UNREAD_BUCKET_READS_MAX buckets. A range that does not fit is left out of
+    the answer (the store's query counts it), or with ``bounded`` counted over its newest buckets that still
+    fit (none, once the budget is spent) and answered ``exact=False``: ``n`` is then a lower bound. A range with a
+    missing or partial bucket is left out either way. Side effect: fills the summaries' cache."""
     budget = UNREAD_BUCKET_READS_MAX
-    plan: list[tuple[str, int, int, list[str]]] = []
+    plan: list[tuple[str, int, int, list[str], bool]] = []
     for cid, (after, upto) in sorted(behind.items(), key=lambda kv: kv[1][1] - kv[1][0]):
         first, last = after // BUCKET_SEQS, (upto - 1) // BUCKET_SEQS
-        if last - first + 1 > budget:
+        need = last - first + 1
+        if need > budget and not bounded:
             continue
-        budget -= last - first + 1
-        plan.append((cid, after, upto, [f"{cid}:{n}" for n in range(first, last + 1)]))
-    bids = [b for *_, ids in plan for b in ids]
+        take = min(need, budget)
+        budget -= take
+        plan.append((cid, after, upto, [f"{cid}:{n}" for n in range(last - take + 1, last + 1)], take == need))
+    bids = [b for *_, ids, _exact in plan for b in ids]
     summaries = _cards([bucket_summary_key(b) for b in bids], bids, _bucket_summary_load, BUCKET_SUMMARY_TTL_S)
-    out: dict[str, int] = {}
-    for cid, after, upto, ids in plan:
+    out: dict[str, tuple[int, bool]] = {}
+    for cid, after, upto, ids, exact in plan:
         count = 0
         for bid in ids:
             summary = summaries.get(bid)
@@ -189,7 +198,7 @@ def unread_from_buckets(*, user_id: str, behind: dict[str, tuple[int, int]]) -> 
             count += sum(1 for seq, k, deleted in summary["m"]
                          if after < seq <= upto and senders[k] != user_id and not deleted)
         else:
-            out[cid] = count
+            out[cid] = (count, exact)
     return out
 
 
@@ -389,7 +398,11 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
         last_seq = max(last_seq, card["last_seq"])
         if last_seq > read_seq and (floor is None or read_seq < floor):
             behind[cid] = (read_seq, last_seq if floor is None else floor)
-    stored_unread = unread_from_buckets(user_id=user_id, behind=behind)
+    # On FerretDB the store's query scans ``messages`` (seconds at 1M): a reader further behind than the
+    # summaries a list may read gets a lower bound instead (``unread_capped``); MongoDB counts it from its index.
+    from_buckets = unread_from_buckets(user_id=user_id, behind=behind, bounded=_is_ferretdb())
+    stored_unread = {cid: n for cid, (n, _exact) in from_buckets.items()}
+    capped = {cid for cid, (_n, exact) in from_buckets.items() if not exact}
     rest = {cid: bounds for cid, bounds in behind.items() if cid not in stored_unread}
     floors = {cid: floor for _a, _c, cid, _card, _l, _cur, floor, _last, _u in page if floor is not None}
     stored_unread.update({str(cid): n for cid, n in unread_counts(
@@ -428,6 +441,6 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
         out.append(ConversationSummary(
             id=cid, type=card["type"], room_id=card["room_id"], members=tuple(card["members"]),
             created_at=_iso(card["created_at"]), updated_at=_iso(activity), last_message=last_message,
-            last_seq=top_seq, read_seq=read_seq, unread=unread, title=title, peer=peer,
-            mentions=mention_counts.get(cid, 0)))
+            last_seq=top_seq, read_seq=read_seq, unread=unread, unread_capped=cid in capped, title=title,
+            peer=peer, mentions=mention_counts.get(cid, 0)))
     return out

@@ -217,6 +217,8 @@ class ConversationOut(serializers.Serializer):
     last_seq = serializers.IntegerField()
     read_seq = serializers.IntegerField()
     unread = serializers.IntegerField()
+    unread_capped = serializers.BooleanField(help_text="unread is a lower bound (show it as N+): the reader is "
+                                             "further behind than one list counts on the default store")
     mentions = serializers.IntegerField(help_text="messages mentioning me above my read cursor (at most 100)")
     created_at = serializers.DateTimeField(allow_null=True)
     updated_at = serializers.DateTimeField(allow_null=True)

@@ -96,7 +96,8 @@ def conversation_out(summary: conversation_list.ConversationSummary) -> dict[str
             "content": "" if last.deleted else (last.content or ""), "timestamp": last.timestamp,
             "deleted": last.deleted},
         "last_seq": summary.last_seq, "read_seq": summary.read_seq, "unread": summary.unread,
-        "mentions": summary.mentions, "created_at": summary.created_at, "updated_at": summary.updated_at,
+        "unread_capped": summary.unread_capped, "mentions": summary.mentions, "created_at": summary.created_at,
+        "updated_at": summary.updated_at,
     }
 
 

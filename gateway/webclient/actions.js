@@ -140,7 +140,7 @@ export function scheduleRead() {
     const seq = state.lastSeq.get(id) || 0;
     const mine = readsOf(id).get(myId()) || 0;
     const c = state.conversations.get(id);
-    if (c && c.unread) { c.unread = 0; renderConversations(); }
+    if (c && c.unread) { c.unread = 0; c.unreadCapped = false; renderConversations(); }
     if (seq > mine && state.socket) state.socket.send({ type: "read", conversation_id: id, seq });
   }, READ_DEBOUNCE_MS);
 }

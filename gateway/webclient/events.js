@@ -80,7 +80,7 @@ export function handleEvent(frame) {
     case "read.updated": {
       const conv = String(frame.conversation_id);
       readMove(conv, String(frame.user_id), Number(frame.seq));
-      if (String(frame.user_id) === myId()) { const c = state.conversations.get(conv); if (c) { c.unread = 0; c.mentions = 0; renderConversations(); } }
+      if (String(frame.user_id) === myId()) { const c = state.conversations.get(conv); if (c) { c.unread = 0; c.unreadCapped = false; c.mentions = 0; renderConversations(); } }
       if (conv === state.current) renderMessages();
       break;
     }

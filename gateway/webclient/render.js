@@ -49,7 +49,8 @@ export function renderConversations() {
     name.className = "conv-name";
     name.textContent = c.title;
     const badge = document.createElement("span");
-    if (c.unread > 0) { badge.className = "badge"; badge.textContent = String(c.unread); }
+    const unread = c.unread > 0 ? `${c.unread}${c.unreadCapped ? "+" : ""}` : "";
+    if (unread) { badge.className = "badge"; badge.textContent = unread; }
     const atBadge = document.createElement("span");
     if (c.mentions > 0) { atBadge.className = "badge mention-badge"; atBadge.textContent = `@${c.mentions > 99 ? "99+" : c.mentions}`; }
     const last = document.createElement("span");
@@ -57,7 +58,7 @@ export function renderConversations() {
     const lm = c.last_message;
     last.textContent = lm ? (lm.deleted ? "message deleted" : lm.content || "") : "no messages yet";
     b.append(dot, name, atBadge, badge, last);
-    const extra = [online ? "online" : null, c.unread ? `${c.unread} unread` : null,
+    const extra = [online ? "online" : null, unread ? `${unread} unread` : null,
       c.mentions ? `${c.mentions} mention${c.mentions > 1 ? "s" : ""} of you` : null].filter(Boolean).join(", ");
     b.setAttribute("aria-label", `${c.title}${extra ? ", " + extra : ""}`);
     b.addEventListener("click", () => openConversation(c.id));

@@ -56,9 +56,11 @@ export function normalizeConversation(raw) {
   if (!c.title) c.title = c.peer ? c.peer.username : c.type === "group" ? "group" : "chat";
   // The server's count may trail live messages not persisted yet, so keep the larger count.
   c.unread = Math.max(Number(raw.unread ?? 0), Number(prev.unread ?? 0));
+  // A lower bound (a reader far behind on the default store): shown as "N+" until read.
+  c.unreadCapped = Boolean(raw.unread_capped) || Boolean(prev.unreadCapped && prev.unread);
   // Messages naming me above my read cursor (the server's count resets when I read past them).
   c.mentions = Math.max(Number(raw.mentions ?? 0), Number(prev.mentions ?? 0));
-  if (id === state.current && document.visibilityState === "visible") { c.unread = 0; c.mentions = 0; }
+  if (id === state.current && document.visibilityState === "visible") { c.unread = 0; c.unreadCapped = false; c.mentions = 0; }
   if (state.me) readMove(id, myId(), Number(raw.read_seq || 0));
   if (c.peer && c.peer.id) {
     state.names.set(String(c.peer.id), c.peer.username);

@@ -195,7 +195,23 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
 
     monkeypatch.setattr(conversation_list, "_bucket_summary_load", refuse)
     assert unread() == 63
-    monkeypatch.setattr(conversation_list, "_bucket_summary_load", load)
+    assert listed(alice_client)[ab]["unread_capped"] is False
+    # Further behind than one list's summaries (a budget of one bucket here): on FerretDB a lower bound, counted
+    # from the newest bucket below the window (bucket 0's 50 messages of bob's left out), never a scan of
+    # ``messages``; on MongoDB the exact count from its index.
+    monkeypatch.setattr(conversation_list, "UNREAD_BUCKET_READS_MAX", 1)
+    if conversation_list._is_ferretdb():
+        def no_scan(**_kw: Any) -> None:
+            raise AssertionError("messages scanned for an unread count")
+
+        monkeypatch.setattr(conversation_list, "unread_counts", no_scan)
+        row = listed(alice_client)[ab]
+        assert (row["unread"], row["unread_capped"]) == (13, True)
+    else:
+        monkeypatch.setattr(conversation_list, "_bucket_summary_load", load)
+        row = listed(alice_client)[ab]
+        assert (row["unread"], row["unread_capped"]) == (63, False)
+    monkeypatch.undo()
     # A deletion below the window: the drain's write to the stored bucket drops its summary.
     assert bob_client.delete(f"/api/v1/messages/{ids[9]}").status_code == 200
     persist(servers, ab)
