@@ -6,7 +6,6 @@ The MongoDB readers are synchronous (mongoengine/pymongo); async callers run the
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ from typing import Any
 import redis
 import redis.asyncio
 from bson import ObjectId
-from django.conf import settings
 
 from core import keys
 from core.bus import BusAsync
+from core.clients import sync_redis
 from core.keys import conversation_card_key, user_conversations_key, user_conversations_version_key
 from core.values import as_str
 from messaging.conversation_index import user_conversations_rebuild, user_conversations_stored
@@ -50,17 +49,10 @@ USER_CONVERSATIONS_TTL_S = 30 * 24 * 3600
 _NONE = "-"  # the cached set of a user in no conversation (a set cannot be empty)
 
 
-
-
-@functools.cache
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
-
-
 def _user_conversation_ids_from_db(user_id: str) -> list[str]:
     """The members query (a scan of ``conversations`` on FerretDB), for a user without a complete
     ``user_conversations`` document; writes that document (docs/adr/0043)."""
-    return user_conversations_rebuild(_redis(settings.REDIS_URL), user_id=user_id)
+    return user_conversations_rebuild(sync_redis(), user_id=user_id)
 
 
 def user_conversation_ids(*, user_id: str) -> list[str]:
@@ -70,7 +62,7 @@ def user_conversation_ids(*, user_id: str) -> list[str]:
     membership change of the user happened meanwhile (its version moved)."""
     if not ObjectId.is_valid(user_id):
         return []
-    r = _redis(settings.REDIS_URL)
+    r = sync_redis()
     key, vkey = user_conversations_key(user_id), user_conversations_version_key(user_id)
     cached = r.smembers(key)
     if cached:
