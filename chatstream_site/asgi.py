@@ -69,7 +69,7 @@ elif settings.ROLE == "broker":
 else:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
-    from api.warm import api_warm
+    from api.warm import api_warm, api_warm_requests
     from core.roles import lifespan_serve
 
     # The server serves no files itself: the admin's and the API docs page's assets come from the apps.
@@ -80,8 +80,10 @@ else:
         (api/warm.py); deregister at shutdown, since uvicorn re-raises SIGTERM and the registry's atexit hook
         never runs (as for the brokers)."""
         if scope["type"] == "lifespan":
-            # The first requests' connections and imports, paid before the instance serves (api/warm.py).
-            await lifespan_serve(receive, send, on_startup_blocking=api_warm)
+            # The first requests' connections, imports and first-time work, paid before the instance serves
+            # (api/warm.py): anonymous requests through this application once the connections are open.
+            await lifespan_serve(receive, send, on_startup_blocking=api_warm,
+                                 on_startup_async=lambda: api_warm_requests(app=django_with_static))
             return
         await django_with_static(scope, receive, send)
 

@@ -97,9 +97,11 @@ def heartbeat_stop() -> None:
 
 async def lifespan_serve(receive: Any, send: Any, *, on_startup: Callable[[], None] | None = None,
                          on_startup_blocking: Callable[[], None] | None = None,
+                         on_startup_async: Callable[[], Awaitable[object]] | None = None,
                          on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
     """Answer an ASGI lifespan scope (the uvicorn roles: gateway, broker, api): run ``on_startup`` (on the
-    server's loop) and ``on_startup_blocking`` (in a thread) at startup, before the server accepts a connection;
+    server's loop), ``on_startup_blocking`` (in a thread), then ``on_startup_async`` (awaited on the loop) at startup,
+    in that order, before the server accepts a connection;
     deregister on shutdown, then run ``on_shutdown``. uvicorn re-raises SIGTERM after its
     graceful shutdown (which first closes every WebSocket, so each broker session has said offline), so the
     registry's atexit hook never runs.
@@ -111,6 +113,8 @@ async def lifespan_serve(receive: Any, send: Any, *, on_startup: Callable[[], No
                 on_startup()
             if on_startup_blocking is not None:
                 await asyncio.to_thread(on_startup_blocking)
+            if on_startup_async is not None:
+                await on_startup_async()
             await send({"type": "lifespan.startup.complete"})
         elif event["type"] == "lifespan.shutdown":
             await asyncio.to_thread(heartbeat_stop)
