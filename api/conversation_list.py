@@ -35,6 +35,7 @@ from core.keys import (
     read_cursor_key,
     recent_docs_key,
     recent_key,
+    recent_unread_key,
     seq_key,
     user_card_key,
 )
@@ -147,8 +148,8 @@ def unread_counts(*, user_id: str, after: dict[ObjectId, int],
 # At most UNREAD_BUCKET_READS_MAX summaries per list (2,500 messages behind, over the page). Conversations with a
 # bucket missing or partial are counted by ``unread_counts`` (a scan of ``messages`` on FerretDB: 2 s at 10k
 # messages on the loaded box); so are those beyond the budget on MongoDB (its index serves the query), while on
-# FerretDB they get the count of their newest buckets that fit, a lower bound shown as such (``unread_capped``):
-# a list that scanned would take seconds to minutes at 1M messages (docs/benchmarks.md, "Issue 13: readers far
+# FerretDB they get the window's count alone, a lower bound shown as such (``unread_capped``): a list that
+# scanned took longer than the gateway's 30 s at 1M messages (docs/benchmarks.md, "Issue 13: readers far
 # behind").
 UNREAD_BUCKET_READS_MAX = 50
 BUCKET_SUMMARY_TTL_S = 86400
@@ -172,19 +173,20 @@ def unread_from_buckets(*, user_id: str, behind: dict[str, tuple[int, int]],
     count), ``(n, exact)``: the messages of others with ``after < seq <= upto`` that are not deleted, from the
     summaries of the conversation's buckets (cached; a miss reads the bucket by ``_id``). Ranges are taken
     smallest first while they fit in UNREAD_BUCKET_READS_MAX buckets. A range that does not fit is left out of
-    the answer (the store's query counts it), or with ``bounded`` counted over its newest buckets that still
-    fit (none, once the budget is spent) and answered ``exact=False``: ``n`` is then a lower bound. A range with a
-    missing or partial bucket is left out either way. Side effect: fills the summaries' cache."""
+    the answer (the store's query counts it), or with ``bounded`` answered ``(0, False)``: nothing counted below
+    the window, so the caller's count is a lower bound. A range with a missing or partial bucket is left out
+    either way. Side effect: fills the summaries' cache."""
     budget = UNREAD_BUCKET_READS_MAX
     plan: list[tuple[str, int, int, list[str], bool]] = []
     for cid, (after, upto) in sorted(behind.items(), key=lambda kv: kv[1][1] - kv[1][0]):
         first, last = after // BUCKET_SEQS, (upto - 1) // BUCKET_SEQS
         need = last - first + 1
-        if need > budget and not bounded:
-            continue
-        take = min(need, budget)
-        budget -= take
-        plan.append((cid, after, upto, [f"{cid}:{n}" for n in range(last - take + 1, last + 1)], take == need))
+        if need <= budget:
+            budget -= need
+            plan.append((cid, after, upto, [f"{cid}:{n}" for n in range(first, last + 1)], True))
+        elif bounded:
+            # Reading some of its buckets would not make the bound exact, and each is a store read on a miss.
+            plan.append((cid, after, upto, [], False))
     bids = [b for *_, ids, _exact in plan for b in ids]
     summaries = _cards([bucket_summary_key(b) for b in bids], bids, _bucket_summary_load, BUCKET_SUMMARY_TTL_S)
     out: dict[str, tuple[int, bool]] = {}
@@ -321,10 +323,15 @@ def _user_card_load(uid: str) -> dict[str, Any] | None:
                                       "last_seen": iso_ms(user.last_seen)}
 
 
-# Per conversation, for one user: KEYS seq hash, read-cursor hash, window zset, window docs; ARGV conversation
-# id, user id -> {last seq, cursor, floor or false, last message JSON or false, unread in the window}. Unread
-# counts the window's messages above the cursor that are others' and not deleted (a plain substring test on
-# the JSON the append script wrote: ``"sender_id":"<id>"`` and ``"deleted":true``, no JSON decoding).
+# Per conversation, for one user: KEYS seq hash, read-cursor hash, window zset, window docs, window unread cache;
+# ARGV conversation id, user id, the cache's TTL -> {last seq, cursor, floor or false, last message JSON or false,
+# unread in the window}. Unread counts the window's messages above the cursor that are others' and not deleted (a
+# plain substring test on the JSON the append script wrote: ``"sender_id":"<id>"`` and ``"deleted":true``, no
+# JSON decoding). That walk reads up to RECENT_MESSAGES documents per conversation (a list of 50 at 1M messages:
+# 6.2 ms of its 9.7 in process, docs/benchmarks.md "Issue 13: the window's unread, cached"), so its result is
+# kept per user with what it depends on: every change of the window's messages (a send, an edit, a delete, a
+# staff delete) takes a new seq, and every trim moves the floor, so the same last seq, cursor and floor mean
+# the same count. A conversation changed since the user's last list is walked once.
 _CONVERSATION_STATE_LUA = """
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 local cursor = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
@@ -335,6 +342,11 @@ local lastdoc = false
 if #top > 0 then lastdoc = redis.call('HGET', KEYS[4], top[1]) end
 local unread = 0
 if cursor < last then
+  local sig = last .. ':' .. cursor .. ':' .. floor .. ':'
+  local cached = redis.call('HGET', KEYS[5], ARGV[2])
+  if cached and string.sub(cached, 1, #sig) == sig then
+    return {last, cursor, floor, lastdoc, tonumber(string.sub(cached, #sig + 1))}
+  end
   local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. cursor, '+inf')
   if #ids > 0 then
     local mine = '"sender_id":"' .. ARGV[2] .. '"'
@@ -344,9 +356,15 @@ if cursor < last then
       end
     end
   end
+  redis.call('HSET', KEYS[5], ARGV[2], sig .. unread)
+  redis.call('EXPIRE', KEYS[5], ARGV[3])
 end
 return {last, cursor, floor, lastdoc, unread}
 """
+# How long a conversation's cached window counts live unused: a day, as the cards (a user who lists daily finds
+# theirs). Budget: ~100 bytes per (conversation, user who listed it in the last day) by MEMORY USAGE on Redis 7.0
+# (tests/api/test_cards.py).
+RECENT_UNREAD_TTL_S = 86400
 
 
 def _conversation_states(ids: list[str], *, user_id: str) -> list[list[Any]]:
@@ -355,13 +373,14 @@ def _conversation_states(ids: list[str], *, user_id: str) -> list[list[Any]]:
 
     def keys(cid: str) -> list[str]:
         p = partition_of(cid)
-        return [seq_key(p), read_cursor_key(cid), recent_key(p, cid), recent_docs_key(p, cid)]
+        return [seq_key(p), read_cursor_key(cid), recent_key(p, cid), recent_docs_key(p, cid),
+                recent_unread_key(p, cid)]
 
     if bus_is_cluster(bus):  # a cluster pipeline refuses scripts: one call each
-        return [script(keys=keys(cid), args=[cid, user_id]) for cid in ids]
+        return [script(keys=keys(cid), args=[cid, user_id, RECENT_UNREAD_TTL_S]) for cid in ids]
     pipe = bus.pipeline(transaction=False)
     for cid in ids:
-        script(keys=keys(cid), args=[cid, user_id], client=pipe)
+        script(keys=keys(cid), args=[cid, user_id, RECENT_UNREAD_TTL_S], client=pipe)
     return list(pipe.execute())
 
 

@@ -81,6 +81,13 @@ def recent_docs_key(partition: int, conversation_id: str) -> str:
     return f"cs:{tag(partition)}:recentdoc:{conversation_id}"
 
 
+def recent_unread_key(partition: int, conversation_id: str) -> str:
+    """BUS. Hash: user id -> ``last:cursor:floor:count``, the count of the window's unread messages for that user
+    as the conversation list last counted it, valid while the conversation's last seq, the user's cursor and the
+    window's floor are those (api/conversation_list.py; docs/storage.md "The recent window")."""
+    return f"cs:{tag(partition)}:recentunread:{conversation_id}"
+
+
 def recent_edits_key(partition: int, conversation_id: str) -> str:
     """BUS. Hash: message id -> the newest edit/delete (JSON with ``edit_seq``) of a message older than the
     window, for store-served pages until the drain has applied it; expires with the window."""

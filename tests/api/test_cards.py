@@ -25,6 +25,7 @@ from core.keys import (
     group_card_key,
     partition_of,
     recent_docs_key,
+    recent_unread_key,
     user_card_key,
 )
 from messaging import presence
@@ -162,7 +163,7 @@ def test_cards_memory_is_what_docs_budget(servers: Servers) -> None:
 
 def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_deletion_at_once(
         servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, _, alice_client = registered("alice")
+    alice, _, alice_client = registered("alice")
     _, bob_name, bob_client = registered("bob")
     ab = chat(alice_client, bob_name)
 
@@ -196,9 +197,8 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
     monkeypatch.setattr(conversation_list, "_bucket_summary_load", refuse)
     assert unread() == 63
     assert listed(alice_client)[ab]["unread_capped"] is False
-    # Further behind than one list's summaries (a budget of one bucket here): on FerretDB a lower bound, counted
-    # from the newest bucket below the window (bucket 0's 50 messages of bob's left out), never a scan of
-    # ``messages``; on MongoDB the exact count from its index.
+    # Further behind than one list's summaries (a budget of one bucket here, two needed): on FerretDB a lower
+    # bound, the window's count alone, never a scan of ``messages``; on MongoDB the exact count from its index.
     monkeypatch.setattr(conversation_list, "UNREAD_BUCKET_READS_MAX", 1)
     if conversation_list._is_ferretdb():
         def no_scan(**_kw: Any) -> None:
@@ -206,7 +206,10 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
 
         monkeypatch.setattr(conversation_list, "unread_counts", no_scan)
         row = listed(alice_client)[ab]
-        assert (row["unread"], row["unread_capped"]) == (13, True)
+        docs = r.hgetall(recent_docs_key(partition_of(ab), ab))
+        in_window = sum(1 for field, doc in docs.items() if field != b"floor" and json.loads(doc)["sender_id"] != alice)
+        assert 0 < in_window < 63
+        assert (row["unread"], row["unread_capped"]) == (in_window, True)
     else:
         monkeypatch.setattr(conversation_list, "_bucket_summary_load", load)
         row = listed(alice_client)[ab]
@@ -259,3 +262,45 @@ def test_a_card_with_another_time_form_is_answered_in_the_apis_form(servers: Ser
     row = listed(alice_client)[cid]
     assert row["created_at"] == "2026-11-28T17:40:56.373Z"
     assert row["updated_at"] == "2026-11-28T17:40:57.000Z"
+
+
+def test_the_windows_unread_count_is_kept_per_user_and_right_after_every_change(servers: Servers) -> None:
+    """The list keeps each conversation's window count per user with the last seq, cursor and floor it was
+    counted at (api/conversation_list.py): a send, an edit, a delete and a read each change the count at once,
+    and an unchanged conversation's count is the kept one (a kept count with a stale signature is not used)."""
+    alice, _, alice_client = registered("alice")
+    _, bob_name, bob_client = registered("bob")
+    ab = chat(alice_client, bob_name)
+    r = redis.Redis.from_url(servers.redis_url)
+    kept = recent_unread_key(partition_of(ab), ab)
+
+    def send(client: APIClient, text: str) -> tuple[str, int]:
+        sent = client.post(f"/api/v1/conversations/{ab}/messages",
+                           {"content": text, "client_msg_id": uuid.uuid4().hex}, format="json")
+        assert sent.status_code == 201, sent.content
+        return str(sent.json()["id"]), int(sent.json()["seq"])
+
+    def unread() -> int:
+        return int(listed(alice_client)[ab]["unread"])
+
+    first, _ = send(bob_client, "one")
+    send(bob_client, "two")
+    send(alice_client, "mine")
+    assert unread() == 2
+    last, cursor, floor, count = (r.hget(kept, alice) or b"").decode().split(":")
+    assert (int(cursor), int(count)) == (0, 2) and int(last) == 3 and 0 < r.ttl(kept) <= 86400
+    memory = r.memory_usage(kept)
+    assert memory is not None and memory <= 200, memory  # docs/storage.md's budget: ~100 bytes a user
+    # The kept count is what an unchanged conversation answers (planted: 7 under the same signature) ...
+    r.hset(kept, alice, f"{last}:{cursor}:{floor}:7")
+    assert unread() == 7
+    # ... and any change of the window makes a new signature, so the count is walked again.
+    _, three = send(bob_client, "three")
+    assert unread() == 3
+    assert bob_client.patch(f"/api/v1/messages/{first}", {"content": "one!"}, format="json").status_code == 200
+    assert unread() == 3
+    assert bob_client.delete(f"/api/v1/messages/{first}").status_code == 200
+    assert unread() == 2
+    read = alice_client.post(f"/api/v1/conversations/{ab}/read", {"seq": three - 1}, format="json")
+    assert read.status_code == 200, read.content
+    assert unread() == 1
