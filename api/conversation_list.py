@@ -323,43 +323,57 @@ def _user_card_load(uid: str) -> dict[str, Any] | None:
                                       "last_seen": iso_ms(user.last_seen)}
 
 
-# Per conversation, for one user: KEYS seq hash, read-cursor hash, window zset, window docs, window unread cache;
-# ARGV conversation id, user id, the cache's TTL -> {last seq, cursor, floor or false, last message JSON or false,
-# unread in the window}. Unread counts the window's messages above the cursor that are others' and not deleted (a
+# For one user and conversations c1..cN: KEYS per conversation its seq hash, read-cursor hash, window zset, window
+# docs and window unread cache (5 each, in order); ARGV user id, the cache's TTL, c1..cN -> per conversation
+# {last seq, cursor, floor or false, last message JSON or false, unread in the window}. One call for a whole
+# list (on a Redis Cluster, where the conversations' keys live in other slots, one call per conversation): 50
+# calls in a pipeline cost more in redis-py's packing and the server's script calls (docs/benchmarks.md, "Issue
+# 13: a list of 50"). Unread counts the window's messages above the cursor that are others' and not deleted (a
 # plain substring test on the JSON the append script wrote: ``"sender_id":"<id>"`` and ``"deleted":true``, no
 # JSON decoding). That walk reads up to RECENT_MESSAGES documents per conversation (a list of 50 at 1M messages:
-# 6.2 ms of its 9.7 in process, docs/benchmarks.md "Issue 13: the window's unread, cached"), so its result is
-# kept per user with what it depends on: every change of the window's messages (a send, an edit, a delete, a
-# staff delete) takes a new seq, and every trim moves the floor, so the same last seq, cursor and floor mean
-# the same count. A conversation changed since the user's last list is walked once.
+# 6.2 ms of its 9.7 in process, same section), so its result is kept per user with what it depends on: every
+# change of the window's messages (a send, an edit, a delete, a staff delete) takes a new seq, and every trim
+# moves the floor, so the same last seq, cursor and floor mean the same count. A conversation changed since the
+# user's last list is walked once.
 _CONVERSATION_STATE_LUA = """
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local cursor = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
-local floor = redis.call('HGET', KEYS[4], 'floor')
-if not floor then return {last, cursor, false, false, 0} end
-local top = redis.call('ZREVRANGE', KEYS[3], 0, 0)
-local lastdoc = false
-if #top > 0 then lastdoc = redis.call('HGET', KEYS[4], top[1]) end
-local unread = 0
-if cursor < last then
-  local sig = last .. ':' .. cursor .. ':' .. floor .. ':'
-  local cached = redis.call('HGET', KEYS[5], ARGV[2])
-  if cached and string.sub(cached, 1, #sig) == sig then
-    return {last, cursor, floor, lastdoc, tonumber(string.sub(cached, #sig + 1))}
-  end
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. cursor, '+inf')
-  if #ids > 0 then
-    local mine = '"sender_id":"' .. ARGV[2] .. '"'
-    for _, doc in ipairs(redis.call('HMGET', KEYS[4], unpack(ids))) do
-      if doc and not string.find(doc, mine, 1, true) and not string.find(doc, '"deleted":true', 1, true) then
-        unread = unread + 1
+local user, ttl = ARGV[1], ARGV[2]
+local mine = '"sender_id":"' .. user .. '"'
+local out = {}
+for i = 3, #ARGV do
+  local k = (i - 3) * 5
+  local seqs, cursors, zkey, dkey, ukey = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
+  local last = tonumber(redis.call('HGET', seqs, ARGV[i]) or '0')
+  local cursor = tonumber(redis.call('HGET', cursors, user) or '0')
+  local floor = redis.call('HGET', dkey, 'floor')
+  if not floor then
+    out[#out + 1] = {last, cursor, false, false, 0}
+  else
+    local top = redis.call('ZREVRANGE', zkey, 0, 0)
+    local lastdoc = false
+    if #top > 0 then lastdoc = redis.call('HGET', dkey, top[1]) end
+    local unread = 0
+    if cursor < last then
+      local sig = last .. ':' .. cursor .. ':' .. floor .. ':'
+      local cached = redis.call('HGET', ukey, user)
+      if cached and string.sub(cached, 1, #sig) == sig then
+        unread = tonumber(string.sub(cached, #sig + 1))
+      else
+        local ids = redis.call('ZRANGEBYSCORE', zkey, '(' .. cursor, '+inf')
+        if #ids > 0 then
+          for _, doc in ipairs(redis.call('HMGET', dkey, unpack(ids))) do
+            if doc and not string.find(doc, mine, 1, true) and not string.find(doc, '"deleted":true', 1, true) then
+              unread = unread + 1
+            end
+          end
+        end
+        redis.call('HSET', ukey, user, sig .. unread)
+        redis.call('EXPIRE', ukey, ttl)
       end
     end
+    out[#out + 1] = {last, cursor, floor, lastdoc, unread}
   end
-  redis.call('HSET', KEYS[5], ARGV[2], sig .. unread)
-  redis.call('EXPIRE', KEYS[5], ARGV[3])
 end
-return {last, cursor, floor, lastdoc, unread}
+return out
 """
 # How long a conversation's cached window counts live unused: a day, as the cards (a user who lists daily finds
 # theirs). Budget: ~100 bytes per (conversation, user who listed it in the last day) by MEMORY USAGE on Redis 7.0
@@ -376,12 +390,11 @@ def _conversation_states(ids: list[str], *, user_id: str) -> list[list[Any]]:
         return [seq_key(p), read_cursor_key(cid), recent_key(p, cid), recent_docs_key(p, cid),
                 recent_unread_key(p, cid)]
 
-    if bus_is_cluster(bus):  # a cluster pipeline refuses scripts: one call each
-        return [script(keys=keys(cid), args=[cid, user_id, RECENT_UNREAD_TTL_S]) for cid in ids]
-    pipe = bus.pipeline(transaction=False)
-    for cid in ids:
-        script(keys=keys(cid), args=[cid, user_id, RECENT_UNREAD_TTL_S], client=pipe)
-    return list(pipe.execute())
+    if bus_is_cluster(bus):  # the conversations' keys live in other slots: one call each
+        return [script(keys=keys(cid), args=[user_id, RECENT_UNREAD_TTL_S, cid])[0] for cid in ids]
+    if not ids:
+        return []
+    return list(script(keys=[k for cid in ids for k in keys(cid)], args=[user_id, RECENT_UNREAD_TTL_S, *ids]))
 
 
 def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) -> list[ConversationSummary]:

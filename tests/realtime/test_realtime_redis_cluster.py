@@ -219,3 +219,37 @@ def test_brokers_are_ready_with_the_cluster_as_their_bus(brokers: list[Broker]) 
         with urllib.request.urlopen(f"http://127.0.0.1:{broker.port}/readyz", timeout=10) as response:
             assert response.status == 200
             assert json.loads(response.read())["status"] == "ready"
+
+
+def test_the_lists_conversation_states_are_read_on_the_cluster(
+        servers: Servers, cluster: RedisCluster, cluster_sync: redis.cluster.RedisCluster,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversation list's state script (api/conversation_list.py) runs once per conversation on a cluster
+    (their keys live in other slots), with the same answer as the one call of a single Redis: last seq,
+    cursor, the window's last message and unread."""
+    from api import conversation_list
+
+    alice, _ = user_create()
+    bob, _ = user_create()
+    conversations = conversations_on_every_master(cluster_sync, [alice, bob])
+
+    async def send_all() -> None:
+        client = redis.asyncio.Redis.from_url(servers.redis_url)
+        bus = redis.asyncio.cluster.RedisCluster.from_url(cluster.url)
+        try:
+            for conv in conversations:
+                for i in range(3):
+                    await services.message_send(client, bus=bus, user_id=alice, conversation_id=conv,
+                                                client_msg_id=f"s{i}", content=f"state {i}")
+        finally:
+            await bus.aclose()
+            await client.aclose()
+
+    asyncio.run(send_all())
+    monkeypatch.setattr(conversation_list, "bus_sync", lambda: cluster_sync)
+    for user, unread in ((bob, 3), (alice, 0)):
+        states = conversation_list._conversation_states(conversations, user_id=user)
+        assert len(states) == len(conversations)
+        for last, cursor, _floor, lastdoc, counted in states:
+            assert (int(last), int(cursor), int(counted)) == (3, 0, unread)
+            assert json.loads(lastdoc)["content"] == "state 2"
