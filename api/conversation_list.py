@@ -44,10 +44,10 @@ from messaging.mentions import mention_counts_sync
 from messaging.presence import presence_shown, status_shown
 from messaging.selectors import user_conversation_ids
 
-# The list's rows are plain values, not mongoengine documents: building a ``Conversation``, its ``LastMessage`` and
-# the peer's ``User`` cost ~70 µs per document, 7.8 ms of a list of 50's 9 ms in process (tests/api's list of 50,
-# docs/benchmarks.md "Issue 13: a list of 50"). Times are ISO-8601 UTC strings with milliseconds, as the cards
-# and the recent window hold them and the API answers them (core.values.iso_ms).
+# The list's rows are plain values, not mongoengine documents: building a ``Conversation``, its ``LastMessage`` and the
+# peer's ``User`` per row cost ~58 % of a list of 50 in process: 7.1-7.6 ms against 3.0-3.5 now (bench/list_rows.py;
+# docs/benchmarks.md "Issue 13: a list of 50, readers far behind"). Times are ISO-8601 UTC strings with milliseconds, as
+# the cards and the recent window hold them and the API answers them (core.values.iso_ms).
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +149,7 @@ def unread_counts(*, user_id: str, after: dict[ObjectId, int],
 # bucket missing or partial are counted by ``unread_counts`` (a scan of ``messages`` on FerretDB: 2 s at 10k
 # messages on the loaded box); so are those beyond the budget on MongoDB (its index serves the query), while on
 # FerretDB they get the window's count alone, a lower bound shown as such (``unread_capped``): a list that
-# scanned took longer than the gateway's 30 s at 1M messages (docs/benchmarks.md, "Issue 13: readers far
-# behind").
+# scanned took longer than the gateway's 30 s at 1M messages (docs/adr/0058).
 UNREAD_BUCKET_READS_MAX = 50
 BUCKET_SUMMARY_TTL_S = 86400
 
@@ -323,18 +322,17 @@ def _user_card_load(uid: str) -> dict[str, Any] | None:
                                       "last_seen": iso_ms(user.last_seen)}
 
 
-# For one user and conversations c1..cN: KEYS per conversation its seq hash, read-cursor hash, window zset, window
-# docs and window unread cache (5 each, in order); ARGV user id, the cache's TTL, c1..cN -> per conversation
-# {last seq, cursor, floor or false, last message JSON or false, unread in the window}. One call for a whole
-# list (on a Redis Cluster, where the conversations' keys live in other slots, one call per conversation): 50
-# calls in a pipeline cost more in redis-py's packing and the server's script calls (docs/benchmarks.md, "Issue
-# 13: a list of 50"). Unread counts the window's messages above the cursor that are others' and not deleted (a
-# plain substring test on the JSON the append script wrote: ``"sender_id":"<id>"`` and ``"deleted":true``, no
-# JSON decoding). That walk reads up to RECENT_MESSAGES documents per conversation (a list of 50 at 1M messages:
-# 6.2 ms of its 9.7 in process, same section), so its result is kept per user with what it depends on: every
-# change of the window's messages (a send, an edit, a delete, a staff delete) takes a new seq, and every trim
-# moves the floor, so the same last seq, cursor and floor mean the same count. A conversation changed since the
-# user's last list is walked once.
+# For one user and conversations c1..cN: KEYS per conversation its seq hash, read-cursor hash, window zset, window docs
+# and window unread cache (5 each, in order); ARGV user id, the cache's TTL, c1..cN -> per conversation {last seq,
+# cursor, floor or false, last message JSON or false, unread in the window}. One call for a whole list (on a Redis
+# Cluster, where the conversations' keys live in other slots, one call per conversation): 50 calls in a pipeline cost
+# more in redis-py's packing and the server's script calls (docs/benchmarks.md, "Issue 13: a list of 50, readers far
+# behind"). Unread counts the window's messages above the cursor that are others' and not deleted (a plain substring
+# test on the JSON the append script wrote: ``"sender_id":"<id>"`` and ``"deleted":true``, no JSON decoding). That walk
+# reads up to RECENT_MESSAGES documents per conversation (a list of 50 at 1M messages: 6.2 ms of its 9.7 in process), so
+# its result is kept per user (docs/adr/0058) with what it depends on: every change of the window's messages (a send, an
+# edit, a delete, a staff delete) takes a new seq, and every trim moves the floor, so the same last seq, cursor and
+# floor mean the same count. A conversation changed since the user's last list is walked once.
 _CONVERSATION_STATE_LUA = """
 local user, ttl = ARGV[1], ARGV[2]
 local mine = '"sender_id":"' .. user .. '"'
