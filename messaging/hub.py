@@ -153,6 +153,20 @@ class Hub:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, SUPERVISOR_MAX_BACKOFF_S)
 
+    async def connections_open(self) -> None:
+        """Open the Redis connections a connect uses, each of which its first user opened before (a TCP connect
+        and redis-py's handshake per connection, docs/benchmarks.md "Issue 13: a broker's first connect"): two
+        of the pool (the ticket and revocation reads, then the partitions' read beside the reader's wake-up),
+        the lean client's (the group join and read, presence) and the stream reader's (its first XREAD follows
+        the first subscription). Side effects: connections only (PING)."""
+        await asyncio.gather(self.redis.ping(), self.bus.ping())
+        if self.fast is not None:
+            await self.fast.call("PING")
+        if self._reader_fast is not None:
+            await self._reader_fast.call("PING")
+        else:
+            await self._reader.ping()
+
     # ------------------------------------------------------------------ subscriptions
 
     async def connection_read(self, conn: Subscriber) -> tuple[list[str], bool]:

@@ -59,9 +59,11 @@ def websocket_application() -> Any:
 
 async def broker_lifespan(scope: Any, receive: Any, send: Any) -> None:
     """ASGI lifespan of a broker under uvicorn (daphne sends none): start the hub at once, so the presence
-    sweep runs on a broker nobody has connected to yet (under daphne it starts with the first connection);
-    deregister on shutdown."""
+    sweep runs on a broker nobody has connected to yet (under daphne it starts with the first connection), and
+    pay the first connect's one-time work before serving (messaging/warm.py); deregister on shutdown."""
     from core.roles import lifespan_serve
     from messaging.hub import hub_get
+    from messaging.warm import broker_warm, broker_warm_blocking
 
-    await lifespan_serve(receive, send, on_startup=lambda: hub_get().start())
+    await lifespan_serve(receive, send, on_startup=lambda: hub_get().start(), on_startup_blocking=broker_warm_blocking,
+                         on_startup_async=lambda: broker_warm(hub=hub_get(), app=websocket_application()))
