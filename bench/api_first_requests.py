@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +41,60 @@ COLUMNS = ("list1", "list2", "list3", "msgs1", "msgs2", "ticket1", "ticket2", "l
            "list8", "new conn list1", "new conn list2")
 
 
-def instance_start(*, checkout: Path, env: dict[str, str], workdir: Path,
-                   n: int) -> tuple[subprocess.Popen[bytes], int]:
-    """One api instance of ``checkout``, as the cluster starts it; returns once its /healthz answers 200."""
+def instance_start(*, checkout: Path, env: dict[str, str], workdir: Path, n: int,
+                   role: str = "api", health: str | None = "/healthz") -> tuple[subprocess.Popen[bytes], int]:
+    """One ``role`` instance of ``checkout``, as the cluster starts it; returns once its ``health`` answers 200
+    (``None``: once it accepts connections, after its lifespan's startup; no request sent)."""
     port = free_port()
-    with open(workdir / f"api{n}.log", "ab") as log:
-        proc = subprocess.Popen([str(checkout / ".venv" / "bin" / "python"), "manage.py", "role", "api",
+    with open(workdir / f"{role}{n}.log", "ab") as log:
+        proc = subprocess.Popen([str(checkout / ".venv" / "bin" / "python"), "manage.py", "role", role,
                                  "--instance", str(n), "--port", str(port)],
                                 cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_port(port, timeout_s=60, proc=proc)
-    for _ in range(200):  # bounded: 10 s
+    for _ in range(200 if health else 0):  # bounded: 10 s
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/healthz")
+        conn.request("GET", str(health))
         status = conn.getresponse().status
         conn.close()
         if status == 200:
             break
         time.sleep(0.05)
     return proc, port
+
+
+def servers_env(stack: contextlib.ExitStack, *, workdir: Path) -> dict[str, str]:
+    """Private Redis + FerretDB in ``workdir`` (stopped by ``stack``); the environment of the roles run on them."""
+    servers = servers_start(workdir)
+    stack.callback(servers.stop)
+    return dict(os.environ, CHATSTREAM_DOTENV="", DEBUG="0", PYTHONUNBUFFERED="1", CHATSTREAM_RUN_ID=uuid.uuid4().hex,
+                SECRET_KEY=uuid.uuid4().hex * 2, CHATSTREAM_PORT_BASE=str(10000 + os.getpid() % 20000), **servers.env())
+
+
+def starts_parser(doc: str | None, *, measured: str) -> argparse.ArgumentParser:
+    """The options of a first-requests bench: ``--starts``, ``--checkout`` (repeatable), ``--quiet-lock``."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--checkout", type=Path, action="append", help=f"the code the measured {measured} run")
+    parser.add_argument("--quiet-lock", default="", help="hold DIR/gate.lock and DIR/bench.lock while measuring")
+    return parser
+
+
+def alternating(checkouts: list[Path], *, starts: int) -> Iterator[tuple[int, Path, int]]:
+    """(start, checkout, instance number) of each measured instance: the checkouts alternate within each start, so
+    a before/after pair shares the machine's moments; numbers from 2 (1 is the seeding instance's)."""
+    for start in range(starts):
+        for k, checkout in enumerate(checkouts):
+            yield start, checkout, 2 + start * len(checkouts) + k
+
+
+def rows_print(rows: dict[Path, list[list[float]]], *, columns: Sequence[str]) -> None:
+    """The load, then per checkout each column's median (min-max) over its starts."""
+    print(f"load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    for checkout, measured in rows.items():
+        print(f"checkout {checkout}: median (min-max) of {len(measured)} starts")
+        for i, name in enumerate(columns):
+            column = [row[i] for row in measured]
+            print(f"  {name:15s} {statistics.median(column):5.1f} ms  ({min(column):.1f}-{max(column):.1f})")
 
 
 def instance_stop(proc: subprocess.Popen[bytes]) -> None:
@@ -127,42 +164,25 @@ def measure(port: int, *, token: str, conversation: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--starts", type=int, default=5)
-    parser.add_argument("--checkout", type=Path, action="append", help="the code the measured instances run")
-    parser.add_argument("--quiet-lock", default="", help="hold DIR/gate.lock and DIR/bench.lock while measuring")
-    args = parser.parse_args()
+    args = starts_parser(__doc__, measured="instances").parse_args()
     with tempfile.TemporaryDirectory(prefix="api-first-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        servers = servers_start(workdir)
-        stack.callback(servers.stop)
-        env = dict(os.environ, CHATSTREAM_DOTENV="", DEBUG="0", PYTHONUNBUFFERED="1",
-                   CHATSTREAM_RUN_ID=uuid.uuid4().hex, SECRET_KEY=uuid.uuid4().hex * 2,
-                   CHATSTREAM_PORT_BASE=str(10000 + os.getpid() % 20000), **servers.env())
+        env = servers_env(stack, workdir=workdir)
         proc, port = instance_start(checkout=ROOT, env=env, workdir=workdir, n=1)
         try:
             token, conversation = seed(port)
         finally:
             instance_stop(proc)
-        checkouts: list[Path] = args.checkout or [ROOT]
-        rows: dict[Path, list[list[float]]] = {checkout: [] for checkout in checkouts}
+        rows: dict[Path, list[list[float]]] = {checkout: [] for checkout in args.checkout or [ROOT]}
         with quiet_lock(args.quiet_lock):
-            for start in range(args.starts):
-                for k, checkout in enumerate(checkouts):
-                    n = 2 + start * len(checkouts) + k
-                    proc, port = instance_start(checkout=checkout, env=env, workdir=workdir, n=n)
-                    try:
-                        rows[checkout].append(measure(port, token=token, conversation=conversation))
-                    finally:
-                        instance_stop(proc)
-                    print(f"{checkout} start {start}: " + " ".join(f"{ms:5.1f}" for ms in rows[checkout][-1]),
-                          flush=True)
-        print(f"load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
-        for checkout, measured in rows.items():
-            print(f"checkout {checkout}: median (min-max) of {len(measured)} starts")
-            for i, name in enumerate(COLUMNS):
-                column = [row[i] for row in measured]
-                print(f"  {name:15s} {statistics.median(column):5.1f} ms  ({min(column):.1f}-{max(column):.1f})")
+            for start, checkout, n in alternating(list(rows), starts=args.starts):
+                proc, port = instance_start(checkout=checkout, env=env, workdir=workdir, n=n)
+                try:
+                    rows[checkout].append(measure(port, token=token, conversation=conversation))
+                finally:
+                    instance_stop(proc)
+                print(f"{checkout} start {start}: " + " ".join(f"{ms:5.1f}" for ms in rows[checkout][-1]), flush=True)
+        rows_print(rows, columns=COLUMNS)
 
 
 if __name__ == "__main__":
