@@ -314,7 +314,8 @@ CELERY_PREFIX = "cs:celery:"  # Celery's broker and result keys
 # Which Redis each name above lives on. Keep it complete: a test walks this module.
 REDIS_OF: dict[str, Literal["bus", "coord"]] = {
     "stream_key": BUS, "seq_key": BUS, "dedup_key": BUS, "no_dedup_key": BUS, "recent_key": BUS,
-    "recent_docs_key": BUS, "recent_edits_key": BUS, "persisted_key": BUS, "bucket_tail_key": BUS,
+    "recent_docs_key": BUS, "recent_edits_key": BUS, "recent_unread_key": BUS, "persisted_key": BUS,
+    "bucket_tail_key": BUS,
     "bucket_tails_key": BUS, "read_cursor_key": BUS, "conversation_state_key": BUS,
     "message_meta_key": BUS, "mention_seqs_key": BUS, "reactions_key": BUS, "mention_list_key": BUS, "DEADLETTERS": BUS,
     "drain_lock_key": BUS, "drain_lease_key": BUS, "failures_key": BUS, "stats_key": BUS, "maintenance_key": BUS,
