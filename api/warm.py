@@ -30,16 +30,15 @@ from typing import Any
 
 from django.conf import settings
 from django.urls import URLResolver, get_resolver
-from mongoengine.connection import get_db
 from rest_framework.settings import api_settings
 
 from core.bus import bus_sync
-from core.clients import sync_redis
+from core.clients import connections_open
 from core.documents import Conversation, GroupChat, Message, MessageBucket, User
 
-# The DRF settings whose classes DRF imports on first use (rest_framework.settings.APISettings is lazy).
 log = logging.getLogger(__name__)
 
+# The DRF settings whose classes DRF imports on first use (rest_framework.settings.APISettings is lazy).
 _DRF_CLASSES = ("DEFAULT_AUTHENTICATION_CLASSES", "DEFAULT_PERMISSION_CLASSES", "DEFAULT_RENDERER_CLASSES",
                 "DEFAULT_PARSER_CLASSES", "DEFAULT_CONTENT_NEGOTIATION_CLASS", "DEFAULT_THROTTLE_CLASSES",
                 "DEFAULT_VERSIONING_CLASS", "DEFAULT_PAGINATION_CLASS", "EXCEPTION_HANDLER")
@@ -88,7 +87,8 @@ def _warm_host() -> str:
     return "localhost"
 
 
-def _expected_401(record: logging.LogRecord) -> bool:
+def _not_a_401(record: logging.LogRecord) -> bool:
+    """A logging filter: keep every record but a 401's."""
     return getattr(record, "status_code", None) != 401
 
 
@@ -102,7 +102,7 @@ async def api_warm_requests(*, app: Asgi) -> list[int]:
     # Django logs every 4xx as a warning; these 401s are expected. Nothing else is served meanwhile (the server
     # accepts connections after the startup), so the filter drops no user request's record.
     request_log = logging.getLogger("django.request")
-    request_log.addFilter(_expected_401)
+    request_log.addFilter(_not_a_401)
     try:
         for method, path, query, with_token in _WARM_REQUESTS:
             headers = [(b"host", host)]
@@ -130,7 +130,7 @@ async def api_warm_requests(*, app: Asgi) -> list[int]:
                 log.warning("api warm-up request %s %s failed", method, path, exc_info=True)
             statuses.extend(answered or [0])
     finally:
-        request_log.removeFilter(_expected_401)
+        request_log.removeFilter(_not_a_401)
     if any(status != 401 for status in statuses):
         log.warning("api warm-up requests answered %s, not 401 each: the first requests may pay more", statuses)
     return statuses
@@ -149,10 +149,7 @@ def api_warm() -> None:
     url_patterns_compile()
     import mongoengine.dereference  # noqa: F401 - mongoengine imports it on a list field's first read
     try:
-        sync_redis().ping()
+        connections_open(documents=(User, Conversation, GroupChat, Message, MessageBucket))
         bus_sync().ping()
-        get_db().command("ping")
-        for document in (User, Conversation, GroupChat, Message, MessageBucket):
-            document._get_collection()  # the first use runs the class's index check
     except Exception:  # any server error: the first requests pay as before
         log.warning("api warm-up incomplete: the first requests open the connections", exc_info=True)

@@ -390,27 +390,27 @@ def warm(cluster: Cluster, users: list[str], convs: list[tuple[str, list[str]]],
 
     cold: list[float] = []
     failed = 0
+    mine: dict[str, list[str]] = {}
+    for cid, members in convs:
+        for m in members:
+            mine.setdefault(m, []).append(cid)
     with httpx.Client(base_url=cluster.url, timeout=300) as http:
         for uid in users[:cold_samples]:
             t = time.perf_counter()
             r = http.get("/api/v1/conversations", params={"limit": 50}, headers=headers(uid))
             cold.append((time.perf_counter() - t) * 1000)
             failed += r.status_code != 200
-    mine: dict[str, list[str]] = {}
-    for cid, members in convs:
-        for m in members:
-            mine.setdefault(m, []).append(cid)
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    pipe = client.pipeline(transaction=False)
-    for uid in users[cold_samples:]:
-        pipe.sadd(user_conversations_key(uid), *(mine.get(uid) or ["-"]))
-        pipe.expire(user_conversations_key(uid), USER_CONVERSATIONS_TTL_S)
-    pipe.execute()
-    client.close()
-    # Their cards too (conversations, peers: a day's TTL, docs/adr/0050): one untimed list each. Each sampled
-    # user has --list-size conversations, so a first list fills ~100 cards by ``_id`` (~100 ms at 10k; the
-    # cold list above is that cost), which the timed pass of the first size would otherwise pay and no later one.
-    with httpx.Client(base_url=cluster.url, timeout=300) as http:
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        pipe = client.pipeline(transaction=False)
+        for uid in users[cold_samples:]:
+            pipe.sadd(user_conversations_key(uid), *(mine.get(uid) or ["-"]))
+            pipe.expire(user_conversations_key(uid), USER_CONVERSATIONS_TTL_S)
+        pipe.execute()
+        client.close()
+        # Their cards too (conversations, peers: a day's TTL, docs/adr/0050): one untimed list each. Each sampled
+        # user has --list-size conversations, so a first list fills ~100 cards by ``_id`` (~100 ms at 10k; the
+        # cold list above is that cost), which the timed pass of the first size would otherwise pay and no later
+        # one.
         for uid in users[cold_samples:]:
             failed += http.get("/api/v1/conversations", params={"limit": 50}, headers=headers(uid)).status_code != 200
     return {**stats(cold), "not_200": failed}

@@ -9,8 +9,8 @@ Keys of the message bus (streams, seq counters, read cursors) are read with ``co
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -30,6 +30,19 @@ def _sync_redis(url: str) -> redis.Redis:
 def sync_redis() -> redis.Redis:
     """The process's sync client for ``settings.REDIS_URL``."""
     return _sync_redis(settings.REDIS_URL)
+
+
+def connections_open(*, documents: Iterable[Any] = ()) -> None:
+    """Open this process's REDIS_URL and store connections and run mongoengine's index check of ``documents``
+    (each class's first use runs a ``createIndexes``): what a role's first request would otherwise pay (its
+    warm-up, api/warm.py and messaging/warm.py). Blocking. Side effects: a pooled connection to each server;
+    the idempotent ``createIndexes``. Raises what the servers raise."""
+    from mongoengine.connection import get_db
+
+    sync_redis().ping()
+    get_db().command("ping")
+    for document in documents:
+        document._get_collection()
 
 
 def run_async(body: Callable[[redis.asyncio.Redis, BusAsync], Awaitable[T]]) -> T:

@@ -17,9 +17,7 @@ import asyncio
 import logging
 from typing import Any
 
-from mongoengine.connection import get_db
-
-from core.clients import sync_redis
+from core.clients import connections_open
 from core.closecodes import CLOSE_BAD_TICKET
 from core.documents import User
 from messaging import transports
@@ -44,9 +42,7 @@ def broker_warm_blocking() -> None:
     called off the loop (the broker's lifespan startup). Side effects: one connection to each server; a
     ``createIndexes`` (idempotent). An error is logged, not raised."""
     try:
-        sync_redis().ping()
-        get_db().command("ping")
-        User._get_collection()  # the first use runs the class's index check
+        connections_open(documents=(User,))
     except Exception:
         log.warning("broker warm-up incomplete: the first close opens the connections", exc_info=True)
 

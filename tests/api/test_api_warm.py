@@ -16,6 +16,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 from api import warm
 from chatstream_site.handler import ApiHandler
+from core import clients
 from core.clients import sync_redis
 from core.documents import Conversation, Message, User
 from core.roles import lifespan_serve
@@ -103,7 +104,7 @@ def test_the_conversation_ids_read_uses_the_process_redis_client() -> None:
 def test_a_server_that_does_not_answer_is_logged_and_the_warm_up_returns(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)  # nothing listens on port 1
-    monkeypatch.setattr(warm, "sync_redis", lambda: dead)
+    monkeypatch.setattr(clients, "sync_redis", lambda: dead)
     with caplog.at_level(logging.WARNING, logger="api.warm"):
         warm.api_warm()
     assert any("warm-up incomplete" in r.getMessage() for r in caplog.records)
