@@ -53,6 +53,11 @@ class PartitionState:
         return max(0.0, (now_ms - entry_ms(self.oldest_unpersisted)) / 1000)
 
 
+# Undelivered entries counted one by one when the group's lag is unknown: at most this many (~300 KB of entries
+# read, in a read that runs every few seconds only while Redis cannot give the lag).
+UNDELIVERED_COUNTED_MAX = 1000
+
+
 def partitions_state(*, partitions: list[int] | None = None, client: BusSync | None = None) -> list[PartitionState]:
     """The state of each partition (all by default), in two pipelined round trips."""
     r = client or bus_sync()
@@ -84,16 +89,24 @@ def partitions_state(*, partitions: list[int] | None = None, client: BusSync | N
                        pending_min=as_str(pending["min"]) if not isinstance(pending, Exception) and pending["min"]
                        else None, after="(" + as_str(group["last-delivered-id"]))
         rows.append(row)
-        pipe.xrange(stream_key(p), min=row["after"], count=1)
-        if row["undelivered"] is None:  # Redis cannot say (entries deleted mid-stream): count them
+        if row["undelivered"] is None:
+            # Redis cannot say (an entry after the group's last delivered one was deleted, which a test's XDEL
+            # does): count what follows it, up to a bound, past which the stream's length less the pending
+            # entries (an overcount: it includes the acknowledged entries not yet trimmed).
+            pipe.xrange(stream_key(p), min=row["after"], count=UNDELIVERED_COUNTED_MAX)
             pipe.xlen(stream_key(p))
+        else:
+            pipe.xrange(stream_key(p), min=row["after"], count=1)
     second = iter(pipe.execute(raise_on_error=False))
     states = []
     for row in rows:
         nxt = next(second)
         if row["undelivered"] is None:
             total = next(second)
-            row["undelivered"] = max(0, int(total) - row["pending"]) if not isinstance(total, Exception) else 0
+            if not isinstance(nxt, Exception) and len(nxt) < UNDELIVERED_COUNTED_MAX:
+                row["undelivered"] = len(nxt)
+            else:
+                row["undelivered"] = max(0, int(total) - row["pending"]) if not isinstance(total, Exception) else 0
         candidates = [row["pending_min"]] if row["pending_min"] else []
         if not isinstance(nxt, Exception) and nxt:
             candidates.append(as_str(nxt[0][0]))
