@@ -39,10 +39,11 @@ from core.keys import (
     seq_key,
     user_card_key,
 )
-from core.values import iso_ms
+from core.values import as_str, iso_ms
 from messaging.mentions import mention_counts_sync
 from messaging.presence import presence_shown, status_shown
 from messaging.selectors import user_conversation_ids
+from storage.buckets import BUCKET_SUMMARY_TTL_S, bucket_summary
 
 # The list's rows are plain values, not mongoengine documents: building a ``Conversation``, its ``LastMessage`` and the
 # peer's ``User`` per row cost ~58 % of a list of 50 in process: 7.1-7.6 ms against 3.0-3.5 now (bench/list_rows.py;
@@ -141,29 +142,23 @@ def unread_counts(*, user_id: str, after: dict[ObjectId, int],
 
 
 # The unread messages below a window are counted from each bucket's summary (its messages' seq, sender and
-# deleted flag), cached in Redis like a card (``_cards``: a day, filled under a lease) and dropped by the drain
-# after any write to that stored bucket (``storage.buckets.summaries_forget``), a deletion included. A bucket
-# read by ``_id`` cost 3-10 ms at 1M messages (a 50-message document of the 2 GB SQLite file): 1-2 per list of
-# a user more than a window behind somewhere, the list's slowest tenth (docs/benchmarks.md). ~730 bytes each.
+# deleted flag), cached in Redis like a card (``_cards``: a day, filled under a lease): written by the drain when it
+# inserts a bucket whole, dropped by it after any later write to that stored bucket, a deletion included
+# (``storage.buckets.summaries_remember`` / ``summaries_forget``). A miss (an older bucket, an expired summary) reads
+# the bucket by ``_id``: 3-10 ms at 1M messages (a 50-message document of the 2 GB SQLite file).
 # At most UNREAD_BUCKET_READS_MAX summaries per list (2,500 messages behind, over the page). Conversations with a
 # bucket missing or partial are counted by ``unread_counts`` (a scan of ``messages`` on FerretDB: 2 s at 10k
 # messages on the loaded box); so are those beyond the budget on MongoDB (its index serves the query), while on
 # FerretDB they get the window's count alone, a lower bound shown as such (``unread_capped``): a list that
 # scanned took longer than the gateway's 30 s at 1M messages (docs/adr/0058).
 UNREAD_BUCKET_READS_MAX = 50
-BUCKET_SUMMARY_TTL_S = 86400
 
 
 def _bucket_summary_load(bid: str) -> dict[str, Any] | None:
-    """A stored bucket as ``{"u": [sender ids], "m": [[seq, sender index, deleted 0/1], ...]}``; None when it is
-    missing or partial (not cached: the list then queries ``messages``). Read-only."""
+    """A stored bucket's summary (``storage.buckets.bucket_summary``) read by ``_id``; None when it is missing
+    or partial (not cached: the list then queries ``messages``). Read-only."""
     doc = MessageBucket._get_collection().find_one({"_id": bid}, {"m": 1, "partial": 1})
-    if doc is None or doc.get("partial"):
-        return None
-    senders: dict[str, int] = {}
-    rows = [[int(m["seq"]), senders.setdefault(str(m["sender_id"]), len(senders)), int(bool(m.get("deleted")))]
-            for m in (doc.get("m") or {}).values()]
-    return {"u": list(senders), "m": rows}
+    return None if doc is None else bucket_summary(doc)
 
 
 def unread_from_buckets(*, user_id: str, behind: dict[str, tuple[int, int]],
@@ -323,63 +318,105 @@ def _user_card_load(uid: str) -> dict[str, Any] | None:
 
 
 # For one user and conversations c1..cN: KEYS per conversation its seq hash, read-cursor hash, window zset, window docs
-# and window unread cache (5 each, in order); ARGV user id, the cache's TTL, c1..cN -> per conversation {last seq,
-# cursor, floor or false, last message JSON or false, unread in the window}. One call for a whole list (on a Redis
-# Cluster, where the conversations' keys live in other slots, one call per conversation): 50 calls in a pipeline cost
-# more in redis-py's packing and the server's script calls (docs/benchmarks.md, "Issue 13: a list of 50, readers far
-# behind"). Unread counts the window's messages above the cursor that are others' and not deleted (a plain substring
-# test on the JSON the append script wrote: ``"sender_id":"<id>"`` and ``"deleted":true``, no JSON decoding). That walk
-# reads up to RECENT_MESSAGES documents per conversation (a list of 50 at 1M messages: 6.2 ms of its 9.7 in process), so
-# its result is kept per user (docs/adr/0058) with what it depends on: every change of the window's messages (a send, an
-# edit, a delete, a staff delete) takes a new seq, and every trim moves the floor, so the same last seq, cursor and
-# floor mean the same count. A conversation changed since the user's last list is walked once.
+# and kept unread counts (5 each, in order); ARGV user id, the counts' TTL, then per conversation its id and the
+# read cursor its card holds (the store's) -> per conversation {last seq, cursor (the higher of Redis's and the
+# store's), floor or false, last message JSON or false, unread, kind}. One call for a whole list (on a Redis Cluster,
+# where the conversations' keys live in other slots, one call per conversation): 50 calls in a pipeline cost more in
+# redis-py's packing and the server's script calls (docs/benchmarks.md, "Issue 13: a list of 50, readers far behind").
+#
+# Unread is each reader's count of others' messages above their cursor that are not deleted, kept per reader as
+# ``kind:last:cursor:count:born:sent:own`` (docs/adr/0058, 0059; the kind first, so a value of ADR 0058's form,
+# ``last:cursor:floor:count``, never matches, nor the other way round). ``kind``: ``e`` exact, ``c`` a lower bound
+# (``unread_capped``), ``w`` the window's part alone of a reader behind the window (the caller adds the part below from
+# the bucket summaries and keeps the total: ``_UNREAD_KEEP_LUA``; the script answers that value as its last field),
+# ``n`` no window (the caller counts from the store). ``born``, ``sent`` and ``own`` are the window's counts at that
+# moment (messages appended since the window was created at seq ``born``, and the reader's own of them: written by the
+# append script, messaging/streams.py). A kept total is the answer while the last seq and cursor are unchanged; after
+# new messages it is advanced by the counts alone, O(1) however many arrived (new messages less the reader's own), when
+# the cursor is the same, the window is the same one and no deletion came since (``dseq``, written by the append
+# script); a trim moves messages below the window, which changes neither the total nor this. Otherwise (a read, a
+# deletion, a window created since) the window is walked again (up to RECENT_MESSAGES documents: a list of 50 at cursor
+# 0 at 1M messages, 6.2 ms of its 9.7 in process; 7-10 ms for 50 conversations counted afresh, session 12), and a window
+# written before ``dseq`` existed gets it (the count just made saw every deletion so far). Others' and not deleted is a
+# plain substring test on the JSON the append script wrote (``"sender_id":"<id>"``, ``"deleted":true``), no JSON
+# decoding.
 _CONVERSATION_STATE_LUA = """
 local user, ttl = ARGV[1], ARGV[2]
 local mine = '"sender_id":"' .. user .. '"'
 local out = {}
-for i = 3, #ARGV do
-  local k = (i - 3) * 5
+for i = 3, #ARGV, 2 do
+  local k = (i - 3) / 2 * 5
   local seqs, cursors, zkey, dkey, ukey = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
   local last = tonumber(redis.call('HGET', seqs, ARGV[i]) or '0')
-  local cursor = tonumber(redis.call('HGET', cursors, user) or '0')
-  local floor = redis.call('HGET', dkey, 'floor')
-  if not floor then
-    out[#out + 1] = {last, cursor, false, false, 0}
+  local cursor = math.max(tonumber(redis.call('HGET', cursors, user) or '0'), tonumber(ARGV[i + 1]))
+  local floor = tonumber(redis.call('HGET', dkey, 'floor') or '-1')
+  if floor < 0 then
+    out[#out + 1] = {last, cursor, false, false, 0, 'n', false}
   else
     local top = redis.call('ZREVRANGE', zkey, 0, 0)
     local lastdoc = false
     if #top > 0 then lastdoc = redis.call('HGET', dkey, top[1]) end
-    local unread = 0
+    local unread, kind, value = 0, 'e', false
     if cursor < last then
-      local sig = last .. ':' .. cursor .. ':' .. floor .. ':'
-      local cached = redis.call('HGET', ukey, user)
-      if cached and string.sub(cached, 1, #sig) == sig then
-        unread = tonumber(string.sub(cached, #sig + 1))
+      local k0, l0, c0, n0, b0, s0, m0 = string.match(redis.call('HGET', ukey, user) or '',
+                                                      '^(%a):(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)$')
+      l0, c0 = tonumber(l0), tonumber(c0)
+      local kept = k0 ~= nil and k0 ~= 'w' and c0 == cursor
+      if kept and l0 == last then
+        unread, kind = tonumber(n0), k0
       else
-        local ids = redis.call('ZRANGEBYSCORE', zkey, '(' .. cursor, '+inf')
-        if #ids > 0 then
-          for _, doc in ipairs(redis.call('HMGET', dkey, unpack(ids))) do
-            if doc and not string.find(doc, mine, 1, true) and not string.find(doc, '"deleted":true', 1, true) then
-              unread = unread + 1
+        local c = redis.call('HMGET', dkey, 'born', 'sent', 'sent:' .. user, 'dseq')
+        local born, sent, own = tonumber(c[1]) or 0, tonumber(c[2]) or 0, tonumber(c[3]) or 0
+        local advanced = -1
+        if kept and l0 < last and born == tonumber(b0) and tonumber(c[4] or last) <= l0 then
+          advanced = tonumber(n0) + (sent - tonumber(s0)) - (own - tonumber(m0))
+        end
+        if advanced >= 0 then
+          unread, kind = advanced, k0
+        else
+          local ids = redis.call('ZRANGEBYSCORE', zkey, '(' .. math.max(cursor, floor), '+inf')
+          if #ids > 0 then
+            for _, doc in ipairs(redis.call('HMGET', dkey, unpack(ids))) do
+              if doc and not string.find(doc, mine, 1, true) and not string.find(doc, '"deleted":true', 1, true) then
+                unread = unread + 1
+              end
             end
           end
+          if cursor < floor then kind = 'w' end
+          -- A window older than ``dseq`` (docs/adr/0059): this count saw every deletion so far.
+          redis.call('HSETNX', dkey, 'dseq', last)
         end
-        redis.call('HSET', ukey, user, sig .. unread)
+        value = kind .. ':' .. last .. ':' .. cursor .. ':' .. unread .. ':' .. born .. ':' .. sent .. ':' .. own
+        redis.call('HSET', ukey, user, value)
         redis.call('EXPIRE', ukey, ttl)
       end
     end
-    out[#out + 1] = {last, cursor, floor, lastdoc, unread}
+    if kind ~= 'w' then value = false end
+    out[#out + 1] = {last, cursor, floor, lastdoc, unread, kind, value}
   end
 end
 return out
 """
-# How long a conversation's cached window counts live unused: a day, as the cards (a user who lists daily finds
-# theirs). Budget: ~100 bytes per (conversation, user who listed it in the last day) by MEMORY USAGE on Redis 7.0
+# A total counted from the window and the summaries below it is kept where the window's part the state script kept
+# (``w``) still stands: KEYS the kept-counts hashes; ARGV user id, TTL, then per key the ``w`` value and the total's.
+# A change since (a send, a read, the drain dropping the conversation's counts after a write to a stored bucket:
+# ``storage.buckets.summaries_forget``) replaced or removed it, and then nothing is written.
+_UNREAD_KEEP_LUA = """
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], ARGV[1]) == ARGV[2 * i + 1] then
+    redis.call('HSET', KEYS[i], ARGV[1], ARGV[2 * i + 2])
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  end
+end
+return 0
+"""
+# How long a conversation's kept counts live unused: a day, as the cards (a user who lists daily finds theirs).
+# Budget: ~100 bytes per (conversation, user who listed it in the last day) by MEMORY USAGE on Redis 7.0
 # (tests/api/test_cards.py).
 RECENT_UNREAD_TTL_S = 86400
 
 
-def _conversation_states(ids: list[str], *, user_id: str) -> list[list[Any]]:
+def _conversation_states(ids: list[str], *, user_id: str, card_cursors: list[int]) -> list[list[Any]]:
     bus = bus_sync()
     script = bus.register_script(_CONVERSATION_STATE_LUA)
 
@@ -389,10 +426,28 @@ def _conversation_states(ids: list[str], *, user_id: str) -> list[list[Any]]:
                 recent_unread_key(p, cid)]
 
     if bus_is_cluster(bus):  # the conversations' keys live in other slots: one call each
-        return [script(keys=keys(cid), args=[user_id, RECENT_UNREAD_TTL_S, cid])[0] for cid in ids]
+        return [script(keys=keys(cid), args=[user_id, RECENT_UNREAD_TTL_S, cid, c])[0]
+                for cid, c in zip(ids, card_cursors, strict=True)]
     if not ids:
         return []
-    return list(script(keys=[k for cid in ids for k in keys(cid)], args=[user_id, RECENT_UNREAD_TTL_S, *ids]))
+    return list(script(keys=[k for cid in ids for k in keys(cid)],
+                       args=[user_id, RECENT_UNREAD_TTL_S, *(x for pair in zip(ids, card_cursors, strict=True)
+                                                              for x in pair)]))
+
+
+def _unread_keep(kept: dict[str, tuple[str, str]], *, user_id: str) -> None:
+    """Keep each conversation's total (``kept``: id -> (the state script's ``w`` value, the total's value)) where
+    that ``w`` value still stands. One script call (one per conversation on a Redis Cluster)."""
+    if not kept:
+        return
+    bus = bus_sync()
+    script = bus.register_script(_UNREAD_KEEP_LUA)
+    keys = {cid: recent_unread_key(partition_of(cid), cid) for cid in kept}
+    if bus_is_cluster(bus):
+        for cid, (was, now) in kept.items():
+            script(keys=[keys[cid]], args=[user_id, RECENT_UNREAD_TTL_S, was, now])
+        return
+    script(keys=list(keys.values()), args=[user_id, RECENT_UNREAD_TTL_S, *(x for pair in kept.values() for x in pair)])
 
 
 def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) -> list[ConversationSummary]:
@@ -401,16 +456,17 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
     # A card that does not name the caller (a change that died before updating their cached ids, docs/adr/0043)
     # is not listed: every read by a stranger is a 404, and this is one.
     ids = [c for c in ids if (card := cards.get(c)) is not None and user_id in card["members"]]
-    states = dict(zip(ids, _conversation_states(ids, user_id=user_id), strict=True))
+    states = dict(zip(ids, _conversation_states(ids, user_id=user_id, card_cursors=[
+        int(cards[c]["read_cursors"].get(user_id, 0)) for c in ids]), strict=True))  # type: ignore[index]
     rows = []
     for cid in ids:
         card = cards[cid]
         assert card is not None
-        last_seq, cursor, floor, lastdoc, unread = states[cid]
+        last_seq, cursor, floor, lastdoc, unread, kind, was = states[cid]
         last = json.loads(lastdoc) if lastdoc else None
         activity = max(x for x in (card["updated_at"], last and last["timestamp"]) if x)
         rows.append((activity, card["created_at"] or "", cid, card, int(last_seq), int(cursor),
-                     None if floor is None else int(floor), last, int(unread)))
+                     None if floor is None else int(floor), last, int(unread), as_str(kind), was))
     # Newest activity first, then newest created, then id (stable paging).
     rows.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)
     page = rows[offset:offset + limit]
@@ -420,35 +476,43 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
     # A card is the store's status (the last offline or chosen one); Redis presence is laid over it (ADR 0051).
     said = presence_shown(sync_redis(), user_ids=peer_ids)
     groups = _cards([group_card_key(g) for g in group_ids], group_ids, _group_card_load, GROUP_CARD_TTL_S)
-    # Unread beyond a window (a reader further behind than RECENT_MESSAGES, or a conversation with no window):
-    # counted in the store, for those conversations only: from the buckets by _id, else the store's query.
+    # Unread below a window (a reader further behind than RECENT_MESSAGES whose total is not kept: ``w``) or of a
+    # conversation with no window (``n``): counted in the store, for those conversations only: from the bucket
+    # summaries, else the store's query.
     behind: dict[str, tuple[int, int]] = {}
-    for _a, _c, cid, card, last_seq, cursor, floor, _last, _u in page:
-        read_seq = max(cursor, int(card["read_cursors"].get(user_id, 0)))
-        last_seq = max(last_seq, card["last_seq"])
-        if last_seq > read_seq and (floor is None or read_seq < floor):
-            behind[cid] = (read_seq, last_seq if floor is None else floor)
+    for _a, _c, cid, card, last_seq, cursor, floor, _last, _u, kind, _was in page:
+        if kind == "w":
+            assert floor is not None
+            behind[cid] = (cursor, floor)
+        elif kind == "n" and max(last_seq, card["last_seq"]) > cursor:
+            behind[cid] = (cursor, max(last_seq, card["last_seq"]))
     # On FerretDB the store's query scans ``messages`` (seconds at 1M): a reader further behind than the
     # summaries a list may read gets a lower bound instead (``unread_capped``); MongoDB counts it from its index.
     from_buckets = unread_from_buckets(user_id=user_id, behind=behind, bounded=_is_ferretdb())
     stored_unread = {cid: n for cid, (n, _exact) in from_buckets.items()}
     capped = {cid for cid, (_n, exact) in from_buckets.items() if not exact}
     rest = {cid: bounds for cid, bounds in behind.items() if cid not in stored_unread}
-    floors = {cid: floor for _a, _c, cid, _card, _l, _cur, floor, _last, _u in page if floor is not None}
     stored_unread.update({str(cid): n for cid, n in unread_counts(
         user_id=user_id, after={ObjectId(cid): after for cid, (after, _upto) in rest.items()},
-        upto={ObjectId(cid): f for cid, f in floors.items() if cid in rest}).items()} if rest else {})
+        upto={ObjectId(cid): upto for cid, (_after, upto) in rest.items() if states[cid][2] is not None}).items()}
+        if rest else {})
     mention_counts = mention_counts_sync(bus_sync(), user_id=user_id, read_seqs={
-        cid: max(cursor, int(card["read_cursors"].get(user_id, 0)))
-        for _a, _c, cid, card, _l, cursor, _f, _last, _u in page})
+        cid: cursor for _a, _c, cid, _card, _l, cursor, _f, _last, _u, _k, _was in page})
     out = []
-    for activity, _c, cid, card, last_seq, cursor, floor, last, unread in page:
-        read_seq = max(cursor, int(card["read_cursors"].get(user_id, 0)))
-        if floor is not None and read_seq < floor:
-            # Behind the window: the store counts (cursor, floor], the window (above the floor) the rest.
-            unread = stored_unread.get(cid, 0) + unread
-        elif floor is None:
+    keep: dict[str, tuple[str, str]] = {}
+    for activity, _c, cid, card, last_seq, read_seq, _floor, last, unread, kind, was in page:
+        if kind == "w":
+            # Behind the window: the store counts (cursor, floor], the window (above the floor) the rest; the
+            # total is kept for the next lists (advanced by new messages alone), with the window's counts.
+            total = stored_unread.get(cid, 0) + unread
+            counts = as_str(was).split(":")[4:]
+            keep[cid] = (as_str(was), ":".join(["c" if cid in capped else "e", str(last_seq), str(read_seq), str(total),
+                                                *counts]))
+            unread = total
+        elif kind == "n":
             unread = stored_unread.get(cid, 0)
+        elif kind == "c":
+            capped.add(cid)
         shown = last if last is not None else card["last_message"]
         last_message = None if shown is None else LastMessageView(
             id=shown["id"], seq=int(shown["seq"]), sender_id=str(shown["sender_id"]), content=shown.get("content"),
@@ -473,4 +537,5 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
             created_at=_iso(card["created_at"]), updated_at=_iso(activity), last_message=last_message,
             last_seq=top_seq, read_seq=read_seq, unread=unread, unread_capped=cid in capped, title=title,
             peer=peer, mentions=mention_counts.get(cid, 0)))
+    _unread_keep(keep, user_id=user_id)
     return out

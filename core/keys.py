@@ -76,15 +76,17 @@ def recent_key(partition: int, conversation_id: str) -> str:
 
 
 def recent_docs_key(partition: int, conversation_id: str) -> str:
-    """BUS. Hash: message id -> the message as JSON (edits and deletes applied), and ``floor``: every message of
-    the conversation with a seq above it is in the window (those at or below it are in the store)."""
+    """BUS. Hash: message id -> the message as JSON (edits and deletes applied), ``floor``: every message of
+    the conversation with a seq above it is in the window (those at or below it are in the store); ``dseq``, the
+    seq of the conversation's last deletion or one no deletion came after; ``born``, the seq that created the
+    window; ``sent`` and ``sent:<sender>``, the messages appended since (docs/adr/0059)."""
     return f"cs:{tag(partition)}:recentdoc:{conversation_id}"
 
 
 def recent_unread_key(partition: int, conversation_id: str) -> str:
-    """BUS. Hash: user id -> ``last:cursor:floor:count``, the count of the window's unread messages for that user
-    as the conversation list last counted it, valid while the conversation's last seq, the user's cursor and the
-    window's floor are those (api/conversation_list.py; docs/storage.md "The recent window")."""
+    """BUS. Hash: user id -> ``kind:last:cursor:count:born:sent:own``, that user's unread count as the list last
+    counted or advanced it, at that last seq and cursor (api/conversation_list.py; docs/adr/0059; docs/storage.md
+    "The recent window")."""
     return f"cs:{tag(partition)}:recentunread:{conversation_id}"
 
 

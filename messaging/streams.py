@@ -103,12 +103,21 @@ return {ARGV[4], seq, id, 0}
 # only those the drain has persisted (seq <= the conversation's watermark), moving ``floor`` up to them; an
 # edit or delete rewrites the message's JSON, or, for a message older than the window, is kept in the edits
 # hash for store-served pages. A window created now (first message, or after its TTL) starts at floor seq-1.
+# For the conversation list's kept unread totals (api/conversation_list.py, docs/adr/0059) the window's hash
+# also counts: ``sent``, the messages appended since ``born`` (the seq that created the window), and
+# ``sent:<sender>``, each sender's; a total is advanced by those counts alone while no deletion came after it:
+# ``dseq``, the seq of the conversation's last deletion (at the window's creation its floor, as deletions before
+# are not known). Two HINCRBYs per message; the sender is read off the payload as the list reads it (the compact
+# JSON's ``"sender_id":"<id>"``, which an escaped quote inside a content can never form).
 _RECENT_LUA = """
 local function recent_apply(zkey, dkey, wkey, ekey, t, cid, payload, mid, seq, n, ttl)
   if t == 'message.new' then
     if redis.call('HEXISTS', dkey, 'floor') == 0 then
-      redis.call('HSET', dkey, 'floor', seq - 1)
+      redis.call('HSET', dkey, 'floor', seq - 1, 'dseq', seq - 1, 'born', seq)
     end
+    redis.call('HINCRBY', dkey, 'sent', 1)
+    local sender = string.match(payload, '"sender_id":"([^"]*)"')
+    if sender then redis.call('HINCRBY', dkey, 'sent:' .. sender, 1) end
     redis.call('HSET', dkey, mid, '{"seq":' .. seq .. ',' .. string.sub(payload, 2))
     redis.call('ZADD', zkey, seq, mid)
     local over = redis.call('ZCARD', zkey) - n
@@ -129,6 +138,9 @@ local function recent_apply(zkey, dkey, wkey, ekey, t, cid, payload, mid, seq, n
     -- could still carry one) leaves the window alone: the drain dead-letters the entry.
     local ok, ev = pcall(cjson.decode, payload)
     if not ok or type(ev) ~= 'table' then return end
+    if t == 'message.deleted' and redis.call('HEXISTS', dkey, 'floor') == 1 then
+      redis.call('HSET', dkey, 'dseq', seq)
+    end
     local cur = redis.call('HGET', dkey, mid)
     if cur then
       local doc = cjson.decode(cur)

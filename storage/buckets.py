@@ -12,6 +12,7 @@ holds the window's persisted watermark below the tail's range), so no read needs
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +23,17 @@ from bson import ObjectId
 from django.conf import settings
 from mongoengine.connection import get_db
 
-from core.bus import BusSync
+from core.bus import BusSync, bus_sync
 from core.clients import sync_redis
 from core.documents import BUCKET_SEQS, bucket_id
-from core.keys import bucket_summary_key, bucket_tail_key, bucket_tails_key, persisted_key
+from core.keys import (
+    bucket_summary_key,
+    bucket_tail_key,
+    bucket_tails_key,
+    partition_of,
+    persisted_key,
+    recent_unread_key,
+)
 from core.values import as_str
 from storage.rules import Item, Seen, edited_mentions, older_edit, reaction_bucket_update
 from storage.search_index import search_index_write
@@ -155,6 +163,39 @@ class BucketsWritten:
     in_tails: set[str] = field(default_factory=set)
 
 
+# A stored bucket's summary (its messages' seq, sender and deleted flag) is what the conversation list counts a
+# reader's unread messages below the recent window from (api/conversation_list.py). The drain writes it when it
+# inserts a bucket whole, from the document it has in hand, so a list never reads a new bucket by ``_id`` for it
+# (1-4 ms each on FerretDB at 1M messages; a list's first read after many messages needed ~5 of them:
+# docs/benchmarks.md, "Issue 13: bucket summaries written by the drain"); a list's miss (an older bucket, an
+# expired summary) still fills it by ``_id``. Kept a day (a reader who lists daily finds them); ~730 bytes per
+# 50-message bucket by MEMORY USAGE (tests/api/test_cards.py): ~15 MB per million messages written in a day.
+BUCKET_SUMMARY_TTL_S = 86400
+
+
+def bucket_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """A stored bucket document as its summary, ``{"u": [sender ids], "m": [[seq, sender index, deleted 0/1],
+    ...]}``; None for a partial bucket (it may lack messages: the list counts such a range otherwise)."""
+    if doc.get("partial"):
+        return None
+    senders: dict[str, int] = {}
+    rows = [[int(m["seq"]), senders.setdefault(str(m["sender_id"]), len(senders)), int(bool(m.get("deleted")))]
+            for m in (doc.get("m") or {}).values()]
+    return {"u": list(senders), "m": rows}
+
+
+def summaries_remember(docs: list[dict[str, Any]]) -> None:
+    """After inserting ``docs`` whole (and before any later write to them, which drops them again): cache their
+    summaries. A list's fill that read one of them before the insert holds a lease this SET ends, so it caches
+    nothing (docs/adr/0050). One pipeline of SET EX on REDIS_URL."""
+    summaries = [(doc["_id"], summary) for doc in docs if (summary := bucket_summary(doc)) is not None]
+    if summaries:
+        pipe = sync_redis().pipeline(transaction=False)
+        for bid, summary in summaries:
+            pipe.set(bucket_summary_key(bid), json.dumps(summary, separators=(",", ":")), ex=BUCKET_SUMMARY_TTL_S)
+        pipe.execute()
+
+
 def summaries_forget(bucket_ids: list[str]) -> None:
     """After a write to stored buckets: drop their cached summaries (the conversation list's unread counts below
     a window, ``api.conversation_list``), so the next list reads what was written, a deletion included; a list
@@ -162,6 +203,20 @@ def summaries_forget(bucket_ids: list[str]) -> None:
     (docs/adr/0050). One DEL on REDIS_URL."""
     if bucket_ids:
         sync_redis().delete(*map(bucket_summary_key, bucket_ids))
+
+
+def unread_kept_forget(conversation_ids: set[str]) -> None:
+    """After a deletion was written into a stored bucket: drop the conversations' kept unread counts
+    (``core.keys.recent_unread_key``). A reader's kept total (api/conversation_list.py, docs/adr/0059) counted
+    below the window from the bucket's summary, which until this write did not have the deletion when the list
+    came between the deletion's append and the drain; the next list counts again. (New messages set into a
+    stored bucket change no total: each was counted when it arrived.) One pipeline of DELs on the bus, the keys
+    in their partitions' slots."""
+    if conversation_ids:
+        pipe = bus_sync().pipeline(transaction=False)
+        for cid in sorted(conversation_ids):
+            pipe.delete(recent_unread_key(partition_of(cid), cid))
+        pipe.execute()
 
 
 def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
@@ -256,6 +311,7 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
     _tails_seen(seen, tails, items)
     for doc in complete:
         seen.buckets[doc["_id"]] = doc
+    inserted: list[dict[str, Any]] = []
     for documents in (list(shells.values()), complete):
         if documents:
             reply = db.command("insert", "message_buckets", documents=documents, ordered=False)
@@ -264,12 +320,15 @@ def buckets_write(db: Any, items: list[Item], *, seen: Seen | None = None,
             if documents is complete:
                 for e in errors:  # stored already: a redelivery, or manage.py buckets_build ran meanwhile
                     _complete_into_stored(seen, documents[int(e["index"])], sets)
+                dup = {int(e["index"]) for e in errors}
+                inserted = [doc for k, doc in enumerate(documents) if k not in dup]
     statements = [{"q": {"_id": bid}, "u": {"$set": fields}} for bid, fields in sets.items() if fields]
     for at in range(0, len(statements), UPDATE_STATEMENTS_MAX):
         reply = db.command("update", "message_buckets", ordered=False,
                            updates=statements[at:at + UPDATE_STATEMENTS_MAX])
         _buckets_raise(reply.get("writeErrors") or [])
     summaries_forget(list(sets))
+    summaries_remember(inserted)  # before the batch's changes to them, which drop them
     _changes_write(db, live, seen=seen, tails=tails)
     written.whole = complete
     return written
@@ -307,6 +366,7 @@ def _changes_write(db: Any, live: list[Item], *, seen: Seen, tails: Tails | None
     tail_of = {bid: t for cid, t in (tails.of.items() if tails else ()) if t is not None
                for bid in [bucket_id(cid, t.n * BUCKET_SEQS + 1)]}
     ops: list[dict[str, Any]] = []
+    deleted: set[str] = set()  # conversations with a deletion written into a stored bucket
     for i in changes:
         assert i.event is not None
         found = seen.message(i.doc["id"])  # by _id: no scan, even on FerretDB
@@ -343,6 +403,8 @@ def _changes_write(db: Any, live: list[Item], *, seen: Seen, tails: Tails | None
                 tail.dirty.add(str(seq))
             continue
         ops.append({"q": {"_id": bid}, "u": {"$set": fields}})
+        if i.event.type == "message.deleted":
+            deleted.add(i.event.conversation_id)
     # An edit whose content no store can hold fails its own messages update next, where it is isolated and
     # dead-lettered (docs/adr/0025); here it must not fail the bucket writes of the whole batch first.
     ops = [op for op in ops if _encodable(op)]
@@ -350,6 +412,7 @@ def _changes_write(db: Any, live: list[Item], *, seen: Seen, tails: Tails | None
         reply = db.command("update", "message_buckets", updates=ops[at:at + UPDATE_STATEMENTS_MAX], ordered=True)
         _buckets_raise(reply.get("writeErrors") or [])
     summaries_forget([op["q"]["_id"] for op in ops])
+    unread_kept_forget(deleted)
 
 
 def tail_flush(db: Any, r: BusSync, *, partition: int, conversation_id: str) -> int | None:
@@ -361,7 +424,10 @@ def tail_flush(db: Any, r: BusSync, *, partition: int, conversation_id: str) -> 
     if tail is not None:
         doc = _whole(conversation_id, tail)
         reply = db.command("insert", "message_buckets", documents=[doc], ordered=False)
-        _buckets_raise([e for e in reply.get("writeErrors") or [] if int(e.get("code", 0)) != DUPLICATE_KEY])
+        errors = reply.get("writeErrors") or []
+        _buckets_raise([e for e in errors if int(e.get("code", 0)) != DUPLICATE_KEY])
+        if not errors:
+            summaries_remember([doc])
         search_index_write(db, [], seen=Seen(db), whole=[doc])  # its messages were indexed with it (ADR 0048)
     pipe = r.pipeline(transaction=False)
     pipe.delete(bucket_tail_key(partition, conversation_id))

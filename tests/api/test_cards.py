@@ -25,6 +25,7 @@ from core.keys import (
     group_card_key,
     partition_of,
     recent_docs_key,
+    recent_key,
     recent_unread_key,
     user_card_key,
 )
@@ -184,7 +185,8 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
     def unread() -> int:
         return int(listed(alice_client)[ab]["unread"])
 
-    assert unread() == 63
+    # The drain wrote both buckets' summaries as it inserted them (bucket 0 whole, bucket 1 flushed when idle):
+    # no list reads a bucket by _id for them (storage.buckets.summaries_remember).
     r = redis.Redis.from_url(servers.redis_url)
     assert r.ttl(bucket_summary_key(f"{ab}:0")) > 3600 and r.ttl(bucket_summary_key(f"{ab}:1")) > 3600
     summary_bytes = r.memory_usage(bucket_summary_key(f"{ab}:0"))  # 50 messages: docs/adr/0050's budget
@@ -196,7 +198,35 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
 
     monkeypatch.setattr(conversation_list, "_bucket_summary_load", refuse)
     assert unread() == 63
+    kept = recent_unread_key(partition_of(ab), ab)
+    kind, _last, _cursor, total, *_counts = (r.hget(kept, alice) or b"").decode().split(":")
+    assert (kind, int(total)) == ("e", 63)  # the window's part and the summaries' part, kept as one total
+    # New messages advance the kept total by themselves, across the trims that move messages below the window:
+    # nothing is counted below it again (docs/adr/0059).
+    below = conversation_list.unread_from_buckets
+
+    def nothing_below(**kw: Any) -> dict[str, tuple[int, bool]]:
+        assert not kw["behind"], kw["behind"]
+        return {}
+
+    monkeypatch.setattr(conversation_list, "unread_from_buckets", nothing_below)
+    with override_settings(RECENT_MESSAGES=5):
+        ids += [send(bob_client, f"d{i}") for i in range(3)]
+        persist(servers, ab)
+        ids.append(send(bob_client, "e"))  # the window drops what is persisted
+    assert int(r.hget(recent_docs_key(partition_of(ab), ab), "floor") or 0) > floor
+    assert unread() == 67
+    monkeypatch.setattr(conversation_list, "unread_from_buckets", below)
+    # Counted afresh (no kept total), an expired or evicted summary is read from the store once, then cached again.
+    r.delete(kept, bucket_summary_key(f"{ab}:0"))
+    monkeypatch.setattr(conversation_list, "_bucket_summary_load", load)
+    assert unread() == 67
+    assert r.ttl(bucket_summary_key(f"{ab}:0")) > 3600
+    r.delete(kept)
+    monkeypatch.setattr(conversation_list, "_bucket_summary_load", refuse)
+    assert unread() == 67
     assert listed(alice_client)[ab]["unread_capped"] is False
+    r.delete(kept)
     # Further behind than one list's summaries (a budget of one bucket here, two needed): on FerretDB a lower
     # bound, the window's count alone, never a scan of ``messages``; on MongoDB the exact count from its index.
     monkeypatch.setattr(conversation_list, "UNREAD_BUCKET_READS_MAX", 1)
@@ -206,19 +236,32 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
 
         monkeypatch.setattr(conversation_list, "unread_counts", no_scan)
         row = listed(alice_client)[ab]
-        docs = r.hgetall(recent_docs_key(partition_of(ab), ab))
-        in_window = sum(1 for field, doc in docs.items() if field != b"floor" and json.loads(doc)["sender_id"] != alice)
-        assert 0 < in_window < 63
+        window = r.zrange(recent_key(partition_of(ab), ab), 0, -1)
+        docs = r.hmget(recent_docs_key(partition_of(ab), ab), window)
+        in_window = sum(1 for doc in docs if doc and json.loads(doc)["sender_id"] != alice)
+        assert 0 < in_window < 67
         assert (row["unread"], row["unread_capped"]) == (in_window, True)
+        # A lower bound is kept as such: new messages advance it, still capped.
+        with override_settings(RECENT_MESSAGES=5):
+            ids.append(send(bob_client, "f"))
+        row = listed(alice_client)[ab]
+        assert (row["unread"], row["unread_capped"]) == (in_window + 1, True)
+        expected = 68
     else:
         monkeypatch.setattr(conversation_list, "_bucket_summary_load", load)
         row = listed(alice_client)[ab]
-        assert (row["unread"], row["unread_capped"]) == (63, False)
+        assert (row["unread"], row["unread_capped"]) == (67, False)
+        expected = 67
     monkeypatch.undo()
-    # A deletion below the window: the drain's write to the stored bucket drops its summary.
+    r.delete(kept)
+    assert unread() == expected
+    # A deletion below the window: a list before the drain wrote it counts the bucket's old summary (the store
+    # does not have it yet); the drain's write to the stored bucket drops that summary and the kept totals it
+    # went into, so the next list counts it (docs/adr/0059).
     assert bob_client.delete(f"/api/v1/messages/{ids[9]}").status_code == 200
+    assert unread() in (expected - 1, expected)
     persist(servers, ab)
-    assert unread() == 62
+    assert unread() == expected - 1
 
 
 def test_a_list_of_fifty_answers_each_conversation_with_its_own_peer_last_message_and_unread() -> None:
@@ -287,18 +330,23 @@ def test_the_windows_unread_count_is_kept_per_user_and_right_after_every_change(
     send(bob_client, "two")
     send(alice_client, "mine")
     assert unread() == 2
-    last, cursor, floor, count = (r.hget(kept, alice) or b"").decode().split(":")
-    assert (int(cursor), int(count)) == (0, 2) and int(last) == 3 and 0 < r.ttl(kept) <= 86400
+    kind, last, cursor, count, *counts = (r.hget(kept, alice) or b"").decode().split(":")
+    assert (kind, int(cursor), int(count)) == ("e", 0, 2) and int(last) == 3 and 0 < r.ttl(kept) <= 86400
+    assert [int(x) for x in counts[1:]] == [3, 1]  # the window's messages and hers when counted (docs/adr/0059)
     memory = r.memory_usage(kept)
     assert memory is not None and memory <= 200, memory  # docs/storage.md's budget: ~100 bytes a user
-    # The kept count is what an unchanged conversation answers (planted: 7 under the same signature) ...
-    r.hset(kept, alice, f"{last}:{cursor}:{floor}:7")
+    # The kept count is what an unchanged conversation answers (planted: 7 under the same last seq and cursor) ...
+    r.hset(kept, alice, ":".join(["e", last, cursor, "7", *counts]))
     assert unread() == 7
-    # ... and any change of the window makes a new signature, so the count is walked again.
+    # ... new messages advance it by the window's counts, the window not walked again (7 + 1; her own adds
+    # nothing) ...
     _, three = send(bob_client, "three")
-    assert unread() == 3
+    assert unread() == 8
+    send(alice_client, "mine too")
+    assert unread() == 8
     assert bob_client.patch(f"/api/v1/messages/{first}", {"content": "one!"}, format="json").status_code == 200
-    assert unread() == 3
+    assert unread() == 8
+    # ... and a deletion (docs/adr/0059: ``dseq``) or a read counts it again: the true counts.
     assert bob_client.delete(f"/api/v1/messages/{first}").status_code == 200
     assert unread() == 2
     read = alice_client.post(f"/api/v1/conversations/{ab}/read", {"seq": three - 1}, format="json")

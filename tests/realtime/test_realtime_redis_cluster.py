@@ -25,7 +25,7 @@ from mongoengine.connection import get_db
 
 from chatstream_site.localservers import RedisCluster, Servers
 from core.bus import bus_async_new
-from core.keys import GROUP, partition_of, seq_key, stream_key
+from core.keys import GROUP, partition_of, recent_unread_key, seq_key, stream_key
 from messaging import services, streams
 from storage import services as storage
 from storage.selectors import partitions_state
@@ -247,9 +247,17 @@ def test_the_lists_conversation_states_are_read_on_the_cluster(
 
     asyncio.run(send_all())
     monkeypatch.setattr(conversation_list, "bus_sync", lambda: cluster_sync)
+    cursors = [0] * len(conversations)
     for user, unread in ((bob, 3), (alice, 0)):
-        states = conversation_list._conversation_states(conversations, user_id=user)
+        states = conversation_list._conversation_states(conversations, user_id=user, card_cursors=cursors)
         assert len(states) == len(conversations)
-        for last, cursor, _floor, lastdoc, counted in states:
-            assert (int(last), int(cursor), int(counted)) == (3, 0, unread)
+        for last, cursor, _floor, lastdoc, counted, kind, _was in states:
+            assert (int(last), int(cursor), int(counted), kind) == (3, 0, unread, b"e")
             assert json.loads(lastdoc)["content"] == "state 2"
+    # A total is kept slot by slot where the state script's provisional value stands (docs/adr/0059), and
+    # answered as kept while the last seq and cursor are those.
+    for conv in conversations:
+        cluster_sync.hset(recent_unread_key(partition_of(conv), conv), bob, "w:3:0:3")
+    conversation_list._unread_keep({conv: ("w:3:0:3", "e:3:0:9:1:3:0") for conv in conversations}, user_id=bob)
+    states = conversation_list._conversation_states(conversations, user_id=bob, card_cursors=cursors)
+    assert [int(counted) for _l, _c, _f, _d, counted, _k, _w in states] == [9] * len(conversations)
