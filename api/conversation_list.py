@@ -327,19 +327,20 @@ def _user_card_load(uid: str) -> dict[str, Any] | None:
 # Unread is each reader's count of others' messages above their cursor that are not deleted, kept per reader as
 # ``kind:last:cursor:count:born:sent:own`` (docs/adr/0058, 0059; the kind first, so a value of ADR 0058's form,
 # ``last:cursor:floor:count``, never matches, nor the other way round). ``kind``: ``e`` exact, ``c`` a lower bound
-# (``unread_capped``), ``w`` the window's part alone of a reader behind the window (the caller adds the part below from
-# the bucket summaries and keeps the total: ``_UNREAD_KEEP_LUA``; the script answers that value as its last field),
-# ``n`` no window (the caller counts from the store). ``born``, ``sent`` and ``own`` are the window's counts at that
-# moment (messages appended since the window was created at seq ``born``, and the reader's own of them: written by the
-# append script, messaging/streams.py). A kept total is the answer while the last seq and cursor are unchanged; after
-# new messages it is advanced by the counts alone, O(1) however many arrived (new messages less the reader's own), when
-# the cursor is the same, the window is the same one and no deletion came since (``dseq``, written by the append
-# script); a trim moves messages below the window, which changes neither the total nor this. Otherwise (a read, a
-# deletion, a window created since) the window is walked again (up to RECENT_MESSAGES documents: a list of 50 at cursor
-# 0 at 1M messages, 6.2 ms of its 9.7 in process; 7-10 ms for 50 conversations counted afresh, session 12), and a window
-# written before ``dseq`` existed gets it (the count just made saw every deletion so far). Others' and not deleted is a
-# plain substring test on the JSON the append script wrote (``"sender_id":"<id>"``, ``"deleted":true``), no JSON
-# decoding.
+# (``unread_capped``), ``w`` the part from the window up alone of a reader behind it (the caller adds the part below
+# from the bucket summaries, up to the answer's third field, and keeps the total: ``_UNREAD_KEEP_LUA``; the script
+# answers that value as its last field), ``n`` no window (the caller counts from the store). ``born``, ``sent`` and
+# ``own`` are the window's counts at that moment (messages appended since the window was created at seq ``born``, and
+# the reader's own of them: written by the append script, messaging/streams.py). A kept total is the answer while the
+# last seq and cursor are unchanged; after new messages it is advanced by the counts alone, O(1) however many arrived
+# (new messages less the reader's own), when the cursor is the same, the window is the same one and no deletion came
+# since (``dseq``, written by the append script); a trim moves messages below the window, which changes neither the
+# total nor this. A reader with no kept total who read nothing since the window was born, in a window with no deletion
+# since, is counted from the counts too (every message since its birth but theirs; the part before its birth is the
+# caller's). Otherwise (a read, a deletion) the window is walked (up to RECENT_MESSAGES documents: 7-10 ms for 50
+# conversations at 1M messages, session 12), and a window written before ``dseq`` existed gets it (the count just made
+# saw every deletion so far). Others' and not deleted is a plain substring test on the JSON the append script wrote
+# (``"sender_id":"<id>"``, ``"deleted":true``), no JSON decoding.
 _CONVERSATION_STATE_LUA = """
 local user, ttl = ARGV[1], ARGV[2]
 local mine = '"sender_id":"' .. user .. '"'
@@ -373,6 +374,11 @@ for i = 3, #ARGV, 2 do
         end
         if advanced >= 0 then
           unread, kind = advanced, k0
+        elseif born > 0 and cursor < born and tonumber(c[4]) == born - 1 then
+          -- Nothing read nor deleted since the window was born: every message since is unread but the reader's
+          -- own, counted by the window; a part below its birth is the caller's, as below a floor.
+          unread = sent - own
+          if cursor < born - 1 then kind, floor = 'w', born - 1 end
         else
           local ids = redis.call('ZRANGEBYSCORE', zkey, '(' .. math.max(cursor, floor), '+inf')
           if #ids > 0 then

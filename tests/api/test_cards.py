@@ -180,7 +180,11 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
         persist(servers, ab)  # buckets 0 (seqs 1-50, complete) and 1 (flushed as idle) stored
         ids += [send(bob_client, f"c{i}") for i in range(3)]  # the window drops what is persisted
     floor = int(redis.Redis.from_url(servers.redis_url).hget(recent_docs_key(partition_of(ab), ab), "floor") or 0)
-    assert floor > 50  # alice, at cursor 0, is behind the window: two buckets count her unread
+    assert floor > 50  # alice is behind the window: two buckets count her unread
+    # She read the first message: a count of hers walks the window and sums the summaries below it (one who never
+    # read is counted from the window's counts alone, docs/adr/0059: tests below).
+    read = alice_client.post(f"/api/v1/conversations/{ab}/read", {"seq": 1}, format="json")
+    assert read.status_code == 200, read.content
 
     def unread() -> int:
         return int(listed(alice_client)[ab]["unread"])
@@ -197,10 +201,10 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
         raise AssertionError(f"bucket {bid} read from the store: its summary is cached")
 
     monkeypatch.setattr(conversation_list, "_bucket_summary_load", refuse)
-    assert unread() == 63
+    assert unread() == 62
     kept = recent_unread_key(partition_of(ab), ab)
     kind, _last, _cursor, total, *_counts = (r.hget(kept, alice) or b"").decode().split(":")
-    assert (kind, int(total)) == ("e", 63)  # the window's part and the summaries' part, kept as one total
+    assert (kind, int(total)) == ("e", 62)  # the window's part and the summaries' part, kept as one total
     # New messages advance the kept total by themselves, across the trims that move messages below the window:
     # nothing is counted below it again (docs/adr/0059).
     below = conversation_list.unread_from_buckets
@@ -215,16 +219,16 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
         persist(servers, ab)
         ids.append(send(bob_client, "e"))  # the window drops what is persisted
     assert int(r.hget(recent_docs_key(partition_of(ab), ab), "floor") or 0) > floor
-    assert unread() == 67
+    assert unread() == 66
     monkeypatch.setattr(conversation_list, "unread_from_buckets", below)
     # Counted afresh (no kept total), an expired or evicted summary is read from the store once, then cached again.
     r.delete(kept, bucket_summary_key(f"{ab}:0"))
     monkeypatch.setattr(conversation_list, "_bucket_summary_load", load)
-    assert unread() == 67
+    assert unread() == 66
     assert r.ttl(bucket_summary_key(f"{ab}:0")) > 3600
     r.delete(kept)
     monkeypatch.setattr(conversation_list, "_bucket_summary_load", refuse)
-    assert unread() == 67
+    assert unread() == 66
     assert listed(alice_client)[ab]["unread_capped"] is False
     r.delete(kept)
     # Further behind than one list's summaries (a budget of one bucket here, two needed): on FerretDB a lower
@@ -239,19 +243,19 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
         window = r.zrange(recent_key(partition_of(ab), ab), 0, -1)
         docs = r.hmget(recent_docs_key(partition_of(ab), ab), window)
         in_window = sum(1 for doc in docs if doc and json.loads(doc)["sender_id"] != alice)
-        assert 0 < in_window < 67
+        assert 0 < in_window < 66
         assert (row["unread"], row["unread_capped"]) == (in_window, True)
         # A lower bound is kept as such: new messages advance it, still capped.
         with override_settings(RECENT_MESSAGES=5):
             ids.append(send(bob_client, "f"))
         row = listed(alice_client)[ab]
         assert (row["unread"], row["unread_capped"]) == (in_window + 1, True)
-        expected = 68
+        expected = 67
     else:
         monkeypatch.setattr(conversation_list, "_bucket_summary_load", load)
         row = listed(alice_client)[ab]
-        assert (row["unread"], row["unread_capped"]) == (67, False)
-        expected = 67
+        assert (row["unread"], row["unread_capped"]) == (66, False)
+        expected = 66
     monkeypatch.undo()
     r.delete(kept)
     assert unread() == expected
@@ -262,6 +266,44 @@ def test_unread_below_the_window_is_counted_from_cached_bucket_summaries_and_a_d
     assert unread() in (expected - 1, expected)
     persist(servers, ab)
     assert unread() == expected - 1
+
+
+def test_a_reader_who_never_read_is_counted_from_the_windows_counts_and_the_summaries_below_its_birth(
+        servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing read nor deleted since a window was born (docs/adr/0059): the reader's count is the window's
+    messages but theirs, from its counts (no walk), plus what came before its birth from the bucket summaries
+    the drain wrote (no store read)."""
+    alice, _, alice_client = registered("alice")
+    _, bob_name, bob_client = registered("bob")
+    ab = chat(alice_client, bob_name)
+    r = redis.Redis.from_url(servers.redis_url)
+    p = partition_of(ab)
+
+    def send(client: APIClient, text: str) -> str:
+        sent = client.post(f"/api/v1/conversations/{ab}/messages",
+                           {"content": text, "client_msg_id": uuid.uuid4().hex}, format="json")
+        assert sent.status_code == 201, sent.content
+        return str(sent.json()["id"])
+
+    for i in range(60):
+        send(bob_client, f"old {i}")
+    persist(servers, ab)  # buckets 0 (whole) and 1 (its tail, flushed) stored, with their summaries
+    r.delete(recent_key(p, ab), recent_docs_key(p, ab))  # the window expired (a week quiet)
+    late = [send(bob_client, "new 1"), send(bob_client, "new 2")]
+    send(alice_client, "mine")
+    assert int(r.hget(recent_docs_key(p, ab), "born") or 0) == 61
+    # A walk would see this one as deleted; the counts do not look at documents.
+    docs = recent_docs_key(p, ab)
+    r.hset(docs, late[0], (r.hget(docs, late[0]) or b"{").replace(b"{", b'{"deleted":true,', 1))
+
+    def refuse(bid: str) -> None:
+        raise AssertionError(f"bucket {bid} read from the store: the drain wrote its summary")
+
+    monkeypatch.setattr(conversation_list, "_bucket_summary_load", refuse)
+    row = listed(alice_client)[ab]
+    assert (row["unread"], row["unread_capped"]) == (62, False)
+    kind, _last, _cursor, total, *_ = (r.hget(recent_unread_key(p, ab), alice) or b"").decode().split(":")
+    assert (kind, int(total)) == ("e", 62)
 
 
 def test_a_list_of_fifty_answers_each_conversation_with_its_own_peer_last_message_and_unread() -> None:
@@ -329,6 +371,10 @@ def test_the_windows_unread_count_is_kept_per_user_and_right_after_every_change(
     first, _ = send(bob_client, "one")
     send(bob_client, "two")
     send(alice_client, "mine")
+    # Her first count comes from the window's counts (nothing read nor deleted since it was born: every message
+    # but hers), not a walk of its documents: one marked deleted behind the append script's back is not seen.
+    docs = recent_docs_key(partition_of(ab), ab)
+    r.hset(docs, first, (r.hget(docs, first) or b"{").replace(b"{", b'{"deleted":true,', 1))
     assert unread() == 2
     kind, last, cursor, count, *counts = (r.hget(kept, alice) or b"").decode().split(":")
     assert (kind, int(cursor), int(count)) == ("e", 0, 2) and int(last) == 3 and 0 < r.ttl(kept) <= 86400
