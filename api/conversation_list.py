@@ -405,8 +405,8 @@ return out
 """
 # A total counted from the window and the summaries below it is kept where the window's part the state script kept
 # (``w``) still stands: KEYS the kept-counts hashes; ARGV user id, TTL, then per key the ``w`` value and the total's.
-# A change since (a send, a read, the drain dropping the conversation's counts after a write to a stored bucket:
-# ``storage.buckets.summaries_forget``) replaced or removed it, and then nothing is written.
+# A change since (a send, a read, the drain dropping the conversation's counts after it wrote a deletion into a
+# stored bucket: ``storage.buckets.unread_kept_forget``) replaced or removed it, and then nothing is written.
 _UNREAD_KEEP_LUA = """
 for i = 1, #KEYS do
   if redis.call('HGET', KEYS[i], ARGV[1]) == ARGV[2 * i + 1] then

@@ -166,9 +166,9 @@ class BucketsWritten:
 # A stored bucket's summary (its messages' seq, sender and deleted flag) is what the conversation list counts a
 # reader's unread messages below the recent window from (api/conversation_list.py). The drain writes it when it
 # inserts a bucket whole, from the document it has in hand, so a list never reads a new bucket by ``_id`` for it
-# (1-4 ms each on FerretDB at 1M messages; a list's first read after many messages needed ~5 of them:
-# docs/benchmarks.md, "Issue 13: bucket summaries written by the drain"); a list's miss (an older bucket, an
-# expired summary) still fills it by ``_id``. Kept a day (a reader who lists daily finds them); ~730 bytes per
+# (3-6 ms each on FerretDB at 1M messages; docs/benchmarks.md, "Issue 13: the unread total kept and advanced by
+# the window's counts, bucket summaries written by the drain"); a list's miss (an older bucket, an expired
+# summary) still fills it by ``_id``. Kept a day (a reader who lists daily finds them); ~730 bytes per
 # 50-message bucket by MEMORY USAGE (tests/api/test_cards.py): ~15 MB per million messages written in a day.
 BUCKET_SUMMARY_TTL_S = 86400
 
