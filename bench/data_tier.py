@@ -674,7 +674,9 @@ def run(args: argparse.Namespace, cluster: Cluster, *, servers: Any, state: dict
                 "redis_port": servers.redis.port, "mongodb_port": servers.mongodb.port if servers.mongodb else None,
                 "uids": uids, "users": users, "convs": convs, "hot": hot, "sent": sent, "have": have})
         with quiet(args.quiet_lock, row=row, phase="reads"):
+            row["settle_before_reads"] = settle()
             row["load_avg_before_reads"] = [round(x, 2) for x in os.getloadavg()]
+            machine_before = machine_sample()
             if cold_list is None:
                 cold_list = warm(cluster, users, convs)
             row["cold_list_first_size_only"] = cold_list
@@ -683,9 +685,78 @@ def run(args: argparse.Namespace, cluster: Cluster, *, servers: Any, state: dict
             except (AssertionError, OSError) as exc:  # keep the sizes measured so far, and say what went wrong
                 row["error"] = repr(exc)[:1000]
             row["load_avg_after_reads"] = [round(x, 2) for x in os.getloadavg()]
+            row["machine_during_reads"] = machine_during(machine_before, machine_sample())
         rows.append(row)
         print(json.dumps(row), flush=True)
         write(rows, args=args, path=out_dir / f"data-tier-{stamp}")
+
+
+# The seeding writes ~2 GB into FerretDB's SQLite file and grows Redis's AOF by half a gigabyte in minutes, far
+# beyond a running chat's rate: in the first 1M run of session 13 the kernel and Redis were still writing that out
+# when the reads began (Redis rewrites its AOF at 100 % growth: one of the two cores for ~10 s; the 100k pass's
+# reads met one). ``settle`` lets the seeding's own writes finish first, and ``machine_during_reads`` records what
+# else the machine did meanwhile, so a slow pass says whether it was the system or the box.
+SETTLE_AOF_WAIT_S = 300.0
+
+
+def settle() -> dict[str, Any]:
+    """Before a size's reads: flush the kernel's dirty pages (``os.sync``) and wait (bounded) for a Redis AOF
+    rewrite in progress to end. Returns what it found and how long it took."""
+    import redis
+    from django.conf import settings
+
+    dirty_kb = meminfo_kb("Dirty") + meminfo_kb("Writeback")
+    t = time.perf_counter()
+    os.sync()
+    sync_s = time.perf_counter() - t
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        rewriting = bool(int(client.info("persistence")["aof_rewrite_in_progress"]))
+        t = time.perf_counter()
+        with contextlib.suppress(AssertionError):  # wait_until's timeout: the reads run anyway, and say so
+            wait_until(lambda: not int(client.info("persistence")["aof_rewrite_in_progress"]),
+                       timeout_s=SETTLE_AOF_WAIT_S, interval_s=0.5, what="Redis's AOF rewrite to end")
+        return {"dirty_mb": round(dirty_kb / 1024), "sync_s": round(sync_s, 1), "aof_rewrite_was_running": rewriting,
+                "aof_wait_s": round(time.perf_counter() - t, 1)}
+    finally:
+        client.close()
+
+
+def meminfo_kb(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    return 0
+
+
+def machine_sample() -> dict[str, Any]:
+    """The machine's CPU counters (/proc/stat: user nice system idle iowait irq softirq steal) and Redis's AOF
+    rewrite count, for ``machine_during``."""
+    import redis
+    from django.conf import settings
+
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:9]]
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        persistence = client.info("persistence")
+    finally:
+        client.close()
+    return {"cpu": cpu, "aof_rewrites": int(persistence.get("aof_rewrites", 0)),
+            "aof_rewriting": bool(int(persistence["aof_rewrite_in_progress"]))}
+
+
+def machine_during(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the whole machine did between two samples: % of CPU time busy (this benchmark and the cluster
+    included), waiting on I/O and stolen by the hypervisor; whether Redis rewrote its AOF meanwhile."""
+    delta = [a - b for a, b in zip(after["cpu"], before["cpu"], strict=True)]
+    total = sum(delta) or 1
+    _user, _nice, _system, idle, iowait, _irq, _softirq, steal = delta
+    return {"cpu_busy_pct": round(100 * (total - idle - iowait) / total, 1),
+            "iowait_pct": round(100 * iowait / total, 1), "steal_pct": round(100 * steal / total, 1),
+            "aof_rewrite_overlapped": after["aof_rewrites"] > before["aof_rewrites"] or before["aof_rewriting"]
+            or after["aof_rewriting"]}
 
 
 def redis_wait_loaded(timeout_s: float = 600.0) -> None:
