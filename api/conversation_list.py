@@ -221,9 +221,11 @@ def conversation_summary_for_member(*, user_id: str, conversation_id: str) -> Co
 # filled by ``_id`` (the one lookup FerretDB serves without a scan; 1-2 ms+ each on a 2 GB store, so a list of
 # expired cards cost more than the rest of it: docs/benchmarks.md). A card is kept until what it shows changes,
 # not re-read on a short clock (docs/adr/0050): every writer of those fields drops it after its store write
-# (conversation: membership changes, messaging.membership / messaging.selectors; group: its rename; user: every
-# status/last_seen write, messaging.presence.user_cards_forget), and a fill writes only under its own lease
-# (``_cards``), so a fill that read the store before such a write cannot cache what it read. The TTL only lets
+# (conversation: membership changes, messaging.membership / messaging.selectors; group: its rename; user: a chosen
+# status, an account removed, messaging.presence.user_cards_forget), or, for a user's offline write on their last
+# disconnect, rewrites it where nothing else wrote it between (messaging.presence.user_cards_rewrite, docs/adr/0060),
+# and a fill writes only under its own lease (``_cards``), so a fill that read the store before such a write cannot
+# cache what it read. The TTL only lets
 # cards of people nobody lists leave Redis: a day, so a user who opens the app daily finds their peers' cards.
 # Budget (MEMORY USAGE on Redis 7.0, tests/api/test_cards.py): ~180 bytes per user card, ~550 per conversation
 # card with a 60-character last message (up to ~2 KB more with a long one), ~100 per group card; for the

@@ -544,11 +544,12 @@ async def connect_once(cluster: Cluster, http: Any, uid: str) -> float:
 def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: list[tuple[str, list[str]]],
                      cycles: int) -> dict[str, Any]:
     """The conversation list while its peers' status changes (``--churn``). A peer's last disconnect writes
-    ``users.status`` and drops the peer's card (docs/adr/0050; since docs/adr/0051 a connect writes only
-    Redis), so the next list of each of the peer's contacts reads that card from the store. Two list passes
+    ``users.status`` and rewrites the peer's cached card (docs/adr/0060; it dropped it before, docs/adr/0050, so the
+    next list of each of the peer's contacts read that card from the store; since docs/adr/0051 a connect writes
+    only Redis). Two list passes
     over the sampled users, one request at a time, their cards warm from the reads before: **alone**, then
     **churn**, where ``cycles`` lists (spread over the pass) are each preceded by a peer of their user
-    connecting (to ``ready``) and closing at once, and the broker's status write dropping that peer's card.
+    connecting (to ``ready``) and closing at once, and the broker's status write having run.
     Before each list Redis is asked how many of that user's peer cards are missing (not timed): the lists that
     found one dropped are timed apart. (Two first versions, 2026-12-03: cycles on a thread beside the pass fell
     7 into its 0.7 s; a list sent right after the close ran before the status write, which waits 50 ms to
@@ -556,7 +557,7 @@ def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: li
     import redis
     from django.conf import settings
 
-    from core.keys import user_card_key
+    from core.keys import PRESENCE_SINCE_KEY, user_card_key
 
     peers: dict[str, list[str]] = {}
     for _cid, members in convs:
@@ -575,13 +576,14 @@ def list_under_churn(cluster: Cluster, http: Any, *, users: list[str], convs: li
             if theirs and (k * churn) // len(users) != ((k + 1) * churn) // len(users):
                 peer = theirs[k % len(theirs)]
                 churned.append(asyncio.run(connect_once(cluster, http, peer)))
-                # The broker writes the offline status (batched: messaging.presence.STATUS_FLUSH_S, 50 ms) and
-                # then drops the card: wait for the drop (bounded), so the list below follows a peer's change.
-                def dropped(peer: str = peer) -> bool:
-                    return not client.exists(user_card_key(peer))
+                # The broker writes the offline status (batched: messaging.presence.STATUS_FLUSH_S, 50 ms), then
+                # rewrites the card and removes the peer's online/offline entry: wait for that (bounded), so the
+                # list below follows a peer's change.
+                def written(peer: str = peer) -> bool:
+                    return client.hget(PRESENCE_SINCE_KEY, peer) is None
 
                 with contextlib.suppress(AssertionError):  # wait_until's timeout: counted below as warm
-                    wait_until(dropped, timeout_s=2.0, interval_s=0.005, what="the peer's card to be dropped")
+                    wait_until(written, timeout_s=2.0, interval_s=0.005, what="the peer's offline write")
             pipe = client.pipeline(transaction=False)
             for p in theirs:
                 pipe.exists(user_card_key(p))

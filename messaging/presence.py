@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import time
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from django.conf import settings
 
 from core.clients import sync_redis
 from core.keys import PRESENCE_CLAIMS_KEY, PRESENCE_EXPIRING_KEY, PRESENCE_SINCE_KEY, presence_key, user_card_key
-from core.values import as_str
+from core.values import as_str, iso_ms
 from messaging import frames
 from messaging.resp import RespClient, script_run
 
@@ -194,11 +195,58 @@ return out
 
 def user_cards_forget(client: Any, *, user_ids: list[str]) -> Any:
     """Drop the users' cached cards (``api.conversation_list``: username, status, last_seen), which live a day
-    and are not re-read before: every write of ``users.status`` or ``last_seen`` (this module's two, and
-    ``api.accounts``' status change and account removal) calls this after its store write, so the next list
-    reads the new values; a fill that read the store before the write holds a lease this drop ends, and writes
-    nothing (docs/adr/0050). ``client``: a sync REDIS_URL client; one DEL. Side effect: deletes keys."""
+    and are not re-read before: ``api.accounts``' status change and account removal call this after their store
+    write, so the next list reads the new values; a fill that read the store before the write holds a lease this
+    drop ends, and writes nothing (docs/adr/0050). This module's offline writes, one per user's last disconnect,
+    rewrite the cards instead (:func:`user_cards_rewrite`, docs/adr/0060). ``client``: a sync REDIS_URL client;
+    one DEL. Side effect: deletes keys."""
     return client.delete(*map(user_card_key, user_ids)) if user_ids else 0
+
+
+# A status write's card update (docs/adr/0060): KEYS the users' card keys; ARGV per key the value it held before the
+# store write ('' none) and the card to write ('': none) -> where the key still holds that value and a card is given,
+# the card is written (its TTL kept); anywhere else a value now held is dropped (ADR 0050's drop: a fill's lease, a
+# card another writer or fill set meanwhile, which may predate this write).
+_USER_CARDS_REWRITE_LUA = """
+for i = 1, #KEYS do
+  local now = redis.call('GET', KEYS[i]) or ''
+  local before, card = ARGV[2 * i - 1], ARGV[2 * i]
+  if card ~= '' and now == before then
+    redis.call('SET', KEYS[i], card, 'KEEPTTL')
+  elseif now ~= '' then
+    redis.call('DEL', KEYS[i])
+  end
+end
+return 0
+"""
+
+
+def user_cards_read(client: Any, *, user_ids: list[str]) -> list[bytes | None]:
+    """The users' cached cards as they are now (one MGET), read *before* a store write of their status, for
+    :func:`user_cards_rewrite` after it. ``client``: a sync REDIS_URL client. Read-only."""
+    return list(client.mget([user_card_key(u) for u in user_ids])) if user_ids else []
+
+
+def user_cards_rewrite(client: Any, *, before: dict[str, bytes | None], status: str,
+                       last_seen: dict[str, datetime]) -> None:
+    """After a store write that set ``status`` and ``last_seen[user]`` for each user of ``before`` (their card
+    keys' values read just before that write, :func:`user_cards_read`): each user's cached card gets the new
+    status and last_seen where its key still holds what was read (nothing else wrote it since), and is dropped
+    otherwise, as :func:`user_cards_forget` would (docs/adr/0060). So a peer's disconnect leaves the lists of its
+    contacts warm: before, each of them read the peer by ``_id`` once (1-3 ms at 1M messages on the default
+    store). Precondition: the store write is the one that set these values (a guarded write that matched
+    nothing must not call this). One script call. Side effect: writes or deletes keys."""
+    if not before:
+        return
+    args: list[bytes | str] = []
+    for user_id, raw in before.items():
+        card = ""
+        if raw is not None and raw.startswith(b"{"):
+            shown = json.loads(raw)
+            shown.update(status=status, last_seen=iso_ms(last_seen[user_id]))
+            card = json.dumps(shown)
+        args += [raw or b"", card]
+    client.eval(_USER_CARDS_REWRITE_LUA, len(before), *map(user_card_key, before), *args)
 
 
 # users.status/last_seen writes run on their own two threads, not on the default pool shared with the reads
@@ -211,8 +259,8 @@ def _users_offline(offline: dict[str, int]) -> None:
     """Set ``status`` offline and ``last_seen`` for ``offline`` (user id -> the moment of their last disconnect,
     unix milliseconds, as their PRESENCE_SINCE_KEY entry says): one round trip, one update by ``_id`` each
     (FerretDB v1 pushes ``_id`` equality down; one ``$in`` update over a batch scanned the collection and cost
-    FerretDB 5x the CPU, bench/connects.py); then their cards dropped and their entries, where still the same,
-    dropped (the store says it now). Blocking (MongoDB, Redis)."""
+    FerretDB 5x the CPU, bench/connects.py); then their cached cards rewritten (``user_cards_rewrite``) and their
+    entries, where still the same, dropped (the store says it now). Blocking (MongoDB, Redis)."""
     from bson import ObjectId
     from pymongo import UpdateOne
 
@@ -220,14 +268,14 @@ def _users_offline(offline: dict[str, int]) -> None:
     from storage.writes import UPDATE_STATEMENTS_MAX
 
     valid = {u: at for u, at in offline.items() if ObjectId.is_valid(u)}
-    ops = [UpdateOne({"_id": ObjectId(u)}, {"$set": {"status": "offline",
-                                                     "last_seen": datetime.fromtimestamp(at / 1000, UTC)}})
-           for u, at in valid.items()]
+    seen = {u: datetime.fromtimestamp(at / 1000, UTC) for u, at in valid.items()}
+    client = sync_redis()
+    cards = dict(zip(valid, user_cards_read(client, user_ids=list(valid)), strict=True))
+    ops = [UpdateOne({"_id": ObjectId(u)}, {"$set": {"status": "offline", "last_seen": seen[u]}}) for u in valid]
     # At most UPDATE_STATEMENTS_MAX statements per command: FerretDB v1 holds a pooled connection per statement.
     for start in range(0, len(ops), UPDATE_STATEMENTS_MAX):
         User._get_collection().bulk_write(ops[start:start + UPDATE_STATEMENTS_MAX], ordered=False)
-    client = sync_redis()
-    user_cards_forget(client, user_ids=list(valid))
+    user_cards_rewrite(client, before=cards, status="offline", last_seen=seen)
     if offline:
         client.eval(_PRESENCE_SINCE_DROP_LUA, 1, PRESENCE_SINCE_KEY,
                     *(v for u, at in offline.items() for v in (u, f"-{at}")))
@@ -294,16 +342,18 @@ def _offline_write(user_id: str, at_ms: int) -> Any:
 def _user_expired(user_id: str, at: datetime) -> list[str]:
     """Mark a user whose last session expired offline, ``last_seen`` = ``at``, unless the store's ``last_seen``
     is newer (a status the user chose since, which reads show too: ``status_shown``); if it wrote, the user's
-    card is dropped. Returns the user's conversation ids (for the announcement). Blocking (MongoDB,
-    Redis)."""
+    cached card is rewritten (``user_cards_rewrite``). Returns the user's conversation ids (for the
+    announcement). Blocking (MongoDB, Redis)."""
     from mongoengine.queryset.visitor import Q
 
     from core.documents import User
     from messaging import selectors
 
+    client = sync_redis()
+    cards = dict(zip([user_id], user_cards_read(client, user_ids=[user_id]), strict=True))
     if User.objects(Q(id=user_id) & (Q(last_seen=None) | Q(last_seen__lte=at))).update_one(
             set__status="offline", set__last_seen=at):
-        user_cards_forget(sync_redis(), user_ids=[user_id])
+        user_cards_rewrite(client, before=cards, status="offline", last_seen={user_id: at})
     return selectors.user_conversation_ids(user_id=user_id)
 
 

@@ -141,6 +141,65 @@ def test_a_key_another_fill_holds_is_read_from_the_store_and_left_to_it(servers:
     assert r.get(user_card_key(bob)) == b"~another-fill"
 
 
+def test_a_peers_disconnect_rewrites_their_card_and_any_other_write_between_drops_it(
+        servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/adr/0060: the offline write of a user's last disconnect rewrites their cached card (the next list of
+    their contacts reads no store), unless the key changed between the write's read and its rewrite."""
+    _, _, alice_client = registered("alice")
+    bob, bob_name, _ = registered("bob")
+    ab = chat(alice_client, bob_name)
+    r = redis.Redis.from_url(servers.redis_url)
+    key = user_card_key(bob)
+    listed(alice_client)
+    before = json.loads(r.get(key) or b"null")
+    assert before is not None
+    session = uuid.uuid4().hex
+    connected(servers, bob, connect=True, session=session)
+    connected(servers, bob, connect=False, session=session)
+    card = json.loads(r.get(key) or b"null")  # not dropped: rewritten with what the store now holds
+    assert card == conversation_list._user_card_load(bob)
+    assert card["status"] == "offline" and card["last_seen"] > (before["last_seen"] or "")
+    assert r.ttl(key) > 3600
+    loads: list[str] = []
+    load = conversation_list._user_card_load
+
+    def counted(uid: str) -> dict[str, Any] | None:
+        loads.append(uid)
+        return load(uid)
+
+    monkeypatch.setattr(conversation_list, "_user_card_load", counted)
+    peer = listed(alice_client)[ab]["peer"]
+    assert loads == [] and peer["status"] == "offline" and peer["last_seen"] == card["last_seen"]
+
+    # Every other interleaving ends as ADR 0050's drop: the next fill reads the store.
+    moment = datetime.now(UTC)
+    for held_before, written_between, left in (
+            (b"~a-fill", None, None),  # a fill's lease: ended, the fill writes nothing
+            (None, b'{"username": "bob", "status": "busy", "last_seen": null}', None),  # a fill that read earlier
+            (b'{"username": "x", "status": "away", "last_seen": null}', b"~a-fill", None),  # dropped, then leased
+            (None, None, None)):  # nothing cached, nothing written
+        r.delete(key)
+        if held_before is not None:
+            r.set(key, held_before, ex=60)
+        read = presence.user_cards_read(r, user_ids=[bob])
+        if written_between is not None:
+            r.set(key, written_between, ex=60)
+        presence.user_cards_rewrite(r, before={bob: read[0]}, status="offline", last_seen={bob: moment})
+        assert r.get(key) == left, (held_before, written_between)
+    # Unchanged between: rewritten, its other fields and its TTL kept.
+    r.set(key, json.dumps({"username": "bob", "status": "busy", "last_seen": None}), ex=500)
+    presence.user_cards_rewrite(r, before={bob: presence.user_cards_read(r, user_ids=[bob])[0]}, status="offline",
+                                last_seen={bob: moment})
+    assert json.loads(r.get(key) or b"null") == {"username": "bob", "status": "offline",
+                                                 "last_seen": moment.isoformat(timespec="milliseconds")
+                                                 .replace("+00:00", "Z")}
+    assert 400 < r.ttl(key) <= 500
+    # The sweep's guarded write that matched nothing (the store is newer) leaves the card alone.
+    kept = r.get(key)
+    presence._user_expired(bob, datetime(2020, 1, 1, tzinfo=UTC))
+    assert r.get(key) == kept
+
+
 def test_cards_memory_is_what_docs_budget(servers: Servers) -> None:
     """docs/adr/0050's budget per card (MEMORY USAGE on the session's Redis)."""
     _, _, alice_client = registered("alice")
