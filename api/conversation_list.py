@@ -6,8 +6,11 @@ recent window").
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
+import logging
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -303,6 +306,43 @@ def _cards(keys: list[str], ids: list[str], load: Any, ttl_s: int) -> dict[str, 
     return out
 
 
+# The cards of the rows just below a page (their peers and groups) are filled after the answer, on one background
+# thread: a conversation that takes a message moves to the top of its members' lists, and its peer's card, never
+# shown before, was then a store read by ``_id`` inside the list that most needed to be quick (1-3 ms apiece at 1M
+# messages on the default store; ~2 per list of the bench's sampled users after each size's seeding, whose pages
+# changed: docs/benchmarks.md, "Issue 13: a user's first list after their conversations reordered", session 13).
+# PREFETCH_ROWS: one more page's worth. One prefetch at a time per process; a list that finds one running skips its
+# own (the cards it wanted are the next list's to fill). The fills are ``_cards``' (leased, so never staler than a
+# list's own); a failure is logged and changes nothing but the next list's misses.
+PREFETCH_ROWS = 50
+_prefetch_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cards-prefetch")
+_prefetch_running = threading.Lock()
+logger = logging.getLogger(__name__)
+
+
+def _cards_prefetch(peer_ids: list[str], group_ids: list[str]) -> concurrent.futures.Future[None] | None:
+    """Fill the missing cards of ``peer_ids`` and ``group_ids`` on the prefetch thread; None when one is already
+    running (nothing is queued) or there is nothing to fill. Side effect (later): fills the cards' cache."""
+    if not (peer_ids or group_ids) or not _prefetch_running.acquire(blocking=False):
+        return None
+
+    def fill() -> None:
+        try:
+            _cards([user_card_key(u) for u in peer_ids], peer_ids, _user_card_load, USER_CARD_TTL_S)
+            _cards([group_card_key(g) for g in group_ids], group_ids, _group_card_load, GROUP_CARD_TTL_S)
+        except Exception:
+            logger.exception("prefetching %d user and %d group cards failed; the lists fill them on demand",
+                             len(peer_ids), len(group_ids))
+        finally:
+            _prefetch_running.release()
+
+    try:
+        return _prefetch_pool.submit(fill)
+    except RuntimeError:  # the pool is shut down (the process is exiting)
+        _prefetch_running.release()
+        return None
+
+
 def _conversation_card_load(cid: str) -> dict[str, Any] | None:
     conv = Conversation.objects(id=ObjectId(cid)).first()
     return None if conv is None else _conversation_card(conv)
@@ -484,6 +524,9 @@ def _summaries_cached(ids: list[str], *, user_id: str, limit: int, offset: int) 
     # A card is the store's status (the last offline or chosen one); Redis presence is laid over it (ADR 0051).
     said = presence_shown(sync_redis(), user_ids=peer_ids)
     groups = _cards([group_card_key(g) for g in group_ids], group_ids, _group_card_load, GROUP_CARD_TTL_S)
+    below = rows[offset + limit:offset + limit + PREFETCH_ROWS]
+    _cards_prefetch([m for r in below if r[3]["type"] == "single" for m in r[3]["members"] if m != user_id],
+                    [r[3]["room_id"] for r in below if r[3]["type"] == "group"])
     # Unread below a window (a reader further behind than RECENT_MESSAGES whose total is not kept: ``w``) or of a
     # conversation with no window (``n``): counted in the store, for those conversations only: from the bucket
     # summaries, else the store's query.

@@ -18,6 +18,7 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from api import conversation_list
+from chatstream_site.localcluster import wait_until
 from chatstream_site.localservers import Servers
 from core.keys import (
     bucket_summary_key,
@@ -198,6 +199,41 @@ def test_a_peers_disconnect_rewrites_their_card_and_any_other_write_between_drop
     kept = r.get(key)
     presence._user_expired(bob, datetime(2020, 1, 1, tzinfo=UTC))
     assert r.get(key) == kept
+
+
+def test_the_cards_of_the_rows_below_a_page_are_filled_after_the_answer(
+        servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conversation that rises into the page finds its peer's card cached: the list before filled it on its
+    prefetch thread (api/conversation_list.PREFETCH_ROWS), not inside a later answer."""
+    _, _, alice_client = registered("alice")
+    peers = [registered(name) for name in ("bob", "carol", "dave")]
+    convs = [chat(alice_client, name) for _uid, name, _client in peers]
+    r = redis.Redis.from_url(servers.redis_url)
+    for uid, _name, _client in peers:
+        r.delete(user_card_key(uid))
+    page = alice_client.get("/api/v1/conversations", {"limit": 1})
+    assert page.status_code == 200 and len(page.json()["results"]) == 1
+    shown = page.json()["results"][0]["peer"]["id"]
+    others = [uid for uid, _name, _client in peers if uid != shown]
+    wait_until(lambda: all(r.exists(user_card_key(uid)) for uid in others), timeout_s=10,
+               what="the rows below the page to have their peers' cards")
+    loads: list[str] = []
+    load = conversation_list._user_card_load
+
+    def counted(uid: str) -> dict[str, Any] | None:
+        loads.append(uid)
+        return load(uid)
+
+    monkeypatch.setattr(conversation_list, "_user_card_load", counted)
+    # The lowest conversation takes a message and rises to the top: its peer is shown without a store read.
+    last_uid, _last_name, last_client = next(p for p in peers if p[0] == others[-1])
+    low = convs[[uid for uid, _n, _c in peers].index(last_uid)]
+    sent = last_client.post(f"/api/v1/conversations/{low}/messages",
+                            {"content": "up", "client_msg_id": uuid.uuid4().hex}, format="json")
+    assert sent.status_code in (200, 201, 202), sent.content
+    top = alice_client.get("/api/v1/conversations", {"limit": 1}).json()["results"][0]
+    assert top["id"] == low and top["peer"]["id"] == last_uid and top["peer"]["username"] == _last_name
+    assert loads == []
 
 
 def test_cards_memory_is_what_docs_budget(servers: Servers) -> None:
