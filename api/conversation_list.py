@@ -228,8 +228,8 @@ def conversation_summary_for_member(*, user_id: str, conversation_id: str) -> Co
 # status, an account removed, messaging.presence.user_cards_forget), or, for a user's offline write on their last
 # disconnect, rewrites it where nothing else wrote it between (messaging.presence.user_cards_rewrite, docs/adr/0060),
 # and a fill writes only under its own lease (``_cards``), so a fill that read the store before such a write cannot
-# cache what it read. The TTL only lets
-# cards of people nobody lists leave Redis: a day, so a user who opens the app daily finds their peers' cards.
+# cache what it read. The TTL only lets cards of people nobody lists leave Redis: a day, so a user who opens the app
+# daily finds their peers' cards.
 # Budget (MEMORY USAGE on Redis 7.0, tests/api/test_cards.py): ~180 bytes per user card, ~550 per conversation
 # card with a 60-character last message (up to ~2 KB more with a long one), ~100 per group card; for the
 # people and conversations shown in some list in the last day.
