@@ -240,11 +240,15 @@ def user_cards_rewrite(client: Any, *, before: dict[str, bytes | None], status: 
         return
     args: list[bytes | str] = []
     for user_id, raw in before.items():
-        card = ""
+        card = ""  # nothing cached, a lease, a value this code cannot read: dropped, as ADR 0050's writers do
         if raw is not None and raw.startswith(b"{"):
-            shown = json.loads(raw)
-            shown.update(status=status, last_seen=iso_ms(last_seen[user_id]))
-            card = json.dumps(shown)
+            try:
+                shown = json.loads(raw)
+            except ValueError:
+                shown = None
+            if isinstance(shown, dict):
+                shown.update(status=status, last_seen=iso_ms(last_seen[user_id]))
+                card = json.dumps(shown)
         args += [raw or b"", card]
     client.eval(_USER_CARDS_REWRITE_LUA, len(before), *map(user_card_key, before), *args)
 

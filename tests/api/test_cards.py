@@ -178,6 +178,7 @@ def test_a_peers_disconnect_rewrites_their_card_and_any_other_write_between_drop
             (b"~a-fill", None, None),  # a fill's lease: ended, the fill writes nothing
             (None, b'{"username": "bob", "status": "busy", "last_seen": null}', None),  # a fill that read earlier
             (b'{"username": "x", "status": "away", "last_seen": null}', b"~a-fill", None),  # dropped, then leased
+            (b"{not json", None, None),  # a value this code cannot read: dropped
             (None, None, None)):  # nothing cached, nothing written
         r.delete(key)
         if held_before is not None:
